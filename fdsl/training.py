@@ -1,0 +1,151 @@
+"""Cross-dataset training of the scorers and NAM (METHOD.md §8); resumable, checkpoints written atomically."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import load_head, read_checkpoint, save_checkpoint
+from .config import TrainConfig, config_to_dict, model_config_from
+from .datasets import AnomalyDataset, load_meta, load_reference_images, sample_k_shot, write_k_shot_file
+from .errors import DataError, FDSLError
+from .losses import fdsl_loss
+from .memory import MemoryBank
+from .model import FDSL
+from .utils import atomic_write_json, resolve_device, resolve_precision, seed_everything, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def latest_checkpoint(save_path: Path) -> Optional[Path]:
+    """The `epoch_N.pth` in `save_path` with the largest N, if any."""
+    found = [(int(m.group(1)), p) for p in save_path.glob("epoch_*.pth")
+             if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
+    return max(found)[1] if found else None
+
+
+def batch_residuals(model: FDSL, tokens: List[torch.Tensor], cls_names: List[str],
+                    banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
+    """Residuals of a mixed-class batch: each sample is aligned against its own class's bank.
+
+    tokens: L × (B, N, C) -> L × (B, N, C).
+    """
+    out = [torch.empty_like(t) for t in tokens]
+    for cls in sorted(set(cls_names)):
+        idx = torch.tensor([i for i, c in enumerate(cls_names) if c == cls], device=tokens[0].device)
+        dt = None if model.compute_dtype == torch.float32 else model.compute_dtype
+        res = banks[cls].residuals([t[idx] for t in tokens], model.cfg.align_mode, model.cfg.use_abs,
+                                   model.cfg.align_chunk_mb, dt)
+        for o, r in zip(out, res):
+            o[idx] = r.to(o.dtype)
+    return out
+
+
+def training_maps(model: FDSL, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
+    """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size)."""
+    raw, refined = model.head(residuals)
+    maps = raw + refined if model.head.use_nam else raw
+    return [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True) for m in maps]
+
+
+class Trainer:
+    """Runs a `TrainConfig`: memory banks from k train shots per class, loss on the test split."""
+
+    def __init__(self, cfg: TrainConfig, model: Optional[FDSL] = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.save_path = Path(cfg.save_path)
+        self.root = cfg.train_data_path
+        self.meta = load_meta(self.root)
+        self.classes = list(cfg.classes) if cfg.classes else list(self.meta["test"])
+        unknown = [c for c in self.classes if c not in self.meta["test"] or c not in self.meta["train"]]
+        if unknown:
+            raise DataError(f"class(es) {unknown} not in both splits of {self.root}/meta.json")
+        seed_everything(cfg.seed)
+        self.model = (model or FDSL.from_config(model_config_from(cfg))).to(self.device).set_precision(self.dtype)
+        self.augment = {"auto": cfg.dataset, "none": None}.get(cfg.augment, cfg.augment)
+
+    @torch.no_grad()
+    def build_banks(self) -> Dict[str, MemoryBank]:
+        """k-shot memory banks of every training class (train split, normal images)."""
+        shots = {c: sample_k_shot(self.meta, c, self.cfg.k_shot, self.cfg.seed) for c in self.classes}
+        write_k_shot_file(self.save_path / "k_shot.txt", shots)
+        banks = {}
+        for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True):
+            imgs = load_reference_images(self.root, shots[c], self.cfg.image_size)  # (k, 3, S, S)
+            feats = [self.model.extract(imgs[s:s + self.cfg.batch_size])
+                     for s in range(0, len(imgs), self.cfg.batch_size)]
+            tokens = [torch.cat([f.tokens[i] for f in feats]) for i in range(len(feats[0].tokens))]
+            banks[c] = MemoryBank(tokens, torch.cat([f.image_embeds for f in feats]), self.model.bank_dtype())
+        return banks
+
+    def run(self) -> List[float]:
+        """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint."""
+        cfg = self.cfg
+        self.save_path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.save_path / "config.json", config_to_dict(cfg))
+        head = self.model.head
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
+        start = 1
+        last = latest_checkpoint(self.save_path) if cfg.resume else None
+        if last is not None:
+            meta = load_head(head, last, len(cfg.features_list), cfg.use_nam)
+            ck = read_checkpoint(last)
+            if ck.get("optimizer"):
+                opt.load_state_dict(ck["optimizer"])
+            start = int(meta["epoch"] or 0) + 1
+            log.info("resuming from %s (epoch %d done)", last, start - 1)
+            if start > cfg.epoch:
+                log.info("all %d epochs already done in %s", cfg.epoch, self.save_path)
+                return []
+        banks = self.build_banks()
+        ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
+                            augment=self.augment, aug_seed=cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        losses = []
+        for epoch in range(start, cfg.epoch + 1):
+            ds.set_epoch(epoch)
+            gen.manual_seed(cfg.seed * 1000 + epoch)
+            loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                num_workers=cfg.num_workers, drop_last=False)
+            head.train()
+            total, count = 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epoch}", leave=False, dynamic_ncols=True)
+            for batch in bar:
+                with torch.no_grad():
+                    feats = self.model.extract(batch["image"])
+                    res = batch_residuals(self.model, feats.tokens, list(batch["cls_name"]), banks)
+                maps = training_maps(self.model, res, cfg.image_size)
+                loss = fdsl_loss(maps, batch["mask"].to(self.device))
+                if not torch.isfinite(loss):
+                    raise FDSLError(f"training diverged at epoch {epoch}: loss {loss.item()}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                b = batch["image"].shape[0]
+                total += loss.item() * b
+                count += b
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            head.eval()
+            losses.append(total / max(count, 1))
+            log.info("epoch %d/%d: mean loss %.5f over %d samples", epoch, cfg.epoch, losses[-1], count)
+            if epoch % cfg.save_freq == 0 or epoch == cfg.epoch:
+                path = self.save_path / f"epoch_{epoch}.pth"
+                save_checkpoint(path, head, config_to_dict(model_config_from(cfg)), epoch, opt)
+                log.info("saved %s", path)
+        return losses
+
+
+def train(cfg: TrainConfig) -> List[float]:
+    """Run `train.py`'s job: log to `<save_path>/log.txt`, train, save checkpoints."""
+    Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(cfg.save_path) / "log.txt")
+    return Trainer(cfg).run()

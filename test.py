@@ -1,0 +1,14 @@
+"""Evaluate a trained FDSL checkpoint k-shot, per class (image/pixel AUROC, AP, F1-max, AUPRO).
+
+Example (1-shot VisA with a model trained on MVTec AD):
+    python test.py --dataset visa --data_path data/visa --checkpoint_path checkpoints/trained_on_mvtec/epoch_5.pth \
+        --save_path results/visa_1shot --k_shot 1 --seed 14
+"""
+import sys
+
+from fdsl.cli import main
+from fdsl.config import TestConfig
+from fdsl.evaluation import evaluate
+
+if __name__ == "__main__":
+    sys.exit(main(TestConfig, evaluate))
