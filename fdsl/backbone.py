@@ -52,7 +52,7 @@ def register_model_configs(extra: Optional[str] = None) -> None:
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Read an open_clip or OpenAI CLIP weights file safely (no pickled code is executed)."""
-    import open_clip
+    from open_clip.factory import load_state_dict
 
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
@@ -62,7 +62,7 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             sd = torch.jit.load(path, map_location="cpu").state_dict()
             return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     try:
-        return open_clip.load_state_dict(path, device="cpu", weights_only=True)
+        return load_state_dict(path, device="cpu", weights_only=True)
     except Exception as exc:  # pickle / format errors
         raise CheckpointError(f"cannot read CLIP weights from {path}: {exc}") from exc
 

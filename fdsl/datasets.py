@@ -516,16 +516,23 @@ class AnomalyDataset(Dataset):
         self.aug_seed = int(aug_seed)
         self.epoch = 0
 
-        self.meta = load_meta(self.root) if meta is None else validate_meta(meta, self.root)
-        available = list(self.meta[split].keys())
+        if meta is None:
+            meta = load_meta(self.root)
+        elif not isinstance(meta, Mapping) or not isinstance(meta.get(split), Mapping):
+            raise DataError(f"The meta passed for {self.root!r} has no {split!r} split mapping "
+                            "classes to items; pass the result of load_meta().")
+        available = list(meta[split].keys())
         if classes is None:
             wanted = available
         else:
             wanted = [classes] if isinstance(classes, str) else list(classes)
-            unknown = [c for c in wanted if c not in self.meta[split]]
+            unknown = [c for c in wanted if c not in meta[split]]
             if unknown:
                 raise DataError(f"Unknown class(es) {unknown} for split {split!r} of {self.root!r}; "
                                 f"available: {available}.")
+        # (Re)validate only what this dataset reads: a caller may pass a hand-made meta.
+        used = {s: ({c: meta[split][c] for c in wanted} if s == split else {}) for s in SPLITS}
+        self.meta: Meta = validate_meta(used, self.root)
         self.classes: List[str] = wanted
         self.items: List[dict] = [item for c in wanted for item in self.meta[split][c]]
         self._class_indices: Dict[str, List[int]] = {}
@@ -670,13 +677,13 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
 
     Each non-blank line names a train image, relative to the data root or absolute (also an
     absolute path from another machine). A line matches a train item by exact relative
-    path, else by the longest common suffix of path components, which must be unique and
-    at least two components long (or the item's whole path). The released code appends to
+    path, else by path suffix: the longest train path whose components end the line (so
+    an absolute path from another machine still matches). The released code appends to
     the file on every run, so for each class the *last* ``k`` lines are used, in order.
 
     Raises:
         ConfigError: if ``k < 1``.
-        DataError: if the file is missing, a line matches no train item (or several), or a
+        DataError: if the file is missing, a line matches no train item, or a
             requested class has fewer than ``k`` lines.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -692,14 +699,12 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
 
     train = meta.get("train", {})
     owner: Dict[str, str] = {}  # rel path -> class
-    by_suffix: Dict[Tuple[str, ...], List[str]] = {}
+    by_parts: Dict[Tuple[str, ...], str] = {}  # path components -> rel path
     for cls, items in train.items():
         for item in items:
             rel = item["img_path"]
             owner[rel] = cls
-            parts = _path_parts(rel)
-            for j in range(1, len(parts) + 1):
-                by_suffix.setdefault(parts[-j:], []).append(rel)
+            by_parts[_path_parts(rel)] = rel
 
     per_class: Dict[str, List[str]] = {}
     for lineno, line in enumerate(lines, start=1):
@@ -708,21 +713,15 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
             continue
         parts = _path_parts(text)
         rel = "/".join(parts)
-        if text.replace("\\", "/").startswith("/") or rel not in owner:
-            rel = None
-            for j in range(len(parts), 0, -1):
-                hits = by_suffix.get(parts[-j:])
-                if not hits:
-                    continue
-                if len(hits) > 1:
-                    raise DataError(f"{path}:{lineno}: {text!r} matches {len(hits)} train images "
-                                    f"equally well (e.g. {hits[:3]}); write it relative to the data root.")
-                if j >= 2 or j == len(_path_parts(hits[0])):
-                    rel = hits[0]
-                break
+        if rel not in owner:
+            # Longest train path that is a component-wise suffix of the line, e.g.
+            # '/home/x/mvtec/bottle/train/good/001.png' -> 'bottle/train/good/001.png'.
+            rel = next((by_parts[parts[-j:]] for j in range(len(parts), 0, -1)
+                        if parts[-j:] in by_parts), None)
             if rel is None:
-                raise DataError(f"{path}:{lineno}: {text!r} matches no train image in meta.json; "
-                                "is it for a different dataset or root?")
+                raise DataError(f"{path}:{lineno}: {text!r} matches no train image in meta.json "
+                                "(neither as a root-relative path nor by path suffix); is the file "
+                                "for a different dataset or root?")
         per_class.setdefault(owner[rel], []).append(rel)
 
     shots: Dict[str, List[str]] = {}

@@ -26,7 +26,7 @@ from .checkpoint import load_head
 from .config import TestConfig, config_to_dict, model_config_from
 from .datasets import AnomalyDataset, load_meta, load_reference_images, load_rgb, read_k_shot_file, \
     sample_k_shot, write_k_shot_file
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .memory import MemoryBank
 from .model import FDSL
 from .utils import atomic_write_json, atomic_write_text, resolve_device, resolve_precision, setup_logging
@@ -50,6 +50,9 @@ def reported_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.ndarray:
 def _fingerprint(cfg: TestConfig) -> str:
     """A digest of every setting that can change the numbers, plus the checkpoint file's identity."""
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
+    if not os.path.isfile(cfg.checkpoint_path):
+        raise CheckpointError(f"--checkpoint_path {cfg.checkpoint_path} does not exist; train one with train.py "
+                              "or pass the released code's checkpoint")
     st = os.stat(cfg.checkpoint_path)
     d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -139,7 +142,7 @@ class Evaluator:
         paths: List[str] = []
         species: List[str] = []
         i = 0
-        for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True, disable=None):
             b = batch["image"].shape[0]
             feats = self.model.extract(batch["image"])
             for s, bank in banks.items():

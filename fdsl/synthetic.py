@@ -189,13 +189,16 @@ def _draw_defect(img: np.ndarray, kind: str, style: _Style,
         foreign = _photo(_FOREIGN_TEXTURES[int(rng.integers(len(_FOREIGN_TEXTURES)))])
         scale = min(3.0, foreign.shape[0] / ph, foreign.shape[1] / pw)  # zoomed out: foreign detail
         patch = _crop_resize(foreign, rng, int(ph * scale), int(pw * scale), ph, pw, flip=False)
-        # Rotate colour channels so the patch stands out from the class texture.
-        shifts = [np.roll(patch, s, axis=2) for s in range(3)]
+        # Rotate colour channels and pull towards a contrasting colour so the patch stands
+        # out from the class texture while keeping its foreign structure.
+        shifts = [np.roll(patch, s, axis=2).astype(np.float32) for s in range(3)]
         patch = max(shifts, key=lambda p: float(np.linalg.norm(p.reshape(-1, 3).mean(0) - mean_rgb)))
+        far = _BLOB_COLOURS[int(np.argmax(np.linalg.norm(_BLOB_COLOURS - mean_rgb, axis=1)))]
+        patch = 0.6 * patch + 0.4 * far
         y0 = int(rng.integers(1, h - ph))
         x0 = int(rng.integers(1, w - pw))
         mask[y0:y0 + ph, x0:x0 + pw] = True
-        out[y0:y0 + ph, x0:x0 + pw] = patch.astype(np.float32)
+        out[y0:y0 + ph, x0:x0 + pw] = patch
     else:
         raise ConfigError(f"unknown defect type {kind!r}; choose one of {', '.join(DEFECT_TYPES)}")
 

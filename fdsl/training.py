@@ -79,7 +79,7 @@ class Trainer:
         shots = {c: sample_k_shot(self.meta, c, self.cfg.k_shot, self.cfg.seed) for c in self.classes}
         write_k_shot_file(self.save_path / "k_shot.txt", shots)
         banks = {}
-        for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True):
+        for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True, disable=None):
             imgs = load_reference_images(self.root, shots[c], self.cfg.image_size)  # (k, 3, S, S)
             feats = [self.model.extract(imgs[s:s + self.cfg.batch_size])
                      for s in range(0, len(imgs), self.cfg.batch_size)]
@@ -118,7 +118,7 @@ class Trainer:
                                 num_workers=cfg.num_workers, drop_last=False)
             head.train()
             total, count = 0.0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epoch}", leave=False, dynamic_ncols=True)
+            bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epoch}", leave=False, dynamic_ncols=True, disable=None)
             for batch in bar:
                 with torch.no_grad():
                     feats = self.model.extract(batch["image"])

@@ -109,6 +109,13 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         torch.save(obj, fh)
 
 
+class _LibraryNoise(logging.Filter):
+    """Drop open_clip's INFO chatter (it logs through the root logger); keep its warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
 def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
     """Log to the console and, when given, to `log_file` (one line per event)."""
     root = logging.getLogger()
@@ -120,12 +127,14 @@ def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO) -
             h.close()
     console = logging.StreamHandler()
     console.setFormatter(fmt)
+    console.addFilter(_LibraryNoise())
     console._fdsl = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file, encoding="utf-8")
         fh.setFormatter(fmt)
+        fh.addFilter(_LibraryNoise())
         fh._fdsl = True  # type: ignore[attr-defined]
         root.addHandler(fh)
     return root

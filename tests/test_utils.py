@@ -1,0 +1,118 @@
+"""Tests for fdsl.utils: device and precision resolution, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdsl.errors import ConfigError
+from fdsl.utils import atomic_open, atomic_torch_save, atomic_write_json, resolve_device, resolve_precision
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """Make the machine look CPU-only, whatever it really has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+# ---------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("spec", ["cpu", "CPU", " cpu ", torch.device("cpu")])
+def test_cpu(spec) -> None:
+    assert resolve_device(spec) == torch.device("cpu")
+
+
+def test_auto_on_cpu_machine(no_cuda) -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_auto_with_cuda_picks_cuda0(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("spec", ["0", "cuda:0", "cuda", 1, "cuda:1"])
+def test_cuda_without_cuda_is_an_error(no_cuda, spec) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve_device(spec)
+    msg = str(exc.value)
+    assert repr(str(spec)) in msg or str(spec) in msg  # names the requested device
+    assert "cpu" in msg  # and says what to do instead
+
+
+def test_cuda_index_beyond_count_is_an_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("0") == torch.device("cuda:0")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="cuda:3"):
+        resolve_device("cuda:3")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "-1", "", "mps0", "cuda:0:1", "0.5"])
+def test_garbage_device_is_an_error(no_cuda, spec) -> None:
+    with pytest.raises(ConfigError):
+        resolve_device(spec)
+
+
+# ---------------------------------------------------------------------------- precision
+def test_precision_auto_is_fp32_on_cpu() -> None:
+    assert resolve_precision("auto", torch.device("cpu")) is torch.float32
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_precision_explicit_on_cpu(name, dtype) -> None:
+    assert resolve_precision(name, torch.device("cpu")) is dtype
+
+
+def test_precision_garbage() -> None:
+    with pytest.raises(ConfigError, match="fp64"):
+        resolve_precision("fp64", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def test_atomic_write_json_roundtrip_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "result.json"  # parent created on demand
+    obj = {"auroc": 0.5, "classes": ["a", "b"], "nested": {"k": [1, 2]}}
+    atomic_write_json(target, obj)
+    assert json.loads(target.read_text()) == obj
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
+    # overwrite
+    atomic_write_json(target, {"x": 1})
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
+
+
+def test_exception_mid_write_keeps_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    atomic_write_json(target, {"old": True})
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_open(target, "w", encoding="utf-8") as fh:
+            fh.write('{"new": tr')  # half a document
+            fh.flush()
+            raise RuntimeError("boom")
+    assert target.read_bytes() == before
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # temp file cleaned up
+
+
+def test_exception_mid_write_creates_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "never.json"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(target) as fh:
+            fh.write("partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_torch_save_roundtrip(tmp_path: Path) -> None:
+    target = tmp_path / "t.pth"
+    t = torch.arange(6.0).reshape(2, 3)
+    atomic_torch_save({"t": t}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["t"], t)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.pth"]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train FDSL across datasets, then evaluate k-shot on the other dataset.
+#
+#   bash trainAndTest.sh {model_name} {device} {useNAM} {winmode} {win-size} {win-stride} {win-weight} {seed} {kshots}
+#   bash trainAndTest.sh fdsl 0 1 mul 13 2 0.5 14 1     # the paper's main setting (NAM + LFE, 1-shot, seed 14)
+#
+# device: cpu or a CUDA index. Dataset roots: MVTEC_ROOT (default data/mvtec), VISA_ROOT (default data/visa),
+# each indexed once with `python data/mvtec.py --root ...` / `python data/visa.py --root ...`.
+# Extra settings through the environment: FDSL_PRECISION (auto|fp32|bf16|fp16), FDSL_PRETRAINED (openai or a
+# weights file), FDSL_MODEL (ViT-L-14-336).
+set -euo pipefail
+if [ "$#" -ne 9 ]; then
+  echo "usage: bash trainAndTest.sh model_name device useNAM winmode win_size win_stride win_weight seed kshots" >&2
+  exit 2
+fi
+name=$1; device=$2; use_nam=$3; winmode=$4; win_size=$5; win_stride=$6; win_weight=$7; seed=$8; kshots=$9
+here=$(cd "$(dirname "$0")" && pwd)
+if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then PYTHON=$here/.venv/bin/python; fi
+PY=${PYTHON:-python}
+MVTEC_ROOT=${MVTEC_ROOT:-$here/data/mvtec}
+VISA_ROOT=${VISA_ROOT:-$here/data/visa}
+common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
+        --features_list 6 12 18 24 --few_shot_features 6 12 18 24 --device "$device"
+        --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam")
+ckpt=$here/checkpoints/$name/nam${use_nam}_seed${seed}
+
+# Model for VisA: trained on the MVTec AD test split, 5 epochs.
+$PY "$here/train.py" --dataset mvtec --train_data_path "$MVTEC_ROOT" --save_path "$ckpt/trained_on_mvtec" \
+    --epoch 5 --k_shot 10 --batch_size 8 --learning_rate 0.001 --seed "$seed" "${common[@]}"
+# Model for MVTec AD: trained on the VisA test split, 11 epochs (tests use epoch 5).
+$PY "$here/train.py" --dataset visa --train_data_path "$VISA_ROOT" --save_path "$ckpt/trained_on_visa" \
+    --epoch 11 --k_shot 10 --batch_size 8 --learning_rate 0.001 --seed "$seed" "${common[@]}"
+
+bash "$here/test_few_shot.sh" "$@"
