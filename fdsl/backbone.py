@@ -122,6 +122,11 @@ def _take_indices(layers: Sequence[int], depth: int) -> List[int]:
     bad = [layer for layer in layers if not 1 <= layer <= depth]
     if bad:
         raise ConfigError(f"--features_list {list(layers)}: blocks {bad} do not exist; the model has {depth} blocks")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"--features_list {list(layers)} repeats a block; give each block once")
+    if list(layers) != sorted(layers):
+        raise ConfigError(f"--features_list {list(layers)} must be in increasing block order, "
+                          f"e.g. {sorted(layers)}")
     return [layer - 1 for layer in layers]
 
 

@@ -84,8 +84,10 @@ class ModelConfig:
             raise ConfigError(
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
-        if len(set(self.features_list)) != len(self.features_list) or min(self.features_list) < 1:
-            raise ConfigError(f"--features_list must hold distinct 1-based block numbers, got {self.features_list}")
+        if (len(set(self.features_list)) != len(self.features_list) or min(self.features_list) < 1
+                or list(self.features_list) != sorted(self.features_list)):
+            raise ConfigError("--features_list must hold distinct 1-based block numbers in increasing order, "
+                              f"got {self.features_list}")
         if self.image_size < 1:
             raise ConfigError(f"--image_size must be positive, got {self.image_size}")
         if not 0.0 <= self.win_weight <= 1.0:

@@ -165,12 +165,18 @@ def test_layers_are_one_based(weights_112, images) -> None:
     assert (got - F.normalize(x1[:, 1:], dim=-1)).abs().max() > 1e-2  # not block index 1
 
 
-def test_layers_come_back_in_the_order_of_backbone_layers(weights_112, images) -> None:
-    """tokens[i] belongs to backbone.layers[i] even when the list is not ascending."""
-    bb = _backbone(weights_112, [4, 1])
+def test_layers_must_be_increasing_and_distinct(weights_112) -> None:
+    """open_clip returns tapped blocks in block order, so a shuffled or repeated list is refused."""
+    with pytest.raises(ConfigError, match="increasing"):
+        _backbone(weights_112, [4, 1])
+    with pytest.raises(ConfigError, match="repeats"):
+        _backbone(weights_112, [2, 2])
+
+
+def test_each_token_tensor_belongs_to_its_block(weights_112, images) -> None:
+    bb = _backbone(weights_112, [1, 4])
     toks = bb(images).tokens
     single = {layer: _backbone(weights_112, [layer])(images).tokens[0] for layer in (1, 4)}
-    assert len(toks) == len(bb.layers) == 2
     for layer, t in zip(bb.layers, toks):
         torch.testing.assert_close(t, single[layer], atol=1e-6, rtol=0,
                                    msg=f"tokens for layer {layer} do not belong to block {layer}")

@@ -8,7 +8,7 @@ from fdsl.config import ModelConfig, TrainConfig, build_parser, parse_config
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect a class named Test*
 from fdsl.errors import ConfigError
 
-# EvalConfig requires a checkpoint; every EvalConfig parse below starts from this.
+# EvalConfig (fdsl.config.TestConfig) requires a checkpoint; every test-side parse starts from this.
 CKPT = ["--checkpoint_path", "ckpt.pth"]
 
 # Options that are parsed but rejected by validation because they are not implemented yet.

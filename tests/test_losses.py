@@ -27,9 +27,10 @@ def test_focal_by_hand() -> None:
     #   pt1 = 0.3*1e-5 + 0.7*(1-1e-5) + 1e-5 = 0.7 + 0.6e-5 = 0.700006
     pt0, pt1 = 0.800004, 0.700006
     # loss = mean over the 2 pixels of -(1-pt)^2 * log(pt)
-    #      = 0.5 * (0.199996^2 * 0.2231386 + 0.299994^2 * 0.3566664) ≈ 0.0205280
+    #      = 0.5 * (0.199996^2 * 0.2231386 + 0.299994^2 * 0.3566664)
+    #      = 0.5 * (0.0089252 + 0.0320987) ≈ 0.0205119
     expected = 0.5 * ((1 - pt0) ** 2 * -math.log(pt0) + (1 - pt1) ** 2 * -math.log(pt1))
-    assert expected == pytest.approx(0.0205280, abs=1e-6)
+    assert expected == pytest.approx(0.0205119, abs=1e-6)
     assert focal_loss(prob, mask).item() == pytest.approx(expected, rel=1e-5)
     # (B, 1, H, W) masks are accepted too
     assert focal_loss(prob, mask.unsqueeze(1)).item() == pytest.approx(expected, rel=1e-5)
@@ -37,10 +38,10 @@ def test_focal_by_hand() -> None:
 
 def test_dice_by_hand() -> None:
     prob, mask = _tiny()
-    # p = (0.3, 0.7), g = (0, 1): Σpg = 0.7, Σp = 1.0, Σg = 1
-    # dice = (2*0.7 + 1) / (1.0 + 1 + 1) = 2.4 / 3 = 0.8  ->  loss 0.2
-    assert dice_loss(prob[:, 1], mask).item() == pytest.approx(0.2, abs=1e-6)
-    assert dice_loss(prob[:, 1], mask.unsqueeze(1)).item() == pytest.approx(0.2, abs=1e-6)
+    # p = prob[:, 1] = (0.2, 0.7), g = (0, 1): Σpg = 0.7, Σp = 0.9, Σg = 1
+    # dice = (2*0.7 + 1) / (0.9 + 1 + 1) = 2.4 / 2.9  ->  loss 1 - 2.4/2.9 = 0.5/2.9 ≈ 0.1724138
+    assert dice_loss(prob[:, 1], mask).item() == pytest.approx(0.5 / 2.9, abs=1e-6)
+    assert dice_loss(prob[:, 1], mask.unsqueeze(1)).item() == pytest.approx(0.5 / 2.9, abs=1e-6)
 
 
 def _focal_ref(prob: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> float:
