@@ -74,7 +74,9 @@ def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: b
 def _fit(head: nn.Module, state: Dict[str, torch.Tensor], path: Path, use_nam: bool) -> None:
     """Load `state` into `head` strictly, explaining every missing, unexpected or mis-shaped key."""
     own = head.state_dict()
-    needed = {k for k in own if use_nam or not k.startswith("nam.")}
+    if not use_nam:  # NAM weights are unused then: ignore whatever the file holds for them
+        state = {k: v for k, v in state.items() if not k.startswith("nam.")}
+    needed = {k for k in own if (use_nam or not k.startswith("nam.")) and not k.endswith("num_batches_tracked")}
     missing = sorted(needed - set(state))
     unexpected = sorted(k for k in set(state) - set(own))
     wrong = sorted(k for k in needed & set(state) if own[k].shape != state[k].shape)

@@ -74,7 +74,7 @@ class ModelConfig:
     use_img_idx: bool = _opt(False, "--use_img_idx", "--useImgIdx",
                              help="image-feature index memory bank (align against the most similar reference only)")
     bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
-                           help="memory bank storage dtype (auto: fp32)")
+                           help="memory bank storage dtype (auto: the compute dtype)")
     align_chunk_mb: int = _opt(256, "--align_chunk_mb",
                                help="bound, in MiB, on the similarity block computed at once during alignment")
 
@@ -94,11 +94,10 @@ class ModelConfig:
             raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
         if self.win_batch < 1:
             raise ConfigError(f"--win_batch must be positive, got {self.win_batch}")
-        if self.winmode != "nan":
-            raise ConfigError(
-                f"--winmode {self.winmode} (the LFE local branch) is not implemented yet; use --winmode nan")
-        if self.use_img_idx:
-            raise ConfigError("--use_img_idx 1 (the image-index memory bank) is not implemented yet; use 0")
+        if self.win_size < 1 or self.win_stride < 1:
+            raise ConfigError(f"--win_size {self.win_size} and --win_stride {self.win_stride} must be positive")
+        if self.align_chunk_mb < 1:
+            raise ConfigError(f"--align_chunk_mb must be positive, got {self.align_chunk_mb}")
 
 
 @dataclass

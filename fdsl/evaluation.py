@@ -27,7 +27,7 @@ from .config import TestConfig, config_to_dict, model_config_from
 from .datasets import AnomalyDataset, load_meta, load_reference_images, load_rgb, read_k_shot_file, \
     sample_k_shot, write_k_shot_file
 from .errors import CheckpointError, DataError
-from .memory import MemoryBank
+from .memory import FDSLMemory
 from .model import FDSL
 from .utils import atomic_write_json, atomic_write_text, resolve_device, resolve_precision, setup_logging
 
@@ -109,34 +109,27 @@ class Evaluator:
             return read_k_shot_file(self.cfg.k_shot_file, self.meta, self.classes, self.cfg.k_shot)
         return {c: sample_k_shot(self.meta, c, self.cfg.k_shot, seed) for c in self.classes}
 
-    def _banks(self, refs: Dict[int, List[str]]) -> Dict[int, MemoryBank]:
-        """One memory bank per seed; each distinct reference image is encoded once."""
+    def memories(self, refs: Dict[int, List[str]]) -> Dict[int, FDSLMemory]:
+        """One memory (global and window banks) per seed; each distinct reference image is encoded once."""
         unique = sorted({p for paths in refs.values() for p in paths})
         images = load_reference_images(self.root, unique, self.cfg.image_size)  # (u, 3, S, S)
-        feats = []
-        for s in range(0, len(unique), self.cfg.batch_size):
-            feats.append(self.model.extract(images[s:s + self.cfg.batch_size]))
-        tokens = [torch.cat([f.tokens[i] for f in feats]) for i in range(len(feats[0].tokens))]  # L x (u, N, C)
-        embeds = torch.cat([f.image_embeds for f in feats])  # (u, D)
+        feats = self.model.encode_references(images, self.cfg.batch_size)
         pos = {p: i for i, p in enumerate(unique)}
-        banks = {}
-        for seed, paths in refs.items():
-            idx = torch.tensor([pos[p] for p in paths], device=embeds.device)
-            banks[seed] = MemoryBank([t[idx] for t in tokens], embeds[idx], dtype=self.model.bank_dtype())
-        return banks
+        return {seed: self.model.make_memory(feats, [pos[p] for p in paths]) for seed, paths in refs.items()}
 
     # ------------------------------------------------------------------ one class
     @torch.no_grad()
     def evaluate_class(self, cls: str, refs: Dict[int, List[str]]) -> Dict[int, dict]:
         """Score every test image of `cls` against each seed's bank; returns per-seed records."""
         cfg = self.cfg
-        banks = self._banks(refs)
+        memories = self.memories(refs)
+        seeds = list(memories)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
         loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
         n = len(ds)
         size = cfg.cal_image_size
-        maps = {s: np.empty((n, size, size), np.float32) for s in banks}
-        patch = {s: np.empty(n, np.float64) for s in banks}
+        maps = {s: np.empty((n, size, size), np.float32) for s in seeds}
+        patch = {s: np.empty(n, np.float64) for s in seeds}
         masks = np.empty((n, size, size), bool)
         labels = np.empty(n, np.int64)
         paths: List[str] = []
@@ -144,9 +137,8 @@ class Evaluator:
         i = 0
         for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True, disable=None):
             b = batch["image"].shape[0]
-            feats = self.model.extract(batch["image"])
-            for s, bank in banks.items():
-                out = self.model.score(feats, bank, size)
+            outs = self.model.predict(batch["image"], [memories[s] for s in seeds], size)
+            for s, out in zip(seeds, outs):
                 maps[s][i:i + b] = out.anomaly_map.float().cpu().numpy()
                 patch[s][i:i + b] = out.patch_score.double().cpu().numpy()
             masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
@@ -156,7 +148,7 @@ class Evaluator:
             i += b
 
         records = {}
-        for s in banks:
+        for s in seeds:
             map_max = maps[s].reshape(n, -1).max(axis=1).astype(np.float64)
             score = reported_scores(patch[s], map_max)
             res = metrics.image_metrics(labels, score)
@@ -167,7 +159,7 @@ class Evaluator:
                      "patch_score": float(ps), "map_max": float(mm)}
                     for p, a, sc, ps, mm in zip(paths, labels, score, patch[s], map_max)]
             records[s] = {"fingerprint": self.fingerprint, "metrics": {k: float(res[k]) for k in METRIC_KEYS},
-                          "references": refs[s], "scores": rows}
+                          "references": refs[s], "memory_bank_bytes": memories[s].nbytes(), "scores": rows}
             if cfg.save_images:
                 self._save_images(s, cls, paths, species, masks, maps[s])
         return records
@@ -204,15 +196,17 @@ class Evaluator:
             for s, rec in self.evaluate_class(cls, todo).items():
                 atomic_write_json(self._class_file(s, cls), rec)
                 per_class[s][cls] = rec
-                log.info("%s seed %d: %s", cls, s,
-                         "  ".join(f"{k}={100 * v:.2f}" for k, v in rec["metrics"].items()))
+                log.info("%s seed %d: %s  memory_bank_bytes=%d", cls, s,
+                         "  ".join(f"{k}={100 * v:.2f}" for k, v in rec["metrics"].items()), rec["memory_bank_bytes"])
         return {s: self._write_seed(s, per_class[s]) for s in self.seeds} | self._write_summary(per_class)
 
     def _write_seed(self, seed: int, recs: Dict[str, dict]) -> dict:
         out = self.seed_dir(seed)
         classes = {c: recs[c]["metrics"] for c in self.classes}
         mean = {k: float(np.nanmean([classes[c][k] for c in self.classes])) for k in METRIC_KEYS}
-        results = {"classes": classes, "mean": mean, "config": config_to_dict(self.cfg) | {"seed": seed}}
+        results = {"classes": classes, "mean": mean,
+                   "memory_bank_bytes": {c: int(recs[c]["memory_bank_bytes"]) for c in self.classes},
+                   "config": config_to_dict(self.cfg) | {"seed": seed}}
         atomic_write_json(out / "results.json", results)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")

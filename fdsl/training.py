@@ -17,6 +17,7 @@ from .datasets import AnomalyDataset, load_meta, load_reference_images, sample_k
 from .errors import DataError, FDSLError
 from .losses import fdsl_loss
 from .memory import MemoryBank
+from .backbone import BackboneOutput
 from .model import FDSL
 from .utils import atomic_write_json, resolve_device, resolve_precision, seed_everything, setup_logging
 
@@ -30,19 +31,17 @@ def latest_checkpoint(save_path: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def batch_residuals(model: FDSL, tokens: List[torch.Tensor], cls_names: List[str],
+def batch_residuals(model: FDSL, feats: BackboneOutput, cls_names: List[str],
                     banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
     """Residuals of a mixed-class batch: each sample is aligned against its own class's bank.
 
-    tokens: L × (B, N, C) -> L × (B, N, C).
+    feats.tokens: L × (B, N, C) -> L × (B, N, C).
     """
-    out = [torch.empty_like(t) for t in tokens]
+    out = [torch.empty_like(t) for t in feats.tokens]
     for cls in sorted(set(cls_names)):
-        idx = torch.tensor([i for i, c in enumerate(cls_names) if c == cls], device=tokens[0].device)
-        dt = None if model.compute_dtype == torch.float32 else model.compute_dtype
-        res = banks[cls].residuals([t[idx] for t in tokens], model.cfg.align_mode, model.cfg.use_abs,
-                                   model.cfg.align_chunk_mb, dt)
-        for o, r in zip(out, res):
+        idx = torch.tensor([i for i, c in enumerate(cls_names) if c == cls], device=feats.image_embeds.device)
+        sub = BackboneOutput([t[idx] for t in feats.tokens], feats.image_embeds[idx])
+        for o, r in zip(out, model.residuals(banks[cls], sub)):
             o[idx] = r.to(o.dtype)
     return out
 
@@ -81,10 +80,8 @@ class Trainer:
         banks = {}
         for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True, disable=None):
             imgs = load_reference_images(self.root, shots[c], self.cfg.image_size)  # (k, 3, S, S)
-            feats = [self.model.extract(imgs[s:s + self.cfg.batch_size])
-                     for s in range(0, len(imgs), self.cfg.batch_size)]
-            tokens = [torch.cat([f.tokens[i] for f in feats]) for i in range(len(feats[0].tokens))]
-            banks[c] = MemoryBank(tokens, torch.cat([f.image_embeds for f in feats]), self.model.bank_dtype())
+            g = self.model.encode_references(imgs, self.cfg.batch_size, windows=False).global_feats
+            banks[c] = MemoryBank(g.tokens, g.image_embeds, self.model.bank_dtype())
         return banks
 
     def run(self) -> List[float]:
@@ -122,7 +119,7 @@ class Trainer:
             for batch in bar:
                 with torch.no_grad():
                     feats = self.model.extract(batch["image"])
-                    res = batch_residuals(self.model, feats.tokens, list(batch["cls_name"]), banks)
+                    res = batch_residuals(self.model, feats, list(batch["cls_name"]), banks)
                 maps = training_maps(self.model, res, cfg.image_size)
                 loss = fdsl_loss(maps, batch["mask"].to(self.device))
                 if not torch.isfinite(loss):

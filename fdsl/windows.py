@@ -149,8 +149,8 @@ def coverage(
     return (per_axis[:, None] * per_axis[None, :]).to(dtype)  # (G, G)
 
 
-def split_windows(images: Tensor, patch: int, win: int, stride: int) -> Tensor:
-    """Crop every window out of a batch of preprocessed images, in pixel space.
+def split_windows(images: Tensor, patch: int, win: int, stride: int, index: Tensor | None = None) -> Tensor:
+    """Crop every window (or the windows listed in ``index``) out of a batch of images, in pixel space.
 
     Window ``(r, c)`` (in patches) is ``images[b, :, r*patch:(r+win)*patch,
     c*patch:(c+win)*patch]``.
@@ -160,9 +160,11 @@ def split_windows(images: Tensor, patch: int, win: int, stride: int) -> Tensor:
         patch: patch size in pixels (``p``).
         win: window size in patches.
         stride: window stride in patches.
+        index: optional flat window indices ``b * n_windows + w`` to crop, so that a chunk of
+            windows can be materialised without the others.
 
     Returns:
-        ``(B * n_windows, C, win*patch, win*patch)``, image-major, then windows row-major
+        ``(B * n_windows, C, win*patch, win*patch)`` (or ``(len(index), ...)``), image-major, then windows row-major
         as in :func:`window_grid`. A fresh contiguous tensor (only the crops are
         materialised; the intermediate unfold is a view).
 
@@ -195,6 +197,13 @@ def split_windows(images: Tensor, patch: int, win: int, stride: int) -> Tensor:
     views = images.unfold(2, w_px, p).unfold(3, w_px, p)
     views = views.permute(0, 2, 3, 1, 4, 5)  # (B, P, P, C, win*p, win*p)
     # Pick the chosen starts; advanced indexing copies only the selected crops.
+    if index is not None:
+        index = index.to(device=images.device, dtype=torch.long)
+        n = starts.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= images.shape[0] * n):
+            raise ConfigError(f"window index out of range [0, {images.shape[0] * n})")
+        b, w = index // n, index % n
+        return views[b, starts[w, 0], starts[w, 1]]  # (len(index), C, win*p, win*p)
     crops = views[:, starts[:, 0], starts[:, 1]]  # (B, n_windows, C, win*p, win*p)
     return crops.reshape(-1, *crops.shape[2:])  # (B*n_windows, C, win*p, win*p)
 

@@ -13,11 +13,6 @@ CKPT = ["--checkpoint_path", "ckpt.pth"]
 
 # Options that are parsed but rejected by validation because they are not implemented yet.
 # When one is implemented, move it to False here: its test then checks that it parses instead.
-NOT_IMPLEMENTED = {
-    "winmode mul": True,
-    "winmode onlywin": True,
-    "use_img_idx": True,
-}
 
 
 def _test(*argv: str) -> EvalConfig:
@@ -199,25 +194,20 @@ def test_win_weight_outside_unit_interval_rejected() -> None:
 
 
 @pytest.mark.parametrize("mode", ["mul", "onlywin"])
-def test_winmode_lfe_not_yet_implemented(mode: str) -> None:
-    """LFE (METHOD.md §5) is not implemented yet: it must be refused, not silently ignored.
-
-    When it lands, flip NOT_IMPLEMENTED[f"winmode {mode}"] to False.
-    """
+def test_winmode_lfe_flags(mode: str) -> None:
     argv = ["--winmode", mode, "--winsize", "13", "--winstride", "2", "--winwight", "0.5"]
-    if NOT_IMPLEMENTED[f"winmode {mode}"]:
-        with pytest.raises(ConfigError, match="not implemented"):
-            _test(*argv)
-    else:
-        cfg = _test(*argv)
-        assert (cfg.winmode, cfg.win_size, cfg.win_stride, cfg.win_weight) == (mode, 13, 2, 0.5)
+    cfg = _test(*argv)
+    assert (cfg.winmode, cfg.win_size, cfg.win_stride, cfg.win_weight) == (mode, 13, 2, 0.5)
 
 
-def test_use_img_idx_not_yet_implemented() -> None:
-    """The image-index memory bank (METHOD.md §3b) is not implemented yet; flip the flag when it is."""
-    if NOT_IMPLEMENTED["use_img_idx"]:
-        with pytest.raises(ConfigError, match="not implemented"):
-            _test("--use_img_idx", "1")
-    else:
-        assert _test("--use_img_idx", "1").use_img_idx is True
+def test_use_img_idx_flag() -> None:
+    assert _test("--use_img_idx", "1").use_img_idx is True
+    assert _test("--useImgIdx", "1").use_img_idx is True
     assert _test("--use_img_idx", "0").use_img_idx is False
+
+
+@pytest.mark.parametrize("argv", [["--winsize", "0"], ["--winstride", "0"], ["--align_chunk_mb", "0"],
+                                  ["--winwight", "1.5"]])
+def test_bad_window_settings_are_config_errors(argv) -> None:
+    with pytest.raises(ConfigError):
+        _test(*argv)

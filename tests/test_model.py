@@ -143,7 +143,7 @@ def test_combine_layers_by_hand() -> None:
     torch.manual_seed(4)
     L, B, G, S = 3, 2, 4, 10
     refined = [torch.rand(B, 2, G, G).softmax(dim=1) for _ in range(L)]
-    amap, patch = combine_layers(refined, S)
+    amap, patch = combine_layers([m[:, 1] for m in refined], S)
     ups = [F.interpolate(m[:, 1:2], size=(S, S), mode="bilinear", align_corners=True)[:, 0] for m in refined]
     expected_map = sum(ups) / L  # (B, S, S)
     expected_patch = sum(m[:, 1].reshape(B, -1).max(dim=1).values for m in refined) / L  # (B,)
@@ -206,7 +206,7 @@ def test_forward_before_fit_is_config_error(tiny_weights, imgs) -> None:
 def test_end_to_end_shapes(tiny_weights, imgs) -> None:
     model = _model(tiny_weights)
     refs, queries = imgs[:2], imgs[2:]
-    bank = model.fit(refs)
+    bank = model.fit(refs).global_bank
     assert bank.k == 2 and bank.num_layers == len(LAYERS)
     assert bank.layer(0).shape == (2, 64, 64)  # (k, N, C)
     out = model(queries)
@@ -225,7 +225,7 @@ def test_end_to_end_equals_hand_pipeline(tiny_weights, imgs) -> None:
     model = _model(tiny_weights)
     refs, queries = imgs[:2], imgs[2:4]
     model.fit(refs)
-    out = model.score(model.extract(queries), model.bank, out_size=32)
+    out = model.predict(queries, [model.memory], out_size=32)[0]
     ref_tokens = model.backbone(refs).tokens
     q_tokens = model.backbone(queries).tokens
     refined = []
@@ -246,14 +246,14 @@ def test_query_identical_to_reference_gives_zero_residuals(tiny_weights, imgs) -
     model = _model(tiny_weights)
     refs = imgs[:2]
     model.fit(refs)
-    same = model.bank.residuals(model.extract(refs).tokens)
+    same = model.memory.global_bank.residuals(model.extract(refs).tokens)
     for r in same:
         assert r.shape == (2, 64, 64)
         assert r.abs().max() < 1e-5
-    single = model.bank.residuals(model.extract(refs[1:2]).tokens)  # alone in its batch
+    single = model.memory.global_bank.residuals(model.extract(refs[1:2]).tokens)  # alone in its batch
     for r in single:
         assert r.abs().max() < 1e-5
-    other = model.bank.residuals(model.extract(imgs[2:3]).tokens)  # a different image is not zero
+    other = model.memory.global_bank.residuals(model.extract(imgs[2:3]).tokens)  # a different image is not zero
     assert all(r.abs().max() > 1e-2 for r in other)
 
 
@@ -266,14 +266,14 @@ def test_use_nam_false_gives_raw_maps(tiny_weights, imgs) -> None:
     for m in (with_nam, without):
         m.fit(refs)
     feats = without.extract(queries)
-    raw, refined = without.prob_maps(feats, without.bank)
+    raw, refined = without.prob_maps(feats, without.memory.global_bank)
     for a, b in zip(raw, refined):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    out = without.score(feats, without.bank, out_size=24)
-    amap, patch = combine_layers(raw, 24)
+    out = without.predict(queries, [without.memory], out_size=24)[0]
+    amap, patch = combine_layers([m[:, 1] for m in raw], 24)
     torch.testing.assert_close(out.anomaly_map, amap, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.patch_score, patch, atol=1e-6, rtol=0)
-    out_nam = with_nam.score(with_nam.extract(queries), with_nam.bank, out_size=24)
+    out_nam = with_nam.predict(queries, [with_nam.memory], out_size=24)[0]
     assert (out_nam.anomaly_map - out.anomaly_map).abs().max() > 1e-4  # NAM really is bypassed
 
 
@@ -283,8 +283,8 @@ def test_diff2_mode_runs_and_differs_without_norm(tiny_weights, imgs) -> None:
     b.head.load_state_dict(a.head.state_dict())
     for m in (a, b):
         m.fit(imgs[:2])
-    ra = a.bank.residuals(a.extract(imgs[2:4]).tokens, "mulmax")
-    rb = b.bank.residuals(b.extract(imgs[2:4]).tokens, "diff2")
+    ra = a.memory.global_bank.residuals(a.extract(imgs[2:4]).tokens, "mulmax")
+    rb = b.memory.global_bank.residuals(b.extract(imgs[2:4]).tokens, "diff2")
     assert any((x - y).abs().max() > 1e-4 for x, y in zip(ra, rb))
     out = b(imgs[2:4])
     assert torch.isfinite(out.pred_score).all()
@@ -293,6 +293,6 @@ def test_diff2_mode_runs_and_differs_without_norm(tiny_weights, imgs) -> None:
 def test_bank_is_a_submodule_and_head_is_trainable(tiny_weights, imgs) -> None:
     model = _model(tiny_weights)
     model.fit(imgs[:1])
-    assert "bank.tokens_0" in model.state_dict()
+    assert "memory.global_bank.tokens_0" in model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") for n in trainable)
