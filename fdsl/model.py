@@ -151,6 +151,8 @@ class FDSL(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> "FDSL":
         """Build the backbone and an untrained head from a model config."""
         cfg.validate()
+        if cfg.winmode != "nan":  # check the window geometry before loading any weights
+            _check_window_geometry(cfg)
         backbone = CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
                                 quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
         return cls(backbone, cfg)
@@ -301,6 +303,23 @@ class FDSL(nn.Module):
         if self.memory is None:
             raise ConfigError("call fit(reference_images) before scoring: the memory bank is empty")
         return self.predict(images, [self.memory])[0]
+
+
+def _check_window_geometry(cfg: ModelConfig) -> None:
+    """Fail fast on a window that does not fit the patch grid of the chosen model and size."""
+    import open_clip
+
+    from .backbone import register_model_configs
+
+    register_model_configs(cfg.model_config)
+    vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
+    patch = vision.get("patch_size")
+    if isinstance(patch, int) and patch > 0:
+        grid = cfg.image_size // patch
+        if cfg.win_size > grid:
+            raise ConfigError(f"--win_size {cfg.win_size} patches is larger than the {grid}×{grid} patch grid of "
+                              f"{cfg.model} at --image_size {cfg.image_size}")
+        n_windows(grid, cfg.win_size, cfg.win_stride)
 
 
 def _cat_outputs(parts: List[BackboneOutput]) -> BackboneOutput:

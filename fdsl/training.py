@@ -71,6 +71,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = (model or FDSL.from_config(model_config_from(cfg))).to(self.device).set_precision(self.dtype)
         self.augment = {"auto": cfg.dataset, "none": None}.get(cfg.augment, cfg.augment)
+        if cfg.winmode != "nan":
+            log.info("--winmode %s is a test-time branch: training fits the scorers and NAM on the global "
+                     "branch, whose weights the window branch shares", cfg.winmode)
 
     @torch.no_grad()
     def build_banks(self) -> Dict[str, MemoryBank]:
