@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 import zlib
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,6 +30,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from fdsl.errors import ConfigError, DataError
+from fdsl.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -751,19 +751,7 @@ def write_k_shot_file(path: PathLike, shots: Mapping[str, Sequence[str]]) -> Non
                 raise ConfigError(f"k-shot path {rel!r} for class {cls!r} must be a single-line path "
                                   "relative to the data root.")
             lines.append(_normalise_rel_path(rel))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".k_shot.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     logger.info("Wrote %d reference path(s) for %d class(es) to %s", len(lines), len(shots), path)
 
 

@@ -11,11 +11,11 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from fdsl.errors import DataError
+from fdsl.utils import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -336,21 +336,9 @@ def write_meta(root: str | os.PathLike[str], meta: Meta) -> Path:
     """
     root_path = _check_root(root)
     target = root_path / META_FILENAME
-    fd, tmp_name = tempfile.mkstemp(prefix=".meta.", suffix=".json.tmp", dir=root_path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=4)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes the file private; meta.json is shared data
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(target, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=4)
+        fh.write("\n")
     logger.debug("wrote %s", target)
     return target
 

@@ -85,6 +85,9 @@ def atomic_open(path: PathLike, mode: str = "w", **kwargs: Any) -> Iterator[io.I
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; results are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
