@@ -199,6 +199,16 @@ def load_meta(root: PathLike) -> Meta:
     return meta
 
 
+def select_classes(meta: Mapping, classes: Optional[Sequence[str]], root: PathLike) -> List[str]:
+    """The classes to run: `classes` (default: every test class), each present in both splits."""
+    chosen = list(classes) if classes else list(meta["test"])
+    unknown = [c for c in chosen if c not in meta["test"] or c not in meta["train"]]
+    if unknown:
+        raise DataError(f"class(es) {unknown} not in both splits of {os.fspath(root)}/meta.json; "
+                        f"available: {sorted(set(meta['test']) & set(meta['train']))}")
+    return chosen
+
+
 # ----------------------------------------------------------------------------- image loading
 
 

@@ -6,7 +6,6 @@ so a multi-seed protocol costs one backbone pass over the test set.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -24,9 +23,9 @@ from tqdm import tqdm
 from . import metrics
 from .checkpoint import load_head
 from .config import TestConfig, config_to_dict, model_config_from
-from .datasets import AnomalyDataset, load_meta, load_reference_images, load_rgb, read_k_shot_file, \
-    sample_k_shot, write_k_shot_file
-from .errors import CheckpointError, DataError
+from .datasets import (AnomalyDataset, load_meta, load_reference_images, load_rgb, read_k_shot_file,
+                       sample_k_shot, select_classes, write_k_shot_file)
+from .errors import CheckpointError
 from .memory import FDSLMemory
 from .model import FDSL
 from .utils import atomic_write_json, atomic_write_text, resolve_device, resolve_precision, setup_logging
@@ -68,11 +67,7 @@ class Evaluator:
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.root = cfg.data_path
         self.meta = load_meta(self.root)
-        self.classes = list(cfg.classes) if cfg.classes else list(self.meta["test"])
-        unknown = [c for c in self.classes if c not in self.meta["test"] or c not in self.meta["train"]]
-        if unknown:
-            raise DataError(f"class(es) {unknown} not in both splits of {self.root}/meta.json; "
-                            f"available: {sorted(self.meta['test'])}")
+        self.classes = select_classes(self.meta, cfg.classes, self.root)
         self.seeds = cfg.run_seeds()
         self.save_path = Path(cfg.save_path)
         self.fingerprint = _fingerprint(cfg)

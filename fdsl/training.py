@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_head, read_checkpoint, save_checkpoint
 from .config import TrainConfig, config_to_dict, model_config_from
-from .datasets import AnomalyDataset, load_meta, load_reference_images, sample_k_shot, write_k_shot_file
-from .errors import DataError, FDSLError
+from .datasets import (AnomalyDataset, load_meta, load_reference_images, sample_k_shot, select_classes,
+                       write_k_shot_file)
+from .errors import FDSLError
 from .losses import fdsl_loss
 from .memory import MemoryBank
 from .backbone import BackboneOutput
@@ -64,10 +65,7 @@ class Trainer:
         self.save_path = Path(cfg.save_path)
         self.root = cfg.train_data_path
         self.meta = load_meta(self.root)
-        self.classes = list(cfg.classes) if cfg.classes else list(self.meta["test"])
-        unknown = [c for c in self.classes if c not in self.meta["test"] or c not in self.meta["train"]]
-        if unknown:
-            raise DataError(f"class(es) {unknown} not in both splits of {self.root}/meta.json")
+        self.classes = select_classes(self.meta, cfg.classes, self.root)
         seed_everything(cfg.seed)
         self.model = (model or FDSL.from_config(model_config_from(cfg))).to(self.device).set_precision(self.dtype)
         self.augment = {"auto": cfg.dataset, "none": None}.get(cfg.augment, cfg.augment)
