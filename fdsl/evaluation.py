@@ -46,6 +46,13 @@ def reported_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.ndarray:
     return 0.5 * (patch_score + norm)
 
 
+def class_mean(values: List[float]) -> float:
+    """Mean over classes, skipping undefined (NaN) values; NaN when none is defined."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
 def _fingerprint(cfg: TestConfig) -> str:
     """A digest of every setting that can change the numbers, plus the checkpoint file's identity."""
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
@@ -198,7 +205,7 @@ class Evaluator:
     def _write_seed(self, seed: int, recs: Dict[str, dict]) -> dict:
         out = self.seed_dir(seed)
         classes = {c: recs[c]["metrics"] for c in self.classes}
-        mean = {k: float(np.nanmean([classes[c][k] for c in self.classes])) for k in METRIC_KEYS}
+        mean = {k: class_mean([classes[c][k] for c in self.classes]) for k in METRIC_KEYS}
         results = {"classes": classes, "mean": mean,
                    "memory_bank_bytes": {c: int(recs[c]["memory_bank_bytes"]) for c in self.classes},
                    "config": config_to_dict(self.cfg) | {"seed": seed}}
@@ -217,7 +224,7 @@ class Evaluator:
     def _write_summary(self, per_class: Dict[int, Dict[str, dict]]) -> dict:
         if len(self.seeds) < 2:
             return {}
-        means = {k: [float(np.nanmean([per_class[s][c]["metrics"][k] for c in self.classes]))
+        means = {k: [class_mean([per_class[s][c]["metrics"][k] for c in self.classes])
                      for s in self.seeds] for k in METRIC_KEYS}
         summary = {"seeds": self.seeds,
                    "mean": {k: float(np.mean(v)) for k, v in means.items()},
