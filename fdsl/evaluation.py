@@ -94,7 +94,8 @@ class Evaluator:
     def _class_file(self, seed: int, cls: str) -> Path:
         return self.seed_dir(seed) / "per_class" / f"{cls}.json"
 
-    def _finished(self, seed: int, cls: str) -> Optional[dict]:
+    def _finished(self, seed: int, cls: str, refs: List[str]) -> Optional[dict]:
+        """The saved record of `cls` when it was computed with the same settings and reference images."""
         f = self._class_file(seed, cls)
         if not f.is_file():
             return None
@@ -102,7 +103,8 @@ class Evaluator:
             rec = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        return rec if rec.get("fingerprint") == self.fingerprint else None
+        same = rec.get("fingerprint") == self.fingerprint and rec.get("references") == list(refs)
+        return rec if same else None
 
     # ------------------------------------------------------------------ references
     def references(self, seed: int) -> Dict[str, List[str]]:
@@ -187,7 +189,7 @@ class Evaluator:
         for cls in self.classes:
             todo = {}
             for s in self.seeds:
-                done = self._finished(s, cls)
+                done = self._finished(s, cls, all_refs[s][cls])
                 if done is not None:
                     per_class[s][cls] = done
                 else:
