@@ -25,6 +25,7 @@ from .errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+_RANDOM_INIT_SEED = 20250611  # fixed, so that `--pretrained none` builds the same backbone everywhere
 
 
 class BackboneOutput(NamedTuple):
@@ -154,7 +155,10 @@ class CLIPBackbone(nn.Module):
             raise ConfigError(f"--model {model_name!r} is not an open_clip architecture; "
                               "see open_clip.list_models() or register one with --model_config")
         weights = _resolve_weights(model_name, pretrained, cache_dir)
-        with _quiet_open_clip():  # it warns "no pretrained weights loaded"; we load them ourselves below
+        # Random initialisation is seeded locally, so `--pretrained none` gives the same backbone in
+        # train.py and test.py (and leaves the caller's RNG untouched).
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
             model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size,
                                            force_quick_gelu=quick_gelu)
         visual = model.visual

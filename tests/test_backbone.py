@@ -353,3 +353,15 @@ def test_no_text_tower_kept(weights_112) -> None:
     n_visual = sum(p.numel() for p in bb.visual.parameters())
     assert sum(p.numel() for p in bb.parameters()) == n_visual
     assert not any(name.startswith(("transformer.", "token_embedding", "text")) for name, _ in bb.named_parameters())
+
+
+def test_random_weights_are_the_same_in_every_process() -> None:
+    """`--pretrained none` must give train.py and test.py the same backbone, whatever the global RNG."""
+    torch.manual_seed(1)
+    a = CLIPBackbone(MODEL, "none", BUILD, [1])
+    torch.manual_seed(2)
+    state = torch.random.get_rng_state()
+    b = CLIPBackbone(MODEL, "none", BUILD, [1])
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
