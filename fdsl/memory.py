@@ -49,7 +49,7 @@ def nearest_normal(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax"
     for s in range(0, query.shape[0], step):  # chunks of rows, not patches: bounded memory
         sim = query[s:s + step].to(dt) @ b.T  # (rows, M)
         if bias is not None:
-            sim = 2 * sim - bias
+            sim.mul_(2).sub_(bias)  # in place: no extra similarity-sized blocks
         out[s:s + step] = sim.argmax(dim=-1)
     return out
 
@@ -83,7 +83,7 @@ def nearest_in_items(query: torch.Tensor, items: torch.Tensor, sel: torch.Tensor
         cand = items[sel[s:s + step]]  # (q, M, C)
         sim = torch.bmm(query[s:s + step].to(dt), cand.to(dt).transpose(1, 2))  # (q, N, M)
         if mode == "diff2":
-            sim = 2 * sim - cand.float().pow(2).sum(-1).to(dt).unsqueeze(1)
+            sim.mul_(2).sub_(cand.float().pow(2).sum(-1).to(dt).unsqueeze(1))
         idx = sim.argmax(dim=-1)  # (q, N)
         out[s:s + step] = torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C))  # (q, N, C)
     return out
