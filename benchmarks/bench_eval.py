@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Evaluation-time benchmark of FDSL: latency, its breakdown, peak memory, metric cost.
 
 What it measures (see benchmarks/README.md for figures):
@@ -23,7 +22,7 @@ with ConfigError the rows are printed as skipped; once it exists, compare LFE on
 
 Random weights (``--pretrained none``, the default here) do not change speed.
 
-    .venv/bin/python benchmarks/bench_eval.py --json benchmarks/results_cpu.json
+    .venv/bin/python benchmarks/bench_eval.py --json /tmp/bench_eval.json
 """
 from __future__ import annotations
 
@@ -33,12 +32,13 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,7 +48,7 @@ MARK = "@@BENCH_RESULT@@ "
 
 
 # ----------------------------------------------------------------------------- process facts
-def _status_kb(field: str) -> Optional[int]:
+def _status_kb(field: str) -> int | None:
     """A ``kB`` field (VmRSS, VmHWM) of /proc/self/status, or None off Linux."""
     try:
         with open("/proc/self/status") as fh:
@@ -60,12 +60,12 @@ def _status_kb(field: str) -> Optional[int]:
     return None
 
 
-def rss_mb() -> Optional[float]:
+def rss_mb() -> float | None:
     kb = _status_kb("VmRSS")
     return None if kb is None else kb / 1024.0
 
 
-def hwm_mb() -> Optional[float]:
+def hwm_mb() -> float | None:
     kb = _status_kb("VmHWM")
     return None if kb is None else kb / 1024.0
 
@@ -97,19 +97,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def loadavg() -> Optional[List[float]]:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
 
 
-def _median(xs: List[float]) -> Optional[float]:
+def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
 # ----------------------------------------------------------------------------- child: model
-def _weight_stats(model) -> Dict[str, Any]:
+def _weight_stats(model) -> dict[str, Any]:
     """Bytes of the model's unique tensor storages and the number of ViT modules it holds."""
     try:
         from open_clip.transformer import VisionTransformer
@@ -133,7 +133,7 @@ def _weight_stats(model) -> Dict[str, Any]:
             "vit_mb": vit_bytes / 2 ** 20}
 
 
-def _bank_mb(model) -> Optional[float]:
+def _bank_mb(model) -> float | None:
     """MiB held by the fitted memory (global and window banks), whatever the model calls it."""
     from torch import nn
 
@@ -149,7 +149,7 @@ def _bank_mb(model) -> Optional[float]:
     return None
 
 
-def child_model(spec: Dict[str, Any]) -> Dict[str, Any]:
+def child_model(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from fdsl.config import ModelConfig
@@ -159,7 +159,7 @@ def child_model(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    out: Dict[str, Any] = {"status": "ok", "load_before": loadavg()}
+    out: dict[str, Any] = {"status": "ok", "load_before": loadavg()}
     device = resolve_device(spec["device"])
     dtype = resolve_precision(spec["precision"], device)
     rss_start = rss_mb()
@@ -193,6 +193,7 @@ def child_model(spec: Dict[str, Any]) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(spec["k_shot"], 3, S, S, generator=g).to(device)
     x = torch.randn(spec["batch"], 3, S, S, generator=g).to(device)
+    x_warm = x[: spec.get("warmup_batch") or spec["batch"]]
     t0 = time.perf_counter()
     model.fit(ref)
     sync()
@@ -202,7 +203,7 @@ def child_model(spec: Dict[str, Any]) -> Dict[str, Any]:
     # Time forward() end to end; split it by timing every call of model.extract (the backbone) from
     # inside: calls at the full input size are the global branch, smaller ones are LFE windows.
     # Whatever forward() does besides (alignment, scorers, NAM, stitching, upsampling) is the head.
-    calls: List[tuple] = []
+    calls: list[tuple] = []
     extract = model.extract
 
     def timed_extract(images, *a, **kw):
@@ -214,10 +215,10 @@ def child_model(spec: Dict[str, Any]) -> Dict[str, Any]:
         return feats
 
     model.extract = timed_extract  # instance attribute: forward()'s self.extract finds it first
-    totals: List[float] = []
-    backbone: List[float] = []
-    win_backbone: List[float] = []
-    head: List[float] = []
+    totals: list[float] = []
+    backbone: list[float] = []
+    win_backbone: list[float] = []
+    head: list[float] = []
     out["hwm_reset"] = reset_hwm()
     rss_eval0 = rss_mb()
     if cuda:
@@ -228,7 +229,7 @@ def child_model(spec: Dict[str, Any]) -> Dict[str, Any]:
             calls.clear()
             sync()
             t0 = time.perf_counter()
-            result = model(x)
+            result = model(x if it >= spec["warmup"] else x_warm)
             sync()
             total = time.perf_counter() - t0
             if it >= spec["warmup"]:
@@ -276,7 +277,7 @@ def blob_masks(n: int, size: int, rng, anomalous_frac: float = 0.5):
     return masks
 
 
-def child_metrics(spec: Dict[str, Any]) -> Dict[str, Any]:
+def child_metrics(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from fdsl.metrics import aupro, pixel_metrics
@@ -287,13 +288,13 @@ def child_metrics(spec: Dict[str, Any]) -> Dict[str, Any]:
     masks = blob_masks(n, size, rng)
     maps = rng.random((n, size, size), dtype=np.float32)
     maps[masks] += 0.35  # anomalies score higher on average: a non-trivial curve
-    out: Dict[str, Any] = {"status": "ok", "gen_s": time.perf_counter() - t0, "load_before": loadavg(),
+    out: dict[str, Any] = {"status": "ok", "gen_s": time.perf_counter() - t0, "load_before": loadavg(),
                            "n_maps": n, "size": size, "anomalous_maps": int(masks.any(axis=(1, 2)).sum()),
                            "anomalous_pixel_frac": float(masks.mean())}
     out["hwm_reset"] = reset_hwm()
     rss0 = rss_mb()
-    timings: Dict[str, List[float]] = {"aupro": [], "pixel_metrics": [], "pixel_metrics_no_aupro": []}
-    values: Dict[str, Any] = {}
+    timings: dict[str, list[float]] = {"aupro": [], "pixel_metrics": [], "pixel_metrics_no_aupro": []}
+    values: dict[str, Any] = {}
     for _ in range(spec["metric_iters"]):
         t0 = time.perf_counter()
         values["aupro"] = aupro(masks, maps)
@@ -316,11 +317,11 @@ def child_metrics(spec: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def run_child(argv: List[str]) -> int:
+def run_child(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     try:
         res = child_model(spec) if spec["kind"] == "model" else child_metrics(spec)
-    except Exception as exc:  # report, do not hide: the parent prints it
+    except Exception as exc:  # noqa: BLE001 -- report, do not hide: the parent prints it
         import traceback
 
         traceback.print_exc()
@@ -331,12 +332,12 @@ def run_child(argv: List[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- parent
-def spawn(spec: Dict[str, Any], timeout: float, verbose: bool) -> Dict[str, Any]:
+def spawn(spec: dict[str, Any], timeout: float, verbose: bool) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
-                              text=True, timeout=timeout, cwd=str(ROOT))
+                              text=True, timeout=timeout, cwd=str(ROOT), check=False)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "reason": f"child ran past {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
     res = None
@@ -360,7 +361,7 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
-def print_model_table(rows: List[Dict[str, Any]]) -> None:
+def print_model_table(rows: list[dict[str, Any]]) -> None:
     head = ["winmode", "prec", "batch", "s/img", "backbone s/img", "win backbone s/img", "align+head s/img",
             "img/s", "fit s", "bank MB", "RSS built MB", "eval +RSS MB", "peak RSS MB", "cuda peak MB",
             "weights MB", "ViTs", "load"]
@@ -385,7 +386,7 @@ def print_model_table(rows: List[Dict[str, Any]]) -> None:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return run_child(argv[1:])
@@ -395,6 +396,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16", "auto"])
     p.add_argument("--iters", type=int, default=3, help="timed iterations per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up iterations per configuration")
+    p.add_argument("--warmup_batch", type=int, default=0,
+                   help="batch size of the warm-up iterations (0: the timed batch size); a smaller one saves "
+                        "time on slow CPUs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or a CUDA index")
     p.add_argument("--winmode", nargs="+", default=["nan"], choices=["nan", "mul", "onlywin"],
                    help="global branch only (nan) and/or with the LFE window branch")
@@ -419,8 +423,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
-    from fdsl.config import ModelConfig
-    from fdsl.errors import ConfigError
     from fdsl.utils import resolve_device
 
     device = resolve_device(args.device)  # fail here, not in every child, when CUDA is absent
@@ -446,11 +448,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"load average (1/5/15 min) at start: {env['load_avg_start']}")
     print(f"model {args.model} @ {args.image_size}px, features {args.features}, pretrained={args.pretrained}, "
           f"NAM on, {args.k_shot}-shot bank, maps upsampled to {args.out_size}; "
-          f"warm-up {args.warmup}, median of {args.iters}")
+          f"warm-up {args.warmup}" + (f" (batch {args.warmup_batch})" if args.warmup_batch else "")
+          + f", median of {args.iters}")
     sys.stdout.flush()
 
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupted = False
+    metrics = None
+    try:
+        _run_all(args, rows)
+        if not args.skip_metrics:
+            spec = {"kind": "metrics", "metric_maps": args.metric_maps, "metric_size": args.metric_size,
+                    "metric_iters": args.metric_iters}
+            print(f"[run] metrics on {args.metric_maps} maps of {args.metric_size}x{args.metric_size} ...",
+                  end=" ", flush=True)
+            metrics = spawn(spec, args.child_timeout, args.verbose)
+            print(metrics["status"], flush=True)
+    except KeyboardInterrupt:  # the running child is killed by subprocess.run; report what was measured
+        interrupted = True
+        print("\n[interrupted] reporting the configurations measured so far", flush=True)
+    env["interrupted"] = interrupted
+    _report(args, env, rows, metrics, t_start)
+    bad = [r for r in rows if r.get("status") in ("error", "timeout")]
+    if metrics is not None and metrics.get("status") != "ok":
+        bad.append(metrics)
+    return 1 if (bad or interrupted) else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_all(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """One child process per (winmode, precision, batch); results appended to `rows`."""
+    from fdsl.config import ModelConfig
+    from fdsl.errors import ConfigError
+
     if not args.skip_model:
         for winmode in args.winmode:
             cfg = ModelConfig(model=args.model, pretrained=args.pretrained, image_size=args.image_size,
@@ -465,13 +500,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                         rows.append({"winmode": winmode, "precision": prec, "batch": b, "status": "skipped",
                                      "reason": f"ConfigError: {exc}"})
                 continue
+            rejected = None
             for prec in args.precision:
                 for b in args.batch:
+                    if rejected:  # the library refused this winmode at build time: skip its other rows
+                        rows.append({"winmode": winmode, "precision": prec, "batch": b, "status": "skipped",
+                                     "reason": rejected})
+                        continue
                     spec = {"kind": "model", "model": args.model, "pretrained": args.pretrained,
                             "image_size": args.image_size, "features": args.features, "k_shot": args.k_shot,
                             "out_size": args.out_size, "threads": args.threads, "device": args.device,
                             "precision": prec, "batch": b, "winmode": winmode, "win_size": args.win_size,
-                            "win_stride": args.win_stride, "iters": args.iters, "warmup": args.warmup}
+                            "win_stride": args.win_stride, "iters": args.iters, "warmup": args.warmup,
+                            "warmup_batch": args.warmup_batch or b}
                     print(f"[run] winmode={winmode} precision={prec} batch={b} ...", end=" ", flush=True)
                     res = spawn(spec, args.child_timeout, args.verbose)
                     res.update({"winmode": winmode, "precision": prec, "batch": b})
@@ -485,16 +526,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                             print(res["stderr_tail"], file=sys.stderr)
                         if res["status"] == "skipped":  # the library rejected this winmode
                             print(f"[skip] winmode={winmode}: {res.get('reason')}")
+                            rejected = res.get("reason")
 
-    metrics = None
-    if not args.skip_metrics:
-        spec = {"kind": "metrics", "metric_maps": args.metric_maps, "metric_size": args.metric_size,
-                "metric_iters": args.metric_iters}
-        print(f"[run] metrics on {args.metric_maps} maps of {args.metric_size}x{args.metric_size} ...",
-              end=" ", flush=True)
-        metrics = spawn(spec, args.child_timeout, args.verbose)
-        print(metrics["status"], flush=True)
 
+def _report(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, Any]],
+            metrics: dict[str, Any] | None, t_start: float) -> None:
+    """Print the tables and write the JSON file."""
     env["load_avg_end"] = loadavg()
     env["total_wall_s"] = time.perf_counter() - t_start
     print()
@@ -509,8 +546,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"Metrics on {metrics['n_maps']} maps of {metrics['size']}x{metrics['size']} "
                   f"({metrics['anomalous_maps']} with blobs, {100 * metrics['anomalous_pixel_frac']:.2f}% "
                   f"anomalous pixels), median of {args.metric_iters}:")
-            print(f"| aupro s | pixel_metrics (with aupro) s | pixel_metrics (no aupro) s | eval +RSS MB |")
-            print(f"|---|---|---|---|")
+            print("| aupro s | pixel_metrics (with aupro) s | pixel_metrics (no aupro) s | eval +RSS MB |")
+            print("|---|---|---|---|")
             print(f"| {metrics['aupro_s']:.2f} | {metrics['pixel_metrics_s']:.2f} | "
                   f"{metrics['pixel_metrics_no_aupro_s']:.2f} | {_fmt(metrics['eval_rss_increase_mb'], 0)} |")
         else:
@@ -525,20 +562,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump({"env": env, "args": vars(args), "model": rows, "metrics": metrics}, fh, indent=2)
             fh.write("\n")
         print(f"wrote {args.json}")
-    bad = [r for r in rows if r.get("status") in ("error", "timeout")]
-    if metrics is not None and metrics.get("status") != "ok":
-        bad.append(metrics)
-    return 1 if bad else 0
 
 
-def _version(mod: str) -> Optional[str]:
+def _version(mod: str) -> str | None:
     try:
         return __import__(mod).__version__
-    except Exception:
+    except (ImportError, AttributeError):
         return None
 
 
-def _mem_total_gb() -> Optional[float]:
+def _mem_total_gb() -> float | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -156,9 +156,9 @@ def test_layers_are_one_based(weights_112, images) -> None:
     bb = _backbone(weights_112, [1])
     v = bb.visual
     with torch.no_grad():
-        x = v._embeds(images)  # (B, 1 + G², C), ln_pre applied
-        x0 = v.transformer.resblocks[0](x)  # block index 0
-        x1 = v.transformer.resblocks[1](x0)
+        x = v._embeds(images).transpose(0, 1)  # (1 + G², B, C): the backbone runs blocks sequence-first
+        x0 = v.transformer.resblocks[0](x).transpose(0, 1)  # block index 0 -> (B, 1 + G², C)
+        x1 = v.transformer.resblocks[1](x0.transpose(0, 1)).transpose(0, 1)
     expected = F.normalize(x0[:, 1:], dim=-1)
     got = bb(images).tokens[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -353,6 +353,19 @@ def test_no_text_tower_kept(weights_112) -> None:
     n_visual = sum(p.numel() for p in bb.visual.parameters())
     assert sum(p.numel() for p in bb.parameters()) == n_visual
     assert not any(name.startswith(("transformer.", "token_embedding", "text")) for name, _ in bb.named_parameters())
+
+
+def test_blocks_run_sequence_first_with_the_same_outputs(weights_112, images) -> None:
+    """The (N, B, C) block layout (fast under CPU bf16 autocast) gives open_clip's batch-first outputs."""
+    bb = _backbone(weights_112, [2, 4])
+    assert bb.visual.transformer.batch_first is False
+    assert all(blk.attn.batch_first is False for blk in bb.visual.transformer.resblocks)
+    fresh = _backbone(weights_112, [2, 4])
+    fresh.visual.transformer.batch_first = True
+    for blk in fresh.visual.transformer.resblocks:
+        blk.attn.batch_first = True
+    for a, b in zip(bb(images).tokens, fresh(images).tokens):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_random_weights_are_the_same_in_every_process() -> None:
