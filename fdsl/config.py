@@ -70,12 +70,12 @@ class ModelConfig:
     win_size: int = _opt(13, "--win_size", "--winsize", help="LFE window side, in patches")
     win_stride: int = _opt(2, "--win_stride", "--winstride", help="LFE window stride, in patches")
     win_weight: float = _opt(0.5, "--win_weight", "--winwight", help="LFE blend weight w in (1-w)*global + w*window")
-    win_batch: int = _opt(64, "--win_batch", help="how many windows are encoded by the backbone at once")
+    win_batch: int = _opt(16, "--win_batch", help="how many windows are encoded by the backbone at once")
     use_img_idx: bool = _opt(False, "--use_img_idx", "--useImgIdx",
                              help="image-feature index memory bank (align against the most similar reference only)")
     bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
                            help="memory bank storage dtype (auto: the compute dtype)")
-    align_chunk_mb: int = _opt(256, "--align_chunk_mb",
+    align_chunk_mb: int = _opt(64, "--align_chunk_mb",
                                help="bound, in MiB, on the similarity block computed at once during alignment")
 
     def validate(self) -> None:

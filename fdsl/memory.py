@@ -22,7 +22,7 @@ def _row_chunk(rows: int, cols: int, budget_mb: int, dtype: torch.dtype) -> int:
 
 
 def nearest_normal(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax",
-                   chunk_mb: int = 256, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                   chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Index of each query token's nearest bank token.
 
     Args:
@@ -55,7 +55,7 @@ def nearest_normal(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax"
 
 
 def residual(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax", use_abs: bool = True,
-             chunk_mb: int = 256, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+             chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Feature discrepancy r = |f - f̂| of (Q, C) queries against an (M, C) bank; returns (Q, C)."""
     idx = nearest_normal(query, bank, mode, chunk_mb, compute_dtype)
     diff = query - bank[idx].to(query.dtype)  # (Q, C)
@@ -63,7 +63,7 @@ def residual(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax", use_
 
 
 def nearest_in_items(query: torch.Tensor, items: torch.Tensor, sel: torch.Tensor, mode: str = "mulmax",
-                     chunk_mb: int = 256, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Per query item, the nearest token within one chosen bank item (image-index search).
 
     Args:
@@ -146,7 +146,7 @@ class MemoryBank(nn.Module):
         return (query_embeds.float() @ self.image_embeds.float().T).argmax(dim=-1)  # (Q,)
 
     def residuals(self, tokens: List[torch.Tensor], mode: str = "mulmax", use_abs: bool = True,
-                  chunk_mb: int = 256, compute_dtype: Optional[torch.dtype] = None,
+                  chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None,
                   query_embeds: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Residuals of query tokens per layer: L × (Q, N, C) -> L × (Q, N, C).
 
