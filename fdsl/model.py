@@ -197,16 +197,37 @@ class FDSL(nn.Module):
             yield self.extract(split_windows(images, self.backbone.patch_size, cfg.win_size, cfg.win_stride,
                                              index))  # L × (n, W², C)
 
-    def extract_windows(self, images: torch.Tensor) -> BackboneOutput:
-        """Features of every window of (B, 3, S, S) images: L × (B·n_windows, W², C), (B·n_windows, D)."""
-        return _cat_outputs(list(self.window_chunks(images)))
+    def extract_windows(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> BackboneOutput:
+        """Features of every window of (B, 3, S, S) images: L × (B·n_windows, W², C), (B·n_windows, D).
+
+        Chunks are written into preallocated tensors (of `dtype`, default the features' own), so the
+        result is never held twice, as concatenating a list of chunks would.
+        """
+        total = images.shape[0] * n_windows(self.backbone.grid_size, self.cfg.win_size, self.cfg.win_stride)
+        tokens: List[torch.Tensor] = []
+        embeds = torch.empty(0)
+        s = 0
+        for chunk in self.window_chunks(images):
+            if not tokens:
+                tokens = [torch.empty((total, *t.shape[1:]), dtype=dtype or t.dtype, device=t.device)
+                          for t in chunk.tokens]  # L × (B·n_windows, W², C)
+                e = chunk.image_embeds
+                embeds = torch.empty((total, *e.shape[1:]), dtype=dtype or e.dtype, device=e.device)
+            n = chunk.image_embeds.shape[0]
+            for dst, src in zip(tokens, chunk.tokens):
+                dst[s:s + n] = src
+            embeds[s:s + n] = chunk.image_embeds
+            s += n
+        return BackboneOutput(tokens, embeds)
 
     @torch.no_grad()
     def encode_references(self, images: torch.Tensor, batch_size: int = 8,
                           windows: Optional[bool] = None) -> RefFeatures:
         """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on)."""
         g = _cat_outputs([self.extract(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
-        w = self.extract_windows(images) if (self.use_windows if windows is None else windows) else None
+        # Window features are stored in the bank dtype right away: they are the bulk of the memory.
+        w = (self.extract_windows(images, self.bank_dtype()) if (self.use_windows if windows is None else windows)
+             else None)
         return RefFeatures(g, w)
 
     def make_memory(self, refs: RefFeatures, indices: Optional[Sequence[int]] = None) -> FDSLMemory:
