@@ -36,15 +36,6 @@ def _open_clip_model(size: int, weights: Path | None = None, quick_gelu: bool = 
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model runs fastest on one thread; intra-op threads only contend on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("clip_weights")

@@ -41,15 +41,6 @@ DEFECT_BOX = (150, 80, 166, 96)  # x0, y0, x1, y1 (exclusive) in original pixels
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """These tests run many tiny tensor ops; thread start-up dominates on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _item(img: str, mask: str, cls: str, specie: str, anomaly: int) -> dict:
     return {"img_path": img, "mask_path": mask, "cls_name": cls, "specie_name": specie,
             "anomaly": anomaly}

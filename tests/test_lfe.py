@@ -30,6 +30,7 @@ from fdsl.config import ModelConfig, TrainConfig, build_parser, parse_config
 from fdsl.config import TestConfig as EvalConfig
 from fdsl.errors import ConfigError
 from fdsl.model import FDSL, combine_layers
+from fdsl_test_utils import liven_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "FDSL-Tiny-ViT"
@@ -67,27 +68,8 @@ def _model(weights: Path, **overrides) -> FDSL:
     return FDSL.from_config(_cfg(weights, **overrides)).eval()
 
 
-@torch.no_grad()
 def _liven(model: FDSL, imgs: torch.Tensor) -> FDSL:
-    """Give the untrained head data-driven BN statistics and larger logits, so maps vary visibly.
-
-    A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
-    """
-    mem = model.make_memory(model.encode_references(imgs[:2], windows=True))
-    bns = [m for m in model.head.modules() if isinstance(m, nn.BatchNorm1d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration passes
-    model.head.train()
-    model.head(model.residuals(mem.global_bank, model.extract(imgs[2:])))
-    model.head(model.residuals(mem.window_bank, model.extract_windows(imgs[2:])))
-    model.head.eval()
-    for bn in bns:
-        bn.momentum = 0.1
-    for s in model.head.scorers:
-        s.proj[9].weight.mul_(5.0)
-    model.head.nam.conv2.weight.mul_(3.0)
-    return model
+    return liven_head(model, imgs[:2], imgs[2:])
 
 
 def _models(weights: Path, imgs: torch.Tensor, *modes_and_overrides) -> list[FDSL]:

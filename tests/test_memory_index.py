@@ -14,7 +14,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fdsl.memory as memory_mod
 from fdsl.backbone import register_model_configs
@@ -23,6 +22,7 @@ from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig
 from fdsl.memory import FDSLMemory, MemoryBank, _row_chunk, nearest_in_items
 from fdsl.model import FDSL
+from fdsl_test_utils import liven_head
 
 MODEL = "FDSL-Tiny-ViT"
 SIZE, GRID, WIDTH, EMBED = 112, 8, 64, 32
@@ -216,23 +216,8 @@ def _cfg(weights: Path, **overrides) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-@torch.no_grad()
-def _liven(model: FDSL, imgs: torch.Tensor) -> None:
-    """Data-driven BN statistics and larger logits, so that maps vary and comparisons can discriminate."""
-    mem = model.make_memory(model.encode_references(imgs[:2], windows=True))
-    bns = [m for m in model.head.modules() if isinstance(m, nn.BatchNorm1d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.head.train()
-    model.head(model.residuals(mem.global_bank, model.extract(imgs[2:5])))
-    model.head(model.residuals(mem.window_bank, model.extract_windows(imgs[2:5])))
-    model.head.eval()
-    for bn in bns:
-        bn.momentum = 0.1
-    for s in model.head.scorers:
-        s.proj[9].weight.mul_(5.0)
-    model.head.nam.conv2.weight.mul_(3.0)
+def _liven(model: FDSL, imgs: torch.Tensor) -> FDSL:
+    return liven_head(model, imgs[:2], imgs[2:5])
 
 
 def _models(weights: Path, imgs: torch.Tensor, *overrides: dict) -> list[FDSL]:

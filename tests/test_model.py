@@ -18,15 +18,6 @@ from fdsl.model import FDSL, NAM, FDSLHead, FDSLOutput, Scorer, combine_layers, 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model runs fastest on one thread; intra-op threads only contend on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- Scorer
 @pytest.mark.parametrize("train", [True, False])
 def test_scorer_outputs_probabilities(train: bool) -> None:

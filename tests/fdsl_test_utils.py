@@ -1,0 +1,30 @@
+"""Helpers shared by several test modules."""
+import torch
+from torch import nn
+
+from fdsl.model import FDSL
+
+
+@torch.no_grad()
+def liven_head(model: FDSL, refs: torch.Tensor, calib: torch.Tensor) -> FDSL:
+    """Give an untrained head data-driven BN statistics and larger logits, so its maps vary visibly.
+
+    A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
+    The BN statistics are the cumulative average over one global and one window pass of `calib`
+    against a memory of `refs` (both branches, whatever the model's winmode).
+    """
+    mem = model.make_memory(model.encode_references(refs, windows=True))
+    bns = [m for m in model.head.modules() if isinstance(m, nn.BatchNorm1d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration passes
+    model.head.train()
+    model.head(model.residuals(mem.global_bank, model.extract(calib)))
+    model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
+    model.head.eval()
+    for bn in bns:
+        bn.momentum = 0.1
+    for s in model.head.scorers:
+        s.proj[9].weight.mul_(5.0)
+    model.head.nam.conv2.weight.mul_(3.0)
+    return model
