@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -39,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,60 +50,6 @@ MARK = "@@BENCH_RESULT@@ "
 
 
 # ----------------------------------------------------------------------------- process facts
-def _status_kb(field: str) -> int | None:
-    """A ``kB`` field (VmRSS, VmHWM) of /proc/self/status, or None off Linux."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float | None:
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb / 1024.0
-
-
-def hwm_mb() -> float | None:
-    kb = _status_kb("VmHWM")
-    return None if kb is None else kb / 1024.0
-
-
-def reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def maxrss_mb() -> float:
-    """Whole-process peak RSS (ru_maxrss; kB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _median(xs: list[float]) -> float | None:

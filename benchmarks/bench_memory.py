@@ -40,13 +40,15 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,40 +60,6 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 # ----------------------------------------------------------------------------- process facts
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float | None:
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb / 1024.0
-
-
-def hwm_mb() -> float | None:
-    kb = _status_kb("VmHWM")
-    return None if kb is None else kb / 1024.0
-
-
-def reset_hwm() -> bool:
-    """Reset this process's peak-RSS counter (VmHWM) to the current RSS; False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def maxrss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / MiB if sys.platform == "darwin" else r / 1024.0
 
 
 def mem_available_mb() -> float | None:
@@ -103,24 +71,6 @@ def mem_available_mb() -> float | None:
     except OSError:
         pass
     return None
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- geometry and cost
