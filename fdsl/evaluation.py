@@ -78,6 +78,8 @@ class Evaluator:
         self.seeds = cfg.run_seeds()
         self.save_path = Path(cfg.save_path)
         self.fingerprint = _fingerprint(cfg)
+        # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
+        self.refs = {s: self.references(s) for s in self.seeds}
         if model is None:
             model = FDSL.from_config(model_config_from(cfg))
             load_head(model.head, cfg.checkpoint_path, len(cfg.features_list), cfg.use_nam)
@@ -182,7 +184,7 @@ class Evaluator:
         for seed in self.seeds:
             self.seed_dir(seed).mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.save_path / "config.json", config_to_dict(self.cfg))
-        all_refs = {s: self.references(s) for s in self.seeds}
+        all_refs = self.refs
         for seed in self.seeds:
             write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", all_refs[seed])
         per_class: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds}

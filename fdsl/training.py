@@ -66,6 +66,8 @@ class Trainer:
         self.root = cfg.train_data_path
         self.meta = load_meta(self.root)
         self.classes = select_classes(self.meta, cfg.classes, self.root)
+        # Reference shots are drawn before the (slow) model build, so a too-large --k_shot fails at once.
+        self.shots = {c: sample_k_shot(self.meta, c, cfg.k_shot, cfg.seed) for c in self.classes}
         seed_everything(cfg.seed)
         self.model = (model or FDSL.from_config(model_config_from(cfg))).to(self.device).set_precision(self.dtype)
         self.augment = {"auto": cfg.dataset, "none": None}.get(cfg.augment, cfg.augment)
@@ -76,7 +78,7 @@ class Trainer:
     @torch.no_grad()
     def build_banks(self) -> Dict[str, MemoryBank]:
         """k-shot memory banks of every training class (train split, normal images)."""
-        shots = {c: sample_k_shot(self.meta, c, self.cfg.k_shot, self.cfg.seed) for c in self.classes}
+        shots = self.shots
         write_k_shot_file(self.save_path / "k_shot.txt", shots)
         banks = {}
         for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True, disable=None):
