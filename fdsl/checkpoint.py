@@ -99,7 +99,8 @@ def _fit(head: nn.Module, state: Dict[str, torch.Tensor], path: Path, use_nam: b
 def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -> Dict[str, Any]:
     """Load trained weights into `head` from our checkpoint or a released-code one.
 
-    Returns the checkpoint's metadata: ``{"format", "epoch", "model_config"}`` (the last two may be None).
+    Returns the checkpoint's metadata: ``{"format", "epoch", "model_config", "optimizer"}`` (all but the
+    format may be None; released checkpoints carry none of them).
     """
     path = Path(path)
     ck = read_checkpoint(path)
@@ -115,4 +116,5 @@ def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -
         raise CheckpointError(f"checkpoint {path} is neither an FDSL checkpoint nor a released-code one "
                               f"(top-level keys: {sorted(ck)[:6]})")
     _fit(head, state, path, use_nam)
-    return {"format": fmt, "epoch": epoch, "model_config": mcfg}
+    optimizer = ck.get("optimizer") if fmt == FORMAT else None
+    return {"format": fmt, "epoch": epoch, "model_config": mcfg, "optimizer": optimizer}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_head, read_checkpoint, save_checkpoint
+from .checkpoint import load_head, save_checkpoint
 from .config import TrainConfig, config_to_dict, model_config_from
 from .datasets import (AnomalyDataset, load_meta, load_reference_images, sample_k_shot, select_classes,
                        write_k_shot_file)
@@ -78,13 +78,12 @@ class Trainer:
     @torch.no_grad()
     def build_banks(self) -> Dict[str, MemoryBank]:
         """k-shot memory banks of every training class (train split, normal images)."""
-        shots = self.shots
-        write_k_shot_file(self.save_path / "k_shot.txt", shots)
+        write_k_shot_file(self.save_path / "k_shot.txt", self.shots)
         banks = {}
         for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True, disable=None):
-            imgs = load_reference_images(self.root, shots[c], self.cfg.image_size)  # (k, 3, S, S)
-            g = self.model.encode_references(imgs, self.cfg.batch_size, windows=False).global_feats
-            banks[c] = MemoryBank(g.tokens, g.image_embeds, self.model.bank_dtype())
+            imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size)  # (k, 3, S, S)
+            refs = self.model.encode_references(imgs, self.cfg.batch_size, windows=False)
+            banks[c] = self.model.make_memory(refs).global_bank
         return banks
 
     def run(self) -> List[float]:
@@ -98,9 +97,8 @@ class Trainer:
         last = latest_checkpoint(self.save_path) if cfg.resume else None
         if last is not None:
             meta = load_head(head, last, len(cfg.features_list), cfg.use_nam)
-            ck = read_checkpoint(last)
-            if ck.get("optimizer"):
-                opt.load_state_dict(ck["optimizer"])
+            if meta["optimizer"]:
+                opt.load_state_dict(meta["optimizer"])
             start = int(meta["epoch"] or 0) + 1
             log.info("resuming from %s (epoch %d done)", last, start - 1)
             if start > cfg.epoch:

@@ -149,7 +149,11 @@ def test_own_checkpoint_roundtrip(tmp_path: Path) -> None:
 
     other = FDSLHead(C, 2, use_nam=True)
     meta = load_head(other, path, num_layers=2, use_nam=True)
-    assert meta == {"format": "fdsl", "epoch": 3, "model_config": mcfg}
+    assert {k: meta[k] for k in ("format", "epoch", "model_config")} == {"format": "fdsl", "epoch": 3,
+                                                                          "model_config": mcfg}
+    # resuming restores the optimizer from the same read
+    assert meta["optimizer"]["param_groups"] == raw["optimizer"]["param_groups"]
+    assert meta["optimizer"]["state"].keys() == raw["optimizer"]["state"].keys() != set()
     sd_a, sd_b = head.state_dict(), other.state_dict()
     assert set(sd_a) == set(sd_b)
     for k in sd_a:
