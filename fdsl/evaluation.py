@@ -184,18 +184,17 @@ class Evaluator:
         for seed in self.seeds:
             self.seed_dir(seed).mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.save_path / "config.json", config_to_dict(self.cfg))
-        all_refs = self.refs
         for seed in self.seeds:
-            write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", all_refs[seed])
+            write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", self.refs[seed])
         per_class: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds}
         for cls in self.classes:
             todo = {}
             for s in self.seeds:
-                done = self._finished(s, cls, all_refs[s][cls])
+                done = self._finished(s, cls, self.refs[s][cls])
                 if done is not None:
                     per_class[s][cls] = done
                 else:
-                    todo[s] = all_refs[s][cls]
+                    todo[s] = self.refs[s][cls]
             if not todo:
                 log.info("%s: already finished, reusing %s", cls, self._class_file(self.seeds[0], cls).parent)
                 continue
