@@ -1,0 +1,122 @@
+"""Pinned per-image scores of a fixed synthetic run: a refactor that changes a default number fails here.
+
+The run is fully determined: seeded tiny CLIP weights, a seeded synthetic dataset, a head with
+data-driven statistics (``liven_head``), and a 2-epoch training run. The pinned values were produced by
+the code before the architecture refactor; they must never move (fp32 parity with the released code).
+Regenerate them only for a deliberate, documented change of the method:
+``python tests/test_regression.py`` prints the current values.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from fdsl.backbone import register_model_configs
+from fdsl.checkpoint import save_checkpoint
+from fdsl.config import ModelConfig, TestConfig, config_to_dict
+from fdsl.evaluation import Evaluator
+from fdsl.model import FDSL
+from fdsl.synthetic import make_synthetic_dataset
+from fdsl_test_utils import liven_head
+
+TINY = "FDSL-Tiny-ViT"
+LAYERS = [1, 2, 3, 4]
+VARIANTS = {
+    "global": {},
+    "global_nonam": {"use_nam": False},
+    "diff2_signed": {"align_mode": "diff2", "use_abs": False},
+    "img_idx_k2": {"use_img_idx": True, "k_shot": 2},
+    "lfe_mul": {"winmode": "mul", "win_size": 4, "win_stride": 2},
+    "lfe_onlywin_idx": {"winmode": "onlywin", "win_size": 5, "win_stride": 3, "use_img_idx": True},
+}
+
+# variant -> [(score, patch_score, map_max)] for the first images of scores.csv, in order.
+PINNED = json.loads((Path(__file__).with_name("regression_scores.json")).read_text()) \
+    if Path(__file__).with_name("regression_scores.json").is_file() else {}
+
+
+def _build(tmp: Path) -> tuple[Path, Path, Path]:
+    register_model_configs()
+    data = make_synthetic_dataset(tmp / "data", classes=("brick_syn",), n_train=4, n_test_good=3, n_test_bad=3,
+                                  image_size=128, seed=3)
+    torch.manual_seed(0)
+    weights = tmp / "tiny.pt"
+    torch.save(open_clip.create_model(TINY).state_dict(), weights)
+    mcfg = ModelConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
+                       few_shot_features=list(LAYERS), win_size=4, win_stride=2)
+    torch.manual_seed(1)
+    model = FDSL.from_config(mcfg).eval()
+    g = torch.Generator().manual_seed(2)
+    liven_head(model, torch.randn(2, 3, 112, 112, generator=g), torch.randn(3, 3, 112, 112, generator=g))
+    ckpt = tmp / "head.pth"
+    save_checkpoint(ckpt, model.head, config_to_dict(mcfg), epoch=1)
+    return data, weights, ckpt
+
+
+def run_variant(tmp: Path, data: Path, weights: Path, ckpt: Path, name: str) -> list:
+    opts = dict(VARIANTS[name])
+    cfg = TestConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
+                     few_shot_features=list(LAYERS), data_path=str(data), checkpoint_path=str(ckpt),
+                     save_path=str(tmp / f"run_{name}"), batch_size=4, num_workers=0, device="cpu",
+                     seed=5, aupro=False, **opts)
+    torch.manual_seed(0)
+    results = Evaluator(cfg).run()
+    scores = (tmp / f"run_{name}" / "scores.csv").read_text().splitlines()[1:]
+    rows = []
+    for line in scores:
+        cells = line.split(",")
+        rows.append([float(cells[3]), float(cells[4]), float(cells[5])])
+    assert results[cfg.seed]["classes"]["brick_syn"]["image_auroc"] >= 0.0
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("regression")
+    return (tmp, *_build(tmp))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_scores_are_pinned(built, name: str) -> None:
+    tmp, data, weights, ckpt = built
+    if name not in PINNED:
+        pytest.fail(f"no pinned scores for {name}; run `python tests/test_regression.py` and review them")
+    got = run_variant(tmp, data, weights, ckpt, name)
+    want = PINNED[name]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-6, rel=0), f"{name}: {g} != pinned {w}"
+
+
+def run_training(tmp: Path, data: Path, weights: Path) -> list:
+    """Per-epoch mean losses of a 2-epoch training run on the synthetic set (mosaic augmentation on)."""
+    from fdsl.config import TrainConfig
+    from fdsl.training import Trainer
+
+    cfg = TrainConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
+                      few_shot_features=list(LAYERS), train_data_path=str(data), save_path=str(tmp / "train"),
+                      batch_size=4, num_workers=0, device="cpu", epoch=2, k_shot=2, seed=9)
+    torch.manual_seed(0)
+    return Trainer(cfg).run()
+
+
+def test_training_losses_are_pinned(built) -> None:
+    tmp, data, weights, _ = built
+    got = run_training(tmp, data, weights)
+    assert got == pytest.approx(PINNED["training_losses"], abs=1e-6, rel=0)
+
+
+if __name__ == "__main__":  # regenerate (review the diff before committing it)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        built_ = _build(tmp)
+        out = {name: run_variant(tmp, *built_, name) for name in VARIANTS}
+        out["training_losses"] = run_training(tmp, built_[0], built_[1])
+    Path(__file__).with_name("regression_scores.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out))
