@@ -3,23 +3,30 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .config import parse_config
 from .errors import FDSLError
 
 
-def main(cls: type, job: Callable, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
-    """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message."""
+def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]] = None) -> int:
+    """Run `job()` as a command: 0 on success; bad input exits 2 with a one-line message, Ctrl-C exits 130.
+
+    `explain` may turn an error into a longer, actionable message (the demo's offline hint).
+    """
     try:
-        cfg = parse_config(cls, argv, description)
-        job(cfg)
+        job()
     except FDSLError as exc:
         logging.getLogger("fdsl").debug("error details", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(explain(exc) if explain else f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished classes and checkpoints are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
     return 0
+
+
+def main(cls: type, job: Callable, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
+    """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message."""
+    return run_job(lambda: job(parse_config(cls, argv, description)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -70,13 +69,8 @@ class ModelConfig:
     win_size: int = _opt(13, "--win_size", "--winsize", help="LFE window side, in patches")
     win_stride: int = _opt(2, "--win_stride", "--winstride", help="LFE window stride, in patches")
     win_weight: float = _opt(0.5, "--win_weight", "--winwight", help="LFE blend weight w in (1-w)*global + w*window")
-    win_batch: int = _opt(16, "--win_batch", help="how many windows are encoded by the backbone at once")
     use_img_idx: bool = _opt(False, "--use_img_idx", "--useImgIdx",
                              help="image-feature index memory bank (align against the most similar reference only)")
-    bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
-                           help="memory bank storage dtype (auto: the compute dtype)")
-    align_chunk_mb: int = _opt(64, "--align_chunk_mb",
-                               help="bound, in MiB, on the similarity block computed at once during alignment")
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -90,12 +84,29 @@ class ModelConfig:
                               f"got {self.features_list}")
         if self.image_size < 1:
             raise ConfigError(f"--image_size must be positive, got {self.image_size}")
-        if not 0.0 <= self.win_weight <= 1.0:
-            raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
-        if self.win_batch < 1:
-            raise ConfigError(f"--win_batch must be positive, got {self.win_batch}")
         if self.win_size < 1 or self.win_stride < 1:
             raise ConfigError(f"--win_size {self.win_size} and --win_stride {self.win_stride} must be positive")
+        if not 0.0 <= self.win_weight <= 1.0:
+            raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the model runs: device, precision and memory bounds. None of these changes the method."""
+
+    device: str = _opt("auto", "--device", help="cpu, a CUDA index (0) or cuda:N; auto picks cuda:0 when present")
+    precision: str = _opt("auto", "--precision", choices=PRECISIONS,
+                          help="autocast dtype: auto = fp16 on CUDA, fp32 on CPU")
+    win_batch: int = _opt(16, "--win_batch", help="how many windows are encoded by the backbone at once")
+    bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
+                           help="memory bank storage dtype (auto: the compute dtype)")
+    align_chunk_mb: int = _opt(64, "--align_chunk_mb",
+                               help="bound, in MiB, on the similarity block computed at once during alignment")
+
+    def validate(self) -> None:
+        """Reject non-positive memory bounds."""
+        if self.win_batch < 1:
+            raise ConfigError(f"--win_batch must be positive, got {self.win_batch}")
         if self.align_chunk_mb < 1:
             raise ConfigError(f"--align_chunk_mb must be positive, got {self.align_chunk_mb}")
 
@@ -106,9 +117,6 @@ class RunConfig:
 
     dataset: str = _opt("mvtec", "--dataset", choices=DATASETS, help="dataset layout of --data_path")
     save_path: str = _opt("./results", "--save_path", help="run folder: checkpoints, logs, results")
-    device: str = _opt("auto", "--device", help="cpu, a CUDA index (0) or cuda:N; auto picks cuda:0 when present")
-    precision: str = _opt("auto", "--precision", choices=PRECISIONS,
-                          help="autocast dtype: auto = fp16 on CUDA, fp32 on CPU")
     batch_size: int = _opt(8, "--batch_size", help="images per batch")
     num_workers: int = _opt(2, "--num_workers", help="data-loading worker processes")
     seed: int = _opt(111, "--seed", help="random seed (reference-image choice, augmentations)")
@@ -116,7 +124,7 @@ class RunConfig:
 
 
 @dataclass
-class TrainConfig(ModelConfig, RunConfig):
+class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
     """`train.py`: fit the scorers and NAM on a dataset's test split (cross-dataset protocol)."""
 
     train_data_path: str = _opt("data/visa", "--train_data_path", "--data_path",
@@ -131,6 +139,7 @@ class TrainConfig(ModelConfig, RunConfig):
 
     def validate(self) -> None:
         ModelConfig.validate(self)
+        RuntimeConfig.validate(self)
         for name in ("epoch", "save_freq", "k_shot", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -139,7 +148,7 @@ class TrainConfig(ModelConfig, RunConfig):
 
 
 @dataclass
-class TestConfig(ModelConfig, RunConfig):
+class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     """`test.py`: k-shot evaluation of a trained checkpoint, per class."""
 
     data_path: str = _opt("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)")
@@ -156,6 +165,7 @@ class TestConfig(ModelConfig, RunConfig):
 
     def validate(self) -> None:
         ModelConfig.validate(self)
+        RuntimeConfig.validate(self)
         if not self.checkpoint_path:
             raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
         if self.k_shot < 1:
@@ -219,12 +229,12 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def part_of(cfg: Any, cls: type):
+    """The `cls` part (e.g. `ModelConfig`, `RuntimeConfig`) of a train or test config."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+
+
 def model_config_from(cfg: Any) -> ModelConfig:
-    """The `ModelConfig` part of a train or test config."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
-
-
-def env_path(name: str, default: str) -> str:
-    """A dataset root from the environment, with a default."""
-    return os.environ.get(name) or default
+    """The `ModelConfig` part of a train or test config: the method's hyper-parameters."""
+    return part_of(cfg, ModelConfig)

@@ -146,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, a CUDA index (0), cuda:N, or auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: fewer epochs, less data
     return parser
 
 
@@ -175,16 +174,18 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
                     setting.image_size)
 
 
-def run_demo(args: argparse.Namespace) -> Dict[str, dict]:
-    """Generate data, train on A, evaluate 1-shot on B; returns B's results.json content."""
-    from .checkpoint import load_head
-    from .config import TestConfig, TrainConfig, model_config_from
-    from .evaluation import Evaluator, format_table
-    from .model import FDSL
-    from .training import Trainer
-    from .utils import resolve_device, seed_everything, setup_logging
+def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
+    """Generate data, train on A, evaluate 1-shot on B; returns B's results.json content.
 
-    setting = choose_setting(args.model, args.pretrained, args.quick)
+    `quick` (tests only) shrinks the data and the schedule.
+    """
+    from .config import TestConfig, TrainConfig, model_config_from
+    from .evaluation import evaluate, format_table
+    from .model import FDSL
+    from .training import train
+    from .utils import resolve_device, seed_everything
+
+    setting = choose_setting(args.model, args.pretrained, quick)
     device = resolve_device(args.device)
     _announce(setting, args.pretrained, device.type)
     out = Path(args.out)
@@ -204,22 +205,17 @@ def run_demo(args: argparse.Namespace) -> Dict[str, dict]:
                             learning_rate=1e-3, k_shot=setting.train_k_shot)
     train_cfg.validate()
     seed_everything(train_cfg.seed)
-    mcfg = model_config_from(train_cfg)
-    model = FDSL.from_config(mcfg)
+    model = FDSL.from_config(model_config_from(train_cfg))
 
     data_a = ensure_dataset(Path(train_cfg.train_data_path), setting.train_data)
     data_b = ensure_dataset(out / "data" / f"{setting.key}_B", setting.test_data)
 
-    setup_logging(train_dir / "log.txt")
-    Trainer(train_cfg, model=model).run()
+    train(train_cfg, model)
     checkpoint = train_dir / f"epoch_{setting.epochs}.pth"
 
     test_cfg = TestConfig(**model_fields, **run_fields, save_path=str(test_dir), data_path=str(data_b),
                           checkpoint_path=str(checkpoint), k_shot=1, save_images=True)
-    test_cfg.validate()
-    setup_logging(test_dir / "log.txt")
-    load_head(model.head, checkpoint, len(features), mcfg.use_nam)
-    results = Evaluator(test_cfg, model=model).run()[test_cfg.seed]
+    results = evaluate(test_cfg, model)[test_cfg.seed]
 
     print(f"\nFDSL demo: trained on {data_a} ({', '.join(setting.train_data['classes'])}), "
           f"1-shot on {data_b} ({', '.join(setting.test_data['classes'])}); model {setting.model}, "
@@ -230,8 +226,9 @@ def run_demo(args: argparse.Namespace) -> Dict[str, dict]:
     return results
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
+    from .cli import run_job
     from .utils import _LibraryNoise, setup_logging
 
     args = build_parser().parse_args(argv)
@@ -244,23 +241,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             "%Y-%m-%d %H:%M:%S"))
     demo_log.addFilter(_LibraryNoise())
     root.addHandler(demo_log)
-    try:
-        run_demo(args)
-    except FDSLError as exc:
-        log.debug("error details", exc_info=True)
+
+    def explain(exc: FDSLError) -> str:
         if isinstance(exc, ConfigError) and "could not fetch" in str(exc):
-            model = args.model or FULL_MODEL
-            print(fetch_failure_message(exc, model, args.pretrained), file=sys.stderr)
-        else:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+            return fetch_failure_message(exc, args.model or FULL_MODEL, args.pretrained)
+        return f"error: {exc}"
+
+    try:
+        return run_job(lambda: run_demo(args, quick), explain)
     finally:
         root.removeHandler(demo_log)
         demo_log.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import metrics
-from .checkpoint import load_head
-from .config import TestConfig, config_to_dict, model_config_from
-from .datasets import (AnomalyDataset, load_meta, load_reference_images, load_rgb, read_k_shot_file,
-                       sample_k_shot, select_classes, write_k_shot_file)
+from .config import TestConfig, config_to_dict
+from .datasets import AnomalyDataset, load_reference_images, load_rgb, read_k_shot_file, sample_k_shot, write_k_shot_file
 from .errors import CheckpointError
 from .memory import FDSLMemory
-from .model import FDSL
-from .utils import atomic_write_json, atomic_write_text, resolve_device, resolve_precision, setup_logging
+from .model import FDSL, image_score
+from .run import RunContext
+from .utils import atomic_write_json, atomic_write_text, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +38,19 @@ _NEUTRAL = {"save_path", "num_workers", "batch_size", "classes", "save_images", 
             "win_batch", "align_chunk_mb"}
 
 
-def reported_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.ndarray:
-    """The reported image score 0.5·(patch + minmax(map_max)), normalised over a class's test images."""
-    lo, hi = float(map_max.min()), float(map_max.max())
-    norm = (map_max - lo) / (hi - lo) if hi > lo else np.zeros_like(map_max)
-    return 0.5 * (patch_score + norm)
+def minmax(values: np.ndarray) -> np.ndarray:
+    """Min-max normalisation to [0, 1]; all zeros when the values are constant."""
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def normalised_image_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.ndarray:
+    """Evaluation-time post-processing (METHOD.md §6): the reported image scores of one class.
+
+    The model's image score ``image_score(patch, map_max)`` with ``map_max`` min-max-normalised over
+    the class's test images; `FDSLOutput.pred_score` is the same formula without that step.
+    """
+    return image_score(patch_score, minmax(map_max))
 
 
 def class_mean(values: List[float]) -> float:
@@ -68,25 +75,16 @@ class Evaluator:
     """Runs a `TestConfig`: builds the model once, then evaluates every class for every seed."""
 
     def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
-        cfg.validate()
+        self.ctx = RunContext(cfg, cfg.data_path, cfg.cal_image_size, model)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_precision(cfg.precision, self.device)
-        self.root = cfg.data_path
-        self.meta = load_meta(self.root)
-        self.classes = select_classes(self.meta, cfg.classes, self.root)
+        self.root, self.meta, self.classes, self.save_path = (self.ctx.root, self.ctx.meta, self.ctx.classes,
+                                                               self.ctx.save_path)
         self.seeds = cfg.run_seeds()
-        self.save_path = Path(cfg.save_path)
         self.fingerprint = _fingerprint(cfg)
         # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
         self.refs = {s: self.references(s) for s in self.seeds}
-        if model is None:
-            model = FDSL.from_config(model_config_from(cfg))
-            load_head(model.head, cfg.checkpoint_path, len(cfg.features_list), cfg.use_nam)
-        self.model = model.to(self.device).eval().set_precision(self.dtype)
-        self.model.out_size = cfg.cal_image_size
-        log.info("device %s, precision %s, seeds %s, %d classes", self.device, cfg.precision, self.seeds,
-                 len(self.classes))
+        self.model = self.ctx.build_model(cfg.checkpoint_path)[0].eval()
+        log.info("seeds %s", self.seeds)
 
     # ------------------------------------------------------------------ layout
     def seed_dir(self, seed: int) -> Path:
@@ -156,7 +154,7 @@ class Evaluator:
         records = {}
         for s in seeds:
             map_max = maps[s].reshape(n, -1).max(axis=1).astype(np.float64)
-            score = reported_scores(patch[s], map_max)
+            score = normalised_image_scores(patch[s], map_max)
             res = metrics.image_metrics(labels, score)
             res.update(metrics.pixel_metrics(masks, maps[s], with_aupro=cfg.aupro))
             if not cfg.aupro:
@@ -183,7 +181,7 @@ class Evaluator:
         """Evaluate all classes for all seeds; returns {seed: results.json content}."""
         for seed in self.seeds:
             self.seed_dir(seed).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.save_path / "config.json", config_to_dict(self.cfg))
+        self.ctx.write_config()
         for seed in self.seeds:
             write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", self.refs[seed])
         per_class: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds}
@@ -246,8 +244,11 @@ def format_table(classes: Dict[str, dict], mean: dict) -> str:
     return tabulate(rows, headers=["objects", *METRIC_KEYS], tablefmt="pipe", floatfmt=".2f")
 
 
-def evaluate(cfg: TestConfig) -> Dict[int, dict]:
-    """Run `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results."""
+def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> Dict[int, dict]:
+    """Run `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
+
+    `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
+    """
     Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
     setup_logging(Path(cfg.save_path) / "log.txt")
-    return Evaluator(cfg).run()
+    return Evaluator(cfg, model).run()

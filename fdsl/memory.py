@@ -5,46 +5,85 @@ over patches. Chunks bound the size of the similarity block whatever the bank si
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 
+ALIGN_MODES = ("mulmax", "diff2")
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
 
-def _row_chunk(rows: int, cols: int, budget_mb: int, dtype: torch.dtype) -> int:
-    """How many query rows fit a (rows × cols) similarity block of `budget_mb` MiB."""
-    per_row = max(1, cols) * _BYTES.get(dtype, 4)
-    return max(1, min(rows, (budget_mb * 2 ** 20) // per_row))
+@dataclass(frozen=True)
+class Alignment:
+    """How query tokens are matched to normal tokens (METHOD.md §2–3): one object instead of loose arguments.
+
+    Attributes:
+        mode: ``mulmax`` (argmax of the dot product) or ``diff2`` (argmin of the L2 distance).
+        use_abs: residual ``|f - f̂|`` (default) or the signed ``f - f̂``.
+        chunk_mb: bound, in MiB, on the similarity block held at once.
+        compute_dtype: dtype of the similarity product and argmax; None computes in the query's dtype.
+        use_index: image-feature index (§3b): align each query item only against its most similar
+            stored item, chosen by global features.
+    """
+
+    mode: str = "mulmax"
+    use_abs: bool = True
+    chunk_mb: int = 64
+    compute_dtype: Optional[torch.dtype] = None
+    use_index: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ALIGN_MODES:
+            raise ConfigError(f"--align_mode {self.mode!r} is not one of {', '.join(ALIGN_MODES)}")
+
+    def dtype_for(self, query: torch.Tensor) -> torch.dtype:
+        """The dtype the similarity of `query` is computed in."""
+        return self.compute_dtype or query.dtype
+
+    def rows_per_chunk(self, rows: int, cols: int, dtype: torch.dtype) -> int:
+        """How many query rows fit a (rows × cols) similarity block of `chunk_mb` MiB (at least one)."""
+        per_row = max(1, cols) * _BYTES.get(dtype, 4)
+        return max(1, min(rows, (self.chunk_mb * 2 ** 20) // per_row))
+
+    def residual(self, query: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """``|f - f̂|`` (or the signed difference) of queries and their nearest normal tokens, same shape."""
+        diff = query - nearest.to(query.dtype)
+        return diff.abs() if self.use_abs else diff
 
 
-def nearest_normal(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax",
-                   chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+DENSE = Alignment()
+
+
+def _sq_norms(bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., M) squared L2 norms of (..., M, C) tokens, summed in fp32, cast to `dtype`."""
+    return bank.float().pow(2).sum(-1).to(dtype)
+
+
+def nearest_normal(query: torch.Tensor, bank: torch.Tensor, align: Alignment = DENSE,
+                   sq_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Index of each query token's nearest bank token.
 
     Args:
         query: (Q, C) tokens.
-        bank: (M, C) normal tokens.
-        mode: ``mulmax`` (argmax of the dot product) or ``diff2`` (argmin of the L2 distance).
-        chunk_mb: bound on the (rows × M) similarity block held at once.
-        compute_dtype: dtype of the similarity product (default: the query's).
+        bank: (M, C) normal tokens, ideally already in the compute dtype (otherwise cast here).
+        align: the alignment strategy (mode, chunk bound, compute dtype).
+        sq_norms: (M,) precomputed ``|b|²`` in the compute dtype for ``diff2`` (computed here if None).
     Returns:
         (Q,) long indices into `bank`.
     """
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
         raise ConfigError(f"alignment needs (Q, C) queries and an (M, C) bank, got {tuple(query.shape)} "
                           f"and {tuple(bank.shape)}")
-    if mode not in ("mulmax", "diff2"):
-        raise ConfigError(f"--align_mode {mode!r} is not one of mulmax, diff2")
-    dt = compute_dtype or query.dtype
-    b = bank.to(dt)
+    dt = align.dtype_for(query)
+    b = bank if bank.dtype == dt else bank.to(dt)
     bias = None
-    if mode == "diff2":  # argmin |q-b|² = argmax (2 q·b - |b|²); |q|² is constant per row
-        bias = bank.float().pow(2).sum(-1).to(dt)  # (M,)
-    step = _row_chunk(query.shape[0], bank.shape[0], chunk_mb, dt)
+    if align.mode == "diff2":  # argmin |q-b|² = argmax (2 q·b - |b|²); |q|² is constant per row
+        bias = sq_norms if sq_norms is not None else _sq_norms(bank, dt)  # (M,)
+    step = align.rows_per_chunk(query.shape[0], bank.shape[0], dt)
     out = torch.empty(query.shape[0], dtype=torch.long, device=query.device)
     for s in range(0, query.shape[0], step):  # chunks of rows, not patches: bounded memory
         sim = query[s:s + step].to(dt) @ b.T  # (rows, M)
@@ -54,36 +93,32 @@ def nearest_normal(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax"
     return out
 
 
-def residual(query: torch.Tensor, bank: torch.Tensor, mode: str = "mulmax", use_abs: bool = True,
-             chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def residual(query: torch.Tensor, bank: torch.Tensor, align: Alignment = DENSE) -> torch.Tensor:
     """Feature discrepancy r = |f - f̂| of (Q, C) queries against an (M, C) bank; returns (Q, C)."""
-    idx = nearest_normal(query, bank, mode, chunk_mb, compute_dtype)
-    diff = query - bank[idx].to(query.dtype)  # (Q, C)
-    return diff.abs() if use_abs else diff
+    return align.residual(query, bank[nearest_normal(query, bank, align)])
 
 
-def nearest_in_items(query: torch.Tensor, items: torch.Tensor, sel: torch.Tensor, mode: str = "mulmax",
-                     chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def nearest_in_items(query: torch.Tensor, items: torch.Tensor, sel: torch.Tensor,
+                     align: Alignment = DENSE) -> torch.Tensor:
     """Per query item, the nearest token within one chosen bank item (image-index search).
 
     Args:
         query: (Q, N, C) tokens of Q query items (images or windows).
         items: (K, M, C) bank tokens of K stored items.
         sel: (Q,) index of the bank item each query item is aligned against.
+        align: the alignment strategy (mode, chunk bound, compute dtype).
     Returns:
         (Q, N, C) the chosen nearest bank tokens, in the bank's dtype.
     """
-    if mode not in ("mulmax", "diff2"):
-        raise ConfigError(f"--align_mode {mode!r} is not one of mulmax, diff2")
     Q, N, C = query.shape
-    dt = compute_dtype or query.dtype
-    step = max(1, _row_chunk(Q * N, items.shape[1], chunk_mb, dt) // max(N, 1))
+    dt = align.dtype_for(query)
+    step = max(1, align.rows_per_chunk(Q * N, items.shape[1], dt) // max(N, 1))
     out = torch.empty(Q, N, C, dtype=items.dtype, device=query.device)
     for s in range(0, Q, step):  # chunks of query items, bounded memory
         cand = items[sel[s:s + step]]  # (q, M, C)
         sim = torch.bmm(query[s:s + step].to(dt), cand.to(dt).transpose(1, 2))  # (q, N, M)
-        if mode == "diff2":
-            sim.mul_(2).sub_(cand.float().pow(2).sum(-1).to(dt).unsqueeze(1))
+        if align.mode == "diff2":
+            sim.mul_(2).sub_(_sq_norms(cand, dt).unsqueeze(1))
         idx = sim.argmax(dim=-1)  # (q, N)
         out[s:s + step] = torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C))  # (q, N, C)
     return out
@@ -114,6 +149,12 @@ class MemoryBank(nn.Module):
         for i, t in enumerate(tokens):
             self.register_buffer(f"tokens_{i}", t.detach().to(dtype or t.dtype).contiguous())
         self.register_buffer("image_embeds", image_embeds.detach().to(dtype or image_embeds.dtype).contiguous())
+        # Per (layer, dtype): the dense bank in that compute dtype and its |b|² (diff2), prepared once.
+        self._search: Dict[Tuple[int, torch.dtype, str], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+    def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the prepared search tensors
+        self._search = {}
+        return super()._apply(fn, recurse)
 
     @property
     def k(self) -> int:
@@ -141,31 +182,48 @@ class MemoryBank(nn.Module):
         """Bank entries one query token is compared with: K·N densely, K embeddings + N with the index."""
         return self.k + self.tokens_per_item if use_index else self.k * self.tokens_per_item
 
+    def searchable(self, i: int, align: Alignment, query_dtype: torch.dtype
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Layer i's dense (K·N, C) bank in the compute dtype and, for diff2, its (K·N,) ``|b|²``.
+
+        Both are computed once per (layer, dtype, mode) and kept, so repeated alignments against this
+        bank never copy it again. When the storage dtype is the compute dtype, no copy is made at all.
+        """
+        dt = align.compute_dtype or query_dtype
+        key = (i, dt, align.mode)
+        if key not in self._search:
+            flat = self.flat(i)
+            cast = flat if flat.dtype == dt else flat.to(dt)
+            self._search[key] = (cast, _sq_norms(flat, dt) if align.mode == "diff2" else None)
+        return self._search[key]
+
     def select(self, query_embeds: torch.Tensor) -> torch.Tensor:
         """(Q, D) query global features -> (Q,) index of the most similar stored item."""
         return (query_embeds.float() @ self.image_embeds.float().T).argmax(dim=-1)  # (Q,)
 
-    def residuals(self, tokens: List[torch.Tensor], mode: str = "mulmax", use_abs: bool = True,
-                  chunk_mb: int = 64, compute_dtype: Optional[torch.dtype] = None,
+    def residuals(self, tokens: List[torch.Tensor], align: Alignment = DENSE,
                   query_embeds: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Residuals of query tokens per layer: L × (Q, N, C) -> L × (Q, N, C).
 
-        Dense search over all K·N tokens by default; with `query_embeds` (Q, D), each query item is
-        aligned only against its most similar stored item (image-feature index, METHOD.md §3b).
+        Dense search over all K·N tokens by default; with ``align.use_index`` each query item is
+        aligned only against its most similar stored item, chosen by `query_embeds` (Q, D)
+        (image-feature index, METHOD.md §3b).
         """
         if len(tokens) != self.num_layers:
             raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")
-        sel = self.select(query_embeds) if query_embeds is not None else None
+        if align.use_index and query_embeds is None:
+            raise ConfigError("image-index alignment needs the queries' global features (query_embeds)")
+        sel = self.select(query_embeds) if align.use_index else None
         out = []
         for i, q in enumerate(tokens):
             Q, N, C = q.shape
             if sel is None:
-                idx = nearest_normal(q.reshape(Q * N, C), self.flat(i), mode, chunk_mb, compute_dtype)
+                bank, sq = self.searchable(i, align, q.dtype)
+                idx = nearest_normal(q.reshape(Q * N, C), bank, align, sq)
                 nn_tok = self.flat(i)[idx].reshape(Q, N, C)  # (Q, N, C)
             else:
-                nn_tok = nearest_in_items(q, self.layer(i), sel, mode, chunk_mb, compute_dtype)
-            diff = q - nn_tok.to(q.dtype)
-            out.append(diff.abs() if use_abs else diff)
+                nn_tok = nearest_in_items(q, self.layer(i), sel, align)
+            out.append(align.residual(q, nn_tok))
         return out
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,9 @@ from torch import nn
 from .backbone import BackboneOutput, CLIPBackbone
 from .config import ModelConfig
 from .errors import ConfigError
-from .memory import FDSLMemory, MemoryBank
-from .windows import n_windows, split_windows, stitch_windows
+from .memory import Alignment, FDSLMemory, MemoryBank
 from .utils import autocast
+from .windows import n_windows, split_windows, stitch_windows
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,33 @@ class FDSLHead(nn.Module):
         return raw, self.refine(raw)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """How a model runs, resolved once (no order dependency between settings). Changes no fp32 number.
+
+    Attributes:
+        compute_dtype: autocast dtype of the backbone (fp32 = autocast off).
+        align_dtype: dtype of the similarity product and argmax; None = the features' own (fp32).
+        bank_dtype: storage dtype of memory banks.
+        win_batch: windows encoded by the backbone at once (LFE memory bound).
+        align_chunk_mb: bound, in MiB, on the similarity block held during alignment.
+        out_size: side of the anomaly maps returned by `predict` (the evaluation size).
+    """
+
+    compute_dtype: torch.dtype = torch.float32
+    align_dtype: Optional[torch.dtype] = None
+    bank_dtype: torch.dtype = torch.float32
+    win_batch: int = 16
+    align_chunk_mb: int = 64
+    out_size: int = 240
+
+
 class FDSLOutput(NamedTuple):
     """Predictions for a batch.
 
-    pred_score: (B,) single-image score 0.5·(patch_score + map_max) (no per-class normalisation).
+    pred_score: (B,) single-image score ``image_score(patch_score, map_max)`` = 0.5·(patch_score + map_max).
+        Evaluation reports ``image_score(patch_score, minmax(map_max))`` instead, normalising map_max over
+        a class's test images (`fdsl.evaluation.normalised_image_scores`); a single image cannot be.
     anomaly_map: (B, H, W) anomaly probability at the evaluation size.
     patch_score: (B,) mean over layers of the max anomalous probability on the patch grid
         (blended with the window branch's in winmode mul).
@@ -103,6 +127,11 @@ class FDSLOutput(NamedTuple):
     anomaly_map: torch.Tensor
     patch_score: torch.Tensor
     map_max: torch.Tensor
+
+
+def image_score(patch_score, map_max):
+    """The image score 0.5·(patch_score + map_max) (METHOD.md §6); tensors or arrays of the same shape."""
+    return 0.5 * (patch_score + map_max)
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -136,33 +165,24 @@ class FDSL(nn.Module):
         out = model(images)              # FDSLOutput
     """
 
-    def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig) -> None:
+    def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
         self.head = FDSLHead(backbone.width, len(backbone.layers), use_nam=cfg.use_nam)
         self.memory: Optional[FDSLMemory] = None
-        self.compute_dtype = torch.float32
-        self.out_size = 240
-        if cfg.winmode != "nan":
-            n_windows(backbone.grid_size, cfg.win_size, cfg.win_stride)  # window geometry checked now
+        self.runtime = runtime or Runtime()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "FDSL":
-        """Build the backbone and an untrained head from a model config."""
+    def from_config(cls, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> "FDSL":
+        """Build the backbone and an untrained head from a model config (geometry checked first)."""
         cfg.validate()
-        if cfg.winmode != "nan":  # check the window geometry before loading any weights
-            _check_window_geometry(cfg)
+        check_geometry(cfg)
         backbone = CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
                                 quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
-        return cls(backbone, cfg)
+        return cls(backbone, cfg, runtime)
 
     # ------------------------------------------------------------------ settings
-    def set_precision(self, dtype: torch.dtype) -> "FDSL":
-        """Compute dtype of the backbone and the alignment product (fp32, bf16 or fp16)."""
-        self.compute_dtype = dtype
-        return self
-
     @property
     def device(self) -> torch.device:
         return self.backbone.visual.conv1.weight.device
@@ -171,17 +191,16 @@ class FDSL(nn.Module):
     def use_windows(self) -> bool:
         return self.cfg.winmode != "nan"
 
-    def bank_dtype(self) -> torch.dtype:
-        """Storage dtype of memory banks: the compute dtype (auto), fp32 or fp16."""
-        return {"auto": self.compute_dtype, "fp32": torch.float32, "fp16": torch.float16}[self.cfg.bank_dtype]
-
-    def _align_dtype(self) -> Optional[torch.dtype]:
-        return None if self.compute_dtype == torch.float32 else self.compute_dtype
+    @property
+    def alignment(self) -> Alignment:
+        """The alignment strategy of both branches, from the method's settings and the runtime."""
+        cfg, rt = self.cfg, self.runtime
+        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, rt.align_dtype, cfg.use_img_idx)
 
     # ------------------------------------------------------------------ features
     def extract(self, images: torch.Tensor) -> BackboneOutput:
         """Backbone features of (B, 3, H, H) images, under autocast to the compute dtype."""
-        with autocast(self.device, self.compute_dtype):
+        with autocast(self.device, self.runtime.compute_dtype):
             return self.backbone(images.to(self.device))
 
     def window_chunks(self, images: torch.Tensor) -> Iterator[BackboneOutput]:
@@ -189,11 +208,11 @@ class FDSL(nn.Module):
 
         Each chunk's crops are cut when needed, so memory does not grow with the number of windows.
         """
-        cfg = self.cfg
+        cfg, step = self.cfg, self.runtime.win_batch
         images = images.to(self.device)
         total = images.shape[0] * n_windows(self.backbone.grid_size, cfg.win_size, cfg.win_stride)
-        for s in range(0, total, cfg.win_batch):
-            index = torch.arange(s, min(s + cfg.win_batch, total), device=self.device)
+        for s in range(0, total, step):
+            index = torch.arange(s, min(s + step, total), device=self.device)
             yield self.extract(split_windows(images, self.backbone.patch_size, cfg.win_size, cfg.win_stride,
                                              index))  # L × (n, W², C)
 
@@ -226,14 +245,14 @@ class FDSL(nn.Module):
         """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on)."""
         g = _cat_outputs([self.extract(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
         # Window features are stored in the bank dtype right away: they are the bulk of the memory.
-        w = (self.extract_windows(images, self.bank_dtype()) if (self.use_windows if windows is None else windows)
+        w = (self.extract_windows(images, self.runtime.bank_dtype) if (self.use_windows if windows is None else windows)
              else None)
         return RefFeatures(g, w)
 
     def make_memory(self, refs: RefFeatures, indices: Optional[Sequence[int]] = None) -> FDSLMemory:
         """The memory of one class from reference features, optionally a subset `indices` of the images."""
         g, w = refs.global_feats, refs.window_feats
-        dt = self.bank_dtype()
+        dt = self.runtime.bank_dtype
         if indices is not None:
             idx = torch.as_tensor(list(indices), dtype=torch.long, device=g.image_embeds.device)
             g = BackboneOutput([t[idx] for t in g.tokens], g.image_embeds[idx])
@@ -253,9 +272,29 @@ class FDSL(nn.Module):
     # ------------------------------------------------------------------ scoring
     def residuals(self, bank: MemoryBank, feats: BackboneOutput) -> List[torch.Tensor]:
         """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C)."""
-        cfg = self.cfg
-        return bank.residuals(feats.tokens, cfg.align_mode, cfg.use_abs, cfg.align_chunk_mb, self._align_dtype(),
-                              query_embeds=feats.image_embeds if cfg.use_img_idx else None)
+        return bank.residuals(feats.tokens, self.alignment, feats.image_embeds)
+
+    def batch_residuals(self, feats: BackboneOutput, cls_names: Sequence[str],
+                        banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
+        """Residuals of a mixed-class batch, each sample aligned against its own class's bank.
+
+        feats.tokens: L × (B, N, C) -> L × (B, N, C).
+        """
+        out = [torch.empty_like(t) for t in feats.tokens]
+        for cls in sorted(set(cls_names)):
+            idx = torch.tensor([i for i, c in enumerate(cls_names) if c == cls], device=feats.image_embeds.device)
+            sub = BackboneOutput([t[idx] for t in feats.tokens], feats.image_embeds[idx])
+            for o, r in zip(out, self.residuals(banks[cls], sub)):
+                o[idx] = r.to(o.dtype)
+        return out
+
+    def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
+        """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (METHOD.md §8)."""
+        raw, refined = self.head(residuals)
+        maps = raw + refined if self.head.use_nam else raw
+        B = maps[0].shape[0]
+        up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
+        return list(up.reshape(len(maps), B, 2, size, size))
 
     def prob_maps(self, feats: BackboneOutput, bank: MemoryBank) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Aligned residuals -> (raw, refined) per-layer (B, 2, G, G) prob maps."""
@@ -278,28 +317,26 @@ class FDSL(nn.Module):
         B = images.shape[0]
         nw = n_windows(G, W, cfg.win_stride)
         L = len(self.head.scorers)
-        anom = [[torch.empty(B * nw, W, W, device=self.device) for _ in range(L)] for _ in memories]
+        probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
         s = 0
         for feats in self.window_chunks(images):  # chunks of windows bound the memory
             n = feats.image_embeds.shape[0]
-            for a, mem in zip(anom, memories):
+            for p, mem in zip(probs, memories):
                 raw = self.head.raw(self.residuals(mem.window_bank, feats))  # L × (n, 2, W, W)
                 for layer in range(L):
-                    a[layer][s:s + n] = raw[layer][:, 1].float()
+                    p[layer][s:s + n] = raw[layer]
             s += n
         out = []
-        for a in anom:
-            stitched = [stitch_windows(x.reshape(B, nw, W, W), G, W, cfg.win_stride) for x in a]  # L × (B, G, G)
-            if self.head.use_nam:
-                stitched = [self.head.nam(torch.stack([1.0 - m, m], dim=1))[:, 1] for m in stitched]
-            out.append(stitched)
+        for p in probs:
+            stitched = [stitch_windows(x.reshape(B, nw, 2, W, W), G, W, cfg.win_stride) for x in p]  # L × (B, 2, G, G)
+            out.append([m[:, 1] for m in self.head.refine(stitched)])
         return out
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, memories: Sequence[FDSLMemory],
                 out_size: Optional[int] = None) -> List[FDSLOutput]:
         """Score (B, 3, S, S) images against each memory; backbone features are computed once."""
-        size = out_size or self.out_size
+        size = out_size or self.runtime.out_size
         cfg = self.cfg
         feats = self.extract(images) if cfg.winmode != "onlywin" else None
         wins = self.window_maps(images, memories) if self.use_windows else [None] * len(memories)
@@ -315,7 +352,7 @@ class FDSL(nn.Module):
                     w = cfg.win_weight
                     amap, patch = (1 - w) * amap + w * wmap, (1 - w) * patch + w * wpatch
             mmax = amap.flatten(1).amax(dim=-1)
-            outs.append(FDSLOutput(0.5 * (patch + mmax), amap, patch, mmax))
+            outs.append(FDSLOutput(image_score(patch, mmax), amap, patch, mmax))
         return outs
 
     @torch.no_grad()
@@ -326,8 +363,12 @@ class FDSL(nn.Module):
         return self.predict(images, [self.memory])[0]
 
 
-def _check_window_geometry(cfg: ModelConfig) -> None:
-    """Fail fast on a window that does not fit the patch grid of the chosen model and size."""
+def check_geometry(cfg: ModelConfig) -> Optional[int]:
+    """The one check of a config's geometry, before any weights load: patch size, grid and windows.
+
+    Returns the patch grid side G, or None when the architecture's patch size is not known up front
+    (the backbone checks it when built). Raises ConfigError naming the offending option.
+    """
     import open_clip
 
     from .backbone import register_model_configs
@@ -335,12 +376,17 @@ def _check_window_geometry(cfg: ModelConfig) -> None:
     register_model_configs(cfg.model_config)
     vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
     patch = vision.get("patch_size")
-    if isinstance(patch, int) and patch > 0:
-        grid = cfg.image_size // patch
+    if not (isinstance(patch, int) and patch > 0):
+        return None
+    if cfg.image_size % patch:
+        raise ConfigError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch} of {cfg.model}")
+    grid = cfg.image_size // patch
+    if cfg.winmode != "nan":
         if cfg.win_size > grid:
             raise ConfigError(f"--win_size {cfg.win_size} patches is larger than the {grid}×{grid} patch grid of "
                               f"{cfg.model} at --image_size {cfg.image_size}")
         n_windows(grid, cfg.win_size, cfg.win_stride)
+    return grid
 
 
 def _cat_outputs(parts: List[BackboneOutput]) -> BackboneOutput:

@@ -7,20 +7,18 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_head, save_checkpoint
-from .config import TrainConfig, config_to_dict, model_config_from
-from .datasets import (AnomalyDataset, load_meta, load_reference_images, sample_k_shot, select_classes,
-                       write_k_shot_file)
+from .config import TrainConfig, config_to_dict
+from .datasets import AnomalyDataset, load_reference_images, sample_k_shot, write_k_shot_file
 from .errors import FDSLError
 from .losses import fdsl_loss
 from .memory import MemoryBank
-from .backbone import BackboneOutput
 from .model import FDSL
-from .utils import atomic_write_json, resolve_device, resolve_precision, seed_everything, setup_logging
+from .run import RunContext
+from .utils import seed_everything, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -32,44 +30,18 @@ def latest_checkpoint(save_path: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def batch_residuals(model: FDSL, feats: BackboneOutput, cls_names: List[str],
-                    banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
-    """Residuals of a mixed-class batch: each sample is aligned against its own class's bank.
-
-    feats.tokens: L × (B, N, C) -> L × (B, N, C).
-    """
-    out = [torch.empty_like(t) for t in feats.tokens]
-    for cls in sorted(set(cls_names)):
-        idx = torch.tensor([i for i, c in enumerate(cls_names) if c == cls], device=feats.image_embeds.device)
-        sub = BackboneOutput([t[idx] for t in feats.tokens], feats.image_embeds[idx])
-        for o, r in zip(out, model.residuals(banks[cls], sub)):
-            o[idx] = r.to(o.dtype)
-    return out
-
-
-def training_maps(model: FDSL, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
-    """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size)."""
-    raw, refined = model.head(residuals)
-    maps = raw + refined if model.head.use_nam else raw
-    return [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True) for m in maps]
-
-
 class Trainer:
     """Runs a `TrainConfig`: memory banks from k train shots per class, loss on the test split."""
 
     def __init__(self, cfg: TrainConfig, model: Optional[FDSL] = None) -> None:
-        cfg.validate()
+        self.ctx = RunContext(cfg, cfg.train_data_path, cfg.image_size, model)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_precision(cfg.precision, self.device)
-        self.save_path = Path(cfg.save_path)
-        self.root = cfg.train_data_path
-        self.meta = load_meta(self.root)
-        self.classes = select_classes(self.meta, cfg.classes, self.root)
+        self.device, self.root, self.meta, self.classes, self.save_path = (
+            self.ctx.device, self.ctx.root, self.ctx.meta, self.ctx.classes, self.ctx.save_path)
         # Reference shots are drawn before the (slow) model build, so a too-large --k_shot fails at once.
         self.shots = {c: sample_k_shot(self.meta, c, cfg.k_shot, cfg.seed) for c in self.classes}
         seed_everything(cfg.seed)
-        self.model = (model or FDSL.from_config(model_config_from(cfg))).to(self.device).set_precision(self.dtype)
+        self.model = self.ctx.build_model()[0]
         self.augment = {"auto": cfg.dataset, "none": None}.get(cfg.augment, cfg.augment)
         if cfg.winmode != "nan":
             log.info("--winmode %s is a test-time branch: training fits the scorers and NAM on the global "
@@ -89,8 +61,7 @@ class Trainer:
     def run(self) -> List[float]:
         """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint."""
         cfg = self.cfg
-        self.save_path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.save_path / "config.json", config_to_dict(cfg))
+        self.ctx.write_config()
         head = self.model.head
         opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
         start = 1
@@ -120,8 +91,8 @@ class Trainer:
             for batch in bar:
                 with torch.no_grad():
                     feats = self.model.extract(batch["image"])
-                    res = batch_residuals(self.model, feats, list(batch["cls_name"]), banks)
-                maps = training_maps(self.model, res, cfg.image_size)
+                    res = self.model.batch_residuals(feats, list(batch["cls_name"]), banks)
+                maps = self.model.training_maps(res, cfg.image_size)
                 loss = fdsl_loss(maps, batch["mask"].to(self.device))
                 if not torch.isfinite(loss):
                     raise FDSLError(f"training diverged at epoch {epoch}: loss {loss.item()}")
@@ -137,13 +108,16 @@ class Trainer:
             log.info("epoch %d/%d: mean loss %.5f over %d samples", epoch, cfg.epoch, losses[-1], count)
             if epoch % cfg.save_freq == 0 or epoch == cfg.epoch:
                 path = self.save_path / f"epoch_{epoch}.pth"
-                save_checkpoint(path, head, config_to_dict(model_config_from(cfg)), epoch, opt)
+                save_checkpoint(path, head, config_to_dict(self.ctx.model_config), epoch, opt)
                 log.info("saved %s", path)
         return losses
 
 
-def train(cfg: TrainConfig) -> List[float]:
-    """Run `train.py`'s job: log to `<save_path>/log.txt`, train, save checkpoints."""
+def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
+    """Run `train.py`'s job: log to `<save_path>/log.txt`, train, save checkpoints.
+
+    `model` is an already built model to train (the demo shares one between training and testing).
+    """
     Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
     setup_logging(Path(cfg.save_path) / "log.txt")
-    return Trainer(cfg).run()
+    return Trainer(cfg, model).run()

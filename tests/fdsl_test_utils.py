@@ -1,8 +1,22 @@
 """Helpers shared by several test modules."""
+import dataclasses
+
 import torch
 from torch import nn
 
+from fdsl.config import ModelConfig, RuntimeConfig
 from fdsl.model import FDSL
+from fdsl.run import resolve_runtime
+
+_RUNTIME_FIELDS = {f.name for f in dataclasses.fields(RuntimeConfig)}
+
+
+def build_model(**settings) -> FDSL:
+    """An FDSL model from flat command-line-style settings: method ones to ModelConfig, runtime ones
+    (win_batch, bank_dtype, align_chunk_mb, precision) resolved on the CPU as a run would."""
+    runtime = {k: settings.pop(k) for k in list(settings) if k in _RUNTIME_FIELDS}
+    return FDSL.from_config(ModelConfig(**settings), resolve_runtime(RuntimeConfig(device="cpu", **runtime),
+                                                                     torch.device("cpu")))
 
 
 @torch.no_grad()

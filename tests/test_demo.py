@@ -13,11 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_CLASSES = ("brick_syn", "tissue_syn")
 
 
-def run_demo(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+# The quick setting (less data, fewer epochs) is reachable from Python only, not from the user's parser.
+_QUICK = "import sys; from fdsl.demo import main; sys.exit(main(sys.argv[1:], quick=True))"
+
+
+def run_demo(*args, env: dict | None = None, timeout: int = 600, quick: bool = True) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
     for name in ("FDSL_PRETRAINED", "FDSL_MODEL"):  # the defaults under test come from these
         full_env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "fdsl.demo", *map(str, args)], cwd=ROOT, env=full_env,
+    entry = ["-c", _QUICK] if quick else ["-m", "fdsl.demo"]
+    return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -28,8 +33,7 @@ def describe(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo")
-    # --quick (hidden) shrinks epochs and data; the code path is the demo's own.
-    return out, run_demo("--pretrained", "none", "--out", out, "--device", "cpu", "--quick")
+    return out, run_demo("--pretrained", "none", "--out", out, "--device", "cpu")
 
 
 def test_smoke_run_prints_table_and_writes_heat_maps(smoke):
@@ -55,7 +59,7 @@ def test_rerun_reuses_data_checkpoints_and_finished_classes(smoke):
     out, first = smoke
     assert first.returncode == 0, describe(first)
     metas = {p: p.stat().st_mtime_ns for p in (out / "data").glob("*/meta.json")}
-    proc = run_demo("--pretrained", "none", "--out", out, "--device", "cpu", "--quick")
+    proc = run_demo("--pretrained", "none", "--out", out, "--device", "cpu")
     assert proc.returncode == 0, describe(proc)
     assert proc.stderr.count("reusing synthetic data") == 2
     assert "epochs already done" in proc.stderr
@@ -67,10 +71,17 @@ def test_rerun_reuses_data_checkpoints_and_finished_classes(smoke):
 
 
 def test_offline_real_weights_explain_fdsl_pretrained(tmp_path):
-    proc = run_demo("--pretrained", "openai", "--out", tmp_path, "--device", "cpu", timeout=300)
+    proc = run_demo("--pretrained", "openai", "--out", tmp_path, "--device", "cpu", timeout=300, quick=False)
     assert proc.returncode == 2, describe(proc)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert "could not fetch" in proc.stderr
     assert "FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh" in proc.stderr
     assert "FDSL_PRETRAINED=none bash demo.sh" in proc.stderr
     assert not (tmp_path / "data").exists(), "nothing should be generated before the weights are there"
+
+
+def test_user_parser_has_no_hidden_options():
+    from fdsl.demo import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--quick"])

@@ -30,7 +30,9 @@ from fdsl.config import ModelConfig, TrainConfig, build_parser, parse_config
 from fdsl.config import TestConfig as EvalConfig
 from fdsl.errors import ConfigError
 from fdsl.model import FDSL, combine_layers
-from fdsl_test_utils import liven_head
+from fdsl.config import RuntimeConfig
+from fdsl.run import resolve_runtime
+from fdsl_test_utils import build_model, liven_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "FDSL-Tiny-ViT"
@@ -56,16 +58,20 @@ def imgs() -> torch.Tensor:
     return torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(12))
 
 
-def _cfg(weights: Path, **overrides) -> ModelConfig:
+def _cfg_kwargs(weights: Path, **overrides) -> dict:
     kw = dict(model=MODEL, pretrained=str(weights), image_size=SIZE, features_list=list(LAYERS),
               few_shot_features=list(LAYERS), winmode="mul", win_size=4, win_stride=2)
     kw.update(overrides)
-    return ModelConfig(**kw)
+    return kw
+
+
+def _cfg(weights: Path, **overrides) -> ModelConfig:
+    return ModelConfig(**_cfg_kwargs(weights, **overrides))
 
 
 def _model(weights: Path, **overrides) -> FDSL:
     torch.manual_seed(13)  # the same untrained head for every model built here
-    return FDSL.from_config(_cfg(weights, **overrides)).eval()
+    return build_model(**_cfg_kwargs(weights, **overrides)).eval()
 
 
 def _liven(model: FDSL, imgs: torch.Tensor) -> FDSL:
@@ -342,13 +348,10 @@ def test_bf16_on_cpu_stays_close_to_fp32(tiny_weights, imgs) -> None:
     refs, queries = imgs[:2], imgs[2:5]
     mem32 = model.make_memory(model.encode_references(refs))
     out32 = model.predict(queries, [mem32], 32)[0]
-    model.set_precision(torch.bfloat16)
-    try:
-        mem16 = model.make_memory(model.encode_references(refs))
-        assert all(b.dtype == torch.bfloat16 for b in mem16.buffers())  # bank_dtype auto follows the compute dtype
-        out16 = model.predict(queries, [mem16], 32)[0]
-    finally:
-        model.set_precision(torch.float32)
+    model.runtime = resolve_runtime(RuntimeConfig(device="cpu", precision="bf16"), torch.device("cpu"))
+    mem16 = model.make_memory(model.encode_references(refs))
+    assert all(b.dtype == torch.bfloat16 for b in mem16.buffers())  # bank_dtype auto follows the compute dtype
+    out16 = model.predict(queries, [mem16], 32)[0]
     for a, b in zip(out16, out32):
         assert torch.isfinite(a).all()
         assert a.dtype == torch.float32

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fdsl.errors import ConfigError
-from fdsl.memory import MemoryBank, nearest_normal, residual
+from fdsl.memory import Alignment, MemoryBank, nearest_normal, residual
 
 
 def _data(q: int, m: int, c: int, seed: int, unit: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def _assert_same_neighbours(idx: torch.Tensor, ref_idx: torch.Tensor, score: tor
 def test_nearest_normal_equals_brute_force(mode: str, unit: bool) -> None:
     query, bank = _data(300, 500, 24, seed=1 if unit else 2, unit=unit)
     ref_idx, score = _brute(query, bank, mode)
-    _assert_same_neighbours(nearest_normal(query, bank, mode), ref_idx, score)
+    _assert_same_neighbours(nearest_normal(query, bank, Alignment(mode)), ref_idx, score)
 
 
 def test_mulmax_and_diff2_differ_on_unnormalised_data() -> None:
@@ -54,18 +54,18 @@ def test_mulmax_and_diff2_differ_on_unnormalised_data() -> None:
     # bank (0.9, 0) is the closer point (distance 0.1 vs ~13.5).
     q = torch.tensor([[1.0, 0.0]])
     bank = torch.tensor([[10.0, 10.0], [0.9, 0.0], [-1.0, 0.0]])
-    assert nearest_normal(q, bank, "mulmax").tolist() == [0]
-    assert nearest_normal(q, bank, "diff2").tolist() == [1]
+    assert nearest_normal(q, bank, Alignment("mulmax")).tolist() == [0]
+    assert nearest_normal(q, bank, Alignment("diff2")).tolist() == [1]
     # and on random unnormalised data the two modes disagree for many rows
     query, bank = _data(300, 500, 24, seed=3, unit=False)
-    a, b = nearest_normal(query, bank, "mulmax"), nearest_normal(query, bank, "diff2")
+    a, b = nearest_normal(query, bank, Alignment("mulmax")), nearest_normal(query, bank, Alignment("diff2"))
     assert (a != b).float().mean() > 0.2
 
 
 def test_modes_agree_on_unit_vectors() -> None:
     # for unit-norm tokens argmax dot == argmin L2 (the default setting relies on it)
     query, bank = _data(200, 300, 16, seed=4, unit=True)
-    assert torch.equal(nearest_normal(query, bank, "mulmax"), nearest_normal(query, bank, "diff2"))
+    assert torch.equal(nearest_normal(query, bank, Alignment("mulmax")), nearest_normal(query, bank, Alignment("diff2")))
 
 
 @pytest.mark.parametrize("mode", ["mulmax", "diff2"])
@@ -74,8 +74,8 @@ def test_chunking_gives_identical_indices(mode: str, chunk_mb: int) -> None:
     # 4000 bank rows x 4 bytes = 16000 B per query row: chunk_mb=1 -> 65 rows per chunk (several chunks),
     # chunk_mb=0 -> one row at a time.
     query, bank = _data(150, 4000, 8, seed=5, unit=False)
-    whole = nearest_normal(query, bank, mode, chunk_mb=4096)
-    chunked = nearest_normal(query, bank, mode, chunk_mb=chunk_mb)
+    whole = nearest_normal(query, bank, Alignment(mode, chunk_mb=4096))
+    chunked = nearest_normal(query, bank, Alignment(mode, chunk_mb=chunk_mb))
     assert torch.equal(whole, chunked)
     ref_idx, score = _brute(query, bank, mode)
     _assert_same_neighbours(chunked, ref_idx, score)
@@ -85,7 +85,7 @@ def test_exact_match_is_its_own_neighbour() -> None:
     _, bank = _data(1, 400, 32, seed=6, unit=True)
     pick = torch.tensor([7, 0, 399, 123])
     for mode in ("mulmax", "diff2"):
-        assert torch.equal(nearest_normal(bank[pick], bank, mode), pick)
+        assert torch.equal(nearest_normal(bank[pick], bank, Alignment(mode)), pick)
 
 
 @pytest.mark.parametrize("mode", ["mulmax", "diff2"])
@@ -93,9 +93,9 @@ def test_residual_abs_and_signed(mode: str) -> None:
     query, bank = _data(64, 200, 12, seed=7, unit=False)
     ref_idx, _ = _brute(query, bank, mode)
     expected_signed = query - bank[ref_idx]  # (Q, C)
-    torch.testing.assert_close(residual(query, bank, mode), expected_signed.abs(), atol=0, rtol=0)
-    torch.testing.assert_close(residual(query, bank, mode, use_abs=False), expected_signed, atol=0, rtol=0)
-    assert (residual(query, bank, mode, use_abs=False) < 0).any()  # the signed variant really is signed
+    torch.testing.assert_close(residual(query, bank, Alignment(mode)), expected_signed.abs(), atol=0, rtol=0)
+    torch.testing.assert_close(residual(query, bank, Alignment(mode, use_abs=False)), expected_signed, atol=0, rtol=0)
+    assert (residual(query, bank, Alignment(mode, use_abs=False)) < 0).any()  # the signed variant really is signed
 
 
 @pytest.mark.parametrize("q_shape, b_shape", [((5, 8), (7, 9)), ((5,), (7, 5)), ((2, 5, 8), (7, 8))])
@@ -106,7 +106,7 @@ def test_shape_mismatch_is_config_error(q_shape, b_shape) -> None:
 
 def test_unknown_mode_is_config_error() -> None:
     with pytest.raises(ConfigError, match="cosine"):
-        nearest_normal(torch.zeros(2, 3), torch.zeros(4, 3), "cosine")
+        nearest_normal(torch.zeros(2, 3), torch.zeros(4, 3), Alignment("cosine"))
 
 
 # ---------------------------------------------------------------------------- MemoryBank
@@ -159,7 +159,7 @@ def test_bank_residuals_per_layer(mode: str, use_abs: bool) -> None:
     bank = MemoryBank(toks, emb)
     g = torch.Generator().manual_seed(9)
     queries = [F.normalize(torch.randn(4, 9, 8, generator=g), dim=-1) for _ in range(3)]
-    out = bank.residuals(queries, mode, use_abs)
+    out = bank.residuals(queries, Alignment(mode, use_abs))
     assert len(out) == 3
     for i, (q, r) in enumerate(zip(queries, out)):
         assert r.shape == (4, 9, 8)  # (B, N, C)

@@ -20,9 +20,9 @@ from fdsl.backbone import register_model_configs
 from fdsl.checkpoint import save_checkpoint
 from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.memory import FDSLMemory, MemoryBank, _row_chunk, nearest_in_items
+from fdsl.memory import Alignment, FDSLMemory, MemoryBank, nearest_in_items
 from fdsl.model import FDSL
-from fdsl_test_utils import liven_head
+from fdsl_test_utils import build_model, liven_head
 
 MODEL = "FDSL-Tiny-ViT"
 SIZE, GRID, WIDTH, EMBED = 112, 8, 64, 32
@@ -111,7 +111,7 @@ def test_indexed_residuals_align_only_within_the_selected_item(mode) -> None:
     bank = MemoryBank(bank_tokens, item_embeds)
     sel = _brute_select(q_embeds, item_embeds)
     assert len(set(sel)) >= 3
-    got = bank.residuals(q_tokens, mode, query_embeds=q_embeds)
+    got = bank.residuals(q_tokens, Alignment(mode, use_index=True), q_embeds)
     want = _brute_indexed_residuals(q_tokens, bank_tokens, sel, mode)
     dense = _brute_dense_residuals(q_tokens, bank_tokens, mode)
     for g, w, d in zip(got, want, dense):
@@ -119,7 +119,7 @@ def test_indexed_residuals_align_only_within_the_selected_item(mode) -> None:
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
         assert (g - d).abs().max() > 1e-2  # restricting the search to one item really changes the result
     # without query_embeds the same bank searches densely
-    for g, d in zip(bank.residuals(q_tokens, mode), dense):
+    for g, d in zip(bank.residuals(q_tokens, Alignment(mode)), dense):
         torch.testing.assert_close(g, d, atol=1e-6, rtol=0)
 
 
@@ -128,8 +128,8 @@ def test_mulmax_and_diff2_pick_differently_within_items() -> None:
     bank_tokens, item_embeds = _bank_data(K, N, C, D, 1, seed=5)
     q_tokens, q_embeds = _query_data(Q, N, C, D, 1, seed=6)
     bank = MemoryBank(bank_tokens, item_embeds)
-    a = bank.residuals(q_tokens, "mulmax", query_embeds=q_embeds)[0]
-    b = bank.residuals(q_tokens, "diff2", query_embeds=q_embeds)[0]
+    a = bank.residuals(q_tokens, Alignment("mulmax", use_index=True), q_embeds)[0]
+    b = bank.residuals(q_tokens, Alignment("diff2", use_index=True), q_embeds)[0]
     assert (a - b).abs().max() > 1e-2
 
 
@@ -141,13 +141,13 @@ def test_nearest_in_items_chunking_gives_identical_results(mode, chunk_mb) -> No
     q_tokens, q_embeds = _query_data(Q, N, C, D, 1, seed=8)
     bank = MemoryBank(bank_tokens, item_embeds)
     sel = bank.select(q_embeds)
-    items_per_chunk = max(1, _row_chunk(Q * N, N, chunk_mb, torch.float32) // N)
+    items_per_chunk = max(1, Alignment(chunk_mb=chunk_mb).rows_per_chunk(Q * N, N, torch.float32) // N)
     assert items_per_chunk < Q  # the small budget really splits the work
-    whole = nearest_in_items(q_tokens[0], bank.layer(0), sel, mode, chunk_mb=4096)
-    chunked = nearest_in_items(q_tokens[0], bank.layer(0), sel, mode, chunk_mb=chunk_mb)
+    whole = nearest_in_items(q_tokens[0], bank.layer(0), sel, Alignment(mode, chunk_mb=4096))
+    chunked = nearest_in_items(q_tokens[0], bank.layer(0), sel, Alignment(mode, chunk_mb=chunk_mb))
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
-    for a, b in zip(bank.residuals(q_tokens, mode, chunk_mb=chunk_mb, query_embeds=q_embeds),
-                    bank.residuals(q_tokens, mode, chunk_mb=4096, query_embeds=q_embeds)):
+    for a, b in zip(bank.residuals(q_tokens, Alignment(mode, chunk_mb=chunk_mb, use_index=True), q_embeds),
+                    bank.residuals(q_tokens, Alignment(mode, chunk_mb=4096, use_index=True), q_embeds)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     # the chosen tokens are members of the selected item
     for i in range(0, Q, 17):
@@ -161,8 +161,8 @@ def test_big_k_bank_alignment_is_chunked_and_bounded(monkeypatch) -> None:
     bank_tokens, item_embeds = _bank_data(K, N, C, D, 1, seed=9, unit=True)
     q_tokens, q_embeds = _query_data(Q, N, C, D, 1, seed=10, unit=True)
     bank = MemoryBank(bank_tokens, item_embeds)
-    ref_dense = bank.residuals(q_tokens, chunk_mb=4096)
-    ref_index = bank.residuals(q_tokens, chunk_mb=4096, query_embeds=q_embeds)
+    ref_dense = bank.residuals(q_tokens, Alignment(chunk_mb=4096))
+    ref_index = bank.residuals(q_tokens, Alignment(chunk_mb=4096, use_index=True), q_embeds)
 
     blocks: list[int] = []
     real_argmax = torch.Tensor.argmax
@@ -172,9 +172,9 @@ def test_big_k_bank_alignment_is_chunked_and_bounded(monkeypatch) -> None:
         return real_argmax(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "argmax", spy)
-    dense = bank.residuals(q_tokens, chunk_mb=1)
+    dense = bank.residuals(q_tokens, Alignment(chunk_mb=1))
     n_dense_blocks = len(blocks)
-    index = bank.residuals(q_tokens, chunk_mb=0, query_embeds=q_embeds)  # one query item at a time
+    index = bank.residuals(q_tokens, Alignment(chunk_mb=0, use_index=True), q_embeds)  # one query item at a time
     monkeypatch.undo()
 
     assert n_dense_blocks == (Q * N * K * N * 4) // 2 ** 20  # 2 MiB of similarities in 1 MiB blocks
@@ -190,7 +190,7 @@ def test_k1_indexed_equals_dense_on_a_bank() -> None:
     q_tokens, q_embeds = _query_data(5, 16, 8, 12, 2, seed=12)
     bank = MemoryBank(bank_tokens, item_embeds)
     for mode in ("mulmax", "diff2"):
-        for a, b in zip(bank.residuals(q_tokens, mode, query_embeds=q_embeds), bank.residuals(q_tokens, mode)):
+        for a, b in zip(bank.residuals(q_tokens, Alignment(mode, use_index=True), q_embeds), bank.residuals(q_tokens, Alignment(mode))):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -209,11 +209,15 @@ def imgs() -> torch.Tensor:
     return torch.randn(8, 3, SIZE, SIZE, generator=_gen(22))
 
 
-def _cfg(weights: Path, **overrides) -> ModelConfig:
+def _cfg_kwargs(weights: Path, **overrides) -> dict:
     kw = dict(model=MODEL, pretrained=str(weights), image_size=SIZE, features_list=list(LAYERS),
               few_shot_features=list(LAYERS), winmode="mul", win_size=4, win_stride=2)
     kw.update(overrides)
-    return ModelConfig(**kw)
+    return kw
+
+
+def _cfg(weights: Path, **overrides) -> ModelConfig:
+    return ModelConfig(**_cfg_kwargs(weights, **overrides))
 
 
 def _liven(model: FDSL, imgs: torch.Tensor) -> FDSL:
@@ -224,7 +228,7 @@ def _models(weights: Path, imgs: torch.Tensor, *overrides: dict) -> list[FDSL]:
     models = []
     for o in overrides:
         torch.manual_seed(23)
-        models.append(FDSL.from_config(_cfg(weights, **o)).eval())
+        models.append(build_model(**_cfg_kwargs(weights, **o)).eval())
     _liven(models[0], imgs)
     for m in models[1:]:
         m.head.load_state_dict(models[0].head.state_dict())

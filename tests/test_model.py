@@ -13,6 +13,7 @@ from torch import nn
 from fdsl.backbone import register_model_configs
 from fdsl.config import ModelConfig
 from fdsl.errors import ConfigError
+from fdsl.memory import Alignment
 from fdsl.model import FDSL, NAM, FDSLHead, FDSLOutput, Scorer, combine_layers, to_grid, upsample
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -274,8 +275,8 @@ def test_diff2_mode_runs_and_differs_without_norm(tiny_weights, imgs) -> None:
     b.head.load_state_dict(a.head.state_dict())
     for m in (a, b):
         m.fit(imgs[:2])
-    ra = a.memory.global_bank.residuals(a.extract(imgs[2:4]).tokens, "mulmax")
-    rb = b.memory.global_bank.residuals(b.extract(imgs[2:4]).tokens, "diff2")
+    ra = a.memory.global_bank.residuals(a.extract(imgs[2:4]).tokens, Alignment("mulmax"))
+    rb = b.memory.global_bank.residuals(b.extract(imgs[2:4]).tokens, Alignment("diff2"))
     assert any((x - y).abs().max() > 1e-4 for x, y in zip(ra, rb))
     out = b(imgs[2:4])
     assert torch.isfinite(out.pred_score).all()
