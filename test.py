@@ -6,9 +6,7 @@ Example (1-shot VisA with a model trained on MVTec AD):
 """
 import sys
 
-from fdsl.cli import main
-from fdsl.config import TestConfig
-from fdsl.evaluation import evaluate
+from fdsl.cli import test_main
 
 if __name__ == "__main__":
-    sys.exit(main(TestConfig, evaluate))
+    sys.exit(test_main())

@@ -5,9 +5,7 @@ Example (a model for testing VisA, trained on MVTec AD):
 """
 import sys
 
-from fdsl.cli import main
-from fdsl.config import TrainConfig
-from fdsl.training import train
+from fdsl.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main(TrainConfig, train))
+    sys.exit(train_main())

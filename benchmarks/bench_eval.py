@@ -39,12 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb  # noqa: E402
+from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MARK = "@@BENCH_RESULT@@ "
 

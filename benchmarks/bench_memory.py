@@ -47,12 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb  # noqa: E402
+from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MARK = "@@BENCH_MEMORY@@ "
 MiB = 2 ** 20
@@ -288,7 +285,9 @@ def fmt(x: float | None, nd: int = 1) -> str:
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
+
     return "\n".join([line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
 
 

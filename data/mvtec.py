@@ -4,11 +4,8 @@ Usage: ``python data/mvtec.py --root DIR [--classes bottle cable ...]``
 (default root: ``$MVTEC_ROOT`` or ``data/mvtec`` in the repository).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fdsl.meta import index_main  # noqa: E402
+from fdsl.meta import index_main
 
 
 def main(argv=None) -> int:

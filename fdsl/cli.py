@@ -30,3 +30,19 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
 def main(cls: type, job: Callable, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
     """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message."""
     return run_job(lambda: job(parse_config(cls, argv, description)))
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`fdsl-train` / `python train.py`: train the scorers and NAM."""
+    from .config import TrainConfig
+    from .training import train
+
+    return main(TrainConfig, train, argv)
+
+
+def test_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`fdsl-test` / `python test.py`: k-shot evaluation of a checkpoint."""
+    from .config import TestConfig
+    from .evaluation import evaluate
+
+    return main(TestConfig, evaluate, argv)

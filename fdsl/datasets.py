@@ -184,7 +184,7 @@ def load_meta(root: PathLike) -> Meta:
     if not os.path.isfile(path):
         raise DataError(f"No meta.json at {path!r}; " + _BUILDER_HINT.format(root=root) + ".")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path!r} is not valid JSON ({exc}); "
@@ -702,7 +702,7 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
     if not os.path.isfile(path):
         raise DataError(f"k-shot file {path!r} not found.")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read k-shot file {path!r} ({exc}).") from exc

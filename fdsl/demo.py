@@ -229,7 +229,7 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
 def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
     from .cli import run_job
-    from .utils import _LibraryNoise, setup_logging
+    from .utils import LibraryNoise, setup_logging
 
     args = build_parser().parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     demo_log = logging.FileHandler(Path(args.out) / "demo_log.txt", encoding="utf-8")
     demo_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                             "%Y-%m-%d %H:%M:%S"))
-    demo_log.addFilter(_LibraryNoise())
+    demo_log.addFilter(LibraryNoise())
     root.addHandler(demo_log)
 
     def explain(exc: FDSLError) -> str:

@@ -22,7 +22,14 @@ from tqdm import tqdm
 
 from . import metrics
 from .config import TestConfig, config_to_dict
-from .datasets import AnomalyDataset, load_reference_images, load_rgb, read_k_shot_file, sample_k_shot, write_k_shot_file
+from .datasets import (
+    AnomalyDataset,
+    load_reference_images,
+    load_rgb,
+    read_k_shot_file,
+    sample_k_shot,
+    write_k_shot_file,
+)
 from .errors import CheckpointError
 from .memory import FDSLMemory
 from .model import FDSL, image_score

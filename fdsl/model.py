@@ -174,7 +174,7 @@ class FDSL(nn.Module):
         self.runtime = runtime or Runtime()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> "FDSL":
+    def from_config(cls, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> FDSL:
         """Build the backbone and an untrained head from a model config (geometry checked first)."""
         cfg.validate()
         check_geometry(cfg)

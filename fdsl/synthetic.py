@@ -75,7 +75,7 @@ def _style_for(cls_name: str) -> _Style:
     return _CLASS_STYLES.get(cls_name, _STYLES[zlib.crc32(cls_name.encode()) % len(_STYLES)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _photo(name: str) -> np.ndarray:
     """A scikit-image sample picture as float32 RGB in [0, 1], shape (H, W, 3)."""
     raw = np.asarray(getattr(skdata, name)())
@@ -90,7 +90,7 @@ def _photo(name: str) -> np.ndarray:
     return img
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _texture(style: _Style) -> np.ndarray:
     """The tinted texture of a style, float32 RGB in [0, 1], shape (H, W, 3)."""
     img = _photo(style.texture)
@@ -106,7 +106,7 @@ def _texture(style: _Style) -> np.ndarray:
 _SCRATCH_COLOURS = np.array([[250, 250, 235], [12, 12, 18], [255, 230, 0]], dtype=np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scratch_colour(style: _Style) -> np.ndarray:
     """The scratch colour (RGB, 0-255) farthest from nearly all texture pixels."""
     pixels = _texture(style)[::4, ::4].reshape(-1, 3) * 255.0  # (N, 3)

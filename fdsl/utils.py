@@ -112,7 +112,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         torch.save(obj, fh)
 
 
-class _LibraryNoise(logging.Filter):
+class LibraryNoise(logging.Filter):
     """Drop open_clip's INFO chatter (it logs through the root logger); keep its warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -130,14 +130,14 @@ def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO) -
             h.close()
     console = logging.StreamHandler()
     console.setFormatter(fmt)
-    console.addFilter(_LibraryNoise())
+    console.addFilter(LibraryNoise())
     console._fdsl = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file, encoding="utf-8")
         fh.setFormatter(fmt)
-        fh.addFilter(_LibraryNoise())
+        fh.addFilter(LibraryNoise())
         fh._fdsl = True  # type: ignore[attr-defined]
         root.addHandler(fh)
     return root

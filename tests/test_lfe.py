@@ -22,17 +22,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from fdsl_test_utils import build_model, liven_head
 from torch import nn
 
 from fdsl.backbone import CLIPBackbone, register_model_configs
 from fdsl.cli import main
-from fdsl.config import ModelConfig, TrainConfig, build_parser, parse_config
+from fdsl.config import ModelConfig, RuntimeConfig, TrainConfig, build_parser, parse_config
 from fdsl.config import TestConfig as EvalConfig
 from fdsl.errors import ConfigError
 from fdsl.model import FDSL, combine_layers
-from fdsl.config import RuntimeConfig
 from fdsl.run import resolve_runtime
-from fdsl_test_utils import build_model, liven_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "FDSL-Tiny-ViT"

@@ -65,7 +65,8 @@ def test_mulmax_and_diff2_differ_on_unnormalised_data() -> None:
 def test_modes_agree_on_unit_vectors() -> None:
     # for unit-norm tokens argmax dot == argmin L2 (the default setting relies on it)
     query, bank = _data(200, 300, 16, seed=4, unit=True)
-    assert torch.equal(nearest_normal(query, bank, Alignment("mulmax")), nearest_normal(query, bank, Alignment("diff2")))
+    by_dot = nearest_normal(query, bank, Alignment("mulmax"))
+    assert torch.equal(by_dot, nearest_normal(query, bank, Alignment("diff2")))
 
 
 @pytest.mark.parametrize("mode", ["mulmax", "diff2"])

@@ -14,6 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from fdsl_test_utils import build_model, liven_head
 
 import fdsl.memory as memory_mod
 from fdsl.backbone import register_model_configs
@@ -22,7 +23,6 @@ from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig
 from fdsl.memory import Alignment, FDSLMemory, MemoryBank, nearest_in_items
 from fdsl.model import FDSL
-from fdsl_test_utils import build_model, liven_head
 
 MODEL = "FDSL-Tiny-ViT"
 SIZE, GRID, WIDTH, EMBED = 112, 8, 64, 32
@@ -190,7 +190,8 @@ def test_k1_indexed_equals_dense_on_a_bank() -> None:
     q_tokens, q_embeds = _query_data(5, 16, 8, 12, 2, seed=12)
     bank = MemoryBank(bank_tokens, item_embeds)
     for mode in ("mulmax", "diff2"):
-        for a, b in zip(bank.residuals(q_tokens, Alignment(mode, use_index=True), q_embeds), bank.residuals(q_tokens, Alignment(mode))):
+        indexed = bank.residuals(q_tokens, Alignment(mode, use_index=True), q_embeds)
+        for a, b in zip(indexed, bank.residuals(q_tokens, Alignment(mode))):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from fdsl_test_utils import liven_head
 
 from fdsl.backbone import register_model_configs
 from fdsl.checkpoint import save_checkpoint
@@ -21,7 +22,6 @@ from fdsl.config import ModelConfig, TestConfig, config_to_dict
 from fdsl.evaluation import Evaluator
 from fdsl.model import FDSL
 from fdsl.synthetic import make_synthetic_dataset
-from fdsl_test_utils import liven_head
 
 TINY = "FDSL-Tiny-ViT"
 LAYERS = [1, 2, 3, 4]
