@@ -11,6 +11,14 @@ from fdsl.run import resolve_runtime
 _RUNTIME_FIELDS = {f.name for f in dataclasses.fields(RuntimeConfig)}
 
 
+def tiny_lfe_settings(weights, layers=(2, 4), **overrides) -> dict:
+    """Flat settings of the tiny CLIP at 112 px (8×8 grid) with LFE `mul` 4/2, from a weights file."""
+    kw = dict(model="FDSL-Tiny-ViT", pretrained=str(weights), image_size=112, features_list=list(layers),
+              few_shot_features=list(layers), winmode="mul", win_size=4, win_stride=2)
+    kw.update(overrides)
+    return kw
+
+
 def build_model(**settings) -> FDSL:
     """An FDSL model from flat command-line-style settings: method ones to ModelConfig, runtime ones
     (win_batch, bank_dtype, align_chunk_mb, precision) resolved on the CPU as a run would."""

@@ -11,9 +11,6 @@ from fdsl.errors import ConfigError
 # EvalConfig (fdsl.config.TestConfig) requires a checkpoint; every test-side parse starts from this.
 CKPT = ["--checkpoint_path", "ckpt.pth"]
 
-# Options that are parsed but rejected by validation because they are not implemented yet.
-# When one is implemented, move it to False here: its test then checks that it parses instead.
-
 
 def _test(*argv: str) -> EvalConfig:
     return parse_config(EvalConfig, [*CKPT, *argv])

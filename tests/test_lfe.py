@@ -22,7 +22,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from fdsl_test_utils import build_model, liven_head
+from fdsl_test_utils import build_model, liven_head, tiny_lfe_settings
 from torch import nn
 
 from fdsl.backbone import CLIPBackbone, register_model_configs
@@ -57,20 +57,13 @@ def imgs() -> torch.Tensor:
     return torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(12))
 
 
-def _cfg_kwargs(weights: Path, **overrides) -> dict:
-    kw = dict(model=MODEL, pretrained=str(weights), image_size=SIZE, features_list=list(LAYERS),
-              few_shot_features=list(LAYERS), winmode="mul", win_size=4, win_stride=2)
-    kw.update(overrides)
-    return kw
-
-
 def _cfg(weights: Path, **overrides) -> ModelConfig:
-    return ModelConfig(**_cfg_kwargs(weights, **overrides))
+    return ModelConfig(**tiny_lfe_settings(weights, LAYERS, **overrides))
 
 
 def _model(weights: Path, **overrides) -> FDSL:
     torch.manual_seed(13)  # the same untrained head for every model built here
-    return build_model(**_cfg_kwargs(weights, **overrides)).eval()
+    return build_model(**tiny_lfe_settings(weights, LAYERS, **overrides)).eval()
 
 
 def _liven(model: FDSL, imgs: torch.Tensor) -> FDSL:

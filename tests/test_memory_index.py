@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from fdsl_test_utils import build_model, liven_head
+from fdsl_test_utils import build_model, liven_head, tiny_lfe_settings
 
 import fdsl.memory as memory_mod
 from fdsl.backbone import register_model_configs
@@ -210,15 +210,8 @@ def imgs() -> torch.Tensor:
     return torch.randn(8, 3, SIZE, SIZE, generator=_gen(22))
 
 
-def _cfg_kwargs(weights: Path, **overrides) -> dict:
-    kw = dict(model=MODEL, pretrained=str(weights), image_size=SIZE, features_list=list(LAYERS),
-              few_shot_features=list(LAYERS), winmode="mul", win_size=4, win_stride=2)
-    kw.update(overrides)
-    return kw
-
-
 def _cfg(weights: Path, **overrides) -> ModelConfig:
-    return ModelConfig(**_cfg_kwargs(weights, **overrides))
+    return ModelConfig(**tiny_lfe_settings(weights, LAYERS, **overrides))
 
 
 def _liven(model: FDSL, imgs: torch.Tensor) -> FDSL:
@@ -229,7 +222,7 @@ def _models(weights: Path, imgs: torch.Tensor, *overrides: dict) -> list[FDSL]:
     models = []
     for o in overrides:
         torch.manual_seed(23)
-        models.append(build_model(**_cfg_kwargs(weights, **o)).eval())
+        models.append(build_model(**tiny_lfe_settings(weights, LAYERS, **o)).eval())
     _liven(models[0], imgs)
     for m in models[1:]:
         m.head.load_state_dict(models[0].head.state_dict())

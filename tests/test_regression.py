@@ -18,7 +18,8 @@ from fdsl_test_utils import liven_head
 
 from fdsl.backbone import register_model_configs
 from fdsl.checkpoint import save_checkpoint
-from fdsl.config import ModelConfig, TestConfig, config_to_dict
+from fdsl.config import ModelConfig, config_to_dict
+from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.evaluation import Evaluator
 from fdsl.model import FDSL
 from fdsl.synthetic import make_synthetic_dataset
@@ -59,7 +60,7 @@ def _build(tmp: Path) -> tuple[Path, Path, Path]:
 
 def run_variant(tmp: Path, data: Path, weights: Path, ckpt: Path, name: str) -> list:
     opts = dict(VARIANTS[name])
-    cfg = TestConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
+    cfg = EvalConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
                      few_shot_features=list(LAYERS), data_path=str(data), checkpoint_path=str(ckpt),
                      save_path=str(tmp / f"run_{name}"), batch_size=4, num_workers=0, device="cpu",
                      seed=5, aupro=False, **opts)

@@ -1,0 +1,120 @@
+"""Checkpoints: our own format, and the released code's ``{'trainable_RR': state_dict}`` files.
+
+Our format is ``{"format": "fdsl", "version": 1, "epoch": int, "head": state_dict,
+"model_config": dict, "optimizer": state_dict | None}``. Both are read with
+``torch.load(weights_only=True)``; the format is detected from the keys.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .utils import PathLike, atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fdsl"
+VERSION = 1
+_RELEASED_KEY = "trainable_RR"
+_RELEASED_PREFIXES = {"clsList.": "scorers.", "convRes.": "nam."}
+_RELEASED_UNUSED = ("adapterList.", "zeroClsModule.", "rAttn.", "resfus.")
+
+
+def save_checkpoint(path: PathLike, head: nn.Module, model_config: Dict[str, Any], epoch: int,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Write an FDSL checkpoint atomically (a crash never leaves a half-written file)."""
+    atomic_torch_save({
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": int(epoch),
+        "head": head.state_dict(),
+        "model_config": model_config,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }, path)
+
+
+def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``); errors name the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} safely (weights_only=True): {exc}") from exc
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ck).__name__}, not a dict")
+    return ck
+
+
+def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: bool) -> Dict[str, torch.Tensor]:
+    """Map the released code's keys (METHOD.md §4 table) onto `FDSLHead` names; unused options dropped."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k.startswith(_RELEASED_UNUSED):
+            continue
+        for old, new in _RELEASED_PREFIXES.items():
+            if k.startswith(old):
+                out[new + k[len(old):]] = v
+                break
+    layers = {int(m.group(1)) for k in out if (m := re.match(r"scorers\.(\d+)\.", k))}
+    if layers and max(layers) >= num_layers:
+        raise CheckpointError(f"the checkpoint has scorers for {max(layers) + 1} layers but --features_list "
+                              f"gives {num_layers}; use the layer list it was trained with")
+    return out
+
+
+def _fit(head: nn.Module, state: Dict[str, torch.Tensor], path: Path, use_nam: bool) -> None:
+    """Load `state` into `head` strictly, explaining every missing, unexpected or mis-shaped key."""
+    own = head.state_dict()
+    if not use_nam:  # NAM weights are unused then: ignore whatever the file holds for them
+        state = {k: v for k, v in state.items() if not k.startswith("nam.")}
+    needed = {k for k in own if (use_nam or not k.startswith("nam.")) and not k.endswith("num_batches_tracked")}
+    missing = sorted(needed - set(state))
+    unexpected = sorted(k for k in set(state) - set(own))
+    wrong = sorted(k for k in needed & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)} "
+                         f"({len(wrong)} such key(s); was it trained with another backbone width?)")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:4]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
+        raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
+    merged = dict(own)
+    merged.update({k: v.to(own[k].dtype) for k, v in state.items()})
+    head.load_state_dict(merged, strict=True)
+
+
+def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -> Dict[str, Any]:
+    """Load trained weights into `head` from our checkpoint or a released-code one.
+
+    Returns the checkpoint's metadata: ``{"format", "epoch", "model_config", "optimizer"}`` (all but the
+    format may be None; released checkpoints carry none of them).
+    """
+    path = Path(path)
+    ck = read_checkpoint(path)
+    if _RELEASED_KEY in ck:
+        state = convert_released(ck[_RELEASED_KEY], num_layers, use_nam)
+        fmt, epoch, mcfg = "released", None, None
+        log.info("checkpoint %s: released-code format ({'%s': ...}), %d tensors used", path, _RELEASED_KEY,
+                 len(state))
+    elif ck.get("format") == FORMAT:
+        state, fmt, epoch, mcfg = ck["head"], FORMAT, ck.get("epoch"), ck.get("model_config")
+        log.info("checkpoint %s: FDSL format, epoch %s", path, epoch)
+    else:
+        raise CheckpointError(f"checkpoint {path} is neither an FDSL checkpoint nor a released-code one "
+                              f"(top-level keys: {sorted(ck)[:6]})")
+    _fit(head, state, path, use_nam)
+    optimizer = ck.get("optimizer") if fmt == FORMAT else None
+    return {"format": fmt, "epoch": epoch, "model_config": mcfg, "optimizer": optimizer}

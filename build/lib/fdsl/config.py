@@ -1,0 +1,240 @@
+"""Run configuration: one dataclass field per setting, argparse flags generated from the fields.
+
+Every field carries its flag names (the released code's spellings are kept as aliases),
+its help text and, where it has one, its set of allowed values. The command line maps
+one-to-one onto the fields: an unknown flag is an error, never silently swallowed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from .errors import ConfigError
+
+WINMODES = ("nan", "mul", "onlywin")
+ALIGN_MODES = ("mulmax", "diff2")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BANK_DTYPES = ("auto", "fp32", "fp16")
+DATASETS = ("mvtec", "visa")
+
+
+def _opt(default: Any, *flags: str, help: str, choices: Optional[Sequence[Any]] = None, nargs: Optional[str] = None):
+    """A dataclass field that knows its command-line flags."""
+    meta = {"flags": flags, "help": help, "choices": choices, "nargs": nargs}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_bool(value: str) -> bool:
+    """Parse the released code's 0/1 switches (and true/false, yes/no)."""
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone, which layers and which FDSL components. Saved with every checkpoint."""
+
+    model: str = _opt("ViT-L-14-336", "--model", help="open_clip architecture name")
+    pretrained: str = _opt(
+        "openai", "--pretrained",
+        help="CLIP weights: a pretrained tag (openai), a local weights file, or 'none' (random init; tests only)")
+    model_config: Optional[str] = _opt(
+        None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building")
+    image_size: int = _opt(518, "--image_size", help="input size S; the patch grid is S / patch size")
+    features_list: list = _opt(
+        [6, 12, 18, 24], "--features_list", nargs="+",
+        help="1-based transformer blocks whose residual tokens are scored")
+    few_shot_features: list = _opt(
+        [6, 12, 18, 24], "--few_shot_features", nargs="+",
+        help="1-based blocks stored in the memory bank; must equal --features_list")
+    quick_gelu: bool = _opt(
+        False, "--quick_gelu",
+        help="use CLIP's native QuickGELU (default GELU, as the released code and the paper's numbers)")
+    use_norm: bool = _opt(True, "--use_norm", "--useNorm", help="L2-normalise every token over its channels")
+    align_mode: str = _opt("mulmax", "--align_mode", "--alignMode", choices=ALIGN_MODES,
+                           help="nearest-normal search: mulmax (max dot product) or diff2 (min L2 distance)")
+    use_abs: bool = _opt(True, "--use_abs", help="residual |f - f_hat| (default) instead of f - f_hat")
+    use_nam: bool = _opt(True, "--use_nam", "--useNAM", "--useConvRes",
+                         help="refine per-layer prob maps with the neighbour-aggregation conv (NAM)")
+    winmode: str = _opt("nan", "--winmode", choices=WINMODES,
+                        help="local branch (LFE): nan (off), mul (blend with global), onlywin")
+    win_size: int = _opt(13, "--win_size", "--winsize", help="LFE window side, in patches")
+    win_stride: int = _opt(2, "--win_stride", "--winstride", help="LFE window stride, in patches")
+    win_weight: float = _opt(0.5, "--win_weight", "--winwight", help="LFE blend weight w in (1-w)*global + w*window")
+    use_img_idx: bool = _opt(False, "--use_img_idx", "--useImgIdx",
+                             help="image-feature index memory bank (align against the most similar reference only)")
+
+    def validate(self) -> None:
+        """Reject invalid or not-yet-supported combinations with a clear message."""
+        if sorted(self.features_list) != sorted(self.few_shot_features):
+            raise ConfigError(
+                f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
+                "FDSL aligns and scores the same layers, so give both the same list")
+        if (len(set(self.features_list)) != len(self.features_list) or min(self.features_list) < 1
+                or list(self.features_list) != sorted(self.features_list)):
+            raise ConfigError("--features_list must hold distinct 1-based block numbers in increasing order, "
+                              f"got {self.features_list}")
+        if self.image_size < 1:
+            raise ConfigError(f"--image_size must be positive, got {self.image_size}")
+        if self.win_size < 1 or self.win_stride < 1:
+            raise ConfigError(f"--win_size {self.win_size} and --win_stride {self.win_stride} must be positive")
+        if not 0.0 <= self.win_weight <= 1.0:
+            raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the model runs: device, precision and memory bounds. None of these changes the method."""
+
+    device: str = _opt("auto", "--device", help="cpu, a CUDA index (0) or cuda:N; auto picks cuda:0 when present")
+    precision: str = _opt("auto", "--precision", choices=PRECISIONS,
+                          help="autocast dtype: auto = fp16 on CUDA, fp32 on CPU")
+    win_batch: int = _opt(16, "--win_batch", help="how many windows are encoded by the backbone at once")
+    bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
+                           help="memory bank storage dtype (auto: the compute dtype)")
+    align_chunk_mb: int = _opt(64, "--align_chunk_mb",
+                               help="bound, in MiB, on the similarity block computed at once during alignment")
+
+    def validate(self) -> None:
+        """Reject non-positive memory bounds."""
+        if self.win_batch < 1:
+            raise ConfigError(f"--win_batch must be positive, got {self.win_batch}")
+        if self.align_chunk_mb < 1:
+            raise ConfigError(f"--align_chunk_mb must be positive, got {self.align_chunk_mb}")
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by training and evaluation runs."""
+
+    dataset: str = _opt("mvtec", "--dataset", choices=DATASETS, help="dataset layout of --data_path")
+    save_path: str = _opt("./results", "--save_path", help="run folder: checkpoints, logs, results")
+    batch_size: int = _opt(8, "--batch_size", help="images per batch")
+    num_workers: int = _opt(2, "--num_workers", help="data-loading worker processes")
+    seed: int = _opt(111, "--seed", help="random seed (reference-image choice, augmentations)")
+    classes: Optional[list] = _opt(None, "--classes", nargs="+", help="restrict to these classes (default: all)")
+
+
+@dataclass
+class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
+    """`train.py`: fit the scorers and NAM on a dataset's test split (cross-dataset protocol)."""
+
+    train_data_path: str = _opt("data/visa", "--train_data_path", "--data_path",
+                                help="root of the training dataset (holding meta.json)")
+    epoch: int = _opt(5, "--epoch", "--epochs", help="number of training epochs")
+    learning_rate: float = _opt(1e-3, "--learning_rate", "--lr", help="Adam learning rate")
+    save_freq: int = _opt(1, "--save_freq", help="save a checkpoint every this many epochs")
+    k_shot: int = _opt(10, "--k_shot", help="reference images per class in the training memory bank")
+    augment: str = _opt("auto", "--augment", choices=("auto", "none", "mvtec", "visa"),
+                        help="training augmentation; auto follows --dataset (MVTec mosaic / VisA crops)")
+    resume: bool = _opt(True, "--resume", help="continue from the newest checkpoint in --save_path when present")
+
+    def validate(self) -> None:
+        ModelConfig.validate(self)
+        RuntimeConfig.validate(self)
+        for name in ("epoch", "save_freq", "k_shot", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
+    """`test.py`: k-shot evaluation of a trained checkpoint, per class."""
+
+    data_path: str = _opt("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)")
+    checkpoint_path: str = _opt("", "--checkpoint_path", help="trained weights: ours or the released code's")
+    k_shot: int = _opt(1, "--k_shot", "--kshot", help="normal reference images per class")
+    k_shot_file: Optional[str] = _opt(None, "--k_shot_file",
+                                      help="reuse reference images listed in this file (ours or the released code's)")
+    seeds: Optional[list] = _opt(None, "--seeds", nargs="+",
+                                 help="several seeds in one pass (test features computed once); overrides --seed")
+    cal_image_size: int = _opt(240, "--cal_image_size", "--calImage_size",
+                               help="evaluation resolution of anomaly maps and masks")
+    save_images: bool = _opt(False, "--save_images", help="write a side-by-side PNG per test image")
+    aupro: bool = _opt(True, "--aupro", help="compute AUPRO (exact)")
+
+    def validate(self) -> None:
+        ModelConfig.validate(self)
+        RuntimeConfig.validate(self)
+        if not self.checkpoint_path:
+            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
+        if self.k_shot < 1:
+            raise ConfigError(f"--k_shot must be positive, got {self.k_shot}")
+        if self.cal_image_size < 1:
+            raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
+            raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
+
+    def run_seeds(self) -> list:
+        """The seeds this run evaluates, in order."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+
+def _field_type(f: dataclasses.Field):
+    """The argparse `type` of a field, from its annotation (annotations are strings here)."""
+    ann = str(f.type)
+    if "bool" in ann:
+        return parse_bool
+    if "float" in ann:
+        return float
+    if "int" in ann:
+        return int
+    if f.name in ("features_list", "few_shot_features", "seeds"):
+        return int
+    return str
+
+
+def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser whose flags map one-to-one onto the fields of the dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description or cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kwargs: dict = {"dest": f.name, "help": meta["help"], "type": _field_type(f)}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs["default"] = default
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
+        if kwargs["type"] is parse_bool:
+            kwargs["metavar"] = "{0,1}"
+        parser.add_argument(*meta["flags"], **kwargs)
+    return parser
+
+
+def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = ""):
+    """Parse `argv` into a validated `cls` instance. Unknown flags are errors."""
+    ns = build_parser(cls, description).parse_args(argv)
+    cfg = cls(**vars(ns))
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def part_of(cfg: Any, cls: type):
+    """The `cls` part (e.g. `ModelConfig`, `RuntimeConfig`) of a train or test config."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+
+
+def model_config_from(cfg: Any) -> ModelConfig:
+    """The `ModelConfig` part of a train or test config: the method's hyper-parameters."""
+    return part_of(cfg, ModelConfig)

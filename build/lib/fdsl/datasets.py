@@ -1,0 +1,782 @@
+"""Datasets, image loading and k-shot reference selection for MVTec AD and VisA.
+
+This module is the *reading* side of ``meta.json`` (``data/mvtec.py`` and
+``data/visa.py`` write it). It provides:
+
+* ``load_meta``: read and validate ``<root>/meta.json`` (paths must stay inside root);
+* ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``);
+* ``image_transform`` / ``mask_transform``: the released preprocessing (squash resize on
+  the PIL image, bicubic, OpenAI normalisation; masks bilinear then ``> 0.5``);
+* ``AnomalyDataset``: a map-style dataset, with the training augmentations of METHOD §8
+  (MVTec mosaic, VisA crops) applied to PIL image/mask pairs *before* normalisation;
+* k-shot helpers: ``sample_k_shot``, ``read_k_shot_file``, ``write_k_shot_file`` and
+  ``load_reference_images``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import zlib
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from fdsl.errors import ConfigError, DataError
+from fdsl.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SPLITS = ("train", "test")
+ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
+AUGMENTS = ("mvtec", "visa")
+
+# Augmentation probabilities (METHOD §8).
+MOSAIC_PROB = 0.3
+VISA_AUG_PROB = 0.6
+VISA_NORMAL_CROP_PROB = 0.5
+VISA_SMALL_CROP_PROB = 0.6
+VISA_SMALL_CROP = 50
+VISA_LARGE_CROP = 100
+
+PathLike = Union[str, "os.PathLike[str]"]
+Meta = Dict[str, Dict[str, List[dict]]]
+
+_BUILDER_HINT = (
+    "build it with `python data/mvtec.py --root {root}` (MVTec AD) or "
+    "`python data/visa.py --root {root}` (VisA)"
+)
+
+
+# ----------------------------------------------------------------------------- meta.json
+
+
+def _normalise_rel_path(raw: str) -> str:
+    """Turn a path string into a normalised, forward-slash relative form (no checks)."""
+    path = raw.replace("\\", "/")
+    return posixpath.normpath(path) if path else path
+
+
+def _is_absolute(raw: str) -> bool:
+    """True for POSIX absolute paths, Windows drive paths (``C:...``) and UNC paths."""
+    path = raw.replace("\\", "/")
+    return path.startswith("/") or (len(path) >= 2 and path[1] == ":" and path[0].isalpha())
+
+
+def _check_inside_root(rel: str, raw: str, root_real: str, where: str) -> str:
+    """Validate one item path from meta.json and return its normalised relative form.
+
+    Rejects absolute paths, paths that climb out of the root with ``..`` and paths that a
+    symlink sends outside the root. ``where`` names the item for the message.
+    """
+    if _is_absolute(raw):
+        raise DataError(
+            f"{where}: path {raw!r} is absolute; meta.json paths must be relative to the "
+            f"dataset root {root_real!r}. Rebuild meta.json with the data/ scripts."
+        )
+    norm = _normalise_rel_path(raw)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise DataError(
+            f"{where}: path {raw!r} points outside the dataset root {root_real!r}. "
+            "Refusing to read it; rebuild meta.json with the data/ scripts."
+        )
+    resolved = os.path.realpath(os.path.join(root_real, *norm.split("/")))
+    if os.path.commonpath([resolved, root_real]) != root_real:
+        raise DataError(
+            f"{where}: path {raw!r} resolves to {resolved!r}, outside the dataset root "
+            f"{root_real!r} (a symlink leaves the root). Refusing to read it; move the "
+            "files inside the root or rebuild meta.json."
+        )
+    return norm
+
+
+def validate_meta(meta: object, root: PathLike, source: str = "meta") -> Meta:
+    """Check the structure of a meta dictionary and normalise its paths.
+
+    Args:
+        meta: the parsed JSON, ``{"train": {cls: [item]}, "test": {cls: [item]}}``.
+        root: the dataset root the item paths are relative to.
+        source: where ``meta`` came from, for messages (e.g. the meta.json path).
+
+    Returns:
+        A new dictionary of the same shape whose items carry forward-slash, normalised
+        relative paths and an ``int`` anomaly label.
+
+    Raises:
+        DataError: on a missing key, a wrong type, a bad anomaly label, or any path that is
+            absolute or resolves outside ``root``.
+    """
+    if not isinstance(meta, dict):
+        raise DataError(f"{source}: expected a JSON object with keys 'train' and 'test', "
+                        f"got {type(meta).__name__}.")
+    missing = [s for s in SPLITS if s not in meta]
+    if missing:
+        raise DataError(f"{source}: missing top-level key(s) {missing}; expected "
+                        f"{{'train': {{cls: [item]}}, 'test': {{cls: [item]}}}}. "
+                        f"Rebuild it with the data/ scripts.")
+    root_real = os.path.realpath(os.fspath(root))
+    out: Meta = {}
+    for split in SPLITS:
+        per_class = meta[split]
+        if not isinstance(per_class, dict):
+            raise DataError(f"{source}: meta[{split!r}] must map class names to lists of "
+                            f"items, got {type(per_class).__name__}.")
+        out[split] = {}
+        for cls, items in per_class.items():
+            if not isinstance(items, list):
+                raise DataError(f"{source}: meta[{split!r}][{cls!r}] must be a list of "
+                                f"items, got {type(items).__name__}.")
+            clean = []
+            for i, item in enumerate(items):
+                where = f"{source}: meta[{split!r}][{cls!r}][{i}]"
+                if not isinstance(item, dict):
+                    raise DataError(f"{where} must be an object, got {type(item).__name__}.")
+                lacking = [key for key in ITEM_KEYS if key not in item]
+                if lacking:
+                    raise DataError(f"{where} lacks key(s) {lacking}; every item needs "
+                                    f"{list(ITEM_KEYS)}. Rebuild meta.json with the data/ scripts.")
+                img_raw, mask_raw = item["img_path"], item["mask_path"]
+                if not isinstance(img_raw, str) or not img_raw:
+                    raise DataError(f"{where}: img_path must be a non-empty string, got {img_raw!r}.")
+                if not isinstance(mask_raw, str):
+                    raise DataError(f"{where}: mask_path must be a string ('' for normal "
+                                    f"images), got {mask_raw!r}.")
+                anomaly = item["anomaly"]
+                if isinstance(anomaly, bool) or anomaly not in (0, 1):
+                    raise DataError(f"{where}: anomaly must be 0 or 1, got {anomaly!r}.")
+                new = dict(item)
+                new["img_path"] = _check_inside_root(img_raw, img_raw, root_real, where)
+                new["mask_path"] = (
+                    _check_inside_root(mask_raw, mask_raw, root_real, where) if mask_raw else ""
+                )
+                new["anomaly"] = int(anomaly)
+                clean.append(new)
+            out[split][cls] = clean
+    return out
+
+
+def load_meta(root: PathLike) -> Meta:
+    """Read and validate ``<root>/meta.json``.
+
+    Args:
+        root: the dataset root.
+
+    Returns:
+        ``{"train": {cls: [item]}, "test": {cls: [item]}}`` with each item's ``img_path``
+        and ``mask_path`` relative to ``root`` in normalised forward-slash form.
+
+    Raises:
+        DataError: when the file is missing, is not valid JSON, lacks keys, or names a path
+            that is absolute or resolves (``..``, symlinks) outside ``root``.
+    """
+    root = os.fspath(root)
+    path = os.path.join(root, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"No meta.json at {path!r}; " + _BUILDER_HINT.format(root=root) + ".")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path!r} is not valid JSON ({exc}); "
+                        + _BUILDER_HINT.format(root=root) + ".") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read {path!r} ({exc}).") from exc
+    meta = validate_meta(raw, root, source=path)
+    logger.debug("Loaded %s: %d train / %d test classes, %d train / %d test items", path,
+                 len(meta["train"]), len(meta["test"]),
+                 sum(len(v) for v in meta["train"].values()),
+                 sum(len(v) for v in meta["test"].values()))
+    return meta
+
+
+def select_classes(meta: Mapping, classes: Optional[Sequence[str]], root: PathLike) -> List[str]:
+    """The classes to run: `classes` (default: every test class), each present in both splits."""
+    chosen = list(classes) if classes else list(meta["test"])
+    unknown = [c for c in chosen if c not in meta["test"] or c not in meta["train"]]
+    if unknown:
+        raise DataError(f"class(es) {unknown} not in both splits of {os.fspath(root)}/meta.json; "
+                        f"available: {sorted(set(meta['test']) & set(meta['train']))}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- image loading
+
+
+def _open_fully(path: str, what: str) -> Image.Image:
+    """Open an image and force a full decode, so truncated files fail here."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file not found: {path!r}. Check the dataset root and meta.json.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            # Detach from the file handle: copy() keeps mode, palette and info.
+            return img.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"Cannot decode {what.lower()} {path!r} ({type(exc).__name__}: {exc}). "
+                        "The file is corrupt or truncated; re-download or re-extract it.") from exc
+
+
+def _scale_wide_gray(img: Image.Image, path: str) -> np.ndarray:
+    """Map a 16/32-bit integer or float grayscale image to uint8 (H, W)."""
+    arr = np.asarray(img)
+    mode = img.mode
+    if mode.startswith("I;16"):
+        # 0..65535 -> 0..255 exactly (65535 / 257 = 255).
+        return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    data = arr.astype(np.float64)
+    if not np.all(np.isfinite(data)):
+        logger.warning("%s: %d non-finite pixel(s) in mode %s image set to 0", path,
+                       int(np.sum(~np.isfinite(data))), mode)
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if mode == "I" and lo >= 0 and hi <= 65535:
+        # 16-bit data stored as 32-bit ints (how older Pillow opens 16-bit PNGs).
+        scaled = data / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1.0:
+        scaled = data * 255.0
+    elif hi > lo:
+        logger.warning("%s: mode %s values span [%g, %g]; min-max scaled to 0..255",
+                       path, mode, lo, hi)
+        scaled = (data - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = data
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image, path: str = "<image>") -> Image.Image:
+    """Convert a PIL image of any common mode to 8-bit ``RGB``.
+
+    Alpha is dropped (as the released code's ``.convert('RGB')`` does); palettes are
+    expanded; 16-bit, 32-bit integer and float grayscale are scaled to 8 bits rather than
+    clipped (``I;16``: value / 257).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        out = Image.fromarray(_scale_wide_gray(img, path), mode="L").convert("RGB")
+    elif mode in ("P", "PA"):
+        # Via RGBA so palette transparency is handled without Pillow's warning.
+        out = img.convert("RGBA").convert("RGB")
+    else:
+        try:
+            out = img.convert("RGB")
+        except ValueError as exc:
+            raise DataError(f"Cannot convert {path!r} from mode {mode!r} to RGB ({exc}). "
+                            "Convert the file to an 8-bit RGB or grayscale PNG.") from exc
+    logger.debug("Converted %s from mode %s to RGB", path, mode)
+    return out
+
+
+def load_rgb(path: PathLike) -> Image.Image:
+    """Load an image file as an 8-bit ``RGB`` PIL image (fully decoded).
+
+    Raises:
+        DataError: naming ``path`` when it is missing, corrupt or truncated.
+    """
+    path = os.fspath(path)
+    return to_rgb(_open_fully(path, "Image"), path)
+
+
+def load_mask(
+    path: PathLike,
+    image_size_wh: Optional[Tuple[int, int]],
+    binarize_nonzero: bool = True,
+    image_path: Optional[PathLike] = None,
+) -> Image.Image:
+    """Load a ground-truth mask as a binary ``L`` image holding only 0 and 255.
+
+    Args:
+        path: the mask file.
+        image_size_wh: ``(W, H)`` of the image the mask belongs to, or None to skip the check.
+        binarize_nonzero: foreground is any value ``> 0`` (VisA masks hold small label
+            values such as 1; MVTec's 0/255 is unchanged). If False, foreground is
+            ``>= 128`` on the 8-bit grayscale mask.
+        image_path: the image's path, only for the size-mismatch message.
+
+    Returns:
+        PIL ``L`` image of size ``(W, H)``, values in {0, 255}.
+
+    Raises:
+        DataError: naming the path(s) when the mask is missing, corrupt, or its size differs
+            from ``image_size_wh``.
+    """
+    path = os.fspath(path)
+    img = _open_fully(path, "Mask")
+    if image_size_wh is not None and tuple(img.size) != tuple(image_size_wh):
+        of_image = f" of image {os.fspath(image_path)!r}" if image_path is not None else ""
+        raise DataError(f"Mask {path!r} has size {img.size[0]}x{img.size[1]} (WxH) but the "
+                        f"image{of_image} is {image_size_wh[0]}x{image_size_wh[1]}. "
+                        "The mask does not belong to this image; check meta.json.")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        data = np.asarray(img).astype(np.float64)
+        fg = data > 0 if binarize_nonzero else data >= 0.5 * (65535 if img.mode != "F" else 1.0)
+    else:
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA")
+        gray = np.asarray(img.convert("L"))
+        fg = gray > 0 if binarize_nonzero else gray >= 128
+    return Image.fromarray(fg.astype(np.uint8) * 255, mode="L")
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _check_size(size: object, name: str) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {size!r}.")
+    return int(size)
+
+
+class _Binarize:
+    """Callable ``t -> (t > threshold).float()``; a class so DataLoader workers can pickle it."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return (t > self.threshold).float()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threshold={self.threshold})"
+
+
+def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The released test-time preprocessing: PIL RGB -> normalised tensor (3, S, S).
+
+    Squash-resizes the PIL image to ``S x S`` with bicubic interpolation (no crop, aspect
+    ratio not kept, so masks resized the same way stay aligned), then ToTensor and the
+    OpenAI CLIP mean/std.
+    """
+    size = _check_size(image_size, "image_size")
+    return transforms.Compose([
+        transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(OPENAI_MEAN, OPENAI_STD),
+    ])
+
+
+def mask_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL ``L`` mask (0/255) -> float tensor (1, size, size) holding 0/1.
+
+    PIL bilinear resize to ``size x size``, scale to [0, 1], binarise at 0.5 (METHOD §6).
+    """
+    size = _check_size(size, "mask size")
+    return transforms.Compose([
+        transforms.Resize((size, size), interpolation=InterpolationMode.BILINEAR),
+        transforms.ToTensor(),
+        _Binarize(0.5),
+    ])
+
+
+def _to_tensor_normalised() -> Callable[[Image.Image], torch.Tensor]:
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+
+def _resize_mask(mask: Image.Image, size_wh: Tuple[int, int]) -> Image.Image:
+    """Bilinear resize of a 0/255 mask, re-binarised at 0.5 (>= 128) so it stays 0/255."""
+    if mask.size == tuple(size_wh):
+        return mask
+    resized = np.asarray(mask.resize(size_wh, Image.Resampling.BILINEAR))
+    return Image.fromarray((resized >= 128).astype(np.uint8) * 255, mode="L")
+
+
+def _mask_has_anomaly(mask: Image.Image) -> bool:
+    return bool(np.asarray(mask).any())
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+
+def mosaic(pairs: Sequence[Tuple[Image.Image, Image.Image]], size: int) -> Tuple[Image.Image, Image.Image]:
+    """Tile four (image, mask) pairs into a 2 x 2 mosaic of ``size x size``.
+
+    Order: ``pairs[0]`` top-left, ``[1]`` top-right, ``[2]`` bottom-left, ``[3]``
+    bottom-right. Each tile is resized to its cell (about ``size / 2``): images bicubic,
+    masks bilinear then re-binarised, so the output mask holds only 0/255.
+
+    Args:
+        pairs: four ``(RGB image, L mask)`` pairs; each pair's image and mask share a size.
+        size: output side ``S``.
+
+    Returns:
+        ``(RGB image S x S, L mask S x S)``.
+    """
+    size = _check_size(size, "mosaic size")
+    if len(pairs) != 4:
+        raise ConfigError(f"mosaic needs exactly 4 (image, mask) pairs, got {len(pairs)}.")
+    if size < 2:
+        raise ConfigError(f"mosaic size must be at least 2, got {size}.")
+    half = size // 2
+    cells = [(0, 0, half, half), (half, 0, size - half, half),
+             (0, half, half, size - half), (half, half, size - half, size - half)]  # x, y, w, h
+    out_img = Image.new("RGB", (size, size))
+    out_mask = Image.new("L", (size, size), 0)
+    for i, ((img, mask), (x, y, w, h)) in enumerate(zip(pairs, cells)):
+        if img.size != mask.size:
+            raise DataError(f"mosaic pair {i}: image size {img.size} differs from mask size {mask.size}.")
+        out_img.paste(to_rgb(img).resize((w, h), Image.Resampling.BICUBIC), (x, y))
+        out_mask.paste(_resize_mask(mask.convert("L"), (w, h)), (x, y))
+    return out_img, out_mask
+
+
+def random_crop_resize(
+    img: Image.Image,
+    mask: Image.Image,
+    crop: int,
+    size: int,
+    rng: np.random.Generator,
+    must_contain_anomaly: bool,
+) -> Tuple[Image.Image, Image.Image]:
+    """Crop the same random ``crop x crop`` window from image and mask, resize back to S x S.
+
+    Args:
+        img: RGB image, already ``S x S`` (any size works; the window lives in its pixels).
+        mask: ``L`` mask (0/255) of the same size.
+        crop: window side in pixels; clamped to the image's shorter side.
+        size: output side ``S``.
+        rng: the random source.
+        must_contain_anomaly: pick a random anomalous pixel, then a window position that
+            contains it (clamped to the image). Falls back to a uniform window when the
+            mask is empty.
+
+    Returns:
+        ``(RGB image S x S, L mask S x S)``; image bicubic, mask bilinear re-binarised 0/255.
+    """
+    size = _check_size(size, "crop output size")
+    crop = _check_size(crop, "crop")
+    if img.size != mask.size:
+        raise DataError(f"random_crop_resize: image size {img.size} differs from mask size {mask.size}.")
+    width, height = img.size
+    crop = min(crop, width, height)
+    x0: int
+    y0: int
+    if must_contain_anomaly:
+        ys, xs = np.nonzero(np.asarray(mask))
+        if len(xs) == 0:
+            logger.debug("random_crop_resize: anomaly requested but the mask is empty; uniform window")
+            must_contain_anomaly = False
+        else:
+            j = int(rng.integers(len(xs)))
+            px, py = int(xs[j]), int(ys[j])
+            # Window [x0, x0 + crop) contains px and stays inside [0, width).
+            x0 = int(rng.integers(max(0, px - crop + 1), min(px, width - crop) + 1))
+            y0 = int(rng.integers(max(0, py - crop + 1), min(py, height - crop) + 1))
+    if not must_contain_anomaly:
+        x0 = int(rng.integers(0, width - crop + 1))
+        y0 = int(rng.integers(0, height - crop + 1))
+    box = (x0, y0, x0 + crop, y0 + crop)
+    out_img = img.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    out_mask = _resize_mask(mask.crop(box), (size, size))
+    return out_img, out_mask
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class AnomalyDataset(Dataset):
+    """Map-style dataset over one split of a ``meta.json`` dataset (MVTec AD layout or VisA).
+
+    Each item is a dict:
+
+    * ``image``: float tensor (3, S, S), squash-resized and OpenAI-normalised;
+    * ``mask``: float tensor (1, mask_size, mask_size) of 0/1 (zeros for normal images);
+    * ``anomaly``: int 0/1 (recomputed from the mask after augmentation);
+    * ``cls_name``, ``specie_name``, ``img_path`` (relative to root).
+
+    With ``augment`` set ('mvtec' or 'visa'), the training augmentations of METHOD §8 are
+    applied to the PIL pair resized to S x S, before ToTensor/Normalize. Randomness comes
+    from ``numpy.random.default_rng([aug_seed, epoch, index])``; call ``set_epoch`` before
+    each epoch (with ``persistent_workers=True`` DataLoader workers keep their own copy and
+    will not see it).
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        split: str = "test",
+        classes: Optional[Union[str, Sequence[str]]] = None,
+        image_size: int = 518,
+        mask_size: int = 240,
+        meta: Optional[Mapping] = None,
+        augment: Optional[str] = None,
+        aug_seed: int = 0,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.image_size = _check_size(image_size, "image_size")
+        self.mask_size = _check_size(mask_size, "mask_size")
+        if augment is not None and augment not in AUGMENTS:
+            raise ConfigError(f"augment must be one of {list(AUGMENTS)} or None, got {augment!r}.")
+        if isinstance(aug_seed, bool) or not isinstance(aug_seed, (int, np.integer)) or aug_seed < 0:
+            raise ConfigError(f"aug_seed must be a non-negative integer, got {aug_seed!r}.")
+        if split not in SPLITS:
+            raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}.")
+        self.split = split
+        self.augment = augment
+        self.aug_seed = int(aug_seed)
+        self.epoch = 0
+
+        if meta is None:
+            meta = load_meta(self.root)
+        elif not isinstance(meta, Mapping) or not isinstance(meta.get(split), Mapping):
+            raise DataError(f"The meta passed for {self.root!r} has no {split!r} split mapping "
+                            "classes to items; pass the result of load_meta().")
+        available = list(meta[split].keys())
+        if classes is None:
+            wanted = available
+        else:
+            wanted = [classes] if isinstance(classes, str) else list(classes)
+            unknown = [c for c in wanted if c not in meta[split]]
+            if unknown:
+                raise DataError(f"Unknown class(es) {unknown} for split {split!r} of {self.root!r}; "
+                                f"available: {available}.")
+        # (Re)validate only what this dataset reads: a caller may pass a hand-made meta.
+        used = {s: ({c: meta[split][c] for c in wanted} if s == split else {}) for s in SPLITS}
+        self.meta: Meta = validate_meta(used, self.root)
+        self.classes: List[str] = wanted
+        self.items: List[dict] = [item for c in wanted for item in self.meta[split][c]]
+        self._class_indices: Dict[str, List[int]] = {}
+        for i, item in enumerate(self.items):
+            self._class_indices.setdefault(item["cls_name"], []).append(i)
+        self._check_items()
+
+        self._image_tf = image_transform(self.image_size)
+        self._mask_tf = mask_transform(self.mask_size)
+        self._to_tensor = _to_tensor_normalised()
+        logger.info("AnomalyDataset %s/%s: %d classes, %d items, S=%d, mask=%d, augment=%s",
+                    self.root, split, len(self.classes), len(self.items), self.image_size,
+                    self.mask_size, augment)
+
+    def _check_items(self) -> None:
+        """Fail early on anomalous items without masks and on missing files."""
+        no_mask = [it["img_path"] for it in self.items if it["anomaly"] == 1 and not it["mask_path"]]
+        if no_mask:
+            raise DataError(f"{len(no_mask)} anomalous item(s) in {self.root!r} have no mask_path, "
+                            f"e.g. {no_mask[:3]}; rebuild meta.json or supply the masks.")
+        missing = []
+        for it in self.items:
+            paths = [it["img_path"]] + ([it["mask_path"]] if it["anomaly"] == 1 else [])
+            missing.extend(p for p in paths if not os.path.exists(os.path.join(self.root, p)))
+        if missing:
+            raise DataError(f"{len(missing)} file(s) listed in meta.json are missing under "
+                            f"{self.root!r}, e.g. {missing[:5]}. Re-extract the dataset or "
+                            "rebuild meta.json.")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the augmentation RNG (with aug_seed and the index)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load_pair(self, item: dict) -> Tuple[Image.Image, Image.Image]:
+        """Load an item's RGB image and its 0/255 mask (zeros for normal items), original size."""
+        img_file = os.path.join(self.root, item["img_path"])
+        img = load_rgb(img_file)
+        if item["anomaly"] == 1:
+            mask = load_mask(os.path.join(self.root, item["mask_path"]), img.size, image_path=img_file)
+        else:
+            mask = Image.new("L", img.size, 0)
+        return img, mask
+
+    def _augmented_pair(self, index: int, item: dict) -> Tuple[Image.Image, Image.Image]:
+        """The S x S (image, mask) pair after the configured augmentation."""
+        rng = np.random.default_rng([self.aug_seed, self.epoch, index])
+        size = self.image_size
+        if self.augment == "mvtec" and rng.random() < MOSAIC_PROB:
+            pool = self._class_indices[item["cls_name"]]
+            picks = rng.choice(len(pool), size=4, replace=len(pool) < 4)
+            pairs = [self._load_pair(self.items[pool[int(p)]]) for p in picks]
+            logger.debug("item %d: mosaic of %s", index, [self.items[pool[int(p)]]["img_path"] for p in picks])
+            return mosaic(pairs, size)
+        img, mask = self._load_pair(item)
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+        mask = _resize_mask(mask, (size, size))
+        if self.augment == "visa" and rng.random() < VISA_AUG_PROB:
+            if item["anomaly"] == 1 and _mask_has_anomaly(mask):
+                crop = VISA_SMALL_CROP if rng.random() < VISA_SMALL_CROP_PROB else VISA_LARGE_CROP
+                img, mask = random_crop_resize(img, mask, crop, size, rng, must_contain_anomaly=True)
+            elif item["anomaly"] == 0 and rng.random() < VISA_NORMAL_CROP_PROB:
+                img, mask = random_crop_resize(img, mask, VISA_LARGE_CROP, size, rng,
+                                               must_contain_anomaly=False)
+        return img, mask
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += len(self.items)
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for dataset of {len(self.items)} items")
+        item = self.items[index]
+        if self.augment is None:
+            img_file = os.path.join(self.root, item["img_path"])
+            img = load_rgb(img_file)
+            image = self._image_tf(img)  # (3, S, S)
+            if item["anomaly"] == 1:
+                mask_img = load_mask(os.path.join(self.root, item["mask_path"]), img.size,
+                                     image_path=img_file)
+                mask = self._mask_tf(mask_img)  # (1, M, M)
+            else:
+                mask = torch.zeros(1, self.mask_size, self.mask_size)
+            anomaly = int(item["anomaly"])
+        else:
+            img, mask_img = self._augmented_pair(index, item)
+            image = self._to_tensor(img)  # (3, S, S)
+            mask = self._mask_tf(mask_img)  # (1, M, M)
+            anomaly = int(_mask_has_anomaly(mask_img))
+        return {
+            "image": image,
+            "mask": mask,
+            "anomaly": anomaly,
+            "cls_name": item["cls_name"],
+            "img_path": item["img_path"],
+            "specie_name": item["specie_name"],
+        }
+
+
+# ----------------------------------------------------------------------------- k-shot
+
+
+def _normal_train_paths(meta: Mapping, cls: str) -> List[str]:
+    train = meta.get("train", {}) if isinstance(meta, Mapping) else {}
+    if cls not in train:
+        raise DataError(f"Class {cls!r} has no train split in meta; available: {list(train)}.")
+    return sorted(item["img_path"] for item in train[cls] if int(item["anomaly"]) == 0)
+
+
+def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> List[str]:
+    """Choose ``k`` distinct normal train images of ``cls`` (relative paths).
+
+    The draw uses ``numpy.random.default_rng([seed, crc32(cls)])`` over the class's normal
+    train paths sorted by path, without replacement: the same (seed, class) always gives
+    the same images, whatever other classes are run or how meta.json lists them.
+
+    Raises:
+        ConfigError: if ``k < 1`` or ``seed`` is negative.
+        DataError: if the class is unknown or has fewer than ``k`` normal train images.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k (shots) must be an integer >= 1, got {k!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
+    candidates = _normal_train_paths(meta, cls)
+    if k > len(candidates):
+        raise DataError(f"Class {cls!r}: asked for k={k} reference images but its train split "
+                        f"has only {len(candidates)} normal image(s). Use a smaller k.")
+    rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode("utf-8"))])
+    picks = rng.choice(len(candidates), size=int(k), replace=False)
+    return [candidates[int(i)] for i in picks]
+
+
+def _path_parts(raw: str) -> Tuple[str, ...]:
+    norm = posixpath.normpath(raw.replace("\\", "/"))
+    return tuple(p for p in norm.split("/") if p not in ("", "."))
+
+
+def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: int) -> Dict[str, List[str]]:
+    """Read a k-shot file (ours or the released code's) into ``{cls: [rel_path] * k}``.
+
+    Each non-blank line names a train image, relative to the data root or absolute (also an
+    absolute path from another machine). A line matches a train item by exact relative
+    path, else by path suffix: the longest train path whose components end the line (so
+    an absolute path from another machine still matches). The released code appends to
+    the file on every run, so for each class the *last* ``k`` lines are used, in order.
+
+    Raises:
+        ConfigError: if ``k < 1``.
+        DataError: if the file is missing, a line matches no train item, or a
+            requested class has fewer than ``k`` lines.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k (shots) must be an integer >= 1, got {k!r}.")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"k-shot file {path!r} not found.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read k-shot file {path!r} ({exc}).") from exc
+
+    train = meta.get("train", {})
+    owner: Dict[str, str] = {}  # rel path -> class
+    by_parts: Dict[Tuple[str, ...], str] = {}  # path components -> rel path
+    for cls, items in train.items():
+        for item in items:
+            rel = item["img_path"]
+            owner[rel] = cls
+            by_parts[_path_parts(rel)] = rel
+
+    per_class: Dict[str, List[str]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        parts = _path_parts(text)
+        rel = "/".join(parts)
+        if rel not in owner:
+            # Longest train path that is a component-wise suffix of the line, e.g.
+            # '/home/x/mvtec/bottle/train/good/001.png' -> 'bottle/train/good/001.png'.
+            rel = next((by_parts[parts[-j:]] for j in range(len(parts), 0, -1)
+                        if parts[-j:] in by_parts), None)
+            if rel is None:
+                raise DataError(f"{path}:{lineno}: {text!r} matches no train image in meta.json "
+                                "(neither as a root-relative path nor by path suffix); is the file "
+                                "for a different dataset or root?")
+        per_class.setdefault(owner[rel], []).append(rel)
+
+    shots: Dict[str, List[str]] = {}
+    for cls in classes:
+        found = per_class.get(cls, [])
+        if len(found) < k:
+            raise DataError(f"k-shot file {path!r} lists {len(found)} image(s) for class {cls!r}, "
+                            f"fewer than k={k}.")
+        shots[cls] = found[-k:]
+        if len(set(shots[cls])) < k:
+            logger.warning("k-shot file %s: class %s repeats an image among its last %d lines: %s",
+                           path, cls, k, shots[cls])
+    return shots
+
+
+def write_k_shot_file(path: PathLike, shots: Mapping[str, Sequence[str]]) -> None:
+    """Write ``{cls: [rel_path]}`` atomically, one root-relative path per line, classes in order.
+
+    Raises:
+        ConfigError: if a path is absolute or contains a line break.
+    """
+    path = os.fspath(path)
+    lines = []
+    for cls, rels in shots.items():
+        for rel in rels:
+            if _is_absolute(rel) or "\n" in rel or "\r" in rel:
+                raise ConfigError(f"k-shot path {rel!r} for class {cls!r} must be a single-line path "
+                                  "relative to the data root.")
+            lines.append(_normalise_rel_path(rel))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    logger.info("Wrote %d reference path(s) for %d class(es) to %s", len(lines), len(shots), path)
+
+
+def load_reference_images(root: PathLike, rel_paths: Sequence[str], image_size: int) -> torch.Tensor:
+    """Load k reference images with the test preprocessing.
+
+    Returns:
+        Float tensor (k, 3, S, S), OpenAI-normalised.
+
+    Raises:
+        ConfigError: if ``rel_paths`` is empty.
+        DataError: if an image is missing or corrupt.
+    """
+    if len(rel_paths) == 0:
+        raise ConfigError("load_reference_images needs at least one reference image path.")
+    tf = image_transform(image_size)
+    root = os.fspath(root)
+    return torch.stack([tf(load_rgb(os.path.join(root, rel))) for rel in rel_paths])  # (k, 3, S, S)

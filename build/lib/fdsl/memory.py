@@ -1,0 +1,240 @@
+"""Memory banks of normal tokens and feature-discrepancy alignment (METHOD.md §2–3).
+
+Alignment is, per layer, a chunked matrix product, an argmax and a gather: never a Python loop
+over patches. Chunks bound the size of the similarity block whatever the bank size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+ALIGN_MODES = ("mulmax", "diff2")
+_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How query tokens are matched to normal tokens (METHOD.md §2–3): one object instead of loose arguments.
+
+    Attributes:
+        mode: ``mulmax`` (argmax of the dot product) or ``diff2`` (argmin of the L2 distance).
+        use_abs: residual ``|f - f̂|`` (default) or the signed ``f - f̂``.
+        chunk_mb: bound, in MiB, on the similarity block held at once.
+        compute_dtype: dtype of the similarity product and argmax; None computes in the query's dtype.
+        use_index: image-feature index (§3b): align each query item only against its most similar
+            stored item, chosen by global features.
+    """
+
+    mode: str = "mulmax"
+    use_abs: bool = True
+    chunk_mb: int = 64
+    compute_dtype: Optional[torch.dtype] = None
+    use_index: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ALIGN_MODES:
+            raise ConfigError(f"--align_mode {self.mode!r} is not one of {', '.join(ALIGN_MODES)}")
+
+    def dtype_for(self, query: torch.Tensor) -> torch.dtype:
+        """The dtype the similarity of `query` is computed in."""
+        return self.compute_dtype or query.dtype
+
+    def rows_per_chunk(self, rows: int, cols: int, dtype: torch.dtype) -> int:
+        """How many query rows fit a (rows × cols) similarity block of `chunk_mb` MiB (at least one)."""
+        per_row = max(1, cols) * _BYTES.get(dtype, 4)
+        return max(1, min(rows, (self.chunk_mb * 2 ** 20) // per_row))
+
+    def residual(self, query: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """``|f - f̂|`` (or the signed difference) of queries and their nearest normal tokens, same shape."""
+        diff = query - nearest.to(query.dtype)
+        return diff.abs() if self.use_abs else diff
+
+
+DENSE = Alignment()
+
+
+def _sq_norms(bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., M) squared L2 norms of (..., M, C) tokens, summed in fp32, cast to `dtype`."""
+    return bank.float().pow(2).sum(-1).to(dtype)
+
+
+def nearest_normal(query: torch.Tensor, bank: torch.Tensor, align: Alignment = DENSE,
+                   sq_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Index of each query token's nearest bank token.
+
+    Args:
+        query: (Q, C) tokens.
+        bank: (M, C) normal tokens, ideally already in the compute dtype (otherwise cast here).
+        align: the alignment strategy (mode, chunk bound, compute dtype).
+        sq_norms: (M,) precomputed ``|b|²`` in the compute dtype for ``diff2`` (computed here if None).
+    Returns:
+        (Q,) long indices into `bank`.
+    """
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ConfigError(f"alignment needs (Q, C) queries and an (M, C) bank, got {tuple(query.shape)} "
+                          f"and {tuple(bank.shape)}")
+    dt = align.dtype_for(query)
+    b = bank if bank.dtype == dt else bank.to(dt)
+    bias = None
+    if align.mode == "diff2":  # argmin |q-b|² = argmax (2 q·b - |b|²); |q|² is constant per row
+        bias = sq_norms if sq_norms is not None else _sq_norms(bank, dt)  # (M,)
+    step = align.rows_per_chunk(query.shape[0], bank.shape[0], dt)
+    out = torch.empty(query.shape[0], dtype=torch.long, device=query.device)
+    for s in range(0, query.shape[0], step):  # chunks of rows, not patches: bounded memory
+        sim = query[s:s + step].to(dt) @ b.T  # (rows, M)
+        if bias is not None:
+            sim.mul_(2).sub_(bias)  # in place: no extra similarity-sized blocks
+        out[s:s + step] = sim.argmax(dim=-1)
+    return out
+
+
+def residual(query: torch.Tensor, bank: torch.Tensor, align: Alignment = DENSE) -> torch.Tensor:
+    """Feature discrepancy r = |f - f̂| of (Q, C) queries against an (M, C) bank; returns (Q, C)."""
+    return align.residual(query, bank[nearest_normal(query, bank, align)])
+
+
+def nearest_in_items(query: torch.Tensor, items: torch.Tensor, sel: torch.Tensor,
+                     align: Alignment = DENSE) -> torch.Tensor:
+    """Per query item, the nearest token within one chosen bank item (image-index search).
+
+    Args:
+        query: (Q, N, C) tokens of Q query items (images or windows).
+        items: (K, M, C) bank tokens of K stored items.
+        sel: (Q,) index of the bank item each query item is aligned against.
+        align: the alignment strategy (mode, chunk bound, compute dtype).
+    Returns:
+        (Q, N, C) the chosen nearest bank tokens, in the bank's dtype.
+    """
+    Q, N, C = query.shape
+    dt = align.dtype_for(query)
+    step = max(1, align.rows_per_chunk(Q * N, items.shape[1], dt) // max(N, 1))
+    out = torch.empty(Q, N, C, dtype=items.dtype, device=query.device)
+    for s in range(0, Q, step):  # chunks of query items, bounded memory
+        cand = items[sel[s:s + step]]  # (q, M, C)
+        sim = torch.bmm(query[s:s + step].to(dt), cand.to(dt).transpose(1, 2))  # (q, N, M)
+        if align.mode == "diff2":
+            sim.mul_(2).sub_(_sq_norms(cand, dt).unsqueeze(1))
+        idx = sim.argmax(dim=-1)  # (q, N)
+        out[s:s + step] = torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C))  # (q, N, C)
+    return out
+
+
+class MemoryBank(nn.Module):
+    """Normalised tokens of the reference items of one class, per layer.
+
+    An item is a reference image (global branch) or a reference window (LFE branch).
+
+    Buffers (they move with ``.to()`` and are saved in ``state_dict``):
+        tokens_{l}: (K, N, C) tokens of layer l, kept per item.
+        image_embeds: (K, D) L2-normalised global features of the items (image-index search).
+    """
+
+    def __init__(self, tokens: Sequence[torch.Tensor], image_embeds: torch.Tensor,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if not tokens:
+            raise ConfigError("a memory bank needs at least one layer of tokens")
+        k = tokens[0].shape[0]
+        for i, t in enumerate(tokens):
+            if t.ndim != 3 or t.shape[0] != k:
+                raise ConfigError(f"bank layer {i}: expected (K={k}, N, C) tokens, got {tuple(t.shape)}")
+        if image_embeds.ndim != 2 or image_embeds.shape[0] != k:
+            raise ConfigError(f"bank embeddings: expected ({k}, D), got {tuple(image_embeds.shape)}")
+        self.num_layers = len(tokens)
+        for i, t in enumerate(tokens):
+            self.register_buffer(f"tokens_{i}", t.detach().to(dtype or t.dtype).contiguous())
+        self.register_buffer("image_embeds", image_embeds.detach().to(dtype or image_embeds.dtype).contiguous())
+        # Per (layer, dtype): the dense bank in that compute dtype and its |b|² (diff2), prepared once.
+        self._search: Dict[Tuple[int, torch.dtype, str], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+    def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the prepared search tensors
+        self._search = {}
+        return super()._apply(fn, recurse)
+
+    @property
+    def k(self) -> int:
+        """Number of stored items (reference images, or reference windows)."""
+        return int(self.tokens_0.shape[0])
+
+    @property
+    def tokens_per_item(self) -> int:
+        return int(self.tokens_0.shape[1])
+
+    def layer(self, i: int) -> torch.Tensor:
+        """(K, N, C) tokens of layer i."""
+        return getattr(self, f"tokens_{i}")
+
+    def flat(self, i: int) -> torch.Tensor:
+        """(K·N, C) tokens of layer i: the dense bank."""
+        t = self.layer(i)
+        return t.reshape(-1, t.shape[-1])  # (K·N, C)
+
+    def nbytes(self) -> int:
+        """Bytes held by the bank's tensors."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def entries_scanned(self, use_index: bool) -> int:
+        """Bank entries one query token is compared with: K·N densely, K embeddings + N with the index."""
+        return self.k + self.tokens_per_item if use_index else self.k * self.tokens_per_item
+
+    def searchable(self, i: int, align: Alignment, query_dtype: torch.dtype
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Layer i's dense (K·N, C) bank in the compute dtype and, for diff2, its (K·N,) ``|b|²``.
+
+        Both are computed once per (layer, dtype, mode) and kept, so repeated alignments against this
+        bank never copy it again. When the storage dtype is the compute dtype, no copy is made at all.
+        """
+        dt = align.compute_dtype or query_dtype
+        key = (i, dt, align.mode)
+        if key not in self._search:
+            flat = self.flat(i)
+            cast = flat if flat.dtype == dt else flat.to(dt)
+            self._search[key] = (cast, _sq_norms(flat, dt) if align.mode == "diff2" else None)
+        return self._search[key]
+
+    def select(self, query_embeds: torch.Tensor) -> torch.Tensor:
+        """(Q, D) query global features -> (Q,) index of the most similar stored item."""
+        return (query_embeds.float() @ self.image_embeds.float().T).argmax(dim=-1)  # (Q,)
+
+    def residuals(self, tokens: List[torch.Tensor], align: Alignment = DENSE,
+                  query_embeds: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Residuals of query tokens per layer: L × (Q, N, C) -> L × (Q, N, C).
+
+        Dense search over all K·N tokens by default; with ``align.use_index`` each query item is
+        aligned only against its most similar stored item, chosen by `query_embeds` (Q, D)
+        (image-feature index, METHOD.md §3b).
+        """
+        if len(tokens) != self.num_layers:
+            raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")
+        if align.use_index and query_embeds is None:
+            raise ConfigError("image-index alignment needs the queries' global features (query_embeds)")
+        sel = self.select(query_embeds) if align.use_index else None
+        out = []
+        for i, q in enumerate(tokens):
+            Q, N, C = q.shape
+            if sel is None:
+                bank, sq = self.searchable(i, align, q.dtype)
+                idx = nearest_normal(q.reshape(Q * N, C), bank, align, sq)
+                nn_tok = self.flat(i)[idx].reshape(Q, N, C)  # (Q, N, C)
+            else:
+                nn_tok = nearest_in_items(q, self.layer(i), sel, align)
+            out.append(align.residual(q, nn_tok))
+        return out
+
+
+class FDSLMemory(nn.Module):
+    """The memory of one class: the global bank and, with LFE on, the window bank."""
+
+    def __init__(self, global_bank: MemoryBank, window_bank: Optional[MemoryBank] = None) -> None:
+        super().__init__()
+        self.global_bank = global_bank
+        self.window_bank = window_bank
+
+    def nbytes(self) -> int:
+        """Bytes held by both banks."""
+        return self.global_bank.nbytes() + (self.window_bank.nbytes() if self.window_bank is not None else 0)

@@ -1,0 +1,395 @@
+"""FDSL: feature discrepancy -> per-layer scorers -> NAM -> anomaly maps and scores (METHOD.md §2–6)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import BackboneOutput, CLIPBackbone
+from .config import ModelConfig
+from .errors import ConfigError
+from .memory import Alignment, FDSLMemory, MemoryBank
+from .utils import autocast
+from .windows import n_windows, split_windows, stitch_windows
+
+log = logging.getLogger(__name__)
+
+
+class Scorer(nn.Module):
+    """Per-layer anomaly scorer: (B, N, C) residuals -> (B, N, 2) probabilities [normal, anomalous].
+
+    BatchNorm1d(C) -> Linear(C,512) -> BN -> ReLU -> Linear(512,128) -> BN -> ReLU
+    -> Linear(128,32) -> BN -> ReLU -> Linear(32,2) -> Softmax. Only the last Linear has a bias.
+    Sub-module names follow the released code so its weights map one-to-one.
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (512, 128, 32)) -> None:
+        super().__init__()
+        self.fbatchNorm = nn.BatchNorm1d(dim)
+        layers: List[nn.Module] = []
+        d = dim
+        for h in hidden:
+            layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            d = h
+        layers.append(nn.Linear(d, 2))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        B, N, C = r.shape
+        x = self.fbatchNorm(r.reshape(B * N, C))  # (B·N, C)
+        return self.proj(x).softmax(dim=-1).reshape(B, N, 2)  # (B, N, 2)
+
+
+class NAM(nn.Module):
+    """Neighbour Aggregation Module: (B, 2, G, G) prob map -> refined (B, 2, G, G) prob map."""
+
+    def __init__(self, hidden: int = 6, kernel: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, hidden, kernel, padding="same")
+        self.conv2 = nn.Conv2d(hidden, 2, kernel, padding="same")
+
+    def forward(self, prob: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.conv(prob))).softmax(dim=1)  # (B, 2, G, G)
+
+
+def to_grid(prob: torch.Tensor) -> torch.Tensor:
+    """(B, N, 2) token probabilities -> (B, 2, G, G) map, tokens in row-major order."""
+    B, N, _ = prob.shape
+    G = int(round(N ** 0.5))
+    if G * G != N:
+        raise ConfigError(f"{N} tokens do not form a square grid")
+    return prob.permute(0, 2, 1).reshape(B, 2, G, G)  # (B, 2, G, G)
+
+
+class FDSLHead(nn.Module):
+    """The trainable part: one scorer per layer and one shared NAM."""
+
+    def __init__(self, dim: int, num_layers: int, use_nam: bool = True) -> None:
+        super().__init__()
+        self.scorers = nn.ModuleList([Scorer(dim) for _ in range(num_layers)])
+        self.nam = NAM()
+        self.use_nam = use_nam
+
+    def raw(self, residuals: List[torch.Tensor]) -> List[torch.Tensor]:
+        """L × (B, N, C) residuals -> L × (B, 2, G, G) raw prob maps of the per-layer scorers."""
+        if len(residuals) != len(self.scorers):
+            raise ConfigError(f"{len(residuals)} layers of residuals for {len(self.scorers)} scorers")
+        return [to_grid(s(r.float())) for s, r in zip(self.scorers, residuals)]
+
+    def refine(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        """NAM on each (B, 2, G, G) prob map when NAM is on; the maps themselves otherwise."""
+        return [self.nam(m) for m in maps] if self.use_nam else maps
+
+    def forward(self, residuals: List[torch.Tensor]) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """L × (B, N, C) residuals -> (raw, refined): each L × (B, 2, G, G) prob maps."""
+        raw = self.raw(residuals)
+        return raw, self.refine(raw)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a model runs, resolved once (no order dependency between settings). Changes no fp32 number.
+
+    Attributes:
+        compute_dtype: autocast dtype of the backbone (fp32 = autocast off).
+        align_dtype: dtype of the similarity product and argmax; None = the features' own (fp32).
+        bank_dtype: storage dtype of memory banks.
+        win_batch: windows encoded by the backbone at once (LFE memory bound).
+        align_chunk_mb: bound, in MiB, on the similarity block held during alignment.
+        out_size: side of the anomaly maps returned by `predict` (the evaluation size).
+    """
+
+    compute_dtype: torch.dtype = torch.float32
+    align_dtype: Optional[torch.dtype] = None
+    bank_dtype: torch.dtype = torch.float32
+    win_batch: int = 16
+    align_chunk_mb: int = 64
+    out_size: int = 240
+
+
+class FDSLOutput(NamedTuple):
+    """Predictions for a batch.
+
+    pred_score: (B,) single-image score ``image_score(patch_score, map_max)`` = 0.5·(patch_score + map_max).
+        Evaluation reports ``image_score(patch_score, minmax(map_max))`` instead, normalising map_max over
+        a class's test images (`fdsl.evaluation.normalised_image_scores`); a single image cannot be.
+    anomaly_map: (B, H, W) anomaly probability at the evaluation size.
+    patch_score: (B,) mean over layers of the max anomalous probability on the patch grid
+        (blended with the window branch's in winmode mul).
+    map_max: (B,) max of `anomaly_map`.
+    """
+
+    pred_score: torch.Tensor
+    anomaly_map: torch.Tensor
+    patch_score: torch.Tensor
+    map_max: torch.Tensor
+
+
+def image_score(patch_score, map_max):
+    """The image score 0.5·(patch_score + map_max) (METHOD.md §6); tensors or arrays of the same shape."""
+    return 0.5 * (patch_score + map_max)
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, G, G) -> (B, size, size), bilinear with align_corners=True, as the released code."""
+    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True).squeeze(1)
+
+
+def combine_layers(anomalous: List[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer (B, G, G) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima)."""
+    anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
+    L, B, G, _ = anom.shape
+    up = upsample(anom.reshape(L * B, G, G), size).reshape(L, B, size, size)
+    return up.mean(dim=0), anom.flatten(2).amax(dim=-1).mean(dim=0)
+
+
+class RefFeatures(NamedTuple):
+    """Features of reference images: global (u images) and, with LFE on, windows (u·n_windows)."""
+
+    global_feats: BackboneOutput
+    window_feats: Optional[BackboneOutput]
+
+
+class FDSL(nn.Module):
+    """Frozen CLIP backbone + memory banks + trained head -> anomaly maps and scores.
+
+    Typical use::
+
+        model = FDSL.from_config(cfg)
+        fdsl.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
+        model.fit(reference_images)      # (k, 3, S, S) normal images of one class
+        out = model(images)              # FDSLOutput
+    """
+
+    def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.head = FDSLHead(backbone.width, len(backbone.layers), use_nam=cfg.use_nam)
+        self.memory: Optional[FDSLMemory] = None
+        self.runtime = runtime or Runtime()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> FDSL:
+        """Build the backbone and an untrained head from a model config (geometry checked first)."""
+        cfg.validate()
+        check_geometry(cfg)
+        backbone = CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
+                                quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
+        return cls(backbone, cfg, runtime)
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.visual.conv1.weight.device
+
+    @property
+    def use_windows(self) -> bool:
+        return self.cfg.winmode != "nan"
+
+    @property
+    def alignment(self) -> Alignment:
+        """The alignment strategy of both branches, from the method's settings and the runtime."""
+        cfg, rt = self.cfg, self.runtime
+        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, rt.align_dtype, cfg.use_img_idx)
+
+    # ------------------------------------------------------------------ features
+    def extract(self, images: torch.Tensor) -> BackboneOutput:
+        """Backbone features of (B, 3, H, H) images, under autocast to the compute dtype."""
+        with autocast(self.device, self.runtime.compute_dtype):
+            return self.backbone(images.to(self.device))
+
+    def window_chunks(self, images: torch.Tensor) -> Iterator[BackboneOutput]:
+        """Features of the windows of (B, 3, S, S) images, `win_batch` windows at a time (image-major order).
+
+        Each chunk's crops are cut when needed, so memory does not grow with the number of windows.
+        """
+        cfg, step = self.cfg, self.runtime.win_batch
+        images = images.to(self.device)
+        total = images.shape[0] * n_windows(self.backbone.grid_size, cfg.win_size, cfg.win_stride)
+        for s in range(0, total, step):
+            index = torch.arange(s, min(s + step, total), device=self.device)
+            yield self.extract(split_windows(images, self.backbone.patch_size, cfg.win_size, cfg.win_stride,
+                                             index))  # L × (n, W², C)
+
+    def extract_windows(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> BackboneOutput:
+        """Features of every window of (B, 3, S, S) images: L × (B·n_windows, W², C), (B·n_windows, D).
+
+        Chunks are written into preallocated tensors (of `dtype`, default the features' own), so the
+        result is never held twice, as concatenating a list of chunks would.
+        """
+        total = images.shape[0] * n_windows(self.backbone.grid_size, self.cfg.win_size, self.cfg.win_stride)
+        tokens: List[torch.Tensor] = []
+        embeds = torch.empty(0)
+        s = 0
+        for chunk in self.window_chunks(images):
+            if not tokens:
+                tokens = [torch.empty((total, *t.shape[1:]), dtype=dtype or t.dtype, device=t.device)
+                          for t in chunk.tokens]  # L × (B·n_windows, W², C)
+                e = chunk.image_embeds
+                embeds = torch.empty((total, *e.shape[1:]), dtype=dtype or e.dtype, device=e.device)
+            n = chunk.image_embeds.shape[0]
+            for dst, src in zip(tokens, chunk.tokens):
+                dst[s:s + n] = src
+            embeds[s:s + n] = chunk.image_embeds
+            s += n
+        return BackboneOutput(tokens, embeds)
+
+    @torch.no_grad()
+    def encode_references(self, images: torch.Tensor, batch_size: int = 8,
+                          windows: Optional[bool] = None) -> RefFeatures:
+        """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on)."""
+        g = _cat_outputs([self.extract(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
+        # Window features are stored in the bank dtype right away: they are the bulk of the memory.
+        w = (self.extract_windows(images, self.runtime.bank_dtype) if (self.use_windows if windows is None else windows)
+             else None)
+        return RefFeatures(g, w)
+
+    def make_memory(self, refs: RefFeatures, indices: Optional[Sequence[int]] = None) -> FDSLMemory:
+        """The memory of one class from reference features, optionally a subset `indices` of the images."""
+        g, w = refs.global_feats, refs.window_feats
+        dt = self.runtime.bank_dtype
+        if indices is not None:
+            idx = torch.as_tensor(list(indices), dtype=torch.long, device=g.image_embeds.device)
+            g = BackboneOutput([t[idx] for t in g.tokens], g.image_embeds[idx])
+            if w is not None:
+                nw = w.image_embeds.shape[0] // refs.global_feats.image_embeds.shape[0]
+                widx = (idx[:, None] * nw + torch.arange(nw, device=idx.device)).reshape(-1)  # (k·nw,)
+                w = BackboneOutput([t[widx] for t in w.tokens], w.image_embeds[widx])
+        window_bank = MemoryBank(w.tokens, w.image_embeds, dtype=dt) if w is not None else None
+        return FDSLMemory(MemoryBank(g.tokens, g.image_embeds, dtype=dt), window_bank)
+
+    @torch.no_grad()
+    def fit(self, ref_images: torch.Tensor) -> FDSLMemory:
+        """Encode (k, 3, S, S) normal reference images into this model's memory."""
+        self.memory = self.make_memory(self.encode_references(ref_images))
+        return self.memory
+
+    # ------------------------------------------------------------------ scoring
+    def residuals(self, bank: MemoryBank, feats: BackboneOutput) -> List[torch.Tensor]:
+        """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C)."""
+        return bank.residuals(feats.tokens, self.alignment, feats.image_embeds)
+
+    def batch_residuals(self, feats: BackboneOutput, cls_names: Sequence[str],
+                        banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
+        """Residuals of a mixed-class batch, each sample aligned against its own class's bank.
+
+        feats.tokens: L × (B, N, C) -> L × (B, N, C).
+        """
+        out = [torch.empty_like(t) for t in feats.tokens]
+        for cls in sorted(set(cls_names)):
+            idx = torch.tensor([i for i, c in enumerate(cls_names) if c == cls], device=feats.image_embeds.device)
+            sub = BackboneOutput([t[idx] for t in feats.tokens], feats.image_embeds[idx])
+            for o, r in zip(out, self.residuals(banks[cls], sub)):
+                o[idx] = r.to(o.dtype)
+        return out
+
+    def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
+        """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (METHOD.md §8)."""
+        raw, refined = self.head(residuals)
+        maps = raw + refined if self.head.use_nam else raw
+        B = maps[0].shape[0]
+        up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
+        return list(up.reshape(len(maps), B, 2, size, size))
+
+    def prob_maps(self, feats: BackboneOutput, bank: MemoryBank) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Aligned residuals -> (raw, refined) per-layer (B, 2, G, G) prob maps."""
+        return self.head(self.residuals(bank, feats))
+
+    def global_maps(self, feats: BackboneOutput, memory: FDSLMemory) -> List[torch.Tensor]:
+        """Per-layer (B, G, G) anomalous maps of the global branch (NAM-refined when NAM is on)."""
+        _, refined = self.prob_maps(feats, memory.global_bank)
+        return [m[:, 1] for m in refined]
+
+    def window_maps(self, images: torch.Tensor, memories: Sequence[FDSLMemory]) -> List[List[torch.Tensor]]:
+        """Per memory, per-layer (B, G, G) stitched window maps (METHOD.md §5).
+
+        Windows are encoded `win_batch` at a time, once for all memories; each window's raw per-layer
+        prob map is pasted at its place, averaged over coverage, then refined by NAM when NAM is on.
+        """
+        cfg, G, W = self.cfg, self.backbone.grid_size, self.cfg.win_size
+        if any(m.window_bank is None for m in memories):
+            raise ConfigError("the memory has no window bank; fit it with LFE on (--winmode mul or onlywin)")
+        B = images.shape[0]
+        nw = n_windows(G, W, cfg.win_stride)
+        L = len(self.head.scorers)
+        probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
+        s = 0
+        for feats in self.window_chunks(images):  # chunks of windows bound the memory
+            n = feats.image_embeds.shape[0]
+            for p, mem in zip(probs, memories):
+                raw = self.head.raw(self.residuals(mem.window_bank, feats))  # L × (n, 2, W, W)
+                for layer in range(L):
+                    p[layer][s:s + n] = raw[layer]
+            s += n
+        out = []
+        for p in probs:
+            stitched = [stitch_windows(x.reshape(B, nw, 2, W, W), G, W, cfg.win_stride) for x in p]  # L × (B, 2, G, G)
+            out.append([m[:, 1] for m in self.head.refine(stitched)])
+        return out
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, memories: Sequence[FDSLMemory],
+                out_size: Optional[int] = None) -> List[FDSLOutput]:
+        """Score (B, 3, S, S) images against each memory; backbone features are computed once."""
+        size = out_size or self.runtime.out_size
+        cfg = self.cfg
+        feats = self.extract(images) if cfg.winmode != "onlywin" else None
+        wins = self.window_maps(images, memories) if self.use_windows else [None] * len(memories)
+        outs = []
+        for mem, wmaps in zip(memories, wins):
+            if feats is not None:
+                amap, patch = combine_layers(self.global_maps(feats, mem), size)
+            if wmaps is not None:
+                wmap, wpatch = combine_layers(wmaps, size)
+                if cfg.winmode == "onlywin":
+                    amap, patch = wmap, wpatch
+                else:  # mul
+                    w = cfg.win_weight
+                    amap, patch = (1 - w) * amap + w * wmap, (1 - w) * patch + w * wpatch
+            mmax = amap.flatten(1).amax(dim=-1)
+            outs.append(FDSLOutput(image_score(patch, mmax), amap, patch, mmax))
+        return outs
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> FDSLOutput:
+        """Score (B, 3, S, S) images against the fitted memory."""
+        if self.memory is None:
+            raise ConfigError("call fit(reference_images) before scoring: the memory bank is empty")
+        return self.predict(images, [self.memory])[0]
+
+
+def check_geometry(cfg: ModelConfig) -> Optional[int]:
+    """The one check of a config's geometry, before any weights load: patch size, grid and windows.
+
+    Returns the patch grid side G, or None when the architecture's patch size is not known up front
+    (the backbone checks it when built). Raises ConfigError naming the offending option.
+    """
+    import open_clip
+
+    from .backbone import register_model_configs
+
+    register_model_configs(cfg.model_config)
+    vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
+    patch = vision.get("patch_size")
+    if not (isinstance(patch, int) and patch > 0):
+        return None
+    if cfg.image_size % patch:
+        raise ConfigError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch} of {cfg.model}")
+    grid = cfg.image_size // patch
+    if cfg.winmode != "nan":
+        if cfg.win_size > grid:
+            raise ConfigError(f"--win_size {cfg.win_size} patches is larger than the {grid}×{grid} patch grid of "
+                              f"{cfg.model} at --image_size {cfg.image_size}")
+        n_windows(grid, cfg.win_size, cfg.win_stride)
+    return grid
+
+
+def _cat_outputs(parts: List[BackboneOutput]) -> BackboneOutput:
+    """Concatenate backbone outputs along the batch."""
+    return BackboneOutput([torch.cat([p.tokens[i] for p in parts]) for i in range(len(parts[0].tokens))],
+                          torch.cat([p.image_embeds for p in parts]))
