@@ -11,17 +11,7 @@
 #   VisA  2-shot: AUROC 93.0  AUROC_p 98.1  F1-max 89.5  F1_p-max 47.5  AP 94.1  AP_p 43.6
 #   VisA  4-shot: AUROC 93.8  AUROC_p 98.3  F1-max 90.3  F1_p-max 48.5  AP 94.8  AP_p 44.7
 set -euo pipefail
-if [ "$#" -ne 9 ]; then
-  echo "usage: bash test_few_shot.sh model_name device useNAM winmode win_size win_stride win_weight seed kshots" >&2
-  exit 2
-fi
-name=$1; device=$2; use_nam=$3; winmode=$4; win_size=$5; win_stride=$6; win_weight=$7; seed=$8; kshots=$9
-here=$(cd "$(dirname "$0")" && pwd)
-if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then PYTHON=$here/.venv/bin/python; fi
-PY=${PYTHON:-python}
-MVTEC_ROOT=${MVTEC_ROOT:-$here/data/mvtec}
-VISA_ROOT=${VISA_ROOT:-$here/data/visa}
-ckpt=$here/checkpoints/$name/nam${use_nam}_seed${seed}
+source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
 tag="nam${use_nam}_${winmode}_w${win_size}s${win_stride}x${win_weight}_seed${seed}_${kshots}shot"
 common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
         --features_list 6 12 18 24 --few_shot_features 6 12 18 24 --calImage_size 240 --device "$device"

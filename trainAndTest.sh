@@ -9,20 +9,10 @@
 # Extra settings through the environment: FDSL_PRECISION (auto|fp32|bf16|fp16), FDSL_PRETRAINED (openai or a
 # weights file), FDSL_MODEL (ViT-L-14-336).
 set -euo pipefail
-if [ "$#" -ne 9 ]; then
-  echo "usage: bash trainAndTest.sh model_name device useNAM winmode win_size win_stride win_weight seed kshots" >&2
-  exit 2
-fi
-name=$1; device=$2; use_nam=$3; winmode=$4; win_size=$5; win_stride=$6; win_weight=$7; seed=$8; kshots=$9
-here=$(cd "$(dirname "$0")" && pwd)
-if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then PYTHON=$here/.venv/bin/python; fi
-PY=${PYTHON:-python}
-MVTEC_ROOT=${MVTEC_ROOT:-$here/data/mvtec}
-VISA_ROOT=${VISA_ROOT:-$here/data/visa}
+source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
 common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
         --features_list 6 12 18 24 --few_shot_features 6 12 18 24 --device "$device"
         --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam")
-ckpt=$here/checkpoints/$name/nam${use_nam}_seed${seed}
 
 # Model for VisA: trained on the MVTec AD test split, 5 epochs.
 $PY "$here/train.py" --dataset mvtec --train_data_path "$MVTEC_ROOT" --save_path "$ckpt/trained_on_mvtec" \

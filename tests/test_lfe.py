@@ -351,23 +351,6 @@ def test_bf16_on_cpu_stays_close_to_fp32(tiny_weights, imgs) -> None:
 
 
 # ---------------------------------------------------------------------------- scripts
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", " ", text)
-
-
-def test_scripts_forward_winmode_settings() -> None:
-    few = (ROOT / "test_few_shot.sh").read_text()
-    flat = _squash(few)
-    assert ('--winmode "$winmode" --winsize "$win_size" --winstride "$win_stride" --winwight "$win_weight"'
-            in flat)
-    for i, var in enumerate(["name", "device", "use_nam", "winmode", "win_size", "win_stride", "win_weight",
-                             "seed", "kshots"], start=1):
-        assert re.search(rf"\b{var}=\${i}\b", few), f"test_few_shot.sh does not read {var} from ${i}"
-    assert flat.count('"${common[@]}"') == 2  # both test.py calls get the common flags
-    both = _squash((ROOT / "trainAndTest.sh").read_text())
-    assert re.search(r'bash "?\$here/test_few_shot\.sh"? "\$@"', both)
-
-
 def test_test_py_help_lists_winmode_choices(capsys, monkeypatch) -> None:
     """`python test.py --help`, run in-process (runpy) to spare a second torch import."""
     monkeypatch.setattr(sys, "argv", [str(ROOT / "test.py"), "--help"])

@@ -1,5 +1,0 @@
-"""FDSL: Feature Discrepancy guided Score Learning for few-shot anomaly detection.
-
-Importing the package has no side effects; see `fdsl.model.FDSL` for the detector.
-"""
-__version__ = "0.1.0"
