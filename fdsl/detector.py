@@ -461,7 +461,7 @@ class Detector:
             gt = np.zeros((len(files), cal, cal), bool)
             mtf = mask_transform(cal)
             for i, (p, name) in enumerate(bad_files, start=len(normal_files)):
-                mpath = find_mask(Path(masks), name)
+                mpath = find_mask(Path(masks), name, p)
                 gt[i] = mtf(load_mask(mpath, preds[i].size, image_path=p))[0].numpy() > 0.5
             maps = np.stack([p.anomaly_map for p in preds])  # (n, cal, cal)
             if not gt.any():
@@ -495,16 +495,33 @@ def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def find_mask(masks: Path, name: str) -> Path:
-    """The mask of image `name` (relative path) under `masks`: same stem, or stem + ``_mask``, any image ext."""
+def find_mask(masks: Path, name: str, image_path: Optional[PathLike] = None) -> Path:
+    """The mask of image `name` (its relative path) under `masks`.
+
+    Looked for, in order: ``<rel dir>/<stem>.*`` and ``<rel dir>/<stem>_mask.*`` under `masks`, then the same
+    under ``<masks>/<image's folder name>/`` (MVTec AD: ``test/<defect>/000.png`` ->
+    ``ground_truth/<defect>/000_mask.png``); any image extension.
+    """
     rel = Path(name)
     exts = image_extensions()
-    for stem in (rel.stem, rel.stem + "_mask"):
-        for cand in sorted((masks / rel.parent).glob(stem + ".*")):
-            if cand.suffix.lower() in exts and cand.is_file():
-                return cand
+    dirs = [masks / rel.parent]
+    if image_path is not None:
+        dirs.append(masks / Path(image_path).parent.name / rel.parent)
+    for d in dirs:
+        for stem in (rel.stem, rel.stem + "_mask"):
+            for cand in sorted(d.glob(glob_escape(stem) + ".*")):
+                if cand.suffix.lower() in exts and cand.is_file():
+                    return cand
     raise DataError(f"no mask for anomalous image {name!r} under {str(masks)!r} (looked for "
-                    f"{(rel.parent / rel.stem).as_posix()}.* and {(rel.parent / rel.stem).as_posix()}_mask.*)")
+                    f"{(rel.parent / rel.stem).as_posix()}.* and {(rel.parent / rel.stem).as_posix()}_mask.*, "
+                    "also inside a folder named like the image's folder)")
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(text)
 
 
 def _locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) -> str:
