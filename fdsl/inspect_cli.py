@@ -14,18 +14,18 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .config import PRECISIONS, ModelConfig, parse_bool
 from .errors import ConfigError, FDSLError
+from .utils import PathLike
 
 log = logging.getLogger("fdsl.inspect")
 
@@ -201,6 +201,27 @@ def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    summary = predict_folder(args.detector, args.images, args.out, threshold=args.threshold,
+                             cal_image_size=args.cal_image_size, pretrained=args.pretrained, overlays=args.overlays,
+                             device=args.device, precision=args.precision, batch_size=args.batch_size)
+    out = Path(args.out)
+    verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
+               else ", no verdicts (uncalibrated)")
+    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); overlays: {out / 'overlays'}"
+          + (f"; {summary['n_errors']} unreadable image(s) in {out / 'errors.csv'}" if summary["n_errors"] else ""))
+
+
+def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
+                   threshold: Optional[float] = None, cal_image_size: Optional[int] = None,
+                   pretrained: Optional[str] = None, overlays: bool = True, device: str = "auto",
+                   precision: str = "auto", batch_size: int = 8) -> dict:
+    """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
+
+    Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv`` (unreadable
+    images), ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution) and
+    ``summary.json``; returns the summary. Images whose outputs exist and are newer than the detector file,
+    from a run with the same thresholds, are skipped.
+    """
     from tqdm import tqdm
 
     from .datasets import load_rgb
@@ -208,18 +229,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .overlay import render_overlay
     from .utils import atomic_write_json, atomic_write_text
 
-    out = Path(args.out)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch_size must be positive, got {args.batch_size}")
-    files = list_images(args.images, "input images", exclude=out)
-    det_path = Path(args.detector)
-    det = Detector.load(det_path, device=args.device, precision=args.precision, pretrained=args.pretrained)
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    files = list_images(images, "input images", exclude=out)
+    det_path = Path(detector)
+    det = Detector.load(det_path, device=device, precision=precision, pretrained=pretrained)
     out.mkdir(parents=True, exist_ok=True)
-    thr = args.threshold if args.threshold is not None else det.image_threshold
+    thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
-    cal = args.cal_image_size or det.cal_image_size
+    cal = cal_image_size or det.cal_image_size
     if thr is None:
         log.warning("the detector has no image threshold (run `python -m fdsl calibrate` or pass --threshold): "
                     "scores and maps are written, no verdict is given (is_anomalous is empty)")
@@ -228,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     st = det_path.stat()
     state = {"detector": str(det_path.resolve()), "detector_size": st.st_size, "detector_mtime_ns": st.st_mtime_ns,
-             "image_threshold": thr, "pixel_threshold": pix, "cal_image_size": cal, "overlays": args.overlays}
+             "image_threshold": thr, "pixel_threshold": pix, "cal_image_size": cal, "overlays": overlays}
     try:
         same = json.loads((out / _STATE).read_text()) == state
     except (OSError, json.JSONDecodeError):
@@ -245,8 +266,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         row = previous.get(p)
         if row is None:
             return False
-        needed = ([overlay[p]] if args.overlays else []) + ([mask[p]] if row.get("is_anomalous") == "1"
-                                                             and pix is not None else [])
+        needed = ([overlay[p]] if overlays else []) + ([mask[p]] if row.get("is_anomalous") == "1"
+                                                        and pix is not None else [])
         return all(f.is_file() and f.stat().st_mtime_ns > st.st_mtime_ns for f in needed)
 
     rows: Dict[str, dict] = {p: previous[p] for p in paths if done(p)}
@@ -260,18 +281,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
         atomic_write_text(out / "errors.csv", _csv_text(errors, ("path", "error")))
 
     t0 = time.time()
-    for s in tqdm(range(0, len(todo), args.batch_size), desc="predict", unit="batch", dynamic_ncols=True,
+    for s in tqdm(range(0, len(todo), batch_size), desc="predict", unit="batch", dynamic_ncols=True,
                   disable=None):
-        batch, images = [], []
-        for p in todo[s:s + args.batch_size]:
+        batch, imgs = [], []
+        for p in todo[s:s + batch_size]:
             try:
-                images.append(load_rgb(p))
+                imgs.append(load_rgb(p))
                 batch.append(p)
             except (FDSLError, OSError, ValueError) as exc:
                 errors.append({"path": p, "error": str(exc).replace("\n", " ")})
                 log.warning("skipping unreadable image %s: %s", p, exc)
-        preds = det.score_images(images, threshold=thr, cal_image_size=cal)
-        for p, im, pr in zip(batch, images, preds):
+        preds = det.score_images(imgs, threshold=thr, cal_image_size=cal)
+        for p, im, pr in zip(batch, imgs, preds):
             rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
                        "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
                        "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
@@ -279,7 +300,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 _save_png(mask[p], pr.mask.astype(np.uint8) * 255, "L")
             elif mask[p].exists():
                 mask[p].unlink()  # stale mask of an earlier run with other thresholds
-            if args.overlays:
+            if overlays:
                 verdict = "" if pr.is_anomalous is None else ("  ANOMALOUS" if pr.is_anomalous else "  normal")
                 cap = f"score {pr.score:.4f}" + (f" (thr {thr:.4f})" if thr is not None else "") + verdict
                 if pr.defect_area_px is not None:
@@ -292,19 +313,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
         "detector": str(det_path), "fdsl_version": det.info.get("fdsl_version"),
         "n_images": len(paths), "n_scored": len(rows), "n_errors": len(errors),
         "n_skipped_done": len(paths) - len(todo), "n_anomalous": n_anom if thr is not None else None,
-        "image_threshold": thr, "threshold_source": ("--threshold" if args.threshold is not None
+        "image_threshold": thr, "threshold_source": ("--threshold" if threshold is not None
                                                      else "detector" if thr is not None else None),
         "pixel_threshold": pix, "cal_image_size": cal,
-        "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if args.overlays else None,
+        "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if overlays else None,
                     "masks": "masks/"},
         "seconds": round(time.time() - t0, 3),
     }
     atomic_write_json(out / "summary.json", summary)
     log.info("predicted %d image(s) (%d skipped as done, %d unreadable listed in %s)", len(todo) - len(errors),
              len(paths) - len(todo), len(errors), out / "errors.csv")
-    verdict = f", {n_anom} anomalous" if thr is not None else ", no verdicts (uncalibrated)"
-    print(f"scores: {out / 'scores.csv'} ({len(rows)} image(s){verdict}); overlays: {out / 'overlays'}"
-          + (f"; {len(errors)} unreadable image(s) in {out / 'errors.csv'}" if errors else ""))
+    return summary
 
 
 # ----------------------------------------------------------------------------- entry point
