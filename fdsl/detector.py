@@ -33,7 +33,7 @@ from PIL import Image
 from . import __version__
 from .checkpoint import load_head, read_checkpoint
 from .config import ModelConfig
-from .datasets import image_transform, load_mask, load_rgb, mask_transform
+from .datasets import image_transform, load_mask, load_rgb, mask_transform, to_rgb
 from .errors import CheckpointError, ConfigError, DataError
 from .memory import FDSLMemory, MemoryBank
 from .model import FDSL
@@ -134,7 +134,7 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images
 
 
 def _as_pil(item: ImageInput) -> Image.Image:
-    return load_rgb(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB")
+    return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
 
 
 # ----------------------------------------------------------------------------- thresholds

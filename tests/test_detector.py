@@ -354,6 +354,18 @@ def test_cli_bad_input_is_one_line_error(env, tmp_path, capsys):
     assert _cli("predict", "--det", det, "--images", empty, "--out", tmp_path / "o") == 2  # no abbreviations
 
 
+def test_cli_interrupt_exits_130(env, tmp_path, monkeypatch, capsys):
+    from fdsl.detector import Detector
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "load", interrupted)
+    assert _cli("predict", "--detector", tmp_path / "d.fdsl", "--images", env.root / CLS / "test" / "good",
+                "--out", tmp_path / "o") == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_python_m_fdsl_dispatches(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "fdsl", "predict", "--detector", tmp_path / "missing.fdsl",
