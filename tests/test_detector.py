@@ -322,6 +322,16 @@ def test_cli_uncalibrated_predict_gives_no_verdict(env, tmp_path):
     _, rows = read_csv(out / "scores.csv")
     assert len(rows) == 4 and all(r["is_anomalous"] == "" and r["defect_area_px"] == "" for r in rows)
     assert not (out / "overlays").exists() and not (out / "masks").exists()
+    # Listed files, two sharing a file name; --threshold gives verdicts without a pixel threshold (no masks).
+    files = [env.root / CLS / "test" / "good" / "000.png", env.root / CLS / "train" / "good" / "000.png"]
+    out2 = tmp_path / "v2"
+    assert _cli("predict", "--detector", det, "--images", *files, "--out", out2, "--threshold", "0",
+                "--device", "cpu", "--precision", "fp32") == 0
+    _, rows = read_csv(out2 / "scores.csv")
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    assert all(r["is_anomalous"] == "1" and r["defect_area_px"] == "" for r in rows)
+    assert len(list((out2 / "overlays").glob("*.png"))) == 2 and not (out2 / "masks").exists()
+    assert json.loads((out2 / "summary.json").read_text())["threshold_source"] == "--threshold"
 
 
 def test_cli_bad_input_is_one_line_error(env, tmp_path, capsys):
