@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 COMMANDS = ("train", "test", "demo", "fit", "predict", "calibrate")
 
@@ -19,7 +19,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+
+def _dispatch(cmd: str, rest: List[str]) -> int:
+    argv = [cmd, *rest]
     if cmd in ("fit", "predict", "calibrate"):
         from .inspect_cli import main as inspect_main
 

@@ -387,3 +387,4 @@ def test_python_m_fdsl_dispatches(tmp_path):
 
     assert main(["bogus"]) == 2
     assert main(["fit", "--help"]) == 0
+    assert main(["test", "--help"]) == 0 and main(["train", "--bogus", "1"]) == 2
