@@ -163,8 +163,8 @@ def threshold_for_fpr(normal_scores: np.ndarray, max_fpr: float) -> float:
     s = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
     if s.size == 0:
         raise DataError("a false-positive-rate threshold needs normal images")
-    if not 0.0 <= max_fpr < 1.0:
-        raise ConfigError(f"--max_fpr must lie in [0, 1), got {max_fpr}")
+    if not 0.0 <= max_fpr <= 1.0:
+        raise ConfigError(f"a false-positive rate must lie in [0, 1], got {max_fpr}")
     n_fp = int(np.floor(max_fpr * s.size + 1e-9))
     return float(s[min(n_fp, s.size - 1)])
 

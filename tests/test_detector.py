@@ -241,6 +241,16 @@ def test_newer_format_and_wrong_backbone_are_clear_errors(env, tmp_path):
         _load_quiet(tampered)
 
 
+def test_threshold_rules_by_hand():
+    from fdsl.detector import threshold_f1_max, threshold_for_fpr
+
+    s = np.array([0.1, 0.2, 0.3, 0.4])
+    assert [threshold_for_fpr(s, r) for r in (0.0, 0.25, 0.5, 1.0)] == [0.4, 0.3, 0.2, 0.1]  # rule: score > t
+    assert threshold_f1_max(np.array([0, 0, 1, 1]), s) == (pytest.approx(0.25), 1.0)
+    t, f1 = threshold_f1_max(np.array([0, 1, 0, 1]), s)  # best: flag 0.2, 0.3, 0.4 (P 2/3, R 1)
+    assert t == pytest.approx(0.15) and f1 == pytest.approx(0.8)
+
+
 def test_output_names_stay_inside_and_unique():
     from fdsl.inspect_cli import output_names
 
