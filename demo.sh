@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# FDSL end-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps.
+# FDSL end-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps,
+# then `fit` / `calibrate` / `predict` on the test images of one class; it prints where the overlays are.
 #
 #   bash demo.sh                                       # ViT-L-14-336, OpenAI weights (downloaded once)
 #   FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh   # a local open_clip / OpenAI CLIP weights file (offline)

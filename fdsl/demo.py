@@ -7,8 +7,10 @@
 Two synthetic MVTec-layout datasets are written under ``<out>/data/``: the model is trained on
 A (its test split, with masks, as in the cross-dataset protocol) and evaluated 1-shot on B,
 whose classes it never saw. Heat maps (image | ground truth | overlay) land in
-``<out>/runs/<run>/test_1shot/images/``. A rerun reuses what is finished: data is generated
-only when missing, training resumes from the newest checkpoint, and finished classes are skipped.
+``<out>/runs/<run>/test_1shot/images/``. Last, a detector is fitted on B's first class (``fit``,
+``calibrate``) and its test images are inspected (``predict``): overlays in
+``<out>/runs/<run>/predict/verdicts/``. A rerun reuses what is finished: data is generated only when
+missing, training resumes from the newest checkpoint, and finished classes are skipped.
 """
 from __future__ import annotations
 
@@ -223,7 +225,36 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
     print(format_table(results["classes"], results["mean"]))
     print(f"heat maps (image | ground truth | anomaly map): {test_dir / 'images'}")
     print(f"results: {test_dir / 'results.json'}, per-image scores: {test_dir / 'scores.csv'}")
+
+    cls = setting.test_data["classes"][0]
+    verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", args.device, args.precision)
+    print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}'s test images: "
+          f"overlays (image | heat map | defect contour): {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
     return results
+
+
+def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, device: str, precision: str) -> Path:
+    """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
+
+    The thresholds are calibrated (F1-max, with the masks) on the same test images that are then predicted:
+    this only illustrates the commands; calibrate on separate validation images for real parts.
+    Returns the predict output folder. A detector newer than the checkpoint is reused.
+    """
+    from .detector import Detector
+    from .inspect_cli import predict_folder
+    from .utils import setup_logging
+
+    setup_logging(out / "log.txt")
+    det_file = out / f"{cls_dir.name}.fdsl"
+    if det_file.is_file() and det_file.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns:
+        log.info("reusing detector %s", det_file)
+    else:
+        det = Detector.fit(checkpoint, cls_dir / "train" / "good", device=device, precision=precision)
+        defects = sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir() and d.name != "good")
+        det.calibrate(cls_dir / "test" / "good", defects, masks=cls_dir / "ground_truth")
+        det.save(det_file)
+    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", device=device, precision=precision)
+    return out / "verdicts"
 
 
 def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:

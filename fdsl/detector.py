@@ -1,0 +1,587 @@
+"""A fitted detector for one's own parts: trained head + backbone identity + memory banks + thresholds.
+
+    det = Detector.fit("trained_on_visa/epoch_5.pth", "good_parts/")   # all images of the folder are shots
+    det.calibrate(normal="val_good/", anomalous="val_bad/", max_fpr=0.01)
+    det.save("part.fdsl")
+    preds = Detector.load("part.fdsl").predict(["incoming/a.png"])   # [Prediction(score, is_anomalous, ...)]
+
+The detector file is a safetensors file: tensors (head weights, memory banks) and one JSON metadata entry
+(format version, model config, backbone identity, normal images' names and sha256, thresholds, fdsl version).
+Loading executes no pickled code and re-encodes nothing: the banks are restored, the backbone is rebuilt
+from the config (and, for a weights file, checked against the stored sha256).
+
+Scores are the single-image form 0.5·(patch_score + map_max) of METHOD.md §6, without test.py's per-class
+min-max normalisation of map_max (a stream of single images has no class-wide minimum and maximum).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .checkpoint import load_head, read_checkpoint
+from .config import ModelConfig, RuntimeConfig
+from .datasets import image_transform, load_mask, load_rgb, mask_transform, to_rgb
+from .errors import CheckpointError, ConfigError, DataError
+from .memory import FDSLMemory, MemoryBank
+from .model import FDSL
+from .run import resolve_runtime
+from .utils import PathLike, resolve_device
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fdsl-detector"
+FORMAT_VERSION = 1
+_META_KEY = "fdsl_detector"
+DEFAULT_CAL_SIZE = 240
+
+ImageInput = Union[PathLike, Image.Image]
+
+
+class Prediction(NamedTuple):
+    """The verdict on one image.
+
+    score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
+    is_anomalous: score > image threshold; None when the detector has no image threshold.
+    anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
+    mask: (H, W) bool defect mask at the image's own size (map resized bilinearly, > pixel threshold);
+        None without a pixel threshold.
+    patch_score: mean over layers of the max anomalous probability on the patch grid.
+    map_max: max of `anomaly_map` (test.py's scores.csv column).
+    defect_area_px: pixels of `mask` (None without a pixel threshold).
+    size: (W, H) of the original image.
+    """
+
+    score: float
+    is_anomalous: Optional[bool]
+    anomaly_map: np.ndarray
+    mask: Optional[np.ndarray]
+    patch_score: float
+    map_max: float
+    defect_area_px: Optional[int]
+    size: Tuple[int, int]
+
+
+# ----------------------------------------------------------------------------- files and images
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def image_extensions() -> frozenset:
+    """Lower-case file extensions PIL can open (``.png``, ``.jpg``, ``.bmp``, ``.tif``, ...)."""
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images",
+                exclude: Optional[PathLike] = None) -> List[Tuple[Path, str]]:
+    """Image files of folders (recursive, sorted) and listed files, as (path, name) pairs.
+
+    The name of a file found in a folder is its path relative to that folder (POSIX form); a listed file's
+    name is its file name. Hidden files and folders and anything under `exclude` are skipped.
+
+    Raises:
+        DataError: a path does not exist, or nothing is found.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    exts = image_extensions()
+    excl = Path(exclude).resolve() if exclude is not None else None
+    out: List[Tuple[Path, str]] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+                d = Path(dirpath)
+                dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
+                                     and (excl is None or (d / n).resolve() != excl))
+                for n in filenames:
+                    if not n.startswith(".") and Path(n).suffix.lower() in exts:
+                        found.append((d / n, (d / n).relative_to(p).as_posix()))
+            if not found:
+                raise DataError(f"{what} folder {str(p)!r} holds no image files (looked recursively for "
+                                f"{', '.join(sorted(e for e in exts if e in ('.png', '.jpg', '.bmp', '.tif')))} "
+                                "and the other formats PIL reads)")
+            out += sorted(found, key=lambda t: t[1])
+        elif p.is_file():
+            out.append((p, p.name))
+        else:
+            raise DataError(f"{what} path {str(p)!r} does not exist")
+    if not out:
+        raise DataError(f"no {what} given")
+    return out
+
+
+def _as_pil(item: ImageInput) -> Image.Image:
+    return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> Tuple[float, float]:
+    """Threshold t maximising F1 of the rule ``score > t``; returns (t, F1).
+
+    t is the midpoint between the best cut's lowest flagged score and the next lower distinct score.
+    """
+    from .metrics import binary_curve
+
+    curve = binary_curve(labels, scores)  # positive iff score >= thresholds[i]
+    n_pos = float(np.asarray(labels).sum())
+    if n_pos == 0:
+        raise DataError("F1-max calibration needs anomalous examples (labels are all normal)")
+    f1 = 2.0 * curve.tps / (curve.tps + curve.fps + n_pos)
+    i = int(np.argmax(f1))
+    v = float(curve.thresholds[i])
+    t = 0.5 * (v + float(curve.thresholds[i + 1])) if i + 1 < len(curve.thresholds) else float(np.nextafter(v, -np.inf))
+    return t, float(f1[i])
+
+
+def threshold_for_fpr(normal_scores: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold t among the normal scores with at most `max_fpr` of them ``> t``."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise DataError("a false-positive-rate threshold needs normal images")
+    if not 0.0 <= max_fpr <= 1.0:
+        raise ConfigError(f"a false-positive rate must lie in [0, 1], got {max_fpr}")
+    n_fp = int(np.floor(max_fpr * s.size + 1e-9))
+    return float(s[min(n_fp, s.size - 1)])
+
+
+# ----------------------------------------------------------------------------- the detector
+
+
+def _model_fields() -> Dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(ModelConfig)}
+
+
+def resolve_model_config(saved: Optional[dict], options: Dict[str, Any]) -> ModelConfig:
+    """Defaults <- the checkpoint's saved model config <- explicit `options`; unknown options are errors."""
+    fields = _model_fields()
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {unknown}; valid ones: {sorted(fields)}")
+    values = {k: v for k, v in (saved or {}).items() if k in fields}
+    values.update({k: v for k, v in options.items() if v is not None})
+    cfg = ModelConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def backbone_identity(cfg: ModelConfig) -> dict:
+    """Architecture and weights of the backbone: a tag, 'none', or a file (name and sha256)."""
+    p = cfg.pretrained
+    if p.lower() != "none" and os.path.isfile(p):
+        return {"model": cfg.model, "pretrained": os.path.basename(p), "path": os.path.abspath(p),
+                "sha256": sha256_file(p), "quick_gelu": cfg.quick_gelu, "image_size": cfg.image_size}
+    return {"model": cfg.model, "pretrained": p, "path": None, "sha256": None, "quick_gelu": cfg.quick_gelu,
+            "image_size": cfg.image_size}
+
+
+class Detector:
+    """A fitted FDSL detector: score images of one part against its normal shots.
+
+    Build with `Detector.fit` or `Detector.load`; score with `predict`; set thresholds with `calibrate`;
+    write with `save`. `info` holds the file's metadata (model config, backbone, normal images, thresholds).
+    """
+
+    def __init__(self, model: FDSL, memory: FDSLMemory, info: dict) -> None:
+        self.model = model
+        self.memory = memory
+        self.info = info
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def cal_image_size(self) -> int:
+        return int(self.info.get("cal_image_size", DEFAULT_CAL_SIZE))
+
+    @property
+    def image_threshold(self) -> Optional[float]:
+        return self.info.get("thresholds", {}).get("image")
+
+    @property
+    def pixel_threshold(self) -> Optional[float]:
+        return self.info.get("thresholds", {}).get("pixel")
+
+    # ------------------------------------------------------------------ fit
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
+            device: str = "auto", precision: str = "auto", batch_size: int = 8,
+            cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
+        """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
+
+        Args:
+            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
+            normal_images: a folder (recursive) or a list of image files: all of them become the shots.
+            device, precision, batch_size: runtime settings (not stored).
+            cal_image_size: the evaluation size of anomaly maps (test.py's --cal_image_size), stored.
+            **model_options: `ModelConfig` fields (model, pretrained, image_size, features_list, winmode, ...)
+                overriding the checkpoint's saved config.
+        Returns:
+            The fitted detector, without thresholds.
+        """
+        if cal_image_size < 1:
+            raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
+        if batch_size < 1:
+            raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        files = list_images(normal_images, "normal images")
+        saved = read_checkpoint(checkpoint).get("model_config")
+        if "few_shot_features" not in model_options and "features_list" in model_options:
+            model_options["few_shot_features"] = model_options["features_list"]
+        cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
+        dev = resolve_device(device)
+        model = FDSL.from_config(cfg)
+        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
+        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev, cal_image_size)
+        model = model.to(dev).eval()
+        tf = image_transform(cfg.image_size)
+        images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
+        memory = model.make_memory(model.encode_references(images, batch_size))
+        info = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "fdsl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model_config": dataclasses.asdict(cfg),
+            "backbone": backbone_identity(cfg),
+            "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
+                           "format": meta.get("format"), "epoch": meta.get("epoch")},
+            "normal_images": [{"name": name, "sha256": sha256_file(p)} for p, name in files],
+            "cal_image_size": int(cal_image_size),
+            "thresholds": {"image": None, "pixel": None},
+        }
+        log.info("fitted a detector on %d normal image(s): %s, winmode %s, memory %.1f MiB", len(files),
+                 cfg.model, cfg.winmode, memory.nbytes() / 2 ** 20)
+        return cls(model, memory, info)
+
+    # ------------------------------------------------------------------ save / load
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensors written to the file: ``head.*`` and ``memory.*`` (contiguous, on the CPU)."""
+        out = {f"head.{k}": v for k, v in self.model.head.state_dict().items()}
+        out.update({f"memory.{k}": v for k, v in self.memory.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, path: PathLike) -> Path:
+        """Write the detector atomically as a safetensors file (no pickle); returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"detector path {str(path)!r} is a folder; give a file name such as part.fdsl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata={_META_KEY: json.dumps(self.info)})
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        log.info("wrote detector %s", path)
+        return path
+
+    @staticmethod
+    def read_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
+        """(metadata, tensors) of a detector file, read safely; format and version are checked."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"detector file {str(path)!r} does not exist; write one with `python -m fdsl fit`")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not an FDSL detector file (not a safetensors file: "
+                                  f"{type(exc).__name__}: {str(exc)[:120]})") from exc
+        try:
+            info = json.loads(meta[_META_KEY])
+        except (KeyError, json.JSONDecodeError, TypeError) as exc:
+            raise CheckpointError(f"{path} is a safetensors file but not an FDSL detector (no '{_META_KEY}' "
+                                  "metadata)") from exc
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an FDSL detector file (format {info.get('format')!r})")
+        version = info.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"{path} has detector format version {version}, written by fdsl "
+                                  f"{info.get('fdsl_version')}; this fdsl {__version__} reads up to version "
+                                  f"{FORMAT_VERSION}: upgrade fdsl")
+        return info, tensors
+
+    @classmethod
+    def load(cls, path: PathLike, *, device: str = "auto", precision: str = "auto",
+             pretrained: Optional[PathLike] = None) -> Detector:
+        """Load a detector file: backbone rebuilt from its config, head and banks restored (nothing re-encoded).
+
+        Args:
+            pretrained: the backbone weights file, when it is no longer where it was at fit time; it must have
+                the stored sha256.
+        Raises:
+            CheckpointError: not a detector, a newer format, a weights file that does not match, or tensors
+                that do not fit the model.
+        """
+        path = Path(path)
+        info, tensors = cls.read_file(path)
+        fields = _model_fields()
+        mc = {k: v for k, v in info.get("model_config", {}).items() if k in fields}
+        bb = info.get("backbone", {})
+        mc["pretrained"] = _locate_weights(bb, path, pretrained)
+        try:
+            cfg = ModelConfig(**mc)
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: model config does not fit this fdsl: {exc}") from exc
+        dev = resolve_device(device)
+        model = FDSL.from_config(cfg)
+        head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        try:
+            model.head.load_state_dict(head_state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: the stored head does not fit a {cfg.model} model with layers "
+                                  f"{cfg.features_list}: {str(exc).splitlines()[0]}") from exc
+        memory = _memory_from_tensors(tensors, path)
+        _check_memory(memory, model, path)
+        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev,
+                                        int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
+        model = model.to(dev).eval()
+        return cls(model, memory.to(dev), info)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_images(self, images: Sequence[Image.Image], threshold: Optional[float] = None,
+                     cal_image_size: Optional[int] = None) -> List[Prediction]:
+        """Score one batch of RGB PIL images (any sizes; squashed to the model size as in evaluation)."""
+        if not images:
+            return []
+        cal = int(cal_image_size or self.cal_image_size)
+        tf = image_transform(self.model.cfg.image_size)
+        batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
+        out = self.model.predict(batch, [self.memory], cal)[0]
+        maps = out.anomaly_map.float().cpu().numpy()  # (B, cal, cal)
+        patch = out.patch_score.double().cpu().numpy()
+        mmax = out.map_max.double().cpu().numpy()
+        thr = self.image_threshold if threshold is None else float(threshold)
+        pix = self.pixel_threshold
+        preds = []
+        for im, amap, p, m in zip(images, maps, patch, mmax):
+            score = 0.5 * (float(p) + float(m))
+            mask = area = None
+            if pix is not None:
+                mask = map_to_image(amap, im.size) > pix
+                area = int(mask.sum())
+            preds.append(Prediction(score, None if thr is None else bool(score > thr), amap, mask, float(p),
+                                    float(m), area, tuple(im.size)))
+        return preds
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
+                threshold: Optional[float] = None, cal_image_size: Optional[int] = None) -> List[Prediction]:
+        """Score images (paths, a folder, or PIL images); returns one `Prediction` per image, in order.
+
+        `threshold` overrides the stored image threshold. A folder is read recursively.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        items: List[ImageInput] = []
+        for x in images:
+            if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+                items += [p for p, _ in list_images(x)]
+            else:
+                items.append(x)
+        preds: List[Prediction] = []
+        for s in range(0, len(items), batch_size):
+            preds += self.score_images([_as_pil(x) for x in items[s:s + batch_size]], threshold, cal_image_size)
+        return preds
+
+    # ------------------------------------------------------------------ thresholds
+    def calibrate(self, normal: Union[PathLike, Sequence[PathLike]],
+                  anomalous: Optional[Union[PathLike, Sequence[PathLike]]] = None,
+                  masks: Optional[PathLike] = None, max_fpr: Optional[float] = None,
+                  batch_size: int = 8) -> dict:
+        """Set the image and pixel thresholds from validation images; returns the calibration report.
+
+        Image threshold (verdict: score > threshold):
+          - with `max_fpr`: the lowest threshold that flags at most `max_fpr` of the normal images;
+          - otherwise: F1-max over normal (negative) and anomalous (positive) images.
+        Pixel threshold (mask: map > threshold):
+          - with `masks` (a folder holding, for an anomalous image ``<rel>/<stem>.<ext>``, the mask
+            ``<rel>/<stem>.<any ext>`` or ``<rel>/<stem>_mask.<any ext>``; normal images have empty masks):
+            F1-max over all pixels at the evaluation size;
+          - without masks: the lowest threshold at which no more normal images show any defect pixel than
+            the image threshold flags (the image-level false-positive rate reached, or `max_fpr`), i.e. the
+            same rule applied to each normal image's map maximum.
+        """
+        normal_files = list_images(normal, "normal validation images")
+        bad_files = list_images(anomalous, "anomalous validation images") if anomalous is not None else []
+        if max_fpr is None and not bad_files:
+            raise ConfigError("F1-max calibration needs anomalous images (--anomalous); or give --max_fpr")
+        if max_fpr is not None and not 0.0 <= max_fpr < 1.0:
+            raise ConfigError(f"--max_fpr must lie in [0, 1), got {max_fpr}")
+        files = normal_files + bad_files
+        labels = np.r_[np.zeros(len(normal_files), bool), np.ones(len(bad_files), bool)]
+        old = dict(self.info.get("thresholds", {}))
+        self.info["thresholds"] = {"image": None, "pixel": None}  # score without verdicts
+        try:
+            preds = self.predict([p for p, _ in files], batch_size)
+        finally:
+            self.info["thresholds"] = old
+        scores = np.array([p.score for p in preds])
+        report: dict = {"n_normal": len(normal_files), "n_anomalous": len(bad_files)}
+        if max_fpr is not None:
+            thr = threshold_for_fpr(scores[~labels], max_fpr)
+            report["image_method"] = f"max_fpr={max_fpr}"
+        else:
+            thr, f1 = threshold_f1_max(labels, scores)
+            report["image_method"] = "f1_max"
+            report["image_f1"] = f1
+        fpr = float(np.mean(scores[~labels] > thr))
+        report["image_fpr"] = fpr
+        if bad_files:
+            report["image_tpr"] = float(np.mean(scores[labels] > thr))
+        if masks is not None:
+            cal = self.cal_image_size
+            gt = np.zeros((len(files), cal, cal), bool)
+            mtf = mask_transform(cal)
+            for i, (p, name) in enumerate(bad_files, start=len(normal_files)):
+                mpath = find_mask(Path(masks), name, p)
+                gt[i] = mtf(load_mask(mpath, preds[i].size, image_path=p))[0].numpy() > 0.5
+            maps = np.stack([p.anomaly_map for p in preds])  # (n, cal, cal)
+            if not gt.any():
+                raise DataError(f"the masks under {str(masks)!r} mark no defect pixel; pixel F1-max needs some")
+            pix, pf1 = threshold_f1_max(gt.ravel(), maps.ravel())
+            report.update(pixel_method="f1_max_masks", pixel_f1=pf1)
+        else:
+            normal_max = np.array([p.map_max for p, lab in zip(preds, labels) if not lab])
+            pix = threshold_for_fpr(normal_max, max_fpr if max_fpr is not None else fpr)
+            report["pixel_method"] = "normal_map_max_at_image_fpr"
+        report.update(image=float(thr), pixel=float(pix),
+                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files])
+        self.info["thresholds"] = {"image": float(thr), "pixel": float(pix),
+                                   "image_method": report["image_method"], "pixel_method": report["pixel_method"],
+                                   "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
+                                   "n_normal": len(normal_files), "n_anomalous": len(bad_files),
+                                   "cal_image_size": self.cal_image_size}
+        log.info("calibrated: image threshold %.6f (%s, normal FPR %.3f%s), pixel threshold %.6f (%s)", thr,
+                 report["image_method"], fpr,
+                 f", anomalous TPR {report['image_tpr']:.3f}" if "image_tpr" in report else "", pix,
+                 report["pixel_method"])
+        return report
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+    """(cal, cal) anomaly map -> (H, W) at the image's own size (bilinear), float32."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def find_mask(masks: Path, name: str, image_path: Optional[PathLike] = None) -> Path:
+    """The mask of image `name` (its relative path) under `masks`.
+
+    Looked for, in order: ``<rel dir>/<stem>.*`` and ``<rel dir>/<stem>_mask.*`` under `masks`, then the same
+    under ``<masks>/<image's folder name>/`` (MVTec AD: ``test/<defect>/000.png`` ->
+    ``ground_truth/<defect>/000_mask.png``); any image extension.
+    """
+    rel = Path(name)
+    exts = image_extensions()
+    dirs = [masks / rel.parent]
+    if image_path is not None:
+        dirs.append(masks / Path(image_path).parent.name / rel.parent)
+    for d in dirs:
+        for stem in (rel.stem, rel.stem + "_mask"):
+            for cand in sorted(d.glob(glob_escape(stem) + ".*")):
+                if cand.suffix.lower() in exts and cand.is_file():
+                    return cand
+    raise DataError(f"no mask for anomalous image {name!r} under {str(masks)!r} (looked for "
+                    f"{(rel.parent / rel.stem).as_posix()}.* and {(rel.parent / rel.stem).as_posix()}_mask.*, "
+                    "also inside a folder named like the image's folder)")
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(text)
+
+
+def _locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) -> str:
+    """The `pretrained` value to build the backbone with; a weights file must match the stored sha256."""
+    if not bb.get("sha256"):
+        if override is not None:
+            raise ConfigError(f"the detector was fitted with backbone weights {bb.get('pretrained')!r}, not a "
+                              "file; --pretrained applies only to detectors fitted with a weights file")
+        return str(bb.get("pretrained", "none"))
+    candidates = [Path(override)] if override is not None else [
+        Path(bb["path"]) if bb.get("path") else None, detector_path.parent / bb["pretrained"]]
+    for c in candidates:
+        if c is not None and c.is_file():
+            digest = sha256_file(c)
+            if digest != bb["sha256"]:
+                raise CheckpointError(f"backbone weights {str(c)!r} have sha256 {digest[:12]}…, but the detector "
+                                      f"was fitted with {bb['pretrained']!r} sha256 {bb['sha256'][:12]}…; pass the "
+                                      "same weights file with --pretrained")
+            return str(c)
+    raise CheckpointError(f"the detector's backbone weights {bb['pretrained']!r} (sha256 {bb['sha256'][:12]}…) are "
+                          f"not at {bb.get('path')!r} nor beside the detector; pass them with --pretrained")
+
+
+def _memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMemory:
+    banks = {}
+    for name in ("global_bank", "window_bank"):
+        prefix = f"memory.{name}."
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not part:
+            banks[name] = None
+            continue
+        n = len([k for k in part if k.startswith("tokens_")])
+        try:
+            banks[name] = MemoryBank([part[f"tokens_{i}"] for i in range(n)], part["image_embeds"])
+        except (KeyError, ConfigError) as exc:
+            raise CheckpointError(f"{path}: the stored {name} is incomplete or malformed ({exc})") from exc
+    if banks["global_bank"] is None:
+        raise CheckpointError(f"{path}: the detector file holds no memory bank")
+    return FDSLMemory(banks["global_bank"], banks["window_bank"])
+
+
+def _check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
+    """The banks must fit the model: layers, token width, grid (windows: window grid), LFE on/off."""
+    bb = model.backbone
+    expect = [("global_bank", memory.global_bank, bb.grid_size ** 2)]
+    if model.use_windows:
+        if memory.window_bank is None:
+            raise CheckpointError(f"{path}: winmode {model.cfg.winmode} needs a window bank, the file has none")
+        expect.append(("window_bank", memory.window_bank, model.cfg.win_size ** 2))
+    for name, bank, n_tok in expect:
+        t = bank.layer(0)
+        if bank.num_layers != len(bb.layers) or t.shape[1] != n_tok or t.shape[2] != bb.width:
+            raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of {tuple(t.shape)}) does "
+                                  f"not fit a {bb.model_name} at {bb.image_size} px with layers {bb.layers}; the "
+                                  "detector comes from another model")
+
+
+__all__ = ["Detector", "Prediction", "list_images", "threshold_f1_max", "threshold_for_fpr", "sha256_file",
+           "FORMAT_VERSION"]
