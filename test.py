@@ -8,7 +8,6 @@ import sys
 
 from fdsl.cli import main
 from fdsl.config import TestConfig
-from fdsl.evaluation import evaluate
 
 if __name__ == "__main__":
-    sys.exit(main(TestConfig, evaluate))
+    sys.exit(main(TestConfig, "fdsl.evaluation:evaluate"))

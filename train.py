@@ -7,7 +7,6 @@ import sys
 
 from fdsl.cli import main
 from fdsl.config import TrainConfig
-from fdsl.training import train
 
 if __name__ == "__main__":
-    sys.exit(main(TrainConfig, train))
+    sys.exit(main(TrainConfig, "fdsl.training:train"))
