@@ -121,11 +121,29 @@ def _interrupt_once(data: Path, ck: Path, out: Path, delay: float, nth_class: in
     return proc.returncode, "".join(lines) + rest
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.003, 0.01, 0.03, 0.08])
-def test_ctrl_c_while_class_workers_start_exits_130_with_one_line(setup, tmp_path, delay):
-    base, data, ck = setup
-    rc, err = _interrupt_once(data, ck, tmp_path / "out", delay, nth_class=2)
+def _assert_interrupted(rc: int, err: str) -> None:
     assert rc == 130, err[-3000:]
     assert err.rstrip().splitlines()[-1] == INTERRUPTED
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+
+
+def test_ctrl_c_in_test_py_while_class_workers_start(setup, tmp_path):
+    base, data, ck = setup
+    _assert_interrupted(*_interrupt_once(data, ck, tmp_path / "out", 0.005, nth_class=2))
     assert "rerun the same command to resume" in INTERRUPTED
+
+
+def test_ctrl_c_at_many_moments_of_worker_start_up(setup, tmp_path):
+    """The same job as test.py, interrupted at several delays after a class's loader starts (torch imported once)."""
+    import json
+
+    base, data, ck = setup
+    delays = [0.0, 0.002, 0.005, 0.01, 0.03, 0.06]
+    argv = tiny_test_argv(data, ck, tmp_path / "out", "--num_workers", 2)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "interrupt_probe.py"), ",".join(map(str, delays)),
+                           "2", "--", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [t["delay"] for t in trials] == delays
+    for t in trials:
+        _assert_interrupted(t["rc"], t["stderr"])
