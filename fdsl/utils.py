@@ -206,7 +206,7 @@ def hold_sigint(reraise: bool = True) -> Iterator[None]:
     """
     held = []
 
-    def record(signum, frame):  # noqa: ARG001 (signal handler signature)
+    def record(signum, frame):
         held.append(signum)
 
     try:
@@ -214,7 +214,7 @@ def hold_sigint(reraise: bool = True) -> Iterator[None]:
     except ValueError:  # not the main thread: nothing to hold
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _sigmask(signal.SIG_BLOCK)
     failed = False
     try:
         yield
@@ -222,16 +222,22 @@ def hold_sigint(reraise: bool = True) -> Iterator[None]:
         failed = True
         raise
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending SIGINT runs `record` now
+        _sigmask(signal.SIG_UNBLOCK)  # a pending SIGINT runs `record` now
         signal.signal(signal.SIGINT, previous)
         if held and reraise and not failed:
             raise KeyboardInterrupt
 
 
-def worker_ignore_sigint(worker_id: int) -> None:  # noqa: ARG001 (DataLoader worker_init_fn signature)
+def worker_ignore_sigint(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: workers ignore Ctrl-C (the main process acts on it and stops them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _sigmask(signal.SIG_UNBLOCK)
+
+
+def _sigmask(how: int) -> None:
+    """Block or unblock SIGINT for the calling thread (POSIX; a no-op where there is no pthread_sigmask)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(how, {signal.SIGINT})
 
 
 def interruptible(loader: Iterable) -> Iterator[Any]:

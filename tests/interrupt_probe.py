@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fdsl.evaluation  # noqa: E402,F401  (the slow import, done once)
-from fdsl.cli import main  # noqa: E402
-from fdsl.config import TestConfig  # noqa: E402
+import fdsl.evaluation  # noqa: F401  (the slow import, done once)
+from fdsl.cli import main
+from fdsl.config import TestConfig
 
 
 def trial(delay: float, nth: int, argv: list) -> dict:

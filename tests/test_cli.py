@@ -9,13 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
+from fdsl_test_utils import (
+    TINY_MODEL_ARGS,
+    drop_fdsl_log_handlers,
+    save_tiny_checkpoint,
+    tiny_data,
+    tiny_test_argv,
+)
 
 from fdsl.cli import INTERRUPTED, main
-from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect a class named Test*
+from fdsl.config import (
+    TestConfig as EvalConfig,  # aliased: pytest would try to collect a class named Test*
+)
 from fdsl.config import TrainConfig
 from fdsl.errors import DataError, user_message
-from fdsl_test_utils import (TINY_MODEL_ARGS, drop_fdsl_log_handlers, save_tiny_checkpoint, tiny_data,
-                             tiny_test_argv)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = tuple(f"c{i}_syn" for i in range(8))
@@ -52,7 +59,7 @@ def test_user_message_recovers_the_worker_exception_message():
 
 @pytest.mark.parametrize("where", ["file", "under_file"])
 def test_save_path_that_is_a_file_is_one_line(setup, tmp_path, capsys, where):
-    base, data, ck = setup
+    _, data, ck = setup
     afile = tmp_path / "taken"
     afile.write_text("x")
     target = afile if where == "file" else afile / "run"
@@ -66,7 +73,7 @@ def test_save_path_that_is_a_file_is_one_line(setup, tmp_path, capsys, where):
 def test_unwritable_save_path_is_one_line(setup, tmp_path, capsys, monkeypatch):
     import tempfile
 
-    base, data, ck = setup
+    _, data, ck = setup
 
     def denied(*a, **k):  # tests run as root, which ignores chmod: simulate the read-only folder
         raise PermissionError(13, "Permission denied")
@@ -80,7 +87,7 @@ def test_train_worker_data_error_is_one_line(setup, tmp_path, capsys):
     import json
     import shutil
 
-    base, data, ck = setup
+    _, data, _ = setup
     root = tmp_path / "data"
     shutil.copytree(data, root)
     meta = json.loads((root / "meta.json").read_text())
@@ -128,7 +135,7 @@ def _assert_interrupted(rc: int, err: str) -> None:
 
 
 def test_ctrl_c_in_test_py_while_class_workers_start(setup, tmp_path):
-    base, data, ck = setup
+    _, data, ck = setup
     _assert_interrupted(*_interrupt_once(data, ck, tmp_path / "out", 0.005, nth_class=2))
     assert "rerun the same command to resume" in INTERRUPTED
 
@@ -137,11 +144,11 @@ def test_ctrl_c_at_many_moments_of_worker_start_up(setup, tmp_path):
     """The same job as test.py, interrupted at several delays after a class's loader starts (torch imported once)."""
     import json
 
-    base, data, ck = setup
+    _, data, ck = setup
     delays = [0.0, 0.002, 0.005, 0.01, 0.03, 0.06]
     argv = tiny_test_argv(data, ck, tmp_path / "out", "--num_workers", 2)
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "interrupt_probe.py"), ",".join(map(str, delays)),
-                           "2", "--", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           "2", "--", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [t["delay"] for t in trials] == delays

@@ -8,15 +8,22 @@ import os
 from pathlib import Path
 
 import pytest
+from fdsl_test_utils import (
+    drop_fdsl_log_handlers,
+    save_tiny_checkpoint,
+    tiny_data,
+    tiny_test_argv,
+)
 from PIL import Image
 
 from fdsl.cli import main
-from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect a class named Test*
+from fdsl.config import (
+    TestConfig as EvalConfig,  # aliased: pytest would try to collect a class named Test*
+)
 from fdsl.config import parse_config
-from fdsl.errors import CheckpointError, ConfigError
-from fdsl.evaluation import Evaluator, evaluate
+from fdsl.errors import CheckpointError
+from fdsl.evaluation import Evaluator
 from fdsl.meta import build_mvtec_meta, write_meta
-from fdsl_test_utils import drop_fdsl_log_handlers, save_tiny_checkpoint, tiny_data, tiny_test_argv
 
 JOB = "fdsl.evaluation:evaluate"
 

@@ -5,12 +5,12 @@ import json
 import logging
 
 import pytest
+from fdsl_test_utils import TINY_MODEL_ARGS, drop_fdsl_log_handlers, tiny_data
 
 from fdsl.cli import main
 from fdsl.config import TrainConfig, config_to_dict, parse_config
 from fdsl.errors import ConfigError
 from fdsl.training import RESUME_NEUTRAL, Trainer, check_resume_config
-from fdsl_test_utils import TINY_MODEL_ARGS, drop_fdsl_log_handlers, tiny_data
 
 JOB = "fdsl.training:train"
 
