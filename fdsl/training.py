@@ -103,7 +103,8 @@ class Trainer:
         try:
             saved = json.loads(path.read_text())
         except FileNotFoundError:
-            log.warning("%s has checkpoints but no config.json; cannot check that they used these settings", path.parent)
+            log.warning("%s has checkpoints but no config.json; cannot check that they used these settings",
+                        path.parent)
             return
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path} ({exc}) to check the run being resumed; fix or delete it, "
