@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ VERSION = 1
 _RELEASED_KEY = "trainable_RR"
 _RELEASED_PREFIXES = {"clsList.": "scorers.", "convRes.": "nam."}
 _RELEASED_UNUSED = ("adapterList.", "zeroClsModule.", "rAttn.", "resfus.")
+# Model settings a trained head depends on: the run must use the checkpoint's values.
+TRAINED_SETTINGS = ("model", "image_size", "features_list", "quick_gelu", "use_norm", "align_mode", "use_abs",
+                    "use_nam")
 
 
 def save_checkpoint(path: PathLike, head: nn.Module, model_config: Dict[str, Any], epoch: int,
@@ -118,3 +121,63 @@ def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -
     _fit(head, state, path, use_nam)
     optimizer = ck.get("optimizer") if fmt == FORMAT else None
     return {"format": fmt, "epoch": epoch, "model_config": mcfg, "optimizer": optimizer}
+
+
+def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: Collection[str],
+                           source: PathLike) -> Dict[str, Any]:
+    """Make `cfg` use the settings `saved` with a checkpoint (in place); returns {setting: value taken}.
+
+    For every setting in `TRAINED_SETTINGS` that the checkpoint records: when the user did not set it
+    (not in `explicit`), the checkpoint's value is taken and logged; when the user set a different value,
+    that is an error naming both. `few_shot_features` follows `features_list` unless set explicitly.
+    """
+    if not saved:
+        return {}
+    taken: Dict[str, Any] = {}
+    for name in TRAINED_SETTINGS:
+        if name not in saved:
+            continue
+        want, have = saved[name], getattr(cfg, name)
+        if want == have:
+            continue
+        flag = "--" + name
+        if name in explicit:
+            raise CheckpointError(f"checkpoint {source} was trained with {flag} {_show(want)} but this run "
+                                  f"sets {flag} {_show(have)}; drop the option to use the checkpoint's value "
+                                  "or pass a checkpoint trained with it")
+        setattr(cfg, name, want)
+        taken[name] = want
+        log.info("checkpoint %s: using its %s %s (this run's default was %s)", source, flag, _show(want),
+                 _show(have))
+    if "features_list" in taken and "few_shot_features" not in explicit:
+        cfg.few_shot_features = list(cfg.features_list)
+    return taken
+
+
+def reconcile_with_checkpoint(cfg: Any, path: PathLike, explicit: Collection[str]) -> Dict[str, Any]:
+    """Read checkpoint `path` and reconcile `cfg` with it before the model is built.
+
+    Our checkpoints carry their model config (see `reconcile_model_config`). Released-code files carry
+    none; there, NAM on (`cfg.use_nam`) with no ``convRes.*`` weights in the file is an error.
+    """
+    ck = read_checkpoint(path)
+    if _RELEASED_KEY in ck:
+        state = ck[_RELEASED_KEY]
+        has_nam = isinstance(state, dict) and any(
+            k.startswith(("convRes.", "module.convRes.")) for k in state)
+        if cfg.use_nam and not has_nam:
+            raise CheckpointError(f"checkpoint {path} (released-code format) holds no NAM weights (convRes.*), "
+                                  "so it was trained without NAM; pass --use_nam 0")
+        return {}
+    if ck.get("format") == FORMAT:
+        return reconcile_model_config(cfg, ck.get("model_config"), explicit, path)
+    return {}  # load_head explains what is wrong with the file
+
+
+def _show(value: Any) -> str:
+    """A setting's value as the user types it (0/1 for switches, space-separated lists)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)

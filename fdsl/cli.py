@@ -1,12 +1,19 @@
-"""Shared entry-point wrapper: parse a config, run, and turn FDSL errors into one clear line."""
+"""Shared entry-point wrapper: parse a config, run, and turn FDSL errors into one clear line.
+
+Nothing here imports torch at module level: the job is imported inside the guarded call, so a Ctrl-C
+during the (slow) import of torch also ends with the one-line message and exit status 130.
+"""
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from .config import parse_config
-from .errors import FDSLError
+from .errors import FDSLError, user_message
+
+INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
 
 def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]] = None) -> int:
@@ -18,31 +25,39 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
         job()
     except FDSLError as exc:
         logging.getLogger("fdsl").debug("error details", exc_info=True)
-        print(explain(exc) if explain else f"error: {exc}", file=sys.stderr)
+        print(explain(exc) if explain else f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished classes and checkpoints are kept, rerun the same command to resume",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     return 0
 
 
-def main(cls: type, job: Callable, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
-    """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message."""
-    return run_job(lambda: job(parse_config(cls, argv, description)))
+def _resolve(job: Union[Callable, str]) -> Callable:
+    """`job` itself, or the function named by ``"module:function"`` (imported now)."""
+    if isinstance(job, str):
+        module, _, name = job.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return job
+
+
+def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = None, description: str = "") -> int:
+    """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message.
+
+    `job` may be given as ``"module:function"``; it is then imported inside the guarded call.
+    """
+    return run_job(lambda: _resolve(job)(parse_config(cls, argv, description)))
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`fdsl-train` / `python train.py`: train the scorers and NAM."""
     from .config import TrainConfig
-    from .training import train
 
-    return main(TrainConfig, train, argv)
+    return main(TrainConfig, "fdsl.training:train", argv)
 
 
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     """`fdsl-test` / `python test.py`: k-shot evaluation of a checkpoint."""
     from .config import TestConfig
-    from .evaluation import evaluate
 
-    return main(TestConfig, evaluate, argv)
+    return main(TestConfig, "fdsl.evaluation:evaluate", argv)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -18,6 +21,11 @@ ALIGN_MODES = ("mulmax", "diff2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 DATASETS = ("mvtec", "visa")
+# Options that name files or folders: a leading ~ is expanded (the shell does not expand --opt=~/x).
+PATH_FIELDS = ("save_path", "train_data_path", "data_path", "checkpoint_path", "k_shot_file", "model_config",
+               "pretrained")
+
+log = logging.getLogger(__name__)
 
 
 def _opt(default: Any, *flags: str, help: str, choices: Optional[Sequence[Any]] = None, nargs: Optional[str] = None):
@@ -74,6 +82,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
+        expand_user_paths(self)
         if sorted(self.features_list) != sorted(self.few_shot_features):
             raise ConfigError(
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
@@ -122,6 +131,20 @@ class RunConfig:
     seed: int = _opt(111, "--seed", help="random seed (reference-image choice, augmentations)")
     classes: Optional[list] = _opt(None, "--classes", nargs="+", help="restrict to these classes (default: all)")
 
+    def validate(self) -> None:
+        """Check the shared run options; repeated --classes are dropped (keeping order) with a warning."""
+        expand_user_paths(self)
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if not str(self.save_path).strip():
+            raise ConfigError("--save_path is empty; give a run folder")
+        if self.classes is not None:
+            self.classes = dedupe_option("--classes", self.classes)
+
 
 @dataclass
 class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
@@ -140,11 +163,12 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
     def validate(self) -> None:
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
-        for name in ("epoch", "save_freq", "k_shot", "batch_size"):
+        RunConfig.validate(self)
+        for name in ("epoch", "save_freq", "k_shot"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
 
 
 @dataclass
@@ -166,14 +190,20 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     def validate(self) -> None:
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
+        RunConfig.validate(self)
         if not self.checkpoint_path:
             raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
         if self.k_shot < 1:
             raise ConfigError(f"--k_shot must be positive, got {self.k_shot}")
         if self.cal_image_size < 1:
             raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ConfigError("--seeds needs at least one seed")
+            bad = [s for s in self.seeds if s < 0]
+            if bad:
+                raise ConfigError(f"--seeds must be >= 0, got {bad}")
+            self.seeds = dedupe_option("--seeds", self.seeds)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
 
@@ -217,11 +247,55 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
 
 
 def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = ""):
-    """Parse `argv` into a validated `cls` instance. Unknown flags are errors."""
-    ns = build_parser(cls, description).parse_args(argv)
+    """Parse `argv` into a validated `cls` instance. Unknown flags are errors.
+
+    The names of the fields set on the command line are recorded on the instance (see `explicit_fields`).
+    """
+    parser = build_parser(cls, description)
+    ns = parser.parse_args(argv)
     cfg = cls(**vars(ns))
+    # Parse again with every default suppressed: what remains was given explicitly.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    object.__setattr__(cfg, _EXPLICIT, frozenset(vars(parser.parse_args(argv))))
     cfg.validate()
     return cfg
+
+
+_EXPLICIT = "_explicit_fields"  # an instance attribute, not a dataclass field: never in config.json
+
+
+def explicit_fields(cfg: Any) -> frozenset:
+    """Names of the fields the user set explicitly.
+
+    Recorded by `parse_config`; for a config built in code, the fields whose value differs from the default.
+    """
+    recorded = getattr(cfg, _EXPLICIT, None)
+    if recorded is not None:
+        return recorded
+    out = set()
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(cfg, f.name) != default:
+            out.add(f.name)
+    return frozenset(out)
+
+
+def expand_user_paths(cfg: Any) -> None:
+    """Expand a leading ~ in every path option of `cfg` (in place)."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, name, os.path.expanduser(value))
+
+
+def dedupe_option(flag: str, values: Sequence[Any]) -> list:
+    """`values` without repeats, in order; a warning names the repeats."""
+    out = list(dict.fromkeys(values))
+    if len(out) != len(values):
+        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=list(values).index)
+        log.warning("%s lists %s more than once; each is used once: %s", flag, repeated, out)
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict:

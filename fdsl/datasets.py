@@ -15,6 +15,7 @@ This module is the *reading* side of ``meta.json`` (``data/mvtec.py`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from fdsl.errors import ConfigError, DataError
+from fdsl.meta import check_class_name
 from fdsl.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ def validate_meta(meta: object, root: PathLike, source: str = "meta") -> Meta:
                             f"items, got {type(per_class).__name__}.")
         out[split] = {}
         for cls, items in per_class.items():
+            check_class_name(cls, f"{source}: meta[{split!r}]")
             if not isinstance(items, list):
                 raise DataError(f"{source}: meta[{split!r}][{cls!r}] must be a list of "
                                 f"items, got {type(items).__name__}.")
@@ -151,6 +154,7 @@ def validate_meta(meta: object, root: PathLike, source: str = "meta") -> Meta:
                 if not isinstance(mask_raw, str):
                     raise DataError(f"{where}: mask_path must be a string ('' for normal "
                                     f"images), got {mask_raw!r}.")
+                check_class_name(item["specie_name"], f"{where}: specie_name")
                 anomaly = item["anomaly"]
                 if isinstance(anomaly, bool) or anomaly not in (0, 1):
                     raise DataError(f"{where}: anomaly must be 0 or 1, got {anomaly!r}.")
@@ -201,12 +205,57 @@ def load_meta(root: PathLike) -> Meta:
 
 def select_classes(meta: Mapping, classes: Optional[Sequence[str]], root: PathLike) -> List[str]:
     """The classes to run: `classes` (default: every test class), each present in both splits."""
-    chosen = list(classes) if classes else list(meta["test"])
+    chosen = list(dict.fromkeys(classes)) if classes else list(meta["test"])
     unknown = [c for c in chosen if c not in meta["test"] or c not in meta["train"]]
     if unknown:
         raise DataError(f"class(es) {unknown} not in both splits of {os.fspath(root)}/meta.json; "
                         f"available: {sorted(set(meta['test']) & set(meta['train']))}")
+    empty = [c for c in chosen if not meta["test"][c]]
+    if empty:
+        raise DataError(f"class(es) {empty} have no test images in {os.fspath(root)}/meta.json; "
+                        "rebuild meta.json with the data/ scripts or leave them out with --classes")
     return chosen
+
+
+def class_data_fingerprint(root: PathLike, items: Sequence[Mapping], extra_paths: Sequence[str] = ()) -> str:
+    """A digest of a class's item list (paths, labels, mask paths) and the size and mtime of every file.
+
+    `extra_paths` (root-relative, e.g. the reference images) are included by size and mtime too. A
+    missing file is recorded as such, so deleting or replacing any file changes the digest.
+    """
+    root = os.fspath(root)
+
+    def stat(rel: str) -> list:
+        if not rel:
+            return []
+        try:
+            st = os.stat(os.path.join(root, rel))
+        except OSError:
+            return [rel, None]
+        return [rel, st.st_size, st.st_mtime_ns]
+
+    rows = [[it["img_path"], it["mask_path"], int(it["anomaly"]), it.get("specie_name"),
+             stat(it["img_path"]), stat(it["mask_path"])] for it in items]
+    rows.append([stat(p) for p in extra_paths])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def mask_is_binary(values: np.ndarray) -> bool:
+    """True when a mask holds only 0 and one other value (its maximum)."""
+    peak = values.max() if values.size else 0
+    return not bool(np.any((values != 0) & (values != peak)))
+
+
+def warn_nonbinary_masks(batch: Mapping, warned: set) -> None:
+    """Log one warning per class (tracked in `warned`) whose batch items had a non-binary mask file."""
+    flags = batch.get("mask_nonbinary")
+    if flags is None:
+        return
+    for cls, path, flag in zip(batch["cls_name"], batch["img_path"], flags):
+        if bool(flag) and cls not in warned:
+            warned.add(cls)
+            logger.warning("class %s: a mask (of %s) holds values other than 0 and its maximum; foreground is "
+                           "every value > 0. Check that the masks are binary", cls, path)
 
 
 # ----------------------------------------------------------------------------- image loading
@@ -324,9 +373,11 @@ def load_mask(
     else:
         if img.mode in ("P", "PA"):
             img = img.convert("RGBA")
-        gray = np.asarray(img.convert("L"))
-        fg = gray > 0 if binarize_nonzero else gray >= 128
-    return Image.fromarray(fg.astype(np.uint8) * 255, mode="L")
+        data = np.asarray(img.convert("L"))
+        fg = data > 0 if binarize_nonzero else data >= 128
+    out = Image.fromarray(fg.astype(np.uint8) * 255, mode="L")
+    out.info["nonbinary"] = not mask_is_binary(data)  # read by AnomalyDataset, which warns once per class
+    return out
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -525,6 +576,7 @@ class AnomalyDataset(Dataset):
         self.augment = augment
         self.aug_seed = int(aug_seed)
         self.epoch = 0
+        self._nonbinary = False
 
         if meta is None:
             meta = load_meta(self.root)
@@ -585,6 +637,7 @@ class AnomalyDataset(Dataset):
         img = load_rgb(img_file)
         if item["anomaly"] == 1:
             mask = load_mask(os.path.join(self.root, item["mask_path"]), img.size, image_path=img_file)
+            self._nonbinary = self._nonbinary or mask.info.get("nonbinary", False)
         else:
             mask = Image.new("L", img.size, 0)
         return img, mask
@@ -617,6 +670,7 @@ class AnomalyDataset(Dataset):
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for dataset of {len(self.items)} items")
         item = self.items[index]
+        self._nonbinary = False  # set when a mask file read for this item is not binary
         if self.augment is None:
             img_file = os.path.join(self.root, item["img_path"])
             img = load_rgb(img_file)
@@ -624,6 +678,7 @@ class AnomalyDataset(Dataset):
             if item["anomaly"] == 1:
                 mask_img = load_mask(os.path.join(self.root, item["mask_path"]), img.size,
                                      image_path=img_file)
+                self._nonbinary = mask_img.info.get("nonbinary", False)
                 mask = self._mask_tf(mask_img)  # (1, M, M)
             else:
                 mask = torch.zeros(1, self.mask_size, self.mask_size)
@@ -640,6 +695,7 @@ class AnomalyDataset(Dataset):
             "cls_name": item["cls_name"],
             "img_path": item["img_path"],
             "specie_name": item["specie_name"],
+            "mask_nonbinary": bool(self._nonbinary),
         }
 
 
@@ -669,6 +725,9 @@ def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> List[str]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
     candidates = _normal_train_paths(meta, cls)
+    if not candidates:
+        raise DataError(f"Class {cls!r} has no normal train images in meta.json, so it has no reference "
+                        "images; add normal images to its train split or leave the class out (--classes).")
     if k > len(candidates):
         raise DataError(f"Class {cls!r}: asked for k={k} reference images but its train split "
                         f"has only {len(candidates)} normal image(s). Use a smaller k.")

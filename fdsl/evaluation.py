@@ -21,20 +21,30 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import metrics
-from .config import TestConfig, config_to_dict
+from .checkpoint import reconcile_with_checkpoint
+from .config import TestConfig, config_to_dict, explicit_fields
 from .datasets import (
     AnomalyDataset,
+    class_data_fingerprint,
     load_reference_images,
     load_rgb,
     read_k_shot_file,
     sample_k_shot,
+    warn_nonbinary_masks,
     write_k_shot_file,
 )
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .memory import FDSLMemory
 from .model import FDSL, image_score
 from .run import RunContext
-from .utils import atomic_write_json, atomic_write_text, setup_logging
+from .utils import (
+    atomic_write_json,
+    atomic_write_text,
+    interruptible,
+    prepare_run_dir,
+    setup_logging,
+    worker_ignore_sigint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +77,24 @@ def class_mean(values: List[float]) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
-def _fingerprint(cfg: TestConfig) -> str:
-    """A digest of every setting that can change the numbers, plus the checkpoint file's identity."""
-    d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
+def _check_checkpoint_path(cfg: TestConfig) -> None:
     if not os.path.isfile(cfg.checkpoint_path):
         raise CheckpointError(f"--checkpoint_path {cfg.checkpoint_path} does not exist; train one with train.py "
                               "or pass the released code's checkpoint")
+
+
+def check_not_training_run(save_path: Path) -> None:
+    """Refuse a --save_path that holds a training run: test results would overwrite its config.json and k_shot.txt."""
+    found = sorted(p.name for p in save_path.glob("epoch_*.pth")) if save_path.is_dir() else []
+    if found:
+        raise ConfigError(f"--save_path {save_path} holds a training run ({found[0]}); test.py would overwrite its "
+                          "config.json and k_shot.txt, so choose another --save_path")
+
+
+def _fingerprint(cfg: TestConfig) -> str:
+    """A digest of every setting that can change the numbers, plus the checkpoint file's identity."""
+    d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
+    _check_checkpoint_path(cfg)
     st = os.stat(cfg.checkpoint_path)
     d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -82,6 +104,11 @@ class Evaluator:
     """Runs a `TestConfig`: builds the model once, then evaluates every class for every seed."""
 
     def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
+        cfg.validate()
+        check_not_training_run(Path(cfg.save_path))
+        if model is None:  # the model depends on the checkpoint's settings: reconcile them before building it
+            _check_checkpoint_path(cfg)
+            reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = RunContext(cfg, cfg.data_path, cfg.cal_image_size, model)
         self.cfg = cfg
         self.root, self.meta, self.classes, self.save_path = (self.ctx.root, self.ctx.meta, self.ctx.classes,
@@ -91,6 +118,7 @@ class Evaluator:
         # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
         self.refs = {s: self.references(s) for s in self.seeds}
         self.model = self.ctx.build_model(cfg.checkpoint_path)[0].eval()
+        self._nonbinary_warned: set = set()
         log.info("seeds %s", self.seeds)
 
     # ------------------------------------------------------------------ layout
@@ -101,8 +129,12 @@ class Evaluator:
     def _class_file(self, seed: int, cls: str) -> Path:
         return self.seed_dir(seed) / "per_class" / f"{cls}.json"
 
+    def _data_fingerprint(self, cls: str, refs: List[str]) -> str:
+        """A digest of the class's test items and files (sizes, mtimes) and of its reference image files."""
+        return class_data_fingerprint(self.root, self.meta["test"][cls], refs)
+
     def _finished(self, seed: int, cls: str, refs: List[str]) -> Optional[dict]:
-        """The saved record of `cls` when it was computed with the same settings and reference images."""
+        """The saved record of `cls` when it was computed with the same settings, reference images and data."""
         f = self._class_file(seed, cls)
         if not f.is_file():
             return None
@@ -111,7 +143,15 @@ class Evaluator:
         except (OSError, json.JSONDecodeError):
             return None
         same = rec.get("fingerprint") == self.fingerprint and rec.get("references") == list(refs)
-        return rec if same else None
+        if not same:
+            return None
+        if rec.get("data") != self._data_fingerprint(cls, refs):
+            log.info("%s seed %d: its images, masks or meta.json entries changed since %s was written; "
+                     "recomputing the class", cls, seed, f)
+            return None
+        # Undefined metrics are stored as JSON null.
+        rec["metrics"] = {k: float("nan") if v is None else v for k, v in rec["metrics"].items()}
+        return rec
 
     # ------------------------------------------------------------------ references
     def references(self, seed: int) -> Dict[str, List[str]]:
@@ -136,7 +176,8 @@ class Evaluator:
         memories = self.memories(refs)
         seeds = list(memories)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
-        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            worker_init_fn=worker_ignore_sigint)
         n = len(ds)
         size = cfg.cal_image_size
         maps = {s: np.empty((n, size, size), np.float32) for s in seeds}
@@ -146,7 +187,9 @@ class Evaluator:
         paths: List[str] = []
         species: List[str] = []
         i = 0
-        for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True, disable=None):
+        for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
+                          disable=None):
+            warn_nonbinary_masks(batch, self._nonbinary_warned)
             b = batch["image"].shape[0]
             outs = self.model.predict(batch["image"], [memories[s] for s in seeds], size)
             for s, out in zip(seeds, outs):
@@ -170,7 +213,8 @@ class Evaluator:
                      "patch_score": float(ps), "map_max": float(mm)}
                     for p, a, sc, ps, mm in zip(paths, labels, score, patch[s], map_max)]
             records[s] = {"fingerprint": self.fingerprint, "metrics": {k: float(res[k]) for k in METRIC_KEYS},
-                          "references": refs[s], "memory_bank_bytes": memories[s].nbytes(), "scores": rows}
+                          "references": refs[s], "data": self._data_fingerprint(cls, refs[s]),
+                          "memory_bank_bytes": memories[s].nbytes(), "scores": rows}
             if cfg.save_images:
                 self._save_images(s, cls, paths, species, masks, maps[s])
         return records
@@ -256,6 +300,6 @@ def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> Dict[int, dict]:
 
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
     """
-    Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(cfg.save_path) / "log.txt")
+    check_not_training_run(Path(cfg.save_path))
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt")
     return Evaluator(cfg, model).run()

@@ -63,6 +63,27 @@ def _check_root(root: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_class_name(name: object, where: str) -> str:
+    """Return `name` if it is a plain class name, usable as one file or folder name; else raise DataError.
+
+    Run outputs are written to ``per_class/<cls>.json`` and ``images/<cls>/``, so a class name must not
+    be empty, ``.`` or ``..``, nor hold a path separator, or those files would land elsewhere.
+    """
+    if (not isinstance(name, str) or name.strip() in ("", ".", "..") or "/" in name or "\\" in name
+            or "\0" in name or (len(name) >= 2 and name[1] == ":")):
+        raise DataError(f"{where}: class name {name!r} is not a plain name (no path separators, not empty, "
+                        "'.' or '..'); rename the class")
+    return name
+
+
+def _inside_root(path: Path, root: Path, where: str) -> None:
+    """Raise DataError when `path` (a symlink, or a name with ``..``) resolves outside the dataset root."""
+    real, root_real = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, root_real]) != root_real:
+        raise DataError(f"{where}: {path} resolves to {real}, outside the dataset root {root_real}; "
+                        "move the file inside the root (or replace the symlink by the file)")
+
+
 def _dedupe(classes: Iterable[str]) -> list[str]:
     """Class names in the order given, without repeats."""
     if isinstance(classes, str):  # a lone string would otherwise iterate per character
@@ -123,6 +144,7 @@ def _find_mask(gt_dir: Path, stem: str) -> Path | None:
 
 def _mvtec_class(root: Path, cls: str) -> tuple[list[Item], list[Item]]:
     """Scan one MVTec class folder into (train items, test items)."""
+    check_class_name(cls, f"MVTec class under {root}")
     cls_dir = root / cls
     if not _has_mvtec_layout(cls_dir):
         raise DataError(
@@ -137,6 +159,8 @@ def _mvtec_class(root: Path, cls: str) -> tuple[list[Item], list[Item]]:
             f"(looked for {', '.join(IMAGE_EXTENSIONS)}); the class cannot be used"
         )
 
+    for it in train:
+        _inside_root(root / str(it["img_path"]), root, "training image")
     test: list[Item] = []
     defect_dirs = sorted(
         (d for d in (cls_dir / "test").iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -145,6 +169,7 @@ def _mvtec_class(root: Path, cls: str) -> tuple[list[Item], list[Item]]:
     for defect_dir in defect_dirs:
         specie = defect_dir.name
         for img in _images_in(defect_dir):
+            _inside_root(img, root, "test image")
             if specie == "good":
                 test.append(_item(_rel(img, root), "", cls, specie, 0))
                 continue
@@ -155,6 +180,7 @@ def _mvtec_class(root: Path, cls: str) -> tuple[list[Item], list[Item]]:
                     f"anomalous image {img} has no ground-truth mask: expected "
                     f"{gt_dir / (img.stem + '_mask.png')}; add the mask or remove the image"
                 )
+            _inside_root(mask, root, f"mask of {img}")
             test.append(_item(_rel(img, root), _rel(mask, root), cls, specie, 1))
     if not test:
         raise DataError(
@@ -227,6 +253,7 @@ def _visa_row(
 
     if not obj:
         raise DataError(f"{where}: empty 'object' field; fix the row")
+    check_class_name(obj, where)
     if split not in ("train", "test"):
         raise DataError(f"{where}: unknown split {split!r} (expected 'train' or 'test')")
     if label not in ("normal", "anomaly"):
@@ -236,13 +263,18 @@ def _visa_row(
     for value in (image, mask):
         if value and (value.startswith("/") or Path(value).is_absolute()):
             raise DataError(f"{where}: path {value!r} must be relative to the dataset root {root}")
+        if value and ".." in value.split("/"):
+            raise DataError(f"{where}: path {value!r} climbs out with '..'; paths must stay inside the "
+                            f"dataset root {root}")
     if not (root / image).is_file():
         raise DataError(f"{where}: image file {root / image} does not exist; check --root or the csv")
+    _inside_root(root / image, root, where)
     if label == "anomaly":
         if not mask:
             raise DataError(f"{where}: anomaly row for {image} has no mask path; add the mask")
         if not (root / mask).is_file():
             raise DataError(f"{where}: mask file {root / mask} does not exist; check --root or the csv")
+        _inside_root(root / mask, root, where)
     elif mask:
         raise DataError(
             f"{where}: normal row for {image} names a mask ({mask}); "
@@ -277,6 +309,8 @@ def build_visa_meta(root: str | os.PathLike[str], classes: Sequence[str] | None 
             "(columns object,split,label,image,mask) - copy it under the dataset root"
         )
     wanted = None if classes is None else _dedupe(classes)
+    for name in wanted or ():
+        check_class_name(name, "--classes")
     if wanted is not None and not wanted:
         raise DataError(f"empty class list given for {root_path}; pass at least one class")
 
@@ -387,6 +421,11 @@ def index_main(layout: str, argv: Sequence[str] | None = None) -> int:
         path = write_meta(args.root, meta)
     except DataError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a read-only root: meta.json cannot be written
+        where = err.filename or args.root
+        print(f"error: cannot read or write {where} under --root {args.root} ({err.strerror or err}); "
+              "check the folder's permissions or pass another --root", file=sys.stderr)
         return 2
     for cls, n in meta_summary(meta).items():
         log.info("%s: train=%d test=%d anomalous=%d", cls, n["train"], n["test"], n["anomalous"])

@@ -1,6 +1,7 @@
 """Cross-dataset training of the scorers and NAM (METHOD.md §8); resumable, checkpoints written atomically."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -12,15 +13,34 @@ from tqdm import tqdm
 
 from .checkpoint import load_head, save_checkpoint
 from .config import TrainConfig, config_to_dict
-from .datasets import AnomalyDataset, load_reference_images, sample_k_shot, write_k_shot_file
-from .errors import FDSLError
+from .datasets import AnomalyDataset, load_reference_images, sample_k_shot, warn_nonbinary_masks, write_k_shot_file
+from .errors import ConfigError, FDSLError
 from .losses import fdsl_loss
 from .memory import MemoryBank
 from .model import FDSL
 from .run import RunContext
-from .utils import seed_everything, setup_logging
+from .utils import PathLike, interruptible, prepare_run_dir, seed_everything, setup_logging, worker_ignore_sigint
 
 log = logging.getLogger(__name__)
+
+# Settings that change no number of a training run: a resumed run may differ in these (and --epoch, to train
+# longer). Every other setting must match the run being resumed.
+RESUME_NEUTRAL = ("epoch", "save_path", "device", "num_workers", "resume", "save_freq", "win_batch",
+                  "align_chunk_mb")
+
+
+def check_resume_config(saved: dict, current: dict, where: PathLike) -> None:
+    """Raise ConfigError when resuming would mix settings: `saved` is the run's config.json, `current` this run's.
+
+    Only settings present in both are compared; `RESUME_NEUTRAL` ones may differ.
+    """
+    changed = [k for k in current if k in saved and k not in RESUME_NEUTRAL and saved[k] != current[k]]
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise ConfigError(f"{where} records the run being resumed with --{k} {saved[k]} but this run sets "
+                          f"--{k} {current[k]}{more}; resuming would mix the two. Use the same settings, another "
+                          "--save_path, or --resume 0 to start over")
 
 
 def latest_checkpoint(save_path: Path) -> Optional[Path]:
@@ -43,9 +63,24 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = self.ctx.build_model()[0]
         self.augment = {"auto": cfg.dataset, "none": None}.get(cfg.augment, cfg.augment)
+        self._nonbinary_warned: set = set()
         if cfg.winmode != "nan":
             log.info("--winmode %s is a test-time branch: training fits the scorers and NAM on the global "
                      "branch, whose weights the window branch shares", cfg.winmode)
+
+    def check_resume(self) -> None:
+        """Before resuming in --save_path: its config.json must hold this run's settings (see RESUME_NEUTRAL)."""
+        path = self.save_path / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            log.warning("%s has checkpoints but no config.json; cannot check that they used these settings",
+                        path.parent)
+            return
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path} ({exc}) to check the run being resumed; fix or delete it, "
+                              "or pass --resume 0 to start over") from exc
+        check_resume_config(saved, config_to_dict(self.cfg), path)
 
     @torch.no_grad()
     def build_banks(self) -> Dict[str, MemoryBank]:
@@ -61,11 +96,14 @@ class Trainer:
     def run(self) -> List[float]:
         """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint."""
         cfg = self.cfg
+        prepare_run_dir(self.save_path)
+        last = latest_checkpoint(self.save_path) if cfg.resume else None
+        if last is not None:
+            self.check_resume()
         self.ctx.write_config()
         head = self.model.head
         opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
         start = 1
-        last = latest_checkpoint(self.save_path) if cfg.resume else None
         if last is not None:
             meta = load_head(head, last, len(cfg.features_list), cfg.use_nam)
             if meta["optimizer"]:
@@ -84,11 +122,13 @@ class Trainer:
             ds.set_epoch(epoch)
             gen.manual_seed(cfg.seed * 1000 + epoch)
             loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                num_workers=cfg.num_workers, drop_last=False)
+                                num_workers=cfg.num_workers, drop_last=False, worker_init_fn=worker_ignore_sigint)
             head.train()
             total, count = 0.0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epoch}", leave=False, dynamic_ncols=True, disable=None)
+            bar = tqdm(interruptible(loader), total=len(loader), desc=f"epoch {epoch}/{cfg.epoch}", leave=False,
+                       dynamic_ncols=True, disable=None)
             for batch in bar:
+                warn_nonbinary_masks(batch, self._nonbinary_warned)
                 with torch.no_grad():
                     feats = self.model.extract(batch["image"])
                     res = self.model.batch_residuals(feats, list(batch["cls_name"]), banks)
@@ -118,6 +158,5 @@ def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
 
     `model` is an already built model to train (the demo shares one between training and testing).
     """
-    Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(cfg.save_path) / "log.txt")
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt")
     return Trainer(cfg, model).run()

@@ -5,11 +5,14 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import random
+import re
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 import torch
@@ -17,6 +20,9 @@ import torch
 from .errors import ConfigError
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
+# Temporary files made by `atomic_open`: ".<name>.<mkstemp's 8 random characters>.tmp".
+_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 def resolve_device(spec: Union[str, int, torch.device]) -> torch.device:
@@ -101,9 +107,51 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         fh.write(text)
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float (an undefined metric) replaced by None, i.e. JSON null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write `obj` as indented, strict JSON to `path` atomically; NaN and infinities are written as null."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def clean_stale_temp_files(folder: PathLike) -> int:
+    """Delete temporary files that `atomic_open` left under `folder` when a process was killed mid-write."""
+    removed = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file() and _TEMP_NAME.fullmatch(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed += 1
+                log.info("removed %s, left by an interrupted write", p)
+    return removed
+
+
+def prepare_run_dir(path: PathLike, flag: str = "--save_path") -> Path:
+    """Create the run folder `path` (parents too), check it is writable, and clean stale temporary files.
+
+    Raises ConfigError (one line naming the path) when it is a file or cannot be created or written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path} cannot be created or written ({exc.strerror or exc}); "
+                          f"choose a writable {flag}") from exc
+    clean_stale_temp_files(path)
+    return path
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
@@ -141,3 +189,77 @@ def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO) -
         fh._fdsl = True  # type: ignore[attr-defined]
         root.addHandler(fh)
     return root
+
+
+# ----------------------------------------------------------------------------- Ctrl-C with DataLoader workers
+
+
+@contextlib.contextmanager
+def hold_sigint(reraise: bool = True) -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) for the duration of the block, then act on it.
+
+    Inside, SIGINT is blocked on the calling (main) thread, so worker processes forked in the block start
+    with it blocked (see `worker_ignore_sigint`), and a SIGINT that reaches the process is recorded instead
+    of raising in the middle of worker start-up or shut-down. On leaving, a recorded interrupt is raised as
+    KeyboardInterrupt, unless `reraise` is False (an exception is already on its way out) or the block
+    itself raised.
+    """
+    held = []
+
+    def record(signum, frame):
+        held.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, record)
+    except ValueError:  # not the main thread: nothing to hold
+        yield
+        return
+    _sigmask(signal.SIG_BLOCK)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _sigmask(signal.SIG_UNBLOCK)  # a pending SIGINT runs `record` now
+        signal.signal(signal.SIGINT, previous)
+        if held and reraise and not failed:
+            raise KeyboardInterrupt
+
+
+def worker_ignore_sigint(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore Ctrl-C (the main process acts on it and stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _sigmask(signal.SIG_UNBLOCK)
+
+
+def _sigmask(how: int) -> None:
+    """Block or unblock SIGINT for the calling thread (POSIX; a no-op where there is no pthread_sigmask)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(how, {signal.SIGINT})
+
+
+def interruptible(loader: Iterable) -> Iterator[Any]:
+    """Iterate a DataLoader so that Ctrl-C always ends in a plain KeyboardInterrupt in the main process.
+
+    Worker start-up and shut-down run under `hold_sigint`; build the loader with
+    ``worker_init_fn=worker_ignore_sigint``.
+    """
+    with hold_sigint():
+        it = iter(loader)
+    try:
+        yield from it
+    except BaseException:  # KeyboardInterrupt, a data error, or GeneratorExit: already on its way out
+        with hold_sigint(reraise=False):
+            _shutdown(it)
+        raise
+    with hold_sigint():
+        _shutdown(it)
+
+
+def _shutdown(it: Any) -> None:
+    """Stop a DataLoader iterator's workers now (rather than whenever it is garbage-collected)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

@@ -50,3 +50,58 @@ def liven_head(model: FDSL, refs: torch.Tensor, calib: torch.Tensor) -> FDSL:
         s.proj[9].weight.mul_(5.0)
     model.head.nam.conv2.weight.mul_(3.0)
     return model
+
+
+# ---------------------------------------------------------------------------- tiny command-line runs
+TINY_MODEL_ARGS = ["--model", "FDSL-Tiny-ViT", "--pretrained", "none", "--image_size", "56",
+                   "--features_list", "1", "2", "--few_shot_features", "1", "2", "--device", "cpu"]
+
+
+def tiny_model_config(**overrides):
+    """The ModelConfig that TINY_MODEL_ARGS parse into (plus `overrides`)."""
+    from fdsl.config import ModelConfig
+
+    kw = dict(model="FDSL-Tiny-ViT", pretrained="none", image_size=56, features_list=[1, 2],
+              few_shot_features=[1, 2])
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def save_tiny_checkpoint(path, seed: int = 0, **overrides):
+    """An untrained FDSL checkpoint of the tiny model (our format, with its model config); returns the path."""
+    from fdsl.backbone import register_model_configs
+    from fdsl.checkpoint import save_checkpoint
+    from fdsl.config import config_to_dict
+
+    register_model_configs()
+    mcfg = tiny_model_config(**overrides)
+    torch.manual_seed(seed)
+    head = FDSL.from_config(mcfg).head
+    save_checkpoint(path, head, config_to_dict(mcfg), epoch=1)
+    return path
+
+
+def tiny_data(root, classes=("carpet_syn",), n_train=2, n_test_good=2, n_test_bad=2):
+    """A small synthetic MVTec-layout dataset (64 px images) with meta.json."""
+    from fdsl.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(root, classes=classes, n_train=n_train, n_test_good=n_test_good,
+                                  n_test_bad=n_test_bad, image_size=64, seed=0)
+
+
+def tiny_test_argv(data, checkpoint, save_path, *extra):
+    """test.py arguments for a tiny 1-shot run."""
+    return [*TINY_MODEL_ARGS, "--data_path", str(data), "--checkpoint_path", str(checkpoint),
+            "--save_path", str(save_path), "--k_shot", "1", "--batch_size", "2", "--num_workers", "0",
+            "--cal_image_size", "32", *map(str, extra)]
+
+
+def drop_fdsl_log_handlers() -> None:
+    """Remove the console/file handlers `fdsl.utils.setup_logging` added (they hold a test's captured stream)."""
+    import logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_fdsl", False):
+            root.removeHandler(h)
+            h.close()

@@ -257,3 +257,74 @@ def test_no_nam_head_accepts_released_checkpoint_with_conv_res(tmp_path: Path) -
     head = _fresh_head(use_nam=False)
     load_head(head, _save_released(tmp_path / "withnam.pth", state), num_layers=L, use_nam=False)
     torch.testing.assert_close(head.scorers[1].proj[0].weight.detach(), state["clsList.1.proj.0.weight"])
+
+
+# ---------------------------------------------------------------------------- settings vs the checkpoint
+def _run_cfg(**kw):
+    from fdsl.config import TestConfig as EvalConfig
+
+    return EvalConfig(checkpoint_path="c.pth", **kw)
+
+
+def _own_checkpoint(path: Path, **model_kw) -> Path:
+    save_checkpoint(path, _fresh_head(use_nam=model_kw.get("use_nam", True)),
+                    config_to_dict(ModelConfig(**model_kw)), epoch=1)
+    return path
+
+
+def test_reconcile_takes_every_trained_setting_when_not_given(caplog) -> None:
+    from fdsl.checkpoint import TRAINED_SETTINGS, reconcile_model_config
+
+    assert set(TRAINED_SETTINGS) == {"use_nam", "features_list", "model", "image_size", "use_norm",
+                                     "align_mode", "use_abs", "quick_gelu"}
+    saved = config_to_dict(ModelConfig(model="FDSL-Tiny-ViT", image_size=112, features_list=[1, 2],
+                                       few_shot_features=[1, 2], quick_gelu=True, use_norm=False,
+                                       align_mode="diff2", use_abs=False, use_nam=False))
+    cfg = _run_cfg()
+    with caplog.at_level("INFO"):
+        taken = reconcile_model_config(cfg, saved, set(), "c.pth")
+    assert set(taken) == set(TRAINED_SETTINGS)
+    for name in TRAINED_SETTINGS:
+        assert getattr(cfg, name) == saved[name], name
+    assert cfg.few_shot_features == [1, 2]
+    assert "using its --use_nam 0" in caplog.text and "using its --features_list 1 2" in caplog.text
+    cfg.validate()
+
+
+@pytest.mark.parametrize("flag,value,saved", [
+    ("use_nam", True, False), ("features_list", [6, 12], [6, 12, 18, 24]), ("image_size", 336, 518),
+    ("model", "ViT-B-16", "ViT-L-14-336"), ("use_norm", False, True), ("align_mode", "diff2", "mulmax"),
+    ("use_abs", False, True), ("quick_gelu", True, False),
+])
+def test_reconcile_conflict_names_both_values(flag, value, saved) -> None:
+    from fdsl.checkpoint import reconcile_model_config
+
+    cfg = _run_cfg(**{flag: value})
+    with pytest.raises(CheckpointError, match=rf"--{flag} .* but this run sets --{flag} "):
+        reconcile_model_config(cfg, {flag: saved}, {flag}, "c.pth")
+    # Same value given explicitly: fine.
+    cfg = _run_cfg(**{flag: saved})
+    assert reconcile_model_config(cfg, {flag: saved}, {flag}, "c.pth") == {}
+
+
+def test_reconcile_with_own_checkpoint_file(tmp_path: Path) -> None:
+    from fdsl.checkpoint import reconcile_with_checkpoint
+
+    path = _own_checkpoint(tmp_path / "e.pth", use_nam=False)
+    cfg = _run_cfg()
+    reconcile_with_checkpoint(cfg, path, set())
+    assert cfg.use_nam is False
+    with pytest.raises(CheckpointError, match="--use_nam 0 but this run sets --use_nam 1"):
+        reconcile_with_checkpoint(_run_cfg(), path, {"use_nam"})
+
+
+def test_released_checkpoint_without_nam_weights_and_nam_on_is_an_error(tmp_path: Path) -> None:
+    from fdsl.checkpoint import reconcile_with_checkpoint
+
+    path = _save_released(tmp_path / "r.pth", _released_state(nam=False))
+    with pytest.raises(CheckpointError, match=r"no NAM weights \(convRes\.\*\).*--use_nam 0"):
+        reconcile_with_checkpoint(_run_cfg(), path, set())
+    cfg = _run_cfg(use_nam=False)
+    assert reconcile_with_checkpoint(cfg, path, {"use_nam"}) == {}
+    with_nam = _save_released(tmp_path / "r2.pth", _released_state(nam=True))
+    assert reconcile_with_checkpoint(_run_cfg(), with_nam, set()) == {}

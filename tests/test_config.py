@@ -208,3 +208,54 @@ def test_use_img_idx_flag() -> None:
 def test_bad_window_settings_are_config_errors(argv) -> None:
     with pytest.raises(ConfigError):
         _test(*argv)
+
+
+# ---------------------------------------------------------------------------- hardening (issue 8)
+def test_parse_config_records_explicit_fields_outside_config_json() -> None:
+    from fdsl.config import config_to_dict, explicit_fields
+
+    cfg = _test("--use_nam", "1", "--k_shot", "2", "--useNorm", "0")
+    assert explicit_fields(cfg) == {"checkpoint_path", "use_nam", "k_shot", "use_norm"}
+    assert not any(k.startswith("_") for k in config_to_dict(cfg))
+    # A config built in code: the fields that differ from their defaults.
+    assert explicit_fields(EvalConfig(checkpoint_path="x", use_nam=False)) == {"checkpoint_path", "use_nam"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batch_size", "0"], ["--batch_size", "-1"], ["--seed", "-1"], ["--seeds", "1", "-2"],
+    ["--num_workers", "-1"], ["--win_weight", "nan"], ["--cal_image_size", "0"], ["--image_size", "0"],
+])
+def test_test_numeric_options_are_validated(argv) -> None:
+    with pytest.raises(ConfigError, match=argv[0]):
+        _test(*argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--learning_rate", "nan"], ["--lr", "-1"], ["--lr", "0"], ["--lr", "inf"], ["--batch_size", "0"],
+    ["--epoch", "0"], ["--save_freq", "0"], ["--k_shot", "0"], ["--seed", "-5"],
+])
+def test_train_numeric_options_are_validated(argv) -> None:
+    flag = {"--lr": "--learning_rate"}.get(argv[0], argv[0])
+    with pytest.raises(ConfigError, match=flag):
+        _train(*argv)
+
+
+def test_repeated_classes_and_seeds_are_used_once_with_a_warning(caplog) -> None:
+    with caplog.at_level("WARNING"):
+        cfg = _test("--classes", "b", "a", "b", "--seeds", "5", "5", "7")
+    assert cfg.classes == ["b", "a"] and cfg.seeds == [5, 7] and cfg.run_seeds() == [5, 7]
+    assert "--classes lists ['b']" in caplog.text and "--seeds lists [5]" in caplog.text
+    with caplog.at_level("WARNING"):
+        assert _train("--classes", "x", "x").classes == ["x"]
+
+
+def test_tilde_is_expanded_in_path_options(monkeypatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = _test("--save_path=~/runs/x", "--data_path", "~/mvtec", "--k_shot_file", "~/k.txt")
+    assert cfg.save_path == "/home/someone/runs/x"
+    assert cfg.data_path == "/home/someone/mvtec" and cfg.k_shot_file == "/home/someone/k.txt"
+    cfg = parse_config(EvalConfig, ["--checkpoint_path", "~/c.pth", "--pretrained", "~/w.pt"])
+    assert cfg.checkpoint_path == "/home/someone/c.pth" and cfg.pretrained == "/home/someone/w.pt"
+    tr = _train("--train_data_path", "~/visa", "--save_path", "~/t")
+    assert tr.train_data_path == "/home/someone/visa" and tr.save_path == "/home/someone/t"
+    assert _test().pretrained == "openai"  # a tag is left alone

@@ -633,3 +633,88 @@ def test_dataset_pickles_for_dataloader_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     for i in range(len(ds)):
         assert torch.equal(clone[i]["image"], ds[i]["image"]) and torch.equal(clone[i]["mask"], ds[i]["mask"])
+
+
+# ----------------------------------------------------------------------------- hardening (issue 8)
+
+
+@pytest.mark.parametrize("bad", ["../../victim", "a/b", "..", ".", ""])
+def test_load_meta_rejects_class_keys_that_are_not_plain_names(tmp_path, bad):
+    meta = make_tree(tmp_path, classes=("bottle",), n_train=1, n_good=1, n_bad=1)
+    for split in ("train", "test"):
+        meta[split] = {bad: meta[split]["bottle"]}
+    write_meta(tmp_path, meta)
+    with pytest.raises(DataError, match=r"class name .* is not a plain name"):
+        load_meta(tmp_path)
+
+
+def test_load_meta_rejects_specie_names_that_are_not_plain(tmp_path):
+    meta = make_tree(tmp_path, classes=("bottle",), n_train=1, n_good=1, n_bad=1)
+    meta["test"]["bottle"][-1]["specie_name"] = "../../x"
+    write_meta(tmp_path, meta)
+    with pytest.raises(DataError, match="specie_name: class name '../../x' is not a plain name"):
+        load_meta(tmp_path)
+
+
+def test_select_classes_refuses_a_class_without_test_images(tmp_path):
+    from fdsl.datasets import select_classes
+
+    meta = make_tree(tmp_path, classes=("bottle", "cable"), n_train=1, n_good=1, n_bad=1)
+    meta["test"]["cable"] = []
+    with pytest.raises(DataError, match=r"\['cable'\] have no test images"):
+        select_classes(meta, None, tmp_path)
+    assert select_classes(meta, ["bottle", "bottle"], tmp_path) == ["bottle"]
+
+
+def test_sample_k_shot_without_normal_train_images_says_so():
+    meta = {"train": {"bottle": [_item("bottle/test/x.png", "m.png", "bottle", "crack", 1)]}, "test": {}}
+    with pytest.raises(DataError, match="'bottle' has no normal train images") as err:
+        sample_k_shot(meta, "bottle", 1, 0)
+    assert "smaller k" not in str(err.value)
+
+
+def test_class_data_fingerprint_covers_items_and_files(tmp_path):
+    from fdsl.datasets import class_data_fingerprint
+
+    meta = make_tree(tmp_path, classes=("bottle",), n_train=2, n_good=2, n_bad=2)
+    items = meta["test"]["bottle"]
+    refs = [meta["train"]["bottle"][0]["img_path"]]
+    base = class_data_fingerprint(tmp_path, items, refs)
+    assert class_data_fingerprint(tmp_path, [dict(it) for it in items], refs) == base
+    assert class_data_fingerprint(tmp_path, items[1:], refs) != base  # an item dropped
+    relabelled = [dict(it) for it in items]
+    relabelled[0]["anomaly"] = 1
+    assert class_data_fingerprint(tmp_path, relabelled, refs) != base
+    moved = [dict(it) for it in items]
+    moved[-1]["mask_path"] = moved[-2]["mask_path"]
+    assert class_data_fingerprint(tmp_path, moved, refs) != base
+    os.utime(tmp_path / items[-1]["mask_path"], ns=(10, 10))
+    assert class_data_fingerprint(tmp_path, items, refs) != base
+    now = class_data_fingerprint(tmp_path, items, refs)
+    os.utime(tmp_path / refs[0], ns=(10, 10))  # a reference image changed
+    assert class_data_fingerprint(tmp_path, items, refs) != now
+
+
+def test_non_binary_masks_are_flagged_and_warned_once_per_class(tmp_path, caplog):
+    from fdsl.datasets import warn_nonbinary_masks
+
+    make_tree(tmp_path, classes=("bottle", "cable"), n_train=1, n_good=1, n_bad=2, mask_value=3)
+    ds = AnomalyDataset(tmp_path, "test", None, image_size=56, mask_size=28)
+    assert [ds[i]["mask_nonbinary"] for i in range(len(ds))] == [False] * len(ds)  # 0 and 3: binary
+    mask_file = tmp_path / ds.items[1]["mask_path"]
+    arr = np.asarray(Image.open(mask_file)).copy()
+    arr[arr > 0] = 200
+    arr[0, 0] = 100
+    Image.fromarray(arr, "L").save(mask_file)
+    assert ds[1]["mask_nonbinary"] is True
+    assert not ds[2]["mask_nonbinary"]
+    fg = load_mask(mask_file, None)
+    assert np.asarray(fg)[0, 0] == 255  # foreground is still every value > 0
+    loader = torch.utils.data.DataLoader(ds, batch_size=1)
+    warned: set = set()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            for batch in loader:
+                warn_nonbinary_masks(batch, warned)
+    assert caplog.text.count("holds values other than 0 and its maximum") == 1
+    assert warned == {"bottle"}

@@ -301,3 +301,81 @@ def test_visa_cli(tmp_path: Path) -> None:
     proc = _run("visa.py", "--root", str(root))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "1cls.csv" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Hardening: plain class names, nothing outside the root, read-only roots
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../victim", "a/b", "a\\b", "..", ".", "", " "])
+def test_check_class_name_rejects_path_like_names(name: str) -> None:
+    from fdsl.meta import check_class_name
+
+    with pytest.raises(DataError, match="not a plain name"):
+        check_class_name(name, "here")
+
+
+def test_mvtec_class_list_with_separators_is_refused(tmp_path: Path) -> None:
+    root = _mvtec_tree(tmp_path / "root")
+    with pytest.raises(DataError, match=r"class name '\.\./bottle' is not a plain name"):
+        build_mvtec_meta(root, ["../bottle"])
+    with pytest.raises(DataError, match="not a plain name"):
+        build_mvtec_meta(root, ["bottle/."])
+
+
+def test_visa_object_with_separators_is_refused(tmp_path: Path) -> None:
+    root = _visa_tree(tmp_path, rows=[
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,",
+        "../../victim,test,normal,candle/Data/Images/Normal/0002.JPG,",
+    ])
+    with pytest.raises(DataError, match=r"line 3: class name '\.\./\.\./victim' is not a plain name"):
+        build_visa_meta(root)
+    with pytest.raises(DataError, match="not a plain name"):
+        build_visa_meta(_visa_tree(tmp_path / "b"), ["../candle"])
+
+
+def test_mvtec_symlinked_file_outside_root_is_refused(tmp_path: Path) -> None:
+    root = _mvtec_tree(tmp_path / "root")
+    outside = _img(tmp_path / "secret" / "x.png")
+    os.symlink(outside, root / "bottle" / "test" / "good" / "009.png")
+    with pytest.raises(DataError, match=r"009\.png resolves to .*secret/x\.png, outside the dataset root"):
+        build_mvtec_meta(root, ["bottle"])
+
+
+def test_visa_row_climbing_out_of_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _img(tmp_path / "outside.JPG", 100)
+    _visa_tree(root, rows=[
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,",
+        "candle,test,normal,candle/../../outside.JPG,",
+    ])
+    with pytest.raises(DataError, match=r"line 3: path 'candle/\.\./\.\./outside\.JPG' climbs out"):
+        build_visa_meta(root)
+    root2 = tmp_path / "root2"
+    _visa_tree(root2, rows=[
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,",
+        "candle,test,normal,candle/link.JPG,",
+    ])
+    os.symlink(tmp_path / "outside.JPG", root2 / "candle" / "link.JPG")
+    with pytest.raises(DataError, match=r"line 3: .*link\.JPG resolves to .*outside the dataset root"):
+        build_visa_meta(root2)
+
+
+def test_index_main_read_only_root_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import contextlib
+
+    import fdsl.meta as meta_mod
+
+    root = _mvtec_tree(tmp_path / "root")
+
+    @contextlib.contextmanager
+    def read_only(path, *a, **k):  # what mkstemp raises in a read-only folder (root ignores chmod)
+        raise PermissionError(13, "Permission denied", str(Path(path).parent / ".meta.json.abc.tmp"))
+        yield
+
+    monkeypatch.setattr(meta_mod, "atomic_open", read_only)
+    assert meta_mod.index_main("mvtec", ["--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot read or write") and "Permission denied" in err[0]
+    assert str(root) in err[0]

@@ -8,6 +8,7 @@ Regenerate them only for a deliberate, documented change of the method:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,14 +18,16 @@ import torch
 from fdsl_test_utils import liven_head
 
 from fdsl.backbone import register_model_configs
-from fdsl.checkpoint import save_checkpoint
+from fdsl.checkpoint import read_checkpoint, save_checkpoint
 from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.evaluation import Evaluator
 from fdsl.model import FDSL
 from fdsl.synthetic import make_synthetic_dataset
+from fdsl.utils import atomic_torch_save
 
 TINY = "FDSL-Tiny-ViT"
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 LAYERS = [1, 2, 3, 4]
 VARIANTS = {
     "global": {},
@@ -60,6 +63,11 @@ def _build(tmp: Path) -> tuple[Path, Path, Path]:
 
 def run_variant(tmp: Path, data: Path, weights: Path, ckpt: Path, name: str) -> list:
     opts = dict(VARIANTS[name])
+    # The same head weights, saved with this variant's method settings (a checkpoint records them).
+    state = read_checkpoint(ckpt)
+    mcfg = ModelConfig(**{**state["model_config"], **{k: v for k, v in opts.items() if k in MODEL_FIELDS}})
+    ckpt = tmp / f"head_{name}.pth"
+    atomic_torch_save({**state, "model_config": config_to_dict(mcfg)}, ckpt)
     cfg = EvalConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
                      few_shot_features=list(LAYERS), data_path=str(data), checkpoint_path=str(ckpt),
                      save_path=str(tmp / f"run_{name}"), batch_size=4, num_workers=0, device="cpu",
