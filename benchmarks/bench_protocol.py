@@ -98,6 +98,44 @@ def _timed_run(cfg: TestConfig, model: FDSL, timers: Timers) -> dict:
             "rest_s": wall - d["encode"] - d["predict"], "distinct_refs": distinct, "runs": len(ev.runs)}
 
 
+def per_image(model: FDSL, shots, seeds, batch: int = 1, repeats: int = 2) -> dict:
+    """Per test image: backbone seconds, and scoring seconds against 1 memory (k=1) and against every
+    (k, seed) memory of the protocol (nested per seed, as `Evaluator.memories` builds them).
+
+    The banks hold random unit tokens of the model's real shapes (no reference images are encoded), so
+    this measures the test-image side only, cheaply enough for ViT-L on a loaded CPU. Each figure is the
+    minimum over `repeats` (the first repeat includes warm-up).
+    """
+    from fdsl.backbone import BackboneOutput
+    from fdsl.model import RefFeatures, combine_layers
+
+    g = torch.Generator().manual_seed(0)
+    u = max(shots) * len(seeds)
+    images = torch.randn(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
+    with torch.no_grad():
+        feats = model.extract(images[:1])
+    toks = [torch.nn.functional.normalize(torch.randn(u, *t.shape[1:], generator=g), dim=-1) for t in feats.tokens]
+    emb = torch.nn.functional.normalize(torch.randn(u, feats.image_embeds.shape[1], generator=g), dim=-1)
+    refs = RefFeatures(BackboneOutput(toks, emb), None)
+    mems = []
+    for j, _ in enumerate(seeds):
+        base = model.make_memory(refs, list(range(j * max(shots), (j + 1) * max(shots))))
+        mems += [base.prefix(k) for k in shots]
+    single = [model.make_memory(refs, [0])]
+    out = {"backbone_s": [], "score_1_s": [], "score_all_s": []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f = model.extract(images)
+            out["backbone_s"].append((time.perf_counter() - t0) / batch)
+            for key, m in (("score_1_s", single), ("score_all_s", mems)):
+                t0 = time.perf_counter()
+                for _pos, res in model.iter_residuals(f, m):  # what predict does after the backbone
+                    combine_layers([x[:, 1] for x in model.head(res)[1]], model.runtime.out_size)
+                out[key].append((time.perf_counter() - t0) / batch)
+    return {k: min(v) for k, v in out.items()} | {"memories": len(mems), "bank_units": u}
+
+
 def lfe_analysis(width: int = 1024, depth: int = 24, grid: int = 37, layers: int = 4, win: int = 13,
                  stride: int = 2, shots=(1, 2, 4), n_seeds: int = 5, test: int = 60, distinct: int = 20,
                  hidden=(512, 128, 32)) -> dict:
@@ -157,6 +195,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--per_image_only", action="store_true",
+                   help="only the per-test-image split (backbone, scoring vs 1 and vs all memories), no runs")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -177,6 +217,19 @@ def main() -> None:
                   few_shot_features=layers, winmode=a.winmode, win_size=a.win_size, win_stride=a.win_stride,
                   data_path=str(data), checkpoint_path=str(ckpt), batch_size=a.batch_size, num_workers=0,
                   device="cpu", precision="fp32")
+    if a.per_image_only:
+        pi = per_image(model, a.shots, a.seeds)
+        test, u = a.n_good + a.n_bad, len(a.seeds) * max(a.shots)
+        b, s1, sa = pi["backbone_s"], pi["score_1_s"], pi["score_all_s"]
+        print(f"{a.model} @ {a.image_size}px, {a.threads} threads, per test image: backbone {b:.2f} s, "
+              f"scoring vs 1 memory {s1:.3f} s, vs {pi['memories']} memories {sa:.3f} s")
+        for distinct in sorted({1, u * 2 // 3, u}):
+            est = (test * (b + sa) + distinct * b) / (test * (b + s1) + b)
+            print(f"  estimated protocol / single for {test} test images and {distinct} distinct references: "
+                  f"{est:.2f}× (floor {(test + distinct) / (test + 1):.2f}×)")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"model": a.model, "image_size": a.image_size, **pi}, indent=1))
+        return
     timers = Timers()
     timers.install()
     single = _timed_run(TestConfig(save_path=str(tmp / "single"), k_shot=a.single_k, seed=a.seeds[0], **common),
