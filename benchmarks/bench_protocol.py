@@ -136,10 +136,10 @@ def per_image(model: FDSL, shots, seeds, batch: int = 1, repeats: int = 2) -> di
     return {k: min(v) for k, v in out.items()} | {"memories": len(mems), "bank_units": u}
 
 
-def lfe_analysis(width: int = 1024, depth: int = 24, grid: int = 37, layers: int = 4, win: int = 13,
+def flop_analysis(width: int = 1024, depth: int = 24, grid: int = 37, layers: int = 4, win: int = 13,
                  stride: int = 2, shots=(1, 2, 4), n_seeds: int = 5, test: int = 60, distinct: int = 20,
                  hidden=(512, 128, 32)) -> dict:
-    """FLOP model (2 per multiply-add) of one test image at ViT-L-14-336 / 518 px, per part.
+    """FLOP model (2 per multiply-add) of one test image at ViT-L-14-336 / 518 px, per part, global and LFE.
 
     Backbone per pass of T tokens: depth·T·(24·C² + 4·T·C). Dense alignment per (query token, bank token,
     layer): 2·C. Scorer per token and layer: 2·(C·h1 + h1·h2 + h2·h3 + h3·2).
@@ -165,7 +165,13 @@ def lfe_analysis(width: int = 1024, depth: int = 24, grid: int = 37, layers: int
     per_img_single, per_img_proto = sum(single.values()), sum(proto.values())
     ref_cost = g_backbone + w_backbone
     ratio = (test * per_img_proto + distinct * ref_cost) / (test * per_img_single + ref_cost)
-    return {"tflop_per_test_image_single_k1": {k: v / 1e12 for k, v in single.items()},
+    g_single = g_backbone + g_align_unit + scorer * N
+    g_proto = g_backbone + units * g_align_unit + n_runs * scorer * N
+    return {"global_branch": {
+                "tflop_per_test_image_single_k1": g_single / 1e12, "tflop_per_test_image_protocol": g_proto / 1e12,
+                "per_test_image_ratio": g_proto / g_single,
+                "protocol_over_single": (test * g_proto + distinct * g_backbone) / (test * g_single + g_backbone)},
+            "tflop_per_test_image_single_k1": {k: v / 1e12 for k, v in single.items()},
             "tflop_per_test_image_protocol": {k: v / 1e12 for k, v in proto.items()},
             "window_alignment_share_of_protocol": test * units * w_align_unit / (test * per_img_proto
                                                                                  + distinct * ref_cost),
@@ -241,7 +247,7 @@ def main() -> None:
     out = {"model": a.model, "image_size": a.image_size, "winmode": a.winmode, "threads": a.threads,
            "classes": a.classes, "test_images": test, "n_train": a.n_train, "shots": a.shots, "seeds": a.seeds,
            "model_build_s": build_s, "single": single, "protocol": proto,
-           "ratio": proto["wall_s"] / single["wall_s"], "floor": floor, "lfe_vit_l_analysis": lfe_analysis(
+           "ratio": proto["wall_s"] / single["wall_s"], "floor": floor, "vit_l_flop_analysis": flop_analysis(
                n_seeds=len(a.seeds), shots=tuple(a.shots), test=test, distinct=proto["distinct_refs"])}
     print(f"{a.model} @ {a.image_size}px, winmode {a.winmode}, {a.threads} threads; {a.classes} class(es), "
           f"{test} test images, {a.n_train} normal train images per class")
@@ -253,7 +259,7 @@ def main() -> None:
               f"{r['scoring_s']:.1f} | {r['rest_s']:.1f} | {r['distinct_refs']} |")
     print(f"protocol / single = {out['ratio']:.2f}×; floor (test + distinct refs) / (test + 1) = "
           f"{test} + {proto['distinct_refs']} / {test} + {a.classes} = {floor:.2f}×")
-    print("LFE at ViT-L-14-336 / 518 (analytical):", json.dumps(out["lfe_vit_l_analysis"], indent=1))
+    print("ViT-L-14-336 / 518, global and LFE (analytical):", json.dumps(out["vit_l_flop_analysis"], indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 
