@@ -266,3 +266,13 @@ def test_single_k_keeps_todays_layout(setup):
     assert ev.run_dir((2, 3)) == tmp / "one" / "seed_3" and ev.seed_dir(4) == tmp / "one" / "seed_4"
     ev1 = Evaluator(_cfg(setup, tmp / "one1", k_shot=[2], seed=3), model=ev.model)
     assert ev1.cfg.k_shot == 2 and ev1.run_dir((2, 3)) == tmp / "one1"
+    # One k, several seeds: seed_<s>/ folders, and summary.json keeps its earlier top-level keys.
+    results = ev.run()
+    assert set(results) == {3, 4, "summary"} and not (tmp / "one" / "k2").exists()
+    summary = json.loads((tmp / "one" / "summary.json").read_text())
+    assert summary["seeds"] == [3, 4] and summary["shots"] == [2]
+    for m in SUMMARY_METRICS:
+        per_seed = [results[s]["mean"][m] for s in (3, 4)]
+        assert summary["mean"][m] == pytest.approx(sum(per_seed) / 2)
+        assert summary["std"][m] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2, abs=1e-12)
+    assert (tmp / "one" / "summary.md").is_file() and (tmp / "one" / "seed_4" / "results.json").is_file()
