@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 from .errors import ConfigError
 
@@ -177,7 +177,10 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
 
     data_path: str = _opt("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)")
     checkpoint_path: str = _opt("", "--checkpoint_path", help="trained weights: ours or the released code's")
-    k_shot: int = _opt(1, "--k_shot", "--kshot", help="normal reference images per class")
+    k_shot: Union[int, List[int]] = _opt(
+        1, "--k_shot", "--kshot", nargs="+",
+        help="normal reference images per class; several values (1 2 4) run the paper's protocol in one pass: "
+             "test features computed once, shots nested per seed, a summary table over shots and seeds")
     k_shot_file: Optional[str] = _opt(None, "--k_shot_file",
                                       help="reuse reference images listed in this file (ours or the released code's)")
     seeds: Optional[list] = _opt(None, "--seeds", nargs="+",
@@ -187,14 +190,24 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     save_images: bool = _opt(False, "--save_images", help="write a side-by-side PNG per test image")
     aupro: bool = _opt(True, "--aupro", help="compute AUPRO (exact)")
 
+    def __post_init__(self) -> None:
+        # One value (the command line gives a list) is today's single-k run: stored as a plain int.
+        if isinstance(self.k_shot, (list, tuple)) and len(self.k_shot) == 1:
+            self.k_shot = self.k_shot[0]
+        elif isinstance(self.k_shot, tuple):
+            self.k_shot = list(self.k_shot)
+
     def validate(self) -> None:
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
         if not self.checkpoint_path:
             raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
-        if self.k_shot < 1:
-            raise ConfigError(f"--k_shot must be positive, got {self.k_shot}")
+        shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
+        if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
+            raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
+        if len(set(shots)) != len(shots):
+            raise ConfigError(f"--k_shot lists a value twice: {self.k_shot}")
         if self.cal_image_size < 1:
             raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
         if self.seeds is not None:
@@ -206,6 +219,10 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
             self.seeds = dedupe_option("--seeds", self.seeds)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
+
+    def shot_list(self) -> List[int]:
+        """The shot counts this run evaluates, ascending (one for a plain run)."""
+        return sorted(self.k_shot) if isinstance(self.k_shot, list) else [self.k_shot]
 
     def run_seeds(self) -> list:
         """The seeds this run evaluates, in order."""
@@ -221,7 +238,7 @@ def _field_type(f: dataclasses.Field):
         return float
     if "int" in ann:
         return int
-    if f.name in ("features_list", "few_shot_features", "seeds"):
+    if f.name in ("features_list", "few_shot_features", "seeds", "k_shot"):
         return int
     return str
 

@@ -736,6 +736,34 @@ def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> List[str]:
     return [candidates[int(i)] for i in picks]
 
 
+def sample_nested_k_shot(meta: Mapping, cls: str, ks: Sequence[int], seed: int) -> Dict[int, List[str]]:
+    """Nested reference draws for several shot counts: ``{k: first k of one seeded permutation}``.
+
+    One permutation of the class's normal train paths (sorted by path), drawn with
+    ``numpy.random.default_rng([seed, crc32(cls)]).permutation``, so for a given (seed, class)
+    the k=1 images are among the k=2 images, which are among the k=4 images. Used when one run
+    evaluates several k (the protocol). This is a deliberate difference from `sample_k_shot`
+    (kept for single-k runs, whose draws it must not change) and from the released code, which
+    draws each k independently.
+
+    Raises:
+        ConfigError: if a ``k < 1`` or ``seed`` is negative.
+        DataError: if the class is unknown or has fewer than ``max(ks)`` normal train images.
+    """
+    ks = list(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ConfigError(f"k (shots) must be integers >= 1, got {ks!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
+    candidates = _normal_train_paths(meta, cls)
+    if max(ks) > len(candidates):
+        raise DataError(f"Class {cls!r}: asked for k={max(ks)} reference images but its train split "
+                        f"has only {len(candidates)} normal image(s). Use a smaller k.")
+    rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode("utf-8"))])
+    order = rng.permutation(len(candidates))
+    return {int(k): [candidates[int(i)] for i in order[:int(k)]] for k in ks}
+
+
 def _path_parts(raw: str) -> Tuple[str, ...]:
     norm = posixpath.normpath(raw.replace("\\", "/"))
     return tuple(p for p in norm.split("/") if p not in ("", "."))

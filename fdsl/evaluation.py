@@ -1,7 +1,9 @@
 """k-shot evaluation engine: per class, per seed, with results written atomically and resumable.
 
-Test-image features are computed once per batch and scored against every seed's memory bank,
-so a multi-seed protocol costs one backbone pass over the test set.
+Test-image features are computed once per batch and scored against every (k, seed) memory bank,
+so the paper's protocol (several shots × several seeds) costs one backbone pass over the test set.
+Each distinct reference image of a class is encoded once; with several k the shots are nested per
+seed, and the smaller banks are views of the largest one.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import io
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from .datasets import (
     load_rgb,
     read_k_shot_file,
     sample_k_shot,
+    sample_nested_k_shot,
     warn_nonbinary_masks,
     write_k_shot_file,
 )
@@ -47,6 +51,8 @@ from .utils import (
 )
 
 log = logging.getLogger(__name__)
+
+Run = Tuple[int, int]  # (k, seed): one evaluated setting, one run folder
 
 METRIC_KEYS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "aupro", "image_auroc", "image_f1_max", "image_ap")
 SCORE_COLUMNS = ("img_path", "cls_name", "anomaly", "score", "patch_score", "map_max")
@@ -101,7 +107,12 @@ def _fingerprint(cfg: TestConfig) -> str:
 
 
 class Evaluator:
-    """Runs a `TestConfig`: builds the model once, then evaluates every class for every seed."""
+    """Runs a `TestConfig`: builds the model once, then evaluates every class for every (k, seed).
+
+    One k and one seed is today's single run (written into ``save_path``); one k and several seeds
+    write ``save_path/seed_<s>``; several k write ``save_path/k<k>/seed_<s>``. Each such folder holds
+    exactly what a single run writes. With several runs, `fdsl.protocol` writes the summary.
+    """
 
     def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
         cfg.validate()
@@ -113,75 +124,117 @@ class Evaluator:
         self.cfg = cfg
         self.root, self.meta, self.classes, self.save_path = (self.ctx.root, self.ctx.meta, self.ctx.classes,
                                                                self.ctx.save_path)
+        self.shots = cfg.shot_list()
         self.seeds = cfg.run_seeds()
-        self.fingerprint = _fingerprint(cfg)
+        self.runs: List[Run] = [(k, s) for k in self.shots for s in self.seeds]
+        # Per k: the fingerprint a single run with that k has (seeds are neutral).
+        self.fingerprints = {k: _fingerprint(replace(cfg, k_shot=k)) for k in self.shots}
+        self.fingerprint = self.fingerprints[self.shots[0]]
         # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
-        self.refs = {s: self.references(s) for s in self.seeds}
+        self.refs: Dict[Run, Dict[str, List[str]]] = {}
+        for s in self.seeds:
+            for k, shots in self.references(s).items():
+                self.refs[(k, s)] = shots
         self.model = self.ctx.build_model(cfg.checkpoint_path)[0].eval()
         self._nonbinary_warned: set = set()
-        log.info("seeds %s", self.seeds)
+        log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 
     # ------------------------------------------------------------------ layout
-    def seed_dir(self, seed: int) -> Path:
-        """Output folder of one seed (the run folder itself for a single-seed run)."""
+    def run_dir(self, run: Run) -> Path:
+        """Output folder of one (k, seed): the run folder itself for a single run, ``seed_<s>`` for one k and
+        several seeds, ``k<k>/seed_<s>`` for several k."""
+        k, seed = run
+        if len(self.shots) > 1:
+            return self.save_path / f"k{k}" / f"seed_{seed}"
         return self.save_path if len(self.seeds) == 1 else self.save_path / f"seed_{seed}"
 
-    def _class_file(self, seed: int, cls: str) -> Path:
-        return self.seed_dir(seed) / "per_class" / f"{cls}.json"
+    def seed_dir(self, seed: int, k: Optional[int] = None) -> Path:
+        """Output folder of one seed (and k, default the only one)."""
+        return self.run_dir((self.shots[0] if k is None else k, seed))
+
+    def _class_file(self, run: Run, cls: str) -> Path:
+        return self.run_dir(run) / "per_class" / f"{cls}.json"
 
     def _data_fingerprint(self, cls: str, refs: List[str]) -> str:
         """A digest of the class's test items and files (sizes, mtimes) and of its reference image files."""
         return class_data_fingerprint(self.root, self.meta["test"][cls], refs)
 
-    def _finished(self, seed: int, cls: str, refs: List[str]) -> Optional[dict]:
+    def _finished(self, run: Run, cls: str, refs: List[str]) -> Optional[dict]:
         """The saved record of `cls` when it was computed with the same settings, reference images and data."""
-        f = self._class_file(seed, cls)
+        f = self._class_file(run, cls)
         if not f.is_file():
             return None
         try:
             rec = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        same = rec.get("fingerprint") == self.fingerprint and rec.get("references") == list(refs)
+        same = rec.get("fingerprint") == self.fingerprints[run[0]] and rec.get("references") == list(refs)
         if not same:
             return None
         if rec.get("data") != self._data_fingerprint(cls, refs):
-            log.info("%s seed %d: its images, masks or meta.json entries changed since %s was written; "
-                     "recomputing the class", cls, seed, f)
+            log.info("%s k=%d seed %d: its images, masks or meta.json entries changed since %s was written; "
+                     "recomputing the class", cls, run[0], run[1], f)
             return None
         # Undefined metrics are stored as JSON null.
         rec["metrics"] = {k: float("nan") if v is None else v for k, v in rec["metrics"].items()}
         return rec
 
     # ------------------------------------------------------------------ references
-    def references(self, seed: int) -> Dict[str, List[str]]:
-        """Reference image paths per class for `seed` (from --k_shot_file or a seeded draw)."""
-        if self.cfg.k_shot_file:
-            return read_k_shot_file(self.cfg.k_shot_file, self.meta, self.classes, self.cfg.k_shot)
-        return {c: sample_k_shot(self.meta, c, self.cfg.k_shot, seed) for c in self.classes}
+    def references(self, seed: int) -> Dict[int, Dict[str, List[str]]]:
+        """Reference image paths per k and class for `seed`: ``{k: {cls: paths}}``.
 
-    def memories(self, refs: Dict[int, List[str]]) -> Dict[int, FDSLMemory]:
-        """One memory (global and window banks) per seed; each distinct reference image is encoded once."""
+        From --k_shot_file (each k takes the first k of the file's last max(k) lines per class), or a
+        seeded draw: one k keeps `sample_k_shot`; several k use `sample_nested_k_shot` (k=1 ⊂ k=2 ⊂ k=4).
+        """
+        ks = self.shots
+        if self.cfg.k_shot_file:
+            full = read_k_shot_file(self.cfg.k_shot_file, self.meta, self.classes, max(ks))
+            return {k: {c: full[c][:k] for c in self.classes} for k in ks}
+        if len(ks) == 1:
+            return {ks[0]: {c: sample_k_shot(self.meta, c, ks[0], seed) for c in self.classes}}
+        nested = {c: sample_nested_k_shot(self.meta, c, ks, seed) for c in self.classes}
+        return {k: {c: nested[c][k] for c in self.classes} for k in ks}
+
+    def memories(self, refs: Dict[Run, List[str]]) -> Dict[Run, FDSLMemory]:
+        """One memory (global and window banks) per run; each distinct reference image is encoded once.
+
+        Per seed, the bank of its longest reference list is built once; every run of that seed whose list
+        is a prefix of it (nested shots) gets views of it (`FDSLMemory.prefix`), not a copy. The bytes held
+        for reference features and banks are logged.
+        """
         unique = sorted({p for paths in refs.values() for p in paths})
         images = load_reference_images(self.root, unique, self.cfg.image_size)  # (u, 3, S, S)
         feats = self.model.encode_references(images, self.cfg.batch_size)
         pos = {p: i for i, p in enumerate(unique)}
-        return {seed: self.model.make_memory(feats, [pos[p] for p in paths]) for seed, paths in refs.items()}
+        out: Dict[Run, FDSLMemory] = {}
+        for seed in sorted({s for _, s in refs}):
+            runs = sorted((r for r in refs if r[1] == seed), key=lambda r: len(refs[r]))
+            longest = refs[runs[-1]]
+            base = self.model.make_memory(feats, [pos[p] for p in longest])
+            for r in runs:
+                nested = refs[r] == longest[:len(refs[r])]
+                out[r] = base.prefix(len(refs[r])) if nested else self.model.make_memory(
+                    feats, [pos[p] for p in refs[r]])
+        log.info("reference memory: %d distinct image(s), features %d bytes (freed after the banks are built); "
+                 "%d bank(s) hold %d bytes (nested banks are views of their seed's largest)",
+                 len(unique), _held_bytes(_tensors(feats)), len(out),
+                 _held_bytes([t for m in out.values() for t in m.buffers()]))
+        return out
 
     # ------------------------------------------------------------------ one class
     @torch.no_grad()
-    def evaluate_class(self, cls: str, refs: Dict[int, List[str]]) -> Dict[int, dict]:
-        """Score every test image of `cls` against each seed's bank; returns per-seed records."""
+    def evaluate_class(self, cls: str, refs: Dict[Run, List[str]]) -> Dict[Run, dict]:
+        """Score every test image of `cls` against each run's bank; returns per-run records."""
         cfg = self.cfg
         memories = self.memories(refs)
-        seeds = list(memories)
+        runs = list(memories)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
         loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                             worker_init_fn=worker_ignore_sigint)
         n = len(ds)
         size = cfg.cal_image_size
-        maps = {s: np.empty((n, size, size), np.float32) for s in seeds}
-        patch = {s: np.empty(n, np.float64) for s in seeds}
+        maps = {r: np.empty((n, size, size), np.float32) for r in runs}
+        patch = {r: np.empty(n, np.float64) for r in runs}
         masks = np.empty((n, size, size), bool)
         labels = np.empty(n, np.int64)
         paths: List[str] = []
@@ -191,10 +244,10 @@ class Evaluator:
                           disable=None):
             warn_nonbinary_masks(batch, self._nonbinary_warned)
             b = batch["image"].shape[0]
-            outs = self.model.predict(batch["image"], [memories[s] for s in seeds], size)
-            for s, out in zip(seeds, outs):
-                maps[s][i:i + b] = out.anomaly_map.float().cpu().numpy()
-                patch[s][i:i + b] = out.patch_score.double().cpu().numpy()
+            outs = self.model.predict(batch["image"], [memories[r] for r in runs], size)
+            for r, out in zip(runs, outs):
+                maps[r][i:i + b] = out.anomaly_map.float().cpu().numpy()
+                patch[r][i:i + b] = out.patch_score.double().cpu().numpy()
             masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
             labels[i:i + b] = batch["anomaly"].numpy()
             paths += list(batch["img_path"])
@@ -202,90 +255,89 @@ class Evaluator:
             i += b
 
         records = {}
-        for s in seeds:
-            map_max = maps[s].reshape(n, -1).max(axis=1).astype(np.float64)
-            score = normalised_image_scores(patch[s], map_max)
+        for r in runs:
+            map_max = maps[r].reshape(n, -1).max(axis=1).astype(np.float64)
+            score = normalised_image_scores(patch[r], map_max)
             res = metrics.image_metrics(labels, score)
-            res.update(metrics.pixel_metrics(masks, maps[s], with_aupro=cfg.aupro))
+            res.update(metrics.pixel_metrics(masks, maps[r], with_aupro=cfg.aupro))
             if not cfg.aupro:
                 res["aupro"] = float("nan")
             rows = [{"img_path": p, "cls_name": cls, "anomaly": int(a), "score": float(sc),
                      "patch_score": float(ps), "map_max": float(mm)}
-                    for p, a, sc, ps, mm in zip(paths, labels, score, patch[s], map_max)]
-            records[s] = {"fingerprint": self.fingerprint, "metrics": {k: float(res[k]) for k in METRIC_KEYS},
-                          "references": refs[s], "data": self._data_fingerprint(cls, refs[s]),
-                          "memory_bank_bytes": memories[s].nbytes(), "scores": rows}
+                    for p, a, sc, ps, mm in zip(paths, labels, score, patch[r], map_max)]
+            records[r] = {"fingerprint": self.fingerprints[r[0]],
+                          "metrics": {k: float(res[k]) for k in METRIC_KEYS},
+                          "references": refs[r], "data": self._data_fingerprint(cls, refs[r]),
+                          "memory_bank_bytes": memories[r].nbytes(), "scores": rows}
             if cfg.save_images:
-                self._save_images(s, cls, paths, species, masks, maps[s])
+                self._save_images(r, cls, paths, species, masks, maps[r])
         return records
 
-    def _save_images(self, seed: int, cls: str, paths: List[str], species: List[str], masks: np.ndarray,
+    def _save_images(self, run: Run, cls: str, paths: List[str], species: List[str], masks: np.ndarray,
                      maps: np.ndarray) -> None:
         from .visualize import save_side_by_side
 
-        out = self.seed_dir(seed) / "images" / cls
+        out = self.run_dir(run) / "images" / cls
         for p, sp, m, a in zip(paths, species, masks, maps):
             save_side_by_side(out / f"{sp}_{Path(p).stem}.png", load_rgb(os.path.join(self.root, p)), m, a)
 
     # ------------------------------------------------------------------ whole run
-    def run(self) -> Dict[int, dict]:
-        """Evaluate all classes for all seeds; returns {seed: results.json content}."""
-        for seed in self.seeds:
-            self.seed_dir(seed).mkdir(parents=True, exist_ok=True)
+    def run(self) -> dict:
+        """Evaluate all classes for all runs; returns {seed: results.json content} for one k, else
+        {(k, seed): results.json content}; with several runs also {"summary": summary.json content}."""
+        from .protocol import write_summary
+
+        for r in self.runs:
+            self.run_dir(r).mkdir(parents=True, exist_ok=True)
         self.ctx.write_config()
-        for seed in self.seeds:
-            write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", self.refs[seed])
-        per_class: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds}
+        for r in self.runs:
+            write_k_shot_file(self.run_dir(r) / "k_shot.txt", self.refs[r])
+        per_class: Dict[Run, Dict[str, dict]] = {r: {} for r in self.runs}
         for cls in self.classes:
             todo = {}
-            for s in self.seeds:
-                done = self._finished(s, cls, self.refs[s][cls])
+            for r in self.runs:
+                done = self._finished(r, cls, self.refs[r][cls])
                 if done is not None:
-                    per_class[s][cls] = done
+                    per_class[r][cls] = done
                 else:
-                    todo[s] = self.refs[s][cls]
+                    todo[r] = self.refs[r][cls]
             if not todo:
-                log.info("%s: already finished, reusing %s", cls, self._class_file(self.seeds[0], cls).parent)
+                log.info("%s: already finished, reusing %s", cls, self._class_file(self.runs[0], cls).parent)
                 continue
-            for s, rec in self.evaluate_class(cls, todo).items():
-                atomic_write_json(self._class_file(s, cls), rec)
-                per_class[s][cls] = rec
-                log.info("%s seed %d: %s  memory_bank_bytes=%d", cls, s,
+            if len(todo) < len(self.runs):
+                log.info("%s: %d of %d run(s) already finished, reused", cls, len(self.runs) - len(todo),
+                         len(self.runs))
+            for r, rec in self.evaluate_class(cls, todo).items():
+                atomic_write_json(self._class_file(r, cls), rec)
+                per_class[r][cls] = rec
+                log.info("%s k=%d seed %d: %s  memory_bank_bytes=%d", cls, r[0], r[1],
                          "  ".join(f"{k}={100 * v:.2f}" for k, v in rec["metrics"].items()), rec["memory_bank_bytes"])
-        return {s: self._write_seed(s, per_class[s]) for s in self.seeds} | self._write_summary(per_class)
+        results = {r: self._write_seed(r, per_class[r]) for r in self.runs}
+        out: dict = {s: results[(k, s)] for k, s in self.runs} if len(self.shots) == 1 else dict(results)
+        if len(self.runs) > 1:
+            out["summary"] = write_summary(self.save_path, self.cfg.dataset, self.classes,
+                                           {r: res["classes"] for r, res in results.items()})
+        return out
 
-    def _write_seed(self, seed: int, recs: Dict[str, dict]) -> dict:
-        out = self.seed_dir(seed)
+    def _write_seed(self, run: Run, recs: Dict[str, dict]) -> dict:
+        k, seed = run
+        out = self.run_dir(run)
         classes = {c: recs[c]["metrics"] for c in self.classes}
-        mean = {k: class_mean([classes[c][k] for c in self.classes]) for k in METRIC_KEYS}
+        mean = {m: class_mean([classes[c][m] for c in self.classes]) for m in METRIC_KEYS}
         results = {"classes": classes, "mean": mean,
                    "memory_bank_bytes": {c: int(recs[c]["memory_bank_bytes"]) for c in self.classes},
-                   "config": config_to_dict(self.cfg) | {"seed": seed}}
+                   "config": config_to_dict(self.cfg) | {"seed": seed, "k_shot": k}}
         atomic_write_json(out / "results.json", results)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for c in self.classes:
             for row in recs[c]["scores"]:
-                writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+                writer.writerow({key: repr(v) if isinstance(v, float) else v for key, v in row.items()})
         atomic_write_text(out / "scores.csv", buf.getvalue())
         table = format_table(classes, mean)
-        log.info("results (seed %d, %d-shot):\n%s", seed, self.cfg.k_shot, table)
+        log.info("results (seed %d, %d-shot):\n%s", seed, k, table)
         return results
-
-    def _write_summary(self, per_class: Dict[int, Dict[str, dict]]) -> dict:
-        if len(self.seeds) < 2:
-            return {}
-        means = {k: [class_mean([per_class[s][c]["metrics"][k] for c in self.classes])
-                     for s in self.seeds] for k in METRIC_KEYS}
-        summary = {"seeds": self.seeds,
-                   "mean": {k: float(np.mean(v)) for k, v in means.items()},
-                   "std": {k: float(np.std(v)) for k, v in means.items()},
-                   "per_seed": {str(s): {k: means[k][j] for k in METRIC_KEYS} for j, s in enumerate(self.seeds)}}
-        atomic_write_json(self.save_path / "summary.json", summary)
-        rows = [[k, f"{100 * summary['mean'][k]:.2f} ± {100 * summary['std'][k]:.2f}"] for k in METRIC_KEYS]
-        log.info("mean ± std over seeds %s:\n%s", self.seeds, tabulate(rows, ["metric", "value"], tablefmt="pipe"))
-        return {"summary": summary}
 
 
 def format_table(classes: Dict[str, dict], mean: dict) -> str:
@@ -295,7 +347,25 @@ def format_table(classes: Dict[str, dict], mean: dict) -> str:
     return tabulate(rows, headers=["objects", *METRIC_KEYS], tablefmt="pipe", floatfmt=".2f")
 
 
-def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> Dict[int, dict]:
+def _tensors(feats) -> List[torch.Tensor]:
+    """Every tensor of reference features (`RefFeatures`)."""
+    out: List[torch.Tensor] = []
+    for part in feats:
+        if part is not None:
+            out += list(part.tokens) + [part.image_embeds]
+    return out
+
+
+def _held_bytes(tensors: List[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen: Dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> dict:
     """Run `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
 
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).

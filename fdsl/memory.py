@@ -151,9 +151,11 @@ class MemoryBank(nn.Module):
         self.register_buffer("image_embeds", image_embeds.detach().to(dtype or image_embeds.dtype).contiguous())
         # Per (layer, dtype): the dense bank in that compute dtype and its |b|² (diff2), prepared once.
         self._search: Dict[Tuple[int, torch.dtype, str], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._prefixes: Dict[int, MemoryBank] = {}  # views of the first k items (`prefix`), not sub-modules
 
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the prepared search tensors
         self._search = {}
+        self._prefixes = {}
         return super()._apply(fn, recurse)
 
     @property
@@ -197,6 +199,47 @@ class MemoryBank(nn.Module):
             self._search[key] = (cast, _sq_norms(flat, dt) if align.mode == "diff2" else None)
         return self._search[key]
 
+    def prefix(self, k: int) -> MemoryBank:
+        """The bank of the first `k` items; its tensors are views of this bank's (no copy), cached."""
+        if not 1 <= k <= self.k:
+            raise ConfigError(f"a prefix of {k} items of a bank of {self.k}")
+        if k not in self._prefixes:
+            self._prefixes[k] = MemoryBank([self.layer(i)[:k] for i in range(self.num_layers)],
+                                           self.image_embeds[:k])
+        return self._prefixes[k]
+
+    def nested_residuals(self, tokens: List[torch.Tensor], sizes: Sequence[int], align: Alignment = DENSE,
+                         query_embeds: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
+        """Residuals against each prefix bank ``prefix(m)``, m in `sizes`: per size, L × (Q, N, C).
+
+        Equal to ``[self.prefix(m).residuals(tokens, align, query_embeds) for m in sizes]``, but the dense
+        similarity is computed once, against this (largest) bank: each prefix's nearest token is the
+        argmax over the first ``m·N`` columns (first maximum on ties, as a separate search gives).
+        """
+        if align.use_index or len(sizes) == 1:
+            return [self.prefix(m).residuals(tokens, align, query_embeds) for m in sizes]
+        if len(tokens) != self.num_layers:
+            raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")
+        n_tok = self.tokens_per_item
+        out: List[List[torch.Tensor]] = [[] for _ in sizes]
+        for i, q in enumerate(tokens):
+            Q, N, C = q.shape
+            bank, sq = self.searchable(i, align, q.dtype)  # (K·N, C), (K·N,) for diff2
+            dt = align.dtype_for(q)
+            flat_q = q.reshape(Q * N, C)
+            idx = [torch.empty(Q * N, dtype=torch.long, device=q.device) for _ in sizes]
+            step = align.rows_per_chunk(Q * N, bank.shape[0], dt)
+            for s in range(0, Q * N, step):  # chunks of rows: bounded memory
+                sim = flat_q[s:s + step].to(dt) @ bank.T  # (rows, K·N)
+                if sq is not None:
+                    sim.mul_(2).sub_(sq)
+                for j, m in enumerate(sizes):
+                    idx[j][s:s + step] = sim[:, :m * n_tok].argmax(dim=-1)
+            flat = self.flat(i)
+            for j in range(len(sizes)):
+                out[j].append(align.residual(q, flat[idx[j]].reshape(Q, N, C)))  # (Q, N, C)
+        return out
+
     def select(self, query_embeds: torch.Tensor) -> torch.Tensor:
         """(Q, D) query global features -> (Q,) index of the most similar stored item."""
         return (query_embeds.float() @ self.image_embeds.float().T).argmax(dim=-1)  # (Q,)
@@ -238,3 +281,31 @@ class FDSLMemory(nn.Module):
     def nbytes(self) -> int:
         """Bytes held by both banks."""
         return self.global_bank.nbytes() + (self.window_bank.nbytes() if self.window_bank is not None else 0)
+
+    def prefix(self, n_images: int) -> FDSLMemory:
+        """The memory of the first `n_images` reference images: views of this memory's banks, no copy.
+
+        The result remembers it is nested in this memory (``nested_in``), so `FDSL.predict` computes the
+        similarities of all memories nested in one base once, against the base.
+        """
+        if not 1 <= n_images <= self.global_bank.k:
+            raise ConfigError(f"a prefix of {n_images} images of a memory of {self.global_bank.k}")
+        win = None
+        if self.window_bank is not None:
+            win = self.window_bank.prefix(n_images * (self.window_bank.k // self.global_bank.k))
+        mem = FDSLMemory(self.global_bank.prefix(n_images), win)
+        mem.nested_in = (self, n_images)  # a plain tuple: not registered as a sub-module
+        return mem
+
+
+def group_nested(memories: Sequence[FDSLMemory]) -> List[Tuple[Optional[FDSLMemory], List[int]]]:
+    """Group memories that are prefixes of one base: [(base or None, positions in `memories`)], in order.
+
+    Memories not made by `FDSLMemory.prefix` form groups of their own (base None).
+    """
+    groups: Dict[int, Tuple[Optional[FDSLMemory], List[int]]] = {}
+    for pos, mem in enumerate(memories):
+        base = getattr(mem, "nested_in", (None, 0))[0]
+        key = id(base) if base is not None else -1 - pos
+        groups.setdefault(key, (base, []))[1].append(pos)
+    return list(groups.values())

@@ -12,7 +12,7 @@ from torch import nn
 from .backbone import BackboneOutput, CLIPBackbone
 from .config import ModelConfig
 from .errors import ConfigError
-from .memory import Alignment, FDSLMemory, MemoryBank
+from .memory import Alignment, FDSLMemory, MemoryBank, group_nested
 from .utils import autocast
 from .windows import n_windows, split_windows, stitch_windows
 
@@ -274,6 +274,23 @@ class FDSL(nn.Module):
         """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C)."""
         return bank.residuals(feats.tokens, self.alignment, feats.image_embeds)
 
+    def iter_residuals(self, feats: BackboneOutput, memories: Sequence[FDSLMemory],
+                       window: bool = False) -> Iterator[tuple[int, List[torch.Tensor]]]:
+        """(position, L × (Q, N, C) residuals) of `feats` against each memory's global (or `window`) bank.
+
+        Memories nested in one base (`FDSLMemory.prefix`) share one similarity computation against the
+        base's bank; the result equals aligning against each memory separately. Residuals are made one
+        group of nested memories at a time, so memory holds one group's, not every memory's.
+        """
+        for base, positions in group_nested(memories):
+            if base is None:
+                mem = memories[positions[0]]
+                yield positions[0], self.residuals(mem.window_bank if window else mem.global_bank, feats)
+                continue
+            bank = base.window_bank if window else base.global_bank
+            sizes = [(memories[p].window_bank if window else memories[p].global_bank).k for p in positions]
+            yield from zip(positions, bank.nested_residuals(feats.tokens, sizes, self.alignment, feats.image_embeds))
+
     def batch_residuals(self, feats: BackboneOutput, cls_names: Sequence[str],
                         banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
         """Residuals of a mixed-class batch, each sample aligned against its own class's bank.
@@ -321,10 +338,10 @@ class FDSL(nn.Module):
         s = 0
         for feats in self.window_chunks(images):  # chunks of windows bound the memory
             n = feats.image_embeds.shape[0]
-            for p, mem in zip(probs, memories):
-                raw = self.head.raw(self.residuals(mem.window_bank, feats))  # L × (n, 2, W, W)
+            for pos, res in self.iter_residuals(feats, memories, window=True):
+                raw = self.head.raw(res)  # L × (n, 2, W, W)
                 for layer in range(L):
-                    p[layer][s:s + n] = raw[layer]
+                    probs[pos][layer][s:s + n] = raw[layer]
             s += n
         out = []
         for p in probs:
@@ -340,10 +357,14 @@ class FDSL(nn.Module):
         cfg = self.cfg
         feats = self.extract(images) if cfg.winmode != "onlywin" else None
         wins = self.window_maps(images, memories) if self.use_windows else [None] * len(memories)
+        glob: List[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(memories)
+        if feats is not None:
+            for pos, res in self.iter_residuals(feats, memories):
+                glob[pos] = combine_layers([m[:, 1] for m in self.head(res)[1]], size)  # global_maps' maps
         outs = []
-        for mem, wmaps in zip(memories, wins):
-            if feats is not None:
-                amap, patch = combine_layers(self.global_maps(feats, mem), size)
+        for g, wmaps in zip(glob, wins):
+            if g is not None:
+                amap, patch = g
             if wmaps is not None:
                 wmap, wpatch = combine_layers(wmaps, size)
                 if cfg.winmode == "onlywin":
