@@ -5,6 +5,7 @@ import logging
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from . import distributed
 from .config import parse_config
 from .errors import FDSLError
 
@@ -18,7 +19,9 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
         job()
     except FDSLError as exc:
         logging.getLogger("fdsl").debug("error details", exc_info=True)
-        print(explain(exc) if explain else f"error: {exc}", file=sys.stderr)
+        line = distributed.error_line(exc, explain(exc) if explain else f"error: {exc}")  # torchrun: once
+        if line:
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished classes and checkpoints are kept, rerun the same command to resume",
@@ -28,8 +31,16 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
 
 
 def main(cls: type, job: Callable, argv: Optional[Sequence[str]] = None, description: str = "") -> int:
-    """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message."""
-    return run_job(lambda: job(parse_config(cls, argv, description)))
+    """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message.
+
+    Under torchrun, every rank runs `job(cfg)` inside the job's process group (`fdsl.distributed`).
+    """
+    def go() -> Any:
+        cfg = parse_config(cls, argv, description)
+        with distributed.session(cfg.device):
+            return job(cfg)
+
+    return run_job(go)
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,10 +17,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from tabulate import tabulate
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .config import TestConfig, config_to_dict
 from .datasets import (
     AnomalyDataset,
@@ -136,6 +136,8 @@ class Evaluator:
         memories = self.memories(refs)
         seeds = list(memories)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
+        if distributed.active():  # distributed: this rank scores its run of whole single-process batches
+            ds = Subset(ds, distributed.shard_range(len(ds), cfg.batch_size))
         loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
         n = len(ds)
         size = cfg.cal_image_size
@@ -146,17 +148,27 @@ class Evaluator:
         paths: List[str] = []
         species: List[str] = []
         i = 0
-        for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True, disable=None):
-            b = batch["image"].shape[0]
-            outs = self.model.predict(batch["image"], [memories[s] for s in seeds], size)
-            for s, out in zip(seeds, outs):
-                maps[s][i:i + b] = out.anomaly_map.float().cpu().numpy()
-                patch[s][i:i + b] = out.patch_score.double().cpu().numpy()
-            masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
-            labels[i:i + b] = batch["anomaly"].numpy()
-            paths += list(batch["img_path"])
-            species += list(batch["specie_name"])
-            i += b
+        with distributed.step(f"scoring the test images of {cls}"):
+            for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True, disable=distributed.tqdm_disable()):
+                b = batch["image"].shape[0]
+                outs = self.model.predict(batch["image"], [memories[s] for s in seeds], size)
+                for s, out in zip(seeds, outs):
+                    maps[s][i:i + b] = out.anomaly_map.float().cpu().numpy()
+                    patch[s][i:i + b] = out.patch_score.double().cpu().numpy()
+                masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
+                labels[i:i + b] = batch["anomaly"].numpy()
+                paths += list(batch["img_path"])
+                species += list(batch["specie_name"])
+                i += b
+        if distributed.active():  # distributed: rank 0 gathers every rank's part, in rank order; others are done
+            parts = distributed.gather_to_main((maps, patch, masks, labels, paths, species))
+            if parts is None:
+                return {}
+            maps = {s: np.concatenate([p[0][s] for p in parts]) for s in seeds}
+            patch = {s: np.concatenate([p[1][s] for p in parts]) for s in seeds}
+            masks, labels = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+            paths, species = [x for p in parts for x in p[4]], [x for p in parts for x in p[5]]
+            n = len(labels)
 
         records = {}
         for s in seeds:
@@ -186,20 +198,26 @@ class Evaluator:
     # ------------------------------------------------------------------ whole run
     def run(self) -> Dict[int, dict]:
         """Evaluate all classes for all seeds; returns {seed: results.json content}."""
-        for seed in self.seeds:
-            self.seed_dir(seed).mkdir(parents=True, exist_ok=True)
-        self.ctx.write_config()
-        for seed in self.seeds:
-            write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", self.refs[seed])
+        main = distributed.is_main()  # distributed: rank 0 alone writes files and decides what is finished
+        if main:
+            for seed in self.seeds:
+                self.seed_dir(seed).mkdir(parents=True, exist_ok=True)
+            self.ctx.write_config()
+            for seed in self.seeds:
+                write_k_shot_file(self.seed_dir(seed) / "k_shot.txt", self.refs[seed])
         per_class: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds}
         for cls in self.classes:
-            todo = {}
-            for s in self.seeds:
-                done = self._finished(s, cls, self.refs[s][cls])
-                if done is not None:
-                    per_class[s][cls] = done
-                else:
-                    todo[s] = self.refs[s][cls]
+            def unfinished(cls: str = cls) -> Dict[int, List[str]]:
+                todo = {}
+                for s in self.seeds:
+                    done = self._finished(s, cls, self.refs[s][cls])
+                    if done is not None:
+                        per_class[s][cls] = done
+                    else:
+                        todo[s] = self.refs[s][cls]
+                return todo
+
+            todo = distributed.broadcast_from_main(unfinished, f"checking the finished results of {cls}")
             if not todo:
                 log.info("%s: already finished, reusing %s", cls, self._class_file(self.seeds[0], cls).parent)
                 continue
@@ -208,6 +226,8 @@ class Evaluator:
                 per_class[s][cls] = rec
                 log.info("%s seed %d: %s  memory_bank_bytes=%d", cls, s,
                          "  ".join(f"{k}={100 * v:.2f}" for k, v in rec["metrics"].items()), rec["memory_bank_bytes"])
+        if not main:
+            return {}
         return {s: self._write_seed(s, per_class[s]) for s in self.seeds} | self._write_summary(per_class)
 
     def _write_seed(self, seed: int, recs: Dict[str, dict]) -> dict:
@@ -257,5 +277,6 @@ def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> Dict[int, dict]:
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
     """
     Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(cfg.save_path) / "log.txt")
+    main = distributed.is_main()  # distributed: rank 0 logs; the other ranks report errors only
+    setup_logging(Path(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level())
     return Evaluator(cfg, model).run()
