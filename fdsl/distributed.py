@@ -42,7 +42,15 @@ DEFAULT_TIMEOUT_S = 1800
 
 
 class RankFailure(FDSLError):
-    """A rank of a torchrun job failed; every rank raises this same error, so the whole job ends."""
+    """A rank of a torchrun job failed; every rank raises this same error, so the whole job ends.
+
+    `origin` is the (first) failing rank: it prints the line, as it is sure to be alive to do so (torchrun
+    stops the other ranks as soon as one exits).
+    """
+
+    def __init__(self, message: str, origin: int = 0) -> None:
+        super().__init__(message)
+        self.origin = origin
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,7 @@ def agree(error: Optional[BaseException], what: str) -> None:
     bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
     first_rank, first = bad[0]
     more = f" (and {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""
-    exc = RankFailure(f"{what}: rank {first_rank} failed{more}: {first}")
+    exc = RankFailure(f"{what}: rank {first_rank} failed{more}: {first}", origin=first_rank)
     raise exc from error
 
 
@@ -417,12 +425,13 @@ def _to_gloo_sync(module: nn.Module, group: Any) -> nn.Module:
 
 
 def error_line(exc: BaseException, line: str) -> Optional[str]:
-    """The error line a rank prints: a `RankFailure` (known to every rank) once, by rank 0; others prefixed."""
+    """The error line a rank prints: a `RankFailure` (known to every rank) once, by the failing rank; any other
+    error prefixed with the rank that met it."""
     if not launched():
         return line
     r = os.environ.get("RANK", "0")
     if isinstance(exc, RankFailure):
-        return line if r == "0" else None
+        return line if r == str(exc.origin) else None
     return f"[rank {r}] {line}"
 
 

@@ -7,14 +7,13 @@
 - evaluation: scores.csv and results.json are byte-identical to the 1-process run's;
 - a rank that reads a corrupt image ends the whole job promptly, with a non-zero exit and the error.
 
-The module launches torchrun 5 times (the 1-process references run in this process): about 1.5 minutes
+The module launches torchrun 4 times (the 1-process references run in this process): about 1.5 minutes
 on two CPU cores, more when other jobs load them.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -219,7 +218,9 @@ def test_training_two_ranks_match_one_process(trained):
     assert any(not torch.equal(s0[k], s1[k]) for k in s1 if s1[k].is_floating_point())
 
 
-def test_evaluation_two_ranks_identical_to_one_process(data, trained):
+def test_evaluation_two_ranks_identical_resume_and_failure(data, trained):
+    """2 ranks write the 1-process files byte for byte; then, in one more launch, a rerun reuses the
+    finished class (rank 0 decides) and a rank reading a corrupt image ends the job promptly."""
     ckpt = trained.one / f"epoch_{EPOCHS}.pth"
     one, two = data.work / "eval_1", data.work / "eval_2"
     run("test.py", eval_args(data, data.B, ckpt, one), 1, data.work)
@@ -229,27 +230,26 @@ def test_evaluation_two_ranks_identical_to_one_process(data, trained):
     r1["config"].pop("save_path"), r2["config"].pop("save_path")
     assert r2 == r1
     assert len((two / "scores.csv").read_text().splitlines()) == 1 + 18
+    log2 = (two / "log.txt").read_text()
+    assert "torchrun: 2 ranks, backend gloo" in log2 and log2.count("results (seed") == 1  # rank 0 logs, once
 
-    # Resume: rank 0 finds both classes finished and the ranks agree to skip them.
-    proc = run("test.py", eval_args(data, data.B, ckpt, two), 2, data.work)
-    assert (two / "scores.csv").read_bytes() == (one / "scores.csv").read_bytes()
-    assert "already finished" in (two / "log.txt").read_text()
-    assert proc.returncode == 0
-
-
-def test_failing_rank_ends_the_job(data, trained):
-    import json as _json
-
-    bad = data.work / "B_bad"
-    shutil.copytree(data.B, bad)
-    meta = _json.loads((bad / "meta.json").read_text())
-    first_cls = sorted(meta["test"])[0]
-    victim = meta["test"][first_cls][-1]["img_path"]  # last batch of the class: rank 1's shard
-    (bad / victim).write_bytes(b"not a png")
-    t0 = time.monotonic()
-    proc = run("test.py", eval_args(data, bad, trained.one / f"epoch_{EPOCHS}.pth", data.work / "eval_bad"), 2,
-               data.work, expect_rc=None, timeout=240)
-    elapsed = time.monotonic() - t0
+    # Resume + failure: the first class is finished; the second is redone and rank 1 (the last batch of
+    # the class) meets a corrupt image.
+    meta = json.loads((data.B / "meta.json").read_text())
+    first, second = sorted(meta["test"])
+    (two / "per_class" / f"{second}.json").unlink()
+    victim = data.B / meta["test"][second][-1]["img_path"]
+    original = victim.read_bytes()
+    victim.write_bytes(b"not a png")
+    try:
+        t0 = time.monotonic()
+        proc = run("test.py", eval_args(data, data.B, ckpt, two), 2, data.work, expect_rc=None, timeout=240)
+        elapsed = time.monotonic() - t0
+    finally:
+        victim.write_bytes(original)
     assert proc.returncode != 0
-    assert "rank 1 failed" in proc.stderr and victim.split("/")[-1] in proc.stderr, proc.stderr[-3000:]
+    assert f"scoring the test images of {second}: rank 1 failed" in proc.stderr, proc.stderr[-3000:]
+    assert victim.name in proc.stderr, proc.stderr[-3000:]
     assert elapsed < 120, f"the job took {elapsed:.0f} s to fail"
+    log2 = (two / "log.txt").read_text()
+    assert f"{first}: already finished" in log2
