@@ -122,8 +122,9 @@ class Trainer:
                 else:
                     loss = shown = fdsl_loss(maps, mask)
                     b = batch["image"].shape[0]
-                if not torch.isfinite(shown):
-                    raise FDSLError(f"training diverged at epoch {epoch}: loss {shown.item()}")
+                if not torch.isfinite(shown):  # under torchrun every rank sees the same global loss
+                    error = distributed.RankFailure if dist_on else FDSLError
+                    raise error(f"training diverged at epoch {epoch}: loss {shown.item()}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
