@@ -10,7 +10,7 @@
 - evaluation: scores.csv and results.json are byte-identical to the 1-process run's; resume is decided by
   rank 0; a rank that reads a corrupt image ends the whole job promptly, with a non-zero exit and the error.
 
-The module launches torchrun 5 times (the 1-process references run in this process): about 3.3 minutes
+The module launches torchrun 4 times (the 1-process references run in this process): about 3.3 minutes
 on two CPU cores that other jobs load 5× over, less on a quiet machine.
 """
 from __future__ import annotations
