@@ -35,12 +35,13 @@ LAYERS = ["1", "2", "3", "4"]
 MODEL_ARGS = ["--model", TINY, "--image_size", "112", "--features_list", *LAYERS, "--few_shot_features", *LAYERS]
 EPOCHS = 3
 # Tolerances of 2 ranks vs 1 process. One step's gradients agree to ~6e-6 relative (test_one_step_gradients).
-# After Adam steps (lr 1e-3) trained weights agree to ~4e-5 absolute: Adam divides by sqrt(v) + 1e-8, which
-# magnifies the last-bit differences of near-zero gradients. The first batch norm's bias of each scorer
-# has an exactly-zero gradient (the next batch norm cancels the shift), so it holds Adam-scaled float noise
-# in both runs (|value| ~ 1e-4): it and the running mean right behind it get the loose NOISE_ATOL.
+# Resumed from the same epoch-1 checkpoint, two more epochs give weights within ~2e-7 (measured). From a fresh
+# start they differ by up to ~4e-5: Adam's first, bias-corrected steps divide by sqrt(v) + 1e-8, which
+# magnifies the last-bit differences of near-zero gradients. The first batch norm's bias of each scorer has
+# an exactly-zero gradient (the next batch norm cancels the shift), so it holds Adam-scaled float noise in
+# both runs (|value| ~ 1e-4): it and the running mean right behind it get the loose NOISE_ATOL.
 LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 1e-4
+WEIGHT_ATOL = 1e-5
 NOISE_ATOL = 2e-3
 NOISE_KEYS = ("fbatchNorm.bias", "proj.1.running_mean")
 
