@@ -25,7 +25,12 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
         job()
     except FDSLError as exc:
         logging.getLogger("fdsl").debug("error details", exc_info=True)
-        print(explain(exc) if explain else f"error: {user_message(exc)}", file=sys.stderr)
+        line = explain(exc) if explain else f"error: {user_message(exc)}"
+        distributed = sys.modules.get("fdsl.distributed")  # loaded (with torch) when a job ran
+        if distributed is not None:
+            line = distributed.error_line(exc, line)  # torchrun: printed once
+        if line:
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
@@ -44,9 +49,18 @@ def _resolve(job: Union[Callable, str]) -> Callable:
 def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = None, description: str = "") -> int:
     """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message.
 
-    `job` may be given as ``"module:function"``; it is then imported inside the guarded call.
+    `job` may be given as ``"module:function"``; it is then imported inside the guarded call. Under
+    torchrun, every rank runs `job(cfg)` inside the job's process group (`fdsl.distributed`).
     """
-    return run_job(lambda: _resolve(job)(parse_config(cls, argv, description)))
+    def go() -> Any:
+        cfg = parse_config(cls, argv, description)
+        fn = _resolve(job)
+        from . import distributed
+
+        with distributed.session(cfg.device):
+            return fn(cfg)
+
+    return run_job(go)
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,10 +20,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from tabulate import tabulate
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .checkpoint import reconcile_with_checkpoint
 from .config import TestConfig, config_to_dict, explicit_fields
 from .datasets import (
@@ -229,6 +229,8 @@ class Evaluator:
         memories = self.memories(refs)
         runs = list(memories)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
+        if distributed.active():  # distributed: this rank scores its run of whole single-process batches
+            ds = Subset(ds, distributed.shard_range(len(ds), cfg.batch_size))
         loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                             worker_init_fn=worker_ignore_sigint)
         n = len(ds)
@@ -240,19 +242,29 @@ class Evaluator:
         paths: List[str] = []
         species: List[str] = []
         i = 0
-        for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
-                          disable=None):
-            warn_nonbinary_masks(batch, self._nonbinary_warned)
-            b = batch["image"].shape[0]
-            outs = self.model.predict(batch["image"], [memories[r] for r in runs], size)
-            for r, out in zip(runs, outs):
-                maps[r][i:i + b] = out.anomaly_map.float().cpu().numpy()
-                patch[r][i:i + b] = out.patch_score.double().cpu().numpy()
-            masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
-            labels[i:i + b] = batch["anomaly"].numpy()
-            paths += list(batch["img_path"])
-            species += list(batch["specie_name"])
-            i += b
+        with distributed.step(f"scoring the test images of {cls}"):
+            for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
+                              disable=distributed.tqdm_disable()):
+                warn_nonbinary_masks(batch, self._nonbinary_warned)
+                b = batch["image"].shape[0]
+                outs = self.model.predict(batch["image"], [memories[r] for r in runs], size)
+                for r, out in zip(runs, outs):
+                    maps[r][i:i + b] = out.anomaly_map.float().cpu().numpy()
+                    patch[r][i:i + b] = out.patch_score.double().cpu().numpy()
+                masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
+                labels[i:i + b] = batch["anomaly"].numpy()
+                paths += list(batch["img_path"])
+                species += list(batch["specie_name"])
+                i += b
+        if distributed.active():  # distributed: rank 0 gathers every rank's part, in rank order; others are done
+            parts = distributed.gather_to_main((maps, patch, masks, labels, paths, species))
+            if parts is None:
+                return {}
+            maps = {r: np.concatenate([p[0][r] for p in parts]) for r in runs}
+            patch = {r: np.concatenate([p[1][r] for p in parts]) for r in runs}
+            masks, labels = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+            paths, species = [x for p in parts for x in p[4]], [x for p in parts for x in p[5]]
+            n = len(labels)
 
         records = {}
         for r in runs:
@@ -284,23 +296,33 @@ class Evaluator:
     # ------------------------------------------------------------------ whole run
     def run(self) -> dict:
         """Evaluate all classes for all runs; returns {seed: results.json content} for one k, else
-        {(k, seed): results.json content}; with several runs also {"summary": summary.json content}."""
+        {(k, seed): results.json content}; with several runs also {"summary": summary.json content}.
+
+        Under torchrun every rank scores its share; rank 0 alone writes files, decides what is finished and
+        returns the results (the other ranks return {}).
+        """
         from .protocol import write_summary
 
-        for r in self.runs:
-            self.run_dir(r).mkdir(parents=True, exist_ok=True)
-        self.ctx.write_config()
-        for r in self.runs:
-            write_k_shot_file(self.run_dir(r) / "k_shot.txt", self.refs[r])
+        main = distributed.is_main()
+        if main:
+            for r in self.runs:
+                self.run_dir(r).mkdir(parents=True, exist_ok=True)
+            self.ctx.write_config()
+            for r in self.runs:
+                write_k_shot_file(self.run_dir(r) / "k_shot.txt", self.refs[r])
         per_class: Dict[Run, Dict[str, dict]] = {r: {} for r in self.runs}
         for cls in self.classes:
-            todo = {}
-            for r in self.runs:
-                done = self._finished(r, cls, self.refs[r][cls])
-                if done is not None:
-                    per_class[r][cls] = done
-                else:
-                    todo[r] = self.refs[r][cls]
+            def unfinished(cls: str = cls) -> Dict[Run, List[str]]:
+                todo = {}
+                for r in self.runs:
+                    done = self._finished(r, cls, self.refs[r][cls])
+                    if done is not None:
+                        per_class[r][cls] = done
+                    else:
+                        todo[r] = self.refs[r][cls]
+                return todo
+
+            todo = distributed.broadcast_from_main(unfinished, f"checking the finished results of {cls}")
             if not todo:
                 log.info("%s: already finished, reusing %s", cls, self._class_file(self.runs[0], cls).parent)
                 continue
@@ -312,6 +334,8 @@ class Evaluator:
                 per_class[r][cls] = rec
                 log.info("%s k=%d seed %d: %s  memory_bank_bytes=%d", cls, r[0], r[1],
                          "  ".join(f"{k}={100 * v:.2f}" for k, v in rec["metrics"].items()), rec["memory_bank_bytes"])
+        if not main:
+            return {}
         results = {r: self._write_seed(r, per_class[r]) for r in self.runs}
         out: dict = {s: results[(k, s)] for k, s in self.runs} if len(self.shots) == 1 else dict(results)
         if len(self.runs) > 1:
@@ -371,5 +395,6 @@ def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> dict:
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
     """
     check_not_training_run(Path(cfg.save_path))
-    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt")
+    main = distributed.is_main()  # distributed: rank 0 prepares the folder and logs; the others report errors only
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level())
     return Evaluator(cfg, model).run()

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from . import distributed
 from .checkpoint import load_head
 from .config import ModelConfig, RuntimeConfig, config_to_dict, model_config_from
 from .datasets import Meta, load_meta, select_classes
@@ -52,7 +53,9 @@ class RunContext:
                  model: Optional[FDSL] = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        # distributed (torchrun): each rank runs on LOCAL_RANK's device, whatever --device's index says
+        self.device = distributed.device() if distributed.active() else resolve_device(cfg.device)
+        distributed.log_device_note(cfg.device)
         self.runtime = resolve_runtime(cfg, self.device, out_size)
         self.root = str(data_root)
         self.meta: Meta = load_meta(self.root)
@@ -79,6 +82,8 @@ class RunContext:
         return model.to(self.device), meta
 
     def write_config(self) -> None:
-        """Write the resolved configuration to ``<save_path>/config.json`` (atomically)."""
+        """Write the resolved configuration to ``<save_path>/config.json`` (atomically; rank 0 under torchrun)."""
+        if not distributed.is_main():
+            return
         self.save_path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.save_path / "config.json", config_to_dict(self.cfg))

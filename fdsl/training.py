@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import load_head, save_checkpoint
 from .config import TrainConfig, config_to_dict
 from .datasets import AnomalyDataset, load_reference_images, sample_k_shot, warn_nonbinary_masks, write_k_shot_file
@@ -85,9 +86,11 @@ class Trainer:
     @torch.no_grad()
     def build_banks(self) -> Dict[str, MemoryBank]:
         """k-shot memory banks of every training class (train split, normal images)."""
-        write_k_shot_file(self.save_path / "k_shot.txt", self.shots)
+        if distributed.is_main():  # distributed: rank 0 writes
+            write_k_shot_file(self.save_path / "k_shot.txt", self.shots)
         banks = {}
-        for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True, disable=None):
+        for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True,
+                      disable=distributed.tqdm_disable()):
             imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size)  # (k, 3, S, S)
             refs = self.model.encode_references(imgs, self.cfg.batch_size, windows=False)
             banks[c] = self.model.make_memory(refs).global_bank
@@ -96,16 +99,26 @@ class Trainer:
     def run(self) -> List[float]:
         """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint."""
         cfg = self.cfg
-        prepare_run_dir(self.save_path)
         last = latest_checkpoint(self.save_path) if cfg.resume else None
-        if last is not None:
-            self.check_resume()
-        self.ctx.write_config()
+        if distributed.is_main():  # distributed: one rank owns the run folder
+            prepare_run_dir(self.save_path)
+            if last is not None:
+                self.check_resume()
+            self.ctx.write_config()
+        dist_on = distributed.active()
+        if dist_on:  # distributed: global-batch batch norms (before the optimizer sees the parameters)
+            distributed.per_rank_batch(cfg.batch_size)
+            self.model.head = distributed.convert_sync_batchnorm(self.model.head)
         head = self.model.head
         opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
         start = 1
-        if last is not None:
+        if dist_on:  # distributed: rank 0 reads the checkpoint and sends its state to every rank
+            last, meta = distributed.broadcast_from_main(lambda: self._resume_state(last), "reading the checkpoint")
+            if last is not None:
+                head.load_state_dict(meta.pop("head"))
+        elif last is not None:
             meta = load_head(head, last, len(cfg.features_list), cfg.use_nam)
+        if last is not None:
             if meta["optimizer"]:
                 opt.load_state_dict(meta["optimizer"])
             start = int(meta["epoch"] or 0) + 1
@@ -117,40 +130,63 @@ class Trainer:
         ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
                             augment=self.augment, aug_seed=cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
+        if dist_on:  # distributed: each rank its slice of the single-process global batches; DDP over the head
+            sampler = distributed.GlobalBatchSampler(len(ds), cfg.batch_size, cfg.seed)
+            training_maps = distributed.ddp_training_maps(self.model)
         losses = []
         for epoch in range(start, cfg.epoch + 1):
             ds.set_epoch(epoch)
-            gen.manual_seed(cfg.seed * 1000 + epoch)
-            loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                num_workers=cfg.num_workers, drop_last=False, worker_init_fn=worker_ignore_sigint)
+            if dist_on:
+                sampler.set_epoch(epoch)
+                loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                    collate_fn=distributed.make_collate(cfg.image_size),
+                                    worker_init_fn=worker_ignore_sigint)
+            else:
+                gen.manual_seed(cfg.seed * 1000 + epoch)
+                loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                    num_workers=cfg.num_workers, drop_last=False, worker_init_fn=worker_ignore_sigint)
+                training_maps = self.model.training_maps
             head.train()
             total, count = 0.0, 0
             bar = tqdm(interruptible(loader), total=len(loader), desc=f"epoch {epoch}/{cfg.epoch}", leave=False,
-                       dynamic_ncols=True, disable=None)
-            for batch in bar:
+                       dynamic_ncols=True, disable=distributed.tqdm_disable())
+            for batch in distributed.guarded(bar, f"loading a training batch (epoch {epoch})"):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 with torch.no_grad():
                     feats = self.model.extract(batch["image"])
                     res = self.model.batch_residuals(feats, list(batch["cls_name"]), banks)
-                maps = self.model.training_maps(res, cfg.image_size)
-                loss = fdsl_loss(maps, batch["mask"].to(self.device))
-                if not torch.isfinite(loss):
-                    raise FDSLError(f"training diverged at epoch {epoch}: loss {loss.item()}")
+                maps = training_maps(res, cfg.image_size)
+                mask = batch["mask"].to(self.device)
+                if dist_on:  # distributed: the DDP-averaged gradient is that of the global batch's mean loss
+                    loss, loss_sum, b = distributed.global_batch_loss(fdsl_loss, maps, mask)
+                    shown = loss_sum / b
+                else:
+                    loss = shown = fdsl_loss(maps, mask)
+                    b = batch["image"].shape[0]
+                if not torch.isfinite(shown):  # under torchrun every rank sees the same global loss
+                    error = distributed.RankFailure if dist_on else FDSLError
+                    raise error(f"training diverged at epoch {epoch}: loss {shown.item()}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                b = batch["image"].shape[0]
-                total += loss.item() * b
+                total += shown.item() * b
                 count += b
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{shown.item():.4f}")
             head.eval()
             losses.append(total / max(count, 1))
             log.info("epoch %d/%d: mean loss %.5f over %d samples", epoch, cfg.epoch, losses[-1], count)
-            if epoch % cfg.save_freq == 0 or epoch == cfg.epoch:
+            if distributed.is_main() and (epoch % cfg.save_freq == 0 or epoch == cfg.epoch):  # rank 0 writes
                 path = self.save_path / f"epoch_{epoch}.pth"
                 save_checkpoint(path, head, config_to_dict(self.ctx.model_config), epoch, opt)
                 log.info("saved %s", path)
         return losses
+
+    def _resume_state(self, last: Optional[Path]) -> tuple[Optional[Path], Dict]:
+        """Rank 0's checkpoint to resume from, loaded into the head, with the head's state for the others."""
+        if last is None:
+            return None, {}
+        meta = load_head(self.model.head, last, len(self.cfg.features_list), self.cfg.use_nam)
+        return last, {"head": self.model.head.state_dict(), "optimizer": meta["optimizer"], "epoch": meta["epoch"]}
 
 
 def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
@@ -158,5 +194,6 @@ def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
 
     `model` is an already built model to train (the demo shares one between training and testing).
     """
-    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt")
+    main = distributed.is_main()  # distributed: rank 0 prepares the folder and logs; the others report errors only
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level())
     return Trainer(cfg, model).run()
