@@ -386,7 +386,7 @@ def test_scripts_pass_winmode_through_to_test_py(tmp_path) -> None:
     calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
     assert [Path(c[0]).name for c in calls] == ["train.py", "train.py", "test.py", "test.py"]
     for c in calls[2:]:
-        cfg = build_parser(EvalConfig).parse_args(c[1:])
+        cfg = EvalConfig(**vars(build_parser(EvalConfig).parse_args(c[1:])))  # --k_shot is nargs "+"
         assert (cfg.winmode, cfg.win_size, cfg.win_stride, cfg.win_weight) == ("onlywin", 5, 3, 0.25)
         assert (cfg.use_nam, cfg.seed, cfg.k_shot) == (False, 14, 2)
     for c in calls[:2]:
