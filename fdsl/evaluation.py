@@ -136,7 +136,9 @@ class Evaluator:
         memories = self.memories(refs)
         seeds = list(memories)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
-        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        cuda = self.ctx.device.type == "cuda"
+        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            pin_memory=cuda)  # pinned batches copy to the GPU asynchronously
         n = len(ds)
         size = cfg.cal_image_size
         maps = {s: np.empty((n, size, size), np.float32) for s in seeds}
@@ -148,7 +150,8 @@ class Evaluator:
         i = 0
         for batch in tqdm(loader, desc=cls, leave=False, dynamic_ncols=True, disable=None):
             b = batch["image"].shape[0]
-            outs = self.model.predict(batch["image"], [memories[s] for s in seeds], size)
+            images = batch["image"].to(self.ctx.device, non_blocking=cuda)
+            outs = self.model.predict(images, [memories[s] for s in seeds], size)
             for s, out in zip(seeds, outs):
                 maps[s][i:i + b] = out.anomaly_map.float().cpu().numpy()
                 patch[s][i:i + b] = out.patch_score.double().cpu().numpy()

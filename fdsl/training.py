@@ -79,21 +79,23 @@ class Trainer:
         ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
                             augment=self.augment, aug_seed=cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
+        cuda = self.device.type == "cuda"
         losses = []
         for epoch in range(start, cfg.epoch + 1):
             ds.set_epoch(epoch)
             gen.manual_seed(cfg.seed * 1000 + epoch)
             loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                num_workers=cfg.num_workers, drop_last=False)
+                                num_workers=cfg.num_workers, drop_last=False,
+                                pin_memory=cuda)  # pinned batches copy to the GPU asynchronously
             head.train()
             total, count = 0.0, 0
             bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epoch}", leave=False, dynamic_ncols=True, disable=None)
             for batch in bar:
                 with torch.no_grad():
-                    feats = self.model.extract(batch["image"])
+                    feats = self.model.extract(batch["image"].to(self.device, non_blocking=cuda))
                     res = self.model.batch_residuals(feats, list(batch["cls_name"]), banks)
                 maps = self.model.training_maps(res, cfg.image_size)
-                loss = fdsl_loss(maps, batch["mask"].to(self.device))
+                loss = fdsl_loss(maps, batch["mask"].to(self.device, non_blocking=cuda))
                 if not torch.isfinite(loss):
                     raise FDSLError(f"training diverged at epoch {epoch}: loss {loss.item()}")
                 opt.zero_grad(set_to_none=True)
