@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precision_common import DRIFT_HEADER, SETS, build_set, drift_line, load_model, precision_rows  # noqa: E402
+from precision_common import (  # noqa: E402
+    DRIFT_HEADER,
+    SETS,
+    build_set,
+    drift_line,
+    load_model,
+    near_ties,
+    precision_rows,
+)
 
 ALL_SETTINGS = ["fp32/fp32", "bf16/fp32", "bf16/bf16", "fp16/fp32", "fp16/fp16", "fp32/fp16"]
 
@@ -29,7 +37,8 @@ ALL_SETTINGS = ["fp32/fp32", "bf16/fp32", "bf16/bf16", "fp16/fp32", "fp16/fp16",
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", nargs="+", default=["tiny"], choices=sorted(SETS))
-    p.add_argument("--winmode", nargs="+", default=["nan", "mul"], choices=["nan", "mul"])
+    p.add_argument("--winmode", nargs="+", default=["nan", "mul"], choices=["nan", "mul", "onlywin"],
+                   help="nan: global branch only; onlywin: window branch only; mul: both, blended")
     p.add_argument("--settings", nargs="+", default=ALL_SETTINGS,
                    help="precision/align_precision pairs; fp32/fp32 is always run first as the reference. "
                         "With winmode nan the align precision changes nothing, so only distinct precisions run")
@@ -37,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default="/tmp/fdsl_bench_precision", help="folder for the sets (reused)")
+    p.add_argument("--ties", action="store_true",
+                   help="also print, per set, the share of fp32 global tokens whose top-2 similarities are within 2^-8")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -46,6 +57,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     for key in args.sets:
         built = build_set(SETS[key], Path(args.work))
+        if args.ties:
+            ties = near_ties(load_model(built, "nan", device), built, device)
+            print(f"near-ties ({key}, global, per layer, top-1 − top-2 similarity < 2^-8): "
+                  + " / ".join(f"{100 * t:.1f}%" for t in ties), flush=True)
         for winmode in args.winmode:
             model = load_model(built, winmode, device)
             for row in precision_rows(model, built, winmode, args.settings, device, args.batch):

@@ -215,6 +215,26 @@ def run_pass(model: FDSL, built: BuiltSet, runtime_cfg: RuntimeConfig, device: t
     return PassResult(amap, score, ps, nn_g, nn_w, float(pix), float(img), secs / len(images))
 
 
+@torch.no_grad()
+def near_ties(model: FDSL, built: BuiltSet, device: torch.device, gap: float = 2 ** -8) -> List[float]:
+    """Per layer, the share of fp32 global-branch query tokens whose best and second-best similarity to
+    the memory differ by less than `gap` (2⁻⁸: bf16's relative rounding step), i.e. decisions a
+    reduced-precision product can flip."""
+    spec = built.spec
+    model.runtime = resolve_runtime(runtime_cfg(str(device)), device, spec.cal_size)
+    meta = load_meta(built.data)
+    refs = load_reference_images(built.data, sample_k_shot(meta, spec.cls, spec.k_shot, 0), spec.image_size)
+    bank = model.make_memory(model.encode_references(refs, windows=False)).global_bank
+    ds = AnomalyDataset(built.data, "test", [spec.cls], spec.image_size, spec.cal_size, meta=meta)
+    feats = model.extract(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    out = []
+    for i, q in enumerate(feats.tokens):
+        sim = q.reshape(-1, q.shape[-1]).float() @ bank.flat(i).float().T  # (Q·N, K·N)
+        top = sim.topk(2, dim=-1).values
+        out.append(float(((top[:, 0] - top[:, 1]) < gap).float().mean()))
+    return out
+
+
 def drift(run: PassResult, ref: PassResult) -> Dict[str, object]:
     """Drift of `run` against the fp32 pass `ref` (see the module docstring)."""
     def flips(a: List[torch.Tensor], b: List[torch.Tensor]) -> Optional[List[float]]:
