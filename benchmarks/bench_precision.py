@@ -12,6 +12,7 @@ measures. Times are `FDSL.predict` per image (backbone, alignment, head, upsampl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/fdsl_bench_precision", help="folder for the sets (reused)")
     p.add_argument("--ties", action="store_true",
                    help="also print, per set, the share of fp32 global tokens whose top-2 similarities are within 2^-8")
+    p.add_argument("--win_stride", type=int, default=0, help="override the sets' LFE window stride (0: keep)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for key in args.sets:
         built = build_set(SETS[key], Path(args.work))
+        if args.win_stride:  # the same data, weights and head; only the window geometry changes
+            built = dataclasses.replace(built, spec=dataclasses.replace(built.spec, win_stride=args.win_stride))
         if args.ties:
             ties = near_ties(load_model(built, "nan", device), built, device)
             print(f"near-ties ({key}, global, per layer, top-1 − top-2 similarity < 2^-8): "
