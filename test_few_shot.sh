@@ -15,7 +15,8 @@ source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
 tag="nam${use_nam}_${winmode}_w${win_size}s${win_stride}x${win_weight}_seed${seed}_${kshots}shot"
 common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
         --features_list 6 12 18 24 --few_shot_features 6 12 18 24 --calImage_size 240 --device "$device"
-        --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam" --winmode "$winmode" --winsize "$win_size"
+        --precision "${FDSL_PRECISION:-auto}" --align_precision "${FDSL_ALIGN_PRECISION:-fp32}"
+        --useNAM "$use_nam" --winmode "$winmode" --winsize "$win_size"
         --winstride "$win_stride" --winwight "$win_weight" --seed "$seed" --k_shot "$kshots")
 
 # VisA, model trained on MVTec AD (paper, 1-shot: AUROC 90.7 / AUROC_p 97.8; see the table above).

@@ -6,8 +6,9 @@
 #
 # device: cpu or a CUDA index. Dataset roots: MVTEC_ROOT (default data/mvtec), VISA_ROOT (default data/visa),
 # each indexed once with `python data/mvtec.py --root ...` / `python data/visa.py --root ...`.
-# Extra settings through the environment: FDSL_PRECISION (auto|fp32|bf16|fp16), FDSL_PRETRAINED (openai or a
-# weights file), FDSL_MODEL (ViT-L-14-336).
+# Extra settings through the environment: FDSL_PRECISION (auto = fp32 on every device | fp32 | bf16 | fp16),
+# FDSL_ALIGN_PRECISION (fp32 | fp16 | bf16: the window branch's similarity, test only), FDSL_PRETRAINED
+# (openai or a weights file), FDSL_MODEL (ViT-L-14-336).
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
 common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518

@@ -19,6 +19,7 @@ from .errors import ConfigError
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 DATASETS = ("mvtec", "visa")
 # Options that name files or folders: a leading ~ is expanded (the shell does not expand --opt=~/x).
@@ -105,10 +106,16 @@ class RuntimeConfig:
 
     device: str = _opt("auto", "--device", help="cpu, a CUDA index (0) or cuda:N; auto picks cuda:0 when present")
     precision: str = _opt("auto", "--precision", choices=PRECISIONS,
-                          help="autocast dtype: auto = fp16 on CUDA, fp32 on CPU")
+                          help="backbone autocast dtype: auto = fp32 on every device (the released code's numbers); "
+                               "bf16 and fp16 are opt-in. Alignment stays fp32 (see --align_precision)")
+    align_precision: str = _opt("fp32", "--align_precision", choices=ALIGN_PRECISIONS,
+                                help="dtype of the window (LFE) branch's similarity and argmax; fp16 is what the "
+                                     "released code does on GPU (faster, can flip near-tie matches). The global "
+                                     "branch always aligns in fp32")
     win_batch: int = _opt(16, "--win_batch", help="how many windows are encoded by the backbone at once")
     bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
-                           help="memory bank storage dtype (auto: the compute dtype)")
+                           help="memory bank storage dtype (auto: fp32 for the global bank; the window bank "
+                                "in the --align_precision dtype)")
     align_chunk_mb: int = _opt(64, "--align_chunk_mb",
                                help="bound, in MiB, on the similarity block computed at once during alignment")
 

@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "none). Env: FDSL_MODEL")
     parser.add_argument("--device", default="auto", help="cpu, a CUDA index (0), cuda:N, or auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="autocast dtype (auto: fp16 on CUDA, fp32 on CPU)")
+                        help="backbone autocast dtype (auto: fp32 on every device, the released code's numbers; "
+                             "bf16 and fp16 are opt-in)")
+    parser.add_argument("--align_precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="window-branch similarity dtype (the global branch always aligns in fp32)")
     return parser
 
 
@@ -196,7 +199,8 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
     features = list(setting.features)
     model_fields = dict(model=setting.model, pretrained=args.pretrained, image_size=setting.image_size,
                         features_list=features, few_shot_features=list(features))
-    run_fields = dict(device=args.device, precision=args.precision, batch_size=setting.batch_size, num_workers=0)
+    run_fields = dict(device=args.device, precision=args.precision, align_precision=args.align_precision,
+                      batch_size=setting.batch_size, num_workers=0)
     log.info("demo setting %s: %s at %d px, blocks %s, %d epochs, batch %d; run folder %s", setting.key,
              setting.model, setting.image_size, features, setting.epochs, setting.batch_size, run_dir)
 

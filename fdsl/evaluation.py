@@ -231,8 +231,10 @@ class Evaluator:
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
         if distributed.active():  # distributed: this rank scores its run of whole single-process batches
             ds = Subset(ds, distributed.shard_range(len(ds), cfg.batch_size))
+        cuda = self.ctx.device.type == "cuda"
         loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                            worker_init_fn=worker_ignore_sigint)
+                            worker_init_fn=worker_ignore_sigint,
+                            pin_memory=cuda)  # pinned batches copy to the GPU asynchronously
         n = len(ds)
         size = cfg.cal_image_size
         maps = {r: np.empty((n, size, size), np.float32) for r in runs}
@@ -247,7 +249,8 @@ class Evaluator:
                               disable=distributed.tqdm_disable()):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 b = batch["image"].shape[0]
-                outs = self.model.predict(batch["image"], [memories[r] for r in runs], size)
+                images = batch["image"].to(self.ctx.device, non_blocking=cuda)
+                outs = self.model.predict(images, [memories[r] for r in runs], size)
                 for r, out in zip(runs, outs):
                     maps[r][i:i + b] = out.anomaly_map.float().cpu().numpy()
                     patch[r][i:i + b] = out.patch_score.double().cpu().numpy()

@@ -96,16 +96,20 @@ class Runtime:
 
     Attributes:
         compute_dtype: autocast dtype of the backbone (fp32 = autocast off).
-        align_dtype: dtype of the similarity product and argmax; None = the features' own (fp32).
-        bank_dtype: storage dtype of memory banks.
+        align_dtype: dtype of the global branch's similarity product and argmax (fp32 in every run).
+        window_align_dtype: dtype of the window branch's similarity product and argmax (``--align_precision``).
+        bank_dtype: storage dtype of the global memory bank.
+        window_bank_dtype: storage dtype of the window memory bank.
         win_batch: windows encoded by the backbone at once (LFE memory bound).
         align_chunk_mb: bound, in MiB, on the similarity block held during alignment.
         out_size: side of the anomaly maps returned by `predict` (the evaluation size).
     """
 
     compute_dtype: torch.dtype = torch.float32
-    align_dtype: Optional[torch.dtype] = None
+    align_dtype: torch.dtype = torch.float32
+    window_align_dtype: torch.dtype = torch.float32
     bank_dtype: torch.dtype = torch.float32
+    window_bank_dtype: torch.dtype = torch.float32
     win_batch: int = 16
     align_chunk_mb: int = 64
     out_size: int = 240
@@ -193,9 +197,15 @@ class FDSL(nn.Module):
 
     @property
     def alignment(self) -> Alignment:
-        """The alignment strategy of both branches, from the method's settings and the runtime."""
+        """The global branch's alignment strategy (always fp32 similarity and argmax)."""
+        return self.alignment_for(window=False)
+
+    def alignment_for(self, window: bool) -> Alignment:
+        """The alignment strategy of one branch: the method's settings, the runtime's chunk bound and
+        that branch's similarity dtype (the window branch's may be reduced by ``--align_precision``)."""
         cfg, rt = self.cfg, self.runtime
-        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, rt.align_dtype, cfg.use_img_idx)
+        dtype = rt.window_align_dtype if window else rt.align_dtype
+        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, dtype, cfg.use_img_idx)
 
     # ------------------------------------------------------------------ features
     def extract(self, images: torch.Tensor) -> BackboneOutput:
@@ -245,14 +255,14 @@ class FDSL(nn.Module):
         """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on)."""
         g = _cat_outputs([self.extract(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
         # Window features are stored in the bank dtype right away: they are the bulk of the memory.
-        w = (self.extract_windows(images, self.runtime.bank_dtype) if (self.use_windows if windows is None else windows)
-             else None)
+        with_windows = self.use_windows if windows is None else windows
+        w = self.extract_windows(images, self.runtime.window_bank_dtype) if with_windows else None
         return RefFeatures(g, w)
 
     def make_memory(self, refs: RefFeatures, indices: Optional[Sequence[int]] = None) -> FDSLMemory:
         """The memory of one class from reference features, optionally a subset `indices` of the images."""
         g, w = refs.global_feats, refs.window_feats
-        dt = self.runtime.bank_dtype
+        rt = self.runtime
         if indices is not None:
             idx = torch.as_tensor(list(indices), dtype=torch.long, device=g.image_embeds.device)
             g = BackboneOutput([t[idx] for t in g.tokens], g.image_embeds[idx])
@@ -260,8 +270,8 @@ class FDSL(nn.Module):
                 nw = w.image_embeds.shape[0] // refs.global_feats.image_embeds.shape[0]
                 widx = (idx[:, None] * nw + torch.arange(nw, device=idx.device)).reshape(-1)  # (k·nw,)
                 w = BackboneOutput([t[widx] for t in w.tokens], w.image_embeds[widx])
-        window_bank = MemoryBank(w.tokens, w.image_embeds, dtype=dt) if w is not None else None
-        return FDSLMemory(MemoryBank(g.tokens, g.image_embeds, dtype=dt), window_bank)
+        window_bank = MemoryBank(w.tokens, w.image_embeds, dtype=rt.window_bank_dtype) if w is not None else None
+        return FDSLMemory(MemoryBank(g.tokens, g.image_embeds, dtype=rt.bank_dtype), window_bank)
 
     @torch.no_grad()
     def fit(self, ref_images: torch.Tensor) -> FDSLMemory:
@@ -270,9 +280,12 @@ class FDSL(nn.Module):
         return self.memory
 
     # ------------------------------------------------------------------ scoring
-    def residuals(self, bank: MemoryBank, feats: BackboneOutput) -> List[torch.Tensor]:
-        """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C)."""
-        return bank.residuals(feats.tokens, self.alignment, feats.image_embeds)
+    def residuals(self, bank: MemoryBank, feats: BackboneOutput, window: bool = False) -> List[torch.Tensor]:
+        """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C).
+
+        `window` selects the window branch's alignment (its similarity dtype may be reduced).
+        """
+        return bank.residuals(feats.tokens, self.alignment_for(window), feats.image_embeds)
 
     def iter_residuals(self, feats: BackboneOutput, memories: Sequence[FDSLMemory],
                        window: bool = False) -> Iterator[tuple[int, List[torch.Tensor]]]:
@@ -289,7 +302,8 @@ class FDSL(nn.Module):
                 continue
             bank = base.window_bank if window else base.global_bank
             sizes = [(memories[p].window_bank if window else memories[p].global_bank).k for p in positions]
-            yield from zip(positions, bank.nested_residuals(feats.tokens, sizes, self.alignment, feats.image_embeds))
+            yield from zip(positions, bank.nested_residuals(feats.tokens, sizes, self.alignment_for(window),
+                                                            feats.image_embeds))
 
     def batch_residuals(self, feats: BackboneOutput, cls_names: Sequence[str],
                         banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:

@@ -18,7 +18,7 @@ from .checkpoint import load_head
 from .config import ModelConfig, RuntimeConfig, config_to_dict, model_config_from
 from .datasets import Meta, load_meta, select_classes
 from .model import FDSL, Runtime
-from .utils import atomic_write_json, resolve_device, resolve_precision
+from .utils import atomic_write_json, resolve_align_precision, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,41 @@ _BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 240) -> Runtime:
     """The model's `Runtime` from the command-line settings, resolved once for `device`.
 
-    ``--bank_dtype auto`` stores banks in the compute dtype; under reduced precision the similarity
-    product runs in that dtype too.
+    Precision policy (METHOD.md §6b):
+
+    * the backbone runs under autocast to ``--precision`` (``auto`` = fp32 on every device);
+    * the global branch's similarity and argmax are always fp32;
+    * the window branch's are in ``--align_precision`` (default fp32; fp16 is the released code's GPU path);
+    * ``--bank_dtype auto`` stores each bank in the dtype its alignment computes in: the global bank fp32,
+      the window bank in the ``--align_precision`` dtype, so no per-search copy is needed. ``fp32`` or
+      ``fp16`` forces both banks' storage (fp16 storage under fp32 alignment keeps one fp32 search copy
+      per layer while aligning, so it saves memory at rest, not at the peak).
     """
     dtype = resolve_precision(cfg.precision, device)
-    return Runtime(compute_dtype=dtype,
-                   align_dtype=None if dtype == torch.float32 else dtype,
-                   bank_dtype=_BANK_DTYPES.get(cfg.bank_dtype, dtype),
+    window_align = resolve_align_precision(cfg.align_precision, device)
+    if window_align is torch.float16 and device.type == "cpu":
+        log.warning("--align_precision fp16 on the CPU runs, but PyTorch's CPU fp16 matrix products are "
+                    "slower than fp32 here; it is meant for CUDA")
+    forced = _BANK_DTYPES.get(cfg.bank_dtype)
+    return Runtime(compute_dtype=dtype, align_dtype=torch.float32, window_align_dtype=window_align,
+                   bank_dtype=forced or torch.float32, window_bank_dtype=forced or window_align,
                    win_batch=cfg.win_batch, align_chunk_mb=cfg.align_chunk_mb, out_size=out_size)
+
+
+def strict_fp32_on_cuda() -> None:
+    """fp32 means fp32 on CUDA too: turn off TF32 (10-bit mantissa), which PyTorch allows by default for
+    cuDNN convolutions (the ViT's patch embedding), so an fp32 CUDA run matches an fp32 CPU run.
+
+    This sets process-wide PyTorch flags; a run context is the whole process's job.
+    """
+    if torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32:
+        log.info("fp32 on CUDA: TF32 off for cuDNN convolutions and matrix products")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 class RunContext:
@@ -57,6 +84,8 @@ class RunContext:
         self.device = distributed.device() if distributed.active() else resolve_device(cfg.device)
         distributed.log_device_note(cfg.device)
         self.runtime = resolve_runtime(cfg, self.device, out_size)
+        if self.device.type == "cuda" and self.runtime.compute_dtype == torch.float32:
+            strict_fp32_on_cuda()
         self.root = str(data_root)
         self.meta: Meta = load_meta(self.root)
         self.classes: List[str] = select_classes(self.meta, cfg.classes, self.root)
@@ -78,7 +107,10 @@ class RunContext:
         meta: Dict[str, Any] = {}
         if checkpoint is not None:
             meta = load_head(model.head, checkpoint, len(self.cfg.features_list), self.cfg.use_nam)
-        log.info("device %s, precision %s, %d classes", self.device, self.cfg.precision, len(self.classes))
+        rt = self.runtime
+        log.info("device %s, backbone %s, alignment global %s / window %s, banks %s / %s, %d classes",
+                 self.device, _name(rt.compute_dtype), _name(rt.align_dtype), _name(rt.window_align_dtype),
+                 _name(rt.bank_dtype), _name(rt.window_bank_dtype), len(self.classes))
         return model.to(self.device), meta
 
     def write_config(self) -> None:

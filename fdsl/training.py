@@ -130,6 +130,7 @@ class Trainer:
         ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
                             augment=self.augment, aug_seed=cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
+        cuda = self.device.type == "cuda"
         if dist_on:  # distributed: each rank its slice of the single-process global batches; DDP over the head
             sampler = distributed.GlobalBatchSampler(len(ds), cfg.batch_size, cfg.seed)
             training_maps = distributed.ddp_training_maps(self.model)
@@ -140,11 +141,12 @@ class Trainer:
                 sampler.set_epoch(epoch)
                 loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers,
                                     collate_fn=distributed.make_collate(cfg.image_size),
-                                    worker_init_fn=worker_ignore_sigint)
+                                    worker_init_fn=worker_ignore_sigint, pin_memory=cuda)
             else:
                 gen.manual_seed(cfg.seed * 1000 + epoch)
                 loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                    num_workers=cfg.num_workers, drop_last=False, worker_init_fn=worker_ignore_sigint)
+                                    num_workers=cfg.num_workers, drop_last=False, worker_init_fn=worker_ignore_sigint,
+                                    pin_memory=cuda)  # pinned batches copy to the GPU asynchronously
                 training_maps = self.model.training_maps
             head.train()
             total, count = 0.0, 0
@@ -153,10 +155,10 @@ class Trainer:
             for batch in distributed.guarded(bar, f"loading a training batch (epoch {epoch})"):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 with torch.no_grad():
-                    feats = self.model.extract(batch["image"])
+                    feats = self.model.extract(batch["image"].to(self.device, non_blocking=cuda))
                     res = self.model.batch_residuals(feats, list(batch["cls_name"]), banks)
                 maps = training_maps(res, cfg.image_size)
-                mask = batch["mask"].to(self.device)
+                mask = batch["mask"].to(self.device, non_blocking=cuda)
                 if dist_on:  # distributed: the DDP-averaged gradient is that of the global batch's mean loss
                     loss, loss_sum, b = distributed.global_batch_loss(fdsl_loss, maps, mask)
                     shown = loss_sum / b

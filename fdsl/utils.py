@@ -53,17 +53,41 @@ def resolve_device(spec: Union[str, int, torch.device]) -> torch.device:
     return torch.device(s)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for `precision` on `device`; fp32 means autocast is off."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ConfigError(f"--precision {precision!r} is not one of auto, fp32, bf16, fp16")
-    dtype = table[precision]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _reduced_dtype(flag: str, name: str, device: torch.device) -> torch.dtype:
+    """The dtype of `name` (fp32, bf16, fp16) for option `flag`, checked against `device`."""
+    if name not in _DTYPES:
+        raise ConfigError(f"{flag} {name!r} is not one of {', '.join(_DTYPES)}")
+    dtype = _DTYPES[name]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
+        raise ConfigError(f"{flag} bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                          "use fp16 or fp32")
     return dtype
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of the backbone for `precision` on `device`; fp32 means autocast is off.
+
+    ``auto`` is fp32 on every device (CPU and CUDA), so a default run gives the released code's
+    numbers; bf16 and fp16 are opt-in. bf16 on a CUDA device without bf16 support is an error.
+    """
+    if precision == "auto":
+        return torch.float32
+    if precision not in _DTYPES:
+        raise ConfigError(f"--precision {precision!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _reduced_dtype("--precision", precision, device)
+
+
+def resolve_align_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the window branch's similarity product and argmax (``--align_precision``).
+
+    fp32 (the default) keeps the nearest-neighbour decisions of the released code's CPU path; fp16 is
+    what the released code does on a GPU for its window bank. bf16 on a CUDA device without bf16
+    support is an error. fp16 on the CPU is allowed (PyTorch supports it) but is slower than fp32.
+    """
+    return _reduced_dtype("--align_precision", precision, device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -53,6 +53,19 @@ def test_test_defaults_match_method() -> None:
     assert cfg.use_norm is True
     assert cfg.winmode == "nan"
     assert cfg.batch_size == 8
+    assert (cfg.precision, cfg.align_precision, cfg.bank_dtype) == ("auto", "fp32", "auto")  # fp32 everywhere
+
+
+@pytest.mark.parametrize("value", ["fp32", "fp16", "bf16"])
+def test_align_precision_flag(value: str) -> None:
+    assert _test("--align_precision", value).align_precision == value
+    assert _train("--align_precision", value).align_precision == value
+
+
+def test_align_precision_rejects_auto_and_garbage() -> None:
+    for bad in ("auto", "fp64"):
+        with pytest.raises(SystemExit):
+            _test("--align_precision", bad)
 
 
 def test_default_lists_are_not_shared_between_instances() -> None:

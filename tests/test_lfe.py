@@ -334,20 +334,75 @@ def test_flush_far_edge_window_gives_finite_maps(tiny_weights, imgs, winmode) ->
 
 
 # ---------------------------------------------------------------------------- precision
-def test_bf16_on_cpu_stays_close_to_fp32(tiny_weights, imgs) -> None:
-    """bf16 autocast (backbone, alignment, bank storage) vs fp32: max |map diff| < 0.05, scores < 0.05."""
+def _runtime(**kw):
+    return resolve_runtime(RuntimeConfig(device="cpu", **kw), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kw, expect", [
+    # precision, align precision, bank dtype -> (compute, global align, window align, global bank, window bank)
+    ({}, ("f32", "f32", "f32", "f32", "f32")),
+    ({"precision": "bf16"}, ("bf16", "f32", "f32", "f32", "f32")),
+    ({"precision": "fp16", "align_precision": "fp16"}, ("f16", "f32", "f16", "f32", "f16")),
+    ({"precision": "fp32", "align_precision": "bf16"}, ("f32", "f32", "bf16", "f32", "bf16")),
+    ({"precision": "bf16", "align_precision": "bf16", "bank_dtype": "fp32"}, ("bf16", "f32", "bf16", "f32", "f32")),
+    ({"bank_dtype": "fp16"}, ("f32", "f32", "f32", "f16", "f16")),
+])
+def test_runtime_precision_policy(kw, expect) -> None:
+    """The global branch always aligns in fp32; banks follow their branch's alignment dtype unless forced."""
+    names = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    rt = _runtime(**kw)
+    got = (rt.compute_dtype, rt.align_dtype, rt.window_align_dtype, rt.bank_dtype, rt.window_bank_dtype)
+    assert got == tuple(names[e] for e in expect)
+
+
+def test_fp16_window_alignment_on_cpu_warns(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="fdsl.run"):
+        _runtime(align_precision="fp16")
+    assert "slower than fp32" in caplog.text
+
+
+def test_each_branch_gets_its_own_alignment(tiny_weights) -> None:
+    model = _model(tiny_weights)
+    model.runtime = _runtime(precision="bf16", align_precision="fp16")
+    assert model.alignment.compute_dtype is torch.float32
+    assert model.alignment_for(window=False).compute_dtype is torch.float32
+    assert model.alignment_for(window=True).compute_dtype is torch.float16
+
+
+def test_bf16_backbone_keeps_fp32_alignment_and_banks(tiny_weights, imgs) -> None:
+    """bf16 autocast of the backbone only: banks fp32, maps close to fp32 (max |map diff| < 0.05)."""
     (model,) = _models(tiny_weights, imgs, dict(winmode="mul"))
     refs, queries = imgs[:2], imgs[2:5]
     mem32 = model.make_memory(model.encode_references(refs))
     out32 = model.predict(queries, [mem32], 32)[0]
-    model.runtime = resolve_runtime(RuntimeConfig(device="cpu", precision="bf16"), torch.device("cpu"))
+    model.runtime = _runtime(precision="bf16")
     mem16 = model.make_memory(model.encode_references(refs))
-    assert all(b.dtype == torch.bfloat16 for b in mem16.buffers())  # bank_dtype auto follows the compute dtype
+    assert all(b.dtype == torch.float32 for b in mem16.buffers())  # both banks feed fp32 alignment
     out16 = model.predict(queries, [mem16], 32)[0]
     for a, b in zip(out16, out32):
         assert torch.isfinite(a).all()
         assert a.dtype == torch.float32
         assert (a - b).abs().max() < 0.05
+
+
+@torch.no_grad()
+def test_align_precision_changes_only_the_window_branch(tiny_weights, imgs) -> None:
+    """fp32 backbone + bf16 window alignment: global maps bit-identical, window bank bf16, window maps close."""
+    (model,) = _models(tiny_weights, imgs, dict(winmode="mul"))
+    refs, queries = imgs[:2], imgs[2:5]
+    mem32 = model.make_memory(model.encode_references(refs))
+    feats = model.extract(queries)
+    g32, w32 = model.global_maps(feats, mem32), model.window_maps(queries, [mem32])[0]
+    model.runtime = _runtime(align_precision="bf16")
+    mem = model.make_memory(model.encode_references(refs))
+    assert all(b.dtype == torch.float32 for b in mem.global_bank.buffers())
+    assert all(b.dtype == torch.bfloat16 for b in mem.window_bank.buffers())
+    g, w = model.global_maps(feats, mem), model.window_maps(queries, [mem])[0]
+    for a, b in zip(g, g32):
+        assert torch.equal(a, b)
+    for a, b in zip(w, w32):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert (a - b).abs().max() < 0.1
 
 
 # ---------------------------------------------------------------------------- scripts

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fdsl.errors import ConfigError
-from fdsl.utils import atomic_open, atomic_torch_save, atomic_write_json, resolve_device, resolve_precision
+from fdsl.utils import (
+    atomic_open,
+    atomic_torch_save,
+    atomic_write_json,
+    resolve_align_precision,
+    resolve_device,
+    resolve_precision,
+)
 
 
 @pytest.fixture
@@ -72,6 +79,31 @@ def test_precision_explicit_on_cpu(name, dtype) -> None:
 def test_precision_garbage() -> None:
     with pytest.raises(ConfigError, match="fp64"):
         resolve_precision("fp64", torch.device("cpu"))
+
+
+def test_precision_auto_is_fp32_on_cuda_too() -> None:
+    """Faithful by default on every device: auto never picks a reduced dtype (METHOD.md §6b)."""
+    assert resolve_precision("auto", torch.device("cuda:0")) is torch.float32
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_align_precision_on_cpu(name, dtype) -> None:
+    assert resolve_align_precision(name, torch.device("cpu")) is dtype
+
+
+def test_align_precision_garbage() -> None:
+    with pytest.raises(ConfigError, match="--align_precision 'auto'"):
+        resolve_align_precision("auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fn, flag", [(resolve_precision, "--precision"),
+                                      (resolve_align_precision, "--align_precision")])
+def test_bf16_on_cuda_without_bf16_is_an_error(monkeypatch, fn, flag) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
+    with pytest.raises(ConfigError, match=f"{flag} bf16 is not supported by Old GPU"):
+        fn("bf16", torch.device("cuda:0"))
+    assert fn("fp16", torch.device("cuda:0")) is torch.float16
 
 
 # ---------------------------------------------------------------------------- atomic writes
