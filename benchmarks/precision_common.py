@@ -21,7 +21,6 @@ from typing import Dict, List, Optional
 import numpy as np
 import open_clip
 import torch
-from torch import nn
 
 from fdsl import metrics
 from fdsl.backbone import BackboneOutput, register_model_configs
@@ -32,7 +31,7 @@ from fdsl.evaluation import normalised_image_scores
 from fdsl.memory import FDSLMemory, MemoryBank, nearest_normal
 from fdsl.model import FDSL
 from fdsl.run import resolve_runtime
-from fdsl.synthetic import make_synthetic_dataset
+from fdsl.synthetic import liven_head, make_synthetic_dataset
 
 
 @dataclass(frozen=True)
@@ -76,23 +75,6 @@ class BuiltSet:
     checkpoint: Path
 
 
-@torch.no_grad()
-def _liven_head(model: FDSL, refs: torch.Tensor, calib: torch.Tensor) -> None:
-    """BatchNorm statistics from one global and one window pass of `calib` against `refs`; larger logits."""
-    mem = model.make_memory(model.encode_references(refs, windows=True))
-    bns = [m for m in model.head.modules() if isinstance(m, nn.BatchNorm1d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration passes
-    model.head.train()
-    model.head(model.residuals(mem.global_bank, model.extract(calib)))
-    model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
-    model.head.eval()
-    for bn in bns:
-        bn.momentum = 0.1
-    for s in model.head.scorers:
-        s.proj[9].weight.mul_(5.0)
-    model.head.nam.conv2.weight.mul_(3.0)
 
 
 def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: Optional[torch.device] = None) -> BuiltSet:
@@ -118,7 +100,7 @@ def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: Optional[torch
         refs = load_reference_images(data, sample_k_shot(meta, spec.cls, spec.k_shot, seed), spec.image_size)
         ds = AnomalyDataset(data, "test", [spec.cls], spec.image_size, spec.cal_size, meta=meta)
         calib = torch.stack([ds[i]["image"] for i in range(min(len(ds), 4))])
-        _liven_head(model, refs, calib)
+        liven_head(model, refs, calib)
         save_checkpoint(ckpt, model.head.cpu(), config_to_dict(mcfg), epoch=1)
     return BuiltSet(spec, data, weights, ckpt)
 

@@ -236,7 +236,7 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         return list(self.seeds) if self.seeds else [self.seed]
 
 
-def _field_type(f: dataclasses.Field):
+def field_type(f: dataclasses.Field):
     """The argparse `type` of a field, from its annotation (annotations are strings here)."""
     ann = str(f.type)
     if "bool" in ann:
@@ -257,7 +257,7 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        kwargs: dict = {"dest": f.name, "help": meta["help"], "type": _field_type(f)}
+        kwargs: dict = {"dest": f.name, "help": meta["help"], "type": field_type(f)}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs["default"] = default
         if meta.get("choices"):

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import PRECISIONS, ModelConfig, parse_bool
+from .config import PRECISIONS, ModelConfig, field_type, parse_bool
 from .errors import ConfigError, FDSLError
 from .utils import PathLike
 
@@ -36,20 +36,12 @@ _STATE = ".predict_state.json"
 # ----------------------------------------------------------------------------- parser
 
 
-def _field_type(f: dataclasses.Field):
-    ann = str(f.type)
-    if "bool" in ann:
-        return parse_bool
-    if "float" in ann:
-        return float
-    if "int" in ann or f.name in ("features_list", "few_shot_features"):
-        return int
-    return str
 
 
 def _runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, a CUDA index (0), cuda:N, or auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast dtype (auto: fp16 on CUDA)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype (auto: fp32 on every device; bf16/fp16 are opt-in)")
     p.add_argument("--batch_size", type=int, default=8, help="images per batch")
 
 
@@ -71,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = fit.add_argument_group("model options (default: the checkpoint's saved model config)")
     for f in dataclasses.fields(ModelConfig):
         meta = f.metadata
-        kw: dict = {"dest": f.name, "help": meta["help"], "type": _field_type(f), "default": argparse.SUPPRESS}
+        kw: dict = {"dest": f.name, "help": meta["help"], "type": field_type(f), "default": argparse.SUPPRESS}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         if meta.get("nargs"):

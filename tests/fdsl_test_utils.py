@@ -2,11 +2,11 @@
 import dataclasses
 
 import torch
-from torch import nn
 
 from fdsl.config import ModelConfig, RuntimeConfig
 from fdsl.model import FDSL
 from fdsl.run import resolve_runtime
+from fdsl.synthetic import liven_head  # noqa: F401  (re-exported for the test modules)
 
 _RUNTIME_FIELDS = {f.name for f in dataclasses.fields(RuntimeConfig)}
 
@@ -27,29 +27,6 @@ def build_model(**settings) -> FDSL:
                                                                      torch.device("cpu")))
 
 
-@torch.no_grad()
-def liven_head(model: FDSL, refs: torch.Tensor, calib: torch.Tensor) -> FDSL:
-    """Give an untrained head data-driven BN statistics and larger logits, so its maps vary visibly.
-
-    A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
-    The BN statistics are the cumulative average over one global and one window pass of `calib`
-    against a memory of `refs` (both branches, whatever the model's winmode).
-    """
-    mem = model.make_memory(model.encode_references(refs, windows=True))
-    bns = [m for m in model.head.modules() if isinstance(m, nn.BatchNorm1d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration passes
-    model.head.train()
-    model.head(model.residuals(mem.global_bank, model.extract(calib)))
-    model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
-    model.head.eval()
-    for bn in bns:
-        bn.momentum = 0.1
-    for s in model.head.scorers:
-        s.proj[9].weight.mul_(5.0)
-    model.head.nam.conv2.weight.mul_(3.0)
-    return model
 
 
 # ---------------------------------------------------------------------------- tiny command-line runs
