@@ -36,13 +36,16 @@ def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 24
     * ``--bank_dtype auto`` stores each bank in the dtype its alignment computes in: the global bank fp32,
       the window bank in the ``--align_precision`` dtype, so no per-search copy is needed. ``fp32`` or
       ``fp16`` forces both banks' storage (fp16 storage under fp32 alignment keeps one fp32 search copy
-      per layer while aligning, so it saves memory at rest, not at the peak).
+      per layer while aligning, so it saves memory at rest, not at the peak);
+    * an fp32 runtime on CUDA turns TF32 off (process-wide), so fp32 on a GPU matches fp32 on the CPU.
     """
     dtype = resolve_precision(cfg.precision, device)
     window_align = resolve_align_precision(cfg.align_precision, device)
     if window_align is torch.float16 and device.type == "cpu":
         log.warning("--align_precision fp16 on the CPU runs, but PyTorch's CPU fp16 matrix products are "
                     "slower than fp32 here; it is meant for CUDA")
+    if device.type == "cuda" and dtype == torch.float32:
+        strict_fp32_on_cuda()  # every path that resolves an fp32 CUDA runtime (runs, detectors, benchmarks)
     forced = _BANK_DTYPES.get(cfg.bank_dtype)
     return Runtime(compute_dtype=dtype, align_dtype=torch.float32, window_align_dtype=window_align,
                    bank_dtype=forced or torch.float32, window_bank_dtype=forced or window_align,
@@ -84,8 +87,6 @@ class RunContext:
         self.device = distributed.device() if distributed.active() else resolve_device(cfg.device)
         distributed.log_device_note(cfg.device)
         self.runtime = resolve_runtime(cfg, self.device, out_size)
-        if self.device.type == "cuda" and self.runtime.compute_dtype == torch.float32:
-            strict_fp32_on_cuda()
         self.root = str(data_root)
         self.meta: Meta = load_meta(self.root)
         self.classes: List[str] = select_classes(self.meta, cfg.classes, self.root)
