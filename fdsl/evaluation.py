@@ -28,9 +28,7 @@ from .checkpoint import reconcile_with_checkpoint
 from .config import TestConfig, config_to_dict, explicit_fields
 from .datasets import (
     AnomalyDataset,
-    class_data_fingerprint,
     load_reference_images,
-    load_rgb,
     read_k_shot_file,
     sample_k_shot,
     sample_nested_k_shot,
@@ -38,7 +36,9 @@ from .datasets import (
     write_k_shot_file,
 )
 from .errors import CheckpointError, ConfigError
+from .images import load_rgb
 from .memory import FDSLMemory
+from .meta import class_data_fingerprint
 from .model import FDSL, image_score
 from .run import RunContext
 from .utils import (

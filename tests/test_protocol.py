@@ -25,10 +25,11 @@ from fdsl.backbone import register_model_configs
 from fdsl.checkpoint import save_checkpoint
 from fdsl.config import ModelConfig, config_to_dict, parse_config
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.datasets import load_meta, sample_k_shot, sample_nested_k_shot
+from fdsl.datasets import sample_k_shot, sample_nested_k_shot
 from fdsl.errors import ConfigError
 from fdsl.evaluation import Evaluator
 from fdsl.memory import Alignment, MemoryBank
+from fdsl.meta import load_meta
 from fdsl.model import FDSL
 from fdsl.protocol import PAPER_COLUMNS, SUMMARY_METRICS
 from fdsl.synthetic import make_synthetic_dataset
