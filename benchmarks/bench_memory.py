@@ -35,39 +35,39 @@ instead ("skipped: est. X TFLOP"). Bank bytes and entries scanned are given for 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from procstats import cpu_model, hwm_mb, loadavg, maxrss_mb, reset_hwm, rss_mb
+from common import (
+    MiB,
+    child_main,
+    environment,
+    gemm_gflops,
+    hwm_mb,
+    loadavg,
+    maxrss_mb,
+    mem_available_mb,
+    print_environment,
+    reset_hwm,
+    rss_mb,
+    spawn,
+    table,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-MARK = "@@BENCH_MEMORY@@ "
-MiB = 2 ** 20
+SCRIPT = Path(__file__).resolve()
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-# ----------------------------------------------------------------------------- process facts
+def _rows_per_chunk(rows: int, cols: int, chunk_mb: int, dtype) -> int:
+    """Query rows of one similarity block, as the library's `Alignment.rows_per_chunk`."""
+    from fdsl.memory import Alignment
 
-
-def mem_available_mb() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return Alignment(chunk_mb=chunk_mb).rows_per_chunk(rows, cols, dtype)
 
 
 # ----------------------------------------------------------------------------- geometry and cost
@@ -130,7 +130,7 @@ def _fill_unit(t, gen, rows: int = 1 << 16) -> None:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from fdsl.memory import MemoryBank, _row_chunk
+    from fdsl.memory import Alignment, MemoryBank
 
     out: dict[str, Any] = {"status": "ok", "load_before": loadavg()}
     torch.set_num_threads(spec["threads"])
@@ -139,8 +139,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     q_dt = dts[spec["precision"]]
     bank_dt = dts[spec["bank_dtype"]]
-    compute_dt = None if q_dt == torch.float32 else q_dt  # as FDSL._align_dtype
+    compute_dt = None if q_dt == torch.float32 else q_dt  # as the runtime's align_dtype
     geo, branch, k, search = spec["geo"], spec["branch"], spec["k"], spec["search"]
+    strategy = Alignment(spec["align_mode"], True, spec["chunk_mb"], compute_dt, search == "index")
     s = branch_shape(geo, branch, k)
     L, C, D = geo["L"], geo["C"], geo["D"]
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -166,7 +167,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     # The queries of one image (or of the sampled windows of one image).
     n_items = s["Q"]
     M = s["K"] * s["N"]
-    rows_per_chunk = _row_chunk(1 << 62, M, spec["chunk_mb"], compute_dt or q_dt)
+    rows_per_chunk = strategy.rows_per_chunk(1 << 62, M, compute_dt or q_dt)
     if spec["sample"]:  # enough windows to fill one whole similarity chunk (same peak as the full run)
         n_items = min(s["Q"], max(1, math.ceil(rows_per_chunk / s["N"])))
     q = []
@@ -186,8 +187,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     def align() -> None:
         for a in range(0, n_items, batch):  # as FDSL.window_maps: win_batch windows per call
-            r = bank.residuals([t[a:a + batch] for t in q], spec["align_mode"], True, spec["chunk_mb"],
-                               compute_dt, query_embeds=q_emb[a:a + batch] if search == "index" else None)
+            r = bank.residuals([t[a:a + batch] for t in q], strategy,
+                               query_embeds=q_emb[a:a + batch] if search == "index" else None)
             del r
         sync()
 
@@ -196,7 +197,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         sim_rows = min(call_rows, rows_per_chunk)
         out["sim_block_mb"] = sim_rows * M * DTYPE_BYTES[spec["compute_name"]] / MiB
     else:
-        step_items = max(1, _row_chunk(call_rows, s["N"], spec["chunk_mb"], compute_dt or q_dt) // s["N"])
+        step_items = max(1, strategy.rows_per_chunk(call_rows, s["N"], compute_dt or q_dt) // s["N"])
         step_items = min(step_items, min(batch, n_items))
         out["sim_block_mb"] = step_items * s["N"] * s["N"] * DTYPE_BYTES[spec["compute_name"]] / MiB
 
@@ -213,8 +214,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     times = []
     with torch.no_grad():
         for _ in range(spec["warmup"]):  # warm-up: one residuals() call on the first query chunk
-            bank.residuals([t[:batch] for t in q], spec["align_mode"], True, spec["chunk_mb"], compute_dt,
-                           query_embeds=q_emb[:batch] if search == "index" else None)
+            bank.residuals([t[:batch] for t in q], strategy, query_embeds=q_emb[:batch] if search == "index" else None)
             sync()
         for _ in range(spec["reps"]):
             t0 = time.perf_counter()
@@ -235,39 +235,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
-                           check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "reason": f"child timed out after {timeout:.0f} s"}
-    for line in p.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-    return {"status": "error", "reason": f"child exited {p.returncode}: " + " | ".join(tail)}
-
-
 # ----------------------------------------------------------------------------- parent
-def calibrate(device: str, dtype_name: str, threads: int) -> float:
-    """GFLOP/s of an alignment-shaped matrix product on this machine, now."""
-    import torch
-
-    torch.set_num_threads(threads)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    a = torch.randn(1369, 1024, device=device).to(dt)
-    b = torch.randn(8192, 1024, device=device).to(dt)
-    (a @ b.T).argmax(-1)
-    t0 = time.perf_counter()
-    n = 3
-    for _ in range(n):
-        (a @ b.T).argmax(-1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2.0 * 1369 * 8192 * 1024 * n / (time.perf_counter() - t0) / 1e9
-
-
 def child_mem_estimate_mb(geo: dict[str, int], branch: str, k: int, bank_dtype: str, precision: str,
                           chunk_mb: int, win_batch: int) -> float:
     """Rough resident size of a child: bank + queries + one layer's dtype copy + chunk + outputs."""
@@ -283,20 +251,11 @@ def fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:,.{nd}f}"
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    def line(cells):
-        return "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--child":
-        res = child(json.loads(argv[1]))
-        print(MARK + json.dumps(res), flush=True)
-        return 0
+    rc = child_main(argv, child)
+    if rc is not None:
+        return rc
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="reference images per class")
@@ -311,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="query and similarity dtype of the timed alignment (fp16 is very slow on CPU)")
     p.add_argument("--align_mode", default="mulmax", choices=["mulmax", "diff2"])
     p.add_argument("--align_chunk_mb", type=int, default=None,
-                   help="similarity chunk budget (default: the library's ModelConfig.align_chunk_mb)")
+                   help="similarity chunk budget (default: the library's RuntimeConfig.align_chunk_mb)")
     p.add_argument("--win_batch", type=int, default=None,
-                   help="windows per residuals() call (default: ModelConfig.win_batch; 0 = all at once)")
+                   help="windows per residuals() call (default: RuntimeConfig.win_batch; 0 = all at once)")
     p.add_argument("--image_size", type=int, default=518)
     p.add_argument("--patch", type=int, default=14)
     p.add_argument("--width", type=int, default=1024, help="token width C")
@@ -338,26 +297,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fdsl.config import ModelConfig
-    from fdsl.memory import _row_chunk
+    from fdsl.config import RuntimeConfig
 
     dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    defaults = ModelConfig()
+    defaults = RuntimeConfig()
     chunk_mb = a.align_chunk_mb if a.align_chunk_mb is not None else defaults.align_chunk_mb
     win_batch = a.win_batch if a.win_batch is not None else defaults.win_batch
     threads = a.threads or torch.get_num_threads()
     geo = geometry(a)
     started = time.time()
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-           "cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-           "python": platform.python_version(), "device": a.device, "load_start": loadavg(),
-           "mem_available_mb": mem_available_mb(), "align_chunk_mb": chunk_mb, "win_batch": win_batch,
-           "align_mode": a.align_mode, "geometry": geo,
-           "data": "synthetic: torch.randn tokens L2-normalised with F.normalize; no backbone"}
-    print(f"# bench_memory  {env['date']}  {env['cpu']} ({env['cpus']} CPUs, torch {env['torch']}, "
-          f"{threads} threads, device {a.device})")
-    print(f"# load average at start: {env['load_start']}; MemAvailable {fmt(env['mem_available_mb'], 0)} MiB")
+    env = environment(threads, a.device)
+    env.update(mem_available_mb=mem_available_mb(), align_chunk_mb=chunk_mb, win_batch=win_batch,
+               align_mode=a.align_mode, geometry=geo,
+               data="synthetic: torch.randn tokens L2-normalised with F.normalize; no backbone")
+    print_environment(env)
+    print(f"# MemAvailable {fmt(env['mem_available_mb'], 0)} MiB")
     print(f"# geometry: G={geo['grid']}, N={geo['N']} tokens/image, C={geo['C']}, L={geo['L']}, D={geo['D']}; "
           f"windows {geo['win']}x{geo['win']} stride {geo['stride']}: {geo['nw']} windows/image of "
           f"{geo['Nw']} tokens")
@@ -403,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     for prec in a.precision:
         if prec == "fp16" and a.device == "cpu":
             print("# warning: fp16 matrix products on CPU run at well under 1 GFLOP/s here; expect skips")
-        gflops = calibrate(a.device, prec, threads)
+        torch.set_num_threads(threads)
+        gflops = gemm_gflops(prec)
         bank_dn = prec if a.time_bank_dtype == "auto" else a.time_bank_dtype
         print(f"\n## Alignment per query image: precision {prec}, bank storage {bank_dn} "
-              f"(calibrated {gflops:.0f} GFLOP/s for an alignment-shaped product)\n", flush=True)
+              f"(large GEMM: {gflops:.0f} GFLOP/s)\n", flush=True)
         for branch in a.branches:
             for k in a.ks:
                 for search in a.search:
@@ -436,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                         s = branch_shape(geo, branch, k)
                         frac = 1.0
                         if spec["sample"]:
-                            rows = _row_chunk(1 << 62, s["K"] * s["N"], chunk_mb, dts[prec])
+                            rows = _rows_per_chunk(1 << 62, s["K"] * s["N"], chunk_mb, dts[prec])
                             frac = min(s["Q"], max(1, math.ceil(rows / s["N"]))) / s["Q"]
                         print(f"  running {branch} k={k} {search} ({flops / 1e9:,.0f} GFLOP/img, est. "
                               f"{est_s * frac:.1f} s/run{f', sampled {frac:.3f} of it' if spec['sample'] else ''})"
                               " ...", file=sys.stderr, flush=True)
-                        res = run_child(spec, a.child_timeout)
+                        res = spawn(str(SCRIPT), spec, a.child_timeout)
                         rec.update(res)
                         rec["sampled"] = spec["sample"]
                     results.append(rec)
@@ -478,12 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# load average at end: {env['load_end']}; wall {env['wall_s']:.0f} s")
     print(f"# memory columns: {results[0].get('mem_kind', 'RSS') if results else 'RSS'}; 'before' = bank + "
           "queries resident; 'sim block' = the largest similarity block the chunk budget allows for that call")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump({"env": env, "args": vars(a), "bank_bytes": bytes_json, "entries_scanned": ent_json,
-                       "alignment": results}, fh, indent=1)
-        print(f"# saved {a.json}")
+    write_json(a.json, {"env": env, "args": vars(a), "bank_bytes": bytes_json, "entries_scanned": ent_json,
+                        "alignment": results})
     return 0
 
 

@@ -26,9 +26,10 @@ from fdsl import metrics
 from fdsl.backbone import BackboneOutput, register_model_configs
 from fdsl.checkpoint import save_checkpoint
 from fdsl.config import ModelConfig, RuntimeConfig, config_to_dict
-from fdsl.datasets import AnomalyDataset, load_meta, load_reference_images, sample_k_shot
+from fdsl.datasets import AnomalyDataset, load_reference_images, sample_k_shot
 from fdsl.evaluation import normalised_image_scores
 from fdsl.memory import FDSLMemory, MemoryBank, nearest_normal
+from fdsl.meta import load_meta
 from fdsl.model import FDSL
 from fdsl.run import resolve_runtime
 from fdsl.synthetic import liven_head, make_synthetic_dataset

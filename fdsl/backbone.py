@@ -281,15 +281,36 @@ class CLIPBackbone(nn.Module):
 
         Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings.
         """
+        return self.forward_patches(self.patch_embed(images))
+
+    @torch.no_grad()
+    def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, H) images -> (B, C, H/p, H/p) patch embeddings (the ViT's `conv1`, no bias).
+
+        Patches do not overlap, so the embedding of any patch-aligned crop of an image is the same crop
+        of the image's embedding: LFE embeds each image once and crops its windows from the result.
+        """
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
             raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
         side = images.shape[-1]
         if side % self.patch_size:
             raise ConfigError(f"input side {side} is not a multiple of the patch size {self.patch_size}")
-        grid = side // self.patch_size
+        conv1 = self.visual.conv1
+        return conv1(images.to(conv1.weight.dtype))  # (B, C, g, g)
+
+    @torch.no_grad()
+    def forward_patches(self, patches: torch.Tensor) -> BackboneOutput:
+        """Encode (B, C, g, g) patch embeddings (`patch_embed` of images, or crops of it).
+
+        Adds the class token and the g×g positional grid (`pos_embed_for`), then runs ln_pre and the
+        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings.
+        """
+        if patches.ndim != 4 or patches.shape[1] != self.width or patches.shape[2] != patches.shape[3]:
+            raise ConfigError(f"expected square (B, {self.width}, g, g) patch embeddings, "
+                              f"got shape {tuple(patches.shape)}")
+        grid = patches.shape[-1]
         v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, C, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g², C)
+        x = patches.flatten(2).transpose(1, 2)  # (B, g², C)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + g², C)
         x = x + self.pos_embed_for(grid, x.device, x.dtype).to(x.dtype)

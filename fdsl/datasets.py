@@ -1,12 +1,9 @@
-"""Datasets, image loading and k-shot reference selection for MVTec AD and VisA.
+"""The dataset and k-shot reference selection for MVTec AD and VisA.
 
-This module is the *reading* side of ``meta.json`` (``data/mvtec.py`` and
-``data/visa.py`` write it). It provides:
+``meta.json`` is read and validated by `fdsl.meta`; images and masks are loaded and preprocessed
+by `fdsl.images`. This module provides:
 
-* ``load_meta``: read and validate ``<root>/meta.json`` (paths must stay inside root);
-* ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``);
-* ``image_transform`` / ``mask_transform``: the released preprocessing (squash resize on
-  the PIL image, bicubic, OpenAI normalisation; masks bilinear then ``> 0.5``);
+* ``select_classes``, ``class_data_fingerprint``, ``warn_nonbinary_masks``;
 * ``AnomalyDataset``: a map-style dataset, with the training augmentations of METHOD §8
   (MVTec mosaic, VisA crops) applied to PIL image/mask pairs *before* normalisation;
 * k-shot helpers: ``sample_k_shot``, ``read_k_shot_file``, ``write_k_shot_file`` and
@@ -15,32 +12,34 @@ This module is the *reading* side of ``meta.json`` (``data/mvtec.py`` and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import posixpath
 import zlib
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 from fdsl.errors import ConfigError, DataError
-from fdsl.meta import check_class_name
+from fdsl.images import (
+    check_size,
+    image_transform,
+    load_mask,
+    load_rgb,
+    mask_has_anomaly,
+    mask_transform,
+    resize_mask,
+    to_rgb,
+    to_tensor_normalised,
+)
+from fdsl.meta import SPLITS, Meta, is_absolute, load_meta, normalise_rel_path, validate_meta
 from fdsl.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-SPLITS = ("train", "test")
-ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
 AUGMENTS = ("mvtec", "visa")
 
 # Augmentation probabilities (METHOD §8).
@@ -52,198 +51,8 @@ VISA_SMALL_CROP = 50
 VISA_LARGE_CROP = 100
 
 PathLike = Union[str, "os.PathLike[str]"]
-Meta = Dict[str, Dict[str, List[dict]]]
-
-_BUILDER_HINT = (
-    "build it with `python data/mvtec.py --root {root}` (MVTec AD) or "
-    "`python data/visa.py --root {root}` (VisA)"
-)
 
 
-# ----------------------------------------------------------------------------- meta.json
-
-
-def _normalise_rel_path(raw: str) -> str:
-    """Turn a path string into a normalised, forward-slash relative form (no checks)."""
-    path = raw.replace("\\", "/")
-    return posixpath.normpath(path) if path else path
-
-
-def _is_absolute(raw: str) -> bool:
-    """True for POSIX absolute paths, Windows drive paths (``C:...``) and UNC paths."""
-    path = raw.replace("\\", "/")
-    return path.startswith("/") or (len(path) >= 2 and path[1] == ":" and path[0].isalpha())
-
-
-def _check_inside_root(rel: str, raw: str, root_real: str, where: str) -> str:
-    """Validate one item path from meta.json and return its normalised relative form.
-
-    Rejects absolute paths, paths that climb out of the root with ``..`` and paths that a
-    symlink sends outside the root. ``where`` names the item for the message.
-    """
-    if _is_absolute(raw):
-        raise DataError(
-            f"{where}: path {raw!r} is absolute; meta.json paths must be relative to the "
-            f"dataset root {root_real!r}. Rebuild meta.json with the data/ scripts."
-        )
-    norm = _normalise_rel_path(raw)
-    if norm == ".." or norm.startswith("../") or norm == ".":
-        raise DataError(
-            f"{where}: path {raw!r} points outside the dataset root {root_real!r}. "
-            "Refusing to read it; rebuild meta.json with the data/ scripts."
-        )
-    resolved = os.path.realpath(os.path.join(root_real, *norm.split("/")))
-    if os.path.commonpath([resolved, root_real]) != root_real:
-        raise DataError(
-            f"{where}: path {raw!r} resolves to {resolved!r}, outside the dataset root "
-            f"{root_real!r} (a symlink leaves the root). Refusing to read it; move the "
-            "files inside the root or rebuild meta.json."
-        )
-    return norm
-
-
-def validate_meta(meta: object, root: PathLike, source: str = "meta") -> Meta:
-    """Check the structure of a meta dictionary and normalise its paths.
-
-    Args:
-        meta: the parsed JSON, ``{"train": {cls: [item]}, "test": {cls: [item]}}``.
-        root: the dataset root the item paths are relative to.
-        source: where ``meta`` came from, for messages (e.g. the meta.json path).
-
-    Returns:
-        A new dictionary of the same shape whose items carry forward-slash, normalised
-        relative paths and an ``int`` anomaly label.
-
-    Raises:
-        DataError: on a missing key, a wrong type, a bad anomaly label, or any path that is
-            absolute or resolves outside ``root``.
-    """
-    if not isinstance(meta, dict):
-        raise DataError(f"{source}: expected a JSON object with keys 'train' and 'test', "
-                        f"got {type(meta).__name__}.")
-    missing = [s for s in SPLITS if s not in meta]
-    if missing:
-        raise DataError(f"{source}: missing top-level key(s) {missing}; expected "
-                        f"{{'train': {{cls: [item]}}, 'test': {{cls: [item]}}}}. "
-                        f"Rebuild it with the data/ scripts.")
-    root_real = os.path.realpath(os.fspath(root))
-    out: Meta = {}
-    for split in SPLITS:
-        per_class = meta[split]
-        if not isinstance(per_class, dict):
-            raise DataError(f"{source}: meta[{split!r}] must map class names to lists of "
-                            f"items, got {type(per_class).__name__}.")
-        out[split] = {}
-        for cls, items in per_class.items():
-            check_class_name(cls, f"{source}: meta[{split!r}]")
-            if not isinstance(items, list):
-                raise DataError(f"{source}: meta[{split!r}][{cls!r}] must be a list of "
-                                f"items, got {type(items).__name__}.")
-            clean = []
-            for i, item in enumerate(items):
-                where = f"{source}: meta[{split!r}][{cls!r}][{i}]"
-                if not isinstance(item, dict):
-                    raise DataError(f"{where} must be an object, got {type(item).__name__}.")
-                lacking = [key for key in ITEM_KEYS if key not in item]
-                if lacking:
-                    raise DataError(f"{where} lacks key(s) {lacking}; every item needs "
-                                    f"{list(ITEM_KEYS)}. Rebuild meta.json with the data/ scripts.")
-                img_raw, mask_raw = item["img_path"], item["mask_path"]
-                if not isinstance(img_raw, str) or not img_raw:
-                    raise DataError(f"{where}: img_path must be a non-empty string, got {img_raw!r}.")
-                if not isinstance(mask_raw, str):
-                    raise DataError(f"{where}: mask_path must be a string ('' for normal "
-                                    f"images), got {mask_raw!r}.")
-                check_class_name(item["specie_name"], f"{where}: specie_name")
-                anomaly = item["anomaly"]
-                if isinstance(anomaly, bool) or anomaly not in (0, 1):
-                    raise DataError(f"{where}: anomaly must be 0 or 1, got {anomaly!r}.")
-                new = dict(item)
-                new["img_path"] = _check_inside_root(img_raw, img_raw, root_real, where)
-                new["mask_path"] = (
-                    _check_inside_root(mask_raw, mask_raw, root_real, where) if mask_raw else ""
-                )
-                new["anomaly"] = int(anomaly)
-                clean.append(new)
-            out[split][cls] = clean
-    return out
-
-
-def load_meta(root: PathLike) -> Meta:
-    """Read and validate ``<root>/meta.json``.
-
-    Args:
-        root: the dataset root.
-
-    Returns:
-        ``{"train": {cls: [item]}, "test": {cls: [item]}}`` with each item's ``img_path``
-        and ``mask_path`` relative to ``root`` in normalised forward-slash form.
-
-    Raises:
-        DataError: when the file is missing, is not valid JSON, lacks keys, or names a path
-            that is absolute or resolves (``..``, symlinks) outside ``root``.
-    """
-    root = os.fspath(root)
-    path = os.path.join(root, "meta.json")
-    if not os.path.isfile(path):
-        raise DataError(f"No meta.json at {path!r}; " + _BUILDER_HINT.format(root=root) + ".")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path!r} is not valid JSON ({exc}); "
-                        + _BUILDER_HINT.format(root=root) + ".") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read {path!r} ({exc}).") from exc
-    meta = validate_meta(raw, root, source=path)
-    logger.debug("Loaded %s: %d train / %d test classes, %d train / %d test items", path,
-                 len(meta["train"]), len(meta["test"]),
-                 sum(len(v) for v in meta["train"].values()),
-                 sum(len(v) for v in meta["test"].values()))
-    return meta
-
-
-def select_classes(meta: Mapping, classes: Optional[Sequence[str]], root: PathLike) -> List[str]:
-    """The classes to run: `classes` (default: every test class), each present in both splits."""
-    chosen = list(dict.fromkeys(classes)) if classes else list(meta["test"])
-    unknown = [c for c in chosen if c not in meta["test"] or c not in meta["train"]]
-    if unknown:
-        raise DataError(f"class(es) {unknown} not in both splits of {os.fspath(root)}/meta.json; "
-                        f"available: {sorted(set(meta['test']) & set(meta['train']))}")
-    empty = [c for c in chosen if not meta["test"][c]]
-    if empty:
-        raise DataError(f"class(es) {empty} have no test images in {os.fspath(root)}/meta.json; "
-                        "rebuild meta.json with the data/ scripts or leave them out with --classes")
-    return chosen
-
-
-def class_data_fingerprint(root: PathLike, items: Sequence[Mapping], extra_paths: Sequence[str] = ()) -> str:
-    """A digest of a class's item list (paths, labels, mask paths) and the size and mtime of every file.
-
-    `extra_paths` (root-relative, e.g. the reference images) are included by size and mtime too. A
-    missing file is recorded as such, so deleting or replacing any file changes the digest.
-    """
-    root = os.fspath(root)
-
-    def stat(rel: str) -> list:
-        if not rel:
-            return []
-        try:
-            st = os.stat(os.path.join(root, rel))
-        except OSError:
-            return [rel, None]
-        return [rel, st.st_size, st.st_mtime_ns]
-
-    rows = [[it["img_path"], it["mask_path"], int(it["anomaly"]), it.get("specie_name"),
-             stat(it["img_path"]), stat(it["mask_path"])] for it in items]
-    rows.append([stat(p) for p in extra_paths])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-
-
-def mask_is_binary(values: np.ndarray) -> bool:
-    """True when a mask holds only 0 and one other value (its maximum)."""
-    peak = values.max() if values.size else 0
-    return not bool(np.any((values != 0) & (values != peak)))
 
 
 def warn_nonbinary_masks(batch: Mapping, warned: set) -> None:
@@ -256,194 +65,6 @@ def warn_nonbinary_masks(batch: Mapping, warned: set) -> None:
             warned.add(cls)
             logger.warning("class %s: a mask (of %s) holds values other than 0 and its maximum; foreground is "
                            "every value > 0. Check that the masks are binary", cls, path)
-
-
-# ----------------------------------------------------------------------------- image loading
-
-
-def _open_fully(path: str, what: str) -> Image.Image:
-    """Open an image and force a full decode, so truncated files fail here."""
-    if not os.path.isfile(path):
-        raise DataError(f"{what} file not found: {path!r}. Check the dataset root and meta.json.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            # Detach from the file handle: copy() keeps mode, palette and info.
-            return img.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"Cannot decode {what.lower()} {path!r} ({type(exc).__name__}: {exc}). "
-                        "The file is corrupt or truncated; re-download or re-extract it.") from exc
-
-
-def _scale_wide_gray(img: Image.Image, path: str) -> np.ndarray:
-    """Map a 16/32-bit integer or float grayscale image to uint8 (H, W)."""
-    arr = np.asarray(img)
-    mode = img.mode
-    if mode.startswith("I;16"):
-        # 0..65535 -> 0..255 exactly (65535 / 257 = 255).
-        return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
-    data = arr.astype(np.float64)
-    if not np.all(np.isfinite(data)):
-        logger.warning("%s: %d non-finite pixel(s) in mode %s image set to 0", path,
-                       int(np.sum(~np.isfinite(data))), mode)
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
-    if mode == "I" and lo >= 0 and hi <= 65535:
-        # 16-bit data stored as 32-bit ints (how older Pillow opens 16-bit PNGs).
-        scaled = data / 257.0
-    elif mode == "F" and lo >= 0 and hi <= 1.0:
-        scaled = data * 255.0
-    elif hi > lo:
-        logger.warning("%s: mode %s values span [%g, %g]; min-max scaled to 0..255",
-                       path, mode, lo, hi)
-        scaled = (data - lo) * (255.0 / (hi - lo))
-    else:
-        scaled = data
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image, path: str = "<image>") -> Image.Image:
-    """Convert a PIL image of any common mode to 8-bit ``RGB``.
-
-    Alpha is dropped (as the released code's ``.convert('RGB')`` does); palettes are
-    expanded; 16-bit, 32-bit integer and float grayscale are scaled to 8 bits rather than
-    clipped (``I;16``: value / 257).
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        out = Image.fromarray(_scale_wide_gray(img, path), mode="L").convert("RGB")
-    elif mode in ("P", "PA"):
-        # Via RGBA so palette transparency is handled without Pillow's warning.
-        out = img.convert("RGBA").convert("RGB")
-    else:
-        try:
-            out = img.convert("RGB")
-        except ValueError as exc:
-            raise DataError(f"Cannot convert {path!r} from mode {mode!r} to RGB ({exc}). "
-                            "Convert the file to an 8-bit RGB or grayscale PNG.") from exc
-    logger.debug("Converted %s from mode %s to RGB", path, mode)
-    return out
-
-
-def load_rgb(path: PathLike) -> Image.Image:
-    """Load an image file as an 8-bit ``RGB`` PIL image (fully decoded).
-
-    Raises:
-        DataError: naming ``path`` when it is missing, corrupt or truncated.
-    """
-    path = os.fspath(path)
-    return to_rgb(_open_fully(path, "Image"), path)
-
-
-def load_mask(
-    path: PathLike,
-    image_size_wh: Optional[Tuple[int, int]],
-    binarize_nonzero: bool = True,
-    image_path: Optional[PathLike] = None,
-) -> Image.Image:
-    """Load a ground-truth mask as a binary ``L`` image holding only 0 and 255.
-
-    Args:
-        path: the mask file.
-        image_size_wh: ``(W, H)`` of the image the mask belongs to, or None to skip the check.
-        binarize_nonzero: foreground is any value ``> 0`` (VisA masks hold small label
-            values such as 1; MVTec's 0/255 is unchanged). If False, foreground is
-            ``>= 128`` on the 8-bit grayscale mask.
-        image_path: the image's path, only for the size-mismatch message.
-
-    Returns:
-        PIL ``L`` image of size ``(W, H)``, values in {0, 255}.
-
-    Raises:
-        DataError: naming the path(s) when the mask is missing, corrupt, or its size differs
-            from ``image_size_wh``.
-    """
-    path = os.fspath(path)
-    img = _open_fully(path, "Mask")
-    if image_size_wh is not None and tuple(img.size) != tuple(image_size_wh):
-        of_image = f" of image {os.fspath(image_path)!r}" if image_path is not None else ""
-        raise DataError(f"Mask {path!r} has size {img.size[0]}x{img.size[1]} (WxH) but the "
-                        f"image{of_image} is {image_size_wh[0]}x{image_size_wh[1]}. "
-                        "The mask does not belong to this image; check meta.json.")
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        data = np.asarray(img).astype(np.float64)
-        fg = data > 0 if binarize_nonzero else data >= 0.5 * (65535 if img.mode != "F" else 1.0)
-    else:
-        if img.mode in ("P", "PA"):
-            img = img.convert("RGBA")
-        data = np.asarray(img.convert("L"))
-        fg = data > 0 if binarize_nonzero else data >= 128
-    out = Image.fromarray(fg.astype(np.uint8) * 255, mode="L")
-    out.info["nonbinary"] = not mask_is_binary(data)  # read by AnomalyDataset, which warns once per class
-    return out
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def _check_size(size: object, name: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {size!r}.")
-    return int(size)
-
-
-class _Binarize:
-    """Callable ``t -> (t > threshold).float()``; a class so DataLoader workers can pickle it."""
-
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return (t > self.threshold).float()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(threshold={self.threshold})"
-
-
-def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """The released test-time preprocessing: PIL RGB -> normalised tensor (3, S, S).
-
-    Squash-resizes the PIL image to ``S x S`` with bicubic interpolation (no crop, aspect
-    ratio not kept, so masks resized the same way stay aligned), then ToTensor and the
-    OpenAI CLIP mean/std.
-    """
-    size = _check_size(image_size, "image_size")
-    return transforms.Compose([
-        transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(OPENAI_MEAN, OPENAI_STD),
-    ])
-
-
-def mask_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL ``L`` mask (0/255) -> float tensor (1, size, size) holding 0/1.
-
-    PIL bilinear resize to ``size x size``, scale to [0, 1], binarise at 0.5 (METHOD §6).
-    """
-    size = _check_size(size, "mask size")
-    return transforms.Compose([
-        transforms.Resize((size, size), interpolation=InterpolationMode.BILINEAR),
-        transforms.ToTensor(),
-        _Binarize(0.5),
-    ])
-
-
-def _to_tensor_normalised() -> Callable[[Image.Image], torch.Tensor]:
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
-
-
-def _resize_mask(mask: Image.Image, size_wh: Tuple[int, int]) -> Image.Image:
-    """Bilinear resize of a 0/255 mask, re-binarised at 0.5 (>= 128) so it stays 0/255."""
-    if mask.size == tuple(size_wh):
-        return mask
-    resized = np.asarray(mask.resize(size_wh, Image.Resampling.BILINEAR))
-    return Image.fromarray((resized >= 128).astype(np.uint8) * 255, mode="L")
-
-
-def _mask_has_anomaly(mask: Image.Image) -> bool:
-    return bool(np.asarray(mask).any())
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -463,7 +84,7 @@ def mosaic(pairs: Sequence[Tuple[Image.Image, Image.Image]], size: int) -> Tuple
     Returns:
         ``(RGB image S x S, L mask S x S)``.
     """
-    size = _check_size(size, "mosaic size")
+    size = check_size(size, "mosaic size")
     if len(pairs) != 4:
         raise ConfigError(f"mosaic needs exactly 4 (image, mask) pairs, got {len(pairs)}.")
     if size < 2:
@@ -477,7 +98,7 @@ def mosaic(pairs: Sequence[Tuple[Image.Image, Image.Image]], size: int) -> Tuple
         if img.size != mask.size:
             raise DataError(f"mosaic pair {i}: image size {img.size} differs from mask size {mask.size}.")
         out_img.paste(to_rgb(img).resize((w, h), Image.Resampling.BICUBIC), (x, y))
-        out_mask.paste(_resize_mask(mask.convert("L"), (w, h)), (x, y))
+        out_mask.paste(resize_mask(mask.convert("L"), (w, h)), (x, y))
     return out_img, out_mask
 
 
@@ -504,8 +125,8 @@ def random_crop_resize(
     Returns:
         ``(RGB image S x S, L mask S x S)``; image bicubic, mask bilinear re-binarised 0/255.
     """
-    size = _check_size(size, "crop output size")
-    crop = _check_size(crop, "crop")
+    size = check_size(size, "crop output size")
+    crop = check_size(crop, "crop")
     if img.size != mask.size:
         raise DataError(f"random_crop_resize: image size {img.size} differs from mask size {mask.size}.")
     width, height = img.size
@@ -528,7 +149,7 @@ def random_crop_resize(
         y0 = int(rng.integers(0, height - crop + 1))
     box = (x0, y0, x0 + crop, y0 + crop)
     out_img = img.crop(box).resize((size, size), Image.Resampling.BICUBIC)
-    out_mask = _resize_mask(mask.crop(box), (size, size))
+    out_mask = resize_mask(mask.crop(box), (size, size))
     return out_img, out_mask
 
 
@@ -564,8 +185,8 @@ class AnomalyDataset(Dataset):
         aug_seed: int = 0,
     ) -> None:
         self.root = os.fspath(root)
-        self.image_size = _check_size(image_size, "image_size")
-        self.mask_size = _check_size(mask_size, "mask_size")
+        self.image_size = check_size(image_size, "image_size")
+        self.mask_size = check_size(mask_size, "mask_size")
         if augment is not None and augment not in AUGMENTS:
             raise ConfigError(f"augment must be one of {list(AUGMENTS)} or None, got {augment!r}.")
         if isinstance(aug_seed, bool) or not isinstance(aug_seed, (int, np.integer)) or aug_seed < 0:
@@ -604,7 +225,7 @@ class AnomalyDataset(Dataset):
 
         self._image_tf = image_transform(self.image_size)
         self._mask_tf = mask_transform(self.mask_size)
-        self._to_tensor = _to_tensor_normalised()
+        self._to_tensor = to_tensor_normalised()
         logger.info("AnomalyDataset %s/%s: %d classes, %d items, S=%d, mask=%d, augment=%s",
                     self.root, split, len(self.classes), len(self.items), self.image_size,
                     self.mask_size, augment)
@@ -654,9 +275,9 @@ class AnomalyDataset(Dataset):
             return mosaic(pairs, size)
         img, mask = self._load_pair(item)
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-        mask = _resize_mask(mask, (size, size))
+        mask = resize_mask(mask, (size, size))
         if self.augment == "visa" and rng.random() < VISA_AUG_PROB:
-            if item["anomaly"] == 1 and _mask_has_anomaly(mask):
+            if item["anomaly"] == 1 and mask_has_anomaly(mask):
                 crop = VISA_SMALL_CROP if rng.random() < VISA_SMALL_CROP_PROB else VISA_LARGE_CROP
                 img, mask = random_crop_resize(img, mask, crop, size, rng, must_contain_anomaly=True)
             elif item["anomaly"] == 0 and rng.random() < VISA_NORMAL_CROP_PROB:
@@ -687,7 +308,7 @@ class AnomalyDataset(Dataset):
             img, mask_img = self._augmented_pair(index, item)
             image = self._to_tensor(img)  # (3, S, S)
             mask = self._mask_tf(mask_img)  # (1, M, M)
-            anomaly = int(_mask_has_anomaly(mask_img))
+            anomaly = int(mask_has_anomaly(mask_img))
         return {
             "image": image,
             "mask": mask,
@@ -844,10 +465,10 @@ def write_k_shot_file(path: PathLike, shots: Mapping[str, Sequence[str]]) -> Non
     lines = []
     for cls, rels in shots.items():
         for rel in rels:
-            if _is_absolute(rel) or "\n" in rel or "\r" in rel:
+            if is_absolute(rel) or "\n" in rel or "\r" in rel:
                 raise ConfigError(f"k-shot path {rel!r} for class {cls!r} must be a single-line path "
                                   "relative to the data root.")
-            lines.append(_normalise_rel_path(rel))
+            lines.append(normalise_rel_path(rel))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     logger.info("Wrote %d reference path(s) for %d class(es) to %s", len(lines), len(shots), path)
 

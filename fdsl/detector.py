@@ -33,8 +33,8 @@ from PIL import Image
 from . import __version__
 from .checkpoint import load_head, read_checkpoint
 from .config import ModelConfig, RuntimeConfig
-from .datasets import image_transform, load_mask, load_rgb, mask_transform, to_rgb
 from .errors import CheckpointError, ConfigError, DataError
+from .images import image_transform, load_mask, load_rgb, mask_transform, to_rgb
 from .memory import FDSLMemory, MemoryBank
 from .model import FDSL
 from .run import resolve_runtime

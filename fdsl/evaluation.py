@@ -28,9 +28,7 @@ from .checkpoint import reconcile_with_checkpoint
 from .config import TestConfig, config_to_dict, explicit_fields
 from .datasets import (
     AnomalyDataset,
-    class_data_fingerprint,
     load_reference_images,
-    load_rgb,
     read_k_shot_file,
     sample_k_shot,
     sample_nested_k_shot,
@@ -38,8 +36,10 @@ from .datasets import (
     write_k_shot_file,
 )
 from .errors import CheckpointError, ConfigError
+from .images import load_rgb
 from .memory import FDSLMemory
-from .model import FDSL, image_score
+from .meta import class_data_fingerprint
+from .model import FDSL, Runtime, image_score
 from .run import RunContext
 from .utils import (
     atomic_write_json,
@@ -97,9 +97,15 @@ def check_not_training_run(save_path: Path) -> None:
                           "config.json and k_shot.txt, so choose another --save_path")
 
 
-def _fingerprint(cfg: TestConfig) -> str:
-    """A digest of every setting that can change the numbers, plus the checkpoint file's identity."""
+def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
+    """A digest of every setting that can change the numbers, plus the checkpoint file's identity.
+
+    The resolved dtypes are included, not only the ``--precision`` string: what ``auto`` means has
+    changed before (it was fp16 on CUDA), and a record computed under other dtypes must not be reused.
+    """
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
+    d["_dtypes"] = [str(getattr(runtime, f)) for f in
+                    ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
     _check_checkpoint_path(cfg)
     st = os.stat(cfg.checkpoint_path)
     d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
@@ -128,7 +134,7 @@ class Evaluator:
         self.seeds = cfg.run_seeds()
         self.runs: List[Run] = [(k, s) for k in self.shots for s in self.seeds]
         # Per k: the fingerprint a single run with that k has (seeds are neutral).
-        self.fingerprints = {k: _fingerprint(replace(cfg, k_shot=k)) for k in self.shots}
+        self.fingerprints = {k: _fingerprint(replace(cfg, k_shot=k), self.ctx.runtime) for k in self.shots}
         self.fingerprint = self.fingerprints[self.shots[0]]
         # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
         self.refs: Dict[Run, Dict[str, List[str]]] = {}

@@ -216,8 +216,8 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     """
     from tqdm import tqdm
 
-    from .datasets import load_rgb
     from .detector import Detector, list_images
+    from .images import load_rgb
     from .overlay import render_overlay
     from .utils import atomic_write_json, atomic_write_text
 

@@ -216,15 +216,21 @@ class FDSL(nn.Module):
     def window_chunks(self, images: torch.Tensor) -> Iterator[BackboneOutput]:
         """Features of the windows of (B, 3, S, S) images, `win_batch` windows at a time (image-major order).
 
-        Each chunk's crops are cut when needed, so memory does not grow with the number of windows.
+        The patch embedding (`conv1`) runs once per image; each window's (C, W, W) patch-embedding grid is
+        cropped from it (exact: patches do not overlap and windows are patch-aligned), so the ViT's
+        first layer is not recomputed for every overlapping window. Each chunk's crops are cut when
+        needed, so memory does not grow with the number of windows.
         """
-        cfg, step = self.cfg, self.runtime.win_batch
-        images = images.to(self.device)
-        total = images.shape[0] * n_windows(self.backbone.grid_size, cfg.win_size, cfg.win_stride)
+        cfg, step, bb = self.cfg, self.runtime.win_batch, self.backbone
+        with autocast(self.device, self.runtime.compute_dtype):
+            patches = bb.patch_embed(images.to(self.device))  # (B, C, G, G)
+        total = images.shape[0] * n_windows(bb.grid_size, cfg.win_size, cfg.win_stride)
         for s in range(0, total, step):
             index = torch.arange(s, min(s + step, total), device=self.device)
-            yield self.extract(split_windows(images, self.backbone.patch_size, cfg.win_size, cfg.win_stride,
-                                             index))  # L × (n, W², C)
+            crops = split_windows(patches, 1, cfg.win_size, cfg.win_stride, index)  # (n, C, W, W)
+            with autocast(self.device, self.runtime.compute_dtype):
+                feats = bb.forward_patches(crops)  # L × (n, W², C)
+            yield feats
 
     def extract_windows(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> BackboneOutput:
         """Features of every window of (B, 3, S, S) images: L × (B·n_windows, W², C), (B·n_windows, D).

@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from .checkpoint import load_head
 from .config import ModelConfig, RuntimeConfig, config_to_dict, model_config_from
-from .datasets import Meta, load_meta, select_classes
+from .meta import Meta, load_meta, select_classes
 from .model import FDSL, Runtime
 from .utils import atomic_write_json, resolve_align_precision, resolve_device, resolve_precision
 

@@ -15,15 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fdsl.datasets import (
-    OPENAI_MEAN,
-    OPENAI_STD,
     AnomalyDataset,
-    image_transform,
-    load_mask,
-    load_meta,
     load_reference_images,
-    load_rgb,
-    mask_transform,
     mosaic,
     random_crop_resize,
     read_k_shot_file,
@@ -31,6 +24,8 @@ from fdsl.datasets import (
     write_k_shot_file,
 )
 from fdsl.errors import ConfigError, DataError
+from fdsl.images import OPENAI_MEAN, OPENAI_STD, image_transform, load_mask, load_rgb, mask_transform
+from fdsl.meta import load_meta
 
 W, H = 200, 120  # non-square on purpose (VisA-like)
 GRAY = (128, 128, 128)
@@ -657,7 +652,7 @@ def test_load_meta_rejects_specie_names_that_are_not_plain(tmp_path):
 
 
 def test_select_classes_refuses_a_class_without_test_images(tmp_path):
-    from fdsl.datasets import select_classes
+    from fdsl.meta import select_classes
 
     meta = make_tree(tmp_path, classes=("bottle", "cable"), n_train=1, n_good=1, n_bad=1)
     meta["test"]["cable"] = []
@@ -674,7 +669,7 @@ def test_sample_k_shot_without_normal_train_images_says_so():
 
 
 def test_class_data_fingerprint_covers_items_and_files(tmp_path):
-    from fdsl.datasets import class_data_fingerprint
+    from fdsl.meta import class_data_fingerprint
 
     meta = make_tree(tmp_path, classes=("bottle",), n_train=2, n_good=2, n_bad=2)
     items = meta["test"]["bottle"]

@@ -173,7 +173,7 @@ def test_calibrate_f1_with_masks_is_f1_max(env, tmp_path):
 
 
 def _pixel_truth(env, preds):
-    from fdsl.datasets import load_mask, mask_transform
+    from fdsl.images import load_mask, mask_transform
 
     gt = np.zeros((len(preds), 240, 240), bool)
     bad = [p for d in env.defects for p in sorted(d.glob("*.png"))]

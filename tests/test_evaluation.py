@@ -204,3 +204,19 @@ def test_non_binary_masks_warn_once_per_class(setup, tmp_path, caplog):
         Evaluator(cfg).run()
     assert caplog.text.count("other than 0 and its maximum") == 1
     assert "class carpet_syn" in caplog.text
+
+
+def test_fingerprint_covers_the_resolved_dtypes_not_only_the_precision_flag(setup, tmp_path) -> None:
+    """A record computed under other dtypes (e.g. an old CUDA run where `auto` meant fp16) is never reused."""
+    import torch
+
+    from fdsl.evaluation import _fingerprint
+    from fdsl.model import Runtime
+
+    _, data, ck, _ = setup
+    cfg = parse_config(EvalConfig, tiny_test_argv(data, ck, tmp_path / "out"))
+    fp32 = _fingerprint(cfg, Runtime())
+    assert fp32 == _fingerprint(cfg, Runtime())
+    assert fp32 != _fingerprint(cfg, Runtime(compute_dtype=torch.float16))
+    assert fp32 != _fingerprint(cfg, Runtime(window_align_dtype=torch.float16))
+    assert fp32 == _fingerprint(cfg, Runtime(win_batch=3, align_chunk_mb=7))  # memory bounds change no number

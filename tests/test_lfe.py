@@ -151,6 +151,32 @@ def test_window_encoder_equals_a_second_model_built_at_window_size(tiny_weights,
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("win,stride,starts,win_batch", [(4, 2, [0, 2, 4], 16), (5, 2, [0, 2, 3], 4)])
+def test_window_features_from_cropped_patch_embeddings_equal_encoding_pixel_crops(
+        tiny_weights, imgs, win, stride, starts, win_batch) -> None:
+    """The window path embeds each image once and crops (C, W, W) patch grids: the same features as
+    encoding every explicit (3, W·p, W·p) pixel crop with the backbone, to float summation noise (1e-6)."""
+    model = _model(tiny_weights, win_size=win, win_stride=stride, win_batch=win_batch)
+    x = imgs[:3]
+    want = model.backbone(_crops(x, starts, win))  # L × (3·n, W², C)
+    got = model.extract_windows(x)
+    assert got.image_embeds.shape == want.image_embeds.shape == (3 * len(starts) ** 2, model.backbone.embed_dim)
+    for a, b in zip(got.tokens, want.tokens):
+        assert a.shape == b.shape == (3 * len(starts) ** 2, win * win, model.backbone.width)
+        assert (a - b).abs().max() <= 1e-6
+    assert (got.image_embeds - want.image_embeds).abs().max() <= 1e-6
+    # the patch embedding of a patch-aligned crop is the crop of the image's patch embedding
+    emb = model.backbone.patch_embed(x)  # (3, C, G, G)
+    crop = x[:, :, 2 * PATCH:(2 + win) * PATCH, 0:win * PATCH]
+    assert (model.backbone.patch_embed(crop) - emb[:, :, 2:2 + win, 0:win]).abs().max() <= 1e-6
+
+
+def test_forward_patches_rejects_a_wrong_width(tiny_weights) -> None:
+    model = _model(tiny_weights)
+    with pytest.raises(ConfigError, match="patch embeddings"):
+        model.backbone.forward_patches(torch.zeros(1, model.backbone.width + 1, 4, 4))
+
+
 # ---------------------------------------------------------------------------- winmode blending
 def test_predict_mul_blends_global_and_window_branches(tiny_weights, imgs) -> None:
     w = 0.3

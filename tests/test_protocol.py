@@ -21,14 +21,15 @@ import torch
 from fdsl_test_utils import liven_head
 
 import fdsl.evaluation as evaluation_mod
-from fdsl.backbone import register_model_configs
+from fdsl.backbone import CLIPBackbone, register_model_configs
 from fdsl.checkpoint import save_checkpoint
 from fdsl.config import ModelConfig, config_to_dict, parse_config
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.datasets import load_meta, sample_k_shot, sample_nested_k_shot
+from fdsl.datasets import sample_k_shot, sample_nested_k_shot
 from fdsl.errors import ConfigError
 from fdsl.evaluation import Evaluator
 from fdsl.memory import Alignment, MemoryBank
+from fdsl.meta import load_meta
 from fdsl.model import FDSL
 from fdsl.protocol import PAPER_COLUMNS, SUMMARY_METRICS
 from fdsl.synthetic import make_synthetic_dataset
@@ -72,30 +73,30 @@ def _cfg(setup, save: Path, **opts) -> EvalConfig:
 
 
 class Spy:
-    """Counts what goes through the backbone: reference paths loaded, and images extracted."""
+    """Counts what goes through the backbone: reference paths loaded, and ViT passes (images and windows)."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
         self.ref_paths: list[list[str]] = []
         self.extracted = 0
         self.predict_memories: list[int] = []
         load = evaluation_mod.load_reference_images
-        extract = FDSL.extract
+        forward_patches = CLIPBackbone.forward_patches
         predict = FDSL.predict
 
         def spy_load(root, rel_paths, image_size):
             self.ref_paths.append(list(rel_paths))
             return load(root, rel_paths, image_size)
 
-        def spy_extract(model, images):
-            self.extracted += images.shape[0]
-            return extract(model, images)
+        def spy_forward_patches(backbone, patches):  # every ViT pass: whole images and window crops
+            self.extracted += patches.shape[0]
+            return forward_patches(backbone, patches)
 
         def spy_predict(model, images, memories, out_size=None):
             self.predict_memories.append(len(memories))
             return predict(model, images, memories, out_size)
 
         mp.setattr(evaluation_mod, "load_reference_images", spy_load)
-        mp.setattr(FDSL, "extract", spy_extract)
+        mp.setattr(CLIPBackbone, "forward_patches", spy_forward_patches)
         mp.setattr(FDSL, "predict", spy_predict)
 
 
