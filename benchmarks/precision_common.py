@@ -159,17 +159,25 @@ def run_pass(model: FDSL, built: BuiltSet, runtime_cfg: RuntimeConfig, device: t
     maps, patch, secs = [], [], 0.0
     nn_g: List[torch.Tensor] = []
     nn_w: List[torch.Tensor] = []
-    recorded: List[BackboneOutput] = []
+    recorded: List[BackboneOutput] = []  # global features of the batch (FDSL.extract)
+    recorded_w: List[BackboneOutput] = []  # window feature chunks of the batch (FDSL.window_chunks)
     if with_nn:  # keep the features predict computes, to read its nearest-normal decisions afterwards
         def extract(x: torch.Tensor) -> BackboneOutput:
             out = FDSL.extract(model, x)
             recorded.append(out)
             return out
+
+        def window_chunks(x: torch.Tensor):
+            for chunk in FDSL.window_chunks(model, x):
+                recorded_w.append(chunk)
+                yield chunk
         model.extract = extract  # type: ignore[method-assign]
+        model.window_chunks = window_chunks  # type: ignore[method-assign]
     try:
         for s in range(0, len(images), batch):
             x = images[s:s + batch].to(device)
             recorded.clear()
+            recorded_w.clear()
             sync(device)
             t = time.perf_counter()
             out = model.predict(x, [memory], spec.cal_size)[0]
@@ -178,18 +186,17 @@ def run_pass(model: FDSL, built: BuiltSet, runtime_cfg: RuntimeConfig, device: t
             maps.append(out.anomaly_map.float().cpu().numpy())
             patch.append(out.patch_score.double().cpu().numpy())
             if with_nn:
-                glob = recorded[0] if model.cfg.winmode != "onlywin" else None
-                wins = recorded[1:] if glob is not None else recorded
-                if glob is not None:
-                    part = _nearest(memory.global_bank, glob, model.alignment_for(window=False))
+                if model.cfg.winmode != "onlywin":
+                    part = _nearest(memory.global_bank, recorded[0], model.alignment_for(window=False))
                     nn_g = part if not nn_g else [torch.cat([a, b]) for a, b in zip(nn_g, part)]
-                for chunk in wins if model.use_windows else []:
+                for chunk in recorded_w if model.use_windows else []:
                     part = _nearest(memory.window_bank, chunk, model.alignment_for(window=True))
                     nn_w = part if not nn_w else [torch.cat([a, b]) for a, b in zip(nn_w, part)]
     finally:
         model.__dict__.pop("extract", None)
+        model.__dict__.pop("window_chunks", None)
     if with_nn and model.use_windows and not nn_w:
-        raise RuntimeError("no window features passed through FDSL.extract during predict; "
+        raise RuntimeError("no window features passed through FDSL.window_chunks during predict; "
                            "update precision_common.run_pass to where window features are computed now")
     amap, ps = np.concatenate(maps), np.concatenate(patch)
     score = normalised_image_scores(ps, amap.reshape(len(amap), -1).max(axis=1).astype(np.float64))
