@@ -5,7 +5,7 @@
 #   bash demo.sh                                       # ViT-L-14-336, OpenAI weights (downloaded once)
 #   FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh   # a local open_clip / OpenAI CLIP weights file (offline)
 #   FDSL_PRETRAINED=none bash demo.sh                  # random-weight smoke run, tiny model, under a minute on CPU
-#   bash demo.sh --device cpu --out demo_runs          # options go to `python -m fdsl.demo` (see --help)
+#   bash demo.sh --device cpu --out demo_runs          # options go to `python -m fdsl.cli.demo` (see --help)
 #
 # The full-size model is CPU-heavy; with a CUDA GPU it takes minutes. Reruns reuse finished work.
 set -euo pipefail
@@ -14,4 +14,4 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet -e .
-exec .venv/bin/python -m fdsl.demo "$@"
+exec .venv/bin/python -m fdsl.cli.demo "$@"

@@ -6,7 +6,7 @@ Example (1-shot VisA with a model trained on MVTec AD):
 """
 import sys
 
-from fdsl.cli import test_main
+from fdsl.cli.jobs import test_main
 
 if __name__ == "__main__":
     sys.exit(test_main())

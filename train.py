@@ -5,7 +5,7 @@ Example (a model for testing VisA, trained on MVTec AD):
 """
 import sys
 
-from fdsl.cli import train_main
+from fdsl.cli.jobs import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

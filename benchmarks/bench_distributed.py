@@ -38,10 +38,10 @@ def _worker(args: argparse.Namespace, rest: list) -> None:
     """One rank: evaluate with `rest` as test.py's options; rank 0 prints the timing as JSON."""
     import torch
 
-    from fdsl import distributed
     from fdsl.config import TestConfig, parse_config
-    from fdsl.evaluation import Evaluator
-    from fdsl.utils import setup_logging
+    from fdsl.engine import distributed
+    from fdsl.engine.evaluation import Evaluator
+    from fdsl.io import setup_logging
 
     torch.set_num_threads(args.threads)
     cfg = parse_config(TestConfig, rest)
@@ -61,11 +61,11 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
     import open_clip
     import torch
 
-    from fdsl.backbone import register_model_configs
-    from fdsl.checkpoint import save_checkpoint
     from fdsl.config import ModelConfig, config_to_dict
-    from fdsl.model import FDSL
-    from fdsl.synthetic import make_synthetic_dataset
+    from fdsl.core.backbone import register_model_configs
+    from fdsl.core.model import FDSL
+    from fdsl.data.synthetic import make_synthetic_dataset
+    from fdsl.engine.checkpoint import save_checkpoint
 
     register_model_configs()
     good = args.n_test // 3

@@ -21,7 +21,7 @@ the weights), it reports:
 * memory: RSS once the model is built, the peak RSS increase during evaluation (VmHWM reset just
   before) and the whole child's peak (ru_maxrss, model build included), the window and global
   bank sizes, and how many ViT modules / weight copies the model holds;
-* ``fdsl.metrics.aupro`` and ``pixel_metrics`` time on ``--metric_maps`` random maps (a child too).
+* ``fdsl.engine.metrics.aupro`` and ``pixel_metrics`` time on ``--metric_maps`` random maps (a child too).
 
     python benchmarks/bench_eval.py --winmode nan mul --precision fp32 bf16 --batch 1 --json /tmp/eval.json
 """
@@ -74,7 +74,7 @@ def vit_flops(bb, grid: int) -> float:
 
 def flop_model(model, B: int, k: int) -> Dict[str, float]:
     """FLOPs per part for a batch of B query images against a k-shot memory (2 per multiply-add)."""
-    from fdsl.windows import n_windows
+    from fdsl.core.windows import n_windows
 
     bb, cfg = model.backbone, model.cfg
     G, W, C, L = bb.grid_size, cfg.win_size, bb.width, len(bb.layers)
@@ -129,9 +129,9 @@ def _split(model, x, mem, spec: Result, sync) -> Result:
     """Time predict's steps one by one (see the module docstring); per-window parts extrapolated."""
     import torch
 
-    from fdsl.model import combine_layers
-    from fdsl.utils import autocast
-    from fdsl.windows import n_windows, split_windows, stitch_windows
+    from fdsl.core.model import combine_layers
+    from fdsl.core.runtime import autocast
+    from fdsl.core.windows import n_windows, split_windows, stitch_windows
 
     clock = _Clock(sync)
     size = model.runtime.out_size
@@ -195,9 +195,9 @@ def _synthetic_refs(model, ref):
     import torch
     import torch.nn.functional as F
 
-    from fdsl.backbone import BackboneOutput
-    from fdsl.model import RefFeatures
-    from fdsl.windows import n_windows
+    from fdsl.core.backbone import BackboneOutput
+    from fdsl.core.model import RefFeatures
+    from fdsl.core.windows import n_windows
 
     g = model.encode_references(ref, windows=False).global_feats
     if not model.use_windows:
@@ -215,9 +215,8 @@ def child_model(spec: Result) -> Result:
     import torch
 
     from fdsl.config import ModelConfig, RuntimeConfig
-    from fdsl.model import FDSL
-    from fdsl.run import resolve_runtime
-    from fdsl.utils import resolve_device
+    from fdsl.core.model import FDSL
+    from fdsl.core.runtime import resolve_device, resolve_runtime
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -314,7 +313,7 @@ def blob_masks(n: int, size: int, rng, anomalous_frac: float = 0.5):
 def child_metrics(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from fdsl.metrics import aupro, pixel_metrics
+    from fdsl.engine.metrics import aupro, pixel_metrics
 
     rng = np.random.default_rng(0)
     n, size = spec["metric_maps"], spec["metric_size"]

@@ -65,14 +65,14 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 def _rows_per_chunk(rows: int, cols: int, chunk_mb: int, dtype) -> int:
     """Query rows of one similarity block, as the library's `Alignment.rows_per_chunk`."""
-    from fdsl.memory import Alignment
+    from fdsl.core.memory import Alignment
 
     return Alignment(chunk_mb=chunk_mb).rows_per_chunk(rows, cols, dtype)
 
 
 # ----------------------------------------------------------------------------- geometry and cost
 def geometry(a: argparse.Namespace) -> dict[str, int]:
-    from fdsl.windows import n_windows
+    from fdsl.core.windows import n_windows
 
     grid = a.image_size // a.patch
     return {"grid": grid, "N": grid * grid, "C": a.width, "L": a.layers, "D": a.embed_dim,
@@ -100,7 +100,7 @@ def meta_memory(geo: dict[str, int], k: int, dtype_name: str):
     """FDSLMemory of k reference images on the meta device: its byte counts cost nothing."""
     import torch
 
-    from fdsl.memory import FDSLMemory, MemoryBank
+    from fdsl.core.memory import FDSLMemory, MemoryBank
 
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
 
@@ -130,7 +130,7 @@ def _fill_unit(t, gen, rows: int = 1 << 16) -> None:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from fdsl.memory import Alignment, MemoryBank
+    from fdsl.core.memory import Alignment, MemoryBank
 
     out: dict[str, Any] = {"status": "ok", "load_before": loadavg()}
     torch.set_num_threads(spec["threads"])

@@ -2,7 +2,7 @@
 
 What it measures (figures in benchmarks/README.md):
 
-* on a synthetic set (``fdsl.synthetic.make_synthetic_dataset``, ``--n_train`` normal train images and
+* on a synthetic set (``fdsl.data.synthetic.make_synthetic_dataset``, ``--n_train`` normal train images and
   ``--n_good`` + ``--n_bad`` test images per class), the wall time of ``Evaluator.run`` for
   - one single run (``--single_k``, default 1, seed = the first of ``--seeds``), and
   - the full protocol (``--shots`` 1 2 4 × ``--seeds`` 10 11 12 13 14) in one run,
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from fdsl.backbone import register_model_configs
-from fdsl.checkpoint import save_checkpoint
 from fdsl.config import ModelConfig, TestConfig, config_to_dict
-from fdsl.evaluation import Evaluator
-from fdsl.model import FDSL
-from fdsl.synthetic import make_synthetic_dataset
-from fdsl.windows import n_windows
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.model import FDSL
+from fdsl.core.windows import n_windows
+from fdsl.data.synthetic import make_synthetic_dataset
+from fdsl.engine.checkpoint import save_checkpoint
+from fdsl.engine.evaluation import Evaluator
 
 
 class Timers:
@@ -106,8 +106,8 @@ def per_image(model: FDSL, shots, seeds, batch: int = 1, repeats: int = 2) -> di
     this measures the test-image side only, cheaply enough for ViT-L on a loaded CPU. Each figure is the
     minimum over `repeats` (the first repeat includes warm-up).
     """
-    from fdsl.backbone import BackboneOutput
-    from fdsl.model import RefFeatures, combine_layers
+    from fdsl.core.backbone import BackboneOutput
+    from fdsl.core.model import RefFeatures, combine_layers
 
     g = torch.Generator().manual_seed(0)
     u = max(shots) * len(seeds)

@@ -50,9 +50,9 @@ from precision_common import (  # noqa: E402
 )
 
 from fdsl.config import TestConfig, TrainConfig  # noqa: E402
-from fdsl.evaluation import Evaluator  # noqa: E402
-from fdsl.training import Trainer  # noqa: E402
-from fdsl.utils import resolve_device  # noqa: E402
+from fdsl.core.runtime import resolve_device  # noqa: E402
+from fdsl.engine.evaluation import Evaluator  # noqa: E402
+from fdsl.engine.training import Trainer  # noqa: E402
 
 TOL = 1e-4
 TINY_QUICK = dataclasses.replace(TINY, key="tiny_quick", n_train=2, n_good=2, n_bad=2)

@@ -22,17 +22,17 @@ import numpy as np
 import open_clip
 import torch
 
-from fdsl import metrics
-from fdsl.backbone import BackboneOutput, register_model_configs
-from fdsl.checkpoint import save_checkpoint
 from fdsl.config import ModelConfig, RuntimeConfig, config_to_dict
-from fdsl.datasets import AnomalyDataset, load_reference_images, sample_k_shot
-from fdsl.evaluation import normalised_image_scores
-from fdsl.memory import FDSLMemory, MemoryBank, nearest_normal
-from fdsl.meta import load_meta
-from fdsl.model import FDSL
-from fdsl.run import resolve_runtime
-from fdsl.synthetic import liven_head, make_synthetic_dataset
+from fdsl.core.backbone import BackboneOutput, register_model_configs
+from fdsl.core.memory import FDSLMemory, MemoryBank, nearest_normal
+from fdsl.core.model import FDSL
+from fdsl.core.runtime import resolve_runtime
+from fdsl.data.datasets import AnomalyDataset, load_reference_images, sample_k_shot
+from fdsl.data.meta import load_meta
+from fdsl.data.synthetic import liven_head, make_synthetic_dataset
+from fdsl.engine import metrics
+from fdsl.engine.checkpoint import save_checkpoint
+from fdsl.engine.evaluation import normalised_image_scores
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: Optional[torch
 
 def load_model(built: BuiltSet, winmode: str, device: torch.device) -> FDSL:
     """The set's model with its livened head, on `device`."""
-    from fdsl.checkpoint import load_head
+    from fdsl.engine.checkpoint import load_head
 
     model = FDSL.from_config(built.spec.model_config(built.weights, winmode))
     load_head(model.head, built.checkpoint, len(built.spec.features), True)

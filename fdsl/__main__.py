@@ -1,47 +1,7 @@
-"""`fdsl` / `python -m fdsl <command>`: train, test, demo, fit, predict, calibrate."""
-from __future__ import annotations
-
+"""`python -m fdsl <command>`: see `fdsl.cli`."""
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
 
-_USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate} [options]
-
-  train      train the scorers and NAM on a dataset's test split (as train.py)
-  test       k-shot evaluation of a checkpoint, per class (as test.py)
-  demo       synthetic end-to-end demo (as python -m fdsl.demo)
-  fit        a detector file from a checkpoint and a folder of good parts
-  predict    score images with a detector file: scores.csv, overlays, masks
-  calibrate  set a detector's image and pixel thresholds from validation folders
-
-`fdsl <command> --help` lists a command's options."""
-
-
-def _commands() -> Dict[str, Callable[[List[str]], int]]:
-    from . import cli, demo, inspect_cli
-
-    def inspect(cmd: str) -> Callable[[List[str]], int]:
-        return lambda rest: inspect_cli.main([cmd, *rest])
-
-    return {"train": cli.train_main, "test": cli.test_main, "demo": demo.main,
-            **{cmd: inspect(cmd) for cmd in ("fit", "predict", "calibrate")}}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Dispatch `argv[0]` to its sub-command; returns its exit status (2 for an unknown command)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_USAGE)
-        return 0 if argv else 2
-    commands = _commands()
-    if argv[0] not in commands:
-        print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}\n\n{_USAGE}",
-              file=sys.stderr)
-        return 2
-    try:
-        return commands[argv[0]](argv[1:])
-    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-
+from fdsl.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Union
 
-from .errors import ConfigError
+from fdsl.errors import ConfigError
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")

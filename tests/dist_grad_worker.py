@@ -12,11 +12,11 @@ import json
 
 import torch
 
-from fdsl import distributed
-from fdsl.backbone import register_model_configs
 from fdsl.config import ModelConfig
-from fdsl.losses import fdsl_loss
-from fdsl.model import FDSL
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.losses import fdsl_loss
+from fdsl.core.model import FDSL
+from fdsl.engine import distributed
 
 
 def main() -> None:

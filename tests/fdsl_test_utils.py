@@ -4,9 +4,9 @@ import dataclasses
 import torch
 
 from fdsl.config import ModelConfig, RuntimeConfig
-from fdsl.model import FDSL
-from fdsl.run import resolve_runtime
-from fdsl.synthetic import liven_head  # noqa: F401  (re-exported for the test modules)
+from fdsl.core.model import FDSL
+from fdsl.core.runtime import resolve_runtime
+from fdsl.data.synthetic import liven_head  # noqa: F401  (re-exported for the test modules)
 
 _RUNTIME_FIELDS = {f.name for f in dataclasses.fields(RuntimeConfig)}
 
@@ -46,9 +46,9 @@ def tiny_model_config(**overrides):
 
 def save_tiny_checkpoint(path, seed: int = 0, **overrides):
     """An untrained FDSL checkpoint of the tiny model (our format, with its model config); returns the path."""
-    from fdsl.backbone import register_model_configs
-    from fdsl.checkpoint import save_checkpoint
     from fdsl.config import config_to_dict
+    from fdsl.core.backbone import register_model_configs
+    from fdsl.engine.checkpoint import save_checkpoint
 
     register_model_configs()
     mcfg = tiny_model_config(**overrides)
@@ -60,7 +60,7 @@ def save_tiny_checkpoint(path, seed: int = 0, **overrides):
 
 def tiny_data(root, classes=("carpet_syn",), n_train=2, n_test_good=2, n_test_bad=2):
     """A small synthetic MVTec-layout dataset (64 px images) with meta.json."""
-    from fdsl.synthetic import make_synthetic_dataset
+    from fdsl.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(root, classes=classes, n_train=n_train, n_test_good=n_test_good,
                                   n_test_bad=n_test_bad, image_size=64, seed=0)

@@ -3,7 +3,7 @@
     python tests/interrupt_probe.py DELAY[,DELAY...] NTH_CLASS -- <test.py arguments>
 
 Imports the evaluation job once, then per delay forks a child in its own session that runs exactly what
-`test.py` runs (`fdsl.cli.main(TestConfig, "fdsl.evaluation:evaluate", argv)`), waits until the child logs
+`test.py` runs (`fdsl.cli.jobs.main(TestConfig, "fdsl.engine.evaluation:evaluate", argv)`), waits until the child logs
 that its NTH_CLASS-th class's dataset is built (its DataLoader workers start right then), sleeps DELAY
 seconds and sends SIGINT to the child's process group, as Ctrl-C in a terminal does. Each trial writes to
 its own folder, `--save_path` plus `_<trial index>`. Prints one JSON line per delay: {"delay", "rc", "stderr"}.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fdsl.evaluation  # noqa: F401  (the slow import, done once)
-from fdsl.cli import main
+import fdsl.engine.evaluation  # noqa: F401  (the slow import, done once)
+from fdsl.cli.jobs import main
 from fdsl.config import TestConfig
 
 
@@ -29,7 +29,7 @@ def trial(delay: float, nth: int, argv: list) -> dict:
         os.setsid()
         os.close(r)
         os.dup2(w, 2)
-        code = main(TestConfig, "fdsl.evaluation:evaluate", argv)
+        code = main(TestConfig, "fdsl.engine.evaluation:evaluate", argv)
         sys.stderr.flush()
         os._exit(code)
     os.close(w)
@@ -38,7 +38,7 @@ def trial(delay: float, nth: int, argv: list) -> dict:
         seen = 0
         for line in fh:
             out.append(line)
-            if "INFO fdsl.datasets: AnomalyDataset" in line:
+            if "INFO fdsl.data.datasets: AnomalyDataset" in line:
                 seen += 1
                 if seen == nth:
                     time.sleep(delay)

@@ -1,4 +1,4 @@
-"""Tests for fdsl.backbone on the tiny random CLIP (FDSL-Tiny-ViT: patch 14, width 64, 4 blocks).
+"""Tests for fdsl.core.backbone on the tiny random CLIP (FDSL-Tiny-ViT: patch 14, width 64, 4 blocks).
 
 The weights are written by the tests themselves, so the real file-loading path is exercised,
 and the reference for every number is open_clip itself (a model built at the same size and
@@ -19,7 +19,7 @@ from open_clip.model import resize_pos_embed
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from fdsl.backbone import CLIPBackbone, register_model_configs
+from fdsl.core.backbone import CLIPBackbone, register_model_configs
 from fdsl.errors import CheckpointError, ConfigError
 
 MODEL = "FDSL-Tiny-ViT"

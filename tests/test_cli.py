@@ -1,4 +1,4 @@
-"""Tests for the command-line entry points (fdsl.cli): one-line errors, exit codes, Ctrl-C with workers."""
+"""Tests for the command-line entry points (fdsl.cli.jobs): one-line errors, exit codes, Ctrl-C with workers."""
 from __future__ import annotations
 
 import os
@@ -17,10 +17,8 @@ from fdsl_test_utils import (
     tiny_test_argv,
 )
 
-from fdsl.cli import INTERRUPTED, main
-from fdsl.config import (
-    TestConfig as EvalConfig,  # aliased: pytest would try to collect a class named Test*
-)
+from fdsl.cli.jobs import INTERRUPTED, main
+from fdsl.config import TestConfig as EvalConfig  # noqa: I001  (aliased: pytest would collect a class named Test*)
 from fdsl.config import TrainConfig
 from fdsl.errors import DataError, user_message
 
@@ -63,10 +61,10 @@ def test_save_path_that_is_a_file_is_one_line(setup, tmp_path, capsys, where):
     afile = tmp_path / "taken"
     afile.write_text("x")
     target = afile if where == "file" else afile / "run"
-    assert main(EvalConfig, "fdsl.evaluation:evaluate", tiny_test_argv(data, ck, target)) == 2
+    assert main(EvalConfig, "fdsl.engine.evaluation:evaluate", tiny_test_argv(data, ck, target)) == 2
     assert "--save_path" in _error_line(capsys.readouterr().err)
     argv = [*TINY_MODEL_ARGS, "--train_data_path", str(data), "--save_path", str(target), "--k_shot", "1"]
-    assert main(TrainConfig, "fdsl.training:train", argv) == 2
+    assert main(TrainConfig, "fdsl.engine.training:train", argv) == 2
     assert "--save_path" in _error_line(capsys.readouterr().err)
 
 
@@ -79,7 +77,7 @@ def test_unwritable_save_path_is_one_line(setup, tmp_path, capsys, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", denied)
-    assert main(EvalConfig, "fdsl.evaluation:evaluate", tiny_test_argv(data, ck, tmp_path / "ro")) == 2
+    assert main(EvalConfig, "fdsl.engine.evaluation:evaluate", tiny_test_argv(data, ck, tmp_path / "ro")) == 2
     assert "Permission denied" in _error_line(capsys.readouterr().err)
 
 
@@ -95,7 +93,7 @@ def test_train_worker_data_error_is_one_line(setup, tmp_path, capsys):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     argv = [*TINY_MODEL_ARGS, "--train_data_path", str(root), "--save_path", str(tmp_path / "run"), "--k_shot",
             "1", "--classes", CLASSES[0], "--epoch", "1", "--batch_size", "2", "--num_workers", "2"]
-    assert main(TrainConfig, "fdsl.training:train", argv) == 2
+    assert main(TrainConfig, "fdsl.engine.training:train", argv) == 2
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("error: Cannot decode mask") and str(bad) in line
 
@@ -115,7 +113,7 @@ def _interrupt_once(data: Path, ck: Path, out: Path, delay: float, nth_class: in
             if not line:
                 break
             lines.append(line)
-            if "INFO fdsl.datasets: AnomalyDataset" in line:
+            if "INFO fdsl.data.datasets: AnomalyDataset" in line:
                 seen += 1
                 if seen == nth_class:
                     time.sleep(delay)

@@ -1,4 +1,4 @@
-"""Tests for fdsl.datasets: meta.json reading, image/mask loading, preprocessing,
+"""Tests for fdsl.data.datasets: meta.json reading, image/mask loading, preprocessing,
 augmentations and k-shot selection. Everything runs on tiny synthetic trees."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdsl.datasets import (
+from fdsl.data.datasets import (
     AnomalyDataset,
     load_reference_images,
     mosaic,
@@ -23,9 +23,9 @@ from fdsl.datasets import (
     sample_k_shot,
     write_k_shot_file,
 )
+from fdsl.data.images import OPENAI_MEAN, OPENAI_STD, image_transform, load_mask, load_rgb, mask_transform
+from fdsl.data.meta import load_meta
 from fdsl.errors import ConfigError, DataError
-from fdsl.images import OPENAI_MEAN, OPENAI_STD, image_transform, load_mask, load_rgb, mask_transform
-from fdsl.meta import load_meta
 
 W, H = 200, 120  # non-square on purpose (VisA-like)
 GRAY = (128, 128, 128)
@@ -652,7 +652,7 @@ def test_load_meta_rejects_specie_names_that_are_not_plain(tmp_path):
 
 
 def test_select_classes_refuses_a_class_without_test_images(tmp_path):
-    from fdsl.meta import select_classes
+    from fdsl.data.meta import select_classes
 
     meta = make_tree(tmp_path, classes=("bottle", "cable"), n_train=1, n_good=1, n_bad=1)
     meta["test"]["cable"] = []
@@ -669,7 +669,7 @@ def test_sample_k_shot_without_normal_train_images_says_so():
 
 
 def test_class_data_fingerprint_covers_items_and_files(tmp_path):
-    from fdsl.meta import class_data_fingerprint
+    from fdsl.data.meta import class_data_fingerprint
 
     meta = make_tree(tmp_path, classes=("bottle",), n_train=2, n_good=2, n_bad=2)
     items = meta["test"]["bottle"]
@@ -691,7 +691,7 @@ def test_class_data_fingerprint_covers_items_and_files(tmp_path):
 
 
 def test_non_binary_masks_are_flagged_and_warned_once_per_class(tmp_path, caplog):
-    from fdsl.datasets import warn_nonbinary_masks
+    from fdsl.data.datasets import warn_nonbinary_masks
 
     make_tree(tmp_path, classes=("bottle", "cable"), n_train=1, n_good=1, n_bad=2, mask_value=3)
     ds = AnomalyDataset(tmp_path, "test", None, image_size=56, mask_size=28)

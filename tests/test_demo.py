@@ -1,4 +1,4 @@
-"""`python -m fdsl.demo`: the random-weight smoke run end to end, its rerun, and the offline message."""
+"""`python -m fdsl.cli.demo`: the random-weight smoke run end to end, its rerun, and the offline message."""
 from __future__ import annotations
 
 import os
@@ -14,14 +14,14 @@ TEST_CLASSES = ("brick_syn", "tissue_syn")
 
 
 # The quick setting (less data, fewer epochs) is reachable from Python only, not from the user's parser.
-_QUICK = "import sys; from fdsl.demo import main; sys.exit(main(sys.argv[1:], quick=True))"
+_QUICK = "import sys; from fdsl.cli.demo import main; sys.exit(main(sys.argv[1:], quick=True))"
 
 
 def run_demo(*args, env: dict | None = None, timeout: int = 600, quick: bool = True) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
     for name in ("FDSL_PRETRAINED", "FDSL_MODEL"):  # the defaults under test come from these
         full_env.pop(name, None)
-    entry = ["-c", _QUICK] if quick else ["-m", "fdsl.demo"]
+    entry = ["-c", _QUICK] if quick else ["-m", "fdsl.cli.demo"]
     return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -81,7 +81,7 @@ def test_offline_real_weights_explain_fdsl_pretrained(tmp_path):
 
 
 def test_user_parser_has_no_hidden_options():
-    from fdsl.demo import build_parser
+    from fdsl.cli.demo import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--quick"])

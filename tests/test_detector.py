@@ -1,4 +1,4 @@
-"""Fitted detectors (fdsl.detector) and the inspection CLI (`python -m fdsl fit | predict | calibrate`).
+"""Fitted detectors (fdsl.inspect.detector) and the inspection CLI (`python -m fdsl fit | predict | calibrate`).
 
 One tiny checkpoint (a random head with data-driven BN statistics, LFE on) and one synthetic MVTec-layout class
 are built per module; everything else reuses them.
@@ -38,13 +38,13 @@ def read_csv(path: Path) -> tuple[list, list]:
 def env(tmp_path_factory) -> SimpleNamespace:
     import open_clip
 
-    from fdsl.backbone import register_model_configs
-    from fdsl.checkpoint import save_checkpoint
     from fdsl.config import ModelConfig
-    from fdsl.datasets import load_reference_images
-    from fdsl.detector import Detector
-    from fdsl.model import FDSL
-    from fdsl.synthetic import make_synthetic_dataset
+    from fdsl.core.backbone import register_model_configs
+    from fdsl.core.model import FDSL
+    from fdsl.data.datasets import load_reference_images
+    from fdsl.data.synthetic import make_synthetic_dataset
+    from fdsl.engine.checkpoint import save_checkpoint
+    from fdsl.inspect.detector import Detector
 
     work = tmp_path_factory.mktemp("detector")
     root = make_synthetic_dataset(work / "B", classes=(CLS,), n_train=4, n_test_good=4, n_test_bad=6,
@@ -69,7 +69,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
 
 
 def _load_quiet(path, **kw):
-    from fdsl.detector import Detector
+    from fdsl.inspect.detector import Detector
 
     return Detector.load(path, device="cpu", precision="fp32", **kw)
 
@@ -80,7 +80,7 @@ def _load_quiet(path, **kw):
 def test_predict_scores_equal_test_py(env, tmp_path):
     """Same shots and checkpoint: predict's score is test.py's 0.5·(patch_score + map_max), map_max its column."""
     from fdsl.config import TestConfig
-    from fdsl.evaluation import Evaluator
+    from fdsl.engine.evaluation import Evaluator
 
     k_file = tmp_path / "k_shot.txt"
     k_file.write_text("".join(p + "\n" for p in env.train))
@@ -102,8 +102,8 @@ def test_predict_scores_equal_test_py(env, tmp_path):
 
 def test_save_load_restores_everything_without_reencoding(env, tmp_path, monkeypatch):
     from fdsl import __version__
-    from fdsl.detector import sha256_file
-    from fdsl.model import FDSL
+    from fdsl.core.model import FDSL
+    from fdsl.inspect.detector import sha256_file
 
     path = env.det.save(tmp_path / "part.fdsl")
     images = sorted((env.root / CLS / "test").rglob("*.png"))
@@ -156,7 +156,7 @@ def test_calibrate_max_fpr_gives_requested_rate(env, tmp_path):
 
 
 def test_calibrate_f1_with_masks_is_f1_max(env, tmp_path):
-    from fdsl import metrics
+    from fdsl.engine import metrics
 
     det = _load_quiet(env.det.save(tmp_path / "part.fdsl"))
     normal = env.root / CLS / "test" / "good"
@@ -173,7 +173,7 @@ def test_calibrate_f1_with_masks_is_f1_max(env, tmp_path):
 
 
 def _pixel_truth(env, preds):
-    from fdsl.images import load_mask, mask_transform
+    from fdsl.data.images import load_mask, mask_transform
 
     gt = np.zeros((len(preds), 240, 240), bool)
     bad = [p for d in env.defects for p in sorted(d.glob("*.png"))]
@@ -241,7 +241,7 @@ def test_newer_format_and_wrong_backbone_are_clear_errors(env, tmp_path):
 
 
 def test_threshold_rules_by_hand():
-    from fdsl.detector import threshold_f1_max, threshold_for_fpr
+    from fdsl.inspect.detector import threshold_f1_max, threshold_for_fpr
 
     s = np.array([0.1, 0.2, 0.3, 0.4])
     assert [threshold_for_fpr(s, r) for r in (0.0, 0.25, 0.5, 1.0)] == [0.4, 0.3, 0.2, 0.1]  # rule: score > t
@@ -251,7 +251,7 @@ def test_threshold_rules_by_hand():
 
 
 def test_output_names_stay_inside_and_unique():
-    from fdsl.inspect_cli import output_names
+    from fdsl.cli.inspection import output_names
 
     names = output_names(["a.png", "a.jpg", "sub/x y#.png", "../../etc/passwd.png", "..hidden/.x.png", "sub/x_y_.png"])
     assert len(set(names)) == len(names)
@@ -265,7 +265,7 @@ def test_output_names_stay_inside_and_unique():
 
 
 def _cli(*args) -> int:
-    from fdsl.inspect_cli import main
+    from fdsl.cli.inspection import main
 
     return main([str(a) for a in args])
 
@@ -374,7 +374,7 @@ def test_cli_bad_input_is_one_line_error(env, tmp_path, capsys):
 
 
 def test_cli_interrupt_exits_130(env, tmp_path, monkeypatch, capsys):
-    from fdsl.detector import Detector
+    from fdsl.inspect.detector import Detector
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -59,7 +59,7 @@ def run(script: str, args: list, nproc: int, cwd: Path, expect_rc: int | None = 
     """`torchrun --standalone --nproc_per_node nproc script args`; with nproc 1, the command in this process
     (the single-process reference; it saves a Python start-up on a busy machine)."""
     if nproc == 1:
-        from fdsl import cli
+        from fdsl.cli import jobs as cli
 
         main = {"train.py": cli.train_main, "test.py": cli.test_main}[script]
         rc = main([str(a) for a in args])
@@ -80,7 +80,7 @@ def run(script: str, args: list, nproc: int, cwd: Path, expect_rc: int | None = 
 def test_global_batch_sampler_slices_the_single_process_batches():
     from torch.utils.data import DataLoader
 
-    from fdsl.distributed import GlobalBatchSampler
+    from fdsl.engine.distributed import GlobalBatchSampler
 
     for n, batch, world in [(9, 8, 2), (21, 8, 2), (21, 8, 4), (5, 4, 2)]:
         for epoch in (1, 2):
@@ -101,7 +101,7 @@ def test_global_batch_sampler_slices_the_single_process_batches():
 
 
 def test_shard_range_covers_whole_batches():
-    from fdsl.distributed import shard_range
+    from fdsl.engine.distributed import shard_range
 
     for n, batch, world in [(18, 4, 2), (9, 4, 2), (3, 4, 2), (100, 8, 3), (0, 4, 2)]:
         parts = [shard_range(n, batch, r, world) for r in range(world)]
@@ -111,7 +111,7 @@ def test_shard_range_covers_whole_batches():
 
 
 def test_per_rank_batch_must_divide():
-    from fdsl.distributed import per_rank_batch
+    from fdsl.engine.distributed import per_rank_batch
     from fdsl.errors import ConfigError
 
     assert per_rank_batch(8, 2) == 4
@@ -120,7 +120,7 @@ def test_per_rank_batch_must_divide():
 
 
 def test_helpers_are_noops_without_torchrun():
-    from fdsl import distributed
+    from fdsl.engine import distributed
 
     assert not distributed.active() and distributed.is_main() and distributed.world_size() == 1
     assert distributed.gather_to_main(3) == [3]
@@ -153,8 +153,8 @@ def test_one_step_gradients_match_one_process():
 def data(tmp_path_factory) -> SimpleNamespace:
     import open_clip
 
-    from fdsl.backbone import register_model_configs
-    from fdsl.synthetic import make_synthetic_dataset
+    from fdsl.core.backbone import register_model_configs
+    from fdsl.data.synthetic import make_synthetic_dataset
 
     work = tmp_path_factory.mktemp("dist")
     # Training set: 3 classes × 3 test images = 9 → global batches of 8 and 1 (one rank's slice of the
@@ -202,7 +202,7 @@ def trained(data: SimpleNamespace) -> SimpleNamespace:
 
 
 def test_training_two_ranks_match_one_process(trained):
-    from fdsl.checkpoint import read_checkpoint
+    from fdsl.engine.checkpoint import read_checkpoint
 
     log1, log2 = (trained.one / "log.txt").read_text(), (trained.two / "log.txt").read_text()
     l1, l2 = epoch_losses(log1), epoch_losses(log2)

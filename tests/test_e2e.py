@@ -77,8 +77,8 @@ def data(work: Path) -> SimpleNamespace:
     """Datasets A (training) and B (unseen classes, 1-shot test) and the tiny CLIP's weights file."""
     import open_clip
 
-    from fdsl.backbone import register_model_configs
-    from fdsl.synthetic import make_synthetic_dataset
+    from fdsl.core.backbone import register_model_configs
+    from fdsl.data.synthetic import make_synthetic_dataset
 
     a = make_synthetic_dataset(work / "A", classes=TRAIN_CLASSES, n_train=4, n_test_good=12, n_test_bad=36,
                                image_size=128, seed=0)
@@ -121,10 +121,10 @@ def evaluated(work: Path, data: SimpleNamespace, trained: SimpleNamespace) -> Si
 
 @pytest.fixture(scope="module")
 def untrained(work: Path, data: SimpleNamespace) -> dict:
-    """1-shot results on B of a fresh, untrained head saved with fdsl.checkpoint.save_checkpoint."""
-    from fdsl.checkpoint import save_checkpoint
+    """1-shot results on B of a fresh, untrained head saved with fdsl.engine.checkpoint.save_checkpoint."""
     from fdsl.config import ModelConfig, config_to_dict
-    from fdsl.model import FDSL
+    from fdsl.core.model import FDSL
+    from fdsl.engine.checkpoint import save_checkpoint
 
     mcfg = ModelConfig(model=TINY, pretrained=str(data.weights), image_size=112, features_list=[1, 2, 3, 4],
                        few_shot_features=[1, 2, 3, 4])
@@ -148,7 +148,7 @@ def multi_seed(work: Path, data: SimpleNamespace, trained: SimpleNamespace) -> S
 
 
 def test_train_writes_checkpoints_kshot_config_and_log(data, trained):
-    from fdsl.checkpoint import read_checkpoint
+    from fdsl.engine.checkpoint import read_checkpoint
 
     names = sorted(p.name for p in trained.dir.glob("epoch_*.pth"))
     assert names == sorted(f"epoch_{e}.pth" for e in range(1, EPOCHS + 1))
@@ -275,7 +275,7 @@ def test_rerun_train_does_no_more_epochs(work, data, trained, evaluated):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(work, data, trained):
-    from fdsl.checkpoint import read_checkpoint
+    from fdsl.engine.checkpoint import read_checkpoint
 
     out = work / "train_interrupted"
     shutil.copytree(trained.dir, out)

@@ -1,4 +1,4 @@
-"""Tests for fdsl.evaluation: reconciling settings with the checkpoint, resume on changed data, strict JSON,
+"""Tests for fdsl.engine.evaluation: reconciling settings with the checkpoint, resume on changed data, strict JSON,
 refusing a training folder, one-line data errors (also from DataLoader workers), non-binary mask warnings."""
 from __future__ import annotations
 
@@ -16,16 +16,14 @@ from fdsl_test_utils import (
 )
 from PIL import Image
 
-from fdsl.cli import main
-from fdsl.config import (
-    TestConfig as EvalConfig,  # aliased: pytest would try to collect a class named Test*
-)
+from fdsl.cli.jobs import main
+from fdsl.config import TestConfig as EvalConfig  # noqa: I001  (aliased: pytest would collect a class named Test*)
 from fdsl.config import parse_config
+from fdsl.data.meta import build_mvtec_meta, write_meta
+from fdsl.engine.evaluation import Evaluator
 from fdsl.errors import CheckpointError
-from fdsl.evaluation import Evaluator
-from fdsl.meta import build_mvtec_meta, write_meta
 
-JOB = "fdsl.evaluation:evaluate"
+JOB = "fdsl.engine.evaluation:evaluate"
 
 
 @pytest.fixture(autouse=True)
@@ -210,8 +208,8 @@ def test_fingerprint_covers_the_resolved_dtypes_not_only_the_precision_flag(setu
     """A record computed under other dtypes (e.g. an old CUDA run where `auto` meant fp16) is never reused."""
     import torch
 
-    from fdsl.evaluation import _fingerprint
-    from fdsl.model import Runtime
+    from fdsl.core.runtime import Runtime
+    from fdsl.engine.evaluation import _fingerprint
 
     _, data, ck, _ = setup
     cfg = parse_config(EvalConfig, tiny_test_argv(data, ck, tmp_path / "out"))

@@ -25,13 +25,13 @@ import torch
 from fdsl_test_utils import build_model, liven_head, tiny_lfe_settings
 from torch import nn
 
-from fdsl.backbone import CLIPBackbone, register_model_configs
-from fdsl.cli import main
+from fdsl.cli.jobs import main
 from fdsl.config import ModelConfig, RuntimeConfig, TrainConfig, build_parser, parse_config
 from fdsl.config import TestConfig as EvalConfig
+from fdsl.core.backbone import CLIPBackbone, register_model_configs
+from fdsl.core.model import FDSL, combine_layers
+from fdsl.core.runtime import resolve_runtime
 from fdsl.errors import ConfigError
-from fdsl.model import FDSL, combine_layers
-from fdsl.run import resolve_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "FDSL-Tiny-ViT"
@@ -382,7 +382,7 @@ def test_runtime_precision_policy(kw, expect) -> None:
 
 
 def test_fp16_window_alignment_on_cpu_warns(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="fdsl.run"):
+    with caplog.at_level(logging.WARNING, logger="fdsl.engine.context"):
         _runtime(align_precision="fp16")
     assert "slower than fp32" in caplog.text
 
@@ -479,8 +479,8 @@ def test_scripts_pass_winmode_through_to_test_py(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def trained(tiny_weights, tmp_path_factory):
     """Train the tiny model on synthetic dataset A (in-process, known-good setting); test data B."""
-    from fdsl.synthetic import make_synthetic_dataset
-    from fdsl.training import Trainer
+    from fdsl.data.synthetic import make_synthetic_dataset
+    from fdsl.engine.training import Trainer
 
     base = tmp_path_factory.mktemp("lfe_e2e")
     a = make_synthetic_dataset(base / "A", ("carpet_syn", "wood_syn"), n_train=4, n_test_good=12, n_test_bad=36,
@@ -501,7 +501,7 @@ def trained(tiny_weights, tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")  # --aupro 0 leaves AUPRO NaN
 @pytest.mark.parametrize("winmode", ["mul", "onlywin"])
 def test_end_to_end_lfe_detects_synthetic_defects(trained, tiny_weights, winmode) -> None:
-    from fdsl.evaluation import evaluate
+    from fdsl.engine.evaluation import evaluate
 
     base, data, ckpt = trained
     out = base / f"eval_{winmode}"

@@ -1,4 +1,4 @@
-"""Tests for fdsl.losses: focal and dice on probability maps, worked by hand and against a plain re-implementation."""
+"""Tests for fdsl.core.losses: focal and dice on probability maps, by hand and against a plain re-implementation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fdsl.losses import dice_loss, fdsl_loss, focal_loss
+from fdsl.core.losses import dice_loss, fdsl_loss, focal_loss
 
 EPS = 1e-5
 

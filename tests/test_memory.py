@@ -1,4 +1,4 @@
-"""Tests for fdsl.memory: nearest-normal search, residuals and the memory-bank module (METHOD.md §2–3)."""
+"""Tests for fdsl.core.memory: nearest-normal search, residuals and the memory-bank module (METHOD.md §2–3)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fdsl.core.memory import Alignment, MemoryBank, nearest_normal, residual
 from fdsl.errors import ConfigError
-from fdsl.memory import Alignment, MemoryBank, nearest_normal, residual
 
 
 def _data(q: int, m: int, c: int, seed: int, unit: bool) -> tuple[torch.Tensor, torch.Tensor]:

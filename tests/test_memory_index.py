@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from fdsl_test_utils import build_model, liven_head, tiny_lfe_settings
 
-import fdsl.memory as memory_mod
-from fdsl.backbone import register_model_configs
-from fdsl.checkpoint import save_checkpoint
+import fdsl.core.memory as memory_mod
 from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.memory import Alignment, FDSLMemory, MemoryBank, nearest_in_items
-from fdsl.model import FDSL
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, nearest_in_items
+from fdsl.core.model import FDSL
+from fdsl.engine.checkpoint import save_checkpoint
 
 MODEL = "FDSL-Tiny-ViT"
 SIZE, GRID, WIDTH, EMBED = 112, 8, 64, 32
@@ -364,9 +364,9 @@ def test_fdsl_memory_nbytes_moves_with_to_and_is_in_state_dict(tiny_weights, img
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")  # aupro=False leaves AUPRO NaN
 def test_results_json_reports_memory_bank_bytes(tiny_weights, tmp_path) -> None:
-    from fdsl.datasets import load_reference_images, read_k_shot_file
-    from fdsl.evaluation import Evaluator
-    from fdsl.synthetic import make_synthetic_dataset
+    from fdsl.data.datasets import load_reference_images, read_k_shot_file
+    from fdsl.data.synthetic import make_synthetic_dataset
+    from fdsl.engine.evaluation import Evaluator
 
     data = make_synthetic_dataset(tmp_path / "data", ("carpet_syn", "wood_syn"), n_train=4, n_test_good=2,
                                   n_test_bad=3, image_size=64, seed=3)

@@ -1,4 +1,4 @@
-"""Tests for fdsl.meta and the data/mvtec.py, data/visa.py command-line tools."""
+"""Tests for fdsl.data.meta and the data/mvtec.py, data/visa.py command-line tools."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fdsl.data.meta import MVTEC_CLASSES, VISA_CLASSES, build_mvtec_meta, build_visa_meta, meta_summary, write_meta
 from fdsl.errors import DataError
-from fdsl.meta import (
-    MVTEC_CLASSES,
-    VISA_CLASSES,
-    build_mvtec_meta,
-    build_visa_meta,
-    meta_summary,
-    write_meta,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM_KEYS = ["img_path", "mask_path", "cls_name", "specie_name", "anomaly"]
@@ -310,7 +303,7 @@ def test_visa_cli(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["../../victim", "a/b", "a\\b", "..", ".", "", " "])
 def test_check_class_name_rejects_path_like_names(name: str) -> None:
-    from fdsl.meta import check_class_name
+    from fdsl.data.meta import check_class_name
 
     with pytest.raises(DataError, match="not a plain name"):
         check_class_name(name, "here")
@@ -365,7 +358,7 @@ def test_visa_row_climbing_out_of_root_is_refused(tmp_path: Path) -> None:
 def test_index_main_read_only_root_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     import contextlib
 
-    import fdsl.meta as meta_mod
+    import fdsl.data.meta as meta_mod
 
     root = _mvtec_tree(tmp_path / "root")
 

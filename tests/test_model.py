@@ -1,4 +1,4 @@
-"""Tests for fdsl.model: scorer, NAM, grid layout, layer combination and FDSL end to end (METHOD.md §4, §6)."""
+"""Tests for fdsl.core.model: scorer, NAM, grid layout, layer combination and FDSL end to end (METHOD.md §4, §6)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.backbone import register_model_configs
 from fdsl.config import ModelConfig
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.memory import Alignment
+from fdsl.core.model import FDSL, NAM, FDSLHead, FDSLOutput, Scorer, combine_layers, to_grid, upsample
 from fdsl.errors import ConfigError
-from fdsl.memory import Alignment
-from fdsl.model import FDSL, NAM, FDSLHead, FDSLOutput, Scorer, combine_layers, to_grid, upsample
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

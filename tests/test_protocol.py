@@ -20,19 +20,19 @@ import pytest
 import torch
 from fdsl_test_utils import liven_head
 
-import fdsl.evaluation as evaluation_mod
-from fdsl.backbone import CLIPBackbone, register_model_configs
-from fdsl.checkpoint import save_checkpoint
+import fdsl.engine.evaluation as evaluation_mod
 from fdsl.config import ModelConfig, config_to_dict, parse_config
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.datasets import sample_k_shot, sample_nested_k_shot
+from fdsl.core.backbone import CLIPBackbone, register_model_configs
+from fdsl.core.memory import Alignment, MemoryBank
+from fdsl.core.model import FDSL
+from fdsl.data.datasets import sample_k_shot, sample_nested_k_shot
+from fdsl.data.meta import load_meta
+from fdsl.data.synthetic import make_synthetic_dataset
+from fdsl.engine.checkpoint import save_checkpoint
+from fdsl.engine.evaluation import Evaluator
+from fdsl.engine.protocol import PAPER_COLUMNS, SUMMARY_METRICS
 from fdsl.errors import ConfigError
-from fdsl.evaluation import Evaluator
-from fdsl.memory import Alignment, MemoryBank
-from fdsl.meta import load_meta
-from fdsl.model import FDSL
-from fdsl.protocol import PAPER_COLUMNS, SUMMARY_METRICS
-from fdsl.synthetic import make_synthetic_dataset
 
 TINY = "FDSL-Tiny-ViT"
 SIZE = 112
@@ -251,7 +251,7 @@ def test_resume_skips_finished_runs(protocol, setup, caplog):
     assert again[(2, 4)] == results[(2, 4)]
     # One missing (k, seed, class): only it is recomputed, with only its own references.
     (save / "k2" / "seed_4" / "per_class" / f"{CLASSES[1]}.json").unlink()
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="fdsl.evaluation"):
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="fdsl.engine.evaluation"):
         spy = Spy(mp)
         again = Evaluator(cfg, model=ev.model).run()
     assert [sorted(p) for p in spy.ref_paths] == [sorted(ev.refs[(2, 4)][CLASSES[1]])]

@@ -17,14 +17,14 @@ import pytest
 import torch
 from fdsl_test_utils import liven_head
 
-from fdsl.backbone import register_model_configs
-from fdsl.checkpoint import read_checkpoint, save_checkpoint
 from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
-from fdsl.evaluation import Evaluator
-from fdsl.model import FDSL
-from fdsl.synthetic import make_synthetic_dataset
-from fdsl.utils import atomic_torch_save
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.model import FDSL
+from fdsl.data.synthetic import make_synthetic_dataset
+from fdsl.engine.checkpoint import read_checkpoint, save_checkpoint
+from fdsl.engine.evaluation import Evaluator
+from fdsl.io import atomic_torch_save
 
 TINY = "FDSL-Tiny-ViT"
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -104,7 +104,7 @@ def test_scores_are_pinned(built, name: str) -> None:
 def run_training(tmp: Path, data: Path, weights: Path) -> list:
     """Per-epoch mean losses of a 2-epoch training run on the synthetic set (mosaic augmentation on)."""
     from fdsl.config import TrainConfig
-    from fdsl.training import Trainer
+    from fdsl.engine.training import Trainer
 
     cfg = TrainConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=list(LAYERS),
                       few_shot_features=list(LAYERS), train_data_path=str(data), save_path=str(tmp / "train"),

@@ -1,4 +1,4 @@
-"""Tests for the synthetic MVTec/VisA-layout dataset generators in fdsl.synthetic."""
+"""Tests for the synthetic MVTec/VisA-layout dataset generators in fdsl.data.synthetic."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fdsl.data.meta import build_mvtec_meta, build_visa_meta
+from fdsl.data.synthetic import DEFECT_TYPES, MARKER_FILENAME, make_synthetic_dataset, make_synthetic_visa, synth_image
 from fdsl.errors import ConfigError, DataError
-from fdsl.meta import build_mvtec_meta, build_visa_meta
-from fdsl.synthetic import (
-    DEFECT_TYPES,
-    MARKER_FILENAME,
-    make_synthetic_dataset,
-    make_synthetic_visa,
-    synth_image,
-)
 
 SMALL = dict(n_train=3, n_test_good=2, n_test_bad=6, image_size=64)
 

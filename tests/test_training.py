@@ -1,4 +1,4 @@
-"""Tests for fdsl.training: resuming refuses changed settings; bad input and temp-file clean-up."""
+"""Tests for fdsl.engine.training: resuming refuses changed settings; bad input and temp-file clean-up."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,12 @@ import logging
 import pytest
 from fdsl_test_utils import TINY_MODEL_ARGS, drop_fdsl_log_handlers, tiny_data
 
-from fdsl.cli import main
+from fdsl.cli.jobs import main
 from fdsl.config import TrainConfig, config_to_dict, parse_config
+from fdsl.engine.training import RESUME_NEUTRAL, Trainer, check_resume_config
 from fdsl.errors import ConfigError
-from fdsl.training import RESUME_NEUTRAL, Trainer, check_resume_config
 
-JOB = "fdsl.training:train"
+JOB = "fdsl.engine.training:train"
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def test_stale_temp_files_are_removed_on_start(data, tmp_path, caplog):
     other.write_text("mine")
     cfg = parse_config(TrainConfig, _argv(data, out))
     with caplog.at_level(logging.INFO):
-        from fdsl.training import train
+        from fdsl.engine.training import train
         train(cfg)
     assert not stale.exists() and other.exists()
     assert "left by an interrupted write" in caplog.text

@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdsl.core.runtime import resolve_align_precision, resolve_device, resolve_precision
 from fdsl.errors import ConfigError
-from fdsl.utils import (
-    atomic_open,
-    atomic_torch_save,
-    atomic_write_json,
-    resolve_align_precision,
-    resolve_device,
-    resolve_precision,
-)
+from fdsl.io import atomic_open, atomic_torch_save, atomic_write_json
 
 
 @pytest.fixture
@@ -155,7 +149,7 @@ def test_atomic_write_json_writes_null_for_undefined_numbers(tmp_path):
     import json as _json
     import math as _math
 
-    from fdsl.utils import atomic_write_json
+    from fdsl.io import atomic_write_json
 
     atomic_write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 0.5}})
     text = (tmp_path / "r.json").read_text()
@@ -165,7 +159,7 @@ def test_atomic_write_json_writes_null_for_undefined_numbers(tmp_path):
 
 
 def test_prepare_run_dir_cleans_only_our_stale_temp_files(tmp_path):
-    from fdsl.utils import atomic_write_text, prepare_run_dir
+    from fdsl.io import atomic_write_text, prepare_run_dir
 
     run = tmp_path / "run"
     (run / "per_class").mkdir(parents=True)
@@ -179,14 +173,14 @@ def test_prepare_run_dir_cleans_only_our_stale_temp_files(tmp_path):
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in keep)
     atomic_write_text(run / "a.txt", "x")  # the naming atomic_open really uses is matched
-    import fdsl.utils as u
+    import fdsl.io as u
     assert u._TEMP_NAME.fullmatch(".a.txt.abcd_123.tmp")
 
 
 def test_prepare_run_dir_one_line_errors(tmp_path, monkeypatch):
     import tempfile as _tempfile
 
-    from fdsl.utils import prepare_run_dir
+    from fdsl.io import prepare_run_dir
 
     afile = tmp_path / "f"
     afile.write_text("x")
@@ -207,7 +201,7 @@ def test_hold_sigint_defers_the_interrupt_to_the_end_of_the_block():
     import os as _os
     import signal as _signal
 
-    from fdsl.utils import hold_sigint
+    from fdsl.engine.signals import hold_sigint
 
     reached = []
     with pytest.raises(KeyboardInterrupt):

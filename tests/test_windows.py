@@ -1,19 +1,12 @@
-"""Tests for fdsl.windows: window placement, split, stitch and coverage (METHOD.md §5)."""
+"""Tests for fdsl.core.windows: window placement, split, stitch and coverage (METHOD.md §5)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fdsl.core.windows import coverage, n_windows, split_windows, stitch_windows, window_grid, window_starts
 from fdsl.errors import ConfigError
-from fdsl.windows import (
-    coverage,
-    n_windows,
-    split_windows,
-    stitch_windows,
-    window_grid,
-    window_starts,
-)
 
 # (grid, win, stride): default FDSL, released-code stride, non-multiple cases, edge cases.
 GEOMETRIES = [

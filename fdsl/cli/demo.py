@@ -1,8 +1,8 @@
 """End-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps.
 
-    python -m fdsl.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
-    python -m fdsl.demo --pretrained none      # tiny random-weight CLIP: a smoke run in well under a minute
-    FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.demo   # a local weights file (offline machines)
+    python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
+    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run in well under a minute
+    FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
 
 Two synthetic MVTec-layout datasets are written under ``<out>/data/``: the model is trained on
 A (its test split, with masks, as in the cross-dataset protocol) and evaluated 1-shot on B,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .errors import ConfigError, FDSLError
+from fdsl.errors import ConfigError, FDSLError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def full_setting(model: str, quick: bool = False) -> DemoSetting:
     """The full-size setting: `model` at ~518 px, four evenly spaced blocks (6 12 18 24 for ViT-L)."""
     import open_clip
 
-    from .backbone import register_model_configs
+    from fdsl.core.backbone import register_model_configs
 
     register_model_configs()
     cfg = open_clip.get_model_config(model)
@@ -105,7 +105,7 @@ def _weights_label(pretrained: str) -> str:
 
 def ensure_dataset(root: Path, spec: dict) -> Path:
     """Generate the synthetic dataset `spec` at `root` unless an identical one is already there."""
-    from .synthetic import make_synthetic_dataset
+    from fdsl.data.synthetic import make_synthetic_dataset
 
     stamp = root / _DATA_STAMP
     wanted = json.loads(json.dumps(spec))  # tuples -> lists, as stored
@@ -136,7 +136,7 @@ def fetch_failure_message(exc: Exception, model: str, pretrained: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fdsl.demo", description=__doc__.split("\n\n")[0],
+        prog="python -m fdsl.cli.demo", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out", default="demo_runs", help="folder for the synthetic data, checkpoints and results")
     parser.add_argument("--pretrained", default=os.environ.get("FDSL_PRETRAINED") or "openai",
@@ -184,11 +184,11 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
 
     `quick` (tests only) shrinks the data and the schedule.
     """
-    from .config import TestConfig, TrainConfig, model_config_from
-    from .evaluation import evaluate, format_table
-    from .model import FDSL
-    from .training import train
-    from .utils import resolve_device, seed_everything
+    from fdsl.config import TestConfig, TrainConfig, model_config_from
+    from fdsl.core.model import FDSL
+    from fdsl.core.runtime import resolve_device, seed_everything
+    from fdsl.engine.evaluation import evaluate, format_table
+    from fdsl.engine.training import train
 
     setting = choose_setting(args.model, args.pretrained, quick)
     device = resolve_device(args.device)
@@ -244,9 +244,9 @@ def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, device: str, precis
     this only illustrates the commands; calibrate on separate validation images for real parts.
     Returns the predict output folder. A detector newer than the checkpoint is reused.
     """
-    from .detector import Detector
-    from .inspect_cli import predict_folder
-    from .utils import setup_logging
+    from fdsl.cli.inspection import predict_folder
+    from fdsl.inspect.detector import Detector
+    from fdsl.io import setup_logging
 
     setup_logging(out / "log.txt")
     det_file = out / f"{cls_dir.name}.fdsl"
@@ -263,8 +263,9 @@ def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, device: str, precis
 
 def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
+    from fdsl.io import LibraryNoise, setup_logging
+
     from .cli import run_job
-    from .utils import LibraryNoise, setup_logging
 
     args = build_parser().parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import PRECISIONS, ModelConfig, field_type, parse_bool
-from .errors import ConfigError, FDSLError
-from .utils import PathLike
+from fdsl.config import PRECISIONS, ModelConfig, field_type, parse_bool
+from fdsl.errors import ConfigError, FDSLError
+from fdsl.io import PathLike
 
 log = logging.getLogger("fdsl.inspect")
 
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from .detector import Detector
+    from fdsl.inspect.detector import Detector
 
     out = Path(args.out)
     if out.is_dir():
@@ -119,7 +119,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .detector import Detector
+    from fdsl.inspect.detector import Detector
 
     det = Detector.load(args.detector, device=args.device, precision=args.precision, pretrained=args.pretrained)
     rep = det.calibrate(args.normal, args.anomalous, masks=args.masks, max_fpr=args.max_fpr,
@@ -186,7 +186,7 @@ def _read_rows(path: Path) -> Dict[str, dict]:
 
 
 def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
-    from .utils import atomic_open
+    from fdsl.io import atomic_open
 
     with atomic_open(path, "wb") as fh:
         Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
@@ -216,10 +216,10 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     """
     from tqdm import tqdm
 
-    from .detector import Detector, list_images
-    from .images import load_rgb
-    from .overlay import render_overlay
-    from .utils import atomic_write_json, atomic_write_text
+    from fdsl.data.images import load_rgb
+    from fdsl.inspect.detector import Detector, list_images
+    from fdsl.inspect.overlay import render_overlay
+    from fdsl.io import atomic_write_json, atomic_write_text
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -323,7 +323,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one sub-command; returns the exit status (2 on bad input, 130 on Ctrl-C)."""
-    from .utils import setup_logging
+    from fdsl.io import setup_logging
 
     parser = build_parser()
     try:

@@ -10,8 +10,8 @@ import logging
 import sys
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .config import parse_config
-from .errors import FDSLError, user_message
+from fdsl.config import parse_config
+from fdsl.errors import FDSLError, user_message
 
 INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
@@ -26,7 +26,7 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
     except FDSLError as exc:
         logging.getLogger("fdsl").debug("error details", exc_info=True)
         line = explain(exc) if explain else f"error: {user_message(exc)}"
-        distributed = sys.modules.get("fdsl.distributed")  # loaded (with torch) when a job ran
+        distributed = sys.modules.get("fdsl.engine.distributed")  # loaded (with torch) when a job ran
         if distributed is not None:
             line = distributed.error_line(exc, line)  # torchrun: printed once
         if line:
@@ -50,12 +50,12 @@ def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = N
     """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message.
 
     `job` may be given as ``"module:function"``; it is then imported inside the guarded call. Under
-    torchrun, every rank runs `job(cfg)` inside the job's process group (`fdsl.distributed`).
+    torchrun, every rank runs `job(cfg)` inside the job's process group (`fdsl.engine.distributed`).
     """
     def go() -> Any:
         cfg = parse_config(cls, argv, description)
         fn = _resolve(job)
-        from . import distributed
+        from fdsl.engine import distributed
 
         with distributed.session(cfg.device):
             return fn(cfg)
@@ -65,13 +65,13 @@ def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = N
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`fdsl-train` / `python train.py`: train the scorers and NAM."""
-    from .config import TrainConfig
+    from fdsl.config import TrainConfig
 
-    return main(TrainConfig, "fdsl.training:train", argv)
+    return main(TrainConfig, "fdsl.engine.training:train", argv)
 
 
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     """`fdsl-test` / `python test.py`: k-shot evaluation of a checkpoint."""
-    from .config import TestConfig
+    from fdsl.config import TestConfig
 
-    return main(TestConfig, "fdsl.evaluation:evaluate", argv)
+    return main(TestConfig, "fdsl.engine.evaluation:evaluate", argv)

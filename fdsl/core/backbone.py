@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from fdsl.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import ALIGN_MODES
-from .errors import ConfigError
+from fdsl.config import ALIGN_MODES
+from fdsl.errors import ConfigError
 
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BackboneOutput, CLIPBackbone
-from .config import ModelConfig
-from .errors import ConfigError
-from .memory import Alignment, FDSLMemory, MemoryBank, group_nested
-from .utils import autocast
-from .windows import n_windows, split_windows, stitch_windows
+from fdsl.config import ModelConfig
+from fdsl.core.backbone import BackboneOutput, CLIPBackbone
+from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, group_nested
+from fdsl.core.runtime import Runtime, autocast
+from fdsl.core.windows import n_windows, split_windows, stitch_windows
+from fdsl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -90,37 +89,12 @@ class FDSLHead(nn.Module):
         return raw, self.refine(raw)
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """How a model runs, resolved once (no order dependency between settings). Changes no fp32 number.
-
-    Attributes:
-        compute_dtype: autocast dtype of the backbone (fp32 = autocast off).
-        align_dtype: dtype of the global branch's similarity product and argmax (fp32 in every run).
-        window_align_dtype: dtype of the window branch's similarity product and argmax (``--align_precision``).
-        bank_dtype: storage dtype of the global memory bank.
-        window_bank_dtype: storage dtype of the window memory bank.
-        win_batch: windows encoded by the backbone at once (LFE memory bound).
-        align_chunk_mb: bound, in MiB, on the similarity block held during alignment.
-        out_size: side of the anomaly maps returned by `predict` (the evaluation size).
-    """
-
-    compute_dtype: torch.dtype = torch.float32
-    align_dtype: torch.dtype = torch.float32
-    window_align_dtype: torch.dtype = torch.float32
-    bank_dtype: torch.dtype = torch.float32
-    window_bank_dtype: torch.dtype = torch.float32
-    win_batch: int = 16
-    align_chunk_mb: int = 64
-    out_size: int = 240
-
-
 class FDSLOutput(NamedTuple):
     """Predictions for a batch.
 
     pred_score: (B,) single-image score ``image_score(patch_score, map_max)`` = 0.5·(patch_score + map_max).
         Evaluation reports ``image_score(patch_score, minmax(map_max))`` instead, normalising map_max over
-        a class's test images (`fdsl.evaluation.normalised_image_scores`); a single image cannot be.
+        a class's test images (`fdsl.engine.evaluation.normalised_image_scores`); a single image cannot be.
     anomaly_map: (B, H, W) anomaly probability at the evaluation size.
     patch_score: (B,) mean over layers of the max anomalous probability on the patch grid
         (blended with the window branch's in winmode mul).
@@ -164,7 +138,7 @@ class FDSL(nn.Module):
     Typical use::
 
         model = FDSL.from_config(cfg)
-        fdsl.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
+        fdsl.engine.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
         model.fit(reference_images)      # (k, 3, S, S) normal images of one class
         out = model(images)              # FDSLOutput
     """
@@ -412,7 +386,7 @@ def check_geometry(cfg: ModelConfig) -> Optional[int]:
     """
     import open_clip
 
-    from .backbone import register_model_configs
+    from fdsl.core.backbone import register_model_configs
 
     register_model_configs(cfg.model_config)
     vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})

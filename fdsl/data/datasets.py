@@ -1,7 +1,7 @@
 """The dataset and k-shot reference selection for MVTec AD and VisA.
 
-``meta.json`` is read and validated by `fdsl.meta`; images and masks are loaded and preprocessed
-by `fdsl.images`. This module provides:
+``meta.json`` is read and validated by `fdsl.data.meta`; images and masks are loaded and preprocessed
+by `fdsl.data.images`. This module provides:
 
 * ``select_classes``, ``class_data_fingerprint``, ``warn_nonbinary_masks``;
 * ``AnomalyDataset``: a map-style dataset, with the training augmentations of METHOD §8
@@ -23,8 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fdsl.errors import ConfigError, DataError
-from fdsl.images import (
+from fdsl.data.images import (
     check_size,
     image_transform,
     load_mask,
@@ -35,8 +34,9 @@ from fdsl.images import (
     to_rgb,
     to_tensor_normalised,
 )
-from fdsl.meta import SPLITS, Meta, is_absolute, load_meta, normalise_rel_path, validate_meta
-from fdsl.utils import atomic_write_text
+from fdsl.data.meta import SPLITS, Meta, is_absolute, load_meta, normalise_rel_path, validate_meta
+from fdsl.errors import ConfigError, DataError
+from fdsl.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

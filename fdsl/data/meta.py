@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 from fdsl.errors import DataError
-from fdsl.utils import atomic_open
+from fdsl.io import atomic_open
 
 logger = logging.getLogger(__name__)
 

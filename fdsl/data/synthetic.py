@@ -28,8 +28,8 @@ from PIL import Image
 from skimage import data as skdata
 from skimage import draw
 
+from fdsl.data.meta import build_mvtec_meta, build_visa_meta, write_meta
 from fdsl.errors import ConfigError, DataError
-from fdsl.meta import build_mvtec_meta, build_visa_meta, write_meta
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def _prepare_root(root: Path, owned: Sequence[str]) -> None:
     marker = root / MARKER_FILENAME
     if any(root.iterdir()) and not marker.is_file():
         raise DataError(
-            f"synthetic dataset root {root} is not empty and was not made by fdsl.synthetic "
+            f"synthetic dataset root {root} is not empty and was not made by fdsl.data.synthetic "
             f"(no {MARKER_FILENAME}); pick an empty or new folder"
         )
     for name in owned:
@@ -290,7 +290,7 @@ def _prepare_root(root: Path, owned: Sequence[str]) -> None:
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-    marker.write_text("made by fdsl.synthetic; folders named in meta.json are regenerated on the next run\n")
+    marker.write_text("made by fdsl.data.synthetic; folders named in meta.json are regenerated on the next run\n")
 
 
 def _size(image_size: int, non_square: bool) -> tuple[int, int]:
@@ -432,7 +432,7 @@ def liven_head(model, refs, calib):
     A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
     The BN statistics are the cumulative average over one global and one window pass of `calib`
     against a memory of `refs` (both branches, whatever the model's winmode). For tests and benchmarks
-    on random weights; `model` is an `fdsl.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
+    on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
     Returns `model`.
     """
     import torch  # torch is imported lazily: the data generators above do not need it

@@ -14,8 +14,8 @@ from typing import Any, Collection, Dict, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .utils import PathLike, atomic_torch_save
+from fdsl.errors import CheckpointError
+from fdsl.io import PathLike, atomic_torch_save
 
 log = logging.getLogger(__name__)
 

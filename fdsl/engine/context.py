@@ -3,7 +3,7 @@
 A `RunContext` resolves the device and the runtime (precision, bank dtype, memory bounds), reads
 the dataset's ``meta.json`` and the classes to run, builds the model (or adopts a given one),
 loads a trained head, and writes the run folder's ``config.json``. `Trainer` and `Evaluator`
-(and `fdsl.demo` through them) hold one instead of repeating that set-up.
+(and `fdsl.cli.demo` through them) hold one instead of repeating that set-up.
 """
 from __future__ import annotations
 
@@ -11,61 +11,15 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import torch
-
-from . import distributed
-from .checkpoint import load_head
-from .config import ModelConfig, RuntimeConfig, config_to_dict, model_config_from
-from .meta import Meta, load_meta, select_classes
-from .model import FDSL, Runtime
-from .utils import atomic_write_json, resolve_align_precision, resolve_device, resolve_precision
+from fdsl.config import ModelConfig, config_to_dict, model_config_from
+from fdsl.core.model import FDSL
+from fdsl.core.runtime import dtype_name, resolve_device, resolve_runtime
+from fdsl.data.meta import Meta, load_meta, select_classes
+from fdsl.engine import distributed
+from fdsl.engine.checkpoint import load_head
+from fdsl.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-_BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 240) -> Runtime:
-    """The model's `Runtime` from the command-line settings, resolved once for `device`.
-
-    Precision policy (METHOD.md §6b):
-
-    * the backbone runs under autocast to ``--precision`` (``auto`` = fp32 on every device);
-    * the global branch's similarity and argmax are always fp32;
-    * the window branch's are in ``--align_precision`` (default fp32; fp16 is the released code's GPU path);
-    * ``--bank_dtype auto`` stores each bank in the dtype its alignment computes in: the global bank fp32,
-      the window bank in the ``--align_precision`` dtype, so no per-search copy is needed. ``fp32`` or
-      ``fp16`` forces both banks' storage (fp16 storage under fp32 alignment keeps one fp32 search copy
-      per layer while aligning, so it saves memory at rest, not at the peak);
-    * an fp32 runtime on CUDA turns TF32 off (process-wide), so fp32 on a GPU matches fp32 on the CPU.
-    """
-    dtype = resolve_precision(cfg.precision, device)
-    window_align = resolve_align_precision(cfg.align_precision, device)
-    if window_align is torch.float16 and device.type == "cpu":
-        log.warning("--align_precision fp16 on the CPU runs, but PyTorch's CPU fp16 matrix products are "
-                    "slower than fp32 here; it is meant for CUDA")
-    if device.type == "cuda" and dtype == torch.float32:
-        strict_fp32_on_cuda()  # every path that resolves an fp32 CUDA runtime (runs, detectors, benchmarks)
-    forced = _BANK_DTYPES.get(cfg.bank_dtype)
-    return Runtime(compute_dtype=dtype, align_dtype=torch.float32, window_align_dtype=window_align,
-                   bank_dtype=forced or torch.float32, window_bank_dtype=forced or window_align,
-                   win_batch=cfg.win_batch, align_chunk_mb=cfg.align_chunk_mb, out_size=out_size)
-
-
-def strict_fp32_on_cuda() -> None:
-    """fp32 means fp32 on CUDA too: turn off TF32 (10-bit mantissa), which PyTorch allows by default for
-    cuDNN convolutions (the ViT's patch embedding), so an fp32 CUDA run matches an fp32 CPU run.
-
-    This sets process-wide PyTorch flags; a run context is the whole process's job.
-    """
-    if torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32:
-        log.info("fp32 on CUDA: TF32 off for cuDNN convolutions and matrix products")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def _name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 class RunContext:
@@ -109,9 +63,10 @@ class RunContext:
         if checkpoint is not None:
             meta = load_head(model.head, checkpoint, len(self.cfg.features_list), self.cfg.use_nam)
         rt = self.runtime
+        names = [dtype_name(d) for d in (rt.compute_dtype, rt.align_dtype, rt.window_align_dtype, rt.bank_dtype,
+                                         rt.window_bank_dtype)]
         log.info("device %s, backbone %s, alignment global %s / window %s, banks %s / %s, %d classes",
-                 self.device, _name(rt.compute_dtype), _name(rt.align_dtype), _name(rt.window_align_dtype),
-                 _name(rt.bank_dtype), _name(rt.window_bank_dtype), len(self.classes))
+                 self.device, *names, len(self.classes))
         return model.to(self.device), meta
 
     def write_config(self) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from .errors import ConfigError, FDSLError
+from fdsl.errors import ConfigError, FDSLError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def is_main() -> bool:
 def device() -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` under nccl, the CPU under gloo."""
     if _STATE is None:
-        raise RuntimeError("fdsl.distributed.device() outside a multi-process session")
+        raise RuntimeError("fdsl.engine.distributed.device() outside a multi-process session")
     return _STATE.device
 
 

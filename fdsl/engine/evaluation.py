@@ -23,10 +23,11 @@ from tabulate import tabulate
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import distributed, metrics
-from .checkpoint import reconcile_with_checkpoint
-from .config import TestConfig, config_to_dict, explicit_fields
-from .datasets import (
+from fdsl.config import TestConfig, config_to_dict, explicit_fields
+from fdsl.core.memory import FDSLMemory
+from fdsl.core.model import FDSL, image_score
+from fdsl.core.runtime import Runtime
+from fdsl.data.datasets import (
     AnomalyDataset,
     load_reference_images,
     read_k_shot_file,
@@ -35,20 +36,14 @@ from .datasets import (
     warn_nonbinary_masks,
     write_k_shot_file,
 )
-from .errors import CheckpointError, ConfigError
-from .images import load_rgb
-from .memory import FDSLMemory
-from .meta import class_data_fingerprint
-from .model import FDSL, Runtime, image_score
-from .run import RunContext
-from .utils import (
-    atomic_write_json,
-    atomic_write_text,
-    interruptible,
-    prepare_run_dir,
-    setup_logging,
-    worker_ignore_sigint,
-)
+from fdsl.data.images import load_rgb
+from fdsl.data.meta import class_data_fingerprint
+from fdsl.engine import distributed, metrics
+from fdsl.engine.checkpoint import reconcile_with_checkpoint
+from fdsl.engine.context import RunContext
+from fdsl.engine.signals import interruptible, worker_ignore_sigint
+from fdsl.errors import CheckpointError, ConfigError
+from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +112,7 @@ class Evaluator:
 
     One k and one seed is today's single run (written into ``save_path``); one k and several seeds
     write ``save_path/seed_<s>``; several k write ``save_path/k<k>/seed_<s>``. Each such folder holds
-    exactly what a single run writes. With several runs, `fdsl.protocol` writes the summary.
+    exactly what a single run writes. With several runs, `fdsl.engine.protocol` writes the summary.
     """
 
     def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
@@ -296,7 +291,7 @@ class Evaluator:
 
     def _save_images(self, run: Run, cls: str, paths: List[str], species: List[str], masks: np.ndarray,
                      maps: np.ndarray) -> None:
-        from .visualize import save_side_by_side
+        from fdsl.inspect.overlay import save_side_by_side
 
         out = self.run_dir(run) / "images" / cls
         for p, sp, m, a in zip(paths, species, masks, maps):
@@ -310,7 +305,7 @@ class Evaluator:
         Under torchrun every rank scores its share; rank 0 alone writes files, decides what is finished and
         returns the results (the other ranks return {}).
         """
-        from .protocol import write_summary
+        from fdsl.engine.protocol import write_summary
 
         main = distributed.is_main()
         if main:

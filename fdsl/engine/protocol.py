@@ -1,6 +1,6 @@
 """The paper's protocol summary: per dataset and per k, every metric as mean ± std over seeds.
 
-`fdsl.evaluation.Evaluator` runs every (k, seed) of a protocol (``--k_shot 1 2 4 --seeds ...``) and
+`fdsl.engine.evaluation.Evaluator` runs every (k, seed) of a protocol (``--k_shot 1 2 4 --seeds ...``) and
 hands the per-run, per-class metrics here. This module only summarises them:
 
 - ``summary.md``: one table per k, a row per class and the mean row, in the paper's column order
@@ -23,7 +23,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .utils import atomic_open, atomic_write_json, atomic_write_text
+from fdsl.io import atomic_open, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,24 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import distributed
-from .checkpoint import load_head, save_checkpoint
-from .config import TrainConfig, config_to_dict
-from .datasets import AnomalyDataset, load_reference_images, sample_k_shot, warn_nonbinary_masks, write_k_shot_file
-from .errors import ConfigError, FDSLError
-from .losses import fdsl_loss
-from .memory import MemoryBank
-from .model import FDSL
-from .run import RunContext
-from .utils import PathLike, interruptible, prepare_run_dir, seed_everything, setup_logging, worker_ignore_sigint
+from fdsl.config import TrainConfig, config_to_dict
+from fdsl.core.losses import fdsl_loss
+from fdsl.core.memory import MemoryBank
+from fdsl.core.model import FDSL
+from fdsl.core.runtime import seed_everything
+from fdsl.data.datasets import (
+    AnomalyDataset,
+    load_reference_images,
+    sample_k_shot,
+    warn_nonbinary_masks,
+    write_k_shot_file,
+)
+from fdsl.engine import distributed
+from fdsl.engine.checkpoint import load_head, save_checkpoint
+from fdsl.engine.context import RunContext
+from fdsl.engine.signals import interruptible, worker_ignore_sigint
+from fdsl.errors import ConfigError, FDSLError
+from fdsl.io import PathLike, prepare_run_dir, setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
-from .checkpoint import load_head, read_checkpoint
-from .config import ModelConfig, RuntimeConfig
-from .errors import CheckpointError, ConfigError, DataError
-from .images import image_transform, load_mask, load_rgb, mask_transform, to_rgb
-from .memory import FDSLMemory, MemoryBank
-from .model import FDSL
-from .run import resolve_runtime
-from .utils import PathLike, resolve_device
+from fdsl import __version__
+from fdsl.config import ModelConfig, RuntimeConfig
+from fdsl.core.memory import FDSLMemory, MemoryBank
+from fdsl.core.model import FDSL
+from fdsl.core.runtime import resolve_device, resolve_runtime
+from fdsl.data.images import image_transform, load_mask, load_rgb, mask_transform, to_rgb
+from fdsl.engine.checkpoint import load_head, read_checkpoint
+from fdsl.errors import CheckpointError, ConfigError, DataError
+from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> Tuple[float, flo
 
     t is the midpoint between the best cut's lowest flagged score and the next lower distinct score.
     """
-    from .metrics import binary_curve
+    from fdsl.engine.metrics import binary_curve
 
     curve = binary_curve(labels, scores)  # positive iff score >= thresholds[i]
     n_pos = float(np.asarray(labels).sum())
