@@ -27,8 +27,9 @@ from fdsl.core.backbone import BackboneOutput, register_model_configs
 from fdsl.core.memory import FDSLMemory, MemoryBank, nearest_normal
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_runtime
-from fdsl.data.datasets import AnomalyDataset, load_reference_images, sample_k_shot
+from fdsl.data.datasets import AnomalyDataset
 from fdsl.data.meta import load_meta
+from fdsl.data.shots import load_reference_images, sample_k_shot
 from fdsl.data.synthetic import liven_head, make_synthetic_dataset
 from fdsl.engine import metrics
 from fdsl.engine.checkpoint import save_checkpoint

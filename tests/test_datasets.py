@@ -14,17 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdsl.data.datasets import (
-    AnomalyDataset,
-    load_reference_images,
-    mosaic,
-    random_crop_resize,
-    read_k_shot_file,
-    sample_k_shot,
-    write_k_shot_file,
-)
+from fdsl.data.augment import mosaic, random_crop_resize
+from fdsl.data.datasets import AnomalyDataset
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD, image_transform, load_mask, load_rgb, mask_transform
 from fdsl.data.meta import load_meta
+from fdsl.data.shots import load_reference_images, read_k_shot_file, sample_k_shot, write_k_shot_file
 from fdsl.errors import ConfigError, DataError
 
 W, H = 200, 120  # non-square on purpose (VisA-like)

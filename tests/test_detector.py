@@ -41,7 +41,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
     from fdsl.config import ModelConfig
     from fdsl.core.backbone import register_model_configs
     from fdsl.core.model import FDSL
-    from fdsl.data.datasets import load_reference_images
+    from fdsl.data.shots import load_reference_images
     from fdsl.data.synthetic import make_synthetic_dataset
     from fdsl.engine.checkpoint import save_checkpoint
     from fdsl.inspect.detector import Detector
@@ -103,7 +103,7 @@ def test_predict_scores_equal_test_py(env, tmp_path):
 def test_save_load_restores_everything_without_reencoding(env, tmp_path, monkeypatch):
     from fdsl import __version__
     from fdsl.core.model import FDSL
-    from fdsl.inspect.detector import sha256_file
+    from fdsl.inspect.files import sha256_file
 
     path = env.det.save(tmp_path / "part.fdsl")
     images = sorted((env.root / CLS / "test").rglob("*.png"))
@@ -241,7 +241,7 @@ def test_newer_format_and_wrong_backbone_are_clear_errors(env, tmp_path):
 
 
 def test_threshold_rules_by_hand():
-    from fdsl.inspect.detector import threshold_f1_max, threshold_for_fpr
+    from fdsl.inspect.thresholds import threshold_f1_max, threshold_for_fpr
 
     s = np.array([0.1, 0.2, 0.3, 0.4])
     assert [threshold_for_fpr(s, r) for r in (0.0, 0.25, 0.5, 1.0)] == [0.4, 0.3, 0.2, 0.1]  # rule: score > t

@@ -19,7 +19,7 @@ from PIL import Image
 from fdsl.cli.jobs import main
 from fdsl.config import TestConfig as EvalConfig  # noqa: I001  (aliased: pytest would collect a class named Test*)
 from fdsl.config import parse_config
-from fdsl.data.meta import build_mvtec_meta, write_meta
+from fdsl.data.indexers import build_mvtec_meta, write_meta
 from fdsl.engine.evaluation import Evaluator
 from fdsl.errors import CheckpointError
 

@@ -364,7 +364,7 @@ def test_fdsl_memory_nbytes_moves_with_to_and_is_in_state_dict(tiny_weights, img
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")  # aupro=False leaves AUPRO NaN
 def test_results_json_reports_memory_bank_bytes(tiny_weights, tmp_path) -> None:
-    from fdsl.data.datasets import load_reference_images, read_k_shot_file
+    from fdsl.data.shots import load_reference_images, read_k_shot_file
     from fdsl.data.synthetic import make_synthetic_dataset
     from fdsl.engine.evaluation import Evaluator
 

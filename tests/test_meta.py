@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fdsl.data.meta import MVTEC_CLASSES, VISA_CLASSES, build_mvtec_meta, build_visa_meta, meta_summary, write_meta
+from fdsl.data.indexers import MVTEC_CLASSES, VISA_CLASSES, build_mvtec_meta, build_visa_meta, meta_summary, write_meta
 from fdsl.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def test_visa_row_climbing_out_of_root_is_refused(tmp_path: Path) -> None:
 def test_index_main_read_only_root_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     import contextlib
 
-    import fdsl.data.meta as meta_mod
+    import fdsl.data.indexers as meta_mod
 
     root = _mvtec_tree(tmp_path / "root")
 

@@ -26,8 +26,8 @@ from fdsl.config import TestConfig as EvalConfig
 from fdsl.core.backbone import CLIPBackbone, register_model_configs
 from fdsl.core.memory import Alignment, MemoryBank
 from fdsl.core.model import FDSL
-from fdsl.data.datasets import sample_k_shot, sample_nested_k_shot
 from fdsl.data.meta import load_meta
+from fdsl.data.shots import sample_k_shot, sample_nested_k_shot
 from fdsl.data.synthetic import make_synthetic_dataset
 from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.evaluation import Evaluator

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fdsl.data.meta import build_mvtec_meta, build_visa_meta
+from fdsl.data.indexers import build_mvtec_meta, build_visa_meta
 from fdsl.data.synthetic import DEFECT_TYPES, MARKER_FILENAME, make_synthetic_dataset, make_synthetic_visa, synth_image
 from fdsl.errors import ConfigError, DataError
 

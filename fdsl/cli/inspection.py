@@ -217,7 +217,8 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     from tqdm import tqdm
 
     from fdsl.data.images import load_rgb
-    from fdsl.inspect.detector import Detector, list_images
+    from fdsl.inspect.detector import Detector
+    from fdsl.inspect.files import list_images
     from fdsl.inspect.overlay import render_overlay
     from fdsl.io import atomic_write_json, atomic_write_text
 

@@ -1,21 +1,14 @@
-"""The dataset and k-shot reference selection for MVTec AD and VisA.
+"""The dataset of MVTec AD and VisA items: ``AnomalyDataset`` and ``warn_nonbinary_masks``.
 
-``meta.json`` is read and validated by `fdsl.data.meta`; images and masks are loaded and preprocessed
-by `fdsl.data.images`. This module provides:
-
-* ``select_classes``, ``class_data_fingerprint``, ``warn_nonbinary_masks``;
-* ``AnomalyDataset``: a map-style dataset, with the training augmentations of METHOD §8
-  (MVTec mosaic, VisA crops) applied to PIL image/mask pairs *before* normalisation;
-* k-shot helpers: ``sample_k_shot``, ``read_k_shot_file``, ``write_k_shot_file`` and
-  ``load_reference_images``.
+``meta.json`` is read and validated by `fdsl.data.meta`; images and masks are loaded by `fdsl.data.images`;
+the training augmentations (METHOD §8) are in `fdsl.data.augment`, applied to PIL image/mask pairs
+*before* normalisation; k-shot selection is in `fdsl.data.shots`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import posixpath
-import zlib
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -23,6 +16,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fdsl.data.augment import (
+    MOSAIC_PROB,
+    VISA_AUG_PROB,
+    VISA_LARGE_CROP,
+    VISA_NORMAL_CROP_PROB,
+    VISA_SMALL_CROP,
+    VISA_SMALL_CROP_PROB,
+    mosaic,
+    random_crop_resize,
+)
 from fdsl.data.images import (
     check_size,
     image_transform,
@@ -31,26 +34,15 @@ from fdsl.data.images import (
     mask_has_anomaly,
     mask_transform,
     resize_mask,
-    to_rgb,
     to_tensor_normalised,
 )
-from fdsl.data.meta import SPLITS, Meta, is_absolute, load_meta, normalise_rel_path, validate_meta
+from fdsl.data.meta import SPLITS, Meta, load_meta, validate_meta
 from fdsl.errors import ConfigError, DataError
-from fdsl.io import atomic_write_text
+from fdsl.io import PathLike
 
 logger = logging.getLogger(__name__)
 
 AUGMENTS = ("mvtec", "visa")
-
-# Augmentation probabilities (METHOD §8).
-MOSAIC_PROB = 0.3
-VISA_AUG_PROB = 0.6
-VISA_NORMAL_CROP_PROB = 0.5
-VISA_SMALL_CROP_PROB = 0.6
-VISA_SMALL_CROP = 50
-VISA_LARGE_CROP = 100
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 
@@ -68,89 +60,6 @@ def warn_nonbinary_masks(batch: Mapping, warned: set) -> None:
 
 
 # ----------------------------------------------------------------------------- augmentations
-
-
-def mosaic(pairs: Sequence[Tuple[Image.Image, Image.Image]], size: int) -> Tuple[Image.Image, Image.Image]:
-    """Tile four (image, mask) pairs into a 2 x 2 mosaic of ``size x size``.
-
-    Order: ``pairs[0]`` top-left, ``[1]`` top-right, ``[2]`` bottom-left, ``[3]``
-    bottom-right. Each tile is resized to its cell (about ``size / 2``): images bicubic,
-    masks bilinear then re-binarised, so the output mask holds only 0/255.
-
-    Args:
-        pairs: four ``(RGB image, L mask)`` pairs; each pair's image and mask share a size.
-        size: output side ``S``.
-
-    Returns:
-        ``(RGB image S x S, L mask S x S)``.
-    """
-    size = check_size(size, "mosaic size")
-    if len(pairs) != 4:
-        raise ConfigError(f"mosaic needs exactly 4 (image, mask) pairs, got {len(pairs)}.")
-    if size < 2:
-        raise ConfigError(f"mosaic size must be at least 2, got {size}.")
-    half = size // 2
-    cells = [(0, 0, half, half), (half, 0, size - half, half),
-             (0, half, half, size - half), (half, half, size - half, size - half)]  # x, y, w, h
-    out_img = Image.new("RGB", (size, size))
-    out_mask = Image.new("L", (size, size), 0)
-    for i, ((img, mask), (x, y, w, h)) in enumerate(zip(pairs, cells)):
-        if img.size != mask.size:
-            raise DataError(f"mosaic pair {i}: image size {img.size} differs from mask size {mask.size}.")
-        out_img.paste(to_rgb(img).resize((w, h), Image.Resampling.BICUBIC), (x, y))
-        out_mask.paste(resize_mask(mask.convert("L"), (w, h)), (x, y))
-    return out_img, out_mask
-
-
-def random_crop_resize(
-    img: Image.Image,
-    mask: Image.Image,
-    crop: int,
-    size: int,
-    rng: np.random.Generator,
-    must_contain_anomaly: bool,
-) -> Tuple[Image.Image, Image.Image]:
-    """Crop the same random ``crop x crop`` window from image and mask, resize back to S x S.
-
-    Args:
-        img: RGB image, already ``S x S`` (any size works; the window lives in its pixels).
-        mask: ``L`` mask (0/255) of the same size.
-        crop: window side in pixels; clamped to the image's shorter side.
-        size: output side ``S``.
-        rng: the random source.
-        must_contain_anomaly: pick a random anomalous pixel, then a window position that
-            contains it (clamped to the image). Falls back to a uniform window when the
-            mask is empty.
-
-    Returns:
-        ``(RGB image S x S, L mask S x S)``; image bicubic, mask bilinear re-binarised 0/255.
-    """
-    size = check_size(size, "crop output size")
-    crop = check_size(crop, "crop")
-    if img.size != mask.size:
-        raise DataError(f"random_crop_resize: image size {img.size} differs from mask size {mask.size}.")
-    width, height = img.size
-    crop = min(crop, width, height)
-    x0: int
-    y0: int
-    if must_contain_anomaly:
-        ys, xs = np.nonzero(np.asarray(mask))
-        if len(xs) == 0:
-            logger.debug("random_crop_resize: anomaly requested but the mask is empty; uniform window")
-            must_contain_anomaly = False
-        else:
-            j = int(rng.integers(len(xs)))
-            px, py = int(xs[j]), int(ys[j])
-            # Window [x0, x0 + crop) contains px and stays inside [0, width).
-            x0 = int(rng.integers(max(0, px - crop + 1), min(px, width - crop) + 1))
-            y0 = int(rng.integers(max(0, py - crop + 1), min(py, height - crop) + 1))
-    if not must_contain_anomaly:
-        x0 = int(rng.integers(0, width - crop + 1))
-        y0 = int(rng.integers(0, height - crop + 1))
-    box = (x0, y0, x0 + crop, y0 + crop)
-    out_img = img.crop(box).resize((size, size), Image.Resampling.BICUBIC)
-    out_mask = resize_mask(mask.crop(box), (size, size))
-    return out_img, out_mask
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -323,168 +232,3 @@ class AnomalyDataset(Dataset):
 # ----------------------------------------------------------------------------- k-shot
 
 
-def _normal_train_paths(meta: Mapping, cls: str) -> List[str]:
-    train = meta.get("train", {}) if isinstance(meta, Mapping) else {}
-    if cls not in train:
-        raise DataError(f"Class {cls!r} has no train split in meta; available: {list(train)}.")
-    return sorted(item["img_path"] for item in train[cls] if int(item["anomaly"]) == 0)
-
-
-def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> List[str]:
-    """Choose ``k`` distinct normal train images of ``cls`` (relative paths).
-
-    The draw uses ``numpy.random.default_rng([seed, crc32(cls)])`` over the class's normal
-    train paths sorted by path, without replacement: the same (seed, class) always gives
-    the same images, whatever other classes are run or how meta.json lists them.
-
-    Raises:
-        ConfigError: if ``k < 1`` or ``seed`` is negative.
-        DataError: if the class is unknown or has fewer than ``k`` normal train images.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k (shots) must be an integer >= 1, got {k!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
-    candidates = _normal_train_paths(meta, cls)
-    if not candidates:
-        raise DataError(f"Class {cls!r} has no normal train images in meta.json, so it has no reference "
-                        "images; add normal images to its train split or leave the class out (--classes).")
-    if k > len(candidates):
-        raise DataError(f"Class {cls!r}: asked for k={k} reference images but its train split "
-                        f"has only {len(candidates)} normal image(s). Use a smaller k.")
-    rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode("utf-8"))])
-    picks = rng.choice(len(candidates), size=int(k), replace=False)
-    return [candidates[int(i)] for i in picks]
-
-
-def sample_nested_k_shot(meta: Mapping, cls: str, ks: Sequence[int], seed: int) -> Dict[int, List[str]]:
-    """Nested reference draws for several shot counts: ``{k: first k of one seeded permutation}``.
-
-    One permutation of the class's normal train paths (sorted by path), drawn with
-    ``numpy.random.default_rng([seed, crc32(cls)]).permutation``, so for a given (seed, class)
-    the k=1 images are among the k=2 images, which are among the k=4 images. Used when one run
-    evaluates several k (the protocol). This is a deliberate difference from `sample_k_shot`
-    (kept for single-k runs, whose draws it must not change) and from the released code, which
-    draws each k independently.
-
-    Raises:
-        ConfigError: if a ``k < 1`` or ``seed`` is negative.
-        DataError: if the class is unknown or has fewer than ``max(ks)`` normal train images.
-    """
-    ks = list(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
-        raise ConfigError(f"k (shots) must be integers >= 1, got {ks!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
-    candidates = _normal_train_paths(meta, cls)
-    if max(ks) > len(candidates):
-        raise DataError(f"Class {cls!r}: asked for k={max(ks)} reference images but its train split "
-                        f"has only {len(candidates)} normal image(s). Use a smaller k.")
-    rng = np.random.default_rng([int(seed), zlib.crc32(cls.encode("utf-8"))])
-    order = rng.permutation(len(candidates))
-    return {int(k): [candidates[int(i)] for i in order[:int(k)]] for k in ks}
-
-
-def _path_parts(raw: str) -> Tuple[str, ...]:
-    norm = posixpath.normpath(raw.replace("\\", "/"))
-    return tuple(p for p in norm.split("/") if p not in ("", "."))
-
-
-def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: int) -> Dict[str, List[str]]:
-    """Read a k-shot file (ours or the released code's) into ``{cls: [rel_path] * k}``.
-
-    Each non-blank line names a train image, relative to the data root or absolute (also an
-    absolute path from another machine). A line matches a train item by exact relative
-    path, else by path suffix: the longest train path whose components end the line (so
-    an absolute path from another machine still matches). The released code appends to
-    the file on every run, so for each class the *last* ``k`` lines are used, in order.
-
-    Raises:
-        ConfigError: if ``k < 1``.
-        DataError: if the file is missing, a line matches no train item, or a
-            requested class has fewer than ``k`` lines.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k (shots) must be an integer >= 1, got {k!r}.")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"k-shot file {path!r} not found.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read k-shot file {path!r} ({exc}).") from exc
-
-    train = meta.get("train", {})
-    owner: Dict[str, str] = {}  # rel path -> class
-    by_parts: Dict[Tuple[str, ...], str] = {}  # path components -> rel path
-    for cls, items in train.items():
-        for item in items:
-            rel = item["img_path"]
-            owner[rel] = cls
-            by_parts[_path_parts(rel)] = rel
-
-    per_class: Dict[str, List[str]] = {}
-    for lineno, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text:
-            continue
-        parts = _path_parts(text)
-        rel = "/".join(parts)
-        if rel not in owner:
-            # Longest train path that is a component-wise suffix of the line, e.g.
-            # '/home/x/mvtec/bottle/train/good/001.png' -> 'bottle/train/good/001.png'.
-            rel = next((by_parts[parts[-j:]] for j in range(len(parts), 0, -1)
-                        if parts[-j:] in by_parts), None)
-            if rel is None:
-                raise DataError(f"{path}:{lineno}: {text!r} matches no train image in meta.json "
-                                "(neither as a root-relative path nor by path suffix); is the file "
-                                "for a different dataset or root?")
-        per_class.setdefault(owner[rel], []).append(rel)
-
-    shots: Dict[str, List[str]] = {}
-    for cls in classes:
-        found = per_class.get(cls, [])
-        if len(found) < k:
-            raise DataError(f"k-shot file {path!r} lists {len(found)} image(s) for class {cls!r}, "
-                            f"fewer than k={k}.")
-        shots[cls] = found[-k:]
-        if len(set(shots[cls])) < k:
-            logger.warning("k-shot file %s: class %s repeats an image among its last %d lines: %s",
-                           path, cls, k, shots[cls])
-    return shots
-
-
-def write_k_shot_file(path: PathLike, shots: Mapping[str, Sequence[str]]) -> None:
-    """Write ``{cls: [rel_path]}`` atomically, one root-relative path per line, classes in order.
-
-    Raises:
-        ConfigError: if a path is absolute or contains a line break.
-    """
-    path = os.fspath(path)
-    lines = []
-    for cls, rels in shots.items():
-        for rel in rels:
-            if is_absolute(rel) or "\n" in rel or "\r" in rel:
-                raise ConfigError(f"k-shot path {rel!r} for class {cls!r} must be a single-line path "
-                                  "relative to the data root.")
-            lines.append(normalise_rel_path(rel))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    logger.info("Wrote %d reference path(s) for %d class(es) to %s", len(lines), len(shots), path)
-
-
-def load_reference_images(root: PathLike, rel_paths: Sequence[str], image_size: int) -> torch.Tensor:
-    """Load k reference images with the test preprocessing.
-
-    Returns:
-        Float tensor (k, 3, S, S), OpenAI-normalised.
-
-    Raises:
-        ConfigError: if ``rel_paths`` is empty.
-        DataError: if an image is missing or corrupt.
-    """
-    if len(rel_paths) == 0:
-        raise ConfigError("load_reference_images needs at least one reference image path.")
-    tf = image_transform(image_size)
-    root = os.fspath(root)
-    return torch.stack([tf(load_rgb(os.path.join(root, rel))) for rel in rel_paths])  # (k, 3, S, S)

@@ -28,7 +28,7 @@ from PIL import Image
 from skimage import data as skdata
 from skimage import draw
 
-from fdsl.data.meta import build_mvtec_meta, build_visa_meta, write_meta
+from fdsl.data.indexers import build_mvtec_meta, build_visa_meta, write_meta
 from fdsl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

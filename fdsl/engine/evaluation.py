@@ -27,17 +27,16 @@ from fdsl.config import TestConfig, config_to_dict, explicit_fields
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
-from fdsl.data.datasets import (
-    AnomalyDataset,
+from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
+from fdsl.data.images import load_rgb
+from fdsl.data.meta import class_data_fingerprint
+from fdsl.data.shots import (
     load_reference_images,
     read_k_shot_file,
     sample_k_shot,
     sample_nested_k_shot,
-    warn_nonbinary_masks,
     write_k_shot_file,
 )
-from fdsl.data.images import load_rgb
-from fdsl.data.meta import class_data_fingerprint
 from fdsl.engine import distributed, metrics
 from fdsl.engine.checkpoint import reconcile_with_checkpoint
 from fdsl.engine.context import RunContext

@@ -16,13 +16,8 @@ from fdsl.core.losses import fdsl_loss
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import seed_everything
-from fdsl.data.datasets import (
-    AnomalyDataset,
-    load_reference_images,
-    sample_k_shot,
-    warn_nonbinary_masks,
-    write_k_shot_file,
-)
+from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
+from fdsl.data.shots import load_reference_images, sample_k_shot, write_k_shot_file
 from fdsl.engine import distributed
 from fdsl.engine.checkpoint import load_head, save_checkpoint
 from fdsl.engine.context import RunContext

@@ -16,11 +16,8 @@ min-max normalisation of map_max (a stream of single images has no class-wide mi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -32,19 +29,28 @@ from PIL import Image
 
 from fdsl import __version__
 from fdsl.config import ModelConfig, RuntimeConfig
-from fdsl.core.memory import FDSLMemory, MemoryBank
+from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_device, resolve_runtime
 from fdsl.data.images import image_transform, load_mask, load_rgb, mask_transform, to_rgb
 from fdsl.engine.checkpoint import load_head, read_checkpoint
 from fdsl.errors import CheckpointError, ConfigError, DataError
+from fdsl.inspect.detector_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    backbone_identity,
+    check_memory,
+    locate_weights,
+    memory_from_tensors,
+    read_detector_file,
+    write_detector_file,
+)
+from fdsl.inspect.files import find_mask, list_images, sha256_file
+from fdsl.inspect.thresholds import threshold_f1_max, threshold_for_fpr
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fdsl-detector"
-FORMAT_VERSION = 1
-_META_KEY = "fdsl_detector"
 DEFAULT_CAL_SIZE = 240
 
 ImageInput = Union[PathLike, Image.Image]
@@ -77,97 +83,11 @@ class Prediction(NamedTuple):
 # ----------------------------------------------------------------------------- files and images
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
-def image_extensions() -> frozenset:
-    """Lower-case file extensions PIL can open (``.png``, ``.jpg``, ``.bmp``, ``.tif``, ...)."""
-    Image.init()
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images",
-                exclude: Optional[PathLike] = None) -> List[Tuple[Path, str]]:
-    """Image files of folders (recursive, sorted) and listed files, as (path, name) pairs.
-
-    The name of a file found in a folder is its path relative to that folder (POSIX form); a listed file's
-    name is its file name. Hidden files and folders and anything under `exclude` are skipped.
-
-    Raises:
-        DataError: a path does not exist, or nothing is found.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    exts = image_extensions()
-    excl = Path(exclude).resolve() if exclude is not None else None
-    out: List[Tuple[Path, str]] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
-                d = Path(dirpath)
-                dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
-                                     and (excl is None or (d / n).resolve() != excl))
-                for n in filenames:
-                    if not n.startswith(".") and Path(n).suffix.lower() in exts:
-                        found.append((d / n, (d / n).relative_to(p).as_posix()))
-            if not found:
-                raise DataError(f"{what} folder {str(p)!r} holds no image files (looked recursively for "
-                                f"{', '.join(sorted(e for e in exts if e in ('.png', '.jpg', '.bmp', '.tif')))} "
-                                "and the other formats PIL reads)")
-            out += sorted(found, key=lambda t: t[1])
-        elif p.is_file():
-            out.append((p, p.name))
-        else:
-            raise DataError(f"{what} path {str(p)!r} does not exist")
-    if not out:
-        raise DataError(f"no {what} given")
-    return out
-
-
 def _as_pil(item: ImageInput) -> Image.Image:
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
 
 
 # ----------------------------------------------------------------------------- thresholds
-
-
-def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> Tuple[float, float]:
-    """Threshold t maximising F1 of the rule ``score > t``; returns (t, F1).
-
-    t is the midpoint between the best cut's lowest flagged score and the next lower distinct score.
-    """
-    from fdsl.engine.metrics import binary_curve
-
-    curve = binary_curve(labels, scores)  # positive iff score >= thresholds[i]
-    n_pos = float(np.asarray(labels).sum())
-    if n_pos == 0:
-        raise DataError("F1-max calibration needs anomalous examples (labels are all normal)")
-    f1 = 2.0 * curve.tps / (curve.tps + curve.fps + n_pos)
-    i = int(np.argmax(f1))
-    v = float(curve.thresholds[i])
-    t = 0.5 * (v + float(curve.thresholds[i + 1])) if i + 1 < len(curve.thresholds) else float(np.nextafter(v, -np.inf))
-    return t, float(f1[i])
-
-
-def threshold_for_fpr(normal_scores: np.ndarray, max_fpr: float) -> float:
-    """The lowest threshold t among the normal scores with at most `max_fpr` of them ``> t``."""
-    s = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
-    if s.size == 0:
-        raise DataError("a false-positive-rate threshold needs normal images")
-    if not 0.0 <= max_fpr <= 1.0:
-        raise ConfigError(f"a false-positive rate must lie in [0, 1], got {max_fpr}")
-    n_fp = int(np.floor(max_fpr * s.size + 1e-9))
-    return float(s[min(n_fp, s.size - 1)])
 
 
 # ----------------------------------------------------------------------------- the detector
@@ -188,16 +108,6 @@ def resolve_model_config(saved: Optional[dict], options: Dict[str, Any]) -> Mode
     cfg = ModelConfig(**values)
     cfg.validate()
     return cfg
-
-
-def backbone_identity(cfg: ModelConfig) -> dict:
-    """Architecture and weights of the backbone: a tag, 'none', or a file (name and sha256)."""
-    p = cfg.pretrained
-    if p.lower() != "none" and os.path.isfile(p):
-        return {"model": cfg.model, "pretrained": os.path.basename(p), "path": os.path.abspath(p),
-                "sha256": sha256_file(p), "quick_gelu": cfg.quick_gelu, "image_size": cfg.image_size}
-    return {"model": cfg.model, "pretrained": p, "path": None, "sha256": None, "quick_gelu": cfg.quick_gelu,
-            "image_size": cfg.image_size}
 
 
 class Detector:
@@ -284,53 +194,15 @@ class Detector:
 
     def save(self, path: PathLike) -> Path:
         """Write the detector atomically as a safetensors file (no pickle); returns the path."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"detector path {str(path)!r} is a folder; give a file name such as part.fdsl")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata={_META_KEY: json.dumps(self.info)})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_detector_file(path, self.tensors(), self.info)
         log.info("wrote detector %s", path)
         return path
 
-    @staticmethod
-    def read_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
-        """(metadata, tensors) of a detector file, read safely; format and version are checked."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"detector file {str(path)!r} does not exist; write one with `python -m fdsl fit`")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not an FDSL detector file (not a safetensors file: "
-                                  f"{type(exc).__name__}: {str(exc)[:120]})") from exc
-        try:
-            info = json.loads(meta[_META_KEY])
-        except (KeyError, json.JSONDecodeError, TypeError) as exc:
-            raise CheckpointError(f"{path} is a safetensors file but not an FDSL detector (no '{_META_KEY}' "
-                                  "metadata)") from exc
-        if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not an FDSL detector file (format {info.get('format')!r})")
-        version = info.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has detector format version {version}, written by fdsl "
-                                  f"{info.get('fdsl_version')}; this fdsl {__version__} reads up to version "
-                                  f"{FORMAT_VERSION}: upgrade fdsl")
-        return info, tensors
+    read_file = staticmethod(read_detector_file)
 
     @classmethod
     def load(cls, path: PathLike, *, device: str = "auto", precision: str = "auto",
@@ -349,7 +221,7 @@ class Detector:
         fields = _model_fields()
         mc = {k: v for k, v in info.get("model_config", {}).items() if k in fields}
         bb = info.get("backbone", {})
-        mc["pretrained"] = _locate_weights(bb, path, pretrained)
+        mc["pretrained"] = locate_weights(bb, path, pretrained)
         try:
             cfg = ModelConfig(**mc)
         except TypeError as exc:
@@ -362,8 +234,8 @@ class Detector:
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: the stored head does not fit a {cfg.model} model with layers "
                                   f"{cfg.features_list}: {str(exc).splitlines()[0]}") from exc
-        memory = _memory_from_tensors(tensors, path)
-        _check_memory(memory, model, path)
+        memory = memory_from_tensors(tensors, path)
+        check_memory(memory, model, path)
         model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev,
                                         int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
         model = model.to(dev).eval()
@@ -499,89 +371,4 @@ def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def find_mask(masks: Path, name: str, image_path: Optional[PathLike] = None) -> Path:
-    """The mask of image `name` (its relative path) under `masks`.
-
-    Looked for, in order: ``<rel dir>/<stem>.*`` and ``<rel dir>/<stem>_mask.*`` under `masks`, then the same
-    under ``<masks>/<image's folder name>/`` (MVTec AD: ``test/<defect>/000.png`` ->
-    ``ground_truth/<defect>/000_mask.png``); any image extension.
-    """
-    rel = Path(name)
-    exts = image_extensions()
-    dirs = [masks / rel.parent]
-    if image_path is not None:
-        dirs.append(masks / Path(image_path).parent.name / rel.parent)
-    for d in dirs:
-        for stem in (rel.stem, rel.stem + "_mask"):
-            for cand in sorted(d.glob(glob_escape(stem) + ".*")):
-                if cand.suffix.lower() in exts and cand.is_file():
-                    return cand
-    raise DataError(f"no mask for anomalous image {name!r} under {str(masks)!r} (looked for "
-                    f"{(rel.parent / rel.stem).as_posix()}.* and {(rel.parent / rel.stem).as_posix()}_mask.*, "
-                    "also inside a folder named like the image's folder)")
-
-
-def glob_escape(text: str) -> str:
-    """`text` with glob metacharacters escaped."""
-    import glob
-
-    return glob.escape(text)
-
-
-def _locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) -> str:
-    """The `pretrained` value to build the backbone with; a weights file must match the stored sha256."""
-    if not bb.get("sha256"):
-        if override is not None:
-            raise ConfigError(f"the detector was fitted with backbone weights {bb.get('pretrained')!r}, not a "
-                              "file; --pretrained applies only to detectors fitted with a weights file")
-        return str(bb.get("pretrained", "none"))
-    candidates = [Path(override)] if override is not None else [
-        Path(bb["path"]) if bb.get("path") else None, detector_path.parent / bb["pretrained"]]
-    for c in candidates:
-        if c is not None and c.is_file():
-            digest = sha256_file(c)
-            if digest != bb["sha256"]:
-                raise CheckpointError(f"backbone weights {str(c)!r} have sha256 {digest[:12]}…, but the detector "
-                                      f"was fitted with {bb['pretrained']!r} sha256 {bb['sha256'][:12]}…; pass the "
-                                      "same weights file with --pretrained")
-            return str(c)
-    raise CheckpointError(f"the detector's backbone weights {bb['pretrained']!r} (sha256 {bb['sha256'][:12]}…) are "
-                          f"not at {bb.get('path')!r} nor beside the detector; pass them with --pretrained")
-
-
-def _memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMemory:
-    banks = {}
-    for name in ("global_bank", "window_bank"):
-        prefix = f"memory.{name}."
-        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not part:
-            banks[name] = None
-            continue
-        n = len([k for k in part if k.startswith("tokens_")])
-        try:
-            banks[name] = MemoryBank([part[f"tokens_{i}"] for i in range(n)], part["image_embeds"])
-        except (KeyError, ConfigError) as exc:
-            raise CheckpointError(f"{path}: the stored {name} is incomplete or malformed ({exc})") from exc
-    if banks["global_bank"] is None:
-        raise CheckpointError(f"{path}: the detector file holds no memory bank")
-    return FDSLMemory(banks["global_bank"], banks["window_bank"])
-
-
-def _check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
-    """The banks must fit the model: layers, token width, grid (windows: window grid), LFE on/off."""
-    bb = model.backbone
-    expect = [("global_bank", memory.global_bank, bb.grid_size ** 2)]
-    if model.use_windows:
-        if memory.window_bank is None:
-            raise CheckpointError(f"{path}: winmode {model.cfg.winmode} needs a window bank, the file has none")
-        expect.append(("window_bank", memory.window_bank, model.cfg.win_size ** 2))
-    for name, bank, n_tok in expect:
-        t = bank.layer(0)
-        if bank.num_layers != len(bb.layers) or t.shape[1] != n_tok or t.shape[2] != bb.width:
-            raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of {tuple(t.shape)}) does "
-                                  f"not fit a {bb.model_name} at {bb.image_size} px with layers {bb.layers}; the "
-                                  "detector comes from another model")
-
-
-__all__ = ["Detector", "Prediction", "list_images", "threshold_f1_max", "threshold_for_fpr", "sha256_file",
-           "FORMAT_VERSION"]
+__all__ = ["Detector", "Prediction"]

@@ -1,0 +1,38 @@
+"""Image thresholds from validation scores: F1-max (normal and anomalous images) or a target false-positive rate."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from fdsl.errors import ConfigError, DataError
+
+
+def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> Tuple[float, float]:
+    """Threshold t maximising F1 of the rule ``score > t``; returns (t, F1).
+
+    t is the midpoint between the best cut's lowest flagged score and the next lower distinct score.
+    """
+    from fdsl.engine.metrics import binary_curve
+
+    curve = binary_curve(labels, scores)  # positive iff score >= thresholds[i]
+    n_pos = float(np.asarray(labels).sum())
+    if n_pos == 0:
+        raise DataError("F1-max calibration needs anomalous examples (labels are all normal)")
+    f1 = 2.0 * curve.tps / (curve.tps + curve.fps + n_pos)
+    i = int(np.argmax(f1))
+    v = float(curve.thresholds[i])
+    t = 0.5 * (v + float(curve.thresholds[i + 1])) if i + 1 < len(curve.thresholds) else float(np.nextafter(v, -np.inf))
+    return t, float(f1[i])
+
+
+
+def threshold_for_fpr(normal_scores: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold t among the normal scores with at most `max_fpr` of them ``> t``."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise DataError("a false-positive-rate threshold needs normal images")
+    if not 0.0 <= max_fpr <= 1.0:
+        raise ConfigError(f"a false-positive rate must lie in [0, 1], got {max_fpr}")
+    n_fp = int(np.floor(max_fpr * s.size + 1e-9))
+    return float(s[min(n_fp, s.size - 1)])
