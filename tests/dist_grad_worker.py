@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_distributed.py: one training step's gradients, 2 ranks vs 1 process.
+"""torchrun worker for tests/integration/test_distributed.py: one training step's gradients, 2 ranks vs 1 process.
 
 Run as ``torchrun --standalone --nproc_per_node 2 tests/dist_grad_worker.py``. For global batches of 5
 (split 2 + 3) and of 1 (one rank empty), each rank runs its slice through the DDP-wrapped head with

@@ -1,4 +1,4 @@
-"""Helper of tests/test_cli.py: interrupt `test.py`'s job at several moments, paying torch's import once.
+"""Helper of tests/cli/test_cli.py: interrupt `test.py`'s job at several moments, paying torch's import once.
 
     python tests/interrupt_probe.py DELAY[,DELAY...] NTH_CLASS -- <test.py arguments>
 

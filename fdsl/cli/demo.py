@@ -265,7 +265,7 @@ def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
     from fdsl.io import LibraryNoise, setup_logging
 
-    from .cli import run_job
+    from fdsl.cli.jobs import run_job
 
     args = build_parser().parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)

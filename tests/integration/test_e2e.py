@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the repo's interpreter (.venv/bin/python when run as documented)
 
 TINY = "FDSL-Tiny-ViT"

@@ -22,7 +22,7 @@ import torch
 from fdsl_test_utils import liven_head
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "FDSL-Tiny-ViT"
 CLS = "brick_syn"
 DEFECTS_EXCLUDED = ("good",)

@@ -28,7 +28,7 @@ from typing import List
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TINY = "FDSL-Tiny-ViT"
 LAYERS = ["1", "2", "3", "4"]

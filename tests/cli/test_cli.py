@@ -22,7 +22,7 @@ from fdsl.config import TestConfig as EvalConfig  # noqa: I001  (aliased: pytest
 from fdsl.config import TrainConfig
 from fdsl.errors import DataError, user_message
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = tuple(f"c{i}_syn" for i in range(8))
 
 

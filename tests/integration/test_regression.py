@@ -4,7 +4,7 @@ The run is fully determined: seeded tiny CLIP weights, a seeded synthetic datase
 data-driven statistics (``liven_head``), and a 2-epoch training run. The pinned values were produced by
 the code before the architecture refactor; they must never move (fp32 parity with the released code).
 Regenerate them only for a deliberate, documented change of the method:
-``python tests/test_regression.py`` prints the current values.
+``python tests/integration/test_regression.py`` prints the current values.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def built(tmp_path_factory):
 def test_scores_are_pinned(built, name: str) -> None:
     tmp, data, weights, ckpt = built
     if name not in PINNED:
-        pytest.fail(f"no pinned scores for {name}; run `python tests/test_regression.py` and review them")
+        pytest.fail(f"no pinned scores for {name}; run `python tests/integration/test_regression.py` and review them")
     got = run_variant(tmp, data, weights, ckpt, name)
     want = PINNED[name]
     assert len(got) == len(want)

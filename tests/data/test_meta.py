@@ -15,7 +15,7 @@ from PIL import Image
 from fdsl.data.indexers import MVTEC_CLASSES, VISA_CLASSES, build_mvtec_meta, build_visa_meta, meta_summary, write_meta
 from fdsl.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ITEM_KEYS = ["img_path", "mask_path", "cls_name", "specie_name", "anomaly"]
 
 

@@ -33,7 +33,7 @@ from fdsl.core.model import FDSL, combine_layers
 from fdsl.core.runtime import resolve_runtime
 from fdsl.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "FDSL-Tiny-ViT"
 SIZE, PATCH, GRID = 112, 14, 8
 STORED = 140  # the weights file's positional grid is 10×10
