@@ -21,6 +21,7 @@ ALIGN_MODES = ("mulmax", "diff2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
+ENGINES = ("torch", "openvino")
 DATASETS = ("mvtec", "visa")
 # Options that name files or folders: a leading ~ is expanded (the shell does not expand --opt=~/x).
 PATH_FIELDS = ("save_path", "train_data_path", "data_path", "checkpoint_path", "k_shot_file", "model_config",
@@ -118,6 +119,9 @@ class RuntimeConfig:
                                 "in the --align_precision dtype)")
     align_chunk_mb: int = _opt(64, "--align_chunk_mb",
                                help="bound, in MiB, on the similarity block computed at once during alignment")
+    engine: str = _opt("torch", "--engine", choices=ENGINES,
+                       help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
+                            "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""

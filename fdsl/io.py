@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-import torch
-
 from fdsl.errors import ConfigError
 
 PathLike = Union[str, os.PathLike]
@@ -98,6 +96,8 @@ def prepare_run_dir(path: PathLike, flag: str = "--save_path") -> Path:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """`torch.save` to `path` atomically."""
+    import torch  # here, so that importing fdsl.io stays light (the torch-free inferencer uses it)
+
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from fdsl.config import PRECISIONS, ModelConfig, field_type, parse_bool
+from fdsl.config import ENGINES, PRECISIONS, ModelConfig, field_type, parse_bool
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 
@@ -43,6 +43,8 @@ def _runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype (auto: fp32 on every device; bf16/fp16 are opt-in)")
     p.add_argument("--batch_size", type=int, default=8, help="images per batch")
+    p.add_argument("--engine", default="torch", choices=ENGINES,
+                   help="where the backbone runs: torch, or openvino (CPU, fp32; pip install 'fdsl[openvino]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="score images with a detector file", allow_abbrev=False,
                           formatter_class=fmt, description="Score images: scores.csv, overlays, masks, summary.json.")
-    pred.add_argument("--detector", required=True, help="detector file written by `fit`")
+    pred.add_argument("--detector", required=True,
+                      help="detector file written by `fit`, or a folder written by `export`")
     pred.add_argument("--images", required=True, nargs="+", help="folder(s) (recursive) or image files")
     pred.add_argument("--out", required=True, help="output folder")
     pred.add_argument("--threshold", type=float, default=None, help="image threshold overriding the stored one")
@@ -112,7 +115,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     options = {k: v for k, v in vars(args).items() if k in fields}
     det = Detector.fit(args.checkpoint, args.normal, device=args.device, precision=args.precision,
-                       batch_size=args.batch_size, cal_image_size=args.cal_image_size, **options)
+                       batch_size=args.batch_size, cal_image_size=args.cal_image_size, engine=args.engine, **options)
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")
@@ -121,7 +124,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from fdsl.inspect.detector import Detector
 
-    det = Detector.load(args.detector, device=args.device, precision=args.precision, pretrained=args.pretrained)
+    det = Detector.load(args.detector, device=args.device, precision=args.precision, pretrained=args.pretrained,
+                        engine=args.engine)
     rep = det.calibrate(args.normal, args.anomalous, masks=args.masks, max_fpr=args.max_fpr,
                         batch_size=args.batch_size)
     det.save(args.detector)
@@ -195,7 +199,8 @@ def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     summary = predict_folder(args.detector, args.images, args.out, threshold=args.threshold,
                              cal_image_size=args.cal_image_size, pretrained=args.pretrained, overlays=args.overlays,
-                             device=args.device, precision=args.precision, batch_size=args.batch_size)
+                             device=args.device, precision=args.precision, batch_size=args.batch_size,
+                             engine=args.engine)
     out = Path(args.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
@@ -206,12 +211,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
                    threshold: Optional[float] = None, cal_image_size: Optional[int] = None,
                    pretrained: Optional[str] = None, overlays: bool = True, device: str = "auto",
-                   precision: str = "auto", batch_size: int = 8) -> dict:
+                   precision: str = "auto", batch_size: int = 8, engine: str = "torch") -> dict:
     """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
 
     Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv`` (unreadable
     images), ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution) and
-    ``summary.json``; returns the summary. Images whose outputs exist and are newer than the detector file,
+    ``summary.json``; returns the summary. `detector` may also be a folder written by `fdsl export`
+    (scored by `fdsl.deploy`, without PyTorch). Images whose outputs exist and are newer than the detector file,
     from a run with the same thresholds, are skipped.
     """
     from tqdm import tqdm
@@ -229,7 +235,14 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
         raise ConfigError(f"--batch_size must be positive, got {batch_size}")
     files = list_images(images, "input images", exclude=out)
     det_path = Path(detector)
-    det = Detector.load(det_path, device=device, precision=precision, pretrained=pretrained)
+    if det_path.is_dir():  # an exported model (`fdsl export`)
+        from fdsl.deploy import load_exported
+
+        det = load_exported(det_path)
+        det_file = det.model_file
+    else:
+        det = Detector.load(det_path, device=device, precision=precision, pretrained=pretrained, engine=engine)
+        det_file = det_path
     out.mkdir(parents=True, exist_ok=True)
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
@@ -240,7 +253,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     elif pix is None:
         log.warning("no pixel threshold: no masks and no defect_area_px (run `python -m fdsl calibrate`)")
 
-    st = det_path.stat()
+    st = det_file.stat()
     state = {"detector": str(det_path.resolve()), "detector_size": st.st_size, "detector_mtime_ns": st.st_mtime_ns,
              "image_threshold": thr, "pixel_threshold": pix, "cal_image_size": cal, "overlays": overlays}
     try:

@@ -222,6 +222,9 @@ class CLIPBackbone(nn.Module):
         # The positional grid as stored in the weights (e.g. 24x24 for OpenAI ViT-L-14-336).
         self.register_buffer("source_pos_embed", source_pos, persistent=False)
         self._pos_cache: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        # Where `forward` and `forward_patches` run: None is PyTorch; otherwise an engine object with
+        # ``run(name, fn, x)`` (`fdsl.core.engines.OpenVINOEngine`), set through `FDSL.runtime`.
+        self.engine = None
 
     @staticmethod
     def _load_weights(visual: nn.Module, path: str) -> torch.Tensor:
@@ -279,9 +282,26 @@ class CLIPBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """Encode (B, 3, H, W) images, H = W a multiple of the patch size.
 
-        Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings.
+        Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings. With an engine set
+        (`fdsl.core.engines`), the pass runs there; `encode_images` is the PyTorch pass it compiles.
         """
-        return self.forward_patches(self.patch_embed(images))
+        if self.engine is not None:
+            self.patch_embed_check(images)
+            return self.engine.run("images", self.encode_images, images)
+        return self.encode_images(images)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> BackboneOutput:
+        """The PyTorch global pass: (B, 3, H, H) images -> `BackboneOutput` (what `forward` computes)."""
+        return self.encode_patches(self.patch_embed(images))
+
+    def patch_embed_check(self, images: torch.Tensor) -> None:
+        """Raise ConfigError unless `images` is a square (B, 3, H, H) batch, H a multiple of the patch size."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
+        side = images.shape[-1]
+        if side % self.patch_size:
+            raise ConfigError(f"input side {side} is not a multiple of the patch size {self.patch_size}")
 
     @torch.no_grad()
     def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -290,11 +310,7 @@ class CLIPBackbone(nn.Module):
         Patches do not overlap, so the embedding of any patch-aligned crop of an image is the same crop
         of the image's embedding: LFE embeds each image once and crops its windows from the result.
         """
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-            raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
-        side = images.shape[-1]
-        if side % self.patch_size:
-            raise ConfigError(f"input side {side} is not a multiple of the patch size {self.patch_size}")
+        self.patch_embed_check(images)
         conv1 = self.visual.conv1
         return conv1(images.to(conv1.weight.dtype))  # (B, C, g, g)
 
@@ -303,11 +319,19 @@ class CLIPBackbone(nn.Module):
         """Encode (B, C, g, g) patch embeddings (`patch_embed` of images, or crops of it).
 
         Adds the class token and the g×g positional grid (`pos_embed_for`), then runs ln_pre and the
-        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings.
+        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings. With an engine set,
+        the pass runs there (the window pass of LFE); `encode_patches` is the PyTorch pass it compiles.
         """
         if patches.ndim != 4 or patches.shape[1] != self.width or patches.shape[2] != patches.shape[3]:
             raise ConfigError(f"expected square (B, {self.width}, g, g) patch embeddings, "
                               f"got shape {tuple(patches.shape)}")
+        if self.engine is not None:
+            return self.engine.run("patches", self.encode_patches, patches)
+        return self.encode_patches(patches)
+
+    @torch.no_grad()
+    def encode_patches(self, patches: torch.Tensor) -> BackboneOutput:
+        """The PyTorch pass of `forward_patches` on checked (B, C, g, g) patch embeddings."""
         grid = patches.shape[-1]
         v = self.visual
         x = patches.flatten(2).transpose(1, 2)  # (B, g², C)

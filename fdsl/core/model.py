@@ -151,6 +151,26 @@ class FDSL(nn.Module):
         self.memory: Optional[FDSLMemory] = None
         self.runtime = runtime or Runtime()
 
+    @property
+    def runtime(self) -> Runtime:
+        """How the model runs; setting it also sets the backbone's engine (`fdsl.core.engines`)."""
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        if not hasattr(self.backbone, "engine"):
+            if runtime.engine != "torch":
+                raise ConfigError(f"--engine {runtime.engine} is not supported for {type(self.backbone).__name__} "
+                                  "backbones; use --engine torch")
+            self._runtime = runtime
+            return
+        current = getattr(self.backbone.engine, "name", "torch")
+        if runtime.engine != current:  # a compiled engine is kept while the engine stays the same
+            from fdsl.core.engines import make_engine
+
+            self.backbone.engine = make_engine(runtime.engine, self.backbone)
+        self._runtime = runtime
+
     @classmethod
     def from_config(cls, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> FDSL:
         """Build the backbone and an untrained head from a model config (geometry checked first)."""

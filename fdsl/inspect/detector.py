@@ -140,13 +140,13 @@ class Detector:
     @torch.no_grad()
     def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
             device: str = "auto", precision: str = "auto", batch_size: int = 8,
-            cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
+            cal_image_size: int = DEFAULT_CAL_SIZE, engine: str = "torch", **model_options: Any) -> Detector:
         """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
 
         Args:
             checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
             normal_images: a folder (recursive) or a list of image files: all of them become the shots.
-            device, precision, batch_size: runtime settings (not stored).
+            device, precision, batch_size, engine: runtime settings (not stored).
             cal_image_size: the evaluation size of anomaly maps (test.py's --cal_image_size), stored.
             **model_options: `ModelConfig` fields (model, pretrained, image_size, features_list, winmode, ...)
                 overriding the checkpoint's saved config.
@@ -165,7 +165,8 @@ class Detector:
         dev = resolve_device(device)
         model = FDSL.from_config(cfg)
         meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
-        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev, cal_image_size)
+        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision, engine=engine), dev,
+                                        cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
@@ -206,7 +207,7 @@ class Detector:
 
     @classmethod
     def load(cls, path: PathLike, *, device: str = "auto", precision: str = "auto",
-             pretrained: Optional[PathLike] = None) -> Detector:
+             pretrained: Optional[PathLike] = None, engine: str = "torch") -> Detector:
         """Load a detector file: backbone rebuilt from its config, head and banks restored (nothing re-encoded).
 
         Args:
@@ -236,7 +237,7 @@ class Detector:
                                   f"{cfg.features_list}: {str(exc).splitlines()[0]}") from exc
         memory = memory_from_tensors(tensors, path)
         check_memory(memory, model, path)
-        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev,
+        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision, engine=engine), dev,
                                         int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
         model = model.to(dev).eval()
         return cls(model, memory.to(dev), info)

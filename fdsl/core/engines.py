@@ -1,0 +1,138 @@
+"""Engines: where the backbone's passes run. ``torch`` (default) or ``openvino`` (METHOD.md §11).
+
+With ``--engine openvino`` the backbone's global pass (`forward`, images -> tokens) and its window pass
+(`forward_patches`, LFE window crops -> tokens) run as OpenVINO models compiled for the CPU in fp32; the
+alignment, scorers, NAM and stitching stay in PyTorch. A pass is exported once per input geometry with
+``torch.export`` (dynamic batch) and converted by ``openvino.convert_model``; a compiled model is cached per
+input shape for the life of the backbone. (The ``example_input`` tracing path of ``convert_model`` fails on
+open_clip's attention; ``torch.export`` works.)
+
+The engine wraps a backbone's public passes only: any backbone whose ``forward(images)`` and
+``forward_patches(patches)`` dispatch to ``engine.run(name, fn, x)`` with ``fn`` its own PyTorch pass
+returning a `BackboneOutput` is supported.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from fdsl.config import ENGINES
+from fdsl.core.backbone import BackboneOutput
+from fdsl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+OPENVINO_EXTRA = "pip install 'fdsl[openvino]' (openvino==2026.4.1)"
+
+
+def check_engine(engine: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Raise ConfigError unless `engine` can run on `device` in `compute_dtype` (and its package is there)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return
+    if device.type != "cpu":
+        raise ConfigError(f"--engine openvino runs on the CPU, not on --device {device}; use --device cpu "
+                          "or --engine torch")
+    if compute_dtype != torch.float32:
+        raise ConfigError("--engine openvino runs in fp32; drop --precision bf16/fp16 or use --engine torch")
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"--engine openvino needs the OpenVINO runtime: {OPENVINO_EXTRA}") from None
+
+
+class _Pass(nn.Module):
+    """A backbone pass as a module returning a flat tuple: (L tokens (B, N, C) ..., (B, D) embeddings)."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[[torch.Tensor], BackboneOutput]) -> None:
+        super().__init__()
+        self.owner = owner  # registered, so its weights are the exported program's parameters
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        out = self.fn(x)
+        return (*out.tokens, out.image_embeds)
+
+
+def convert_to_openvino(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True):
+    """An `openvino.Model` of `module` (fp32, CPU tensors) exported by ``torch.export`` on `example`.
+
+    The first dimension is dynamic when `dynamic_batch`; the others are those of `example`.
+    """
+    import openvino as ov
+
+    shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (example,), dynamic_shapes=shapes)
+    model = ov.convert_model(program)
+    dims = [-1 if (dynamic_batch and i == 0) else int(d) for i, d in enumerate(example.shape)]
+    model.reshape({model.inputs[0]: ov.PartialShape(dims)})
+    return model
+
+
+class OpenVINOEngine:
+    """Runs named backbone passes as OpenVINO CPU models in fp32, compiled once per input shape.
+
+    Args:
+        owner: the backbone module (its weights are exported with each pass).
+        threads: CPU threads for inference (None: OpenVINO's default).
+    """
+
+    name = "openvino"
+
+    def __init__(self, owner: nn.Module, threads: Optional[int] = None) -> None:
+        import openvino as ov
+
+        self.owner = owner
+        self.core = ov.Core()
+        self.config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._models: Dict[Tuple[str, Tuple[int, ...]], object] = {}  # per (pass, non-batch shape): ov.Model
+        self._compiled: Dict[Tuple[str, Tuple[int, ...]], object] = {}  # per (pass, full shape): compiled model
+        self.seconds_compiling = 0.0
+
+    def compiled(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor):
+        """The compiled model of pass `name` for inputs of x's shape (exported and compiled on first use)."""
+        import openvino as ov
+
+        key = (name, tuple(x.shape))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            base_key = (name, tuple(x.shape[1:]))
+            if base_key not in self._models:
+                # an example batch of 2: a batch of 1 would be specialised, not dynamic
+                example = x[:1].expand(2, *x.shape[1:]).contiguous().float()
+                self._models[base_key] = convert_to_openvino(_Pass(self.owner, fn), example)
+            model = self._models[base_key].clone()
+            model.reshape({model.inputs[0]: ov.PartialShape(list(x.shape))})
+            self._compiled[key] = self.core.compile_model(model, "CPU", self.config)
+            dt = time.perf_counter() - t0
+            self.seconds_compiling += dt
+            log.info("openvino: compiled the %s pass for input %s in %.1f s", name, tuple(x.shape), dt)
+        return self._compiled[key]
+
+    @torch.no_grad()
+    def run(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor) -> BackboneOutput:
+        """`fn(x)` computed by the compiled model of pass `name`: L × (B, N, C) tokens, (B, D) embeddings."""
+        if x.device.type != "cpu":
+            raise ConfigError(f"--engine openvino runs on the CPU; got an input on {x.device}")
+        req = self.compiled(name, fn, x)
+        out = req(np.ascontiguousarray(x.detach().float().numpy()))
+        arrays: List[torch.Tensor] = [torch.from_numpy(np.asarray(out[o])) for o in req.outputs]
+        return BackboneOutput(arrays[:-1], arrays[-1])
+
+
+def make_engine(engine: str, backbone: nn.Module):
+    """The engine object for `backbone` (None for PyTorch)."""
+    if engine == "torch":
+        return None
+    if engine == "openvino":
+        return OpenVINOEngine(backbone, threads=torch.get_num_threads())
+    raise ConfigError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")

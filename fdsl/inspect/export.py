@@ -1,0 +1,262 @@
+"""`fdsl export`: a fitted detector as one self-contained graph for OpenVINO or ONNX, with its contract JSON.
+
+The graph maps a batch of preprocessed images (B, 3, S, S) to the detector's outputs: the backbone, the
+nearest-normal search against the memory banks (stored in the graph as constants), the FD residuals, the
+per-layer scorers, NAM, the window branch when the detector has one (split, encode, align, stitch), the
+blend and the upsampling to the evaluation size. The batch size is dynamic. Beside the graph,
+``fdsl_export.json`` holds the preprocessing contract (size, resize rule, mean/std), the thresholds and the
+detector's identity; `fdsl.deploy` reads both without PyTorch.
+
+Outputs (names in the graph): ``anomaly_map`` (B, cal, cal), ``score`` (B,) = 0.5·(patch_score + map_max),
+``patch_score`` (B,), ``map_max`` (B,): those of `Detector.predict`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fdsl import __version__
+from fdsl.core.memory import MemoryBank
+from fdsl.core.model import combine_layers, image_score
+from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
+from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
+from fdsl.errors import ConfigError
+from fdsl.io import PathLike, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("openvino", "onnx")
+EXPORT_PRECISIONS = ("fp32", "fp16")
+CONTRACT = "fdsl_export.json"  # the name fdsl.deploy looks for
+EXPORT_FORMAT = "fdsl-export"
+EXPORT_FORMAT_VERSION = 1
+OUTPUTS = ("anomaly_map", "score", "patch_score", "map_max")
+ONNX_EXTRA = "pip install 'fdsl[onnx]' (onnx==1.23.2, onnxruntime==1.31.1, onnxscript==0.7.2)"
+
+
+class _Bank(nn.Module):
+    """One memory bank as graph constants: per layer the dense (K·N, C) tokens (and, for diff2, |b|²); with the
+    image index, the (K, N, C) items and (K, D) embeddings."""
+
+    def __init__(self, bank: MemoryBank, diff2: bool, index: bool) -> None:
+        super().__init__()
+        self.num_layers, self.index = bank.num_layers, index
+        for i in range(bank.num_layers):
+            t = bank.layer(i).detach().float().cpu()  # (K, N, C)
+            self.register_buffer(f"tokens_{i}", t if index else t.reshape(-1, t.shape[-1]).contiguous())
+            if diff2:
+                self.register_buffer(f"sq_{i}", t.pow(2).sum(-1) if index else t.pow(2).sum(-1).reshape(-1))
+        self.register_buffer("embeds", bank.image_embeds.detach().float().cpu())
+        self.diff2 = diff2
+
+
+def _graph_residuals(bank: _Bank, tokens: List[torch.Tensor], embeds: torch.Tensor, use_abs: bool,
+                     chunk_mb: int, items_per_image: int) -> List[torch.Tensor]:
+    """FD residuals L × (Q, N, C) of query tokens L × (Q, N, C) against `bank`, traceable with a dynamic Q.
+
+    The similarity is computed in static chunks of the token axis, each at most `chunk_mb` MiB per image
+    (`items_per_image` query items per image), so the graph's memory grows with the batch only.
+    """
+    sel = (embeds @ bank.embeds.T).argmax(dim=-1) if bank.index else None  # (Q,) most similar item
+    out = []
+    for i, q in enumerate(tokens):
+        Q, N, C = q.shape
+        b = getattr(bank, f"tokens_{i}")  # (K·N, C), or (K, M, C) with the index
+        sq = getattr(bank, f"sq_{i}") if bank.diff2 else None
+        cand = b[sel] if sel is not None else None  # (Q, M, C)
+        cols = b.shape[-2] if sel is not None else b.shape[0]
+        step = max(1, min(N, (chunk_mb * 2 ** 20) // max(1, items_per_image * cols * 4)))
+        parts = []
+        for n0 in range(0, N, step):  # static chunks of tokens, unrolled in the graph
+            qc = q[:, n0:n0 + step]  # (Q, n, C)
+            if cand is None:
+                sim = qc @ b.T  # (Q, n, K·N)
+                if sq is not None:
+                    sim = 2 * sim - sq
+                parts.append(b[sim.argmax(dim=-1)])  # (Q, n, C)
+            else:
+                sim = torch.bmm(qc, cand.transpose(1, 2))  # (Q, n, M)
+                if sq is not None:
+                    sim = 2 * sim - sq[sel].unsqueeze(1)
+                idx = sim.argmax(dim=-1)  # (Q, n)
+                parts.append(torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C)))  # (Q, n, C)
+        diff = q - torch.cat(parts, dim=1)  # (Q, N, C)
+        out.append(diff.abs() if use_abs else diff)
+    return out
+
+
+class _Stitch(nn.Module):
+    """`fdsl.core.windows.stitch_windows` as two matrix products (graph runtimes lack ``index_add``).
+
+    Windows are the Cartesian product of row and column starts, so pasting them is ``A · X · Aᵀ``: X the
+    windows laid out as a (n·W, n·W) block matrix, A the (G, n·W) 0/1 placement matrix; then the division by
+    the coverage. (B·n², 2, W, W) window maps -> (B, 2, G, G).
+    """
+
+    def __init__(self, grid: int, win: int, stride: int) -> None:
+        super().__init__()
+        starts = window_starts(grid, win, stride)
+        place = torch.zeros(grid, len(starts) * win)
+        for j, r in enumerate(starts):  # built once, at export time
+            place[r:r + win, j * win:(j + 1) * win] = torch.eye(win)
+        self.register_buffer("place", place)  # (G, n·W)
+        self.register_buffer("counts", coverage(grid, win, stride, dtype=torch.float32))  # (G, G)
+        self.n, self.win = len(starts), win
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        n, W = self.n, self.win
+        x = maps.reshape(-1, n, n, 2, W, W).permute(0, 3, 1, 4, 2, 5)  # (B, 2, n, W, n, W)
+        x = x.reshape(x.shape[0], 2, n * W, n * W)  # (B, 2, n·W, n·W) block matrix
+        return self.place @ x @ self.place.T / self.counts  # (B, 2, G, G)
+
+
+class DetectorGraph(nn.Module):
+    """A fitted detector as one module: (B, 3, S, S) preprocessed images -> (anomaly_map (B, cal, cal),
+    score (B,), patch_score (B,), map_max (B,)), equal to `FDSL.predict` against the detector's memory.
+
+    Args:
+        model: the detector's `FDSL` model (its PyTorch backbone passes are used, whatever its engine).
+        memory: the detector's memory banks (copied into the graph as constants, fp32).
+        out_size: the evaluation size cal of the anomaly map.
+        chunk_mb: bound, per image, on each similarity block of the nearest-normal search.
+    """
+
+    def __init__(self, model, memory, out_size: int, chunk_mb: int = 64) -> None:
+        super().__init__()
+        cfg = model.cfg
+        self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
+        self.out_size, self.chunk_mb = int(out_size), int(chunk_mb)
+        diff2, index = cfg.align_mode == "diff2", cfg.use_img_idx
+        self.global_bank = _Bank(memory.global_bank, diff2, index)
+        self.use_windows = cfg.winmode != "nan"
+        if self.use_windows:
+            if memory.window_bank is None:
+                raise ConfigError(f"winmode {cfg.winmode} needs a window bank; the detector has none")
+            self.window_bank = _Bank(memory.window_bank, diff2, index)
+            self.n_windows = n_windows(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
+            self.stitch = _Stitch(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, bb, size = self.cfg, self.backbone, self.out_size
+        amap = patch = None
+        if cfg.winmode != "onlywin":
+            f = bb.encode_images(images)  # L × (B, N, C), (B, D)
+            res = _graph_residuals(self.global_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, 1)
+            _, refined = self.head(res)  # L × (B, 2, G, G)
+            amap, patch = combine_layers([m[:, 1] for m in refined], size)  # (B, cal, cal), (B,)
+        if self.use_windows:
+            W, s, nw = cfg.win_size, cfg.win_stride, self.n_windows
+            crops = split_windows(bb.patch_embed(images), 1, W, s)  # (B·nw, C, W, W)
+            f = bb.encode_patches(crops)  # L × (B·nw, W², C)
+            res = _graph_residuals(self.window_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, nw)
+            raw = self.head.raw(res)  # L × (B·nw, 2, W, W)
+            stitched = [self.stitch(x) for x in raw]  # L × (B, 2, G, G)
+            wmap, wpatch = combine_layers([m[:, 1] for m in self.head.refine(stitched)], size)
+            if amap is None:  # onlywin
+                amap, patch = wmap, wpatch
+            else:  # mul
+                w = cfg.win_weight
+                amap, patch = (1 - w) * amap + w * wmap, (1 - w) * patch + w * wpatch
+        mmax = amap.flatten(1).amax(dim=-1)  # (B,)
+        return amap, image_score(patch, mmax), patch, mmax
+
+
+def contract(det, fmt: str, precision: str, model_file: str) -> dict:
+    """The JSON written beside the graph: preprocessing, outputs, thresholds, the detector's identity."""
+    info = det.info
+    S = int(det.model.cfg.image_size)
+    return {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fdsl_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runtime": fmt, "model_file": model_file, "precision": precision,
+        "input": {"name": "images", "shape": ["batch", 3, S, S], "dtype": "float32", "layout": "NCHW",
+                  "channels": "RGB", "batch": "dynamic"},
+        "preprocessing": {
+            "size": [S, S], "resize": "squash",
+            "interpolation": "bicubic on the 8-bit RGB PIL image (PIL Image.resize((S, S), Image.BICUBIC)); "
+                             "no crop, aspect ratio not kept",
+            "to_rgb": "any mode to 8-bit RGB (alpha dropped, palettes expanded, 16-bit grey / 257)",
+            "scale": "x / 255 in float32", "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+            "normalize": "(x / 255 - mean) / std per channel, float32",
+        },
+        "outputs": {
+            "anomaly_map": f"(batch, {det.cal_image_size}, {det.cal_image_size}) anomaly probability",
+            "score": "(batch,) 0.5 * (patch_score + map_max); verdict: score > thresholds.image",
+            "patch_score": "(batch,) mean over layers of the max anomalous probability on the patch grid",
+            "map_max": "(batch,) max of anomaly_map",
+        },
+        "mask": "anomaly_map resized bilinearly (half-pixel centres) to the image's own W x H, > thresholds.pixel",
+        "cal_image_size": int(det.cal_image_size),
+        "thresholds": dict(info.get("thresholds", {})),
+        "detector": {k: info.get(k) for k in ("fdsl_version", "created", "model_config", "backbone", "checkpoint",
+                                              "normal_images")},
+    }
+
+
+def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = "fp32",
+                    chunk_mb: int = 64) -> Path:
+    """Write `det` (a CPU `Detector`) as ``out/model.xml`` (+ .bin) or ``out/model.onnx``, and ``out/fdsl_export.json``.
+
+    `precision` fp16 stores the OpenVINO weights in fp16 (computation stays fp32 on the CPU); ONNX is fp32 only.
+    Returns the folder.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(EXPORT_PRECISIONS)}")
+    if fmt == "onnx" and precision != "fp32":
+        raise ConfigError("--precision fp16 is OpenVINO weight compression; export ONNX in fp32 "
+                          "(or use --format openvino)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the exported model")
+    if det.model.device.type != "cpu":
+        raise ConfigError("export a detector loaded on the CPU (--device cpu)")
+    graph = DetectorGraph(det.model, det.memory, det.cal_image_size, chunk_mb).eval()
+    S = int(det.model.cfg.image_size)
+    example = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))  # batch 2: stays dynamic
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if fmt == "openvino":
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ConfigError("--format openvino needs OpenVINO: pip install 'fdsl[openvino]' "
+                              "(openvino==2026.4.1)") from None
+        from fdsl.core.engines import convert_to_openvino
+
+        model = convert_to_openvino(graph, example)
+        model.inputs[0].get_tensor().set_names({"images"})
+        for o, name in zip(model.outputs, OUTPUTS):
+            o.get_tensor().set_names({name})
+        model_file = "model.xml"
+        ov.save_model(model, str(out / model_file), compress_to_fp16=(precision == "fp16"))
+    else:
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--format onnx needs the ONNX exporter: {ONNX_EXTRA}") from None
+        model_file = "model.onnx"
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        with torch.no_grad():
+            prog = torch.onnx.export(graph, (example,), input_names=["images"], output_names=list(OUTPUTS),
+                                     dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+        prog.save(str(out / model_file))
+    atomic_write_json(out / CONTRACT, contract(det, fmt, precision, model_file))
+    log.info("exported the detector to %s (%s, %s) in %.1f s", out / model_file, fmt, precision,
+             time.perf_counter() - t0)
+    return out
+
+
+def exported_files(out: PathLike) -> Optional[List[Path]]:
+    """The files of an exported folder (contract first), or None when it is not one."""
+    out = Path(out)
+    if not (out / CONTRACT).is_file():
+        return None
+    return [out / CONTRACT, *sorted(p for p in out.iterdir() if p.name.startswith("model."))]
