@@ -25,6 +25,9 @@ from fdsl.core.memory import MemoryBank
 from fdsl.core.model import combine_layers, image_score
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
+from fdsl.deploy.inferencer import CONTRACT, OUTPUTS
+from fdsl.deploy.inferencer import FORMAT as EXPORT_FORMAT
+from fdsl.deploy.inferencer import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json
 
@@ -32,10 +35,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("openvino", "onnx")
 EXPORT_PRECISIONS = ("fp32", "fp16")
-CONTRACT = "fdsl_export.json"  # the name fdsl.deploy looks for
-EXPORT_FORMAT = "fdsl-export"
-EXPORT_FORMAT_VERSION = 1
-OUTPUTS = ("anomaly_map", "score", "patch_score", "map_max")
 ONNX_EXTRA = "pip install 'fdsl[onnx]' (onnx==1.23.2, onnxruntime==1.31.1, onnxscript==0.7.2)"
 
 

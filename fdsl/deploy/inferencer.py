@@ -1,0 +1,183 @@
+"""`ExportedDetector`: an exported folder (``fdsl_export.json`` + ``model.xml`` or ``model.onnx``) scored with
+OpenVINO or onnxruntime, preprocessing with Pillow and NumPy exactly as the torch path does."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from fdsl.data.rgb import load_rgb, to_rgb
+from fdsl.deploy.pixels import preprocess, resize_bilinear
+from fdsl.errors import CheckpointError, ConfigError
+from fdsl.io import PathLike
+
+log = logging.getLogger(__name__)
+
+CONTRACT = "fdsl_export.json"
+FORMAT = "fdsl-export"
+FORMAT_VERSION = 1
+OUTPUTS = ("anomaly_map", "score", "patch_score", "map_max")
+_EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
+           "onnx": "pip install 'fdsl[onnx]' (onnxruntime==1.31.1)"}
+
+
+class Prediction(NamedTuple):
+    """The verdict on one image; the fields of `fdsl.inspect.detector.Prediction`.
+
+    score: 0.5·(patch_score + map_max); is_anomalous: score > image threshold (None without one);
+    anomaly_map: (cal, cal) float32; mask: (H, W) bool at the image's size (None without a pixel threshold);
+    patch_score, map_max: floats; defect_area_px: pixels of `mask`; size: (W, H) of the image.
+    """
+
+    score: float
+    is_anomalous: Optional[bool]
+    anomaly_map: np.ndarray
+    mask: Optional[np.ndarray]
+    patch_score: float
+    map_max: float
+    defect_area_px: Optional[int]
+    size: Tuple[int, int]
+
+
+class _OpenVINOSession:
+    def __init__(self, path: Path, threads: Optional[int]) -> None:
+        import openvino as ov
+
+        config: Dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
+
+    def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        res = self.compiled(x)
+        return {n: np.asarray(res[o]) for n, o in zip(self.names, self.compiled.outputs)}
+
+
+class _ONNXSession:
+    def __init__(self, path: Path, threads: Optional[int]) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(None, {self.input: x})))
+
+
+def read_contract(folder: PathLike) -> dict:
+    """The checked ``fdsl_export.json`` of an exported folder."""
+    folder = Path(folder)
+    path = folder / CONTRACT
+    if not path.is_file():
+        raise CheckpointError(f"{str(folder)!r} is not an exported FDSL model (no {CONTRACT}); write one with "
+                              "`fdsl export --detector part.fdsl --out DIR`")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an FDSL export contract (format {info.get('format')!r})")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has export format version {version}; this fdsl reads up to "
+                              f"{FORMAT_VERSION}: upgrade fdsl")
+    name = str(info.get("model_file", ""))
+    if not name or Path(name).name != name or not (folder / name).is_file():  # a bare file name inside the folder
+        raise CheckpointError(f"{path}: its model file {name!r} is not in {str(folder)!r}")
+    return info
+
+
+class ExportedDetector:
+    """A detector exported by `fdsl export`, run by OpenVINO (``.xml``) or onnxruntime (``.onnx``).
+
+    Attributes mirror `fdsl.inspect.detector.Detector` where `fdsl predict` uses them: `info`,
+    `image_threshold`, `pixel_threshold`, `cal_image_size`, `score_images`, `predict`.
+    """
+
+    def __init__(self, folder: PathLike, threads: Optional[int] = None) -> None:
+        self.folder = Path(folder)
+        self.info = read_contract(self.folder)
+        self.model_file = self.folder / self.info["model_file"]
+        kind = "onnx" if self.model_file.suffix == ".onnx" else "openvino"
+        try:
+            self.session = _ONNXSession(self.model_file, threads) if kind == "onnx" else \
+                _OpenVINOSession(self.model_file, threads)
+        except ImportError:
+            raise ConfigError(f"{self.model_file.name} needs the {kind} runtime: {_EXTRAS[kind]}") from None
+        self.runtime = kind
+        pre = self.info["preprocessing"]
+        self.image_size = int(pre["size"][0])
+        self.mean, self.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+
+    @property
+    def cal_image_size(self) -> int:
+        return int(self.info["cal_image_size"])
+
+    @property
+    def image_threshold(self) -> Optional[float]:
+        return (self.info.get("thresholds") or {}).get("image")
+
+    @property
+    def pixel_threshold(self) -> Optional[float]:
+        return (self.info.get("thresholds") or {}).get("pixel")
+
+    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        """(B, 3, S, S) preprocessed float32 batch -> the graph's outputs by name (``anomaly_map`` (B, cal, cal),
+        ``score``, ``patch_score``, ``map_max`` (B,))."""
+        return self.session.run(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def score_images(self, images: Sequence[Image.Image], threshold: Optional[float] = None,
+                     cal_image_size: Optional[int] = None) -> List[Prediction]:
+        """Score one batch of RGB PIL images (any sizes; squashed to the model size)."""
+        if not images:
+            return []
+        if cal_image_size is not None and int(cal_image_size) != self.cal_image_size:
+            raise ConfigError(f"--cal_image_size {cal_image_size}: the exported model's maps are "
+                              f"{self.cal_image_size} px (fixed at export); drop the option or re-export")
+        out = self.infer(preprocess(images, self.image_size, self.mean, self.std))
+        thr = self.image_threshold if threshold is None else float(threshold)
+        pix = self.pixel_threshold
+        preds = []
+        for im, amap, p, m in zip(images, out["anomaly_map"], out["patch_score"], out["map_max"]):
+            score = 0.5 * (float(p) + float(m))  # in float64, as Detector.score_images
+            mask = area = None
+            if pix is not None:
+                mask = resize_bilinear(amap, im.size) > pix
+                area = int(mask.sum())
+            preds.append(Prediction(score, None if thr is None else bool(score > thr), np.asarray(amap, np.float32),
+                                    mask, float(p), float(m), area, tuple(im.size)))
+        return preds
+
+    def predict(self, images: Union[PathLike, Image.Image, Sequence[Union[PathLike, Image.Image]]],
+                batch_size: int = 8, threshold: Optional[float] = None) -> List[Prediction]:
+        """Score images (paths, a folder, or PIL images); one `Prediction` per image, in order."""
+        from fdsl.inspect.files import list_images
+
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        items: list = []
+        for x in images:
+            if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+                items += [p for p, _ in list_images(x)]
+            else:
+                items.append(x)
+        preds: List[Prediction] = []
+        for s in range(0, len(items), batch_size):
+            pil = [load_rgb(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x) for x in items[s:s + batch_size]]
+            preds += self.score_images(pil, threshold)
+        return preds
+
+
+def load_exported(folder: PathLike, threads: Optional[int] = None) -> ExportedDetector:
+    """Load an exported folder (`fdsl export`); `threads` bounds the runtime's CPU threads."""
+    return ExportedDetector(folder, threads)

@@ -1,0 +1,139 @@
+"""`python -m fdsl.deploy`: score a folder with an exported model; the outputs of `fdsl predict`, without torch.
+
+Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv``, ``masks/<name>.png``
+(anomalous images, at their own size), ``overlays/<name>.png`` (Pillow pictures) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fdsl.errors import ConfigError, FDSLError
+from fdsl.io import PathLike
+
+log = logging.getLogger("fdsl.deploy")
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    from fdsl.io import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(arr).save(fh, format="PNG")
+
+
+def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *, threshold: Optional[float] = None,
+                   overlays: bool = True, batch_size: int = 8, threads: Optional[int] = None) -> dict:
+    """Score `images` (folders or files) with the exported `model` folder and write the outputs to `out`.
+
+    Returns the summary (also written to ``summary.json``).
+    """
+    from fdsl.cli.inspection import SCORE_COLUMNS, _csv_text, _inside, output_names
+    from fdsl.data.rgb import load_rgb
+    from fdsl.deploy.inferencer import load_exported
+    from fdsl.deploy.pictures import render_overlay
+    from fdsl.inspect.files import list_images
+    from fdsl.io import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    files = list_images(images, "input images", exclude=out)
+    det = load_exported(model, threads)
+    out.mkdir(parents=True, exist_ok=True)
+    thr = threshold if threshold is not None else det.image_threshold
+    pix = det.pixel_threshold
+    if thr is None:
+        log.warning("the exported model has no image threshold (calibrate the detector before exporting, or pass "
+                    "--threshold): scores and maps are written, no verdict is given")
+    paths = [str(p) for p, _ in files]
+    stem_of = dict(zip(paths, output_names([n for _, n in files])))
+    rows: Dict[str, dict] = {}
+    errors: List[dict] = []
+    t0 = time.time()
+    for s in range(0, len(paths), batch_size):
+        batch, imgs = [], []
+        for p in paths[s:s + batch_size]:
+            try:
+                imgs.append(load_rgb(p))
+                batch.append(p)
+            except (FDSLError, OSError, ValueError) as exc:
+                errors.append({"path": p, "error": str(exc).replace("\n", " ")})
+                log.warning("skipping unreadable image %s: %s", p, exc)
+        for p, im, pr in zip(batch, imgs, det.score_images(imgs, threshold=thr)):
+            stem = stem_of[p]
+            rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
+                       "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
+                       "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
+            mask_path = _inside(out, f"masks/{stem}.png")
+            if pr.is_anomalous and pr.mask is not None:
+                _save_png(mask_path, pr.mask.astype(np.uint8) * 255)
+            elif mask_path.exists():
+                mask_path.unlink()  # stale mask of an earlier run
+            if overlays:
+                verdict = "" if pr.is_anomalous is None else ("  ANOMALOUS" if pr.is_anomalous else "  normal")
+                cap = f"score {pr.score:.4f}" + (f" (thr {thr:.4f})" if thr is not None else "") + verdict
+                if pr.defect_area_px is not None:
+                    cap += f"  area {pr.defect_area_px} px"
+                _save_png(_inside(out, f"overlays/{stem}.png"), render_overlay(im, pr.anomaly_map, pr.mask, cap))
+        atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
+    atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
+    atomic_write_text(out / "errors.csv", _csv_text(errors, ("path", "error")))
+    n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
+    summary = {
+        "model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
+        "fdsl_version": det.info.get("fdsl_version"), "n_images": len(paths), "n_scored": len(rows),
+        "n_errors": len(errors), "n_anomalous": n_anom if thr is not None else None, "image_threshold": thr,
+        "threshold_source": "--threshold" if threshold is not None else "model" if thr is not None else None,
+        "pixel_threshold": pix, "cal_image_size": det.cal_image_size,
+        "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if overlays else None,
+                    "masks": "masks/"},
+        "seconds": round(time.time() - t0, 3),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fdsl.deploy", allow_abbrev=False,
+                                description="Score images with a model exported by `fdsl export` (no PyTorch).")
+    p.add_argument("--model", required=True, help="folder written by `fdsl export` (fdsl_export.json + model)")
+    p.add_argument("--images", required=True, nargs="+", help="folder(s) (recursive) or image files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the stored one")
+    p.add_argument("--overlays", type=int, choices=(0, 1), default=1, help="write an overlay PNG per image")
+    p.add_argument("--batch_size", type=int, default=8, help="images per batch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime (default: its own)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command; 0 on success, 2 on bad input (one line), 130 on Ctrl-C."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = predict_folder(args.model, args.images, args.out, threshold=args.threshold,
+                                 overlays=bool(args.overlays), batch_size=args.batch_size, threads=args.threads)
+    except FDSLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    out = Path(args.out)
+    verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
+               else ", no verdicts (uncalibrated)")
+    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}, {summary['runtime']})"
+          + (f"; {summary['n_errors']} unreadable image(s) in {out / 'errors.csv'}" if summary["n_errors"] else ""))
+    return 0
