@@ -63,12 +63,15 @@ class _Pass(nn.Module):
 def convert_to_openvino(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True):
     """An `openvino.Model` of `module` (fp32, CPU tensors) exported by ``torch.export`` on `example`.
 
-    The first dimension is dynamic when `dynamic_batch`; the others are those of `example`.
+    The first dimension is dynamic when `dynamic_batch`; the others are those of `example`. The module runs
+    once eagerly first, so caches it fills on first use (the backbone's resized positional grids) hold
+    constants, not the ops that computed them.
     """
     import openvino as ov
 
     shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
     with torch.no_grad():
+        module.eval()(example)
         program = torch.export.export(module.eval(), (example,), dynamic_shapes=shapes)
     model = ov.convert_model(program)
     dims = [-1 if (dynamic_batch and i == 0) else int(d) for i, d in enumerate(example.shape)]

@@ -197,6 +197,13 @@ def contract(det, fmt: str, precision: str, model_file: str) -> dict:
     }
 
 
+def save_openvino(model, path: PathLike, precision: str = "fp32") -> None:
+    """Write an `openvino.Model` to `path` (.xml + .bin); fp16 stores the weights compressed to fp16."""
+    import openvino as ov
+
+    ov.save_model(model, str(path), compress_to_fp16=(precision == "fp16"))  # OpenVINO's default would be fp16
+
+
 def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = "fp32",
                     chunk_mb: int = 64) -> Path:
     """Write `det` (a CPU `Detector`) as ``out/model.xml`` (+ .bin) or ``out/model.onnx``, and ``out/fdsl_export.json``.
@@ -219,6 +226,8 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     graph = DetectorGraph(det.model, det.memory, det.cal_image_size, chunk_mb).eval()
     S = int(det.model.cfg.image_size)
     example = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))  # batch 2: stays dynamic
+    with torch.no_grad():
+        graph(example)  # once eagerly: fills the backbone's positional-grid cache, so the graph holds constants
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if fmt == "openvino":
@@ -234,7 +243,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         for o, name in zip(model.outputs, OUTPUTS):
             o.get_tensor().set_names({name})
         model_file = "model.xml"
-        ov.save_model(model, str(out / model_file), compress_to_fp16=(precision == "fp16"))
+        save_openvino(model, out / model_file, precision)
     else:
         try:
             import onnx  # noqa: F401
