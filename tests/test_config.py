@@ -283,7 +283,7 @@ def test_every_command_parses_through_its_dataclass(capsys) -> None:
     import dataclasses
 
     from fdsl.cli import demo, indexing, inspection
-    from fdsl.config import DemoConfig, IndexConfig
+    from fdsl.config import DemoConfig
 
     for cmd, (cls, _) in inspection.COMMANDS.items():
         fields = {f.name for f in dataclasses.fields(cls)}
