@@ -232,7 +232,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     t0 = time.perf_counter()
     if fmt == "openvino":
         try:
-            import openvino as ov
+            import openvino  # noqa: F401
         except ImportError:
             raise ConfigError("--format openvino needs OpenVINO: pip install 'fdsl[openvino]' "
                               "(openvino==2026.4.1)") from None

@@ -41,7 +41,7 @@ def build_detectors(work: Path) -> SimpleNamespace:
         liven_head(model, load_reference_images(root, train, 112), load_reference_images(root, test, 112))
         ck = work / f"{name}.pth"
         save_checkpoint(ck, model.head, dataclasses.asdict(mcfg), epoch=1)
-        det = Detector.fit(ck, root / CLS / "train" / "good", device="cpu", precision="fp32", cal_image_size=64)
+        det = Detector.fit(ck, root / CLS / "train" / "good", runtime="cpu", cal_image_size=64)
         bad = [d for d in test_dir.iterdir() if d.name != "good"]
         det.calibrate(test_dir / "good", bad)
         dets[name] = det.save(work / f"{name}.fdsl")

@@ -33,7 +33,7 @@ def exported(env):
     def get(branch: str, fmt: str, precision: str = "fp32") -> Path:
         key = (branch, fmt, precision)
         if key not in cache:
-            det = Detector.load(env.detectors[branch], device="cpu", precision="fp32")
+            det = Detector.load(env.detectors[branch], runtime="cpu")
             cache[key] = export_detector(det, env.work / f"exp_{branch}_{fmt}_{precision}", fmt, precision)
         return cache[key]
 
@@ -52,7 +52,7 @@ def test_exported_graph_equals_detector_predict(env, exported, branch, fmt):
     from fdsl.deploy import load_exported
     from fdsl.inspect.detector import Detector
 
-    det = Detector.load(env.detectors[branch], device="cpu", precision="fp32")
+    det = Detector.load(env.detectors[branch], runtime="cpu")
     ref = det.predict(env.images, batch_size=3)
     got = load_exported(exported(branch, fmt)).predict(env.images, batch_size=4)  # other batching on purpose
     s_ref, s_got = np.array([p.score for p in ref]), np.array([p.score for p in got])
@@ -71,7 +71,7 @@ def test_contract_json_describes_preprocessing_and_thresholds(env, exported):
 
     folder = exported("lfe", "openvino")
     c = json.loads((folder / "fdsl_export.json").read_text())
-    det = Detector.load(env.detectors["lfe"], device="cpu")
+    det = Detector.load(env.detectors["lfe"], runtime="cpu")
     assert c["preprocessing"]["size"] == [112, 112] and c["preprocessing"]["resize"] == "squash"
     assert c["preprocessing"]["mean"] == list(OPENAI_MEAN) and c["preprocessing"]["std"] == list(OPENAI_STD)
     assert c["thresholds"]["image"] == det.image_threshold and c["thresholds"]["pixel"] == det.pixel_threshold
@@ -147,7 +147,8 @@ def test_predict_and_deploy_cli_write_the_same_verdicts(env, exported, tmp_path)
             assert got[k]["is_anomalous"] == r["is_anomalous"]
             assert abs(int(got[k]["defect_area_px"]) - int(r["defect_area_px"])) <= 2  # near-threshold pixels
         masks = sorted(p.relative_to(tmp_path / "t") for p in (tmp_path / "t" / "masks").rglob("*.png"))
-        assert masks and masks == sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run / "masks").rglob("*.png"))
+        own = sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run / "masks").rglob("*.png"))
+        assert masks and masks == own
         for m in masks:
             a, b = np.asarray(Image.open(tmp_path / "t" / m)), np.asarray(Image.open(tmp_path / run / m))
             assert a.shape == b.shape and np.mean(a != b) < 1e-3
@@ -209,7 +210,7 @@ def test_deploy_runs_in_a_fresh_venv_without_torch(env, exported, deploy_venv, t
                             "if u.find_spec(m)])"], cwd=tmp_path, env=clean, capture_output=True, text=True)
     assert probe.returncode == 0 and "site-packages" in probe.stdout and probe.stdout.strip().endswith("[]"), \
         probe.stdout + probe.stderr
-    det = Detector.load(env.detectors["lfe"], device="cpu", precision="fp32")
+    det = Detector.load(env.detectors["lfe"], runtime="cpu")
     ref = {p.name + p.parent.name: pr for p, pr in zip(env.images, det.predict(env.images))}
     for fmt in ("openvino", "onnx"):
         out = tmp_path / fmt
