@@ -1,0 +1,82 @@
+"""`--engine openvino` (fdsl.core.engines): the backbone's passes compiled by OpenVINO give torch's numbers."""
+from __future__ import annotations
+
+import csv
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fdsl_test_utils import drop_fdsl_log_handlers, save_tiny_checkpoint, tiny_data, tiny_test_argv
+
+from fdsl.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from fdsl.core.backbone import CLIPBackbone
+
+    return CLIPBackbone("FDSL-Tiny-ViT", "none", 112, (2, 4))
+
+
+def test_openvino_passes_equal_torch_and_compile_once_per_shape(backbone):
+    from fdsl.core.engines import OpenVINOEngine
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 112, 112, generator=g)
+    crops = backbone.patch_embed(images)[:, :, 2:6, 1:5].contiguous()  # (3, C, 4, 4) window patch grids
+    ref_g, ref_w = backbone(images), backbone.forward_patches(crops)
+    try:
+        backbone.engine = OpenVINOEngine(backbone, threads=1)
+        got_g, got_w = backbone(images), backbone.forward_patches(crops)
+        for ref, got in ((ref_g, got_g), (ref_w, got_w)):
+            assert len(got.tokens) == 2 and got.tokens[0].shape == ref.tokens[0].shape
+            for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
+                assert float((a - b).abs().max()) < 1e-5
+        assert got_w.tokens[0].shape == (3, 16, 64)  # the 4×4 grid got its own positional embedding
+        backbone(images[:1])  # another batch size: compiled again, not converted again
+        backbone(images)
+        assert len(backbone.engine._models) == 2 and len(backbone.engine._compiled) == 3
+    finally:
+        backbone.engine = None
+
+
+def _scores(path):
+    with open(path, newline="") as fh:
+        return {r["img_path"]: (float(r["patch_score"]), float(r["map_max"])) for r in csv.DictReader(fh)}
+
+
+@pytest.mark.parametrize("lfe", [False, True])
+def test_test_py_engine_openvino_gives_torch_scores(tmp_path, lfe):
+    """test.py with --engine openvino: per-image scores equal --engine torch's to 1e-4 (random weights: a
+    nearest-neighbour near-tie could flip one; none does here)."""
+    from fdsl.cli.jobs import test_main
+
+    data = tiny_data(tmp_path / "data", n_test_good=3, n_test_bad=3)
+    ck = save_tiny_checkpoint(tmp_path / "ck.pth")
+    extra = ["--winmode", "mul", "--win_size", "2", "--win_stride", "1"] if lfe else []
+    for engine in ("torch", "openvino"):
+        argv = tiny_test_argv(data, ck, tmp_path / engine, "--engine", engine, "--aupro", "0", *extra)
+        assert test_main(argv) == 0
+        drop_fdsl_log_handlers()
+    ref, got = _scores(tmp_path / "torch" / "scores.csv"), _scores(tmp_path / "openvino" / "scores.csv")
+    assert ref.keys() == got.keys() and len(ref) == 6
+    diff = np.abs(np.array([ref[k] for k in ref]) - np.array([got[k] for k in ref]))
+    assert float(diff.max()) < 1e-4, diff.max()
+
+
+def test_engine_errors_are_one_line_and_name_the_extra(tmp_path, monkeypatch):
+    from fdsl.cli.jobs import test_main
+    from fdsl.core.engines import check_engine
+
+    with pytest.raises(ConfigError, match="--device"):
+        check_engine("openvino", torch.device("cuda:0"), torch.float32)
+    with pytest.raises(ConfigError, match="fp32"):
+        check_engine("openvino", torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"fdsl\[openvino\]"):
+        check_engine("openvino", torch.device("cpu"), torch.float32)
+    data = tiny_data(tmp_path / "data")
+    ck = save_tiny_checkpoint(tmp_path / "ck.pth")
+    assert test_main(tiny_test_argv(data, ck, tmp_path / "r", "--engine", "openvino")) == 2
+    drop_fdsl_log_handlers()
