@@ -127,7 +127,7 @@ class OpenVINOEngine:
         if x.device.type != "cpu":
             raise ConfigError(f"--engine openvino runs on the CPU; got an input on {x.device}")
         req = self.compiled(name, fn, x)
-        out = req(np.ascontiguousarray(x.detach().float().numpy()))
+        out = req(np.ascontiguousarray(x.detach().float().numpy()), share_outputs=False)  # copies: req is reused
         arrays: List[torch.Tensor] = [torch.from_numpy(np.asarray(out[o])) for o in req.outputs]
         return BackboneOutput(arrays[:-1], arrays[-1])
 
