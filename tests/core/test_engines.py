@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fdsl_test_utils import drop_fdsl_log_handlers, save_tiny_checkpoint, tiny_data, tiny_test_argv
+from fdsl_test_utils import (
+    drop_fdsl_log_handlers,
+    liven_head,
+    save_tiny_checkpoint,
+    tiny_data,
+    tiny_model_config,
+    tiny_test_argv,
+)
 
 from fdsl.errors import ConfigError
 
@@ -41,6 +48,29 @@ def test_openvino_passes_equal_torch_and_compile_once_per_shape(backbone):
         backbone.engine = None
 
 
+def _lively_checkpoint(path, data):
+    """A checkpoint of the tiny model (TINY_MODEL_ARGS) whose head has data-driven BN statistics: an untrained
+    head scores every image about the same, which would make a comparison of scores weak."""
+    import dataclasses
+
+    from fdsl.core.model import FDSL
+    from fdsl.data.meta import load_meta
+    from fdsl.data.shots import load_reference_images
+    from fdsl.engine.checkpoint import save_checkpoint
+
+    mcfg = tiny_model_config(winmode="mul", win_size=2, win_stride=1)
+    torch.manual_seed(0)
+    model = FDSL.from_config(mcfg).eval()
+    meta = load_meta(str(data))
+    cls = sorted(meta["test"])[0]
+    train = [it["img_path"] for it in meta["train"][cls]][:1]
+    test = [it["img_path"] for it in meta["test"][cls]]
+    liven_head(model, load_reference_images(data, train, 56), load_reference_images(data, test, 56))
+    mcfg.winmode = "nan"  # the saved config is the global one; test.py's --winmode switches LFE on
+    save_checkpoint(path, model.head, dataclasses.asdict(mcfg), epoch=1)
+    return path
+
+
 def _scores(path):
     with open(path, newline="") as fh:
         return {r["img_path"]: (float(r["patch_score"]), float(r["map_max"])) for r in csv.DictReader(fh)}
@@ -53,7 +83,7 @@ def test_test_py_engine_openvino_gives_torch_scores(tmp_path, lfe):
     from fdsl.cli.jobs import test_main
 
     data = tiny_data(tmp_path / "data", n_test_good=3, n_test_bad=3)
-    ck = save_tiny_checkpoint(tmp_path / "ck.pth")
+    ck = _lively_checkpoint(tmp_path / "ck.pth", data)
     extra = ["--winmode", "mul", "--win_size", "2", "--win_stride", "1"] if lfe else []
     for engine in ("torch", "openvino"):
         argv = tiny_test_argv(data, ck, tmp_path / engine, "--engine", engine, "--aupro", "0", *extra)
@@ -61,6 +91,7 @@ def test_test_py_engine_openvino_gives_torch_scores(tmp_path, lfe):
         drop_fdsl_log_handlers()
     ref, got = _scores(tmp_path / "torch" / "scores.csv"), _scores(tmp_path / "openvino" / "scores.csv")
     assert ref.keys() == got.keys() and len(ref) == 6
+    assert np.std([v[0] for v in ref.values()]) > 1e-3, "scores should vary, or the comparison says little"
     diff = np.abs(np.array([ref[k] for k in ref]) - np.array([got[k] for k in ref]))
     assert float(diff.max()) < 1e-4, diff.max()
 
