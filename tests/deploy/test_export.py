@@ -224,3 +224,33 @@ def test_deploy_runs_in_a_fresh_venv_without_torch(env, exported, deploy_venv, t
             assert abs(float(got[k]["score"]) - pr.score) < TOL
             assert got[k]["is_anomalous"] == str(int(pr.is_anomalous))
         assert len(list((out / "overlays").rglob("*.png"))) == len(env.images)
+
+
+@pytest.mark.parametrize("settings", [dict(align_mode="diff2"), dict(use_img_idx=True), dict(winmode="onlywin"),
+                                      dict(use_nam=False, use_abs=False, align_mode="diff2", use_img_idx=True)])
+def test_graph_equals_predict_for_every_setting(env, settings):
+    """The export graph run eagerly equals `FDSL.predict` for the other alignment modes, the image index,
+    onlywin and NAM off (the conversion itself is checked above on the default settings)."""
+    import torch
+
+    from fdsl.config import ModelConfig
+    from fdsl.core.model import FDSL
+    from fdsl.data.images import image_transform, load_rgb
+    from fdsl.data.synthetic import liven_head
+    from fdsl.inspect.export import DetectorGraph
+
+    kw = dict(model="FDSL-Tiny-ViT", pretrained=str(env.weights), image_size=112, features_list=[2, 4],
+              few_shot_features=[2, 4], winmode="mul", win_size=4, win_stride=2)
+    kw.update(settings)
+    torch.manual_seed(0)
+    model = FDSL.from_config(ModelConfig(**kw)).eval()
+    tf = image_transform(112)
+    refs = torch.stack([tf(load_rgb(p)) for p in sorted((env.root / "brick_syn" / "train" / "good").glob("*.png"))])
+    x = torch.stack([tf(load_rgb(p)) for p in env.images])
+    liven_head(model, refs, x)  # data-driven BN statistics: an untrained head scores all images alike
+    memory = model.make_memory(model.encode_references(refs))
+    ref = model.predict(x, [memory], 64)[0]
+    amap, score, patch, mmax = DetectorGraph(model, memory, 64, chunk_mb=1)(x)  # 1 MiB: several chunks
+    assert float(ref.pred_score.std()) > 1e-4
+    for a, b in ((amap, ref.anomaly_map), (score, ref.pred_score), (patch, ref.patch_score), (mmax, ref.map_max)):
+        assert float((a - b).abs().max()) < 1e-5
