@@ -111,3 +111,25 @@ def test_engine_errors_are_one_line_and_name_the_extra(tmp_path, monkeypatch):
     ck = save_tiny_checkpoint(tmp_path / "ck.pth")
     assert test_main(tiny_test_argv(data, ck, tmp_path / "r", "--engine", "openvino")) == 2
     drop_fdsl_log_handlers()
+
+
+def test_train_py_engine_openvino_trains_the_same_head(tmp_path):
+    """train.py --engine openvino (frozen backbone through OpenVINO) trains the head torch trains, up to Adam's
+    amplification of ~1e-7 feature differences (its normalised steps move weights by up to ~lr on near-zero
+    gradients)."""
+    from fdsl_test_utils import TINY_MODEL_ARGS
+
+    from fdsl.cli.jobs import train_main
+
+    data = tiny_data(tmp_path / "data", n_test_good=2, n_test_bad=2)
+    heads = {}
+    for e in ("torch", "openvino"):
+        argv = [*TINY_MODEL_ARGS, "--train_data_path", str(data), "--save_path", str(tmp_path / e), "--epoch", "1",
+                "--k_shot", "1", "--batch_size", "2", "--num_workers", "0", "--engine", e, "--seed", "0"]
+        assert train_main(argv) == 0
+        drop_fdsl_log_handlers()
+        heads[e] = torch.load(tmp_path / e / "epoch_1.pth", weights_only=True)["head"]
+    assert heads["torch"].keys() == heads["openvino"].keys()
+    diffs = [float((heads["torch"][k].float() - heads["openvino"][k].float()).abs().max())
+             for k in heads["torch"] if heads["torch"][k].is_floating_point()]
+    assert max(diffs) < 5e-3

@@ -250,7 +250,8 @@ def test_graph_equals_predict_for_every_setting(env, settings):
     liven_head(model, refs, x)  # data-driven BN statistics: an untrained head scores all images alike
     memory = model.make_memory(model.encode_references(refs))
     ref = model.predict(x, [memory], 64)[0]
-    amap, score, patch, mmax = DetectorGraph(model, memory, 64, chunk_mb=1)(x)  # 1 MiB: several chunks
+    with torch.no_grad():
+        amap, score, patch, mmax = DetectorGraph(model, memory, 64, chunk_mb=1)(x)  # 1 MiB: several chunks
     assert float(ref.pred_score.std()) > 1e-4
     for a, b in ((amap, ref.anomaly_map), (score, ref.pred_score), (patch, ref.patch_score), (mmax, ref.map_max)):
         assert float((a - b).abs().max()) < 1e-5
