@@ -150,7 +150,7 @@ class RunConfig:
         if not str(self.save_path).strip():
             raise ConfigError("--save_path is empty; give a run folder")
         if self.classes is not None:
-            self.classes = dedupe_option("--classes", self.classes)
+            self.classes = dedupe_option("--classes", self.classes, self)
 
 
 @dataclass
@@ -213,8 +213,9 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
-        if len(set(shots)) != len(shots):
-            raise ConfigError(f"--k_shot lists a value twice: {self.k_shot}")
+        if len(set(shots)) != len(shots):  # like repeated seeds: each value once, with a warning
+            shots = dedupe_option("--k_shot", shots, self)
+            self.k_shot = shots[0] if len(shots) == 1 else shots
         if self.cal_image_size < 1:
             raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
         if self.seeds is not None:
@@ -223,7 +224,7 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
             bad = [s for s in self.seeds if s < 0]
             if bad:
                 raise ConfigError(f"--seeds must be >= 0, got {bad}")
-            self.seeds = dedupe_option("--seeds", self.seeds)
+            self.seeds = dedupe_option("--seeds", self.seeds, self)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
 
@@ -313,13 +314,27 @@ def expand_user_paths(cfg: Any) -> None:
             setattr(cfg, name, os.path.expanduser(value))
 
 
-def dedupe_option(flag: str, values: Sequence[Any]) -> list:
-    """`values` without repeats, in order; a warning names the repeats."""
+_WARNINGS = "_config_warnings"  # an instance attribute: warnings given while validating, replayed into log.txt
+
+
+def dedupe_option(flag: str, values: Sequence[Any], owner: Any = None) -> list:
+    """`values` without repeats, in order; a warning names the repeats (also recorded on `owner`, whose run
+    replays it into its log file once that exists: see `config_warnings`)."""
     out = list(dict.fromkeys(values))
     if len(out) != len(values):
         repeated = sorted({v for v in values if list(values).count(v) > 1}, key=list(values).index)
-        log.warning("%s lists %s more than once; each is used once: %s", flag, repeated, out)
+        message = f"{flag} lists {repeated} more than once; each is used once: {out}"
+        log.warning("%s", message)
+        if owner is not None:
+            seen = list(getattr(owner, _WARNINGS, []))
+            if message not in seen:
+                object.__setattr__(owner, _WARNINGS, seen + [message])
     return out
+
+
+def config_warnings(cfg: Any) -> List[str]:
+    """The warnings `cfg`'s validation gave (repeated --classes, --seeds, --k_shot values), in order."""
+    return list(getattr(cfg, _WARNINGS, []))
 
 
 def config_to_dict(cfg: Any) -> dict:

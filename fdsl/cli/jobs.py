@@ -35,6 +35,18 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only folder, ... while writing results: one line, not a traceback
+        from fdsl.io import write_failure
+
+        line = write_failure(exc)
+        if line is None:
+            raise
+        logging.getLogger("fdsl").debug("error details", exc_info=True)
+        distributed = sys.modules.get("fdsl.engine.distributed")
+        line = distributed.error_line(exc, f"error: {line}") if distributed is not None else f"error: {line}"
+        if line:
+            print(line, file=sys.stderr)
+        return 2
     return 0
 
 
