@@ -70,6 +70,9 @@ def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = N
         from fdsl.engine import distributed
 
         with distributed.session(cfg.device):
+            from fdsl.config import config_to_dict
+
+            distributed.check_same_settings(config_to_dict(cfg))  # torchrun: every rank runs the same job
             return fn(cfg)
 
     return run_job(go)
