@@ -153,12 +153,11 @@ def test_fit_refuses_overrides_the_checkpoint_contradicts(env, tmp_path, capsys,
 
 def test_second_run_into_one_out_is_refused_and_earlier_rows_are_kept(env, tmp_path, capsys, caplog):
     """#6: a lock on --out (a dead owner's lock is taken over); earlier runs' rows kept; no shared overlays."""
-    from fdsl.inspect.outputs import LOCK_NAME
+    import socket
 
     out = tmp_path / "v"
     out.mkdir()
-    lock = out / LOCK_NAME
-    import socket
+    lock = out / ".predict.lock"
 
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}))
     capsys.readouterr()
