@@ -352,9 +352,9 @@ def test_disk_full_during_predict_keeps_finished_work(env, tmp_path, capsys, mon
 def test_disk_full_during_fit_and_test_py(env, tmp_path, capsys, monkeypatch):
     """#12: fit (safetensors reports ENOSPC as its own error) and test.py --save_images."""
     import safetensors.torch
+    from fdsl_test_utils import tiny_test_argv
 
     from fdsl.cli.jobs import test_main
-    from fdsl_test_utils import tiny_test_argv
 
     def full(*a, **k):
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -457,9 +457,10 @@ def test_test_py_takes_pretrained_from_the_checkpoint():
 
 
 def test_duplicate_k_shot_is_a_warning_that_reaches_log_txt(tmp_path, caplog):
+    from fdsl_test_utils import drop_fdsl_log_handlers
+
     from fdsl.config import TestConfig, config_warnings, parse_config
     from fdsl.io import setup_logging
-    from fdsl_test_utils import drop_fdsl_log_handlers
 
     with caplog.at_level(logging.WARNING):
         cfg = parse_config(TestConfig, ["--checkpoint_path", "x.pth", "--k_shot", "1", "2", "2", "--seeds", "3", "3"])
