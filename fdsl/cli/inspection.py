@@ -246,6 +246,9 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     if cal_image_size is not None and (isinstance(cal_image_size, bool) or cal_image_size < 1):
         raise ConfigError(f"--cal_image_size must be a positive integer, got {cal_image_size}")
     check_output_folder(out, images)
+    for raw in images:
+        if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):
+            log.info("--out %s lies inside the input folder %s: it is skipped when listing the images", out, raw)
     files = list_images(images, "input images", exclude=out)
     det_path = Path(detector)
     det = Detector.load(det_path, device=device, precision=precision, pretrained=pretrained)

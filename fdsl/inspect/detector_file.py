@@ -143,6 +143,14 @@ def check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
             raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of {tuple(t.shape)}) does "
                                   f"not fit a {bb.model_name} at {bb.image_size} px with layers {bb.layers}; the "
                                   "detector comes from another model")
+        shapes = {tuple(bank.layer(i).shape) for i in range(bank.num_layers)}
+        if len(shapes) != 1:
+            raise CheckpointError(f"{path}: the stored {name}'s layers differ in shape ({sorted(shapes)}); the "
+                                  "detector file is damaged")
+        if tuple(bank.image_embeds.shape) != (bank.k, bb.embed_dim):
+            raise CheckpointError(f"{path}: the stored {name}'s image embeddings have shape "
+                                  f"{tuple(bank.image_embeds.shape)}, expected ({bank.k}, {bb.embed_dim}); the "
+                                  "detector comes from another model")
 
 
 def read_detector_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:

@@ -202,6 +202,22 @@ def test_nan_thresholds_and_nan_banks_are_refused(env, tmp_path):
         _load(_rewrite(env, tmp_path, "d.fdsl", tensors=tensors))
 
 
+def test_bank_shapes_are_checked_on_load(env, tmp_path):
+    """#9: banks whose layers or image embeddings do not fit the model are refused, not a later traceback."""
+    from fdsl.errors import CheckpointError
+
+    tensors = env.det.tensors()
+    emb = tensors["memory.global_bank.image_embeds"]
+    tensors["memory.global_bank.image_embeds"] = torch.zeros(emb.shape[0], emb.shape[1] + 3)
+    with pytest.raises(CheckpointError, match="image embeddings have shape"):
+        _load(_rewrite(env, tmp_path, tensors=tensors))
+    tensors = env.det.tensors()
+    t1 = tensors["memory.global_bank.tokens_1"]
+    tensors["memory.global_bank.tokens_1"] = t1[:, : t1.shape[1] // 2].contiguous()
+    with pytest.raises(CheckpointError, match="layers differ in shape"):
+        _load(_rewrite(env, tmp_path, "l.fdsl", tensors=tensors))
+
+
 # --------------------------------------------------------------------------- tracebacks
 
 
