@@ -52,7 +52,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
     work = tmp_path_factory.mktemp("harden")
     root = tiny_data(work / "data", classes=(CLS,), n_train=2, n_test_good=2, n_test_bad=2)
     ck = save_tiny_checkpoint(work / "ck" / "epoch_1.pth", seed=1)
-    det = Detector.fit(ck, root / CLS / "train" / "good", device="cpu", precision="fp32", cal_image_size=32)
+    det = Detector.fit(ck, root / CLS / "train" / "good", runtime="cpu", cal_image_size=32)
     det.calibrate(root / CLS / "test" / "good", [d for d in (root / CLS / "test").iterdir() if d.name != "good"],
                   max_fpr=0.5)
     path = det.save(work / "part.fdsl")
@@ -86,7 +86,7 @@ def _rewrite(env, tmp_path, name="x.fdsl", tensors=None, **changes) -> Path:
 def _load(path, **kw):
     from fdsl.inspect.detector import Detector
 
-    return Detector.load(path, device="cpu", precision="fp32", **kw)
+    return Detector.load(path, runtime="cpu", **kw)
 
 
 # --------------------------------------------------------------------------- silent wrong results
@@ -259,7 +259,7 @@ def test_predict_cal_image_size_must_be_positive(env, tmp_path, capsys, value):
     """#10 (0 used to mean "the default" silently)."""
     capsys.readouterr()
     assert _predict(env, [env.good[0]], tmp_path / "v", "--cal_image_size", value) == 2
-    assert "--cal_image_size must be a positive integer" in _error(capsys)
+    assert "--cal_image_size must be positive" in _error(capsys)
 
 
 def _readonly(monkeypatch, folder: Path) -> None:
