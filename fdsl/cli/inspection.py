@@ -239,7 +239,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         if isinstance(s, str) and s not in taken and s == output_names([s])[0]:
             stems[p] = s
             taken.add(s)
-    new = [(p, n) for (p, n), sp in zip(((str(p), n) for p, n in files), paths) if sp not in stems]
+    new = [(str(p), n) for p, n in files if str(p) not in stems]
     for (p, _), s in zip(new, output_names([n for _, n in new], keys=[str(Path(p).resolve()) for p, _ in new],
                                            taken=taken)):
         stems[p] = s
@@ -247,13 +247,17 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     mask = {p: _inside(out, f"masks/{stems[p]}.png") for p in paths}
     ident = {p: input_identity(p) for p in paths}
 
+    def replaced(p: str) -> bool:
+        """The input was scored before (same settings and name) but its file changed since (size, mtime)."""
+        was = old_inputs.get(p, {})
+        return (p in previous and same and was.get("stem") == stems[p] and ident[p] is not None
+                and {k: was.get(k) for k in ("size", "mtime_ns")} != ident[p])
+
     def done(p: str) -> bool:
         row = previous.get(p)
-        was = old_inputs.get(p, {})
-        if row is None or not same or was.get("stem") != stems[p] or ident[p] is None:
+        if row is None or not same or old_inputs.get(p, {}).get("stem") != stems[p] or ident[p] is None \
+                or replaced(p):
             return False
-        if {k: was.get(k) for k in ("size", "mtime_ns")} != ident[p]:
-            return False  # the file was replaced since it was scored
         needed = ([overlay[p]] if overlays else []) + ([mask[p]] if row.get("is_anomalous") == "1"
                                                         and pix is not None else [])
         return all(f.is_file() and f.stat().st_mtime_ns > st.st_mtime_ns for f in needed)
@@ -264,11 +268,10 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         if p in rows:
             inputs[p] = dict(ident[p], stem=stems[p])
     todo = [p for p in paths if p not in rows]
-    replaced = [p for p in todo if p in previous and same and old_inputs.get(p, {}).get("stem") == stems[p]
-                and ident[p] is not None and {k: old_inputs[p].get(k) for k in ("size", "mtime_ns")} != ident[p]]
-    if replaced:
-        log.info("%d input(s) changed since they were scored (size or mtime), scored again: %s", len(replaced),
-                 ", ".join(replaced[:5]) + (" ..." if len(replaced) > 5 else ""))
+    changed = [p for p in todo if replaced(p)]
+    if changed:
+        log.info("%d input(s) changed since they were scored (size or mtime), scored again: %s", len(changed),
+                 ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
     if len(rows) > len(others):
         log.info("resuming: %d of %d image(s) already done, skipped", len(rows) - len(others), len(paths))
     errors: List[dict] = []
