@@ -182,8 +182,14 @@ def read_detector_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 
 def write_detector_file(path: Path, tensors: Dict[str, torch.Tensor], info: dict) -> None:
-    """Write `tensors` and the metadata `info` to `path` atomically (a temporary file, then a rename)."""
+    """Write `tensors` and the metadata `info` to `path` atomically (a temporary file, then a rename).
+
+    Both are checked first as `read_detector_file` checks them, so no file is written that would be refused.
+    """
     from safetensors.torch import save_file
+
+    validate_metadata(info, path)
+    check_tensors(tensors, path)
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
