@@ -1,6 +1,7 @@
 """Image and mask loading and the released preprocessing (METHOD.md §1, §6).
 
-* ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``);
+* ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``; the EXIF
+  orientation applied, so pixels are as image viewers show them; decompression bombs refused as too large);
 * ``image_transform`` / ``mask_transform``: squash resize on the PIL image (bicubic), OpenAI
   normalisation; masks bilinear then ``> 0.5``.
 """
@@ -28,7 +29,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ----------------------------------------------------------------------------- image loading
 # Decoding lives in fdsl.data.rgb (Pillow and NumPy only, for the torch-free inferencer); re-exported here.
-from fdsl.data.rgb import _open_fully, _scale_wide_gray, load_rgb, to_rgb  # noqa: E402, F401
+from fdsl.data.rgb import _exif_orientation, _open_fully, _scale_wide_gray, load_rgb, to_rgb  # noqa: E402, F401
 
 
 def load_mask(
@@ -57,10 +58,10 @@ def load_mask(
     path = os.fspath(path)
     img = _open_fully(path, "Mask")
     if image_size_wh is not None and tuple(img.size) != tuple(image_size_wh):
-        of_image = f" of image {os.fspath(image_path)!r}" if image_path is not None else ""
-        raise DataError(f"Mask {path!r} has size {img.size[0]}x{img.size[1]} (WxH) but the "
-                        f"image{of_image} is {image_size_wh[0]}x{image_size_wh[1]}. "
-                        "The mask does not belong to this image; check meta.json.")
+        its = f"its image {os.fspath(image_path)!r}" if image_path is not None else "its image"
+        raise DataError(f"Mask {path!r} has size {img.size[0]}x{img.size[1]} (WxH) but {its} is "
+                        f"{image_size_wh[0]}x{image_size_wh[1]}: the mask does not belong to this image "
+                        "(check which mask is paired with it: meta.json, or the --masks folder).")
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         data = np.asarray(img).astype(np.float64)
         fg = data > 0 if binarize_nonzero else data >= 0.5 * (65535 if img.mode != "F" else 1.0)

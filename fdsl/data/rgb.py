@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fdsl.errors import DataError
 
@@ -25,11 +25,25 @@ def _open_fully(path: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            # Detach from the file handle: copy() keeps mode, palette and info.
-            return img.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # EXIF orientation applied (a rotated camera JPEG is used as viewers show it); otherwise a detached
+            # copy: copy() keeps mode, palette and info.
+            return ImageOps.exif_transpose(img) if _exif_orientation(img) not in (None, 1) else img.copy()
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{what} {path!r} is too large: {exc} (the limit is PIL.Image.MAX_IMAGE_PIXELS = "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels, refused above twice that); resize it, or raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"Cannot decode {what.lower()} {path!r} ({type(exc).__name__}: {exc}). "
                         "The file is corrupt or truncated; re-download or re-extract it.") from exc
+
+
+def _exif_orientation(img: Image.Image) -> Optional[int]:
+    """The EXIF orientation tag (1..8) of an opened image, or None."""
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def _scale_wide_gray(img: Image.Image, path: str) -> np.ndarray:

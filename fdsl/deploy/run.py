@@ -34,21 +34,32 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
 
     Returns the summary (also written to ``summary.json``).
     """
-    from fdsl.cli.inspection import SCORE_COLUMNS, _csv_text, _inside, output_names
-    from fdsl.data.rgb import load_rgb
     from fdsl.deploy.inferencer import load_exported
-    from fdsl.deploy.pictures import render_overlay
     from fdsl.inspect.files import list_images
-    from fdsl.io import atomic_write_json, atomic_write_text
+    from fdsl.inspect.outputs import check_output_folder, folder_lock
+    from fdsl.io import prepare_run_dir
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    check_output_folder(out, images)
     files = list_images(images, "input images", exclude=out)
     det = load_exported(model, threads)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, "--out")
+    with folder_lock(out):
+        return _predict_locked(det, model, files, out, threshold, overlays, batch_size)
+
+
+def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[float], overlays: bool,
+                    batch_size: int) -> dict:
+    """`predict_folder` once `out` is locked."""
+    from fdsl.cli.inspection import SCORE_COLUMNS, _csv_text, _inside, output_names
+    from fdsl.data.rgb import load_rgb
+    from fdsl.deploy.pictures import render_overlay
+    from fdsl.io import atomic_write_json, atomic_write_text
+
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
     if thr is None:
