@@ -147,7 +147,7 @@ class RuntimeConfig:
                          help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
                               "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
                               "match torch to 1e-4 except nearest-neighbour near-ties",
-                         affects=NUMBERS, resume_neutral=True, group=RUNTIME)
+                         affects=NUMBERS, group=RUNTIME)
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
