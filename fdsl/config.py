@@ -148,6 +148,11 @@ class RuntimeConfig:
                               "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
                               "match torch to 1e-4 except nearest-neighbour near-ties",
                          affects=NUMBERS, group=RUNTIME)
+    engine_cache: Optional[str] = option(
+        None, "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
+        help="folder where --engine openvino keeps the converted backbone passes (and OpenVINO's compiled "
+             "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
+             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""

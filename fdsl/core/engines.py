@@ -13,8 +13,11 @@ returning a `BackboneOutput` is supported.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -89,14 +92,19 @@ class OpenVINOEngine:
 
     name = "openvino"
 
-    def __init__(self, owner: nn.Module, threads: Optional[int] = None) -> None:
+    def __init__(self, owner: nn.Module, threads: Optional[int] = None, cache: Optional[str] = None) -> None:
         import openvino as ov
 
         self.owner = owner
         self.core = ov.Core()
-        self.config = {"INFERENCE_PRECISION_HINT": "f32"}
+        self.config: Dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.cache = Path(cache).expanduser() if cache else None
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            self.config["CACHE_DIR"] = str(self.cache / "compiled")  # OpenVINO's own cache of compiled blobs
+        self._identity: Optional[str] = None
         self._models: Dict[Tuple[str, Tuple[int, ...]], object] = {}  # per (pass, non-batch shape): ov.Model
         self._compiled: Dict[Tuple[str, Tuple[int, ...]], object] = {}  # per (pass, full shape): compiled model
         self.seconds_compiling = 0.0
@@ -110,9 +118,7 @@ class OpenVINOEngine:
             t0 = time.perf_counter()
             base_key = (name, tuple(x.shape[1:]))
             if base_key not in self._models:
-                # an example batch of 2: a batch of 1 would be specialised, not dynamic
-                example = x[:1].expand(2, *x.shape[1:]).contiguous().float()
-                self._models[base_key] = convert_to_openvino(_Pass(self.owner, fn), example)
+                self._models[base_key] = self._converted(name, fn, x)
             model = self._models[base_key].clone()
             model.reshape({model.inputs[0]: ov.PartialShape(list(x.shape))})
             self._compiled[key] = self.core.compile_model(model, "CPU", self.config)
@@ -120,6 +126,46 @@ class OpenVINOEngine:
             self.seconds_compiling += dt
             log.info("openvino: compiled the %s pass for input %s in %.1f s", name, tuple(x.shape), dt)
         return self._compiled[key]
+
+    def identity(self) -> str:
+        """A digest of everything the converted passes depend on: the backbone's weights and buffers, its
+        structure and settings, and the torch, OpenVINO and fdsl versions (computed once)."""
+        if self._identity is None:
+            import openvino as ov
+
+            from fdsl import __version__
+
+            h = hashlib.sha256()
+            for key in (repr(self.owner), repr(getattr(self.owner, "take_indices", None)),
+                        repr(getattr(self.owner, "normalize", None)), torch.__version__, ov.__version__, __version__):
+                h.update(key.encode())
+            for k, t in sorted({**dict(self.owner.named_parameters()), **dict(self.owner.named_buffers())}.items()):
+                h.update(k.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._identity = h.hexdigest()[:24]
+        return self._identity
+
+    def _converted(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor):
+        """The `openvino.Model` of pass `name` at x's non-batch shape: read from the cache folder when a run
+        with the same identity wrote it, otherwise exported, converted (and written there)."""
+        import openvino as ov
+
+        path = None
+        if self.cache is not None:
+            shape = "x".join(map(str, x.shape[1:]))
+            path = self.cache / f"{type(self.owner).__name__}_{self.identity()}_{name}_{shape}.xml"
+            if path.is_file() and path.with_suffix(".bin").is_file():
+                log.info("openvino: the %s pass for %s comes from the cache %s", name, tuple(x.shape[1:]), path)
+                return self.core.read_model(str(path))
+        # an example batch of 2: a batch of 1 would be specialised, not dynamic
+        example = x[:1].expand(2, *x.shape[1:]).contiguous().float()
+        model = convert_to_openvino(_Pass(self.owner, fn), example)
+        if path is not None:
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
+            ov.save_model(model, str(tmp), compress_to_fp16=False)
+            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))  # weights first: the .xml marks done
+            os.replace(tmp, path)
+        return model
 
     @torch.no_grad()
     def run(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor) -> BackboneOutput:
@@ -132,10 +178,10 @@ class OpenVINOEngine:
         return BackboneOutput(arrays[:-1], arrays[-1])
 
 
-def make_engine(engine: str, backbone: nn.Module):
-    """The engine object for `backbone` (None for PyTorch)."""
+def make_engine(engine: str, backbone: nn.Module, cache: Optional[str] = None):
+    """The engine object for `backbone` (None for PyTorch); `cache` is ``--engine_cache``."""
     if engine == "torch":
         return None
     if engine == "openvino":
-        return OpenVINOEngine(backbone, threads=torch.get_num_threads())
+        return OpenVINOEngine(backbone, threads=torch.get_num_threads(), cache=cache)
     raise ConfigError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")

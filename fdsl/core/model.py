@@ -168,7 +168,7 @@ class FDSL(nn.Module):
         if runtime.engine != current:  # a compiled engine is kept while the engine stays the same
             from fdsl.core.engines import make_engine
 
-            self.backbone.engine = make_engine(runtime.engine, self.backbone)
+            self.backbone.engine = make_engine(runtime.engine, self.backbone, runtime.engine_cache)
         self._runtime = runtime
 
     @classmethod

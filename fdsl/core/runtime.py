@@ -5,7 +5,7 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -134,7 +134,8 @@ def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 24
         check_engine(engine, device, dtype)
     return Runtime(compute_dtype=dtype, align_dtype=torch.float32, window_align_dtype=window_align,
                    bank_dtype=forced or torch.float32, window_bank_dtype=forced or window_align,
-                   win_batch=cfg.win_batch, align_chunk_mb=cfg.align_chunk_mb, out_size=out_size, engine=engine)
+                   win_batch=cfg.win_batch, align_chunk_mb=cfg.align_chunk_mb, out_size=out_size, engine=engine,
+                   engine_cache=getattr(cfg, "engine_cache", None))
 
 
 
@@ -169,6 +170,7 @@ class Runtime:
         align_chunk_mb: bound, in MiB, on the similarity block held during alignment.
         out_size: side of the anomaly maps returned by `predict` (the evaluation size).
         engine: where the backbone's passes run (``torch``, or ``openvino``: compiled for the CPU, fp32).
+        engine_cache: folder where the openvino engine keeps converted passes between runs (None: no cache).
     """
 
     compute_dtype: torch.dtype = torch.float32
@@ -180,3 +182,4 @@ class Runtime:
     align_chunk_mb: int = 64
     out_size: int = 240
     engine: str = "torch"
+    engine_cache: Optional[str] = None

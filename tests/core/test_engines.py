@@ -133,3 +133,31 @@ def test_train_py_engine_openvino_trains_the_same_head(tmp_path):
     diffs = [float((heads["torch"][k].float() - heads["openvino"][k].float()).abs().max())
              for k in heads["torch"] if heads["torch"][k].is_floating_point()]
     assert max(diffs) < 5e-3
+
+
+def test_engine_cache_skips_conversion_in_a_later_run(backbone, tmp_path, monkeypatch):
+    """--engine_cache: a second engine (a later run) reads the converted pass instead of exporting it again,
+    with the same tokens; other weights get another cache entry."""
+    import fdsl.core.engines as engines
+
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    ref = backbone(x)
+    try:
+        backbone.engine = engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path))
+        first = backbone(x)
+        assert len(list(tmp_path.glob("*.xml"))) == 1
+        monkeypatch.setattr(engines, "convert_to_openvino", lambda *a, **k: pytest.fail("converted again"))
+        backbone.engine = engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path))
+        second = backbone(x)
+    finally:
+        backbone.engine = None
+    for a, b, c in zip(ref.tokens, first.tokens, second.tokens):
+        assert float((a - b).abs().max()) < 1e-5 and torch.equal(b, c)
+    before = engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path)).identity()
+    with torch.no_grad():
+        backbone.visual.ln_pre.bias.add_(1e-3)  # other weights: another identity, so another cache entry
+    try:
+        assert engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path)).identity() != before
+    finally:
+        with torch.no_grad():
+            backbone.visual.ln_pre.bias.sub_(1e-3)
