@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Union
 
+from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
 
 WINMODES = ("nan", "mul", "onlywin")
@@ -51,16 +52,21 @@ def parse_bool(value: str) -> bool:
 class ModelConfig:
     """Which backbone, which layers and which FDSL components. Saved with every checkpoint."""
 
-    model: str = _opt("ViT-L-14-336", "--model", help="open_clip architecture name")
+    model: str = _opt("ViT-L-14-336", "--model",
+                      help="open_clip architecture name, or timm:<name> for a timm backbone (a CNN such as "
+                           "timm:tf_efficientnet_lite0, or a ViT); see docs/backbones.md")
     pretrained: str = _opt(
         "openai", "--pretrained",
-        help="CLIP weights: a pretrained tag (openai), a local weights file, or 'none' (random init; tests only)")
+        help="backbone weights: a CLIP tag (openai), a local weights file (open_clip / OpenAI CLIP; for timm a "
+             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), or 'none' (random init; "
+             "tests only)")
     model_config: Optional[str] = _opt(
         None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building")
     image_size: int = _opt(518, "--image_size", help="input size S; the patch grid is S / patch size")
     features_list: list = _opt(
         [6, 12, 18, 24], "--features_list", nargs="+",
-        help="1-based transformer blocks whose residual tokens are scored")
+        help="1-based layers whose tokens are scored: transformer blocks (CLIP, timm ViT) or entries of a timm "
+             "CNN's feature_info (3 4 = the stride-8 and stride-16 maps of tf_efficientnet_lite0)")
     few_shot_features: list = _opt(
         [6, 12, 18, 24], "--few_shot_features", nargs="+",
         help="1-based blocks stored in the memory bank; must equal --features_list")
@@ -88,10 +94,7 @@ class ModelConfig:
             raise ConfigError(
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
-        if (len(set(self.features_list)) != len(self.features_list) or min(self.features_list) < 1
-                or list(self.features_list) != sorted(self.features_list)):
-            raise ConfigError("--features_list must hold distinct 1-based block numbers in increasing order, "
-                              f"got {self.features_list}")
+        take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
         if self.image_size < 1:
             raise ConfigError(f"--image_size must be positive, got {self.image_size}")
         if self.win_size < 1 or self.win_stride < 1:

@@ -169,6 +169,7 @@ class MemoryBank(nn.Module):
 
     @property
     def tokens_per_item(self) -> int:
+        """Tokens per item of the first layer (every layer's for a ViT; timm CNN stages differ per layer)."""
         return int(self.tokens_0.shape[1])
 
     def layer(self, i: int) -> torch.Tensor:
@@ -224,10 +225,10 @@ class MemoryBank(nn.Module):
             return [self.prefix(m).residuals(tokens, align, query_embeds) for m in sizes]
         if len(tokens) != self.num_layers:
             raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")
-        n_tok = self.tokens_per_item
         out: List[List[torch.Tensor]] = [[] for _ in sizes]
         for i, q in enumerate(tokens):
             Q, N, C = q.shape
+            n_tok = self.layer(i).shape[1]  # tokens per item of this layer (layers may differ in grid)
             bank, sq = self.searchable(i, align, q.dtype)  # (K·N, C), (K·N,) for diff2
             dt = align.dtype_for(q)
             flat_q = q.reshape(Q * N, C)

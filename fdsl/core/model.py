@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fdsl.config import ModelConfig
-from fdsl.core.backbone import BackboneOutput, CLIPBackbone
+from fdsl.core.backbone import BackboneOutput, build_backbone
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, group_nested
 from fdsl.core.runtime import Runtime, autocast
 from fdsl.core.windows import n_windows, split_windows, stitch_windows
@@ -65,11 +65,19 @@ def to_grid(prob: torch.Tensor) -> torch.Tensor:
 
 
 class FDSLHead(nn.Module):
-    """The trainable part: one scorer per layer and one shared NAM."""
+    """The trainable part: one scorer per layer (each with its layer's width) and one shared NAM.
 
-    def __init__(self, dim: int, num_layers: int, use_nam: bool = True) -> None:
+    Args:
+        dims: the token width of every layer (a list), or one width shared by `num_layers` layers.
+    """
+
+    def __init__(self, dims: Union[int, Sequence[int]], num_layers: Optional[int] = None,
+                 use_nam: bool = True) -> None:
         super().__init__()
-        self.scorers = nn.ModuleList([Scorer(dim) for _ in range(num_layers)])
+        widths = [int(dims)] * int(num_layers or 0) if isinstance(dims, int) else [int(d) for d in dims]
+        if not widths:
+            raise ConfigError("an FDSL head needs at least one layer")
+        self.scorers = nn.ModuleList([Scorer(d) for d in widths])
         self.nam = NAM()
         self.use_nam = use_nam
 
@@ -118,7 +126,15 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def combine_layers(anomalous: List[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer (B, G, G) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima)."""
+    """Per-layer (B, G_l, G_l) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima).
+
+    Layers may differ in grid (timm CNN stages): each is upsampled on its own then; equal grids are upsampled
+    in one call (the same numbers).
+    """
+    if len({tuple(m.shape) for m in anomalous}) > 1:
+        up = torch.stack([upsample(m.float(), size) for m in anomalous])  # (L, B, size, size)
+        peaks = torch.stack([m.float().flatten(1).amax(dim=-1) for m in anomalous])  # (L, B)
+        return up.mean(dim=0), peaks.mean(dim=0)
     anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
     L, B, G, _ = anom.shape
     up = upsample(anom.reshape(L * B, G, G), size).reshape(L, B, size, size)
@@ -133,7 +149,7 @@ class RefFeatures(NamedTuple):
 
 
 class FDSL(nn.Module):
-    """Frozen CLIP backbone + memory banks + trained head -> anomaly maps and scores.
+    """Frozen backbone (CLIP, or timm with ``timm:<name>``) + memory banks + trained head -> maps and scores.
 
     Typical use::
 
@@ -143,11 +159,14 @@ class FDSL(nn.Module):
         out = model(images)              # FDSLOutput
     """
 
-    def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
         super().__init__()
+        if cfg.winmode != "nan" and not backbone.supports_windows:
+            raise ConfigError(f"--winmode {cfg.winmode}: LFE windows need a ViT; {backbone.model_name} is a CNN "
+                              "(use --winmode nan)")
         self.backbone = backbone
         self.cfg = cfg
-        self.head = FDSLHead(backbone.width, len(backbone.layers), use_nam=cfg.use_nam)
+        self.head = FDSLHead(list(backbone.widths), use_nam=cfg.use_nam)
         self.memory: Optional[FDSLMemory] = None
         self.runtime = runtime or Runtime()
 
@@ -156,14 +175,12 @@ class FDSL(nn.Module):
         """Build the backbone and an untrained head from a model config (geometry checked first)."""
         cfg.validate()
         check_geometry(cfg)
-        backbone = CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
-                                quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
-        return cls(backbone, cfg, runtime)
+        return cls(build_backbone(cfg), cfg, runtime)
 
     # ------------------------------------------------------------------ settings
     @property
     def device(self) -> torch.device:
-        return self.backbone.visual.conv1.weight.device
+        return next(self.backbone.parameters()).device
 
     @property
     def use_windows(self) -> bool:
@@ -304,6 +321,8 @@ class FDSL(nn.Module):
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw
         B = maps[0].shape[0]
+        if len({tuple(m.shape) for m in maps}) > 1:  # layers of different grids (timm CNN stages)
+            return [upsample(m.flatten(0, 1), size).reshape(B, 2, size, size) for m in maps]
         up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
         return list(up.reshape(len(maps), B, 2, size, size))
 
@@ -387,7 +406,13 @@ def check_geometry(cfg: ModelConfig) -> Optional[int]:
     import open_clip
 
     from fdsl.core.backbone import register_model_configs
+    from fdsl.core.timm_backbone import is_timm_model, timm_supports_windows
 
+    if is_timm_model(cfg.model):  # the timm backbone checks strides, patch size and window fit when built
+        if cfg.winmode != "nan" and not timm_supports_windows(cfg.model):
+            raise ConfigError(f"--winmode {cfg.winmode}: LFE windows need a ViT; {cfg.model} is not a plain timm "
+                              "VisionTransformer (use --winmode nan)")
+        return None
     register_model_configs(cfg.model_config)
     vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
     patch = vision.get("patch_size")

@@ -26,12 +26,12 @@ def take_indices(layers: Sequence[int], depth: Optional[int] = None, unit: str =
         raise ConfigError("--features_list is empty; give at least one layer")
     if any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
         raise ConfigError(f"--features_list {layers} must hold integers")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"--features_list {layers} repeats a layer; give each layer once")
-    if layers != sorted(layers):
-        raise ConfigError(f"--features_list {layers} must be in increasing order, e.g. {sorted(layers)}")
     bad = [x for x in layers if x < 1 or (depth is not None and x > depth)]
     if bad:
         have = f"; the model has {depth} {unit} (1 to {depth})" if depth is not None else ""
         raise ConfigError(f"--features_list {layers}: {unit} {bad} do not exist (layers are 1-based){have}")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"--features_list {layers} repeats a layer; give each layer once")
+    if layers != sorted(layers):
+        raise ConfigError(f"--features_list {layers} must be in increasing order, e.g. {sorted(layers)}")
     return [x - 1 for x in layers]

@@ -58,6 +58,11 @@ def _is_plain_vit(name: str) -> bool:
     return bool(is_model_in_modules(name, ["vision_transformer"]))
 
 
+def timm_supports_windows(model: str) -> bool:
+    """Whether LFE windows work with ``timm:<name>``: a plain VisionTransformer (checked without a build)."""
+    return _is_plain_vit(timm_name(model))
+
+
 def timm_preprocess(model: str) -> Preprocess:
     """Mean, std and interpolation of a ``timm:<name>`` backbone, from timm's pretrained config (no build)."""
     from timm.models import get_pretrained_cfg
@@ -289,7 +294,7 @@ class TimmBackbone(nn.Module):
         if not self.supports_windows:
             raise ConfigError(f"{self.model_name} is not a plain ViT")
         net = self.net
-        x = patches.permute(0, 2, 3, 1)  # (B, g, g, C)
+        x = patches.permute(0, 2, 3, 1).contiguous()  # (B, g, g, C); crops are strided views
         x = net._pos_embed(x)  # (B, prefix + g², C)
         x = net.patch_drop(x)
         x = net.norm_pre(x)

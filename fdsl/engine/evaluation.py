@@ -203,7 +203,8 @@ class Evaluator:
         for reference features and banks are logged.
         """
         unique = sorted({p for paths in refs.values() for p in paths})
-        images = load_reference_images(self.root, unique, self.cfg.image_size)  # (u, 3, S, S)
+        images = load_reference_images(self.root, unique, self.cfg.image_size,
+                                       self.model.backbone.preprocess)  # (u, 3, S, S)
         feats = self.model.encode_references(images, self.cfg.batch_size)
         pos = {p: i for i, p in enumerate(unique)}
         out: Dict[Run, FDSLMemory] = {}
@@ -228,7 +229,8 @@ class Evaluator:
         cfg = self.cfg
         memories = self.memories(refs)
         runs = list(memories)
-        ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
+        ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta,
+                            norm=self.model.backbone.preprocess)
         if distributed.active():  # distributed: this rank scores its run of whole single-process batches
             ds = Subset(ds, distributed.shard_range(len(ds), cfg.batch_size))
         cuda = self.ctx.device.type == "cuda"

@@ -167,7 +167,7 @@ class Detector:
         meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
         model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev, cal_image_size)
         model = model.to(dev).eval()
-        tf = image_transform(cfg.image_size)
+        tf = image_transform(cfg.image_size, model.backbone.preprocess)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
         memory = model.make_memory(model.encode_references(images, batch_size))
         info = {
@@ -249,7 +249,7 @@ class Detector:
         if not images:
             return []
         cal = int(cal_image_size or self.cal_image_size)
-        tf = image_transform(self.model.cfg.image_size)
+        tf = image_transform(self.model.cfg.image_size, self.model.backbone.preprocess)
         batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
         out = self.model.predict(batch, [self.memory], cal)[0]
         maps = out.anomaly_map.float().cpu().numpy()  # (B, cal, cal)

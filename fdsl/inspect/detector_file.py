@@ -92,15 +92,15 @@ def memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMem
 def check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
     """The banks must fit the model: layers, token width, grid (windows: window grid), LFE on/off."""
     bb = model.backbone
-    expect = [("global_bank", memory.global_bank, bb.grid_size ** 2)]
+    expect = [("global_bank", memory.global_bank, [g * g for g in bb.grids])]
     if model.use_windows:
         if memory.window_bank is None:
             raise CheckpointError(f"{path}: winmode {model.cfg.winmode} needs a window bank, the file has none")
-        expect.append(("window_bank", memory.window_bank, model.cfg.win_size ** 2))
+        expect.append(("window_bank", memory.window_bank, [model.cfg.win_size ** 2] * len(bb.layers)))
     for name, bank, n_tok in expect:
-        t = bank.layer(0)
-        if bank.num_layers != len(bb.layers) or t.shape[1] != n_tok or t.shape[2] != bb.width:
-            raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of {tuple(t.shape)}) does "
+        shapes = [tuple(bank.layer(i).shape[1:]) for i in range(bank.num_layers)]
+        if shapes != list(zip(n_tok, bb.widths)):
+            raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of (N, C) {shapes}) does "
                                   f"not fit a {bb.model_name} at {bb.image_size} px with layers {bb.layers}; the "
                                   "detector comes from another model")
 
