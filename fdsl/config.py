@@ -19,6 +19,7 @@ from fdsl.errors import ConfigError
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
+SCORERS = ("fdsl", "nn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
@@ -86,6 +87,10 @@ class ModelConfig:
     win_weight: float = _opt(0.5, "--win_weight", "--winwight", help="LFE blend weight w in (1-w)*global + w*window")
     use_img_idx: bool = _opt(False, "--use_img_idx", "--useImgIdx",
                              help="image-feature index memory bank (align against the most similar reference only)")
+    scorer: str = _opt("fdsl", "--scorer", choices=SCORERS,
+                       help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
+                            "training-free, the per-layer map is the FD distance to the nearest normal token "
+                            "(1 - cos for mulmax, L2 for diff2), no checkpoint")
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -174,6 +179,9 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
+        if self.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
+                              "(--scorer fdsl); evaluate --scorer nn with test.py directly")
         for name in ("epoch", "save_freq", "k_shot"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -186,7 +194,8 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     """`test.py`: k-shot evaluation of a trained checkpoint, per class."""
 
     data_path: str = _opt("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)")
-    checkpoint_path: str = _opt("", "--checkpoint_path", help="trained weights: ours or the released code's")
+    checkpoint_path: str = _opt("", "--checkpoint_path",
+                                help="trained weights: ours or the released code's (none with --scorer nn)")
     k_shot: Union[int, List[int]] = _opt(
         1, "--k_shot", "--kshot", nargs="+",
         help="normal reference images per class; several values (1 2 4) run the paper's protocol in one pass: "
@@ -211,8 +220,12 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
-        if not self.checkpoint_path:
-            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
+        if self.scorer == "nn" and self.checkpoint_path:
+            raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
+                              f"{self.checkpoint_path} (or use --scorer fdsl)")
+        if self.scorer == "fdsl" and not self.checkpoint_path:
+            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
+                              "(or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")

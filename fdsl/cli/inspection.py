@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="fit a detector file from a checkpoint and normal images", allow_abbrev=False,
                          formatter_class=fmt, description="Fit a detector: all --normal images become the shots.")
-    fit.add_argument("--checkpoint", "--checkpoint_path", required=True,
-                     help="trained weights (train.py's or the released code's)")
+    fit.add_argument("--checkpoint", "--checkpoint_path", default=None,
+                     help="trained weights (train.py's or the released code's); none with --scorer nn")
     fit.add_argument("--normal", required=True, nargs="+", help="folder(s) (recursive) or files of normal images")
     fit.add_argument("--out", required=True, help="detector file to write, e.g. part.fdsl")
     fit.add_argument("--cal_image_size", "--calImage_size", type=int, default=240,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fdsl.config import ALIGN_MODES
@@ -28,6 +29,8 @@ class Alignment:
         compute_dtype: dtype of the similarity product and argmax; None computes in the query's dtype.
         use_index: image-feature index (§3b): align each query item only against its most similar
             stored item, chosen by global features.
+        distance: return the FD distance (..., 1) instead of the residual (the training-free scorer,
+            METHOD.md §11): ``1 - cos(f, f̂)`` for mulmax, ``‖f - f̂‖₂`` for diff2.
     """
 
     mode: str = "mulmax"
@@ -35,6 +38,7 @@ class Alignment:
     chunk_mb: int = 64
     compute_dtype: Optional[torch.dtype] = None
     use_index: bool = False
+    distance: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ALIGN_MODES:
@@ -50,8 +54,16 @@ class Alignment:
         return max(1, min(rows, (self.chunk_mb * 2 ** 20) // per_row))
 
     def residual(self, query: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """``|f - f̂|`` (or the signed difference) of queries and their nearest normal tokens, same shape."""
-        diff = query - nearest.to(query.dtype)
+        """``|f - f̂|`` (or the signed difference) of (..., C) queries and their nearest normal tokens, same shape.
+
+        With `distance`, the FD distance instead, of shape (..., 1): ``1 - cos`` (mulmax) or the L2 norm (diff2).
+        """
+        nearest = nearest.to(query.dtype)
+        if self.distance:
+            if self.mode == "mulmax":
+                return 1.0 - F.cosine_similarity(query.float(), nearest.float(), dim=-1).unsqueeze(-1)  # (..., 1)
+            return (query.float() - nearest.float()).norm(dim=-1, keepdim=True)  # (..., 1)
+        diff = query - nearest
         return diff.abs() if self.use_abs else diff
 
 

@@ -97,6 +97,34 @@ class FDSLHead(nn.Module):
         return raw, self.refine(raw)
 
 
+class NNHead(nn.Module):
+    """The training-free scorer (``--scorer nn``, METHOD.md §11): per layer, the FD distance is the anomaly map.
+
+    It takes the (B, N, 1) distances the alignment returns with ``Alignment.distance`` in place of residuals and
+    has the learned head's interface (`raw`, `refine`, `forward`), without parameters and without NAM.
+    """
+
+    use_nam = False
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = int(num_layers)
+
+    def raw(self, distances: List[torch.Tensor]) -> List[torch.Tensor]:
+        """L × (B, N, 1) distances -> L × (B, 2, G, G) maps ``[1 - d, d]`` (channel 1 is the anomaly map)."""
+        if len(distances) != self.num_layers or any(d.shape[-1] != 1 for d in distances):
+            raise ConfigError(f"the nn scorer needs {self.num_layers} layers of (B, N, 1) distances")
+        return [to_grid(torch.cat([1.0 - d.float(), d.float()], dim=-1)) for d in distances]
+
+    def refine(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        """No NAM: the maps themselves."""
+        return maps
+
+    def forward(self, distances: List[torch.Tensor]) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
+        raw = self.raw(distances)
+        return raw, raw
+
+
 class FDSLOutput(NamedTuple):
     """Predictions for a batch.
 
@@ -166,7 +194,8 @@ class FDSL(nn.Module):
                               "(use --winmode nan)")
         self.backbone = backbone
         self.cfg = cfg
-        self.head = FDSLHead(list(backbone.widths), use_nam=cfg.use_nam)
+        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.scorer == "fdsl"
+                                else NNHead(len(backbone.layers)))
         self.memory: Optional[FDSLMemory] = None
         self.runtime = runtime or Runtime()
 
@@ -196,7 +225,8 @@ class FDSL(nn.Module):
         that branch's similarity dtype (the window branch's may be reduced by ``--align_precision``)."""
         cfg, rt = self.cfg, self.runtime
         dtype = rt.window_align_dtype if window else rt.align_dtype
-        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, dtype, cfg.use_img_idx)
+        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, dtype, cfg.use_img_idx,
+                         distance=cfg.scorer == "nn")
 
     # ------------------------------------------------------------------ features
     def extract(self, images: torch.Tensor) -> BackboneOutput:
@@ -318,6 +348,8 @@ class FDSL(nn.Module):
 
     def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
         """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (METHOD.md §8)."""
+        if self.cfg.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw
         B = maps[0].shape[0]
@@ -346,7 +378,7 @@ class FDSL(nn.Module):
             raise ConfigError("the memory has no window bank; fit it with LFE on (--winmode mul or onlywin)")
         B = images.shape[0]
         nw = n_windows(G, W, cfg.win_stride)
-        L = len(self.head.scorers)
+        L = len(self.backbone.layers)
         probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
         s = 0
         for feats in self.window_chunks(images):  # chunks of windows bound the memory

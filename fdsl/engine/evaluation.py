@@ -100,9 +100,10 @@ def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
     d["_dtypes"] = [str(getattr(runtime, f)) for f in
                     ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
-    _check_checkpoint_path(cfg)
-    st = os.stat(cfg.checkpoint_path)
-    d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
+    if cfg.scorer == "fdsl":  # the training-free scorer has no checkpoint
+        _check_checkpoint_path(cfg)
+        st = os.stat(cfg.checkpoint_path)
+        d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -117,7 +118,7 @@ class Evaluator:
     def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
-        if model is None:  # the model depends on the checkpoint's settings: reconcile them before building it
+        if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = RunContext(cfg, cfg.data_path, cfg.cal_image_size, model)
@@ -135,7 +136,7 @@ class Evaluator:
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
-        self.model = self.ctx.build_model(cfg.checkpoint_path)[0].eval()
+        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.scorer == "fdsl" else None)[0].eval()
         self._nonbinary_warned: set = set()
         log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 

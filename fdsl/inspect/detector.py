@@ -138,13 +138,14 @@ class Detector:
     # ------------------------------------------------------------------ fit
     @classmethod
     @torch.no_grad()
-    def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
+    def fit(cls, checkpoint: Optional[PathLike], normal_images: Union[PathLike, Sequence[PathLike]], *,
             device: str = "auto", precision: str = "auto", batch_size: int = 8,
             cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
         """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
 
         Args:
-            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
+            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one;
+                None with ``scorer="nn"`` (the training-free scorer, which needs none).
             normal_images: a folder (recursive) or a list of image files: all of them become the shots.
             device, precision, batch_size: runtime settings (not stored).
             cal_image_size: the evaluation size of anomaly maps (test.py's --cal_image_size), stored.
@@ -157,14 +158,20 @@ class Detector:
             raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        scorer = model_options.get("scorer") or "fdsl"
+        if scorer == "nn" and checkpoint is not None:
+            raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
+        if scorer != "nn" and checkpoint is None:
+            raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
+                              "the training-free scorer")
         files = list_images(normal_images, "normal images")
-        saved = read_checkpoint(checkpoint).get("model_config")
+        saved = read_checkpoint(checkpoint).get("model_config") if checkpoint is not None else None
         if "few_shot_features" not in model_options and "features_list" in model_options:
             model_options["few_shot_features"] = model_options["features_list"]
         cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
         dev = resolve_device(device)
         model = FDSL.from_config(cfg)
-        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
+        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam) if checkpoint is not None else {}
         model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size, model.backbone.preprocess)
@@ -175,8 +182,10 @@ class Detector:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model_config": dataclasses.asdict(cfg),
             "backbone": backbone_identity(cfg),
-            "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
-                           "format": meta.get("format"), "epoch": meta.get("epoch")},
+            "scorer": cfg.scorer,
+            "checkpoint": None if checkpoint is None else {
+                "name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
+                "format": meta.get("format"), "epoch": meta.get("epoch")},
             "normal_images": [{"name": name, "sha256": sha256_file(p)} for p, name in files],
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
