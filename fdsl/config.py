@@ -100,6 +100,9 @@ class ModelConfig:
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
         take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
+            raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
+                              "timm backbone: drop them")
         if self.image_size < 1:
             raise ConfigError(f"--image_size must be positive, got {self.image_size}")
         if self.win_size < 1 or self.win_stride < 1:

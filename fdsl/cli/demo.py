@@ -267,8 +267,9 @@ def run_real_features_demo(args: argparse.Namespace, quick: bool = False) -> Dic
     size = 128 if quick else 256
     n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
     out = Path(args.out)
-    sets = {"photos": ensure_dataset(out / "data" / f"real_photos_{size}", dict(image_size=size, seed=2, **n),
-                                     photos=True),
+    photos = dict(photos=["chelsea", "coffee"]) if quick else {}
+    sets = {"photos": ensure_dataset(out / "data" / f"real_photos_{size}",
+                                     dict(image_size=size, seed=2, **photos, **n), photos=True),
             "textures": ensure_dataset(out / "data" / f"real_textures_{size}",
                                        dict(classes=_TEST_CLASSES, image_size=size, seed=1, **n))}
     run_dir = out / "runs" / f"real_features_lite0_{size}px"

@@ -109,3 +109,15 @@ def test_lfe_windows_with_a_timm_vit():
     model.cfg.winmode = "nan"
     glob = model.predict(query, [memory], 24)[0]
     assert torch.isfinite(mul.anomaly_map).all() and not torch.allclose(mul.anomaly_map, glob.anomaly_map)
+
+
+def test_open_clip_only_options_are_refused_for_timm():
+    cfg = ModelConfig(model="timm:tf_efficientnet_lite0", pretrained="none", image_size=64, features_list=[3, 4],
+                      few_shot_features=[3, 4], quick_gelu=True)
+    with pytest.raises(ConfigError, match="open_clip options"):
+        cfg.validate()
+
+
+def test_unknown_timm_architecture_is_one_line():
+    with pytest.raises(ConfigError, match="not a timm architecture"):
+        TimmBackbone("timm:no_such_net", "none", 64, [1])
