@@ -279,11 +279,12 @@ class Detector:
         maps = out.anomaly_map.float().cpu().numpy()  # (B, cal, cal)
         patch = out.patch_score.double().cpu().numpy()
         mmax = out.map_max.double().cpu().numpy()
+        scores = out.pred_score.double().cpu().numpy()  # the model's single-image score
         thr = self.image_threshold if threshold is None else float(threshold)
         pix = self.pixel_threshold
         preds = []
-        for im, amap, p, m in zip(images, maps, patch, mmax):
-            score = 0.5 * (float(p) + float(m))
+        for im, amap, p, m, sc in zip(images, maps, patch, mmax, scores):
+            score = float(sc)
             mask = area = None
             if pix is not None:
                 mask = map_to_image(amap, im.size) > pix
