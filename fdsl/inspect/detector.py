@@ -62,12 +62,13 @@ class Prediction(NamedTuple):
     score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
     is_anomalous: score > image threshold; None when the detector has no image threshold.
     anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
-    mask: (H, W) bool defect mask at the image's own size (map resized bilinearly, > pixel threshold);
-        None without a pixel threshold.
+    mask: (H, W) bool defect mask at the image's own size, None without a pixel threshold. It follows the
+        verdict (`defect_region`): empty for a normal image, never empty for an anomalous one.
     patch_score: mean over layers of the max anomalous probability on the patch grid.
     map_max: max of `anomaly_map` (test.py's scores.csv column).
     defect_area_px: pixels of `mask` (None without a pixel threshold).
     size: (W, H) of the original image.
+    region: the rule that made `mask` ("none", "pixel_threshold", "top_region"); None without a mask.
     """
 
     score: float
@@ -78,6 +79,31 @@ class Prediction(NamedTuple):
     map_max: float
     defect_area_px: Optional[int]
     size: Tuple[int, int]
+    region: Optional[str] = None
+
+
+TOP_REGION_FRACTION = 0.1  # a flagged image without a pixel above the pixel threshold outlines its top 10 % range
+
+
+def defect_region(full_map: np.ndarray, pixel_threshold: float,
+                  is_anomalous: Optional[bool]) -> Tuple[np.ndarray, str]:
+    """The defect mask of one image, consistent with its image verdict; returns ((H, W) bool mask, rule).
+
+    Rules (docs/workbench.md, "Verdicts that agree"):
+      - normal verdict: no defect region (empty mask, rule ``"none"``), whatever pixels exceed the threshold;
+      - anomalous verdict: pixels above the pixel threshold (``"pixel_threshold"``); when none is, the top
+        region, the pixels within `TOP_REGION_FRACTION` of the map's range below its maximum (``"top_region"``);
+      - no verdict (no image threshold): pixels above the pixel threshold (``"pixel_threshold"``).
+    Args:
+        full_map: (H, W) float anomaly map at the image's own size.
+    """
+    if is_anomalous is False:
+        return np.zeros(full_map.shape, bool), "none"
+    mask = full_map > pixel_threshold
+    if is_anomalous and not mask.any():
+        hi, lo = float(full_map.max()), float(full_map.min())
+        return full_map >= hi - TOP_REGION_FRACTION * (hi - lo), "top_region"
+    return mask, "pixel_threshold"
 
 
 # ----------------------------------------------------------------------------- files and images
@@ -260,12 +286,12 @@ class Detector:
         preds = []
         for im, amap, p, m in zip(images, maps, patch, mmax):
             score = 0.5 * (float(p) + float(m))
-            mask = area = None
+            verdict = None if thr is None else bool(score > thr)
+            mask = area = region = None
             if pix is not None:
-                mask = map_to_image(amap, im.size) > pix
+                mask, region = defect_region(map_to_image(amap, im.size), pix, verdict)
                 area = int(mask.sum())
-            preds.append(Prediction(score, None if thr is None else bool(score > thr), amap, mask, float(p),
-                                    float(m), area, tuple(im.size)))
+            preds.append(Prediction(score, verdict, amap, mask, float(p), float(m), area, tuple(im.size), region))
         return preds
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
@@ -371,4 +397,4 @@ def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-__all__ = ["Detector", "Prediction"]
+__all__ = ["Detector", "Prediction", "defect_region"]
