@@ -29,7 +29,8 @@ from fdsl.io import PathLike
 
 log = logging.getLogger("fdsl.inspect")
 
-SCORE_COLUMNS = ("path", "score", "map_max", "is_anomalous", "defect_area_px")
+SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
+                 "overlay", "mask")
 _STATE = ".predict_state.json"
 
 
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
     pred.add_argument("--overlays", type=parse_bool, default=True, metavar="{0,1}",
                       help="write an overlay PNG per image")
+    pred.add_argument("--save_maps", type=parse_bool, default=False, metavar="{0,1}",
+                      help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) and "
+                           "maps/full/<name>.npy (the image's own size)")
     _runtime(pred)
 
     cal = sub.add_parser("calibrate", help="set image and pixel thresholds from validation images",
@@ -192,34 +196,54 @@ def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
         Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
 
 
+def _cell(v: object) -> object:
+    """A scores.csv cell: '' for None, 1/0 for a verdict, the value otherwise."""
+    if v is None:
+        return ""
+    return int(v) if isinstance(v, bool) else v
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    from fdsl.io import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr, dtype=np.float32))
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     summary = predict_folder(args.detector, args.images, args.out, threshold=args.threshold,
                              cal_image_size=args.cal_image_size, pretrained=args.pretrained, overlays=args.overlays,
-                             device=args.device, precision=args.precision, batch_size=args.batch_size)
+                             save_maps=args.save_maps, device=args.device, precision=args.precision,
+                             batch_size=args.batch_size)
     out = Path(args.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
-    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); overlays: {out / 'overlays'}"
+    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); gallery: {out / 'index.html'}"
           + (f"; {summary['n_errors']} unreadable image(s) in {out / 'errors.csv'}" if summary["n_errors"] else ""))
 
 
 def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
                    threshold: Optional[float] = None, cal_image_size: Optional[int] = None,
-                   pretrained: Optional[str] = None, overlays: bool = True, device: str = "auto",
+                   pretrained: Optional[str] = None, overlays: bool = True, save_maps: bool = False,
+                   device: str = "auto",
                    precision: str = "auto", batch_size: int = 8) -> dict:
     """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
 
-    Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv`` (unreadable
-    images), ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution) and
-    ``summary.json``; returns the summary. Images whose outputs exist and are newer than the detector file,
-    from a run with the same thresholds, are skipped.
+    Writes ``scores.csv`` (`SCORE_COLUMNS`: scores rounded to 6 decimals, margin = score − threshold, the
+    defect-region rule, the overlay and mask files relative to `out`), ``errors.csv`` (unreadable images),
+    ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution), with `save_maps`
+    ``maps/eval/<name>.npy`` and ``maps/full/<name>.npy`` (raw float32 maps), ``index.html`` (a gallery sorted
+    by score) and ``summary.json`` (counts, flagged files, time per image); returns the summary. Images whose
+    outputs exist and are newer than the detector file, from a run with the same settings, are skipped.
     """
     from tqdm import tqdm
 
     from fdsl.data.images import load_rgb
-    from fdsl.inspect.detector import Detector
+    from fdsl.inspect.detector import Detector, map_to_image
     from fdsl.inspect.files import list_images
-    from fdsl.inspect.overlay import render_overlay
+    from fdsl.inspect.gallery import write_gallery
+    from fdsl.inspect.input_check import warn_unlike_normals
+    from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
     out = Path(out)
@@ -242,7 +266,8 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
 
     st = det_path.stat()
     state = {"detector": str(det_path.resolve()), "detector_size": st.st_size, "detector_mtime_ns": st.st_mtime_ns,
-             "image_threshold": thr, "pixel_threshold": pix, "cal_image_size": cal, "overlays": overlays}
+             "image_threshold": thr, "pixel_threshold": pix, "cal_image_size": cal, "overlays": overlays,
+             "save_maps": save_maps, "columns": list(SCORE_COLUMNS)}
     try:
         same = json.loads((out / _STATE).read_text()) == state
     except (OSError, json.JSONDecodeError):
@@ -252,15 +277,19 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
 
     paths = [str(p) for p, _ in files]
     stems = output_names([n for _, n in files])
+    stems_of = dict(zip(paths, stems))
     overlay = {p: _inside(out, f"overlays/{s}.png") for p, s in zip(paths, stems)}
     mask = {p: _inside(out, f"masks/{s}.png") for p, s in zip(paths, stems)}
+    maps = {p: (_inside(out, f"maps/eval/{s}.npy"), _inside(out, f"maps/full/{s}.npy")) for p, s in zip(paths, stems)}
+    display = {str(p): n for p, n in files}
 
     def done(p: str) -> bool:
         row = previous.get(p)
         if row is None:
             return False
         needed = ([overlay[p]] if overlays else []) + ([mask[p]] if row.get("is_anomalous") == "1"
-                                                        and pix is not None else [])
+                                                        and pix is not None else []) + \
+            (list(maps[p]) if save_maps else [])
         return all(f.is_file() and f.stat().st_mtime_ns > st.st_mtime_ns for f in needed)
 
     rows: Dict[str, dict] = {p: previous[p] for p in paths if done(p)}
@@ -268,6 +297,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     if rows:
         log.info("resuming: %d of %d image(s) already done, skipped", len(rows), len(paths))
     errors: List[dict] = []
+    warn_unlike_normals(det.info.get("normal_images", []), [(p, display[p]) for p in todo])
 
     def flush() -> None:
         atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
@@ -286,22 +316,28 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
                 log.warning("skipping unreadable image %s: %s", p, exc)
         preds = det.score_images(imgs, threshold=thr, cal_image_size=cal)
         for p, im, pr in zip(batch, imgs, preds):
-            rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
-                       "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
-                       "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
-            if pr.is_anomalous and pr.mask is not None:
+            rec = verdict_record(pr, thr)
+            has_mask = bool(pr.is_anomalous and pr.mask is not None)
+            rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
+                       "overlay": f"overlays/{stems_of[p]}.png" if overlays else "",
+                       "mask": f"masks/{stems_of[p]}.png" if has_mask else ""}
+            if has_mask:
                 _save_png(mask[p], pr.mask.astype(np.uint8) * 255, "L")
             elif mask[p].exists():
                 mask[p].unlink()  # stale mask of an earlier run with other thresholds
             if overlays:
-                verdict = "" if pr.is_anomalous is None else ("  ANOMALOUS" if pr.is_anomalous else "  normal")
-                cap = f"score {pr.score:.4f}" + (f" (thr {thr:.4f})" if thr is not None else "") + verdict
-                if pr.defect_area_px is not None:
-                    cap += f"  area {pr.defect_area_px} px"
-                _save_png(overlay[p], render_overlay(im, pr.anomaly_map, pr.mask, cap))
+                _save_png(overlay[p], overlay_array(im, pr, display[p], thr, pix))
+            if save_maps:
+                _save_npy(maps[p][0], pr.anomaly_map)
+                _save_npy(maps[p][1], map_to_image(pr.anomaly_map, im.size))
         flush()
     flush()
+    seconds = time.time() - t0
     n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
+    flagged = sorted((r for r in rows.values() if str(r.get("is_anomalous")) == "1"),
+                     key=lambda r: -float(r["score"]))
+    n_new = len(todo) - len(errors)
+    write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl predict: {det_path.name}")
     summary = {
         "detector": str(det_path), "fdsl_version": det.info.get("fdsl_version"),
         "n_images": len(paths), "n_scored": len(rows), "n_errors": len(errors),
@@ -309,9 +345,13 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
         "image_threshold": thr, "threshold_source": ("--threshold" if threshold is not None
                                                      else "detector" if thr is not None else None),
         "pixel_threshold": pix, "cal_image_size": cal,
+        "flagged": [{"path": r["path"], "score": float(r["score"]), "margin": float(r["margin"]),
+                     "defect_area_px": r["defect_area_px"], "overlay": r["overlay"], "mask": r["mask"]}
+                    for r in flagged],
         "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if overlays else None,
-                    "masks": "masks/"},
-        "seconds": round(time.time() - t0, 3),
+                    "masks": "masks/", "maps": "maps/" if save_maps else None, "gallery": "index.html"},
+        "seconds": round(seconds, 3),
+        "seconds_per_image": round(seconds / n_new, 4) if n_new else None,
     }
     atomic_write_json(out / "summary.json", summary)
     log.info("predicted %d image(s) (%d skipped as done, %d unreadable listed in %s)", len(todo) - len(errors),

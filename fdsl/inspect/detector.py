@@ -113,6 +113,17 @@ def _as_pil(item: ImageInput) -> Image.Image:
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
 
 
+def _normal_entry(path: PathLike, name: str) -> dict:
+    """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
+    from fdsl.inspect.input_check import image_profile
+
+    entry: dict = {"name": name, "sha256": sha256_file(path)}
+    prof = image_profile(path)
+    if prof is not None:
+        entry.update(mode=prof[0], size=list(prof[1]))
+    return entry
+
+
 # ----------------------------------------------------------------------------- thresholds
 
 
@@ -203,7 +214,7 @@ class Detector:
             "backbone": backbone_identity(cfg),
             "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
                            "format": meta.get("format"), "epoch": meta.get("epoch")},
-            "normal_images": [{"name": name, "sha256": sha256_file(p)} for p, name in files],
+            "normal_images": [_normal_entry(p, name) for p, name in files],
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
         }

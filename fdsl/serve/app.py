@@ -57,8 +57,10 @@ def detector_metadata(det: Detector, name: str) -> dict:
 
 
 def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequence[str],
-                    digests: Sequence[str], batch_size: int = 8) -> Detector:
+                    digests: Sequence[str], modes: Sequence[str], batch_size: int = 8) -> Detector:
     """A new detector for another part: `base`'s head and backbone, `images` (RGB) as the shots, no thresholds.
+
+    `names`, `digests` (sha256) and `modes` (the uploads' own colour modes) are recorded per shot.
 
     Encodes exactly as `Detector.fit` does (same transform, `encode_references`, `make_memory`).
     """
@@ -68,7 +70,8 @@ def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequen
     memory = model.make_memory(model.encode_references(batch, batch_size))
     info = copy.deepcopy(base.info)
     info.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                normal_images=[{"name": n, "sha256": d} for n, d in zip(names, digests)],
+                normal_images=[{"name": n, "sha256": d, "mode": m, "size": list(im.size)}
+                               for n, d, m, im in zip(names, digests, modes, images)],
                 thresholds={"image": None, "pixel": None})
     return Detector(model, memory, info)
 
@@ -117,8 +120,8 @@ class Service:
         for p in parts:
             if p.filename is not None and p.field in groups:
                 name = display_name(p.filename)
-                im, _ = decode_image(bytes(p.data), name, self.limits)
-                groups[p.field].append((name, im, hashlib.sha256(p.data).hexdigest()))
+                im, mode = decode_image(bytes(p.data), name, self.limits)
+                groups[p.field].append((name, im, hashlib.sha256(p.data).hexdigest(), mode))
         if not groups["normal"]:
             raise UploadError(400, "no good images: send the shots in the multipart field 'normal'")
         if not groups["val_normal"]:
@@ -138,13 +141,12 @@ class Service:
             for key in ("val_normal", "val_anomalous"):  # calibration reads files: generated names only
                 folder = job / key
                 folder.mkdir(parents=True)
-                for i, (_, im, _) in enumerate(groups[key]):
+                for i, (_, im, _, _) in enumerate(groups[key]):
                     im.save(folder / f"{i:04d}.png", format="PNG")
                 folders[key] = folder
             with self.lock:
-                det = fit_from_images(self.detector, [im for _, im, _ in groups["normal"]],
-                                      [n for n, _, _ in groups["normal"]], [d for _, _, d in groups["normal"]],
-                                      self.batch_size)
+                names, ims, digests, modes = zip(*groups["normal"])
+                det = fit_from_images(self.detector, ims, names, digests, modes, self.batch_size)
                 rep = det.calibrate(folders["val_normal"],
                                     folders["val_anomalous"] if groups["val_anomalous"] else None,
                                     max_fpr=max_fpr, batch_size=self.batch_size)

@@ -29,7 +29,7 @@ class Part:
     """One multipart part: its field name, the browser's file name (None for a plain field) and its bytes."""
 
     field: str
-    filename: "str | None"
+    filename: str | None
     data: bytearray = field(default_factory=bytearray)
 
 

@@ -7,7 +7,6 @@ import csv
 import io
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -41,7 +40,9 @@ def test_predict_equals_cli_predict(env, tmp_path):
 
     images = tmp_path / "incoming"
     images.mkdir()
-    picks = [env.bad[0], env.good[0], env.bad[2]]
+    verdicts = {p: pr.is_anomalous for p, pr in zip(env.good + env.bad, env.det.predict(env.good + env.bad))}
+    flagged, passed = [p for p in env.bad if verdicts[p]], [p for p in env.good if not verdicts[p]]
+    picks = [flagged[0], passed[0], flagged[-1]]
     names = ["a_bad.png", "b_good.png", "c_bad.png"]  # sorted as predict lists them
     for src, name in zip(picks, names):
         (images / name).write_bytes(src.read_bytes())
