@@ -197,10 +197,14 @@ def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
 
 
 def _cell(v: object) -> object:
-    """A scores.csv cell: '' for None, 1/0 for a verdict, the value otherwise."""
+    """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""
+    from fdsl.inspect.verdicts import DIGITS
+
     if v is None:
         return ""
-    return int(v) if isinstance(v, bool) else v
+    if isinstance(v, bool):
+        return int(v)
+    return f"{v:.{DIGITS}f}" if isinstance(v, float) else v
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -14,13 +14,14 @@ from fdsl.io import PathLike, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-THUMB_HEIGHT = 120
+THUMB_HEIGHT = 160
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1d2430;background:#f4f5f7}
 table{border-collapse:collapse;background:#fff}th,td{border-bottom:1px solid #e3e6eb;padding:6px 10px;font-size:14px}
 th{background:#eef0f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .v{font-weight:700;padding:2px 8px;border-radius:4px}.a{background:#fde2e1;color:#a4161a}
-.n{background:#dff3e4;color:#1b6b35}.u{background:#eee;color:#555}img{display:block}"""
+.n{background:#dff3e4;color:#1b6b35}.u{background:#eee;color:#555}img{display:block;max-width:640px;height:auto}
+td.f{max-width:320px;word-break:break-all}"""
 
 
 def thumbnail_uri(path: Path, height: int = THUMB_HEIGHT) -> Optional[str]:
@@ -58,17 +59,17 @@ def write_gallery(out: PathLike, rows: Sequence[dict], title: str = "fdsl predic
         thumb = thumbnail_uri(out / rel) if rel else None
         pic = (f'<a href="{html.escape(rel)}"><img src="{thumb}" alt="overlay"></a>' if thumb
                else (f'<a href="{html.escape(rel)}">overlay</a>' if rel else "no overlay"))
-        items.append(f"<tr><td>{pic}</td><td>{html.escape(str(r.get('path', '')))}</td>"
+        items.append(f"<tr><td class=f>{html.escape(str(r.get('path', '')))}</td>"
+                     f"<td><span class='v {verdict[1]}'>{verdict[0]}</span></td>"
                      f"<td class=num>{html.escape(str(r.get('score', '')))}</td>"
                      f"<td class=num>{html.escape(str(r.get('margin', '')))}</td>"
-                     f"<td><span class='v {verdict[1]}'>{verdict[0]}</span></td>"
-                     f"<td class=num>{html.escape(str(r.get('defect_area_px', '')))}</td></tr>")
+                     f"<td class=num>{html.escape(str(r.get('defect_area_px', '')))}</td><td>{pic}</td></tr>")
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{len(items)} image(s), {n_anom} anomalous; sorted by score, highest first. "
             "margin = score − image threshold. Click a thumbnail for the full overlay.</p>"
-            "<table><tr><th>overlay</th><th>file</th><th>score</th><th>margin</th><th>verdict</th>"
-            "<th>defect px</th></tr>" + "".join(items) + "</table></body></html>\n")
+            "<table><tr><th>file</th><th>verdict</th><th>score</th><th>margin</th><th>defect px</th>"
+            "<th>overlay (image | anomaly map | defect region)</th></tr>" + "".join(items) + "</table></body></html>\n")
     path = out / "index.html"
     atomic_write_text(path, page)
     return path

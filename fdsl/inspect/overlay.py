@@ -10,6 +10,8 @@ from PIL import Image
 
 from fdsl.io import PathLike, atomic_open
 
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
 
 def heatmap_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8 RGB image and (H, W) map in [0, 1] -> (H, W, 3) uint8 overlay (jet colours)."""
@@ -18,18 +20,38 @@ def heatmap_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> 
     return (alpha * heat + (1.0 - alpha) * image).astype(np.uint8)
 
 
-def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap: np.ndarray) -> None:
+SIDE_CAPTION_H = 20  # the caption band above test.py's side-by-side pictures
+
+
+def _fit_text(canvas: np.ndarray, text: str, y: int, max_scale: float = 0.45) -> None:
+    """Write `text` at height `y`, shrunk (down to scale 0.25, then cut) to fit the canvas width."""
+    w = canvas.shape[1] - 8
+    scale = max_scale
+    while scale > 0.25 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > w:
+        scale -= 0.05
+    while len(text) > 4 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > w:
+        text = text[:-2]
+    cv2.putText(canvas, text, (4, y), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap: np.ndarray,
+                      caption: Optional[str] = None) -> None:
     """Write image | ground truth | overlay at the map's resolution (squash-resized like the model input).
 
     Args:
         image: the original RGB image.
         mask: (H, W) bool or 0/1 ground truth at the map's size.
         amap: (H, W) anomaly probabilities at the evaluation size.
+        caption: one line (file name, score) in a `SIDE_CAPTION_H` px band above the panels, when given.
     """
     h, w = amap.shape
     img = np.asarray(image.convert("RGB").resize((w, h), Image.BICUBIC))
     gt = np.repeat((np.asarray(mask, dtype=np.float32)[..., None] * 255).astype(np.uint8), 3, axis=2)
     canvas = np.concatenate([img, gt, heatmap_overlay(img, amap)], axis=1)
+    if caption is not None:
+        band = np.full((SIDE_CAPTION_H, canvas.shape[1], 3), 255, np.uint8)
+        _fit_text(band, caption, 14)
+        canvas = np.concatenate([band, canvas], axis=0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as fh:
         Image.fromarray(canvas).save(fh, format="PNG")
@@ -40,7 +62,6 @@ _CAPTION_H = 28
 _TITLE_H = 22
 _BAR_W = 16
 _BAR_LABEL_W = 96
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def _panel_size(size_wh: tuple, height: int) -> tuple:

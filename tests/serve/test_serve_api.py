@@ -9,8 +9,8 @@ import os
 import tempfile
 
 import pytest
+from fdsl_test_utils import make_calibrated_detector as make_detector
 from PIL import Image
-from serve_utils import make_detector
 
 pytest.importorskip("fastapi")
 

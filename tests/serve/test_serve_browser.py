@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_utils import make_detector
+from fdsl_test_utils import make_calibrated_detector as make_detector
 
 ROOT = Path(__file__).resolve().parents[2]
 
