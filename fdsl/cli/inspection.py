@@ -129,9 +129,17 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     rep = det.calibrate(args.normal, args.anomalous, masks=args.masks, max_fpr=args.max_fpr,
                         batch_size=args.batch_size)
     det.save(args.detector)
-    print(f"image threshold {rep['image']:.6f} ({rep['image_method']}; normal FPR {rep['image_fpr']:.4f}"
-          + (f", anomalous TPR {rep['image_tpr']:.4f}" if "image_tpr" in rep else "")
-          + f"), pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {args.detector}")
+    from fdsl.inspect.report import small_set_warnings, write_calibration_report
+
+    for warning in small_set_warnings(rep["n_normal"], rep["n_anomalous"]):
+        log.warning(warning)
+    folder = write_calibration_report(args.detector, rep)
+    print(f"image threshold {rep['image']:.6f} ({rep['image_method']}): reached FPR {rep['image_fpr']:.4f} "
+          f"({round(rep['image_fpr'] * rep['n_normal'])} of {rep['n_normal']} normal images flagged)"
+          + (f", TPR {rep['image_tpr']:.4f} ({round(rep['image_tpr'] * rep['n_anomalous'])} of "
+             f"{rep['n_anomalous']} anomalous flagged)" if "image_tpr" in rep else "")
+          + f"; pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {args.detector}; "
+          f"report: {folder}")
 
 
 # ----------------------------------------------------------------------------- predict

@@ -386,7 +386,10 @@ class Detector:
             pix = threshold_for_fpr(normal_max, max_fpr if max_fpr is not None else fpr)
             report["pixel_method"] = "normal_map_max_at_image_fpr"
         report.update(image=float(thr), pixel=float(pix),
-                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files])
+                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files],
+                      images=[{"path": str(p), "name": n, "anomalous": bool(lab), "score": float(pr.score),
+                               "map_max": float(pr.map_max)}
+                              for (p, n), lab, pr in zip(files, labels, preds)])
         self.info["thresholds"] = {"image": float(thr), "pixel": float(pix),
                                    "image_method": report["image_method"], "pixel_method": report["pixel_method"],
                                    "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
