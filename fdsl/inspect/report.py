@@ -37,7 +37,7 @@ def small_set_warnings(n_normal: int, n_anomalous: int) -> List[str]:
     return out
 
 
-def _plot(path: Path, scores: np.ndarray, labels: np.ndarray, thr: float, fpr: float, tpr: "float | None",
+def _plot(path: Path, scores: np.ndarray, labels: np.ndarray, thr: float, fpr: float, tpr: float | None,
           small: bool) -> None:
     import matplotlib
 

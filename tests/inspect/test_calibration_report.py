@@ -43,7 +43,8 @@ def test_calibrate_writes_report_and_warns_on_small_sets(env, tmp_path, capsys, 
         assert r["flagged"] == str(int(p.score > thr))
     rep = json.loads((folder / "report.json").read_text())
     flagged = np.array([r["flagged"] == "1" for r in rows])
-    assert rep["image_fpr"] == pytest.approx(flagged[:3].mean()) and rep["image_tpr"] == pytest.approx(flagged[3:].mean())
+    assert rep["image_fpr"] == pytest.approx(flagged[:3].mean())
+    assert rep["image_tpr"] == pytest.approx(flagged[3:].mean())
     assert len(rep["warnings"]) == 2
     with Image.open(folder / "calibration.png") as im:
         assert im.format == "PNG" and im.size[0] > 2 * im.size[1] * 0.9  # histogram | ROC side by side
