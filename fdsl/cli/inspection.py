@@ -53,13 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     fit = sub.add_parser("fit", help="fit a detector file from a checkpoint and normal images", allow_abbrev=False,
-                         formatter_class=fmt, description="Fit a detector: all --normal images become the shots.")
+                         formatter_class=fmt,
+                         description="Fit a detector: the --normal images (or --max_shots of them) become the shots.")
     fit.add_argument("--checkpoint", "--checkpoint_path", required=True,
                      help="trained weights (train.py's or the released code's)")
     fit.add_argument("--normal", required=True, nargs="+", help="folder(s) (recursive) or files of normal images")
     fit.add_argument("--out", required=True, help="detector file to write, e.g. part.fdsl")
     fit.add_argument("--cal_image_size", "--calImage_size", type=int, default=240,
                      help="evaluation size of the anomaly maps (as test.py)")
+    fit.add_argument("--max_shots", type=int, default=None,
+                     help="keep at most N of the --normal images as shots (default: all, with a warning and the "
+                          "projected detector size when they are many)")
+    fit.add_argument("--shot_selection", default="coreset", choices=("coreset", "even"),
+                     help="how --max_shots chooses: greedy coreset over the image embeddings, or evenly over the "
+                          "sorted file list")
     _runtime(fit)
     group = fit.add_argument_group("model options (default: the checkpoint's saved model config)")
     for f in dataclasses.fields(ModelConfig):
@@ -116,7 +123,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     options = {k: v for k, v in vars(args).items() if k in fields}
     det = Detector.fit(args.checkpoint, args.normal, device=args.device, precision=args.precision,
-                       batch_size=args.batch_size, cal_image_size=args.cal_image_size, **options)
+                       batch_size=args.batch_size, cal_image_size=args.cal_image_size, max_shots=args.max_shots,
+                       shot_selection=args.shot_selection, **options)
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")

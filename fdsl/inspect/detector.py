@@ -113,6 +113,38 @@ def _as_pil(item: ImageInput) -> Image.Image:
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
 
 
+def _choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
+                  batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
+    """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
+
+    Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's
+    size and search cost; a large projection is logged as a warning before the full encoding starts.
+    """
+    from fdsl.inspect.shot_selection import LARGE_BYTES, LARGE_SHOTS, even_indices, greedy_coreset, projected_cost
+
+    n = len(files)
+    if max_shots is None or max_shots >= n:
+        if max_shots is None and n > 2:
+            one = model.make_memory(model.encode_references(tf(load_rgb(files[0][0]))[None]))
+            per_shot = one.nbytes()
+            if n > LARGE_SHOTS or per_shot * n > LARGE_BYTES:
+                log.warning("fitting on all %d normal images (no --max_shots): %s. Pass --max_shots N (e.g. 8) to "
+                            "keep N shots chosen by greedy coreset over the image embeddings", n,
+                            projected_cost(per_shot, n))
+        return files, "all"
+    if selection == "even":
+        idx = even_indices(n, max_shots)
+    else:
+        embeds = []
+        for s in range(0, n, batch_size):
+            batch = torch.stack([tf(load_rgb(p)) for p, _ in files[s:s + batch_size]])  # (b, 3, S, S)
+            embeds.append(model.extract(batch).image_embeds.float().cpu())  # (b, D)
+        idx = greedy_coreset(torch.cat(embeds), max_shots)
+    log.info("kept %d of %d normal images as shots (%s): %s", len(idx), n, selection,
+             ", ".join(files[i][1] for i in idx[:10]) + (" ..." if len(idx) > 10 else ""))
+    return [files[i] for i in idx], selection
+
+
 def _normal_entry(path: PathLike, name: str) -> dict:
     """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
     from fdsl.inspect.input_check import image_profile
@@ -177,12 +209,16 @@ class Detector:
     @torch.no_grad()
     def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
             device: str = "auto", precision: str = "auto", batch_size: int = 8,
-            cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
-        """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
+            cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: Optional[int] = None,
+            shot_selection: str = "coreset", **model_options: Any) -> Detector:
+        """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
         Args:
             checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
-            normal_images: a folder (recursive) or a list of image files: all of them become the shots.
+            normal_images: a folder (recursive) or a list of image files: all of them become the shots, or
+                `max_shots` of them chosen by `shot_selection` (``coreset`` or ``even``, see
+                `fdsl.inspect.shot_selection`). Without `max_shots`, many shots log a warning with the projected
+                detector size and search cost before the encoding.
             device, precision, batch_size: runtime settings (not stored).
             cal_image_size: the evaluation size of anomaly maps (test.py's --cal_image_size), stored.
             **model_options: `ModelConfig` fields (model, pretrained, image_size, features_list, winmode, ...)
@@ -194,6 +230,12 @@ class Detector:
             raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        from fdsl.inspect.shot_selection import SELECTIONS
+
+        if max_shots is not None and max_shots < 1:
+            raise ConfigError(f"--max_shots must be positive, got {max_shots}")
+        if shot_selection not in SELECTIONS:
+            raise ConfigError(f"--shot_selection must be one of {', '.join(SELECTIONS)}, got {shot_selection!r}")
         files = list_images(normal_images, "normal images")
         saved = read_checkpoint(checkpoint).get("model_config")
         if "few_shot_features" not in model_options and "features_list" in model_options:
@@ -205,6 +247,8 @@ class Detector:
         model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size)
+        candidates = len(files)
+        files, method = _choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
         memory = model.make_memory(model.encode_references(images, batch_size))
         info = {
@@ -215,6 +259,7 @@ class Detector:
             "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
                            "format": meta.get("format"), "epoch": meta.get("epoch")},
             "normal_images": [_normal_entry(p, name) for p, name in files],
+            "shots": {"selection": method, "candidates": candidates, "max_shots": max_shots},
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
         }
