@@ -157,8 +157,11 @@ class Service:
             shutil.rmtree(job, ignore_errors=True)
         keep = ("n_normal", "n_anomalous", "image", "pixel", "image_method", "pixel_method", "image_fpr",
                 "image_tpr", "image_f1")
+        from fdsl.inspect.report import small_set_warnings
+
         return {"id": fid, "download": f"/api/fitted/{fid}", "n_shots": len(groups["normal"]),
-                "calibration": {k: rep[k] for k in keep if k in rep}}
+                "calibration": {k: rep[k] for k in keep if k in rep},
+                "warnings": small_set_warnings(rep["n_normal"], rep["n_anomalous"])}
 
     def use(self, fid: str) -> dict:
         """Serve the fitted detector `fid` from now on; returns its metadata."""

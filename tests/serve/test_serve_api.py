@@ -120,6 +120,7 @@ def test_fit_from_uploads_writes_only_in_workdir(env, tmp_path, monkeypatch):
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["n_shots"] == 2 and body["calibration"]["image_method"] == "f1_max"
+    assert len(body["warnings"]) == 2  # 3 good and 4 defect validation images: both too few
     assert [p.relative_to(cwd).as_posix() for p in cwd.rglob("*") if p.is_file()] == [
         f"work/fitted/{body['id']}.fdsl"]
     assert not list(systmp.iterdir()), "an upload was written to the system temp folder"
@@ -139,3 +140,14 @@ def test_page_is_self_contained(env, tmp_path):
     assert 'id="files"' in html and 'id="threshold"' in html and "/api/predict" in html
     for needle in ("http://", "https://", "//cdn", "<link "):
         assert needle not in html, needle
+
+
+def test_serve_command_bad_input_is_one_line(tmp_path, capsys):
+    from fdsl.cli import main
+
+    assert main(["serve", "--detector", str(tmp_path / "missing.fdsl"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "missing.fdsl" in err[-1] and not any("Traceback" in e for e in err)
+    assert main(["serve", "--detector", str(tmp_path / "x.fdsl"), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--help"]) == 0 and "127.0.0.1" in capsys.readouterr().out

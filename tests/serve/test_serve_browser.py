@@ -1,6 +1,7 @@
 """End to end: `fdsl serve` as a real server (uvicorn subprocess on a free 127.0.0.1 port), its page driven in a
 headless Chromium through Selenium: upload a defect image, read the verdict and the overlay off the page,
-move the threshold slider and watch the verdict change.
+move the threshold slider and watch the verdict change; then fit and calibrate a detector on the fit tab and
+inspect with it.
 
 Needs Debian's `chromium` and `chromium-driver`. Without chromedriver the test skips on a workstation, but
 fails under CI (environment variable CI set), where `.ci/run` installs them.
@@ -120,5 +121,21 @@ def test_page_in_headless_chromium(server, tmp_path):
         browser.find_element(By.ID, "files").send_keys(str(bad))
         wait.until(lambda b: "not an image" in b.find_element(By.ID, "error").text)
         assert len(browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")) == 1
+        # The fit tab: two good shots, validation images, fit and calibrate, then inspect with the new detector.
+        browser.find_element(By.ID, "tab-fit").click()
+        browser.find_element(By.ID, "fit-normal").send_keys("\n".join(map(str, env.train[:2])))
+        browser.find_element(By.ID, "fit-val-normal").send_keys("\n".join(map(str, env.good)))
+        browser.find_element(By.ID, "fit-val-anomalous").send_keys("\n".join(map(str, env.bad)))
+        browser.find_element(By.ID, "fit-button").click()
+        wait.until(lambda b: b.find_elements(By.ID, "fit-download") or b.find_element(By.ID, "fit-error").text)
+        assert browser.find_element(By.ID, "fit-error").text == ""
+        assert "fitted on 2 shot(s)" in browser.find_element(By.ID, "fit-result").text
+        browser.save_screenshot(str(tmp_path / "fit.png"))
+        if os.environ.get("FDSL_SCREENSHOT_DIR"):
+            shutil.copy(tmp_path / "fit.png", Path(os.environ["FDSL_SCREENSHOT_DIR"]) / "serve_fit.png")
+        browser.find_element(By.ID, "fit-use").click()
+        wait.until(lambda b: "2 shot(s)" in b.find_element(By.ID, "detector-info").text)
+        assert browser.find_element(By.ID, "panel-inspect").is_displayed()
+        assert list((tmp_path / "work" / "fitted").glob("*.fdsl")), "the fitted detector is kept in the work folder"
     finally:
         browser.quit()
