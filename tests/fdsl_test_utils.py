@@ -116,7 +116,7 @@ def make_calibrated_detector(work, winmode: str = "mul"):
     liven_head(model, load_reference_images(root, train[:2], 112), load_reference_images(root, test, 112))
     checkpoint = work / "ck" / "epoch_1.pth"
     save_checkpoint(checkpoint, model.head, dataclasses.asdict(mcfg), epoch=1)
-    det = Detector.fit(checkpoint, root / "brick_syn" / "train" / "good", device="cpu", precision="fp32")
+    det = Detector.fit(checkpoint, root / "brick_syn" / "train" / "good", runtime="cpu")
     defects = sorted(d for d in (root / "brick_syn" / "test").iterdir() if d.name != "good")
     det.calibrate(root / "brick_syn" / "test" / "good", defects, masks=root / "brick_syn" / "ground_truth")
     path = det.save(work / "part.fdsl")

@@ -14,7 +14,8 @@ from typing import List
 
 import torch
 
-SELECTIONS = ("coreset", "even")
+from fdsl.config import SHOT_SELECTIONS as SELECTIONS  # the one list of names, in fdsl.config
+
 LARGE_SHOTS = 16  # fitting more shots than this without --max_shots warns (memory and search time grow linearly)
 LARGE_BYTES = 2 ** 30  # ... or a projected detector above 1 GiB
 

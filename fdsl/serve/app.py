@@ -24,7 +24,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import anyio
 import torch
@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 
+from fdsl.config import RuntimeConfig
 from fdsl.data.images import image_transform
 from fdsl.errors import FDSLError
 from fdsl.inspect.detector import Detector
@@ -80,9 +81,9 @@ class Service:
     """The server's state: the detector in use, its lock, the work folder and the upload limits."""
 
     def __init__(self, detector: Detector, name: str, workdir: Path, limits: Limits,
-                 batch_size: int = 8, device: str = "cpu", precision: str = "auto") -> None:
+                 batch_size: int = 8, runtime: Union[RuntimeConfig, str] = "cpu") -> None:
         self.detector, self.name = detector, name
-        self.device, self.precision = device, precision
+        self.runtime = runtime
         self.workdir = workdir
         self.limits = limits
         self.batch_size = batch_size
@@ -169,7 +170,7 @@ class Service:
         if path is None:
             raise UploadError(404, f"no fitted detector {fid!r} in this session")
         with self.lock:
-            self.detector = Detector.load(path, device=self.device, precision=self.precision)
+            self.detector = Detector.load(path, runtime=self.runtime)
             self.name = path.name
         return detector_metadata(self.detector, self.name)
 
@@ -179,8 +180,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLike = "fdsl_serve",
-               limits: Optional[Limits] = None, batch_size: int = 8, device: str = "cpu",
-               precision: str = "auto") -> FastAPI:
+               limits: Optional[Limits] = None, batch_size: int = 8,
+               runtime: Union[RuntimeConfig, str] = "cpu") -> FastAPI:
     """The web application around a loaded `detector`; fitted detectors and calibration scratch go to `workdir`.
 
     Args:
@@ -188,9 +189,9 @@ def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLik
         name: the detector's file name, shown on the page.
         workdir: the only folder the server writes to (fitted detectors, temporary validation images).
         limits: files per request, bytes per file, pixels per image.
-        device, precision: how a fitted detector is loaded when the page switches to it.
+        runtime: how a fitted detector is loaded when the page switches to it (a `RuntimeConfig` or a device).
     """
-    service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, device, precision)
+    service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, runtime)
     app = FastAPI(title="FDSL inspection", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     page = resources.files("fdsl.serve").joinpath("static/index.html").read_text(encoding="utf-8")

@@ -32,7 +32,7 @@ def test_calibrate_writes_report_and_warns_on_small_sets(env, tmp_path, capsys, 
     folder = tmp_path / "part_calibration"
     assert "reached FPR" in printed and "TPR" in printed and str(folder) in printed
 
-    loaded = Detector.load(det, device="cpu", precision="fp32")
+    loaded = Detector.load(det, runtime="cpu")
     thr = loaded.image_threshold
     with (folder / "scores.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))

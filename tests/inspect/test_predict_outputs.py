@@ -81,7 +81,7 @@ def test_predict_outputs_agree_and_link(env, tmp_path, caplog):
         else:
             assert r["defect_area_px"] == "0" and r["region"] == "none" and r["mask"] == ""
     # Raw maps: the evaluation-size map is the detector's, the full-size one has the image's shape.
-    det = Detector.load(env.path, device="cpu", precision="fp32")
+    det = Detector.load(env.path, runtime="cpu")
     wide = next(r for r in rows if r["path"].endswith("wide.jpg"))
     pred = det.predict(wide["path"])[0]
     np.testing.assert_allclose(np.load(out / "maps" / "eval" / "wide.npy"), pred.anomaly_map, atol=1e-6)
@@ -105,7 +105,7 @@ def test_predict_outputs_agree_and_link(env, tmp_path, caplog):
 def test_flagged_image_without_hot_pixels_outlines_its_top_region(env, tmp_path):
     from fdsl.inspect.detector import Detector
 
-    det = Detector.load(env.path, device="cpu", precision="fp32")
+    det = Detector.load(env.path, runtime="cpu")
     det.info["thresholds"]["pixel"] = 0.999  # no pixel reaches it
     path = det.save(tmp_path / "strict.fdsl")
     out = tmp_path / "out"

@@ -39,18 +39,18 @@ def test_max_shots_keeps_variety_and_equals_fitting_the_chosen_files(env, tmp_pa
     from fdsl.inspect.detector import Detector
 
     folder = _folder(env, tmp_path / "normal")
-    core = Detector.fit(env.checkpoint, folder, device="cpu", precision="fp32", max_shots=3)
-    even = Detector.fit(env.checkpoint, folder, device="cpu", precision="fp32", max_shots=3, shot_selection="even")
+    core = Detector.fit(env.checkpoint, folder, runtime="cpu", max_shots=3)
+    even = Detector.fit(env.checkpoint, folder, runtime="cpu", max_shots=3, shot_selection="even")
     core_names = [n["name"] for n in core.info["normal_images"]]
     assert len(core_names) == 3 and {"b.png", "c.png"} <= set(core_names), core_names  # one copy of a, b, c
     assert [n["name"] for n in even.info["normal_images"]] == ["a0.png", "a2.png", "c.png"]
     assert core.info["shots"] == {"selection": "coreset", "candidates": 6, "max_shots": 3}
-    chosen = Detector.fit(env.checkpoint, [folder / n for n in core_names], device="cpu", precision="fp32")
+    chosen = Detector.fit(env.checkpoint, [folder / n for n in core_names], runtime="cpu")
     assert chosen.info["shots"]["selection"] == "all"
     for k, v in chosen.memory.state_dict().items():
         assert torch.equal(core.memory.state_dict()[k], v), k
-    assert core.memory.nbytes() == pytest.approx(Detector.fit(env.checkpoint, folder, device="cpu",
-                                                              precision="fp32").memory.nbytes() / 2, rel=1e-6)
+    assert core.memory.nbytes() == pytest.approx(Detector.fit(env.checkpoint, folder, runtime="cpu")
+                                                 .memory.nbytes() / 2, rel=1e-6)
 
 
 def test_many_shots_warn_with_projection_and_bad_values_are_errors(env, tmp_path, monkeypatch, caplog, capsys):
@@ -61,14 +61,14 @@ def test_many_shots_warn_with_projection_and_bad_values_are_errors(env, tmp_path
     folder = _folder(env, tmp_path / "normal")
     monkeypatch.setattr(shot_selection, "LARGE_SHOTS", 4)
     with caplog.at_level(logging.WARNING, logger="fdsl"):
-        det = Detector.fit(env.checkpoint, folder, device="cpu", precision="fp32")
+        det = Detector.fit(env.checkpoint, folder, runtime="cpu")
     msgs = [r.getMessage() for r in caplog.records if "no --max_shots" in r.getMessage()]
     assert len(msgs) == 1 and "6 shots" in msgs[0] and "GiB" in msgs[0] and "6x" in msgs[0]
     per_shot = det.memory.nbytes() / 6
     assert f"{per_shot / 2 ** 20:.1f} MiB per shot" in msgs[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fdsl"):
-        Detector.fit(env.checkpoint, folder, device="cpu", precision="fp32", max_shots=2)
+        Detector.fit(env.checkpoint, folder, runtime="cpu", max_shots=2)
     assert not [r for r in caplog.records if "no --max_shots" in r.getMessage()]
     for bad, needle in ((["--max_shots", "0"], "must be positive"), (["--shot_selection", "random"], "invalid choice")):
         argv = ["fit", "--checkpoint", str(env.checkpoint), "--normal", str(folder), "--out", str(tmp_path / "d.fdsl"),

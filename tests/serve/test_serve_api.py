@@ -27,7 +27,7 @@ def _client(env, workdir, **limits):
     from fdsl.serve.uploads import Limits
 
     return TestClient(create_app(env.det, env.path.name, workdir, Limits(**limits) if limits else None,
-                                 device="cpu", precision="fp32"))
+                                 runtime="cpu"))
 
 
 def _files(paths, field="files"):
@@ -46,7 +46,7 @@ def test_predict_equals_cli_predict(env, tmp_path):
     names = ["a_bad.png", "b_good.png", "c_bad.png"]  # sorted as predict lists them
     for src, name in zip(picks, names):
         (images / name).write_bytes(src.read_bytes())
-    predict_folder(env.path, [images], tmp_path / "out", device="cpu", precision="fp32")
+    predict_folder(env.path, [images], tmp_path / "out", runtime="cpu")
     with (tmp_path / "out" / "scores.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     client = _client(env, tmp_path / "work")
@@ -124,8 +124,8 @@ def test_fit_from_uploads_writes_only_in_workdir(env, tmp_path, monkeypatch):
     assert [p.relative_to(cwd).as_posix() for p in cwd.rglob("*") if p.is_file()] == [
         f"work/fitted/{body['id']}.fdsl"]
     assert not list(systmp.iterdir()), "an upload was written to the system temp folder"
-    fitted = Detector.load(work / "fitted" / f"{body['id']}.fdsl", device="cpu", precision="fp32")
-    ref = Detector.fit(env.checkpoint, env.train[:2], device="cpu", precision="fp32")
+    fitted = Detector.load(work / "fitted" / f"{body['id']}.fdsl", runtime="cpu")
+    ref = Detector.fit(env.checkpoint, env.train[:2], runtime="cpu")
     assert [p.score for p in fitted.predict(env.bad)] == [p.score for p in ref.predict(env.bad)]
     assert fitted.image_threshold == pytest.approx(body["calibration"]["image"])
     assert client.get(body["download"]).content == (work / "fitted" / f"{body['id']}.fdsl").read_bytes()
