@@ -181,7 +181,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLike = "fdsl_serve",
                limits: Optional[Limits] = None, batch_size: int = 8,
-               runtime: Union[RuntimeConfig, str] = "cpu") -> FastAPI:
+               runtime: Union[RuntimeConfig, str] = "cpu", allowed_hosts: Optional[Sequence[str]] = None) -> FastAPI:
     """The web application around a loaded `detector`; fitted detectors and calibration scratch go to `workdir`.
 
     Args:
@@ -190,11 +190,25 @@ def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLik
         workdir: the only folder the server writes to (fitted detectors, temporary validation images).
         limits: files per request, bytes per file, pixels per image.
         runtime: how a fitted detector is loaded when the page switches to it (a `RuntimeConfig` or a device).
+        allowed_hosts: the ``Host`` headers answered (``127.0.0.1:8000``, ...), against DNS rebinding; None
+            answers any. Independently, a request whose ``Origin`` is another site than its ``Host`` is refused
+            (403): a page elsewhere cannot make the browser post images or fit detectors here.
     """
     service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, runtime)
     app = FastAPI(title="FDSL inspection", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     page = resources.files("fdsl.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    @app.middleware("http")
+    async def same_site_only(request: Request, call_next):
+        host = request.headers.get("host", "").lower()
+        if hosts is not None and host not in hosts:
+            return _error(403, f"unexpected Host header {host!r}: open the page at http://{sorted(hosts)[0]}/")
+        origin = request.headers.get("origin")
+        if origin is not None and origin.lower() not in (f"http://{host}", f"https://{host}"):
+            return _error(403, f"cross-site request from {origin!r} refused")
+        return await call_next(request)
 
     async def run(request: Request, work) -> JSONResponse:
         try:

@@ -151,3 +151,19 @@ def test_serve_command_bad_input_is_one_line(tmp_path, capsys):
     assert main(["serve", "--detector", str(tmp_path / "x.fdsl"), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
     assert main(["serve", "--help"]) == 0 and "127.0.0.1" in capsys.readouterr().out
+
+
+def test_cross_site_requests_and_foreign_hosts_are_refused(env, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from fdsl.serve.app import create_app
+
+    client = _client(env, tmp_path / "work")
+    evil = client.post("/api/predict", files=_files(env.good[:1]), headers={"origin": "http://evil.example"})
+    assert evil.status_code == 403 and "cross-site" in evil.json()["detail"]
+    same = client.post("/api/predict", files=_files(env.good[:1]), headers={"origin": "http://testserver"})
+    assert same.status_code == 200
+    app = create_app(env.det, "part.fdsl", tmp_path / "work", runtime="cpu", allowed_hosts=["127.0.0.1:8000"])
+    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/api/detector").status_code == 200
+    rebound = TestClient(app, base_url="http://attacker.example:8000").get("/api/detector")
+    assert rebound.status_code == 403 and "Host" in rebound.json()["detail"]
