@@ -8,6 +8,7 @@ import io
 import os
 import tempfile
 
+import numpy as np
 import pytest
 from fdsl_test_utils import make_calibrated_detector as make_detector
 from PIL import Image
@@ -112,15 +113,25 @@ def test_fit_from_uploads_writes_only_in_workdir(env, tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     work = cwd / "work"
     client = _client(env, work)
-    files = (_files(env.train[:2], "normal") + _files(env.good, "val_normal") + _files(env.bad, "val_anomalous"))
+    noise = io.BytesIO()  # a good image over 1 MB: Starlette's own parser would spool it to the temp folder
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(noise, "PNG")
+    assert noise.tell() > 2 ** 20
+    files = (_files(env.train[:2], "normal") + _files(env.good, "val_normal") + _files(env.bad, "val_anomalous")
+             + [("val_normal", ("big.png", noise.getvalue(), "image/png"))])
     systmp = tmp_path / "systmp"  # the system temp folder, where Starlette's own parser spools large uploads
     systmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+
+    def no_spool(*a, **k):  # what a SpooledTemporaryFile rolls over to (unlinked at once, so never listed)
+        raise AssertionError("an upload was spooled to an anonymous temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_spool)
     resp = client.post("/api/fit", files=files)
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["n_shots"] == 2 and body["calibration"]["image_method"] == "f1_max"
-    assert len(body["warnings"]) == 2  # 3 good and 4 defect validation images: both too few
+    assert len(body["warnings"]) == 2  # 4 good and 4 defect validation images: both too few
+    assert body["calibration"]["n_normal"] == 4
     assert [p.relative_to(cwd).as_posix() for p in cwd.rglob("*") if p.is_file()] == [
         f"work/fitted/{body['id']}.fdsl"]
     assert not list(systmp.iterdir()), "an upload was written to the system temp folder"
