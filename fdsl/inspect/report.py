@@ -3,6 +3,8 @@ a picture of the two score distributions with the chosen threshold and the ROC w
 warnings when the validation set is too small to trust the rates."""
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from pathlib import Path
 from typing import List
@@ -90,8 +92,6 @@ def write_calibration_report(detector: PathLike, report: dict) -> Path:
     Returns:
         The report folder.
     """
-    from fdsl.cli.inspection import _csv_text
-
     out = report_dir(detector)
     out.mkdir(parents=True, exist_ok=True)
     images = report["images"]
@@ -99,7 +99,11 @@ def write_calibration_report(detector: PathLike, report: dict) -> Path:
     rows = [{"name": im["name"], "path": im["path"], "label": "anomalous" if im["anomalous"] else "normal",
              "score": f"{im['score']:.6f}", "map_max": f"{im['map_max']:.6f}", "flagged": int(im["score"] > thr)}
             for im in images]
-    atomic_write_text(out / "scores.csv", _csv_text(rows, REPORT_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "scores.csv", buf.getvalue())
     scores = np.array([im["score"] for im in images], dtype=np.float64)
     labels = np.array([im["anomalous"] for im in images], dtype=bool)
     warnings = small_set_warnings(report["n_normal"], report["n_anomalous"])
