@@ -3,7 +3,8 @@
     GET  /                 the page (self-contained HTML: inspect images, fit a new detector)
     GET  /api/detector     the served detector's metadata
     POST /api/predict      multipart `files` (one or more images) -> [{name, score, map_max, threshold, margin,
-                           is_anomalous, defect_area_px, region, overlay_png_base64}], as `fdsl predict`
+                           is_anomalous, defect_area_px, region, overlay_png_base64, input_warnings}], the values
+                           of `fdsl predict`; input_warnings: how the image differs from the shots (mode, aspect)
     POST /api/fit          multipart `normal` (shots), `val_normal`, `val_anomalous` images, `max_fpr` -> a new
                            detector fitted with the served head and backbone, calibrated, kept in the work folder
     GET  /api/fitted/{id}  download a fitted detector file; POST /api/fitted/{id}/use serves it instead
@@ -36,6 +37,7 @@ from fdsl.config import RuntimeConfig
 from fdsl.data.images import image_transform
 from fdsl.errors import FDSLError
 from fdsl.inspect.detector import Detector
+from fdsl.inspect.input_check import differences, reference_profile
 from fdsl.inspect.verdicts import overlay_array, png_bytes, verdict_record
 from fdsl.io import PathLike
 from fdsl.serve.uploads import Limits, Part, UploadError, decode_image, display_name, parse_multipart
@@ -99,18 +101,20 @@ class Service:
         decoded = []
         for p in files:
             name = display_name(p.filename or "")
-            decoded.append((name, decode_image(bytes(p.data), name, self.limits)[0]))
+            decoded.append((name, *decode_image(bytes(p.data), name, self.limits)))
         with self.lock:
             det = self.detector
             thr, pix = det.image_threshold, det.pixel_threshold
+            profile = reference_profile(det.info.get("normal_images", []))
             out = []
             for s in range(0, len(decoded), self.batch_size):
                 chunk = decoded[s:s + self.batch_size]
-                preds = det.score_images([im for _, im in chunk], threshold=thr)
-                for (name, im), pr in zip(chunk, preds):
+                preds = det.score_images([im for _, im, _ in chunk], threshold=thr)
+                for (name, im, mode), pr in zip(chunk, preds):
                     rec = {"name": name, **verdict_record(pr, thr)}
                     rec["overlay_png_base64"] = base64.b64encode(
                         png_bytes(overlay_array(im, pr, name, thr, pix))).decode("ascii")
+                    rec["input_warnings"] = differences(profile, mode, im.size) if profile else []
                     out.append(rec)
         return out
 

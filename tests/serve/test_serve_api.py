@@ -58,7 +58,8 @@ def test_predict_equals_cli_predict(env, tmp_path):
     assert {r["is_anomalous"] for r in recs} == {True, False}, "the check needs both verdicts"
     for rec, row in zip(recs, rows):
         assert set(rec) == {"name", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px",
-                            "region", "overlay_png_base64"}
+                            "region", "overlay_png_base64", "input_warnings"}
+        assert rec["input_warnings"] == []
         for k in ("score", "map_max", "threshold", "margin"):
             assert rec[k] == float(row[k]), k
         assert int(rec["is_anomalous"]) == int(row["is_anomalous"])
@@ -178,3 +179,14 @@ def test_cross_site_requests_and_foreign_hosts_are_refused(env, tmp_path):
     assert TestClient(app, base_url="http://127.0.0.1:8000").get("/api/detector").status_code == 200
     rebound = TestClient(app, base_url="http://attacker.example:8000").get("/api/detector")
     assert rebound.status_code == 403 and "Host" in rebound.json()["detail"]
+
+
+def test_uploads_unlike_the_shots_carry_a_warning(env, tmp_path):
+    gray, wide = io.BytesIO(), io.BytesIO()
+    Image.open(env.good[0]).convert("L").save(gray, "PNG")
+    Image.open(env.good[0]).resize((300, 100)).save(wide, "PNG")
+    resp = _client(env, tmp_path / "work").post("/api/predict", files=[
+        ("files", ("gray.png", gray.getvalue(), "image/png")), ("files", ("wide.png", wide.getvalue(), "image/png")),
+        *_files(env.good[:1])])
+    warnings = [r["input_warnings"] for r in resp.json()]
+    assert "mode L" in warnings[0][0] and "aspect 3.00" in warnings[1][0] and warnings[2] == []
