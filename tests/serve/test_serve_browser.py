@@ -22,7 +22,9 @@ from fdsl_test_utils import make_calibrated_detector as make_detector
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _chromedriver() -> str:
+@pytest.fixture
+def chromedriver() -> str:
+    """chromedriver's path; checked before the server starts."""
     path = shutil.which("chromedriver")
     if path is None:
         if os.environ.get("CI"):
@@ -72,14 +74,13 @@ def server(tmp_path):
         log.close()
 
 
-def test_page_in_headless_chromium(server, tmp_path):
+def test_page_in_headless_chromium(chromedriver, server, tmp_path):
     import httpx
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver_path = _chromedriver()
     env, url = server
     preds = env.det.predict(env.bad)
     defect = next(p for p, pr in zip(env.bad, preds) if pr.is_anomalous)
@@ -93,7 +94,7 @@ def test_page_in_headless_chromium(server, tmp_path):
         opts.add_argument(arg)
     if shutil.which("chromium"):
         opts.binary_location = shutil.which("chromium")
-    browser = webdriver.Chrome(service=Service(driver_path), options=opts)
+    browser = webdriver.Chrome(service=Service(chromedriver), options=opts)
     try:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)
