@@ -26,6 +26,7 @@ from fdsl.options import (
     NUMBERS,
     build_parser,
     config_to_dict,
+    config_warnings,
     dedupe_option,
     expand_user_paths,
     explicit_fields,
@@ -41,7 +42,8 @@ from fdsl.options import (
 )
 
 # The generated-parser API, used with these dataclasses (defined in fdsl.options).
-__all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "dedupe_option",
+__all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "config_warnings",
+           "dedupe_option",
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
            "parse_config", "part_of", "positive", "settings",
            "ModelConfig", "RuntimeConfig", "RunConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
@@ -51,6 +53,7 @@ WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
 SCORERS = ("fdsl", "nn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 DATASETS = ("mvtec", "visa")
@@ -186,7 +189,7 @@ class RunConfig:
         if not str(self.save_path).strip():
             raise ConfigError("--save_path is empty; give a run folder")
         if self.classes is not None:
-            self.classes = dedupe_option("--classes", self.classes)
+            self.classes = dedupe_option("--classes", self.classes, self)
 
 
 @dataclass
@@ -265,8 +268,9 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
-        if len(set(shots)) != len(shots):
-            raise ConfigError(f"--k_shot lists a value twice: {self.k_shot}")
+        if len(set(shots)) != len(shots):  # like repeated seeds: each value once, with a warning
+            shots = dedupe_option("--k_shot", shots, self)
+            self.k_shot = shots[0] if len(shots) == 1 else shots
         if self.cal_image_size < 1:
             raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
         if self.seeds is not None:
@@ -275,7 +279,7 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
             bad = [s for s in self.seeds if s < 0]
             if bad:
                 raise ConfigError(f"--seeds must be >= 0, got {bad}")
-            self.seeds = dedupe_option("--seeds", self.seeds)
+            self.seeds = dedupe_option("--seeds", self.seeds, self)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
 
@@ -305,7 +309,8 @@ ModelOverrides = overrides_of(ModelConfig, "model options (default: the checkpoi
 
 @dataclass
 class FitConfig(ModelOverrides, RuntimeConfig):
-    """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); every --normal image is a shot."""
+    """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
+    --max_shots) become the shots."""
 
     checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", path=True,
                                        help="trained weights (train.py's or the released code's); none with "
@@ -315,6 +320,13 @@ class FitConfig(ModelOverrides, RuntimeConfig):
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
                                  help="evaluation size of the anomaly maps (as test.py)")
+    max_shots: Optional[int] = option(
+        None, "--max_shots",
+        help="keep at most N of the --normal images as shots (default: all, with a warning and the projected "
+             "detector size when they are many); see docs/workbench.md")
+    shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
+                                 help="how --max_shots chooses: greedy coreset over the image embeddings, or "
+                                      "evenly over the sorted file list")
     batch_size: int = _batch_size()
 
     def validate(self) -> None:
@@ -322,6 +334,8 @@ class FitConfig(ModelOverrides, RuntimeConfig):
         RuntimeConfig.validate(self)
         positive("--cal_image_size", self.cal_image_size)
         positive("--batch_size", self.batch_size)
+        if self.max_shots is not None:
+            positive("--max_shots", self.max_shots)
 
     def runtime(self) -> RuntimeConfig:
         return part_of(self, RuntimeConfig)
@@ -329,7 +343,7 @@ class FitConfig(ModelOverrides, RuntimeConfig):
 
 @dataclass
 class PredictConfig(RuntimeConfig):
-    """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, summary.json."""
+    """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
     detector: Optional[str] = option(None, "--detector", required=True, path=True,
                                      help="detector file written by `fit`")
@@ -343,6 +357,9 @@ class PredictConfig(RuntimeConfig):
         None, "--pretrained", path=True,
         help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
     overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
+    save_maps: bool = option(False, "--save_maps",
+                             help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
+                                  "and maps/full/<name>.npy (the image's own size)")
     batch_size: int = _batch_size()
 
     def validate(self) -> None:
@@ -382,6 +399,37 @@ class CalibrateConfig(RuntimeConfig):
         expand_user_paths(self)
         RuntimeConfig.validate(self)
         positive("--batch_size", self.batch_size)
+
+    def runtime(self) -> RuntimeConfig:
+        return part_of(self, RuntimeConfig)
+
+
+@dataclass
+class ServeConfig(RuntimeConfig):
+    """`fdsl serve`: a local web page and JSON API around a detector (FastAPI + uvicorn, the serve extra)."""
+
+    detector: Optional[str] = option(None, "--detector", required=True, path=True,
+                                     help="detector file written by `fit` (and `calibrate`)")
+    host: str = option("127.0.0.1", "--host",
+                       help="address to bind; anything but a loopback address exposes the page to the network")
+    port: int = option(8000, "--port", help="TCP port")
+    pretrained: Optional[str] = option(None, "--pretrained", path=True,
+                                       help="the backbone weights file, when it moved since `fit`")
+    workdir: str = option("fdsl_serve", "--workdir", path=True,
+                          help="the only folder the server writes to (detectors fitted on the page, scratch)")
+    max_files: int = option(64, "--max_files", help="images per request")
+    max_file_mb: float = option(20.0, "--max_file_mb", help="megabytes per uploaded file")
+    batch_size: int = _batch_size()
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+        positive("--batch_size", self.batch_size)
+        positive("--max_files", self.max_files)
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
+        if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
+            raise ConfigError(f"--max_file_mb must be a positive number, got {self.max_file_mb}")
 
     def runtime(self) -> RuntimeConfig:
         return part_of(self, RuntimeConfig)

@@ -33,28 +33,29 @@ from fdsl.config import ModelConfig, RuntimeConfig
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_device, resolve_runtime
-from fdsl.data.images import image_transform, load_mask, load_rgb, mask_transform, to_rgb
-from fdsl.engine.checkpoint import load_head, read_checkpoint
+from fdsl.data.images import check_size, image_transform, load_mask, load_rgb, mask_transform, to_rgb
+from fdsl.engine.checkpoint import load_head, read_checkpoint, reconcile_with_checkpoint
 from fdsl.errors import CheckpointError, ConfigError, DataError
 from fdsl.inspect.detector_file import (
     FORMAT,
     FORMAT_VERSION,
     backbone_identity,
     check_memory,
+    locate_model_config,
     locate_weights,
     memory_from_tensors,
     read_detector_file,
     write_detector_file,
 )
 from fdsl.inspect.files import find_mask, list_images, sha256_file
-from fdsl.inspect.thresholds import threshold_f1_max, threshold_for_fpr
+from fdsl.inspect.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAL_SIZE = 240
 
-ImageInput = Union[PathLike, Image.Image]
+ImageInput = Union[PathLike, Image.Image, np.ndarray]
 
 
 class Prediction(NamedTuple):
@@ -63,12 +64,13 @@ class Prediction(NamedTuple):
     score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
     is_anomalous: score > image threshold; None when the detector has no image threshold.
     anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
-    mask: (H, W) bool defect mask at the image's own size (map resized bilinearly, > pixel threshold);
-        None without a pixel threshold.
+    mask: (H, W) bool defect mask at the image's own size, None without a pixel threshold. It follows the
+        verdict (`defect_region`): empty for a normal image, never empty for an anomalous one.
     patch_score: mean over layers of the max anomalous probability on the patch grid.
     map_max: max of `anomaly_map` (test.py's scores.csv column).
     defect_area_px: pixels of `mask` (None without a pixel threshold).
     size: (W, H) of the original image.
+    region: the rule that made `mask` ("none", "pixel_threshold", "top_region"); None without a mask.
     """
 
     score: float
@@ -79,13 +81,97 @@ class Prediction(NamedTuple):
     map_max: float
     defect_area_px: Optional[int]
     size: Tuple[int, int]
+    region: Optional[str] = None
+
+
+TOP_REGION_FRACTION = 0.1  # a flagged image without a pixel above the pixel threshold outlines its top 10 % range
+
+
+def defect_region(full_map: np.ndarray, pixel_threshold: float,
+                  is_anomalous: Optional[bool]) -> Tuple[np.ndarray, str]:
+    """The defect mask of one image, consistent with its image verdict; returns ((H, W) bool mask, rule).
+
+    Rules (docs/workbench.md, "Verdicts that agree"):
+      - normal verdict: no defect region (empty mask, rule ``"none"``), whatever pixels exceed the threshold;
+      - anomalous verdict: pixels above the pixel threshold (``"pixel_threshold"``); when none is, the top
+        region, the pixels within `TOP_REGION_FRACTION` of the map's range below its maximum (``"top_region"``);
+      - no verdict (no image threshold): pixels above the pixel threshold (``"pixel_threshold"``).
+    Args:
+        full_map: (H, W) float anomaly map at the image's own size.
+    """
+    if is_anomalous is False:
+        return np.zeros(full_map.shape, bool), "none"
+    mask = full_map > pixel_threshold
+    if is_anomalous and not mask.any():
+        hi, lo = float(full_map.max()), float(full_map.min())
+        return full_map >= hi - TOP_REGION_FRACTION * (hi - lo), "top_region"
+    return mask, "pixel_threshold"
 
 
 # ----------------------------------------------------------------------------- files and images
 
 
+_TAKES = ("Detector.predict takes image paths, folders, PIL images or uint8 numpy arrays ((H, W), (H, W, 3) RGB, "
+          "(H, W, 4) RGBA, or a stack (N, H, W, 3))")
+
+
+def array_to_pil(arr: np.ndarray) -> Image.Image:
+    """An (H, W) or (H, W, 3|4) uint8 array (RGB channel order) as an RGB PIL image; TypeError otherwise."""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) \
+            or 0 in arr.shape:
+        raise TypeError(_TAKES + f"; got an array of dtype {arr.dtype} and shape {tuple(arr.shape)}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]  # (H, W)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
 def _as_pil(item: ImageInput) -> Image.Image:
+    if isinstance(item, np.ndarray):
+        return array_to_pil(item)
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+
+
+def _choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
+                  batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
+    """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
+
+    Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's
+    size and search cost; a large projection is logged as a warning before the full encoding starts.
+    """
+    from fdsl.inspect.shot_selection import LARGE_BYTES, LARGE_SHOTS, even_indices, greedy_coreset, projected_cost
+
+    n = len(files)
+    if max_shots is None or max_shots >= n:
+        if max_shots is None and n > 2:
+            one = model.make_memory(model.encode_references(tf(load_rgb(files[0][0]))[None]))
+            per_shot = one.nbytes()
+            if n > LARGE_SHOTS or per_shot * n > LARGE_BYTES:
+                log.warning("fitting on all %d normal images (no --max_shots): %s. Pass --max_shots N (e.g. 8) to "
+                            "keep N shots chosen by greedy coreset over the image embeddings", n,
+                            projected_cost(per_shot, n))
+        return files, "all"
+    if selection == "even":
+        idx = even_indices(n, max_shots)
+    else:
+        embeds = []
+        for s in range(0, n, batch_size):
+            batch = torch.stack([tf(load_rgb(p)) for p, _ in files[s:s + batch_size]])  # (b, 3, S, S)
+            embeds.append(model.extract(batch).image_embeds.float().cpu())  # (b, D)
+        idx = greedy_coreset(torch.cat(embeds), max_shots)
+    log.info("kept %d of %d normal images as shots (%s): %s", len(idx), n, selection,
+             ", ".join(files[i][1] for i in idx[:10]) + (" ..." if len(idx) > 10 else ""))
+    return [files[i] for i in idx], selection
+
+
+def _normal_entry(path: PathLike, name: str) -> dict:
+    """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
+    from fdsl.inspect.input_check import image_profile
+
+    entry: dict = {"name": name, "sha256": sha256_file(path)}
+    prof = image_profile(path)
+    if prof is not None:
+        entry.update(mode=prof[0], size=list(prof[1]))
+    return entry
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -151,13 +237,17 @@ class Detector:
     @torch.no_grad()
     def fit(cls, checkpoint: Optional[PathLike], normal_images: Union[PathLike, Sequence[PathLike]], *,
             runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8,
-            cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
-        """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
+            cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: Optional[int] = None,
+            shot_selection: str = "coreset", **model_options: Any) -> Detector:
+        """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
         Args:
             checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one;
                 None with ``scorer="nn"`` (the training-free scorer, which needs none).
-            normal_images: a folder (recursive) or a list of image files: all of them become the shots.
+            normal_images: a folder (recursive) or a list of image files: all of them become the shots, or
+                `max_shots` of them chosen by `shot_selection` (``coreset`` or ``even``, see
+                `fdsl.inspect.shot_selection`). Without `max_shots`, many shots log a warning with the projected
+                detector size and search cost before the encoding.
             runtime: how it runs (device, precision, --win_batch, --align_chunk_mb, ...; not stored): a
                 `RuntimeConfig`, or a device name for the default fp32 runtime on that device.
             batch_size: images encoded at once (not stored).
@@ -177,11 +267,20 @@ class Detector:
         if scorer != "nn" and checkpoint is None:
             raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
                               "the training-free scorer")
+        from fdsl.inspect.shot_selection import SELECTIONS
+
+        if max_shots is not None and max_shots < 1:
+            raise ConfigError(f"--max_shots must be positive, got {max_shots}")
+        if shot_selection not in SELECTIONS:
+            raise ConfigError(f"--shot_selection must be one of {', '.join(SELECTIONS)}, got {shot_selection!r}")
         files = list_images(normal_images, "normal images")
         saved = read_checkpoint(checkpoint).get("model_config") if checkpoint is not None else None
         if "few_shot_features" not in model_options and "features_list" in model_options:
             model_options["few_shot_features"] = model_options["features_list"]
         cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
+        # test.py's rule: a setting the trained head depends on follows the checkpoint; a contradiction is an error
+        if checkpoint is not None:
+            reconcile_with_checkpoint(cfg, checkpoint, explicit={k for k, v in model_options.items() if v is not None})
         rt = as_runtime_config(runtime)
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
@@ -189,6 +288,8 @@ class Detector:
         model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size, model.backbone.preprocess)
+        candidates = len(files)
+        files, method = _choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
         memory = model.make_memory(model.encode_references(images, batch_size))
         info = {
@@ -200,7 +301,8 @@ class Detector:
             "checkpoint": None if checkpoint is None else {
                 "name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
                 "format": meta.get("format"), "epoch": meta.get("epoch")},
-            "normal_images": [{"name": name, "sha256": sha256_file(p)} for p, name in files],
+            "normal_images": [_normal_entry(p, name) for p, name in files],
+            "shots": {"selection": method, "candidates": candidates, "max_shots": max_shots},
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
         }
@@ -220,7 +322,11 @@ class Detector:
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"detector path {str(path)!r} is a folder; give a file name such as part.fdsl")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"detector path {str(path)!r} cannot be written: {exc.strerror or exc} "
+                              f"({exc.filename})") from exc
         write_detector_file(path, self.tensors(), self.info)
         log.info("wrote detector %s", path)
         return path
@@ -241,24 +347,28 @@ class Detector:
                 that do not fit the model.
         """
         path = Path(path)
-        info, tensors = cls.read_file(path)
-        fields = _model_fields()
-        mc = {k: v for k, v in info.get("model_config", {}).items() if k in fields}
-        bb = info.get("backbone", {})
+        info, tensors = cls.read_file(path)  # metadata validated against the schema, tensors finite
+        mc = dict(info["model_config"])
+        bb = info["backbone"]
         mc["pretrained"] = locate_weights(bb, path, pretrained)
-        try:
-            cfg = ModelConfig(**mc)
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: model config does not fit this fdsl: {exc}") from exc
+        mc["model_config"] = locate_model_config(bb, mc.get("model_config"), path)
+        cfg = ModelConfig(**mc)  # the schema admits ModelConfig's fields only
         rt = as_runtime_config(runtime)
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
         head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        try:
-            model.head.load_state_dict(head_state, strict=True)
-        except RuntimeError as exc:
+        own = model.head.state_dict()
+        missing = sorted(set(own) - set(head_state))
+        unexpected = sorted(set(head_state) - set(own))
+        wrong = sorted(k for k in set(own) & set(head_state) if own[k].shape != head_state[k].shape)
+        if missing or unexpected or wrong:
+            parts = ([f"missing {missing[:6]}"] if missing else []) + (
+                [f"unexpected {unexpected[:6]}"] if unexpected else []) + (
+                [f"shape mismatch at {wrong[:6]} (e.g. {wrong[0]}: file {tuple(head_state[wrong[0]].shape)} vs "
+                 f"model {tuple(own[wrong[0]].shape)})"] if wrong else [])
             raise CheckpointError(f"{path}: the stored head does not fit a {cfg.model} model with layers "
-                                  f"{cfg.features_list}: {str(exc).splitlines()[0]}") from exc
+                                  f"{cfg.features_list}: " + "; ".join(parts))
+        model.head.load_state_dict({k: v.to(own[k].dtype) for k, v in head_state.items()}, strict=True)
         memory = memory_from_tensors(tensors, path)
         check_memory(memory, model, path)
         model.runtime = resolve_runtime(rt, dev, int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
@@ -272,7 +382,8 @@ class Detector:
         """Score one batch of RGB PIL images (any sizes; squashed to the model size as in evaluation)."""
         if not images:
             return []
-        cal = int(cal_image_size or self.cal_image_size)
+        cal = self.cal_image_size if cal_image_size is None else check_size(cal_image_size, "--cal_image_size")
+        threshold = check_threshold(threshold, "threshold")
         tf = image_transform(self.model.cfg.image_size, self.model.backbone.preprocess)
         batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
         out = self.model.predict(batch, [self.memory], cal)[0]
@@ -285,28 +396,39 @@ class Detector:
         preds = []
         for im, amap, p, m, sc in zip(images, maps, patch, mmax, scores):
             score = float(sc)
-            mask = area = None
+            verdict = None if thr is None else bool(score > thr)
+            mask = area = region = None
             if pix is not None:
-                mask = map_to_image(amap, im.size) > pix
+                mask, region = defect_region(map_to_image(amap, im.size), pix, verdict)
                 area = int(mask.sum())
-            preds.append(Prediction(score, None if thr is None else bool(score > thr), amap, mask, float(p),
-                                    float(m), area, tuple(im.size)))
+            preds.append(Prediction(score, verdict, amap, mask, float(p), float(m), area, tuple(im.size), region))
         return preds
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
                 threshold: Optional[float] = None, cal_image_size: Optional[int] = None) -> List[Prediction]:
-        """Score images (paths, a folder, or PIL images); returns one `Prediction` per image, in order.
+        """Score images; returns one `Prediction` per image, in order.
 
-        `threshold` overrides the stored image threshold. A folder is read recursively.
+        `images`: a path, a folder (read recursively), a PIL image, a numpy array, or a sequence of these. An
+        array is one image, (H, W) grayscale or (H, W, 3) RGB (or (H, W, 4) RGBA) uint8 in RGB channel order
+        (convert OpenCV's BGR first), or a (N, H, W, 3) stack of N images. Anything else is a TypeError.
+        `threshold` overrides the stored image threshold.
         """
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
+                                                                   and images.ndim in (2, 3)):
             images = [images]
+        elif isinstance(images, (bytes, bytearray, memoryview)):
+            raise TypeError(_TAKES + f"; got {type(images).__name__} (for an encoded file's bytes, pass "
+                            "PIL.Image.open(io.BytesIO(data)))")
         items: List[ImageInput] = []
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # (N, H, W, C) -> N arrays (H, W, C)
         for x in images:
             if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
                 items += [p for p, _ in list_images(x)]
-            else:
+            elif isinstance(x, (str, os.PathLike, Image.Image, np.ndarray)):
                 items.append(x)
+            else:
+                raise TypeError(_TAKES + f"; got an item of type {type(x).__name__}")
         preds: List[Prediction] = []
         for s in range(0, len(items), batch_size):
             preds += self.score_images([_as_pil(x) for x in items[s:s + batch_size]], threshold, cal_image_size)
@@ -336,6 +458,7 @@ class Detector:
             raise ConfigError("F1-max calibration needs anomalous images (--anomalous); or give --max_fpr")
         if max_fpr is not None and not 0.0 <= max_fpr < 1.0:
             raise ConfigError(f"--max_fpr must lie in [0, 1), got {max_fpr}")
+        _warn_shared_images(normal_files, bad_files)
         files = normal_files + bad_files
         labels = np.r_[np.zeros(len(normal_files), bool), np.ones(len(bad_files), bool)]
         old = dict(self.info.get("thresholds", {}))
@@ -374,7 +497,10 @@ class Detector:
             pix = threshold_for_fpr(normal_max, max_fpr if max_fpr is not None else fpr)
             report["pixel_method"] = "normal_map_max_at_image_fpr"
         report.update(image=float(thr), pixel=float(pix),
-                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files])
+                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files],
+                      images=[{"path": str(p), "name": n, "anomalous": bool(lab), "score": float(pr.score),
+                               "map_max": float(pr.map_max)}
+                              for (p, n), lab, pr in zip(files, labels, preds)])
         self.info["thresholds"] = {"image": float(thr), "pixel": float(pix),
                                    "image_method": report["image_method"], "pixel_method": report["pixel_method"],
                                    "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
@@ -390,10 +516,21 @@ class Detector:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _warn_shared_images(normal: Sequence[Tuple[Path, str]], anomalous: Sequence[Tuple[Path, str]]) -> None:
+    """Warn when one image (same file, or same bytes) is given as both normal and anomalous."""
+    if not anomalous:
+        return
+    by_hash = {sha256_file(p): p for p, _ in normal}
+    shared = [(by_hash[h], p) for p, _ in anomalous if (h := sha256_file(p)) in by_hash]
+    if shared:
+        log.warning("calibrate: %d image(s) are given as both normal and anomalous (same content), e.g. %s and "
+                    "%s; the thresholds cannot separate them", len(shared), shared[0][0], shared[0][1])
+
+
 def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     """(cal, cal) anomaly map -> (H, W) at the image's own size (bilinear), float32."""
     w, h = int(size_wh[0]), int(size_wh[1])
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-__all__ = ["Detector", "Prediction"]
+__all__ = ["Detector", "Prediction", "defect_region"]
