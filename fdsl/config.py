@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Union
 
@@ -270,18 +271,94 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_FLAG = "--config"
+
+
+def read_config_file(cls: type, path: str) -> dict:
+    """The settings of a saved run's ``config.json``, checked against the fields of `cls`.
+
+    Every key must be a field of `cls` and every value must have the field's type (and lie in its choices);
+    otherwise a `ConfigError` names the file, the key and the value.
+    """
+    import json
+
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{CONFIG_FLAG} {path}: cannot read it ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{CONFIG_FLAG} {path} is not valid JSON ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{CONFIG_FLAG} {path} holds {type(saved).__name__}, not a JSON object of settings")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise ConfigError(f"{CONFIG_FLAG} {path} has settings this command does not take: {', '.join(unknown)} "
+                          f"(is it another command's config.json? {cls.__name__} takes {', '.join(fields)})")
+    for name, value in saved.items():
+        _check_saved_value(fields[name], value, path)
+    return saved
+
+
+def _check_saved_value(f: dataclasses.Field, value: Any, path: str) -> None:
+    """Raise `ConfigError` unless `value` (from a config.json) fits field `f`'s type and choices."""
+    kind = field_type(f)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    def fits(v: Any) -> bool:
+        if kind is parse_bool:
+            return isinstance(v, bool)
+        if kind is int:
+            return isinstance(v, int) and not isinstance(v, bool)
+        if kind is float:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, str)
+
+    if value is None:
+        ok = default is None
+    elif f.metadata.get("nargs"):
+        ok = (isinstance(value, list) and all(fits(v) for v in value)) or (f.name == "k_shot" and fits(value))
+    else:
+        ok = fits(value)
+    choices = f.metadata.get("choices")
+    if ok and choices and value is not None:
+        ok = all(v in choices for v in (value if isinstance(value, list) else [value]))
+    if not ok:
+        raise ConfigError(f"{CONFIG_FLAG} {path}: {f.name} = {value!r} is not a valid value for {f.metadata['flags'][0]}")
+
+
 def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = ""):
     """Parse `argv` into a validated `cls` instance. Unknown flags are errors.
 
-    The names of the fields set on the command line are recorded on the instance (see `explicit_fields`).
+    ``--config RUN/config.json`` starts from a saved run's settings (the file `RunContext.write_config` writes);
+    options given on the command line override them. The names of the fields set on the command line are
+    recorded on the instance (see `explicit_fields`); values read from ``--config`` count as defaults, so a
+    checkpoint's recorded model settings still take precedence over them.
     """
-    parser = build_parser(cls, description)
-    ns = parser.parse_args(argv)
-    cfg = cls(**vars(ns))
-    # Parse again with every default suppressed: what remains was given explicitly.
-    for action in parser._actions:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def parser_with_config_flag() -> argparse.ArgumentParser:
+        p = build_parser(cls, description)
+        p.add_argument(CONFIG_FLAG, dest="config", metavar="CONFIG_JSON", default=None,
+                       help="start from a saved run's config.json; options on the command line override it")
+        return p
+
+    parser = parser_with_config_flag()
+    ns = vars(parser.parse_args(argv))
+    if ns["config"] is not None:  # the saved settings become the defaults, and the command line is parsed again
+        parser = parser_with_config_flag()
+        parser.set_defaults(**read_config_file(cls, ns["config"]))
+        ns = vars(parser.parse_args(argv))
+    ns.pop("config")
+    cfg = cls(**ns)
+    # Parse again with every default suppressed: what remains was given explicitly (not from --config).
+    bare = parser_with_config_flag()
+    for action in bare._actions:
         action.default = argparse.SUPPRESS
-    object.__setattr__(cfg, _EXPLICIT, frozenset(vars(parser.parse_args(argv))))
+    given = vars(bare.parse_args(argv))
+    given.pop("config", None)
+    object.__setattr__(cfg, _EXPLICIT, frozenset(given))
     cfg.validate()
     return cfg
 

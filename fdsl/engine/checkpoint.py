@@ -7,6 +7,7 @@ Our format is ``{"format": "fdsl", "version": 1, "epoch": int, "head": state_dic
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Collection, Dict, Optional
@@ -151,7 +152,27 @@ def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: 
                  _show(have))
     if "features_list" in taken and "few_shot_features" not in explicit:
         cfg.few_shot_features = list(cfg.features_list)
+    _take_pretrained(cfg, saved, explicit, source, taken)
     return taken
+
+
+def _take_pretrained(cfg: Any, saved: Dict[str, Any], explicit: Collection[str], source: PathLike,
+                     taken: Dict[str, Any]) -> None:
+    """Use the checkpoint's ``--pretrained`` when the user gave none (in place; recorded in `taken`).
+
+    A tag (``openai``) or ``none`` is taken as is. A weights file is never opened because a checkpoint
+    names it: without ``--pretrained`` that is an error asking for the file. A ``--pretrained`` given on
+    the command line always wins (weights files move between machines).
+    """
+    want = saved.get("pretrained")
+    if not isinstance(want, str) or "pretrained" in explicit or want == cfg.pretrained:
+        return
+    if os.sep in want or "/" in want or os.path.splitext(want)[1]:
+        raise CheckpointError(f"checkpoint {source} was trained with the backbone weights file {want}; pass "
+                              "--pretrained with that file (or the same weights at another path)")
+    log.info("checkpoint %s: using its --pretrained %s (this run's default was %s)", source, want, cfg.pretrained)
+    cfg.pretrained = want
+    taken["pretrained"] = want
 
 
 def reconcile_with_checkpoint(cfg: Any, path: PathLike, explicit: Collection[str]) -> Dict[str, Any]:
