@@ -325,7 +325,8 @@ def _check_saved_value(f: dataclasses.Field, value: Any, path: str) -> None:
     if ok and choices and value is not None:
         ok = all(v in choices for v in (value if isinstance(value, list) else [value]))
     if not ok:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: {f.name} = {value!r} is not a valid value for {f.metadata['flags'][0]}")
+        raise ConfigError(f"{CONFIG_FLAG} {path}: {f.name} = {value!r} is not a valid value for "
+                          f"{f.metadata['flags'][0]}")
 
 
 def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = ""):
