@@ -1,4 +1,4 @@
-"""Tests for fdsl.config: flag aliases, METHOD.md defaults, strictness (no catch-alls), validation."""
+"""Tests for fdsl.config: flag aliases, docs/method.md defaults, strictness (no catch-alls), validation."""
 
 from __future__ import annotations
 

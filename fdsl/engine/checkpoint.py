@@ -58,7 +58,7 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
 
 
 def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: bool) -> Dict[str, torch.Tensor]:
-    """Map the released code's keys (METHOD.md §4 table) onto `FDSLHead` names; unused options dropped."""
+    """Map the released code's keys (docs/method.md §4 table) onto `FDSLHead` names; unused options dropped."""
     out: Dict[str, torch.Tensor] = {}
     for k, v in state.items():
         k = k[len("module."):] if k.startswith("module.") else k

@@ -62,7 +62,7 @@ def minmax(values: np.ndarray) -> np.ndarray:
 
 
 def normalised_image_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.ndarray:
-    """Evaluation-time post-processing (METHOD.md §6): the reported image scores of one class.
+    """Evaluation-time post-processing (docs/method.md §6): the reported image scores of one class.
 
     The model's image score ``image_score(patch, map_max)`` with ``map_max`` min-max-normalised over
     the class's test images; `FDSLOutput.pred_score` is the same formula without that step.
