@@ -263,9 +263,8 @@ def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, device: str, precis
 
 def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
-    from fdsl.io import LibraryNoise, setup_logging
-
     from fdsl.cli.jobs import run_job
+    from fdsl.io import LibraryNoise, setup_logging
 
     args = build_parser().parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
