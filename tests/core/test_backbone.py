@@ -246,8 +246,8 @@ def test_bad_input_shape_is_an_error(weights_112, shape) -> None:
 
 # ---------------------------------------------------------------------------- errors
 def test_weights_of_another_width_raise_checkpoint_error(tmp_path) -> None:
-    configs = Path(__file__).resolve().parents[2] / "fdsl" / "core" / "model_configs"
-    cfg = json.loads((configs / f"{MODEL}.json").read_text())
+    cfg_path = Path(__file__).resolve().parents[2] / "fdsl" / "core" / "model_configs" / f"{MODEL}.json"
+    cfg = json.loads(cfg_path.read_text())
     cfg["vision_cfg"]["width"] = 32
     cfg_file = tmp_path / "FDSL-Test-W32.json"
     cfg_file.write_text(json.dumps(cfg))

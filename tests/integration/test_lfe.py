@@ -523,7 +523,10 @@ def test_end_to_end_lfe_detects_synthetic_defects(trained, tiny_weights, winmode
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["winmode"] == winmode and res["config"]["win_size"] == 4
     mean = res["mean"]
-    assert mean["pixel_auroc"] > 0.75, mean
+    # Random tiny weights, so the bar is modest: chance is 0.5. Measured with the code unchanged since commit
+    # 96d700a (weight seeds 11-13): 0.84-0.87 on an AVX2 EPYC, 0.72-0.76 on an AVX-512 EPYC (also with 8 epochs
+    # at lr 1e-3). Real detection is shown with real Lite0 features elsewhere.
+    assert mean["pixel_auroc"] > 0.7, mean
     assert mean["image_auroc"] > 0.6, mean
     for cls, rec in res["classes"].items():
         assert np.isfinite(list(rec.values())[:3]).all(), cls

@@ -38,6 +38,13 @@ VARIANTS = {
     "lfe_onlywin_idx": {"winmode": "onlywin", "win_size": 5, "win_stride": 3, "use_img_idx": True},
 }
 
+# Tolerance across CPUs. The pins were made on an AVX2 EPYC. On an AVX-512 EPYC, the code that made them
+# (commit 96d700a, unchanged) gives the min-max-normalised `score` column up to 2.5e-6 away; its components
+# agree to 1e-7. The cause is the fp32 GEMM kernels' summation order, not the method. 1e-5 still catches any
+# change of a formula, a default or an order of operations. A refactor is checked bitwise on one machine by
+# comparing `python tests/integration/test_regression.py`-style output before and after.
+ATOL = 1e-5
+
 # variant -> [(score, patch_score, map_max)] for the first images of scores.csv, in order.
 PINNED = json.loads((Path(__file__).with_name("regression_scores.json")).read_text()) \
     if Path(__file__).with_name("regression_scores.json").is_file() else {}
@@ -98,7 +105,7 @@ def test_scores_are_pinned(built, name: str) -> None:
     want = PINNED[name]
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        assert g == pytest.approx(w, abs=1e-6, rel=0), f"{name}: {g} != pinned {w}"
+        assert g == pytest.approx(w, abs=ATOL, rel=0), f"{name}: {g} != pinned {w}"
 
 
 def run_training(tmp: Path, data: Path, weights: Path) -> list:
@@ -116,7 +123,7 @@ def run_training(tmp: Path, data: Path, weights: Path) -> list:
 def test_training_losses_are_pinned(built) -> None:
     tmp, data, weights, _ = built
     got = run_training(tmp, data, weights)
-    assert got == pytest.approx(PINNED["training_losses"], abs=1e-6, rel=0)
+    assert got == pytest.approx(PINNED["training_losses"], abs=ATOL, rel=0)
 
 
 if __name__ == "__main__":  # regenerate (review the diff before committing it)
