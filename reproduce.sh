@@ -8,7 +8,7 @@
 # Dataset roots: MVTEC_ROOT (default data/mvtec), VISA_ROOT (default data/visa), as in trainAndTest.sh.
 # Settings through the environment: FDSL_PRETRAINED (openai, or a weights file when offline), FDSL_SEEDS
 # (default "10 11 12 13 14"), FDSL_TRAIN_SEED (14), FDSL_PRECISION (auto = fp32), FDSL_REPRO_OUT
-# (results/reproduce). Every step resumes by itself: indexing is skipped when meta.json exists, train.py
+# (results/reproduce); for the dry run's estimate FDSL_CPU_GFLOPS / FDSL_GPU_TFLOPS (your machine's fp32 rates). Every step resumes by itself: indexing is skipped when meta.json exists, train.py
 # continues from its newest epoch, test.py reuses every finished (k, seed, class).
 #
 # Setting: FDSL with NAM and LFE (winmode mul, windows 13 / stride 2 / weight 0.5), ViT-L-14-336 @ 518 px, fp32.
@@ -149,9 +149,12 @@ check_weights
 if [ "$dry" = 1 ]; then
   echo "steps (dry run: nothing is run or written):"
   plan
+  rates=()
+  if [ -n "${FDSL_CPU_GFLOPS:-}" ]; then rates+=(--cpu_gflops "$FDSL_CPU_GFLOPS"); fi
+  if [ -n "${FDSL_GPU_TFLOPS:-}" ]; then rates+=(--gpu_tflops "$FDSL_GPU_TFLOPS"); fi
   if ! PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m fdsl.engine.paper plan --mvtec_root "$MVTEC_ROOT" \
-      --visa_root "$VISA_ROOT" --seeds "${seed_list[@]}" --winmode mul --epochs "$epochs" 2> /dev/null; then
-    echo "time estimate: unavailable ($PY cannot run fdsl; install first: see README.md)"
+      --visa_root "$VISA_ROOT" --seeds "${seed_list[@]}" --winmode mul --epochs "$epochs" ${rates[@]+"${rates[@]}"}; then
+    echo "time estimate: unavailable (the line above says why; if $PY cannot import fdsl, install first: README.md)"
   fi
   if [ "$missing" -gt 0 ]; then echo "$missing input(s) missing: see the lines above"; fi
   echo "outputs: $out/paper_table.md (.csv, .json), $out/{mvtec,visa}/summary.md, $out/checkpoints/"

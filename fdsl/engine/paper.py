@@ -138,9 +138,11 @@ PUBLISHED = {"mvtec": {"classes": 15, "train": 3629, "test": 1725},
 # Analytic FLOPs of ViT-L-14-336 at 518 px, layers 6 12 18 24, windows 13/2 (benchmarks/README.md,
 # "Where LFE time goes"): per query image, and per reference image the query is aligned against.
 GFLOP = {"backbone": 1014.0, "align": 15.0, "windows": 17834.0, "window_align": 6682.0, "scorers": 143.0}
-# Sustained rates. CPU: measured on an idle 2-core AVX-512 VM (the global branch, 1.0 TFLOP, took 6.7 s per
-# image; LFE 177 s). GPU: NOT measured (no GPU was lent); an assumed fp32 rate for a datacentre GPU.
-RATE_GFLOPS = {"cpu": 150.0, "cuda": 30000.0}
+# Sustained rates (GFLOP/s). CPU: measured 2026-12-01 with bench_eval.py on a 2-core AMD EPYC VM (AVX-512)
+# shared with other jobs (load 7-11): the ViT-L global backbone, 1,014 GFLOP, took 60.6 s per image
+# (benchmarks/README.md, "Global branch today"); an idle machine is several times faster. GPU: NOT measured
+# (no GPU was lent); an assumed fp32 rate for a datacentre GPU. Both can be given (--cpu_gflops, --gpu_tflops).
+RATE_GFLOPS = {"cpu": 16.7, "cuda": 30000.0}
 TRAIN_K = 10  # reference shots per class in the training bank
 TRAIN_FACTOR = 1.3  # head backward, augmentation and loading on top of the forward FLOPs (rough)
 
@@ -177,14 +179,15 @@ def count_images(dataset: str, root: Path) -> Tuple[Dict[str, int], str]:
 
 
 def estimate_seconds(step: str, counts: Dict[str, int], shots: Sequence[int], n_seeds: int, winmode: str,
-                     epochs: int, device: str) -> float:
-    """Seconds a step takes on `device` ("cpu" or "cuda"), from FLOP counts and the rates above.
+                     epochs: int, device: str, rates: Optional[Dict[str, float]] = None) -> float:
+    """Seconds a step takes on `device` ("cpu" or "cuda"), from FLOP counts and `rates` (GFLOP/s; default
+    `RATE_GFLOPS`).
 
     Steps: ``train`` (`epochs` over the test split, a 10-shot bank per class) and ``protocol`` (every test
     image through the backbone once; aligned against every (k, seed) bank: sum of k over runs reference
     images, globally and, with LFE, per window).
     """
-    rate = RATE_GFLOPS["cuda" if device.startswith("cuda") or device.isdigit() else "cpu"]
+    rate = (rates or RATE_GFLOPS)["cuda" if device.startswith("cuda") or device.isdigit() else "cpu"]
     if step == "train":
         per = GFLOP["backbone"] + TRAIN_K * GFLOP["align"] + GFLOP["scorers"]
         refs = counts["classes"] * TRAIN_K * GFLOP["backbone"]
@@ -211,11 +214,15 @@ def human(seconds: float) -> str:
 
 
 def plan_lines(roots: Dict[str, Path], shots: Sequence[int], seeds: Sequence[int], winmode: str,
-               epochs: int) -> List[str]:
+               epochs: int, rates: Optional[Dict[str, float]] = None) -> List[str]:
     """The estimate block of ``reproduce.sh --dry-run``: counts, then each step on CPU and on a GPU."""
-    out = ["time estimate (FLOP counts of ViT-L-14-336 @518 from benchmarks/README.md; CPU rate measured on an "
-           f"idle 2-core AVX-512 VM, {RATE_GFLOPS['cpu']:.0f} GFLOP/s; GPU rate assumed, "
-           f"{RATE_GFLOPS['cuda'] / 1000:.0f} TFLOP/s fp32, not measured):"]
+    rates = dict(rates or RATE_GFLOPS)
+    cpu_src = ("measured on a loaded 2-core VM, benchmarks/README.md" if rates["cpu"] == RATE_GFLOPS["cpu"]
+               else "given")
+    gpu_src = "assumed, not measured" if rates["cuda"] == RATE_GFLOPS["cuda"] else "given"
+    out = ["time estimate (FLOP counts of ViT-L-14-336 @518 from benchmarks/README.md; "
+           f"CPU {rates['cpu']:g} GFLOP/s fp32 ({cpu_src}); GPU {rates['cuda'] / 1000:g} TFLOP/s fp32 ({gpu_src}); "
+           "your own rates: FDSL_CPU_GFLOPS, FDSL_GPU_TFLOPS):"]
     other = {"mvtec": "visa", "visa": "mvtec"}
     total = {"cpu": 0.0, "cuda": 0.0}
     counts = {}
@@ -225,13 +232,15 @@ def plan_lines(roots: Dict[str, Path], shots: Sequence[int], seeds: Sequence[int
         out.append(f"  {DATASET_NAMES[ds]}: {c['classes']} classes, {c['train']} train / {c['test']} test images "
                    f"(from {src})")
     for ds in roots:  # training on a dataset's test split: its head is tested on the other dataset
-        secs = {d: estimate_seconds("train", counts[ds], shots, len(seeds), winmode, epochs, d) for d in total}
+        secs = {d: estimate_seconds("train", counts[ds], shots, len(seeds), winmode, epochs, d, rates)
+                for d in total}
         out.append(f"  train on {DATASET_NAMES[ds]} ({epochs} epochs): CPU {human(secs['cpu'])}, "
                    f"GPU {human(secs['cuda'])}")
         for d in total:
             total[d] += secs[d]
     for ds in roots:
-        secs = {d: estimate_seconds("protocol", counts[ds], shots, len(seeds), winmode, epochs, d) for d in total}
+        secs = {d: estimate_seconds("protocol", counts[ds], shots, len(seeds), winmode, epochs, d, rates)
+                for d in total}
         out.append(f"  protocol on {DATASET_NAMES[ds]} (head trained on {DATASET_NAMES[other[ds]]}, "
                    f"k {' '.join(map(str, shots))} × {len(seeds)} seeds, winmode {winmode}): "
                    f"CPU {human(secs['cpu'])}, GPU {human(secs['cuda'])}")
@@ -260,6 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14])
     p.add_argument("--winmode", default="mul")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--cpu_gflops", type=float, default=RATE_GFLOPS["cpu"], help="sustained fp32 GFLOP/s of the CPU")
+    p.add_argument("--gpu_tflops", type=float, default=RATE_GFLOPS["cuda"] / 1000,
+                   help="sustained fp32 TFLOP/s of the GPU")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "table":
@@ -269,7 +281,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(write_table(runs, Path(args.out)))
         else:
             roots = {"mvtec": Path(args.mvtec_root), "visa": Path(args.visa_root)}
-            print("\n".join(plan_lines(roots, args.shots, args.seeds, args.winmode, args.epochs)))
+            if not (args.cpu_gflops > 0 and args.gpu_tflops > 0):
+                raise FDSLError(f"--cpu_gflops {args.cpu_gflops} and --gpu_tflops {args.gpu_tflops} must be > 0")
+            rates = {"cpu": args.cpu_gflops, "cuda": args.gpu_tflops * 1000}
+            print("\n".join(plan_lines(roots, args.shots, args.seeds, args.winmode, args.epochs, rates)))
     except FDSLError as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
