@@ -360,11 +360,18 @@ def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: s
     given = vars(bare.parse_args(argv))
     given.pop("config", None)
     object.__setattr__(cfg, _EXPLICIT, frozenset(given))
+    object.__setattr__(cfg, _ARGV, tuple(argv))
     cfg.validate()
     return cfg
 
 
 _EXPLICIT = "_explicit_fields"  # an instance attribute, not a dataclass field: never in config.json
+_ARGV = "_parsed_argv"  # likewise: the arguments `parse_config` parsed
+
+
+def parsed_argv(cfg: Any) -> Optional[tuple]:
+    """The command-line arguments `cfg` was parsed from (`parse_config`); None for a config built in code."""
+    return getattr(cfg, _ARGV, None)
 
 
 def explicit_fields(cfg: Any) -> frozenset:

@@ -65,8 +65,12 @@ def run_provenance(cfg: Any, command: Optional[Sequence[str]] = None) -> Dict[st
         command: the command line; default the current process's (``python`` + ``sys.argv``).
     Returns:
         ``{"backbone", "weights": {"tag"} | {"path", "sha256"}, "random_weights", "checkpoint": {"path",
-        "sha256"}, "data_path", "command"}``; a weights file and the checkpoint are hashed here.
+        "sha256"}, "data_path", "command", "options"}``; ``options`` are the arguments the config was parsed
+        from (None for a config built in code: then only ``command`` says how the process was started).
+        A weights file and the checkpoint are hashed here.
     """
+    from fdsl.config import parsed_argv
+
     pretrained = str(cfg.pretrained)
     if pretrained.lower() != "none" and os.path.isfile(pretrained):
         weights: Dict[str, Any] = _file_identity(pretrained)
@@ -75,7 +79,8 @@ def run_provenance(cfg: Any, command: Optional[Sequence[str]] = None) -> Dict[st
     argv = list(command) if command is not None else [os.path.basename(sys.executable), *sys.argv]
     return {"backbone": str(cfg.model), "weights": weights, "random_weights": pretrained.lower() == "none",
             "checkpoint": _file_identity(str(cfg.checkpoint_path)) if cfg.checkpoint_path else None,
-            "data_path": os.path.abspath(str(getattr(cfg, "data_path", ""))), "command": shlex.join(argv)}
+            "data_path": os.path.abspath(str(getattr(cfg, "data_path", ""))), "command": shlex.join(argv),
+            "options": None if parsed_argv(cfg) is None else shlex.join(parsed_argv(cfg))}
 
 
 def provenance_lines(prov: Optional[Mapping[str, Any]]) -> List[str]:
@@ -89,6 +94,8 @@ def provenance_lines(prov: Optional[Mapping[str, Any]]) -> List[str]:
     lines += [f"backbone: {prov['backbone']}, weights: {weights}",
               f"checkpoint: {ck['path']} (sha256 {ck['sha256']})" if ck else "checkpoint: none",
               f"dataset: {prov['data_path']}", f"command: {prov['command']}"]
+    if prov.get("options") is not None and not prov["command"].endswith(prov["options"]):
+        lines.append(f"options: {prov['options']}")  # the process was not started with them (e.g. a library call)
     return lines
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,9 @@ def test_checkpoint_path_alone_gives_the_model_settings(setup, tmp_path):
     assert (tmp_path / "bare" / "scores.csv").read_bytes() == (tmp_path / "full" / "scores.csv").read_bytes()
     saved = json.loads((tmp_path / "bare" / "config.json").read_text())
     assert (saved["model"], saved["pretrained"], saved["image_size"]) == ("FDSL-Tiny-ViT", "none", 56)
+    prov = json.loads((tmp_path / "bare" / "results.json").read_text())["provenance"]
+    assert prov["options"] == shlex.join(bare) and prov["backbone"] == "FDSL-Tiny-ViT"
+    assert prov["random_weights"] and prov["weights"] == {"tag": "none"}
 
 
 def test_config_json_reruns_a_saved_run(setup, tmp_path):
