@@ -5,7 +5,7 @@ Usage: ``python data/mvtec.py --root DIR [--classes bottle cable ...]``
 """
 import sys
 
-from fdsl.data.indexers import index_main
+from fdsl.cli.indexing import index_main
 
 
 def main(argv=None) -> int:

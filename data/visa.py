@@ -5,7 +5,7 @@ Usage: ``python data/visa.py --root DIR [--classes candle pcb1 ...]``
 """
 import sys
 
-from fdsl.data.indexers import index_main
+from fdsl.cli.indexing import index_main
 
 
 def main(argv=None) -> int:

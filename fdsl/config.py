@@ -1,21 +1,50 @@
-"""Run configuration: one dataclass field per setting, argparse flags generated from the fields.
+"""Configuration: one dataclass field per setting, argparse flags generated from the fields.
 
-Every field carries its flag names (the released code's spellings are kept as aliases),
-its help text and, where it has one, its set of allowed values. The command line maps
-one-to-one onto the fields: an unknown flag is an error, never silently swallowed.
+Every field carries its flag names (the released code's spellings are kept as aliases), its help
+text and, where it has them, its allowed values and its properties (`Setting`): whether it names a
+path, what a different value changes (nothing, the numbers, the trained head) and whether a resumed
+training run may change it. Every list of settings elsewhere (fingerprints, resume checks, the
+checkpoint's trained settings, ``docs/options.md``) is derived from these properties.
+
+Each command has its dataclass (`TrainConfig`, `TestConfig`, `FitConfig`, `PredictConfig`,
+`CalibrateConfig`, `DemoConfig`, `IndexConfig`) and one generated parser (`parse_config`): the
+command line maps one-to-one onto the fields, and an unknown flag is an error, never swallowed.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import math
-import os
-import sys
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, List, Optional, Union
 
 from fdsl.errors import ConfigError
+from fdsl.options import (
+    AFFECTS,
+    HEAD,
+    NOTHING,
+    NUMBERS,
+    build_parser,
+    config_to_dict,
+    dedupe_option,
+    expand_user_paths,
+    explicit_fields,
+    field_type,
+    given,
+    option,
+    overrides_of,
+    parse_bool,
+    parse_config,
+    part_of,
+    positive,
+    settings,
+)
+
+# The generated-parser API, used with these dataclasses (defined in fdsl.options).
+__all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "dedupe_option",
+           "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
+           "parse_config", "part_of", "positive", "settings",
+           "ModelConfig", "RuntimeConfig", "RunConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
+           "CalibrateConfig", "DemoConfig", "IndexConfig", "ModelOverrides", "model_config_from"]
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
@@ -23,64 +52,49 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 DATASETS = ("mvtec", "visa")
-# Options that name files or folders: a leading ~ is expanded (the shell does not expand --opt=~/x).
-PATH_FIELDS = ("save_path", "train_data_path", "data_path", "checkpoint_path", "k_shot_file", "model_config",
-               "pretrained")
 
 log = logging.getLogger(__name__)
-
-
-def _opt(default: Any, *flags: str, help: str, choices: Optional[Sequence[Any]] = None, nargs: Optional[str] = None):
-    """A dataclass field that knows its command-line flags."""
-    meta = {"flags": flags, "help": help, "choices": choices, "nargs": nargs}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def parse_bool(value: str) -> bool:
-    """Parse the released code's 0/1 switches (and true/false, yes/no)."""
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {value!r}")
 
 
 @dataclass
 class ModelConfig:
     """Which backbone, which layers and which FDSL components. Saved with every checkpoint."""
 
-    model: str = _opt("ViT-L-14-336", "--model", help="open_clip architecture name")
-    pretrained: str = _opt(
+    model: str = option("ViT-L-14-336", "--model", help="open_clip architecture name", affects=HEAD)
+    pretrained: str = option(
         "openai", "--pretrained",
-        help="CLIP weights: a pretrained tag (openai), a local weights file, or 'none' (random init; tests only)")
-    model_config: Optional[str] = _opt(
-        None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building")
-    image_size: int = _opt(518, "--image_size", help="input size S; the patch grid is S / patch size")
-    features_list: list = _opt(
+        help="CLIP weights: a pretrained tag (openai), a local weights file, or 'none' (random init; tests only)",
+        affects=NUMBERS, path=True)
+    model_config: Optional[str] = option(
+        None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building",
+        affects=NUMBERS, path=True)
+    image_size: int = option(518, "--image_size", help="input size S; the patch grid is S / patch size", affects=HEAD)
+    features_list: list = option(
         [6, 12, 18, 24], "--features_list", nargs="+",
-        help="1-based transformer blocks whose residual tokens are scored")
-    few_shot_features: list = _opt(
+        help="1-based transformer blocks whose residual tokens are scored", affects=HEAD, item=int)
+    few_shot_features: list = option(
         [6, 12, 18, 24], "--few_shot_features", nargs="+",
-        help="1-based blocks stored in the memory bank; must equal --features_list")
-    quick_gelu: bool = _opt(
+        help="1-based blocks stored in the memory bank; must equal --features_list", affects=NUMBERS, item=int)
+    quick_gelu: bool = option(
         False, "--quick_gelu",
-        help="use CLIP's native QuickGELU (default GELU, as the released code and the paper's numbers)")
-    use_norm: bool = _opt(True, "--use_norm", "--useNorm", help="L2-normalise every token over its channels")
-    align_mode: str = _opt("mulmax", "--align_mode", "--alignMode", choices=ALIGN_MODES,
-                           help="nearest-normal search: mulmax (max dot product) or diff2 (min L2 distance)")
-    use_abs: bool = _opt(True, "--use_abs", help="residual |f - f_hat| (default) instead of f - f_hat")
-    use_nam: bool = _opt(True, "--use_nam", "--useNAM", "--useConvRes",
-                         help="refine per-layer prob maps with the neighbour-aggregation conv (NAM)")
-    winmode: str = _opt("nan", "--winmode", choices=WINMODES,
-                        help="local branch (LFE): nan (off), mul (blend with global), onlywin")
-    win_size: int = _opt(13, "--win_size", "--winsize", help="LFE window side, in patches")
-    win_stride: int = _opt(2, "--win_stride", "--winstride", help="LFE window stride, in patches")
-    win_weight: float = _opt(0.5, "--win_weight", "--winwight", help="LFE blend weight w in (1-w)*global + w*window")
-    use_img_idx: bool = _opt(False, "--use_img_idx", "--useImgIdx",
-                             help="image-feature index memory bank (align against the most similar reference only)")
+        help="use CLIP's native QuickGELU (default GELU, as the released code and the paper's numbers)", affects=HEAD)
+    use_norm: bool = option(True, "--use_norm", "--useNorm", help="L2-normalise every token over its channels",
+                            affects=HEAD)
+    align_mode: str = option("mulmax", "--align_mode", "--alignMode", choices=ALIGN_MODES,
+                             help="nearest-normal search: mulmax (max dot product) or diff2 (min L2 distance)",
+                             affects=HEAD)
+    use_abs: bool = option(True, "--use_abs", help="residual |f - f_hat| (default) instead of f - f_hat", affects=HEAD)
+    use_nam: bool = option(True, "--use_nam", "--useNAM", "--useConvRes",
+                           help="refine per-layer prob maps with the neighbour-aggregation conv (NAM)", affects=HEAD)
+    winmode: str = option("nan", "--winmode", choices=WINMODES,
+                          help="local branch (LFE): nan (off), mul (blend with global), onlywin", affects=NUMBERS)
+    win_size: int = option(13, "--win_size", "--winsize", help="LFE window side, in patches", affects=NUMBERS)
+    win_stride: int = option(2, "--win_stride", "--winstride", help="LFE window stride, in patches", affects=NUMBERS)
+    win_weight: float = option(0.5, "--win_weight", "--winwight", help="LFE blend weight w in (1-w)*global + w*window",
+                               affects=NUMBERS)
+    use_img_idx: bool = option(False, "--use_img_idx", "--useImgIdx",
+                               help="image-feature index memory bank (align against the most similar reference only)",
+                               affects=NUMBERS)
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -101,24 +115,31 @@ class ModelConfig:
             raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
 
 
+RUNTIME = "runtime options (device, precision, memory bounds)"
+
+
 @dataclass
 class RuntimeConfig:
     """How the model runs: device, precision and memory bounds. None of these changes the method."""
 
-    device: str = _opt("auto", "--device", help="cpu, a CUDA index (0) or cuda:N; auto picks cuda:0 when present")
-    precision: str = _opt("auto", "--precision", choices=PRECISIONS,
-                          help="backbone autocast dtype: auto = fp32 on every device (the released code's numbers); "
-                               "bf16 and fp16 are opt-in. Alignment stays fp32 (see --align_precision)")
-    align_precision: str = _opt("fp32", "--align_precision", choices=ALIGN_PRECISIONS,
-                                help="dtype of the window (LFE) branch's similarity and argmax; fp16 is what the "
-                                     "released code does on GPU (faster, can flip near-tie matches). The global "
-                                     "branch always aligns in fp32")
-    win_batch: int = _opt(16, "--win_batch", help="how many windows are encoded by the backbone at once")
-    bank_dtype: str = _opt("auto", "--bank_dtype", choices=BANK_DTYPES,
-                           help="memory bank storage dtype (auto: fp32 for the global bank; the window bank "
-                                "in the --align_precision dtype)")
-    align_chunk_mb: int = _opt(64, "--align_chunk_mb",
-                               help="bound, in MiB, on the similarity block computed at once during alignment")
+    device: str = option("auto", "--device", help="cpu, a CUDA index (0) or cuda:N; auto picks cuda:0 when present",
+                         affects=NOTHING, resume_neutral=True, group=RUNTIME)
+    precision: str = option("auto", "--precision", choices=PRECISIONS,
+                            help="backbone autocast dtype: auto = fp32 on every device (the released code's numbers); "
+                                 "bf16 and fp16 are opt-in. Alignment stays fp32 (see --align_precision)",
+                                 affects=NUMBERS, group=RUNTIME)
+    align_precision: str = option("fp32", "--align_precision", choices=ALIGN_PRECISIONS,
+                                  help="dtype of the window (LFE) branch's similarity and argmax; fp16 is what the "
+                                       "released code does on GPU (faster, can flip near-tie matches). The global "
+                                       "branch always aligns in fp32", affects=NUMBERS, group=RUNTIME)
+    win_batch: int = option(16, "--win_batch", help="how many windows are encoded by the backbone at once",
+                            affects=NOTHING, resume_neutral=True, group=RUNTIME)
+    bank_dtype: str = option("auto", "--bank_dtype", choices=BANK_DTYPES,
+                             help="memory bank storage dtype (auto: fp32 for the global bank; the window bank "
+                                  "in the --align_precision dtype)", affects=NUMBERS, group=RUNTIME)
+    align_chunk_mb: int = option(64, "--align_chunk_mb",
+                                 help="bound, in MiB, on the similarity block computed at once during alignment",
+                                 affects=NOTHING, resume_neutral=True, group=RUNTIME)
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
@@ -132,12 +153,18 @@ class RuntimeConfig:
 class RunConfig:
     """Settings shared by training and evaluation runs."""
 
-    dataset: str = _opt("mvtec", "--dataset", choices=DATASETS, help="dataset layout of --data_path")
-    save_path: str = _opt("./results", "--save_path", help="run folder: checkpoints, logs, results")
-    batch_size: int = _opt(8, "--batch_size", help="images per batch")
-    num_workers: int = _opt(2, "--num_workers", help="data-loading worker processes")
-    seed: int = _opt(111, "--seed", help="random seed (reference-image choice, augmentations)")
-    classes: Optional[list] = _opt(None, "--classes", nargs="+", help="restrict to these classes (default: all)")
+    dataset: str = option("mvtec", "--dataset", choices=DATASETS, help="dataset layout of --data_path", affects=NUMBERS)
+    save_path: str = option("./results", "--save_path", help="run folder: checkpoints, logs, results",
+                            affects=NOTHING, path=True, resume_neutral=True)
+    batch_size: int = option(8, "--batch_size", help="images per batch", affects=NOTHING)
+    num_workers: int = option(2, "--num_workers", help="data-loading worker processes",
+                              affects=NOTHING, resume_neutral=True)
+    seed: int = option(111, "--seed", help="random seed (reference-image choice, augmentations)", affects=NOTHING)
+    classes: Optional[list] = option(None, "--classes", nargs="+", help="restrict to these classes (default: all)",
+                                     affects=NOTHING)
+    config: Optional[str] = option(None, "--config", path=True, affects=NOTHING, resume_neutral=True,
+                                   help="rerun a saved run: its config.json's settings become the defaults, "
+                                        "options given here override them")
 
     def validate(self) -> None:
         """Check the shared run options; repeated --classes are dropped (keeping order) with a warning."""
@@ -158,15 +185,18 @@ class RunConfig:
 class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
     """`train.py`: fit the scorers and NAM on a dataset's test split (cross-dataset protocol)."""
 
-    train_data_path: str = _opt("data/visa", "--train_data_path", "--data_path",
-                                help="root of the training dataset (holding meta.json)")
-    epoch: int = _opt(5, "--epoch", "--epochs", help="number of training epochs")
-    learning_rate: float = _opt(1e-3, "--learning_rate", "--lr", help="Adam learning rate")
-    save_freq: int = _opt(1, "--save_freq", help="save a checkpoint every this many epochs")
-    k_shot: int = _opt(10, "--k_shot", help="reference images per class in the training memory bank")
-    augment: str = _opt("auto", "--augment", choices=("auto", "none", "mvtec", "visa"),
-                        help="training augmentation; auto follows --dataset (MVTec mosaic / VisA crops)")
-    resume: bool = _opt(True, "--resume", help="continue from the newest checkpoint in --save_path when present")
+    train_data_path: str = option("data/visa", "--train_data_path", "--data_path",
+                                  help="root of the training dataset (holding meta.json)", affects=HEAD, path=True)
+    epoch: int = option(5, "--epoch", "--epochs", help="number of training epochs", affects=HEAD, resume_neutral=True)
+    learning_rate: float = option(1e-3, "--learning_rate", "--lr", help="Adam learning rate", affects=HEAD)
+    save_freq: int = option(1, "--save_freq", help="save a checkpoint every this many epochs",
+                            affects=NOTHING, resume_neutral=True)
+    k_shot: int = option(10, "--k_shot", help="reference images per class in the training memory bank", affects=HEAD)
+    augment: str = option("auto", "--augment", choices=("auto", "none", "mvtec", "visa"),
+                          help="training augmentation; auto follows --dataset (MVTec mosaic / VisA crops)",
+                          affects=HEAD)
+    resume: bool = option(True, "--resume", help="continue from the newest checkpoint in --save_path when present",
+                          affects=NOTHING, resume_neutral=True)
 
     def validate(self) -> None:
         ModelConfig.validate(self)
@@ -183,20 +213,25 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
 class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     """`test.py`: k-shot evaluation of a trained checkpoint, per class."""
 
-    data_path: str = _opt("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)")
-    checkpoint_path: str = _opt("", "--checkpoint_path", help="trained weights: ours or the released code's")
-    k_shot: Union[int, List[int]] = _opt(
+    data_path: str = option("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)",
+                            affects=NUMBERS, path=True)
+    checkpoint_path: str = option("", "--checkpoint_path", help="trained weights: ours or the released code's",
+                                  affects=NUMBERS, path=True)
+    k_shot: Union[int, List[int]] = option(
         1, "--k_shot", "--kshot", nargs="+",
         help="normal reference images per class; several values (1 2 4) run the paper's protocol in one pass: "
-             "test features computed once, shots nested per seed, a summary table over shots and seeds")
-    k_shot_file: Optional[str] = _opt(None, "--k_shot_file",
-                                      help="reuse reference images listed in this file (ours or the released code's)")
-    seeds: Optional[list] = _opt(None, "--seeds", nargs="+",
-                                 help="several seeds in one pass (test features computed once); overrides --seed")
-    cal_image_size: int = _opt(240, "--cal_image_size", "--calImage_size",
-                               help="evaluation resolution of anomaly maps and masks")
-    save_images: bool = _opt(False, "--save_images", help="write a side-by-side PNG per test image")
-    aupro: bool = _opt(True, "--aupro", help="compute AUPRO (exact)")
+             "test features computed once, shots nested per seed, a summary table over shots and seeds",
+             affects=NUMBERS)
+    k_shot_file: Optional[str] = option(None, "--k_shot_file",
+                                        help="reuse reference images listed in this file (ours or the released code's)",
+                                        affects=NUMBERS, path=True)
+    seeds: Optional[list] = option(None, "--seeds", nargs="+",
+                                   help="several seeds in one pass (test features computed once); overrides --seed",
+                                   affects=NOTHING, item=int)
+    cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
+                                 help="evaluation resolution of anomaly maps and masks", affects=NUMBERS)
+    save_images: bool = option(False, "--save_images", help="write a side-by-side PNG per test image", affects=NOTHING)
+    aupro: bool = option(True, "--aupro", help="compute AUPRO (exact)", affects=NUMBERS)
 
     def __post_init__(self) -> None:
         # One value (the command line gives a list) is today's single-k run: stored as a plain int.
@@ -237,187 +272,130 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         return list(self.seeds) if self.seeds else [self.seed]
 
 
-def field_type(f: dataclasses.Field):
-    """The argparse `type` of a field, from its annotation (annotations are strings here)."""
-    ann = str(f.type)
-    if "bool" in ann:
-        return parse_bool
-    if "float" in ann:
-        return float
-    if "int" in ann:
-        return int
-    if f.name in ("features_list", "few_shot_features", "seeds", "k_shot"):
-        return int
-    return str
-
-
-def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser whose flags map one-to-one onto the fields of the dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description or cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        kwargs: dict = {"dest": f.name, "help": meta["help"], "type": field_type(f)}
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs["default"] = default
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("nargs"):
-            kwargs["nargs"] = meta["nargs"]
-        if kwargs["type"] is parse_bool:
-            kwargs["metavar"] = "{0,1}"
-        parser.add_argument(*meta["flags"], **kwargs)
-    return parser
-
-
-CONFIG_FLAG = "--config"
-
-
-def read_config_file(cls: type, path: str) -> dict:
-    """The settings of a saved run's ``config.json``, checked against the fields of `cls`.
-
-    Every key must be a field of `cls` and every value must have the field's type (and lie in its choices);
-    otherwise a `ConfigError` names the file, the key and the value.
-    """
-    import json
-
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            saved = json.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: cannot read it ({exc.strerror or exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{CONFIG_FLAG} {path} is not valid JSON ({exc})") from exc
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{CONFIG_FLAG} {path} holds {type(saved).__name__}, not a JSON object of settings")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(saved) - set(fields))
-    if unknown:
-        raise ConfigError(f"{CONFIG_FLAG} {path} has settings this command does not take: {', '.join(unknown)} "
-                          f"(is it another command's config.json? {cls.__name__} takes {', '.join(fields)})")
-    for name, value in saved.items():
-        _check_saved_value(fields[name], value, path)
-    return saved
-
-
-def _check_saved_value(f: dataclasses.Field, value: Any, path: str) -> None:
-    """Raise `ConfigError` unless `value` (from a config.json) fits field `f`'s type and choices."""
-    kind = field_type(f)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-    def fits(v: Any) -> bool:
-        if kind is parse_bool:
-            return isinstance(v, bool)
-        if kind is int:
-            return isinstance(v, int) and not isinstance(v, bool)
-        if kind is float:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-        return isinstance(v, str)
-
-    if value is None:
-        ok = default is None
-    elif f.metadata.get("nargs"):
-        ok = (isinstance(value, list) and all(fits(v) for v in value)) or (f.name == "k_shot" and fits(value))
-    else:
-        ok = fits(value)
-    choices = f.metadata.get("choices")
-    if ok and choices and value is not None:
-        ok = all(v in choices for v in (value if isinstance(value, list) else [value]))
-    if not ok:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: {f.name} = {value!r} is not a valid value for "
-                          f"{f.metadata['flags'][0]}")
-
-
-def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = ""):
-    """Parse `argv` into a validated `cls` instance. Unknown flags are errors.
-
-    ``--config RUN/config.json`` starts from a saved run's settings (the file `RunContext.write_config` writes);
-    options given on the command line override them. The names of the fields set on the command line are
-    recorded on the instance (see `explicit_fields`); values read from ``--config`` count as defaults, so a
-    checkpoint's recorded model settings still take precedence over them.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-
-    def parser_with_config_flag() -> argparse.ArgumentParser:
-        p = build_parser(cls, description)
-        p.add_argument(CONFIG_FLAG, dest="config", metavar="CONFIG_JSON", default=None,
-                       help="start from a saved run's config.json; options on the command line override it")
-        return p
-
-    parser = parser_with_config_flag()
-    ns = vars(parser.parse_args(argv))
-    if ns["config"] is not None:  # the saved settings become the defaults, and the command line is parsed again
-        parser = parser_with_config_flag()
-        parser.set_defaults(**read_config_file(cls, ns["config"]))
-        ns = vars(parser.parse_args(argv))
-    ns.pop("config")
-    cfg = cls(**ns)
-    # Parse again with every default suppressed: what remains was given explicitly (not from --config).
-    bare = parser_with_config_flag()
-    for action in bare._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(bare.parse_args(argv))
-    given.pop("config", None)
-    object.__setattr__(cfg, _EXPLICIT, frozenset(given))
-    object.__setattr__(cfg, _ARGV, tuple(argv))
-    cfg.validate()
-    return cfg
-
-
-_EXPLICIT = "_explicit_fields"  # an instance attribute, not a dataclass field: never in config.json
-_ARGV = "_parsed_argv"  # likewise: the arguments `parse_config` parsed
-
-
-def parsed_argv(cfg: Any) -> Optional[tuple]:
-    """The command-line arguments `cfg` was parsed from (`parse_config`); None for a config built in code."""
-    return getattr(cfg, _ARGV, None)
-
-
-def explicit_fields(cfg: Any) -> frozenset:
-    """Names of the fields the user set explicitly.
-
-    Recorded by `parse_config`; for a config built in code, the fields whose value differs from the default.
-    """
-    recorded = getattr(cfg, _EXPLICIT, None)
-    if recorded is not None:
-        return recorded
-    out = set()
-    for f in dataclasses.fields(cfg):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if getattr(cfg, f.name) != default:
-            out.add(f.name)
-    return frozenset(out)
-
-
-def expand_user_paths(cfg: Any) -> None:
-    """Expand a leading ~ in every path option of `cfg` (in place)."""
-    for name in PATH_FIELDS:
-        value = getattr(cfg, name, None)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(cfg, name, os.path.expanduser(value))
-
-
-def dedupe_option(flag: str, values: Sequence[Any]) -> list:
-    """`values` without repeats, in order; a warning names the repeats."""
-    out = list(dict.fromkeys(values))
-    if len(out) != len(values):
-        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=list(values).index)
-        log.warning("%s lists %s more than once; each is used once: %s", flag, repeated, out)
-    return out
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """A JSON-ready dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def part_of(cfg: Any, cls: type):
-    """The `cls` part (e.g. `ModelConfig`, `RuntimeConfig`) of a train or test config."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
-
-
 def model_config_from(cfg: Any) -> ModelConfig:
     """The `ModelConfig` part of a train or test config: the method's hyper-parameters."""
     return part_of(cfg, ModelConfig)
+
+
+# ----------------------------------------------------------------------------- the other commands
+
+
+def _batch_size():
+    return option(8, "--batch_size", help="images per batch")
+
+
+ModelOverrides = overrides_of(ModelConfig, "model options (default: the checkpoint's saved model config)")
+
+
+@dataclass
+class FitConfig(ModelOverrides, RuntimeConfig):
+    """`fdsl fit`: a detector file from a trained checkpoint; every --normal image becomes a shot."""
+
+    checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", required=True, path=True,
+                                       help="trained weights (train.py's or the released code's)")
+    normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
+                                    help="folder(s) (recursive) or files of normal images")
+    out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
+    cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
+                                 help="evaluation size of the anomaly maps (as test.py)")
+    batch_size: int = _batch_size()
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+        positive("--cal_image_size", self.cal_image_size)
+        positive("--batch_size", self.batch_size)
+
+    def runtime(self) -> RuntimeConfig:
+        return part_of(self, RuntimeConfig)
+
+
+@dataclass
+class PredictConfig(RuntimeConfig):
+    """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, summary.json."""
+
+    detector: Optional[str] = option(None, "--detector", required=True, path=True,
+                                     help="detector file written by `fit`")
+    images: Optional[list] = option(None, "--images", nargs="+", required=True, path=True,
+                                    help="folder(s) (recursive) or image files")
+    out: Optional[str] = option(None, "--out", required=True, path=True, help="output folder")
+    threshold: Optional[float] = option(None, "--threshold", help="image threshold overriding the stored one")
+    cal_image_size: Optional[int] = option(None, "--cal_image_size", "--calImage_size",
+                                           help="evaluation size of the anomaly maps (default: the detector's, 240)")
+    pretrained: Optional[str] = option(
+        None, "--pretrained", path=True,
+        help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
+    overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
+    batch_size: int = _batch_size()
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+        positive("--batch_size", self.batch_size)
+        if self.cal_image_size is not None:
+            positive("--cal_image_size", self.cal_image_size)
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
+
+    def runtime(self) -> RuntimeConfig:
+        return part_of(self, RuntimeConfig)
+
+
+@dataclass
+class CalibrateConfig(RuntimeConfig):
+    """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
+
+    detector: Optional[str] = option(None, "--detector", required=True, path=True,
+                                     help="detector file; rewritten atomically with the thresholds")
+    normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
+                                    help="normal validation images (folders or files)")
+    anomalous: Optional[list] = option(None, "--anomalous", nargs="+", path=True,
+                                       help="anomalous validation images (folders or files)")
+    masks: Optional[str] = option(
+        None, "--masks", path=True,
+        help="folder of defect masks mirroring --anomalous (<rel>/<stem>.png or <stem>_mask.png)")
+    max_fpr: Optional[float] = option(
+        None, "--max_fpr",
+        help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
+    pretrained: Optional[str] = option(None, "--pretrained", path=True,
+                                       help="the backbone weights file, when it moved since `fit`")
+    batch_size: int = _batch_size()
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+        positive("--batch_size", self.batch_size)
+
+    def runtime(self) -> RuntimeConfig:
+        return part_of(self, RuntimeConfig)
+
+
+@dataclass
+class DemoConfig(RuntimeConfig):
+    """`fdsl demo`: synthetic data, training on A, 1-shot evaluation on B, then fit/calibrate/predict."""
+
+    out: str = option("demo_runs", "--out", path=True, help="folder for the synthetic data, checkpoints and results")
+    pretrained: str = option(
+        "openai", "--pretrained", env="FDSL_PRETRAINED", path=True,
+        help="CLIP weights: a tag (openai), a local weights file, or 'none' (random weights; with no --model this "
+             "runs the tiny smoke setting). Env: FDSL_PRETRAINED")
+    model: Optional[str] = option(
+        None, "--model", env="FDSL_MODEL",
+        help="open_clip architecture (default ViT-L-14-336, or FDSL-Tiny-ViT with --pretrained none). Env: FDSL_MODEL")
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+
+
+@dataclass
+class IndexConfig:
+    """`python data/mvtec.py` / `python data/visa.py`: index a dataset tree into <root>/meta.json."""
+
+    root: Optional[str] = option(None, "--root", path=True,
+                                 help="dataset root (default: $MVTEC_ROOT or $VISA_ROOT, else data/mvtec or data/visa)")
+    classes: Optional[list] = option(None, "--classes", nargs="+",
+                                     help="MVTec class folders or VisA objects to index (default: all found)")
+
+    def validate(self) -> None:
+        expand_user_paths(self)

@@ -276,6 +276,42 @@ def test_tilde_is_expanded_in_path_options(monkeypatch) -> None:
     assert _test().pretrained == "openai"  # a tag is left alone
 
 
+# ---------------------------------------------------------------------------- every command, one parser
+def _dests(parser) -> set:
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
+
+def test_every_command_parses_through_its_dataclass(capsys) -> None:
+    import dataclasses
+
+    from fdsl.cli import demo, indexing, inspection
+    from fdsl.config import DemoConfig
+
+    for cmd, (cls, _) in inspection.COMMANDS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert _dests(build_parser(cls)) == fields, cmd
+        assert inspection.main([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert all(f.metadata["flags"][0] in out for f in dataclasses.fields(cls)), cmd
+    assert _dests(demo.build_parser()) == {f.name for f in dataclasses.fields(DemoConfig)}
+    assert indexing.index_main("visa", ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--root" in out and "--classes" in out
+    assert indexing.index_main("mvtec", ["--bogus"]) == 2  # no catch-all
+
+
+def test_fit_model_options_default_to_the_checkpoint() -> None:
+    from fdsl.config import FitConfig, given
+
+    base = ["--checkpoint", "c.pth", "--normal", "good", "--out", "p.fdsl"]
+    assert given(parse_config(FitConfig, base), ModelConfig) == {}
+    cfg = parse_config(FitConfig, [*base, "--winmode", "mul", "--useNAM", "0", "--features_list", "1", "2"])
+    assert given(cfg, ModelConfig) == {"winmode": "mul", "use_nam": False, "features_list": [1, 2]}
+    assert cfg.runtime().win_batch == 16
+    with pytest.raises(SystemExit):
+        parse_config(FitConfig, base[:2])  # --normal and --out are required
+
+
 # ---------------------------------------------------------------------------- --config run/config.json
 def _saved(tmp_path, **settings):
     import json
@@ -296,7 +332,7 @@ def test_config_file_gives_defaults_and_the_command_line_overrides(tmp_path) -> 
     cfg = parse_config(EvalConfig, ["--config", str(path), "--k_shot", "2", "--winmode", "nan"])
     assert cfg.k_shot == 2 and cfg.winmode == "nan" and cfg.image_size == 56
     # Values from the file are not "given": a checkpoint's recorded model settings still win over them.
-    assert explicit_fields(cfg) == {"k_shot", "winmode"}
+    assert explicit_fields(cfg) == {"config", "k_shot", "winmode"} and cfg.config == str(path)
 
 
 @pytest.mark.parametrize("key, value, words", [

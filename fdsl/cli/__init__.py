@@ -37,8 +37,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}\n\n{_USAGE}",
               file=sys.stderr)
         return 2
-    try:
-        return commands[argv[0]](argv[1:])
-    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return commands[argv[0]](argv[1:])
 

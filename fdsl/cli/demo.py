@@ -15,6 +15,7 @@ missing, training resumes from the newest checkpoint, and finished classes are s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from fdsl.errors import ConfigError, FDSLError
+from fdsl import config
+from fdsl.config import DemoConfig, RuntimeConfig
+from fdsl.errors import ConfigError, FDSLError, user_message
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +138,8 @@ def fetch_failure_message(exc: Exception, model: str, pretrained: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fdsl.cli.demo", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--out", default="demo_runs", help="folder for the synthetic data, checkpoints and results")
-    parser.add_argument("--pretrained", default=os.environ.get("FDSL_PRETRAINED") or "openai",
-                        help="CLIP weights: a tag (openai), a local weights file, or 'none' (random weights; "
-                             "with no --model this runs the tiny smoke setting). Env: FDSL_PRETRAINED")
-    parser.add_argument("--model", default=os.environ.get("FDSL_MODEL") or None,
-                        help=f"open_clip architecture (default {FULL_MODEL}, or {TINY_MODEL} with --pretrained "
-                             "none). Env: FDSL_MODEL")
-    parser.add_argument("--device", default="auto", help="cpu, a CUDA index (0), cuda:N, or auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="backbone autocast dtype (auto: fp32 on every device, the released code's numbers; "
-                             "bf16 and fp16 are opt-in)")
-    parser.add_argument("--align_precision", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="window-branch similarity dtype (the global branch always aligns in fp32)")
-    return parser
+    """The demo's parser, generated from `fdsl.config.DemoConfig`."""
+    return config.build_parser(DemoConfig, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")
 
 
 def choose_setting(model: Optional[str], pretrained: str, quick: bool) -> DemoSetting:
@@ -179,12 +167,12 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
                     setting.image_size)
 
 
-def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
+def run_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
     """Generate data, train on A, evaluate 1-shot on B; returns B's results.json content.
 
     `quick` (tests only) shrinks the data and the schedule.
     """
-    from fdsl.config import TestConfig, TrainConfig, model_config_from
+    from fdsl.config import TestConfig, TrainConfig, model_config_from, part_of
     from fdsl.core.model import FDSL
     from fdsl.core.runtime import resolve_device, seed_everything
     from fdsl.engine.evaluation import evaluate, format_table
@@ -199,8 +187,8 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
     features = list(setting.features)
     model_fields = dict(model=setting.model, pretrained=args.pretrained, image_size=setting.image_size,
                         features_list=features, few_shot_features=list(features))
-    run_fields = dict(device=args.device, precision=args.precision, align_precision=args.align_precision,
-                      batch_size=setting.batch_size, num_workers=0)
+    runtime = part_of(args, RuntimeConfig)
+    run_fields = dict(dataclasses.asdict(runtime), batch_size=setting.batch_size, num_workers=0)
     log.info("demo setting %s: %s at %d px, blocks %s, %d epochs, batch %d; run folder %s", setting.key,
              setting.model, setting.image_size, features, setting.epochs, setting.batch_size, run_dir)
 
@@ -231,13 +219,13 @@ def run_demo(args: argparse.Namespace, quick: bool = False) -> Dict[str, dict]:
     print(f"results: {test_dir / 'results.json'}, per-image scores: {test_dir / 'scores.csv'}")
 
     cls = setting.test_data["classes"][0]
-    verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", args.device, args.precision)
+    verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", runtime)
     print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}'s test images: "
           f"overlays (image | heat map | defect contour): {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
     return results
 
 
-def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, device: str, precision: str) -> Path:
+def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, runtime: RuntimeConfig) -> Path:
     """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
 
     The thresholds are calibrated (F1-max, with the masks) on the same test images that are then predicted:
@@ -253,11 +241,11 @@ def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, device: str, precis
     if det_file.is_file() and det_file.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns:
         log.info("reusing detector %s", det_file)
     else:
-        det = Detector.fit(checkpoint, cls_dir / "train" / "good", device=device, precision=precision)
+        det = Detector.fit(checkpoint, cls_dir / "train" / "good", runtime=runtime)
         defects = sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir() and d.name != "good")
         det.calibrate(cls_dir / "test" / "good", defects, masks=cls_dir / "ground_truth")
         det.save(det_file)
-    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", device=device, precision=precision)
+    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", runtime=runtime)
     return out / "verdicts"
 
 
@@ -266,27 +254,32 @@ def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
     from fdsl.cli.jobs import run_job
     from fdsl.io import LibraryNoise, setup_logging
 
-    args = build_parser().parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    setup_logging(None)
-    # A whole-demo log beside the per-run ones (setup_logging only replaces its own handlers).
-    demo_log = logging.FileHandler(Path(args.out) / "demo_log.txt", encoding="utf-8")
-    demo_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                            "%Y-%m-%d %H:%M:%S"))
-    demo_log.addFilter(LibraryNoise())
-    root.addHandler(demo_log)
+    parsed: List[DemoConfig] = []
+
+    def job() -> None:
+        args = config.parse_config(DemoConfig, argv, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")
+        parsed.append(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        root = logging.getLogger()
+        setup_logging(None)
+        # A whole-demo log beside the per-run ones (setup_logging only replaces its own handlers).
+        demo_log = logging.FileHandler(Path(args.out) / "demo_log.txt", encoding="utf-8")
+        demo_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                                "%Y-%m-%d %H:%M:%S"))
+        demo_log.addFilter(LibraryNoise())
+        root.addHandler(demo_log)
+        try:
+            run_demo(args, quick)
+        finally:
+            root.removeHandler(demo_log)
+            demo_log.close()
 
     def explain(exc: FDSLError) -> str:
-        if isinstance(exc, ConfigError) and "could not fetch" in str(exc):
-            return fetch_failure_message(exc, args.model or FULL_MODEL, args.pretrained)
-        return f"error: {exc}"
+        if parsed and isinstance(exc, ConfigError) and "could not fetch" in str(exc):
+            return fetch_failure_message(exc, parsed[0].model or FULL_MODEL, parsed[0].pretrained)
+        return f"error: {user_message(exc)}"
 
-    try:
-        return run_job(lambda: run_demo(args, quick), explain)
-    finally:
-        root.removeHandler(demo_log)
-        demo_log.close()
+    return run_job(job, explain)
 
 
 if __name__ == "__main__":

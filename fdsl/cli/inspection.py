@@ -8,9 +8,7 @@ Bad input prints one line ``error: ...`` and exits with status 2; Ctrl-C exits w
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -18,12 +16,12 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from fdsl.config import PRECISIONS, ModelConfig, field_type, parse_bool
+from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 
@@ -33,101 +31,32 @@ SCORE_COLUMNS = ("path", "score", "map_max", "is_anomalous", "defect_area_px")
 _STATE = ".predict_state.json"
 
 
-# ----------------------------------------------------------------------------- parser
-
-
-
-
-def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, a CUDA index (0), cuda:N, or auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast dtype (auto: fp32 on every device; bf16/fp16 are opt-in)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per batch")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fdsl", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,predict,calibrate}")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    fit = sub.add_parser("fit", help="fit a detector file from a checkpoint and normal images", allow_abbrev=False,
-                         formatter_class=fmt, description="Fit a detector: all --normal images become the shots.")
-    fit.add_argument("--checkpoint", "--checkpoint_path", required=True,
-                     help="trained weights (train.py's or the released code's)")
-    fit.add_argument("--normal", required=True, nargs="+", help="folder(s) (recursive) or files of normal images")
-    fit.add_argument("--out", required=True, help="detector file to write, e.g. part.fdsl")
-    fit.add_argument("--cal_image_size", "--calImage_size", type=int, default=240,
-                     help="evaluation size of the anomaly maps (as test.py)")
-    _runtime(fit)
-    group = fit.add_argument_group("model options (default: the checkpoint's saved model config)")
-    for f in dataclasses.fields(ModelConfig):
-        meta = f.metadata
-        kw: dict = {"dest": f.name, "help": meta["help"], "type": field_type(f), "default": argparse.SUPPRESS}
-        if meta.get("choices"):
-            kw["choices"] = meta["choices"]
-        if meta.get("nargs"):
-            kw["nargs"] = meta["nargs"]
-        group.add_argument(*meta["flags"], **kw)
-
-    pred = sub.add_parser("predict", help="score images with a detector file", allow_abbrev=False,
-                          formatter_class=fmt, description="Score images: scores.csv, overlays, masks, summary.json.")
-    pred.add_argument("--detector", required=True, help="detector file written by `fit`")
-    pred.add_argument("--images", required=True, nargs="+", help="folder(s) (recursive) or image files")
-    pred.add_argument("--out", required=True, help="output folder")
-    pred.add_argument("--threshold", type=float, default=None, help="image threshold overriding the stored one")
-    pred.add_argument("--cal_image_size", "--calImage_size", type=int, default=None,
-                      help="evaluation size of the anomaly maps (default: the detector's, 240)")
-    pred.add_argument("--pretrained", default=None,
-                      help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
-    pred.add_argument("--overlays", type=parse_bool, default=True, metavar="{0,1}",
-                      help="write an overlay PNG per image")
-    _runtime(pred)
-
-    cal = sub.add_parser("calibrate", help="set image and pixel thresholds from validation images",
-                         allow_abbrev=False, formatter_class=fmt,
-                         description="Set thresholds (F1-max, or --max_fpr on normal images) and rewrite the file.")
-    cal.add_argument("--detector", required=True, help="detector file; rewritten atomically with the thresholds")
-    cal.add_argument("--normal", required=True, nargs="+", help="normal validation images (folders or files)")
-    cal.add_argument("--anomalous", nargs="+", default=None, help="anomalous validation images (folders or files)")
-    cal.add_argument("--masks", default=None,
-                     help="folder of defect masks mirroring --anomalous (<rel>/<stem>.png or <stem>_mask.png)")
-    cal.add_argument("--max_fpr", type=float, default=None,
-                     help="image threshold with at most this false-positive rate on the normal images "
-                          "(default: F1-max)")
-    cal.add_argument("--pretrained", default=None, help="the backbone weights file, when it moved since `fit`")
-    _runtime(cal)
-    return parser
-
-
 # ----------------------------------------------------------------------------- fit / calibrate
 
 
-def cmd_fit(args: argparse.Namespace) -> None:
+def cmd_fit(cfg: FitConfig) -> None:
     from fdsl.inspect.detector import Detector
 
-    out = Path(args.out)
+    out = Path(cfg.out)
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; give the detector file name, e.g. part.fdsl")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    options = {k: v for k, v in vars(args).items() if k in fields}
-    det = Detector.fit(args.checkpoint, args.normal, device=args.device, precision=args.precision,
-                       batch_size=args.batch_size, cal_image_size=args.cal_image_size, **options)
+    det = Detector.fit(cfg.checkpoint, cfg.normal, runtime=cfg.runtime(), batch_size=cfg.batch_size,
+                       cal_image_size=cfg.cal_image_size, **given(cfg, ModelConfig))
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")
 
 
-def cmd_calibrate(args: argparse.Namespace) -> None:
+def cmd_calibrate(cfg: CalibrateConfig) -> None:
     from fdsl.inspect.detector import Detector
 
-    det = Detector.load(args.detector, device=args.device, precision=args.precision, pretrained=args.pretrained)
-    rep = det.calibrate(args.normal, args.anomalous, masks=args.masks, max_fpr=args.max_fpr,
-                        batch_size=args.batch_size)
-    det.save(args.detector)
+    det = Detector.load(cfg.detector, runtime=cfg.runtime(), pretrained=cfg.pretrained)
+    rep = det.calibrate(cfg.normal, cfg.anomalous, masks=cfg.masks, max_fpr=cfg.max_fpr,
+                        batch_size=cfg.batch_size)
+    det.save(cfg.detector)
     print(f"image threshold {rep['image']:.6f} ({rep['image_method']}; normal FPR {rep['image_fpr']:.4f}"
           + (f", anomalous TPR {rep['image_tpr']:.4f}" if "image_tpr" in rep else "")
-          + f"), pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {args.detector}")
+          + f"), pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {cfg.detector}")
 
 
 # ----------------------------------------------------------------------------- predict
@@ -192,11 +121,11 @@ def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
         Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    summary = predict_folder(args.detector, args.images, args.out, threshold=args.threshold,
-                             cal_image_size=args.cal_image_size, pretrained=args.pretrained, overlays=args.overlays,
-                             device=args.device, precision=args.precision, batch_size=args.batch_size)
-    out = Path(args.out)
+def cmd_predict(cfg: PredictConfig) -> None:
+    summary = predict_folder(cfg.detector, cfg.images, cfg.out, threshold=cfg.threshold,
+                             cal_image_size=cfg.cal_image_size, pretrained=cfg.pretrained, overlays=cfg.overlays,
+                             runtime=cfg.runtime(), batch_size=cfg.batch_size)
+    out = Path(cfg.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
     print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); overlays: {out / 'overlays'}"
@@ -205,8 +134,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
                    threshold: Optional[float] = None, cal_image_size: Optional[int] = None,
-                   pretrained: Optional[str] = None, overlays: bool = True, device: str = "auto",
-                   precision: str = "auto", batch_size: int = 8) -> dict:
+                   pretrained: Optional[str] = None, overlays: bool = True,
+                   runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8) -> dict:
     """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
 
     Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv`` (unreadable
@@ -229,7 +158,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
         raise ConfigError(f"--batch_size must be positive, got {batch_size}")
     files = list_images(images, "input images", exclude=out)
     det_path = Path(detector)
-    det = Detector.load(det_path, device=device, precision=precision, pretrained=pretrained)
+    det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)
     out.mkdir(parents=True, exist_ok=True)
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
@@ -321,27 +250,28 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
 
 # ----------------------------------------------------------------------------- entry point
 
+COMMANDS = {"fit": (FitConfig, cmd_fit), "predict": (PredictConfig, cmd_predict),
+            "calibrate": (CalibrateConfig, cmd_calibrate)}
+INTERRUPTED = "interrupted; finished images are kept, rerun the same command to resume"
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one sub-command; returns the exit status (2 on bad input, 130 on Ctrl-C)."""
+    """Run one sub-command (``fit``, ``predict``, ``calibrate``, then its options); returns the exit status."""
+    from fdsl.cli.jobs import run_job
     from fdsl.io import setup_logging
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0)
-    setup_logging(None)
-    try:
-        {"fit": cmd_fit, "predict": cmd_predict, "calibrate": cmd_calibrate}[args.command](args)
-    except FDSLError as exc:
-        logging.getLogger("fdsl").debug("error details", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"error: give a command: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished images are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    cls, command = COMMANDS[argv[0]]
+
+    def job() -> None:
+        cfg = parse_config(cls, argv[1:], prog=f"fdsl {argv[0]}")
+        setup_logging(None)
+        command(cfg)
+
+    return run_job(job, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

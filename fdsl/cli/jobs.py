@@ -16,10 +16,14 @@ from fdsl.errors import FDSLError, user_message
 INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
 
-def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]] = None) -> int:
-    """Run `job()` as a command: 0 on success; bad input exits 2 with a one-line message, Ctrl-C exits 130.
+def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]] = None,
+            interrupted: str = INTERRUPTED) -> int:
+    """Run `job()` as a command and return its exit status: the one place that turns errors into exit codes.
 
-    `explain` may turn an error into a longer, actionable message (the demo's offline hint).
+    0 on success; bad input (an `FDSLError`, from parsing, validation or the work) exits 2 with one line
+    ``error: ...`` (under torchrun printed once); argparse's ``--help`` exits 0 and its usage errors 2; Ctrl-C
+    exits 130 with the line `interrupted`. `explain` may turn an error into a longer, actionable message (the
+    demo's offline hint).
     """
     try:
         job()
@@ -33,8 +37,10 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
             print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, its message already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return 0
 
 

@@ -1,12 +1,10 @@
 """The MVTec AD and VisA indexers: walk a dataset root and write its ``meta.json`` (docs/method.md §9)."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -367,42 +365,3 @@ def meta_summary(meta: Meta) -> dict[str, dict[str, int]]:
             "anomalous": sum(int(it["anomaly"]) for it in tests),
         }
     return summary
-
-
-
-_LAYOUTS = {
-    "mvtec": ("MVTEC_ROOT", build_mvtec_meta, "an MVTec AD tree (<cls>/train, <cls>/test, <cls>/ground_truth)",
-              "class folders to index (default: every MVTec-layout folder under --root)"),
-    "visa": ("VISA_ROOT", build_visa_meta, "a VisA tree (split_csv/1cls.csv)",
-             "objects to index (default: every object in the csv)"),
-}
-
-
-
-def index_main(layout: str, argv: Sequence[str] | None = None) -> int:
-    """`python data/<layout>.py`: build and write meta.json; exit code 2 with one line on a data error."""
-    env, build, what, classes_help = _LAYOUTS[layout]
-    default_root = Path(os.environ.get(env) or Path(__file__).resolve().parents[1] / "data" / layout)
-    parser = argparse.ArgumentParser(description=f"Index {what} into <root>/meta.json.")
-    parser.add_argument("--root", type=Path, default=default_root,
-                        help=f"dataset root (default: ${env} or data/{layout})")
-    parser.add_argument("--classes", nargs="+", default=None, metavar="CLS", help=classes_help)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger(f"data.{layout}")
-    try:
-        meta = build(args.root, args.classes)
-        path = write_meta(args.root, meta)
-    except DataError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a read-only root: meta.json cannot be written
-        where = err.filename or args.root
-        print(f"error: cannot read or write {where} under --root {args.root} ({err.strerror or err}); "
-              "check the folder's permissions or pass another --root", file=sys.stderr)
-        return 2
-    for cls, n in meta_summary(meta).items():
-        log.info("%s: train=%d test=%d anomalous=%d", cls, n["train"], n["test"], n["anomalous"])
-    log.info("wrote %s (%d classes)", path, len(meta["test"]))
-    return 0
-

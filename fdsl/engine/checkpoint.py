@@ -15,6 +15,7 @@ from typing import Any, Collection, Dict, Optional
 import torch
 from torch import nn
 
+from fdsl.config import HEAD, ModelConfig, settings
 from fdsl.errors import CheckpointError
 from fdsl.io import PathLike, atomic_torch_save
 
@@ -26,8 +27,7 @@ _RELEASED_KEY = "trainable_RR"
 _RELEASED_PREFIXES = {"clsList.": "scorers.", "convRes.": "nam."}
 _RELEASED_UNUSED = ("adapterList.", "zeroClsModule.", "rAttn.", "resfus.")
 # Model settings a trained head depends on: the run must use the checkpoint's values.
-TRAINED_SETTINGS = ("model", "image_size", "features_list", "quick_gelu", "use_norm", "align_mode", "use_abs",
-                    "use_nam")
+TRAINED_SETTINGS = settings(ModelConfig, affects=HEAD)
 
 
 def save_checkpoint(path: PathLike, head: nn.Module, model_config: Dict[str, Any], epoch: int,

@@ -23,7 +23,7 @@ from tabulate import tabulate
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from fdsl.config import TestConfig, config_to_dict, explicit_fields
+from fdsl.config import NOTHING, TestConfig, config_to_dict, explicit_fields, settings
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 Run = Tuple[int, int]  # (k, seed): one evaluated setting, one run folder
 
 SCORE_COLUMNS = ("img_path", "cls_name", "anomaly", "score", "patch_score", "map_max")
-# Settings that do not change any number: a finished class is reused when all others match.
-_NEUTRAL = {"save_path", "num_workers", "batch_size", "classes", "save_images", "seeds", "seed", "device",
-            "win_batch", "align_chunk_mb"}
+# Settings that do not change any number: a finished class is reused when all others match (the seed's effect,
+# the reference images, is compared by name).
+_NEUTRAL = frozenset(settings(TestConfig, affects=NOTHING))
 
 
 def minmax(values: np.ndarray) -> np.ndarray:

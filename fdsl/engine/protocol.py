@@ -69,7 +69,7 @@ def run_provenance(cfg: Any, command: Optional[Sequence[str]] = None) -> Dict[st
         from (None for a config built in code: then only ``command`` says how the process was started).
         A weights file and the checkpoint are hashed here.
     """
-    from fdsl.config import parsed_argv
+    from fdsl.options import parsed_argv
 
     pretrained = str(cfg.pretrained)
     if pretrained.lower() != "none" and os.path.isfile(pretrained):

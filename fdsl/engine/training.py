@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fdsl.config import TrainConfig, config_to_dict
+from fdsl.config import TrainConfig, config_to_dict, settings
 from fdsl.core.losses import fdsl_loss
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import FDSL
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change no number of a training run: a resumed run may differ in these (and --epoch, to train
 # longer). Every other setting must match the run being resumed.
-RESUME_NEUTRAL = ("epoch", "save_path", "device", "num_workers", "resume", "save_freq", "win_batch",
-                  "align_chunk_mb")
+RESUME_NEUTRAL = settings(TrainConfig, resume_neutral=True)
 
 
 def check_resume_config(saved: dict, current: dict, where: PathLike) -> None:

@@ -1,6 +1,7 @@
 """A fitted detector for one's own parts: trained head + backbone identity + memory banks + thresholds.
 
     det = Detector.fit("trained_on_visa/epoch_5.pth", "good_parts/")   # all images of the folder are shots
+    # how it runs: Detector.fit(..., runtime=RuntimeConfig(device="cuda:0", win_batch=8)), or runtime="cpu"
     det.calibrate(normal="val_good/", anomalous="val_bad/", max_fpr=0.01)
     det.save("part.fdsl")
     preds = Detector.load("part.fdsl").predict(["incoming/a.png"])   # [Prediction(score, is_anomalous, ...)]
@@ -110,6 +111,16 @@ def resolve_model_config(saved: Optional[dict], options: Dict[str, Any]) -> Mode
     return cfg
 
 
+def as_runtime_config(runtime: Union[RuntimeConfig, str]) -> RuntimeConfig:
+    """`runtime` itself (validated), or the default `RuntimeConfig` on the device named by a string."""
+    if isinstance(runtime, str):
+        runtime = RuntimeConfig(device=runtime)
+    elif not isinstance(runtime, RuntimeConfig):
+        raise TypeError(f"runtime must be a RuntimeConfig or a device name, got {type(runtime).__name__}")
+    runtime.validate()
+    return runtime
+
+
 class Detector:
     """A fitted FDSL detector: score images of one part against its normal shots.
 
@@ -139,14 +150,16 @@ class Detector:
     @classmethod
     @torch.no_grad()
     def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
-            device: str = "auto", precision: str = "auto", batch_size: int = 8,
+            runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8,
             cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
         """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
 
         Args:
             checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
             normal_images: a folder (recursive) or a list of image files: all of them become the shots.
-            device, precision, batch_size: runtime settings (not stored).
+            runtime: how it runs (device, precision, --win_batch, --align_chunk_mb, ...; not stored): a
+                `RuntimeConfig`, or a device name for the default fp32 runtime on that device.
+            batch_size: images encoded at once (not stored).
             cal_image_size: the evaluation size of anomaly maps (test.py's --cal_image_size), stored.
             **model_options: `ModelConfig` fields (model, pretrained, image_size, features_list, winmode, ...)
                 overriding the checkpoint's saved config.
@@ -162,10 +175,11 @@ class Detector:
         if "few_shot_features" not in model_options and "features_list" in model_options:
             model_options["few_shot_features"] = model_options["features_list"]
         cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
-        dev = resolve_device(device)
+        rt = as_runtime_config(runtime)
+        dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
         meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
-        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev, cal_image_size)
+        model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
@@ -205,11 +219,12 @@ class Detector:
     read_file = staticmethod(read_detector_file)
 
     @classmethod
-    def load(cls, path: PathLike, *, device: str = "auto", precision: str = "auto",
+    def load(cls, path: PathLike, *, runtime: Union[RuntimeConfig, str] = "auto",
              pretrained: Optional[PathLike] = None) -> Detector:
         """Load a detector file: backbone rebuilt from its config, head and banks restored (nothing re-encoded).
 
         Args:
+            runtime: how it runs: a `RuntimeConfig`, or a device name (see `fit`).
             pretrained: the backbone weights file, when it is no longer where it was at fit time; it must have
                 the stored sha256.
         Raises:
@@ -226,7 +241,8 @@ class Detector:
             cfg = ModelConfig(**mc)
         except TypeError as exc:
             raise CheckpointError(f"{path}: model config does not fit this fdsl: {exc}") from exc
-        dev = resolve_device(device)
+        rt = as_runtime_config(runtime)
+        dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
         head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
         try:
@@ -236,8 +252,7 @@ class Detector:
                                   f"{cfg.features_list}: {str(exc).splitlines()[0]}") from exc
         memory = memory_from_tensors(tensors, path)
         check_memory(memory, model, path)
-        model.runtime = resolve_runtime(RuntimeConfig(device=device, precision=precision), dev,
-                                        int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
+        model.runtime = resolve_runtime(rt, dev, int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
         model = model.to(dev).eval()
         return cls(model, memory.to(dev), info)
 

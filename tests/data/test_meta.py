@@ -367,8 +367,10 @@ def test_index_main_read_only_root_is_one_line(tmp_path: Path, monkeypatch, caps
         raise PermissionError(13, "Permission denied", str(Path(path).parent / ".meta.json.abc.tmp"))
         yield
 
+    from fdsl.cli.indexing import index_main
+
     monkeypatch.setattr(meta_mod, "atomic_open", read_only)
-    assert meta_mod.index_main("mvtec", ["--root", str(root)]) == 2
+    assert index_main("mvtec", ["--root", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read or write") and "Permission denied" in err[0]
     assert str(root) in err[0]

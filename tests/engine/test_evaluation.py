@@ -249,7 +249,8 @@ def test_config_json_reruns_a_saved_run(setup, tmp_path):
     assert (again / "scores.csv").read_bytes() == (first / "scores.csv").read_bytes()
     assert (again / "k_shot.txt").read_text() == (first / "k_shot.txt").read_text()
     rerun = json.loads((again / "config.json").read_text())
-    assert rerun == json.loads((first / "config.json").read_text()) | {"save_path": str(again)}
+    assert rerun == json.loads((first / "config.json").read_text()) | {"save_path": str(again),
+                                                                        "config": str(first / "config.json")}
 
 
 def test_checkpoint_naming_a_weights_file_asks_for_it():

@@ -22,10 +22,13 @@ import torch
 from fdsl_test_utils import liven_head
 from PIL import Image
 
+from fdsl.config import RuntimeConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "FDSL-Tiny-ViT"
 CLS = "brick_syn"
 DEFECTS_EXCLUDED = ("good",)
+CPU_FP32 = RuntimeConfig(device="cpu", precision="fp32")
 
 
 def read_csv(path: Path) -> tuple[list, list]:
@@ -62,7 +65,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
     liven_head(model, load_reference_images(root, train[:2], 112), load_reference_images(root, test, 112))
     checkpoint = work / "ck" / "epoch_1.pth"
     save_checkpoint(checkpoint, model.head, dataclasses.asdict(mcfg), epoch=1)
-    det = Detector.fit(checkpoint, root / CLS / "train" / "good", device="cpu", precision="fp32")
+    det = Detector.fit(checkpoint, root / CLS / "train" / "good", runtime=CPU_FP32)
     defects = sorted(d for d in (root / CLS / "test").iterdir() if d.name not in DEFECTS_EXCLUDED)
     return SimpleNamespace(work=work, root=root, weights=weights, mcfg=mcfg, checkpoint=checkpoint, det=det,
                            train=train, defects=defects)
@@ -71,7 +74,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
 def _load_quiet(path, **kw):
     from fdsl.inspect.detector import Detector
 
-    return Detector.load(path, device="cpu", precision="fp32", **kw)
+    return Detector.load(path, runtime=CPU_FP32, **kw)
 
 
 # --------------------------------------------------------------------------- scores
@@ -397,3 +400,51 @@ def test_python_m_fdsl_dispatches(tmp_path):
     assert main(["bogus"]) == 2
     assert main(["fit", "--help"]) == 0
     assert main(["test", "--help"]) == 0 and main(["train", "--bogus", "1"]) == 2
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "calibrate"])
+def test_cli_offers_the_runtime_options_of_test_py(command, capsys):
+    from fdsl.config import RuntimeConfig, TestConfig, build_parser, settings
+
+    assert _cli(command, "--help") == 0
+    text = capsys.readouterr().out
+    runtime_flags = [f.metadata["flags"][0] for f in dataclasses.fields(RuntimeConfig)]
+    assert {"--win_batch", "--align_precision", "--bank_dtype", "--align_chunk_mb"} <= set(runtime_flags)
+    test_help = build_parser(TestConfig).format_help()
+    for flag in runtime_flags:
+        assert flag in text and flag in test_help, flag
+    assert settings(RuntimeConfig) == tuple(f.name for f in dataclasses.fields(RuntimeConfig))
+
+
+def test_cli_runtime_options_reach_the_detector(env, tmp_path, monkeypatch):
+    from fdsl.inspect.detector import Detector
+
+    seen = {}
+
+    def spy(path, *, runtime, pretrained=None):
+        seen["runtime"] = runtime
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "load", spy)
+    assert _cli("predict", "--detector", tmp_path / "d.fdsl", "--images", env.root / CLS / "test" / "good",
+                "--out", tmp_path / "o", "--device", "cpu", "--win_batch", "3", "--align_chunk_mb", "5",
+                "--bank_dtype", "fp16", "--align_precision", "bf16") == 130
+    rt = seen["runtime"]
+    assert (rt.device, rt.win_batch, rt.align_chunk_mb, rt.bank_dtype, rt.align_precision) == (
+        "cpu", 3, 5, "fp16", "bf16")
+    assert _cli("calibrate", "--detector", tmp_path / "d.fdsl", "--normal", env.root / CLS / "test" / "good",
+                "--max_fpr", "0.1", "--win_batch", "0") == 2  # validated like test.py's
+
+
+def test_detector_runtime_sets_the_lfe_memory_bound(env, tmp_path):
+    from fdsl.inspect.detector import Detector
+
+    path = env.det.save(tmp_path / "part.fdsl")
+    small = Detector.load(path, runtime=RuntimeConfig(device="cpu", win_batch=1, align_chunk_mb=1))
+    assert (small.model.runtime.win_batch, small.model.runtime.align_chunk_mb) == (1, 1)
+    image = env.root / CLS / "test" / "good" / "000.png"
+    ref = _load_quiet(path).predict(image)[0]
+    got = small.predict(image)[0]
+    assert got.score == pytest.approx(ref.score, abs=1e-6)  # memory bounds change no number
+    with pytest.raises(TypeError, match="RuntimeConfig"):
+        Detector.load(path, runtime=3)
