@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import field
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from fdsl.errors import ConfigError
 
@@ -269,13 +269,27 @@ def expand_user_paths(cfg: Any) -> None:
         setattr(cfg, name, [expand(v) for v in value] if isinstance(value, list) else expand(value))
 
 
-def dedupe_option(flag: str, values: Sequence[Any]) -> list:
-    """`values` without repeats, in order; a warning names the repeats."""
+_WARNINGS = "_config_warnings"  # an instance attribute: warnings given while validating, replayed into log.txt
+
+
+def dedupe_option(flag: str, values: Sequence[Any], owner: Any = None) -> list:
+    """`values` without repeats, in order; a warning names the repeats (also recorded on `owner`, whose run
+    replays it into its log file once that exists: see `config_warnings`)."""
     out = list(dict.fromkeys(values))
     if len(out) != len(values):
         repeated = sorted({v for v in values if list(values).count(v) > 1}, key=list(values).index)
-        log.warning("%s lists %s more than once; each is used once: %s", flag, repeated, out)
+        message = f"{flag} lists {repeated} more than once; each is used once: {out}"
+        log.warning("%s", message)
+        if owner is not None:
+            seen = list(getattr(owner, _WARNINGS, []))
+            if message not in seen:
+                object.__setattr__(owner, _WARNINGS, seen + [message])
     return out
+
+
+def config_warnings(cfg: Any) -> List[str]:
+    """The warnings `cfg`'s validation gave (repeated --classes, --seeds, --k_shot values), in order."""
+    return list(getattr(cfg, _WARNINGS, []))
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fdsl.config import TrainConfig, config_to_dict, settings
+from fdsl.config import TrainConfig, config_to_dict, config_warnings, settings
 from fdsl.core.losses import fdsl_loss
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import FDSL
@@ -199,5 +199,6 @@ def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
     `model` is an already built model to train (the demo shares one between training and testing).
     """
     main = distributed.is_main()  # distributed: rank 0 prepares the folder and logs; the others report errors only
-    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level())
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level(),
+                  replay=config_warnings(cfg))
     return Trainer(cfg, model).run()

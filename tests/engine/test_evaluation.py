@@ -252,13 +252,3 @@ def test_config_json_reruns_a_saved_run(setup, tmp_path):
     assert rerun == json.loads((first / "config.json").read_text()) | {"save_path": str(again),
                                                                         "config": str(first / "config.json")}
 
-
-def test_checkpoint_naming_a_weights_file_asks_for_it():
-    from fdsl.engine.checkpoint import reconcile_model_config
-
-    cfg = EvalConfig(checkpoint_path="ck.pth")
-    with pytest.raises(CheckpointError, match=r"weights file /w/tiny\.pt; pass --pretrained"):
-        reconcile_model_config(cfg, {"pretrained": "/w/tiny.pt"}, set(), "ck.pth")
-    assert reconcile_model_config(cfg, {"pretrained": "/w/tiny.pt"}, {"pretrained"}, "ck.pth") == {}
-    assert reconcile_model_config(cfg, {"pretrained": "none"}, set(), "ck.pth") == {"pretrained": "none"}
-    assert cfg.pretrained == "none"
