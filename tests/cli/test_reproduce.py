@@ -102,3 +102,27 @@ def test_epoch_of_a_longer_run_equals_the_same_epoch_of_a_shorter_one(tmp_path):
     assert heads[1].keys() == heads[2].keys()
     for key in heads[1]:
         assert torch.equal(heads[1][key], heads[2][key]), key
+
+
+def test_planned_commands_parse_with_the_real_parsers(tmp_path):
+    """Every train.py / test.py command the plan prints is a valid command line of today's parsers."""
+    import shlex
+
+    from fdsl.config import TestConfig as EvalConfig
+    from fdsl.config import parse_config
+
+    proc = _dry_run(tmp_path, tmp_path / "m", tmp_path / "v")
+    commands = [shlex.split(line.strip()) for line in proc.stdout.splitlines() if line.startswith("       ")]
+    assert len(commands) == STEPS
+    parsed = {"train.py": [], "test.py": []}
+    for argv in commands:
+        script = Path(argv[1]).name if len(argv) > 1 else ""
+        if script in parsed:
+            cls = TrainConfig if script == "train.py" else EvalConfig
+            parsed[script].append(parse_config(cls, argv[2:]))
+    assert len(parsed["train.py"]) == 2 and len(parsed["test.py"]) == 2
+    for cfg in parsed["test.py"]:
+        assert (cfg.shot_list(), cfg.run_seeds(), cfg.winmode, cfg.win_size, cfg.win_stride) == (
+            [1, 2, 4], [10, 11, 12, 13, 14], "mul", 13, 2)
+        assert cfg.checkpoint_path.endswith("epoch_5.pth") and cfg.model == "ViT-L-14-336" and cfg.image_size == 518
+    assert all(cfg.epoch == 5 and cfg.k_shot == 10 and cfg.seed == 14 for cfg in parsed["train.py"])
