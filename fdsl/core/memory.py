@@ -1,4 +1,4 @@
-"""Memory banks of normal tokens and feature-discrepancy alignment (METHOD.md §2–3).
+"""Memory banks of normal tokens and feature-discrepancy alignment (docs/method.md §2–3).
 
 Alignment is, per layer, a chunked matrix product, an argmax and a gather: never a Python loop
 over patches. Chunks bound the size of the similarity block whatever the bank size.
@@ -20,7 +20,7 @@ _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 
 
 @dataclass(frozen=True)
 class Alignment:
-    """How query tokens are matched to normal tokens (METHOD.md §2–3): one object instead of loose arguments.
+    """How query tokens are matched to normal tokens (docs/method.md §2–3): one object instead of loose arguments.
 
     Attributes:
         mode: ``mulmax`` (argmax of the dot product) or ``diff2`` (argmin of the L2 distance).
@@ -30,7 +30,7 @@ class Alignment:
         use_index: image-feature index (§3b): align each query item only against its most similar
             stored item, chosen by global features.
         distance: return the FD distance (..., 1) instead of the residual (the training-free scorer,
-            METHOD.md §11): ``1 - cos(f, f̂)`` for mulmax, ``‖f - f̂‖₂`` for diff2.
+            docs/method.md §11): ``1 - cos(f, f̂)`` for mulmax, ``‖f - f̂‖₂`` for diff2.
     """
 
     mode: str = "mulmax"
@@ -267,7 +267,7 @@ class MemoryBank(nn.Module):
 
         Dense search over all K·N tokens by default; with ``align.use_index`` each query item is
         aligned only against its most similar stored item, chosen by `query_embeds` (Q, D)
-        (image-feature index, METHOD.md §3b).
+        (image-feature index, docs/method.md §3b).
         """
         if len(tokens) != self.num_layers:
             raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")

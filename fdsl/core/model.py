@@ -1,4 +1,4 @@
-"""FDSL: feature discrepancy -> per-layer scorers -> NAM -> anomaly maps and scores (METHOD.md §2–6)."""
+"""FDSL: feature discrepancy -> per-layer scorers -> NAM -> anomaly maps and scores (docs/method.md §2–6)."""
 from __future__ import annotations
 
 import logging
@@ -98,7 +98,7 @@ class FDSLHead(nn.Module):
 
 
 class NNHead(nn.Module):
-    """The training-free scorer (``--scorer nn``, METHOD.md §11): per layer, the FD distance is the anomaly map.
+    """The training-free scorer (``--scorer nn``, docs/method.md §11): per layer, the FD distance is the anomaly map.
 
     It takes the (B, N, 1) distances the alignment returns with ``Alignment.distance`` in place of residuals and
     has the learned head's interface (`raw`, `refine`, `forward`), without parameters and without NAM.
@@ -144,7 +144,7 @@ class FDSLOutput(NamedTuple):
 
 
 def image_score(patch_score, map_max):
-    """The image score 0.5·(patch_score + map_max) (METHOD.md §6); tensors or arrays of the same shape."""
+    """The image score 0.5·(patch_score + map_max) (docs/method.md §6); tensors or arrays of the same shape."""
     return 0.5 * (patch_score + map_max)
 
 
@@ -369,7 +369,7 @@ class FDSL(nn.Module):
         return out
 
     def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
-        """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (METHOD.md §8)."""
+        """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
         if self.cfg.scorer != "fdsl":
             raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
         raw, refined = self.head(residuals)
@@ -382,7 +382,7 @@ class FDSL(nn.Module):
 
     def anomalous_maps(self, raw: List[torch.Tensor]) -> List[torch.Tensor]:
         """The one path from raw prob maps to anomaly maps, for both branches: L × (B, 2, G, G) raw per-layer
-        maps -> NAM when on -> L × (B, G, G) anomalous channel (METHOD.md §4-6).
+        maps -> NAM when on -> L × (B, G, G) anomalous channel (docs/method.md §4-6).
 
         The global branch feeds it the scorers' maps; the window branch the stitched window maps.
         """
@@ -398,7 +398,7 @@ class FDSL(nn.Module):
 
     def window_maps(self, images: torch.Tensor, memories: Union[MemorySet, Sequence[FDSLMemory]],
                     patches: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
-        """Per memory, per-layer (B, G, G) stitched window maps (METHOD.md §5).
+        """Per memory, per-layer (B, G, G) stitched window maps (docs/method.md §5).
 
         Windows are encoded `win_batch` at a time, once for all memories; each window's raw per-layer
         prob map is pasted at its place, averaged over coverage, then refined by NAM when NAM is on.

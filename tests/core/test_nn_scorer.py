@@ -1,4 +1,4 @@
-"""The training-free scorer (`--scorer nn`, METHOD.md §11): the FD distance to the nearest normal token is the map."""
+"""The training-free scorer (`--scorer nn`, docs/method.md §11): the FD distance to the nearest normal token."""
 from __future__ import annotations
 
 import pytest
