@@ -14,6 +14,7 @@ from PIL import Image
 from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.deploy.pixels import preprocess, resize_bilinear
 from fdsl.errors import CheckpointError, ConfigError
+from fdsl.inspect.thresholds import defect_region
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class Prediction(NamedTuple):
 
     score: 0.5·(patch_score + map_max); is_anomalous: score > image threshold (None without one);
     anomaly_map: (cal, cal) float32; mask: (H, W) bool at the image's size (None without a pixel threshold);
-    patch_score, map_max: floats; defect_area_px: pixels of `mask`; size: (W, H) of the image.
+    patch_score, map_max: floats; defect_area_px: pixels of `mask`; size: (W, H) of the image; region: the rule
+    that made `mask` (`fdsl.inspect.thresholds.defect_region`).
     """
 
     score: float
@@ -42,6 +44,7 @@ class Prediction(NamedTuple):
     map_max: float
     defect_area_px: Optional[int]
     size: Tuple[int, int]
+    region: Optional[str] = None
 
 
 class _OpenVINOSession:
@@ -150,12 +153,13 @@ class ExportedDetector:
         preds = []
         for im, amap, p, m in zip(images, out["anomaly_map"], out["patch_score"], out["map_max"]):
             score = 0.5 * (float(p) + float(m))  # in float64, as Detector.score_images
-            mask = area = None
-            if pix is not None:
-                mask = resize_bilinear(amap, im.size) > pix
+            verdict = None if thr is None else bool(score > thr)
+            mask = area = region = None
+            if pix is not None:  # the mask follows the verdict, as Detector.score_images
+                mask, region = defect_region(resize_bilinear(amap, im.size), pix, verdict)
                 area = int(mask.sum())
-            preds.append(Prediction(score, None if thr is None else bool(score > thr), np.asarray(amap, np.float32),
-                                    mask, float(p), float(m), area, tuple(im.size)))
+            preds.append(Prediction(score, verdict, np.asarray(amap, np.float32), mask, float(p), float(m), area,
+                                    tuple(im.size), region))
         return preds
 
     def predict(self, images: Union[PathLike, Image.Image, Sequence[Union[PathLike, Image.Image]]],

@@ -55,9 +55,11 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
 def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[float], overlays: bool,
                     batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
-    from fdsl.cli.inspection import SCORE_COLUMNS, _csv_text, _inside, output_names
+    from fdsl.cli.inspection import SCORE_COLUMNS, _cell, _csv_text, _inside, output_names
     from fdsl.data.rgb import load_rgb
     from fdsl.deploy.pictures import render_overlay
+    from fdsl.inspect.gallery import write_gallery
+    from fdsl.inspect.verdicts import RECORD_FIELDS, caption, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
     thr = threshold if threshold is not None else det.image_threshold
@@ -66,7 +68,8 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[
         log.warning("the exported model has no image threshold (calibrate the detector before exporting, or pass "
                     "--threshold): scores and maps are written, no verdict is given")
     paths = [str(p) for p, _ in files]
-    stem_of = dict(zip(paths, output_names([n for _, n in files])))
+    display = {str(p): n for p, n in files}
+    stem_of = dict(zip(paths, output_names([n for _, n in files], keys=[str(Path(p).resolve()) for p in paths])))
     rows: Dict[str, dict] = {}
     errors: List[dict] = []
     t0 = time.time()
@@ -81,23 +84,23 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[
                 log.warning("skipping unreadable image %s: %s", p, exc)
         for p, im, pr in zip(batch, imgs, det.score_images(imgs, threshold=thr)):
             stem = stem_of[p]
-            rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
-                       "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
-                       "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
+            rec = verdict_record(pr, thr)
             mask_path = _inside(out, f"masks/{stem}.png")
-            if pr.is_anomalous and pr.mask is not None:
+            has_mask = bool(pr.is_anomalous and pr.mask is not None)
+            if has_mask:
                 _save_png(mask_path, pr.mask.astype(np.uint8) * 255)
             elif mask_path.exists():
                 mask_path.unlink()  # stale mask of an earlier run
             if overlays:
-                verdict = "" if pr.is_anomalous is None else ("  ANOMALOUS" if pr.is_anomalous else "  normal")
-                cap = f"score {pr.score:.4f}" + (f" (thr {thr:.4f})" if thr is not None else "") + verdict
-                if pr.defect_area_px is not None:
-                    cap += f"  area {pr.defect_area_px} px"
-                _save_png(_inside(out, f"overlays/{stem}.png"), render_overlay(im, pr.anomaly_map, pr.mask, cap))
+                _save_png(_inside(out, f"overlays/{stem}.png"),
+                          render_overlay(im, pr.anomaly_map, pr.mask, caption(display[p], pr, thr)))
+            rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
+                       "overlay": f"overlays/{stem}.png" if overlays else "",
+                       "mask": f"masks/{stem}.png" if has_mask else ""}
         atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
     atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
     atomic_write_text(out / "errors.csv", _csv_text(errors, ("path", "error")))
+    write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl.deploy: {Path(model).name}")
     n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
     summary = {
         "model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
@@ -106,7 +109,7 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[
         "threshold_source": "--threshold" if threshold is not None else "model" if thr is not None else None,
         "pixel_threshold": pix, "cal_image_size": det.cal_image_size,
         "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if overlays else None,
-                    "masks": "masks/"},
+                    "masks": "masks/", "gallery": "index.html"},
         "seconds": round(time.time() - t0, 3),
     }
     atomic_write_json(out / "summary.json", summary)

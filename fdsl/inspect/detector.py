@@ -11,7 +11,7 @@ The detector file is a safetensors file: tensors (head weights, memory banks) an
 Loading executes no pickled code and re-encodes nothing: the banks are restored, the backbone is rebuilt
 from the config (and, for a weights file, checked against the stored sha256).
 
-Scores are the single-image form 0.5·(patch_score + map_max) of METHOD.md §6, without test.py's per-class
+Scores are the single-image form 0.5·(patch_score + map_max) of docs/method.md §6, without test.py's per-class
 min-max normalisation of map_max (a stream of single images has no class-wide minimum and maximum).
 """
 from __future__ import annotations
@@ -64,12 +64,13 @@ class Prediction(NamedTuple):
     score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
     is_anomalous: score > image threshold; None when the detector has no image threshold.
     anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
-    mask: (H, W) bool defect mask at the image's own size (map resized bilinearly, > pixel threshold);
-        None without a pixel threshold.
+    mask: (H, W) bool defect mask at the image's own size, None without a pixel threshold. It follows the
+        verdict (`defect_region`): empty for a normal image, never empty for an anomalous one.
     patch_score: mean over layers of the max anomalous probability on the patch grid.
     map_max: max of `anomaly_map` (test.py's scores.csv column).
     defect_area_px: pixels of `mask` (None without a pixel threshold).
     size: (W, H) of the original image.
+    region: the rule that made `mask` ("none", "pixel_threshold", "top_region"); None without a mask.
     """
 
     score: float
@@ -80,7 +81,11 @@ class Prediction(NamedTuple):
     map_max: float
     defect_area_px: Optional[int]
     size: Tuple[int, int]
+    region: Optional[str] = None
 
+
+# defect_region lives in fdsl.inspect.thresholds (NumPy only: the torch-free fdsl.deploy uses it); re-exported.
+from fdsl.inspect.thresholds import TOP_REGION_FRACTION, defect_region  # noqa: E402, F401
 
 # ----------------------------------------------------------------------------- files and images
 
@@ -103,6 +108,49 @@ def _as_pil(item: ImageInput) -> Image.Image:
     if isinstance(item, np.ndarray):
         return array_to_pil(item)
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+
+
+def _choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
+                  batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
+    """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
+
+    Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's
+    size and search cost; a large projection is logged as a warning before the full encoding starts.
+    """
+    from fdsl.inspect.shot_selection import LARGE_BYTES, LARGE_SHOTS, even_indices, greedy_coreset, projected_cost
+
+    n = len(files)
+    if max_shots is None or max_shots >= n:
+        if max_shots is None and n > 2:
+            one = model.make_memory(model.encode_references(tf(load_rgb(files[0][0]))[None]))
+            per_shot = one.nbytes()
+            if n > LARGE_SHOTS or per_shot * n > LARGE_BYTES:
+                log.warning("fitting on all %d normal images (no --max_shots): %s. Pass --max_shots N (e.g. 8) to "
+                            "keep N shots chosen by greedy coreset over the image embeddings", n,
+                            projected_cost(per_shot, n))
+        return files, "all"
+    if selection == "even":
+        idx = even_indices(n, max_shots)
+    else:
+        embeds = []
+        for s in range(0, n, batch_size):
+            batch = torch.stack([tf(load_rgb(p)) for p, _ in files[s:s + batch_size]])  # (b, 3, S, S)
+            embeds.append(model.extract(batch).image_embeds.float().cpu())  # (b, D)
+        idx = greedy_coreset(torch.cat(embeds), max_shots)
+    log.info("kept %d of %d normal images as shots (%s): %s", len(idx), n, selection,
+             ", ".join(files[i][1] for i in idx[:10]) + (" ..." if len(idx) > 10 else ""))
+    return [files[i] for i in idx], selection
+
+
+def _normal_entry(path: PathLike, name: str) -> dict:
+    """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
+    from fdsl.inspect.input_check import image_profile
+
+    entry: dict = {"name": name, "sha256": sha256_file(path)}
+    prof = image_profile(path)
+    if prof is not None:
+        entry.update(mode=prof[0], size=list(prof[1]))
+    return entry
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -166,14 +214,19 @@ class Detector:
     # ------------------------------------------------------------------ fit
     @classmethod
     @torch.no_grad()
-    def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
+    def fit(cls, checkpoint: Optional[PathLike], normal_images: Union[PathLike, Sequence[PathLike]], *,
             runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8,
-            cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
-        """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
+            cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: Optional[int] = None,
+            shot_selection: str = "coreset", **model_options: Any) -> Detector:
+        """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
         Args:
-            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
-            normal_images: a folder (recursive) or a list of image files: all of them become the shots.
+            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one;
+                None with ``scorer="nn"`` (the training-free scorer, which needs none).
+            normal_images: a folder (recursive) or a list of image files: all of them become the shots, or
+                `max_shots` of them chosen by `shot_selection` (``coreset`` or ``even``, see
+                `fdsl.inspect.shot_selection`). Without `max_shots`, many shots log a warning with the projected
+                detector size and search cost before the encoding.
             runtime: how it runs (device, precision, --win_batch, --align_chunk_mb, ...; not stored): a
                 `RuntimeConfig`, or a device name for the default fp32 runtime on that device.
             batch_size: images encoded at once (not stored).
@@ -187,20 +240,35 @@ class Detector:
             raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        scorer = model_options.get("scorer") or "fdsl"
+        if scorer == "nn" and checkpoint is not None:
+            raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
+        if scorer != "nn" and checkpoint is None:
+            raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
+                              "the training-free scorer")
+        from fdsl.inspect.shot_selection import SELECTIONS
+
+        if max_shots is not None and max_shots < 1:
+            raise ConfigError(f"--max_shots must be positive, got {max_shots}")
+        if shot_selection not in SELECTIONS:
+            raise ConfigError(f"--shot_selection must be one of {', '.join(SELECTIONS)}, got {shot_selection!r}")
         files = list_images(normal_images, "normal images")
-        saved = read_checkpoint(checkpoint).get("model_config")
+        saved = read_checkpoint(checkpoint).get("model_config") if checkpoint is not None else None
         if "few_shot_features" not in model_options and "features_list" in model_options:
             model_options["few_shot_features"] = model_options["features_list"]
         cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
         # test.py's rule: a setting the trained head depends on follows the checkpoint; a contradiction is an error
-        reconcile_with_checkpoint(cfg, checkpoint, explicit={k for k, v in model_options.items() if v is not None})
+        if checkpoint is not None:
+            reconcile_with_checkpoint(cfg, checkpoint, explicit={k for k, v in model_options.items() if v is not None})
         rt = as_runtime_config(runtime)
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
-        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
+        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam) if checkpoint is not None else {}
         model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
-        tf = image_transform(cfg.image_size)
+        tf = image_transform(cfg.image_size, model.backbone.preprocess)
+        candidates = len(files)
+        files, method = _choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
         memory = model.make_memory(model.encode_references(images, batch_size))
         info = {
@@ -208,9 +276,12 @@ class Detector:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model_config": dataclasses.asdict(cfg),
             "backbone": backbone_identity(cfg),
-            "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
-                           "format": meta.get("format"), "epoch": meta.get("epoch")},
-            "normal_images": [{"name": name, "sha256": sha256_file(p)} for p, name in files],
+            "scorer": cfg.scorer,
+            "checkpoint": None if checkpoint is None else {
+                "name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
+                "format": meta.get("format"), "epoch": meta.get("epoch")},
+            "normal_images": [_normal_entry(p, name) for p, name in files],
+            "shots": {"selection": method, "candidates": candidates, "max_shots": max_shots},
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
         }
@@ -292,23 +363,24 @@ class Detector:
             return []
         cal = self.cal_image_size if cal_image_size is None else check_size(cal_image_size, "--cal_image_size")
         threshold = check_threshold(threshold, "threshold")
-        tf = image_transform(self.model.cfg.image_size)
+        tf = image_transform(self.model.cfg.image_size, self.model.backbone.preprocess)
         batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
         out = self.model.predict(batch, [self.memory], cal)[0]
         maps = out.anomaly_map.float().cpu().numpy()  # (B, cal, cal)
         patch = out.patch_score.double().cpu().numpy()
         mmax = out.map_max.double().cpu().numpy()
+        scores = out.pred_score.double().cpu().numpy()  # the model's single-image score
         thr = self.image_threshold if threshold is None else float(threshold)
         pix = self.pixel_threshold
         preds = []
-        for im, amap, p, m in zip(images, maps, patch, mmax):
-            score = 0.5 * (float(p) + float(m))
-            mask = area = None
+        for im, amap, p, m, sc in zip(images, maps, patch, mmax, scores):
+            score = float(sc)
+            verdict = None if thr is None else bool(score > thr)
+            mask = area = region = None
             if pix is not None:
-                mask = map_to_image(amap, im.size) > pix
+                mask, region = defect_region(map_to_image(amap, im.size), pix, verdict)
                 area = int(mask.sum())
-            preds.append(Prediction(score, None if thr is None else bool(score > thr), amap, mask, float(p),
-                                    float(m), area, tuple(im.size)))
+            preds.append(Prediction(score, verdict, amap, mask, float(p), float(m), area, tuple(im.size), region))
         return preds
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
@@ -404,7 +476,10 @@ class Detector:
             pix = threshold_for_fpr(normal_max, max_fpr if max_fpr is not None else fpr)
             report["pixel_method"] = "normal_map_max_at_image_fpr"
         report.update(image=float(thr), pixel=float(pix),
-                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files])
+                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files],
+                      images=[{"path": str(p), "name": n, "anomalous": bool(lab), "score": float(pr.score),
+                               "map_max": float(pr.map_max)}
+                              for (p, n), lab, pr in zip(files, labels, preds)])
         self.info["thresholds"] = {"image": float(thr), "pixel": float(pix),
                                    "image_method": report["image_method"], "pixel_method": report["pixel_method"],
                                    "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
@@ -437,4 +512,4 @@ def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-__all__ = ["Detector", "Prediction"]
+__all__ = ["Detector", "Prediction", "defect_region"]

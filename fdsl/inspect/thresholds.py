@@ -48,3 +48,27 @@ def check_threshold(value: Any, flag: str = "--threshold") -> Optional[float]:
             or not math.isfinite(float(value)):
         raise ConfigError(f"{flag} must be a finite number, got {value!r}")
     return float(value)
+
+
+TOP_REGION_FRACTION = 0.1  # a flagged image without a pixel above the pixel threshold outlines its top 10 % range
+
+
+def defect_region(full_map: np.ndarray, pixel_threshold: float,
+                  is_anomalous: Optional[bool]) -> Tuple[np.ndarray, str]:
+    """The defect mask of one image, consistent with its image verdict; returns ((H, W) bool mask, rule).
+
+    Rules (docs/workbench.md, "Verdicts that agree"):
+      - normal verdict: no defect region (empty mask, rule ``"none"``), whatever pixels exceed the threshold;
+      - anomalous verdict: pixels above the pixel threshold (``"pixel_threshold"``); when none is, the top
+        region, the pixels within `TOP_REGION_FRACTION` of the map's range below its maximum (``"top_region"``);
+      - no verdict (no image threshold): pixels above the pixel threshold (``"pixel_threshold"``).
+    Args:
+        full_map: (H, W) float anomaly map at the image's own size.
+    """
+    if is_anomalous is False:
+        return np.zeros(full_map.shape, bool), "none"
+    mask = full_map > pixel_threshold
+    if is_anomalous and not mask.any():
+        hi, lo = float(full_map.max()), float(full_map.min())
+        return full_map >= hi - TOP_REGION_FRACTION * (hi - lo), "top_region"
+    return mask, "pixel_threshold"
