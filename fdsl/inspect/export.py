@@ -22,7 +22,7 @@ from torch import nn
 
 from fdsl import __version__
 from fdsl.core.memory import MemoryBank
-from fdsl.core.model import combine_layers, image_score
+from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
 from fdsl.deploy.inferencer import CONTRACT, OUTPUTS
@@ -89,6 +89,17 @@ def _graph_residuals(bank: _Bank, tokens: List[torch.Tensor], embeds: torch.Tens
     return out
 
 
+def combine_layers(anomalous: List[torch.Tensor], size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`fdsl.core.model.combine_layers` for equal grids (CLIP), traceable with a dynamic batch.
+
+    L × (B, G, G) anomalous maps -> ((B, size, size) mean of the upsampled maps, (B,) mean of the maxima).
+    """
+    anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
+    L, G = anom.shape[0], anom.shape[-1]
+    up = upsample(anom.reshape(-1, G, G), size).reshape(L, -1, size, size)  # (L, B, size, size)
+    return up.mean(dim=0), anom.flatten(2).amax(dim=-1).mean(dim=0)
+
+
 class _Stitch(nn.Module):
     """`fdsl.core.windows.stitch_windows` as two matrix products (graph runtimes lack ``index_add``).
 
@@ -128,6 +139,9 @@ class DetectorGraph(nn.Module):
     def __init__(self, model, memory, out_size: int, chunk_mb: int = 64) -> None:
         super().__init__()
         cfg = model.cfg
+        if not all(hasattr(model.backbone, a) for a in ("encode_images", "encode_patches", "patch_embed")):
+            raise ConfigError(f"fdsl export supports CLIP backbones; this detector's is a "
+                              f"{type(model.backbone).__name__}")
         self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
         self.out_size, self.chunk_mb = int(out_size), int(chunk_mb)
         diff2, index = cfg.align_mode == "diff2", cfg.use_img_idx
