@@ -1,4 +1,4 @@
-"""Engines: where the backbone's passes run. ``torch`` (default) or ``openvino`` (METHOD.md §11).
+"""Engines: where the backbone's passes run. ``torch`` (default) or ``openvino`` (docs/method.md §11).
 
 With ``--engine openvino`` the backbone's global pass (`forward`, images -> tokens) and its window pass
 (`forward_patches`, LFE window crops -> tokens) run as OpenVINO models compiled for the CPU in fp32; the
