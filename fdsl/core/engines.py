@@ -159,7 +159,14 @@ class OpenVINOEngine:
                 return self.core.read_model(str(path))
         # an example batch of 2: a batch of 1 would be specialised, not dynamic
         example = x[:1].expand(2, *x.shape[1:]).contiguous().float()
-        model = convert_to_openvino(_Pass(self.owner, fn), example)
+        try:
+            model = convert_to_openvino(_Pass(self.owner, fn), example)
+        except Exception as exc:  # torch.export or the OpenVINO frontend: an op it cannot take
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "conversion rule" in ln or "aten." in ln), lines[-1] if lines else "")
+            raise ConfigError(f"--engine openvino cannot convert the {name} pass of this "
+                              f"{getattr(self.owner, 'model_name', type(self.owner).__name__)} backbone "
+                              f"({type(exc).__name__}: {detail[:200]}); use --engine torch") from exc
         if path is not None:
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
             ov.save_model(model, str(tmp), compress_to_fp16=False)

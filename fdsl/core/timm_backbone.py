@@ -220,6 +220,7 @@ class TimmBackbone(nn.Module):
         net.eval()
         net.requires_grad_(False)
         self.net = net
+        self.engine = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.engines`)
         self.model_name = f"{PREFIX}{name}"
         self.pretrained = p
         self.image_size = int(image_size)
@@ -265,8 +266,15 @@ class TimmBackbone(nn.Module):
         """Encode (B, 3, S, S) images: per tapped layer (B, grids[l]², widths[l]) tokens, (B, D) embeddings."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
             raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
+        if self.engine is not None:  # `fdsl.core.engines`: the pass compiled from `encode_images`
+            return self.engine.run("images", self.encode_images, images)
+        return self.encode_images(images)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> BackboneOutput:
+        """The PyTorch global pass of `forward` on checked (B, 3, S, S) images."""
         if self.is_vit:
-            return self.forward_patches(self.patch_embed(images))
+            return self.encode_patches(self.patch_embed(images))
         maps = self.net.forward_intermediates(images, indices=self.take, intermediates_only=True,
                                               stop_early=True)  # L × (B, C_l, H_l, W_l)
         return self._output(maps)
@@ -293,6 +301,13 @@ class TimmBackbone(nn.Module):
         rule), the blocks; per tapped block (B, g², C) tokens (prefix tokens dropped, no final norm)."""
         if not self.supports_windows:
             raise ConfigError(f"{self.model_name} is not a plain ViT")
+        if self.engine is not None:  # `fdsl.core.engines`: the pass compiled from `encode_patches`
+            return self.engine.run("patches", self.encode_patches, patches)
+        return self.encode_patches(patches)
+
+    @torch.no_grad()
+    def encode_patches(self, patches: torch.Tensor) -> BackboneOutput:
+        """The PyTorch pass of `forward_patches`."""
         net = self.net
         x = patches.permute(0, 2, 3, 1).contiguous()  # (B, g, g, C); crops are strided views
         x = net._pos_embed(x)  # (B, prefix + g², C)

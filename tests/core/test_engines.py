@@ -161,3 +161,24 @@ def test_engine_cache_skips_conversion_in_a_later_run(backbone, tmp_path, monkey
     finally:
         with torch.no_grad():
             backbone.visual.ln_pre.bias.sub_(1e-3)
+
+
+def test_timm_backbones_run_on_openvino_or_refuse_in_one_line():
+    """A timm CNN (EfficientNet-Lite0) gives torch's tokens on OpenVINO; a timm ViT, whose positional grid is
+    resampled with an op OpenVINO lacks, is a ConfigError naming the pass, not a traceback."""
+    from test_backbone_contract import TINY_VIT
+
+    from fdsl.core.engines import OpenVINOEngine
+    from fdsl.core.timm_backbone import TimmBackbone
+
+    cnn = TimmBackbone("timm:tf_efficientnet_lite0", "none", 64, [3, 4]).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ref = cnn(x)
+    cnn.engine = OpenVINOEngine(cnn, threads=1)
+    got = cnn(x)
+    for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5
+    vit = TimmBackbone("timm:vit_tiny_patch16_224", "none", 96, [1, 3], model_kwargs=TINY_VIT).eval()
+    vit.engine = OpenVINOEngine(vit, threads=1)
+    with pytest.raises(ConfigError, match="cannot convert the images pass"):
+        vit(torch.randn(2, 3, 96, 96))
