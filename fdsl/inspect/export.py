@@ -142,6 +142,9 @@ class DetectorGraph(nn.Module):
         if not all(hasattr(model.backbone, a) for a in ("encode_images", "encode_patches", "patch_embed")):
             raise ConfigError(f"fdsl export supports CLIP backbones; this detector's is a "
                               f"{type(model.backbone).__name__}")
+        if getattr(cfg, "scorer", "fdsl") != "fdsl":
+            raise ConfigError(f"fdsl export supports the learned scorer (--scorer fdsl); this detector uses "
+                              f"--scorer {cfg.scorer}")
         self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
         self.out_size, self.chunk_mb = int(out_size), int(chunk_mb)
         diff2, index = cfg.align_mode == "diff2", cfg.use_img_idx

@@ -255,3 +255,16 @@ def test_graph_equals_predict_for_every_setting(env, settings):
     assert float(ref.pred_score.std()) > 1e-4
     for a, b in ((amap, ref.anomaly_map), (score, ref.pred_score), (patch, ref.patch_score), (mmax, ref.map_max)):
         assert float((a - b).abs().max()) < 1e-5
+
+
+def test_export_refuses_what_the_graph_does_not_compute(env):
+    """The training-free scorer (--scorer nn) is not in the graph: a ConfigError, not a wrong model."""
+    from fdsl.config import ModelConfig
+    from fdsl.core.model import FDSL
+    from fdsl.errors import ConfigError
+    from fdsl.inspect.export import DetectorGraph
+
+    model = FDSL.from_config(ModelConfig(model="FDSL-Tiny-ViT", pretrained=str(env.weights), image_size=112,
+                                         features_list=[2, 4], few_shot_features=[2, 4], scorer="nn"))
+    with pytest.raises(ConfigError, match="--scorer nn"):
+        DetectorGraph(model, None, 64)
