@@ -131,7 +131,8 @@ def make_detector(spec: Dict[str, Any]) -> Dict[str, Any]:
     det = Detector(model, memory, info)
     det.save(Path(spec["dir"]) / "part.fdsl")
     t = _timed(lambda: export_detector(det, Path(spec["dir"]) / "exported", "openvino"))
-    return {"status": "ok", "export_s": t}
+    t_onnx = _timed(lambda: export_detector(det, Path(spec["dir"]) / "exported_onnx", "onnx"))
+    return {"status": "ok", "export_s": t, "export_onnx_s": t_onnx}
 
 
 def run_latency(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -140,11 +141,12 @@ def run_latency(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     rng = __import__("numpy").random.default_rng(0)
     ims = [Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype="uint8")) for _ in range(spec["n"] + 1)]
-    if spec["how"] == "deploy":
+    if spec["how"].startswith("deploy"):
         from fdsl.deploy import load_exported
 
         t0 = time.perf_counter()
-        det = load_exported(Path(spec["dir"]) / "exported", threads=spec["threads"])
+        folder = "exported_onnx" if spec["how"] == "deploy-onnx" else "exported"
+        det = load_exported(Path(spec["dir"]) / folder, threads=spec["threads"])
         load_s = time.perf_counter() - t0
         heavy = [m for m in ("torch", "open_clip", "cv2") if m in sys.modules]
     else:
@@ -231,6 +233,7 @@ def main() -> int:
     p.add_argument("--win_chunk", type=int, default=8, help="windows encoded at once (timed chunk)")
     p.add_argument("--no_e2e", action="store_true", help="skip the end-to-end predict per image")
     p.add_argument("--skip_export", action="store_true")
+    p.add_argument("--skip_parts", action="store_true")
     p.add_argument("--skip_whole", action="store_true")
     p.add_argument("--n_whole", type=int, default=24, help="held-out images of the whole-process check")
     p.add_argument("--whole_reps", type=int, default=2)
@@ -246,7 +249,7 @@ def main() -> int:
     out: Dict[str, Any] = {"environment": env, "parts": [], "latency": [], "whole": None}
     script = Path(__file__).resolve()
     rows = []
-    for name in args.configs:
+    for name in [] if args.skip_parts else args.configs:
         r = spawn(script, {"kind": "parts", "config": name, "threads": args.threads, "reps": args.reps,
                            "win_chunk": args.win_chunk, "e2e": not args.no_e2e}, args.timeout)
         out["parts"].append(r)
@@ -267,7 +270,7 @@ def main() -> int:
             d = spawn(script, {"kind": "detector", "dir": tmp, "threads": args.threads}, args.timeout)
             out["export"] = d
             lat_rows = []
-            for how in ("torch", "deploy"):
+            for how in ("torch", "deploy", "deploy-onnx"):
                 r = spawn(script, {"kind": "latency", "how": how, "dir": tmp, "threads": args.threads, "n": 5},
                           args.timeout)
                 out["latency"].append(r)
@@ -276,7 +279,8 @@ def main() -> int:
                                      ",".join(r["heavy_modules"]) or "none"])
                 else:
                     print(how, r)
-            print(f"\nExported ViT-B-16 @224 global (export {fmt(d.get('export_s'))} s):")
+            print(f"\nExported ViT-B-16 @224 global (export: OpenVINO {fmt(d.get('export_s'))} s, "
+                  f"ONNX {fmt(d.get('export_onnx_s'))} s):")
             print(table(["run by", "load s", "s / image", "peak RSS MiB", "torch/open_clip/cv2 loaded"], lat_rows))
         if not args.skip_whole:
             w = whole_processes(args, Path(tmp))

@@ -327,11 +327,12 @@ class CLIPBackbone(nn.Module):
         if self.engine is not None:
             self.patch_embed_check(images)
             return self.engine.run("images", self.encode_images, images)
-        return self.encode_images(images)
+        return self.forward_patches(self.patch_embed(images))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> BackboneOutput:
-        """The PyTorch global pass: (B, 3, H, H) images -> `BackboneOutput` (what `forward` computes)."""
+        """The PyTorch global pass: (B, 3, H, H) images -> `BackboneOutput` (what `forward` computes), never
+        through an engine (the pass an engine or `fdsl export` compiles)."""
         return self.encode_patches(self.patch_embed(images))
 
     def patch_embed_check(self, images: torch.Tensor) -> None:

@@ -268,6 +268,8 @@ class TimmBackbone(nn.Module):
             raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
         if self.engine is not None:  # `fdsl.core.engines`: the pass compiled from `encode_images`
             return self.engine.run("images", self.encode_images, images)
+        if self.is_vit:
+            return self.forward_patches(self.patch_embed(images))
         return self.encode_images(images)
 
     @torch.no_grad()
