@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from common import ROOT, child_main, environment, fmt, maxrss_mb, print_environment, spawn, table, write_json
+from common import ROOT, child_main, environment, fmt, hwm_mb, maxrss_mb, print_environment, spawn, table, write_json
 
 CONFIGS = {
     "vitb224": dict(model="ViT-B-16", image_size=224, layers=[3, 6, 9, 12], winmode="nan"),
@@ -162,8 +162,9 @@ def run_latency(spec: Dict[str, Any]) -> Dict[str, Any]:
         heavy = []
     det.score_images(ims[:1])  # warm-up
     times = [_timed(lambda im=im: det.score_images([im])) for im in ims[1:]]
+    # VmHWM of this process's own address space (ru_maxrss may carry the spawning parent's peak across exec)
     return {"status": "ok", "how": spec["how"], "load_s": load_s, "latency_s": statistics.median(times),
-            "peak_rss_mb": maxrss_mb(), "heavy_modules": heavy}
+            "peak_rss_mb": hwm_mb() or maxrss_mb(), "heavy_modules": heavy}
 
 
 def run(spec: Dict[str, Any]) -> Dict[str, Any]:
