@@ -139,8 +139,8 @@ class FDSL(nn.Module):
 
         model = FDSL.from_config(cfg)
         fdsl.engine.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
-        model.fit(reference_images)      # (k, 3, S, S) normal images of one class
-        out = model(images)              # FDSLOutput
+        memory = model.make_memory(model.encode_references(reference_images))  # (k, 3, S, S) normal images
+        out = model(images, memory)      # FDSLOutput; model.predict(images, memories) scores several at once
     """
 
     def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
@@ -148,7 +148,6 @@ class FDSL(nn.Module):
         self.backbone = backbone
         self.cfg = cfg
         self.head = FDSLHead(backbone.width, len(backbone.layers), use_nam=cfg.use_nam)
-        self.memory: Optional[FDSLMemory] = None
         self.runtime = runtime or Runtime()
 
     @classmethod
@@ -253,12 +252,6 @@ class FDSL(nn.Module):
         window_bank = MemoryBank(w.tokens, w.image_embeds, dtype=rt.window_bank_dtype) if w is not None else None
         return FDSLMemory(MemoryBank(g.tokens, g.image_embeds, dtype=rt.bank_dtype), window_bank)
 
-    @torch.no_grad()
-    def fit(self, ref_images: torch.Tensor) -> FDSLMemory:
-        """Encode (k, 3, S, S) normal reference images into this model's memory."""
-        self.memory = self.make_memory(self.encode_references(ref_images))
-        return self.memory
-
     # ------------------------------------------------------------------ scoring
     def residuals(self, bank: MemoryBank, feats: BackboneOutput, window: bool = False) -> List[torch.Tensor]:
         """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C).
@@ -307,15 +300,6 @@ class FDSL(nn.Module):
         up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
         return list(up.reshape(len(maps), B, 2, size, size))
 
-    def prob_maps(self, feats: BackboneOutput, bank: MemoryBank) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Aligned residuals -> (raw, refined) per-layer (B, 2, G, G) prob maps."""
-        return self.head(self.residuals(bank, feats))
-
-    def global_maps(self, feats: BackboneOutput, memory: FDSLMemory) -> List[torch.Tensor]:
-        """Per-layer (B, G, G) anomalous maps of the global branch (NAM-refined when NAM is on)."""
-        _, refined = self.prob_maps(feats, memory.global_bank)
-        return [m[:, 1] for m in refined]
-
     def window_maps(self, images: torch.Tensor, memories: Sequence[FDSLMemory]) -> List[List[torch.Tensor]]:
         """Per memory, per-layer (B, G, G) stitched window maps (METHOD.md §5).
 
@@ -354,7 +338,7 @@ class FDSL(nn.Module):
         glob: List[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(memories)
         if feats is not None:
             for pos, res in self.iter_residuals(feats, memories):
-                glob[pos] = combine_layers([m[:, 1] for m in self.head(res)[1]], size)  # global_maps' maps
+                glob[pos] = combine_layers([m[:, 1] for m in self.head(res)[1]], size)  # refined anomalous maps
         outs = []
         for g, wmaps in zip(glob, wins):
             if g is not None:
@@ -371,11 +355,9 @@ class FDSL(nn.Module):
         return outs
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> FDSLOutput:
-        """Score (B, 3, S, S) images against the fitted memory."""
-        if self.memory is None:
-            raise ConfigError("call fit(reference_images) before scoring: the memory bank is empty")
-        return self.predict(images, [self.memory])[0]
+    def forward(self, images: torch.Tensor, memory: FDSLMemory) -> FDSLOutput:
+        """Score (B, 3, S, S) images against one memory (`make_memory`)."""
+        return self.predict(images, [memory])[0]
 
 
 def check_geometry(cfg: ModelConfig) -> Optional[int]:

@@ -421,35 +421,3 @@ def make_synthetic_visa(
     write_meta(root_path, build_visa_meta(root_path, names))
     logger.info("synthetic VisA-layout data (%d objects, %dx%d) in %s", len(names), width, height, root_path)
     return root_path
-
-
-# ----------------------------------------------------------------------------- random-weight heads
-
-
-def liven_head(model, refs, calib):
-    """Give an untrained head data-driven BN statistics and larger logits, so its maps vary visibly.
-
-    A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
-    The BN statistics are the cumulative average over one global and one window pass of `calib`
-    against a memory of `refs` (both branches, whatever the model's winmode). For tests and benchmarks
-    on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
-    Returns `model`.
-    """
-    import torch  # torch is imported lazily: the data generators above do not need it
-
-    with torch.no_grad():
-        mem = model.make_memory(model.encode_references(refs, windows=True))
-        bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the calibration passes
-        model.head.train()
-        model.head(model.residuals(mem.global_bank, model.extract(calib)))
-        model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
-        model.head.eval()
-        for bn in bns:
-            bn.momentum = 0.1
-        for scorer in model.head.scorers:
-            scorer.proj[9].weight.mul_(5.0)
-        model.head.nam.conv2.weight.mul_(3.0)
-    return model

@@ -148,10 +148,6 @@ class Evaluator:
             return self.save_path / f"k{k}" / f"seed_{seed}"
         return self.save_path if len(self.seeds) == 1 else self.save_path / f"seed_{seed}"
 
-    def seed_dir(self, seed: int, k: Optional[int] = None) -> Path:
-        """Output folder of one seed (and k, default the only one)."""
-        return self.run_dir((self.shots[0] if k is None else k, seed))
-
     def _class_file(self, run: Run, cls: str) -> Path:
         return self.run_dir(run) / "per_class" / f"{cls}.json"
 
