@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
+from fdsl.checks import dedupe_option, positive_int
 from fdsl.errors import ConfigError
 from fdsl.options import (
     AFFECTS,
@@ -25,7 +26,6 @@ from fdsl.options import (
     NUMBERS,
     build_parser,
     config_to_dict,
-    dedupe_option,
     expand_user_paths,
     explicit_fields,
     field_type,
@@ -35,16 +35,15 @@ from fdsl.options import (
     parse_bool,
     parse_config,
     part_of,
-    positive,
     settings,
 )
 
 # The generated-parser API, used with these dataclasses (defined in fdsl.options).
 __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "dedupe_option",
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
-           "parse_config", "part_of", "positive", "settings",
+           "parse_config", "part_of", "settings",
            "ModelConfig", "RuntimeConfig", "RunConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
-           "CalibrateConfig", "DemoConfig", "IndexConfig", "ModelOverrides", "model_config_from"]
+           "CalibrateConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides", "model_config_from"]
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
@@ -107,10 +106,8 @@ class ModelConfig:
                 or list(self.features_list) != sorted(self.features_list)):
             raise ConfigError("--features_list must hold distinct 1-based block numbers in increasing order, "
                               f"got {self.features_list}")
-        if self.image_size < 1:
-            raise ConfigError(f"--image_size must be positive, got {self.image_size}")
-        if self.win_size < 1 or self.win_stride < 1:
-            raise ConfigError(f"--win_size {self.win_size} and --win_stride {self.win_stride} must be positive")
+        for name in ("image_size", "win_size", "win_stride"):
+            positive_int(getattr(self, name), f"--{name}")
         if not 0.0 <= self.win_weight <= 1.0:
             raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
 
@@ -143,10 +140,8 @@ class RuntimeConfig:
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
-        if self.win_batch < 1:
-            raise ConfigError(f"--win_batch must be positive, got {self.win_batch}")
-        if self.align_chunk_mb < 1:
-            raise ConfigError(f"--align_chunk_mb must be positive, got {self.align_chunk_mb}")
+        positive_int(self.win_batch, "--win_batch")
+        positive_int(self.align_chunk_mb, "--align_chunk_mb")
 
 
 @dataclass
@@ -166,12 +161,9 @@ class RunConfig:
     def validate(self) -> None:
         """Check the shared run options; repeated --classes are dropped (keeping order) with a warning."""
         expand_user_paths(self)
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        positive_int(self.batch_size, "--batch_size")
+        positive_int(self.num_workers, "--num_workers", minimum=0)
+        positive_int(self.seed, "--seed", minimum=0)
         if not str(self.save_path).strip():
             raise ConfigError("--save_path is empty; give a run folder")
         if self.classes is not None:
@@ -200,8 +192,7 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
         for name in ("epoch", "save_freq", "k_shot"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+            positive_int(getattr(self, name), f"--{name}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
 
@@ -248,14 +239,12 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
         if len(set(shots)) != len(shots):
             raise ConfigError(f"--k_shot lists a value twice: {self.k_shot}")
-        if self.cal_image_size < 1:
-            raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
+        positive_int(self.cal_image_size, "--cal_image_size")
         if self.seeds is not None:
             if not self.seeds:
                 raise ConfigError("--seeds needs at least one seed")
-            bad = [s for s in self.seeds if s < 0]
-            if bad:
-                raise ConfigError(f"--seeds must be >= 0, got {bad}")
+            for s in self.seeds:
+                positive_int(s, "--seeds", minimum=0)
             self.seeds = dedupe_option("--seeds", self.seeds)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
@@ -277,15 +266,27 @@ def model_config_from(cfg: Any) -> ModelConfig:
 # ----------------------------------------------------------------------------- the other commands
 
 
-def _batch_size():
-    return option(8, "--batch_size", help="images per batch")
-
-
 ModelOverrides = overrides_of(ModelConfig, "model options (default: the checkpoint's saved model config)")
 
 
 @dataclass
-class FitConfig(ModelOverrides, RuntimeConfig):
+class ImagesCommand(RuntimeConfig):
+    """What `fit`, `predict` and `calibrate` share: the runtime options and a batch size."""
+
+    batch_size: int = option(8, "--batch_size", help="images per batch", group=RUNTIME)
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+        positive_int(self.batch_size, "--batch_size")
+
+    def runtime(self) -> RuntimeConfig:
+        """The `RuntimeConfig` part (how the detector runs)."""
+        return part_of(self, RuntimeConfig)
+
+
+@dataclass
+class FitConfig(ModelOverrides, ImagesCommand):
     """`fdsl fit`: a detector file from a trained checkpoint; every --normal image becomes a shot."""
 
     checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", required=True, path=True,
@@ -295,20 +296,14 @@ class FitConfig(ModelOverrides, RuntimeConfig):
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
                                  help="evaluation size of the anomaly maps (as test.py)")
-    batch_size: int = _batch_size()
 
     def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--cal_image_size", self.cal_image_size)
-        positive("--batch_size", self.batch_size)
-
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
+        ImagesCommand.validate(self)
+        positive_int(self.cal_image_size, "--cal_image_size")
 
 
 @dataclass
-class PredictConfig(RuntimeConfig):
+class PredictConfig(ImagesCommand):
     """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, summary.json."""
 
     detector: Optional[str] = option(None, "--detector", required=True, path=True,
@@ -323,23 +318,17 @@ class PredictConfig(RuntimeConfig):
         None, "--pretrained", path=True,
         help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
     overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
-    batch_size: int = _batch_size()
 
     def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--batch_size", self.batch_size)
+        ImagesCommand.validate(self)
         if self.cal_image_size is not None:
-            positive("--cal_image_size", self.cal_image_size)
+            positive_int(self.cal_image_size, "--cal_image_size")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
 
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
-
 
 @dataclass
-class CalibrateConfig(RuntimeConfig):
+class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
     detector: Optional[str] = option(None, "--detector", required=True, path=True,
@@ -356,15 +345,6 @@ class CalibrateConfig(RuntimeConfig):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: Optional[str] = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
-    batch_size: int = _batch_size()
-
-    def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--batch_size", self.batch_size)
-
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
 
 
 @dataclass

@@ -14,8 +14,6 @@ import os
 from dataclasses import field
 from typing import Any, Optional, Sequence, Tuple
 
-from fdsl.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 # What another value of a setting changes (see `option`).
@@ -187,15 +185,6 @@ def expand_user_paths(cfg: Any) -> None:
         setattr(cfg, name, [expand(v) for v in value] if isinstance(value, list) else expand(value))
 
 
-def dedupe_option(flag: str, values: Sequence[Any]) -> list:
-    """`values` without repeats, in order; a warning names the repeats."""
-    out = list(dict.fromkeys(values))
-    if len(out) != len(values):
-        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=list(values).index)
-        log.warning("%s lists %s more than once; each is used once: %s", flag, repeated, out)
-    return out
-
-
 def config_to_dict(cfg: Any) -> dict:
     """A JSON-ready dict of a config dataclass."""
     return dataclasses.asdict(cfg)
@@ -205,9 +194,3 @@ def part_of(cfg: Any, cls: type):
     """The `cls` part (e.g. `ModelConfig`, `RuntimeConfig`) of a train or test config."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
-
-
-def positive(flag: str, value: Any) -> None:
-    """Raise ConfigError unless `value` is an integer >= 1 (`flag` names the option)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{flag} must be positive, got {value}")

@@ -109,6 +109,7 @@ def _weights_label(pretrained: str) -> str:
 def ensure_dataset(root: Path, spec: dict) -> Path:
     """Generate the synthetic dataset `spec` at `root` unless an identical one is already there."""
     from fdsl.data.synthetic import make_synthetic_dataset
+    from fdsl.io import atomic_write_json
 
     stamp = root / _DATA_STAMP
     wanted = json.loads(json.dumps(spec))  # tuples -> lists, as stored
@@ -121,7 +122,7 @@ def ensure_dataset(root: Path, spec: dict) -> Path:
             pass
     log.info("generating synthetic data in %s (%s)", root, ", ".join(f"{k}={v}" for k, v in spec.items()))
     make_synthetic_dataset(root, **spec)
-    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    atomic_write_json(stamp, wanted)
     return root
 
 

@@ -21,11 +21,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from fdsl.checks import positive_int
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 
-log = logging.getLogger("fdsl.inspect")
+log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("path", "score", "map_max", "is_anomalous", "defect_area_px")
 _STATE = ".predict_state.json"
@@ -154,8 +155,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    positive_int(batch_size, "--batch_size")
     files = list_images(images, "input images", exclude=out)
     det_path = Path(detector)
     det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)

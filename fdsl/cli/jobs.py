@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from fdsl.config import parse_config
 from fdsl.errors import FDSLError, user_message
 
+log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
 
@@ -28,7 +29,7 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
     try:
         job()
     except FDSLError as exc:
-        logging.getLogger("fdsl").debug("error details", exc_info=True)
+        log.debug("error details", exc_info=True)
         line = explain(exc) if explain else f"error: {user_message(exc)}"
         distributed = sys.modules.get("fdsl.engine.distributed")  # loaded (with torch) when a job ran
         if distributed is not None:

@@ -28,10 +28,11 @@ from PIL import Image
 from skimage import data as skdata
 from skimage import draw
 
+from fdsl.checks import is_plain_name, positive_int, unique
 from fdsl.data.indexers import build_mvtec_meta, build_visa_meta, write_meta
 from fdsl.errors import ConfigError, DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFECT_TYPES: tuple[str, ...] = ("color", "scratch", "contamination")
 MARKER_FILENAME = ".fdsl_synthetic"
@@ -212,9 +213,7 @@ def _draw_defect(img: np.ndarray, kind: str, style: _Style,
 
 def _check_seed(seed: int) -> int:
     """Validate a seed (non-negative int)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return positive_int(seed, "seed", minimum=0)
 
 
 def synth_image(cls_name: str, key: str, height: int, width: int, seed: int = 0,
@@ -252,17 +251,15 @@ def _check_args(classes: Sequence[str], n_train: int, n_test_good: int, n_test_b
     """Validate generator arguments; return the class names as a list."""
     if isinstance(classes, str):
         classes = [classes]
-    names = list(dict.fromkeys(classes))
+    names = unique(classes)
     if not names:
         raise ConfigError("classes is empty; give at least one class name")
     for name in names:
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
-                or name.startswith(".") or name == "split_csv":
+        if not is_plain_name(name) or name.startswith(".") or name == "split_csv":
             raise ConfigError(f"class name {name!r} is not usable as a plain folder name")
     for label, value, low in (("n_train", n_train, 1), ("n_test_good", n_test_good, 0),
                               ("n_test_bad", n_test_bad, 0), ("image_size", image_size, 32)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+        positive_int(value, label, minimum=low)
     if n_test_good + n_test_bad < 1:
         raise ConfigError("n_test_good + n_test_bad must be at least 1 so every class has test images")
     _check_seed(seed)
@@ -362,7 +359,7 @@ def make_synthetic_dataset(
                 _save_mask(mask, cls_dir / "ground_truth" / defect / f"{stem}_mask.png", 255)
 
     write_meta(root_path, build_mvtec_meta(root_path, names))
-    logger.info("synthetic MVTec-layout data (%d classes, %dx%d) in %s", len(names), width, height, root_path)
+    log.info("synthetic MVTec-layout data (%d classes, %dx%d) in %s", len(names), width, height, root_path)
     return root_path
 
 
@@ -419,5 +416,5 @@ def make_synthetic_visa(
         writer.writerows(rows)
 
     write_meta(root_path, build_visa_meta(root_path, names))
-    logger.info("synthetic VisA-layout data (%d objects, %dx%d) in %s", len(names), width, height, root_path)
+    log.info("synthetic VisA-layout data (%d objects, %dx%d) in %s", len(names), width, height, root_path)
     return root_path

@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from fdsl.errors import ConfigError, DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BinaryCurve",
@@ -237,12 +237,12 @@ def curve_metrics(labels: object, scores: object) -> dict[str, float]:
     pos = s[y]
     neg = s[~y]
     if pos.size == 0:
-        logger.warning(
+        log.warning(
             "curve metrics: all %d labels are negative; AUROC, AP and F1-max are NaN.", y.size
         )
         return {"auroc": math.nan, "ap": math.nan, "f1_max": math.nan}
     if neg.size == 0:
-        logger.warning("curve metrics: all %d labels are positive; AUROC is NaN.", y.size)
+        log.warning("curve metrics: all %d labels are positive; AUROC is NaN.", y.size)
     steps = _steps(np.sort(pos)[::-1], np.sort(neg))
     return _metrics_from_steps(steps, pos.size, neg.size)
 
@@ -397,7 +397,7 @@ def aupro(masks: object, maps: object, fpr_limit: float = 0.3) -> float:
         )
     region_ids, n_regions = _region_ids(masks_b)  # (n_pos,)
     if n_regions == 0:
-        logger.warning("aupro: the masks hold no anomalous pixel; AUPRO is NaN.")
+        log.warning("aupro: the masks hold no anomalous pixel; AUPRO is NaN.")
         return math.nan
     pos = scores[masks_b]  # (n_pos,)
     inv_area = _inverse_areas(region_ids, n_regions)  # from all pixels, before the cut
@@ -468,13 +468,13 @@ def pixel_metrics(masks: object, maps: object, with_aupro: bool = True) -> dict[
             "AUPRO's false positive rate is undefined. Include normal pixels."
         )
     if pos.size == 0:
-        logger.warning("pixel metrics: the masks hold no anomalous pixel; all metrics are NaN.")
+        log.warning("pixel metrics: the masks hold no anomalous pixel; all metrics are NaN.")
         out = {"pixel_auroc": math.nan, "pixel_ap": math.nan, "pixel_f1_max": math.nan}
         if with_aupro:
             out["aupro"] = math.nan
         return out
     if neg.size == 0:
-        logger.warning("pixel metrics: every pixel is anomalous; pixel AUROC is NaN.")
+        log.warning("pixel metrics: every pixel is anomalous; pixel AUROC is NaN.")
 
     neg.sort()  # in place; `neg` is already a copy
     neg_asc = neg

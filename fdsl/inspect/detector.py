@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from fdsl import __version__
+from fdsl.checks import positive_int
 from fdsl.config import ModelConfig, RuntimeConfig
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
@@ -166,10 +167,8 @@ class Detector:
         Returns:
             The fitted detector, without thresholds.
         """
-        if cal_image_size < 1:
-            raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
-        if batch_size < 1:
-            raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        positive_int(cal_image_size, "--cal_image_size")
+        positive_int(batch_size, "--batch_size")
         files = list_images(normal_images, "normal images")
         saved = read_checkpoint(checkpoint).get("model_config")
         if "few_shot_features" not in model_options and "features_list" in model_options:

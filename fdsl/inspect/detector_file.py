@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -20,7 +19,7 @@ from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.inspect.files import sha256_file
-from fdsl.io import PathLike
+from fdsl.io import PathLike, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +137,5 @@ def write_detector_file(path: Path, tensors: Dict[str, torch.Tensor], info: dict
     """Write `tensors` and the metadata `info` to `path` atomically (a temporary file, then a rename)."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(info)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(info)})
