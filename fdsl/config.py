@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
 from fdsl.checks import dedupe_option, positive_int
+from fdsl.core.geometry import feature_take_indices
 from fdsl.errors import ConfigError
 from fdsl.options import (
     AFFECTS,
@@ -102,10 +103,7 @@ class ModelConfig:
             raise ConfigError(
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
-        if (len(set(self.features_list)) != len(self.features_list) or min(self.features_list) < 1
-                or list(self.features_list) != sorted(self.features_list)):
-            raise ConfigError("--features_list must hold distinct 1-based block numbers in increasing order, "
-                              f"got {self.features_list}")
+        feature_take_indices(self.features_list)  # the architecture's depth is checked when it is built
         for name in ("image_size", "win_size", "win_stride"):
             positive_int(getattr(self, name), f"--{name}")
         if not 0.0 <= self.win_weight <= 1.0:

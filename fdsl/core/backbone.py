@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdsl.core.geometry import feature_take_indices
 from fdsl.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -134,19 +135,6 @@ def _use_sequence_first_attention(visual: nn.Module) -> None:
                 block.attn.batch_first = False
 
 
-def _take_indices(layers: Sequence[int], depth: int) -> List[int]:
-    """0-based block indices for the 1-based `layers`, checked against the depth."""
-    bad = [layer for layer in layers if not 1 <= layer <= depth]
-    if bad:
-        raise ConfigError(f"--features_list {list(layers)}: blocks {bad} do not exist; the model has {depth} blocks")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"--features_list {list(layers)} repeats a block; give each block once")
-    if list(layers) != sorted(layers):
-        raise ConfigError(f"--features_list {list(layers)} must be in increasing block order, "
-                          f"e.g. {sorted(layers)}")
-    return [layer - 1 for layer in layers]
-
-
 class CLIPBackbone(nn.Module):
     """Frozen CLIP ViT that returns normalised patch tokens of chosen blocks and the image embedding.
 
@@ -182,7 +170,7 @@ class CLIPBackbone(nn.Module):
         if not hasattr(visual, "conv1") or not hasattr(visual, "positional_embedding"):
             raise ConfigError(f"--model {model_name!r} is not a plain CLIP ViT; FDSL needs one")
         patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else int(visual.patch_size)
-        if image_size % patch:
+        if image_size % patch:  # checked before building by Geometry.resolve; kept for direct use
             raise ConfigError(f"--image_size {image_size} is not a multiple of the patch size {patch}")
 
         act = "QuickGELU" if quick_gelu else "GELU"
@@ -217,7 +205,7 @@ class CLIPBackbone(nn.Module):
         self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else self.width
         self.depth = len(visual.transformer.resblocks)
         self.layers = list(layers)
-        self.take_indices = _take_indices(self.layers, self.depth)
+        self.take_indices = feature_take_indices(self.layers, self.depth)
         self.normalize = normalize
         # The positional grid as stored in the weights (e.g. 24x24 for OpenAI ViT-L-14-336).
         self.register_buffer("source_pos_embed", source_pos, persistent=False)

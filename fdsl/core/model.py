@@ -10,9 +10,10 @@ from torch import nn
 
 from fdsl.config import ModelConfig
 from fdsl.core.backbone import BackboneOutput, CLIPBackbone
+from fdsl.core.geometry import Geometry, WindowGeometry
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, group_nested
 from fdsl.core.runtime import Runtime, autocast
-from fdsl.core.windows import n_windows, split_windows, stitch_windows
+from fdsl.core.windows import split_windows, stitch_windows
 from fdsl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class FDSL(nn.Module):
         self.backbone = backbone
         self.cfg = cfg
         self.head = FDSLHead(backbone.width, len(backbone.layers), use_nam=cfg.use_nam)
+        self._windows: Optional[WindowGeometry] = None
         self.runtime = runtime or Runtime()
 
     @classmethod
@@ -167,6 +169,16 @@ class FDSL(nn.Module):
     @property
     def use_windows(self) -> bool:
         return self.cfg.winmode != "nan"
+
+    @property
+    def windows(self) -> WindowGeometry:
+        """The LFE windows on this backbone's patch grid, validated once per geometry (on first use, so a
+        model with LFE off never needs valid window settings unless its windows are asked for)."""
+        cfg = self.cfg
+        key = (self.backbone.grid_size, cfg.win_size, cfg.win_stride)
+        if self._windows is None or (self._windows.grid, self._windows.win, self._windows.stride) != key:
+            self._windows = WindowGeometry(*key)
+        return self._windows
 
     @property
     def alignment(self) -> Alignment:
@@ -197,7 +209,7 @@ class FDSL(nn.Module):
         cfg, step, bb = self.cfg, self.runtime.win_batch, self.backbone
         with autocast(self.device, self.runtime.compute_dtype):
             patches = bb.patch_embed(images.to(self.device))  # (B, C, G, G)
-        total = images.shape[0] * n_windows(bb.grid_size, cfg.win_size, cfg.win_stride)
+        total = images.shape[0] * self.windows.n_windows
         for s in range(0, total, step):
             index = torch.arange(s, min(s + step, total), device=self.device)
             crops = split_windows(patches, 1, cfg.win_size, cfg.win_stride, index)  # (n, C, W, W)
@@ -211,7 +223,7 @@ class FDSL(nn.Module):
         Chunks are written into preallocated tensors (of `dtype`, default the features' own), so the
         result is never held twice, as concatenating a list of chunks would.
         """
-        total = images.shape[0] * n_windows(self.backbone.grid_size, self.cfg.win_size, self.cfg.win_stride)
+        total = images.shape[0] * self.windows.n_windows
         tokens: List[torch.Tensor] = []
         embeds = torch.empty(0)
         s = 0
@@ -310,7 +322,7 @@ class FDSL(nn.Module):
         if any(m.window_bank is None for m in memories):
             raise ConfigError("the memory has no window bank; fit it with LFE on (--winmode mul or onlywin)")
         B = images.shape[0]
-        nw = n_windows(G, W, cfg.win_stride)
+        nw = self.windows.n_windows
         L = len(self.head.scorers)
         probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
         s = 0
@@ -360,10 +372,10 @@ class FDSL(nn.Module):
         return self.predict(images, [memory])[0]
 
 
-def check_geometry(cfg: ModelConfig) -> Optional[int]:
-    """The one check of a config's geometry, before any weights load: patch size, grid and windows.
+def check_geometry(cfg: ModelConfig) -> Optional[Geometry]:
+    """The one check of a config's geometry, before any weights load: patch size, blocks, grid and windows.
 
-    Returns the patch grid side G, or None when the architecture's patch size is not known up front
+    Returns the validated `Geometry`, or None when the architecture's patch size is not known up front
     (the backbone checks it when built). Raises ConfigError naming the offending option.
     """
     import open_clip
@@ -372,18 +384,10 @@ def check_geometry(cfg: ModelConfig) -> Optional[int]:
 
     register_model_configs(cfg.model_config)
     vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
-    patch = vision.get("patch_size")
+    patch, depth = vision.get("patch_size"), vision.get("layers")
     if not (isinstance(patch, int) and patch > 0):
         return None
-    if cfg.image_size % patch:
-        raise ConfigError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch} of {cfg.model}")
-    grid = cfg.image_size // patch
-    if cfg.winmode != "nan":
-        if cfg.win_size > grid:
-            raise ConfigError(f"--win_size {cfg.win_size} patches is larger than the {grid}×{grid} patch grid of "
-                              f"{cfg.model} at --image_size {cfg.image_size}")
-        n_windows(grid, cfg.win_size, cfg.win_stride)
-    return grid
+    return Geometry.resolve(cfg, patch, depth if isinstance(depth, int) and depth > 0 else None)
 
 
 def _cat_outputs(parts: List[BackboneOutput]) -> BackboneOutput:
