@@ -42,9 +42,23 @@ def repeated(values: Sequence[Hashable]) -> List[Any]:
     return [v for v, n in counts.items() if n > 1]
 
 
-def dedupe_option(flag: str, values: Sequence[Hashable]) -> list:
-    """`values` without repeats, in order; a warning names the repeats (``--classes a b a``)."""
+_WARNINGS = "_config_warnings"  # an instance attribute: warnings given while validating, replayed into log.txt
+
+
+def dedupe_option(flag: str, values: Sequence[Hashable], owner: Any = None) -> list:
+    """`values` without repeats, in order; a warning names the repeats (``--classes a b a``), also recorded on
+    `owner` (a config), whose run replays it into its log file once that exists: see `config_warnings`."""
     out = unique(values)
     if len(out) != len(values):
-        log.warning("%s lists %s more than once; each is used once: %s", flag, repeated(values), out)
+        message = f"{flag} lists {repeated(values)} more than once; each is used once: {out}"
+        log.warning("%s", message)
+        if owner is not None:
+            seen = list(getattr(owner, _WARNINGS, []))
+            if message not in seen:
+                object.__setattr__(owner, _WARNINGS, seen + [message])
     return out
+
+
+def config_warnings(cfg: Any) -> List[str]:
+    """The warnings `cfg`'s validation gave (repeated --classes, --seeds, --k_shot values), in order."""
+    return list(getattr(cfg, _WARNINGS, []))

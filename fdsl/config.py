@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
-from fdsl.checks import dedupe_option, positive_int
+from fdsl.checks import config_warnings, dedupe_option, positive_int
 from fdsl.core.geometry import feature_take_indices
 from fdsl.errors import ConfigError
 from fdsl.options import (
@@ -40,7 +40,8 @@ from fdsl.options import (
 )
 
 # The generated-parser API, used with these dataclasses (defined in fdsl.options).
-__all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "dedupe_option",
+__all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "config_warnings",
+           "dedupe_option",
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
            "parse_config", "part_of", "settings",
            "ModelConfig", "RuntimeConfig", "RunConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
@@ -165,7 +166,7 @@ class RunConfig:
         if not str(self.save_path).strip():
             raise ConfigError("--save_path is empty; give a run folder")
         if self.classes is not None:
-            self.classes = dedupe_option("--classes", self.classes)
+            self.classes = dedupe_option("--classes", self.classes, self)
 
 
 @dataclass
@@ -235,15 +236,16 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
-        if len(set(shots)) != len(shots):
-            raise ConfigError(f"--k_shot lists a value twice: {self.k_shot}")
+        if len(set(shots)) != len(shots):  # like repeated seeds: each value once, with a warning
+            shots = dedupe_option("--k_shot", shots, self)
+            self.k_shot = shots[0] if len(shots) == 1 else shots
         positive_int(self.cal_image_size, "--cal_image_size")
         if self.seeds is not None:
             if not self.seeds:
                 raise ConfigError("--seeds needs at least one seed")
             for s in self.seeds:
                 positive_int(s, "--seeds", minimum=0)
-            self.seeds = dedupe_option("--seeds", self.seeds)
+            self.seeds = dedupe_option("--seeds", self.seeds, self)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
 

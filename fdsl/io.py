@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -10,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -30,8 +31,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     For writers that want a file name (safetensors); `atomic_open` and the helpers below build on it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     os.close(fd)
     try:
         yield Path(tmp)
@@ -41,9 +45,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; results are ordinary shared files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not exc.filename and exc.errno in WRITE_ERRNOS:
+            raise _naming(exc, path) from exc  # a failed write() names no file: name the target
         raise
 
 
@@ -52,6 +58,50 @@ def atomic_open(path: PathLike, mode: str = "w", **kwargs: Any) -> Iterator[io.I
     """Write a file through a temporary sibling, renamed into place only when complete (`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
+
+
+# errno values that mean "this cannot be written here": full disk or quota, too large, read-only, no access,
+# a path component that is a file.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.ENOTDIR, errno.EEXIST})
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` as an OSError of the same errno that names `path` when it names no file itself."""
+    if exc.filename or exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def write_failure(exc: BaseException) -> Optional[str]:
+    """The one line for an OSError met while writing results (disk full, read-only, ...), or None for others.
+
+    Atomic writes never leave a half-written file, so the line says that finished work is kept.
+    """
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return (f"cannot write{where}: {exc.strerror or exc}; nothing was half-written and finished work is kept: "
+            "free space or choose a writable folder, then rerun the same command to resume")
+
+
+def check_writable_file(path: PathLike, flag: str) -> Path:
+    """Check, before slow work, that the file `path` can be written: its folder can be created and written.
+
+    Raises:
+        ConfigError: naming the path and the reason (a component is a file, read-only, no space, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)!r} cannot be written ({exc.strerror or exc}"
+                          f"{': ' + str(exc.filename) if exc.filename else ''}); choose a writable path") from exc
+    return path
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -120,8 +170,13 @@ class LibraryNoise(logging.Filter):
         return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
 
 
-def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Log to the console and, when given, to `log_file` (one line per event)."""
+def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO,
+                  replay: tuple | list = ()) -> logging.Logger:
+    """Log to the console and, when given, to `log_file` (one line per event).
+
+    `replay`: warnings already shown on the console before the log file existed (e.g. while the options were
+    validated); they are written to `log_file` only.
+    """
     root = logging.getLogger()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -141,6 +196,8 @@ def setup_logging(log_file: PathLike | None = None, level: int = logging.INFO) -
         fh.addFilter(LibraryNoise())
         fh._fdsl = True  # type: ignore[attr-defined]
         root.addHandler(fh)
+        for message in replay:
+            fh.handle(logging.LogRecord("fdsl.config", logging.WARNING, __file__, 0, "%s", (message,), None))
     return root
 
 

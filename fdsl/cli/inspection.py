@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 from fdsl.checks import positive_int
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError, FDSLError
+from fdsl.inspect.outputs import output_names  # noqa: F401  (re-exported: `predict`'s output names)
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,12 @@ _STATE = ".predict_state.json"
 
 def cmd_fit(cfg: FitConfig) -> None:
     from fdsl.inspect.detector import Detector
+    from fdsl.io import check_writable_file
 
     out = Path(cfg.out)
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; give the detector file name, e.g. part.fdsl")
+    check_writable_file(out, "--out")  # before the (slow) fit
     det = Detector.fit(cfg.checkpoint, cfg.normal, runtime=cfg.runtime(), batch_size=cfg.batch_size,
                        cal_image_size=cfg.cal_image_size, **given(cfg, ModelConfig))
     det.save(out)
@@ -52,43 +54,57 @@ def cmd_calibrate(cfg: CalibrateConfig) -> None:
     from fdsl.inspect.detector import Detector
 
     det = Detector.load(cfg.detector, runtime=cfg.runtime(), pretrained=cfg.pretrained)
+    writable = _writable_folder(Path(cfg.detector).parent)
+    if writable is not None:
+        raise ConfigError(f"--detector {cfg.detector!r} cannot be rewritten with the thresholds: its folder is "
+                          f"not writable ({writable}); copy the detector to a writable folder and calibrate the copy")
     rep = det.calibrate(cfg.normal, cfg.anomalous, masks=cfg.masks, max_fpr=cfg.max_fpr,
                         batch_size=cfg.batch_size)
-    det.save(cfg.detector)
+    cfg.detector = str(_save_or_elsewhere(det, Path(cfg.detector)))
     print(f"image threshold {rep['image']:.6f} ({rep['image_method']}; normal FPR {rep['image_fpr']:.4f}"
           + (f", anomalous TPR {rep['image_tpr']:.4f}" if "image_tpr" in rep else "")
           + f"), pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {cfg.detector}")
 
 
+def _writable_folder(folder: Path) -> Optional[str]:
+    """None when a file can be created in `folder`; else the reason."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def _save_or_elsewhere(det, path: Path) -> Path:
+    """Save `det` to `path`; when that fails (disk full, read-only), save it beside the working folder's or the
+    temporary folder's copy, so the calibration is not lost, and say where. Returns the path written."""
+    import tempfile
+
+    from fdsl.io import write_failure
+
+    try:
+        det.save(path)
+        return path
+    except OSError as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+            alt = folder / f"{path.stem}.calibrated{path.suffix or '.fdsl'}"
+            if alt.resolve() == path.resolve() or _writable_folder(folder) is not None:
+                continue
+            try:
+                det.save(alt)
+            except OSError:
+                continue
+            raise ConfigError(f"cannot rewrite {path} ({exc.strerror or exc}); the calibrated detector was "
+                              f"written to {alt} instead: move it into place") from exc
+        raise
+
+
 # ----------------------------------------------------------------------------- predict
-
-
-def _safe_part(part: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", part).lstrip(".")
-    return s or "_"
-
-
-def output_names(names: Sequence[str]) -> List[str]:
-    """Unique, sanitised relative output stems (no extension) for input names; none can leave the folder.
-
-    Each path component keeps letters, digits, ``._-`` (others become ``_``, leading dots are dropped, so no
-    ``..``); a stem shared by two inputs (``a.png``, ``a.jpg``) gets the extension appended.
-    """
-    stems = ["/".join(_safe_part(p) for p in Path(n).with_suffix("").as_posix().split("/") if p not in ("", "."))
-             or "_" for n in names]
-    counts: Dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    out, seen = [], set()
-    for s, n in zip(stems, names):
-        if counts[s] > 1:
-            s = s + "_" + _safe_part(Path(n).suffix.lstrip(".") or "x")
-        base, i = s, 2
-        while s in seen:
-            s, i = f"{base}_{i}", i + 1
-        seen.add(s)
-        out.append(s)
-    return out
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -141,28 +157,48 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
 
     Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv`` (unreadable
     images), ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution) and
-    ``summary.json``; returns the summary. Images whose outputs exist and are newer than the detector file,
-    from a run with the same thresholds, are skipped.
+    ``summary.json``; returns the summary. One run at a time per `out` (a lock file). An image is skipped
+    as done when the same detector file and settings scored the same file (size and mtime unchanged) and
+    its outputs are in place. Rows of earlier runs' other inputs, scored with the same settings, are kept.
     """
-    from tqdm import tqdm
-
-    from fdsl.data.images import load_rgb
     from fdsl.inspect.detector import Detector
     from fdsl.inspect.files import list_images
-    from fdsl.inspect.overlay import render_overlay
-    from fdsl.io import atomic_write_json, atomic_write_text
+    from fdsl.inspect.outputs import check_output_folder, folder_lock
+    from fdsl.inspect.thresholds import check_threshold
+    from fdsl.io import prepare_run_dir
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
     positive_int(batch_size, "--batch_size")
+    threshold = check_threshold(threshold, "--threshold")
+    if cal_image_size is not None:
+        positive_int(cal_image_size, "--cal_image_size")
+    check_output_folder(out, images)
+    for raw in images:
+        if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):
+            log.info("--out %s lies inside the input folder %s: it is skipped when listing the images", out, raw)
     files = list_images(images, "input images", exclude=out)
     det_path = Path(detector)
     det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, "--out")
+    with folder_lock(out):
+        return _predict_locked(det, det_path, files, out, threshold, cal_image_size, overlays, batch_size)
+
+
+def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[float],
+                    cal_image_size: Optional[int], overlays: bool, batch_size: int) -> dict:
+    """`predict_folder` once `out` is locked."""
+    from tqdm import tqdm
+
+    from fdsl.data.images import load_rgb
+    from fdsl.inspect.outputs import input_identity
+    from fdsl.inspect.overlay import render_overlay
+    from fdsl.io import atomic_write_json, atomic_write_text
+
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
-    cal = cal_image_size or det.cal_image_size
+    cal = cal_image_size if cal_image_size is not None else det.cal_image_size
     if thr is None:
         log.warning("the detector has no image threshold (run `python -m fdsl calibrate` or pass --threshold): "
                     "scores and maps are written, no verdict is given (is_anomalous is empty)")
@@ -170,39 +206,84 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
         log.warning("no pixel threshold: no masks and no defect_area_px (run `python -m fdsl calibrate`)")
 
     st = det_path.stat()
-    state = {"detector": str(det_path.resolve()), "detector_size": st.st_size, "detector_mtime_ns": st.st_mtime_ns,
-             "image_threshold": thr, "pixel_threshold": pix, "cal_image_size": cal, "overlays": overlays}
+    settings = {"detector": str(det_path.resolve()), "detector_size": st.st_size,
+                "detector_mtime_ns": st.st_mtime_ns, "image_threshold": thr, "pixel_threshold": pix,
+                "cal_image_size": cal, "overlays": overlays}
     try:
-        same = json.loads((out / _STATE).read_text()) == state
+        old_state = json.loads((out / _STATE).read_text())
     except (OSError, json.JSONDecodeError):
-        same = False
-    previous = _read_rows(out / "scores.csv") if same else {}
-    atomic_write_json(out / _STATE, state)
+        old_state = {}
+    old_state = old_state if isinstance(old_state, dict) else {}
+    same = old_state.get("settings") == settings
+    old_inputs: Dict[str, dict] = old_state.get("inputs", {}) if isinstance(old_state.get("inputs"), dict) else {}
+    previous = _read_rows(out / "scores.csv")
 
     paths = [str(p) for p, _ in files]
-    stems = output_names([n for _, n in files])
-    overlay = {p: _inside(out, f"overlays/{s}.png") for p, s in zip(paths, stems)}
-    mask = {p: _inside(out, f"masks/{s}.png") for p, s in zip(paths, stems)}
+    current = set(paths)
+    # Earlier runs' other inputs: kept (same settings) or dropped with their outputs (other settings).
+    others = [p for p in previous if p not in current and p in old_inputs]
+    if others and not same:
+        log.warning("%d row(s) of earlier runs into %s were scored with another detector file or settings: "
+                    "dropped, with their overlays and masks", len(others), out)
+        for p in others:
+            _remove_outputs(out, old_inputs[p].get("stem"))
+        others = []
+    elif others:
+        log.info("keeping %d row(s) of earlier runs' other inputs in %s", len(others), out)
+    inputs: Dict[str, dict] = {p: old_inputs[p] for p in others}
+    taken = {v.get("stem") for v in inputs.values()}
+    # An input keeps its earlier stem (it is unique in the folder); new inputs get stems no one else uses.
+    stems: Dict[str, str] = {}
+    for p in paths:
+        s = old_inputs.get(p, {}).get("stem")
+        if isinstance(s, str) and s not in taken and s == output_names([s])[0]:
+            stems[p] = s
+            taken.add(s)
+    new = [(str(p), n) for p, n in files if str(p) not in stems]
+    for (p, _), s in zip(new, output_names([n for _, n in new], keys=[str(Path(p).resolve()) for p, _ in new],
+                                           taken=taken)):
+        stems[p] = s
+    overlay = {p: _inside(out, f"overlays/{stems[p]}.png") for p in paths}
+    mask = {p: _inside(out, f"masks/{stems[p]}.png") for p in paths}
+    ident = {p: input_identity(p) for p in paths}
+
+    def replaced(p: str) -> bool:
+        """The input was scored before (same settings and name) but its file changed since (size, mtime)."""
+        was = old_inputs.get(p, {})
+        return (p in previous and same and was.get("stem") == stems[p] and ident[p] is not None
+                and {k: was.get(k) for k in ("size", "mtime_ns")} != ident[p])
 
     def done(p: str) -> bool:
         row = previous.get(p)
-        if row is None:
+        if row is None or not same or old_inputs.get(p, {}).get("stem") != stems[p] or ident[p] is None \
+                or replaced(p):
             return False
         needed = ([overlay[p]] if overlays else []) + ([mask[p]] if row.get("is_anomalous") == "1"
                                                         and pix is not None else [])
         return all(f.is_file() and f.stat().st_mtime_ns > st.st_mtime_ns for f in needed)
 
-    rows: Dict[str, dict] = {p: previous[p] for p in paths if done(p)}
+    rows: Dict[str, dict] = {p: previous[p] for p in others}
+    rows.update({p: previous[p] for p in paths if done(p)})
+    for p in paths:
+        if p in rows:
+            inputs[p] = dict(ident[p], stem=stems[p])
     todo = [p for p in paths if p not in rows]
-    if rows:
-        log.info("resuming: %d of %d image(s) already done, skipped", len(rows), len(paths))
+    changed = [p for p in todo if replaced(p)]
+    if changed:
+        log.info("%d input(s) changed since they were scored (size or mtime), scored again: %s", len(changed),
+                 ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+    if len(rows) > len(others):
+        log.info("resuming: %d of %d image(s) already done, skipped", len(rows) - len(others), len(paths))
     errors: List[dict] = []
 
     def flush() -> None:
-        atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
+        order = paths + others
+        atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in order if p in rows], SCORE_COLUMNS))
         atomic_write_text(out / "errors.csv", _csv_text(errors, ("path", "error")))
+        atomic_write_json(out / _STATE, {"settings": settings, "inputs": inputs})
 
     t0 = time.time()
+    flush()  # the settings and names of this run are recorded before any output is written
     for s in tqdm(range(0, len(todo), batch_size), desc="predict", unit="batch", dynamic_ncols=True,
                   disable=None):
         batch, imgs = [], []
@@ -212,12 +293,14 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
                 batch.append(p)
             except (FDSLError, OSError, ValueError) as exc:
                 errors.append({"path": p, "error": str(exc).replace("\n", " ")})
-                log.warning("skipping unreadable image %s: %s", p, exc)
+                if p in previous:
+                    log.warning("%s was scored by an earlier run but is now unreadable (%s): its row, overlay and "
+                                "mask are removed; it is listed in errors.csv", p, exc)
+                    _remove_outputs(out, stems[p])
+                else:
+                    log.warning("skipping unreadable image %s: %s", p, exc)
         preds = det.score_images(imgs, threshold=thr, cal_image_size=cal)
         for p, im, pr in zip(batch, imgs, preds):
-            rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
-                       "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
-                       "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
             if pr.is_anomalous and pr.mask is not None:
                 _save_png(mask[p], pr.mask.astype(np.uint8) * 255, "L")
             elif mask[p].exists():
@@ -228,13 +311,18 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
                 if pr.defect_area_px is not None:
                     cap += f"  area {pr.defect_area_px} px"
                 _save_png(overlay[p], render_overlay(im, pr.anomaly_map, pr.mask, cap))
+            rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
+                       "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
+                       "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
+            inputs[p] = dict(ident[p] or {}, stem=stems[p])
         flush()
     flush()
     n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
     summary = {
         "detector": str(det_path), "fdsl_version": det.info.get("fdsl_version"),
-        "n_images": len(paths), "n_scored": len(rows), "n_errors": len(errors),
-        "n_skipped_done": len(paths) - len(todo), "n_anomalous": n_anom if thr is not None else None,
+        "n_images": len(paths), "n_scored": len(rows) - len(others), "n_errors": len(errors),
+        "n_skipped_done": len(paths) - len(todo), "n_kept_earlier": len(others),
+        "n_anomalous": n_anom if thr is not None else None,
         "image_threshold": thr, "threshold_source": ("--threshold" if threshold is not None
                                                      else "detector" if thr is not None else None),
         "pixel_threshold": pix, "cal_image_size": cal,
@@ -246,6 +334,19 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     log.info("predicted %d image(s) (%d skipped as done, %d unreadable listed in %s)", len(todo) - len(errors),
              len(paths) - len(todo), len(errors), out / "errors.csv")
     return summary
+
+
+def _remove_outputs(out: Path, stem: Optional[str]) -> None:
+    """Delete the overlay and mask of output stem `stem` (when they exist)."""
+    if not isinstance(stem, str):
+        return
+    for sub in ("overlays", "masks"):
+        try:
+            f = _inside(out, f"{sub}/{stem}.png")
+        except ConfigError:
+            continue
+        if f.is_file():
+            f.unlink()
 
 
 # ----------------------------------------------------------------------------- entry point

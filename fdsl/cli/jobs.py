@@ -40,6 +40,18 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only folder, ... while writing results: one line, not a traceback
+        from fdsl.io import write_failure
+
+        line = write_failure(exc)
+        if line is None:
+            raise
+        logging.getLogger("fdsl").debug("error details", exc_info=True)
+        distributed = sys.modules.get("fdsl.engine.distributed")
+        line = distributed.error_line(exc, f"error: {line}") if distributed is not None else f"error: {line}"
+        if line:
+            print(line, file=sys.stderr)
+        return 2
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, its message already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return 0
@@ -65,6 +77,9 @@ def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = N
         from fdsl.engine import distributed
 
         with distributed.session(cfg.device):
+            from fdsl.config import config_to_dict
+
+            distributed.check_same_settings(config_to_dict(cfg))  # torchrun: every rank runs the same job
             return fn(cfg)
 
     return run_job(go)

@@ -1,6 +1,7 @@
 """Image and mask loading and the released preprocessing (METHOD.md §1, §6).
 
-* ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``);
+* ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``; the EXIF
+  orientation applied, so pixels are as image viewers show them; decompression bombs refused as too large);
 * ``image_transform`` / ``mask_transform``: squash resize on the PIL image (bicubic), OpenAI
   normalisation; masks bilinear then ``> 0.5``.
 """
@@ -12,7 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -37,11 +38,25 @@ def _open_fully(path: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            # Detach from the file handle: copy() keeps mode, palette and info.
-            return img.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # EXIF orientation applied (a rotated camera JPEG is used as viewers show it); otherwise a detached
+            # copy: copy() keeps mode, palette and info.
+            return ImageOps.exif_transpose(img) if _exif_orientation(img) not in (None, 1) else img.copy()
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{what} {path!r} is too large: {exc} (the limit is PIL.Image.MAX_IMAGE_PIXELS = "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels, refused above twice that); resize it, or raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"Cannot decode {what.lower()} {path!r} ({type(exc).__name__}: {exc}). "
                         "The file is corrupt or truncated; re-download or re-extract it.") from exc
+
+
+def _exif_orientation(img: Image.Image) -> Optional[int]:
+    """The EXIF orientation tag (1..8) of an opened image, or None."""
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def _scale_wide_gray(img: Image.Image, path: str) -> np.ndarray:
@@ -132,10 +147,10 @@ def load_mask(
     path = os.fspath(path)
     img = _open_fully(path, "Mask")
     if image_size_wh is not None and tuple(img.size) != tuple(image_size_wh):
-        of_image = f" of image {os.fspath(image_path)!r}" if image_path is not None else ""
-        raise DataError(f"Mask {path!r} has size {img.size[0]}x{img.size[1]} (WxH) but the "
-                        f"image{of_image} is {image_size_wh[0]}x{image_size_wh[1]}. "
-                        "The mask does not belong to this image; check meta.json.")
+        its = f"its image {os.fspath(image_path)!r}" if image_path is not None else "its image"
+        raise DataError(f"Mask {path!r} has size {img.size[0]}x{img.size[1]} (WxH) but {its} is "
+                        f"{image_size_wh[0]}x{image_size_wh[1]}: the mask does not belong to this image "
+                        "(check which mask is paired with it: meta.json, or the --masks folder).")
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         data = np.asarray(img).astype(np.float64)
         fg = data > 0 if binarize_nonzero else data >= 0.5 * (65535 if img.mode != "F" else 1.0)

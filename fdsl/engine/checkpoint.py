@@ -47,13 +47,35 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if _is_safetensors(path):
+        raise CheckpointError(f"{path} is a safetensors file (an FDSL detector written by `fdsl fit`?), not a "
+                              "trained checkpoint; pass the train.py (or released-code) checkpoint it came from")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} safely (weights_only=True): {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path} safely: {_load_failure(exc)}; it is not a "
+                              "train.py or released-code checkpoint") from exc
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ck).__name__}, not a dict")
     return ck
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when `path` starts like a safetensors file: an 8-byte little-endian header length, then JSON."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What a refused safe load means, in one line, without torch's advice to load unsafely."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds objects a safe load (weights_only=True) refuses to run"
+    return f"{type(exc).__name__}: {' '.join(text.split())[:160]}"
 
 
 def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: bool) -> Dict[str, torch.Tensor]:
@@ -88,7 +110,7 @@ def _fit(head: nn.Module, state: Dict[str, torch.Tensor], path: Path, use_nam: b
         if wrong:
             k = wrong[0]
             parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)} "
-                         f"({len(wrong)} such key(s); was it trained with another backbone width?)")
+                         f"({len(wrong)} such key(s): {wrong[:6]}; was it trained with another backbone width?)")
         if missing:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[:4]}")
         if unexpected:
@@ -130,6 +152,8 @@ def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: 
     For every setting in `TRAINED_SETTINGS` that the checkpoint records: when the user did not set it
     (not in `explicit`), the checkpoint's value is taken and logged; when the user set a different value,
     that is an error naming both. `few_shot_features` follows `features_list` unless set explicitly.
+    ``pretrained`` (the backbone weights) follows the checkpoint when not set (a tag, ``none``, or a file that
+    exists here), but an explicit value is the user's choice, not an error.
     """
     if not saved:
         return {}
@@ -151,6 +175,18 @@ def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: 
                  _show(have))
     if "features_list" in taken and "few_shot_features" not in explicit:
         cfg.few_shot_features = list(cfg.features_list)
+    want = saved.get("pretrained")
+    if "pretrained" not in explicit and isinstance(want, str) and want != getattr(cfg, "pretrained", want):
+        # The backbone weights follow the checkpoint too, but may be overridden (e.g. a local copy of them).
+        looks_like_file = any(c in want for c in "/\\") or want.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        if want.lower() == "none" or not looks_like_file or Path(want).is_file():
+            log.info("checkpoint %s: using its --pretrained %s (this run's default was %s)", source, want,
+                     cfg.pretrained)
+            cfg.pretrained = want
+            taken["pretrained"] = want
+        else:
+            log.warning("checkpoint %s was trained with --pretrained %s, which is not here; using %s (pass "
+                        "--pretrained to choose the weights)", source, want, cfg.pretrained)
     return taken
 
 

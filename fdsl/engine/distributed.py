@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -237,6 +237,35 @@ def guarded(items: Iterable[T], what: str) -> Iterator[T]:
         if done:
             return
         yield item
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def check_same_settings(settings: Dict[str, Any]) -> None:
+    """Every rank must run with the same resolved settings (e.g. `config_to_dict(cfg)`).
+
+    Rank 0 broadcasts its settings and a sha256 of them; a rank whose hash differs names the first differing
+    setting, and every rank raises the same `RankFailure` (a collective: every rank must call it). A no-op
+    without torchrun.
+    """
+    if not active():
+        return
+    import hashlib
+    import json
+
+    def digest(d: Dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+    box: List[Any] = [(digest(settings), settings) if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    ref_hash, ref = box[0]
+    error: Optional[BaseException] = None
+    if digest(settings) != ref_hash:
+        names = sorted(set(ref) | set(settings))
+        key = next(k for k in names if json.dumps(ref.get(k), sort_keys=True, default=str)
+                   != json.dumps(settings.get(k), sort_keys=True, default=str))
+        error = ConfigError(f"--{key} is {settings.get(key)!r} on rank {rank()} but {ref.get(key)!r} on rank 0; "
+                            "every rank must be given the same command line")
+    agree(error, "checking that all ranks have the same settings")
 
 
 # ---------------------------------------------------------------------------------------------- collectives

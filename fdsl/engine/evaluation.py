@@ -23,7 +23,7 @@ from tabulate import tabulate
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fdsl.config import NOTHING, TestConfig, config_to_dict, explicit_fields, settings
+from fdsl.config import NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
@@ -92,6 +92,15 @@ def check_not_training_run(save_path: Path) -> None:
                           "config.json and k_shot.txt, so choose another --save_path")
 
 
+def check_not_protocol_run(save_path: Path, n_runs: int) -> None:
+    """Refuse a single (k, seed) run into a folder holding a protocol run (several --k_shot or --seeds): its
+    summary.json would stay beside the new results.json, describing other runs."""
+    if n_runs == 1 and (save_path / "summary.json").is_file():
+        raise ConfigError(f"--save_path {save_path} holds a protocol run (summary.json over several --k_shot or "
+                          "--seeds); a single run there would leave that summary stale: choose another --save_path "
+                          "or delete its summary.json")
+
+
 def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     """A digest of every setting that can change the numbers, plus the checkpoint file's identity.
 
@@ -128,6 +137,7 @@ class Evaluator:
         self.shots = cfg.shot_list()
         self.seeds = cfg.run_seeds()
         self.runs: List[Run] = [(k, s) for k in self.shots for s in self.seeds]
+        check_not_protocol_run(self.save_path, len(self.runs))
         # Per k: the fingerprint a single run with that k has (seeds are neutral).
         self.fingerprints = {k: _fingerprint(replace(cfg, k_shot=k), self.ctx.runtime) for k in self.shots}
         self.fingerprint = self.fingerprints[self.shots[0]]
@@ -396,5 +406,5 @@ def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> dict:
     check_not_training_run(Path(cfg.save_path))
     strategy = current_strategy()  # torchrun: rank 0 prepares the folder and logs; the others report errors only
     setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if strategy.is_main else None,
-                  level=strategy.log_level())
+                  level=strategy.log_level(), replay=config_warnings(cfg))
     return Evaluator(cfg, model).run()

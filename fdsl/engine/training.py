@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from fdsl.config import TrainConfig, config_to_dict, settings
+from fdsl.config import TrainConfig, config_to_dict, config_warnings, settings
 from fdsl.core.losses import fdsl_loss
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import FDSL
@@ -176,5 +176,5 @@ def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
     """
     strategy = current_strategy()  # torchrun: rank 0 prepares the folder and logs; the others report errors only
     setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if strategy.is_main else None,
-                  level=strategy.log_level())
+                  level=strategy.log_level(), replay=config_warnings(cfg))
     return Trainer(cfg, model).run()

@@ -34,28 +34,29 @@ from fdsl.config import ModelConfig, RuntimeConfig
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_device, resolve_runtime
-from fdsl.data.images import image_transform, load_mask, load_rgb, mask_transform, to_rgb
-from fdsl.engine.checkpoint import load_head, read_checkpoint
+from fdsl.data.images import check_size, image_transform, load_mask, load_rgb, mask_transform, to_rgb
+from fdsl.engine.checkpoint import load_head, read_checkpoint, reconcile_with_checkpoint
 from fdsl.errors import CheckpointError, ConfigError, DataError
 from fdsl.inspect.detector_file import (
     FORMAT,
     FORMAT_VERSION,
     backbone_identity,
     check_memory,
+    locate_model_config,
     locate_weights,
     memory_from_tensors,
     read_detector_file,
     write_detector_file,
 )
 from fdsl.inspect.files import find_mask, list_images, sha256_file
-from fdsl.inspect.thresholds import threshold_f1_max, threshold_for_fpr
+from fdsl.inspect.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAL_SIZE = 240
 
-ImageInput = Union[PathLike, Image.Image]
+ImageInput = Union[PathLike, Image.Image, np.ndarray]
 
 
 class Prediction(NamedTuple):
@@ -85,7 +86,23 @@ class Prediction(NamedTuple):
 # ----------------------------------------------------------------------------- files and images
 
 
+_TAKES = ("Detector.predict takes image paths, folders, PIL images or uint8 numpy arrays ((H, W), (H, W, 3) RGB, "
+          "(H, W, 4) RGBA, or a stack (N, H, W, 3))")
+
+
+def array_to_pil(arr: np.ndarray) -> Image.Image:
+    """An (H, W) or (H, W, 3|4) uint8 array (RGB channel order) as an RGB PIL image; TypeError otherwise."""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) \
+            or 0 in arr.shape:
+        raise TypeError(_TAKES + f"; got an array of dtype {arr.dtype} and shape {tuple(arr.shape)}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]  # (H, W)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
 def _as_pil(item: ImageInput) -> Image.Image:
+    if isinstance(item, np.ndarray):
+        return array_to_pil(item)
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
 
 
@@ -174,6 +191,8 @@ class Detector:
         if "few_shot_features" not in model_options and "features_list" in model_options:
             model_options["few_shot_features"] = model_options["features_list"]
         cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
+        # test.py's rule: a setting the trained head depends on follows the checkpoint; a contradiction is an error
+        reconcile_with_checkpoint(cfg, checkpoint, explicit={k for k, v in model_options.items() if v is not None})
         rt = as_runtime_config(runtime)
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
@@ -210,7 +229,11 @@ class Detector:
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"detector path {str(path)!r} is a folder; give a file name such as part.fdsl")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"detector path {str(path)!r} cannot be written: {exc.strerror or exc} "
+                              f"({exc.filename})") from exc
         write_detector_file(path, self.tensors(), self.info)
         log.info("wrote detector %s", path)
         return path
@@ -231,24 +254,28 @@ class Detector:
                 that do not fit the model.
         """
         path = Path(path)
-        info, tensors = cls.read_file(path)
-        fields = _model_fields()
-        mc = {k: v for k, v in info.get("model_config", {}).items() if k in fields}
-        bb = info.get("backbone", {})
+        info, tensors = cls.read_file(path)  # metadata validated against the schema, tensors finite
+        mc = dict(info["model_config"])
+        bb = info["backbone"]
         mc["pretrained"] = locate_weights(bb, path, pretrained)
-        try:
-            cfg = ModelConfig(**mc)
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: model config does not fit this fdsl: {exc}") from exc
+        mc["model_config"] = locate_model_config(bb, mc.get("model_config"), path)
+        cfg = ModelConfig(**mc)  # the schema admits ModelConfig's fields only
         rt = as_runtime_config(runtime)
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
         head_state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        try:
-            model.head.load_state_dict(head_state, strict=True)
-        except RuntimeError as exc:
+        own = model.head.state_dict()
+        missing = sorted(set(own) - set(head_state))
+        unexpected = sorted(set(head_state) - set(own))
+        wrong = sorted(k for k in set(own) & set(head_state) if own[k].shape != head_state[k].shape)
+        if missing or unexpected or wrong:
+            parts = ([f"missing {missing[:6]}"] if missing else []) + (
+                [f"unexpected {unexpected[:6]}"] if unexpected else []) + (
+                [f"shape mismatch at {wrong[:6]} (e.g. {wrong[0]}: file {tuple(head_state[wrong[0]].shape)} vs "
+                 f"model {tuple(own[wrong[0]].shape)})"] if wrong else [])
             raise CheckpointError(f"{path}: the stored head does not fit a {cfg.model} model with layers "
-                                  f"{cfg.features_list}: {str(exc).splitlines()[0]}") from exc
+                                  f"{cfg.features_list}: " + "; ".join(parts))
+        model.head.load_state_dict({k: v.to(own[k].dtype) for k, v in head_state.items()}, strict=True)
         memory = memory_from_tensors(tensors, path)
         check_memory(memory, model, path)
         model.runtime = resolve_runtime(rt, dev, int(info.get("cal_image_size", DEFAULT_CAL_SIZE)))
@@ -262,7 +289,8 @@ class Detector:
         """Score one batch of RGB PIL images (any sizes; squashed to the model size as in evaluation)."""
         if not images:
             return []
-        cal = int(cal_image_size or self.cal_image_size)
+        cal = self.cal_image_size if cal_image_size is None else check_size(cal_image_size, "--cal_image_size")
+        threshold = check_threshold(threshold, "threshold")
         tf = image_transform(self.model.cfg.image_size)
         batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
         out = self.model.predict(batch, [self.memory], cal)[0]
@@ -284,18 +312,29 @@ class Detector:
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
                 threshold: Optional[float] = None, cal_image_size: Optional[int] = None) -> List[Prediction]:
-        """Score images (paths, a folder, or PIL images); returns one `Prediction` per image, in order.
+        """Score images; returns one `Prediction` per image, in order.
 
-        `threshold` overrides the stored image threshold. A folder is read recursively.
+        `images`: a path, a folder (read recursively), a PIL image, a numpy array, or a sequence of these. An
+        array is one image, (H, W) grayscale or (H, W, 3) RGB (or (H, W, 4) RGBA) uint8 in RGB channel order
+        (convert OpenCV's BGR first), or a (N, H, W, 3) stack of N images. Anything else is a TypeError.
+        `threshold` overrides the stored image threshold.
         """
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
+                                                                   and images.ndim in (2, 3)):
             images = [images]
+        elif isinstance(images, (bytes, bytearray, memoryview)):
+            raise TypeError(_TAKES + f"; got {type(images).__name__} (for an encoded file's bytes, pass "
+                            "PIL.Image.open(io.BytesIO(data)))")
         items: List[ImageInput] = []
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # (N, H, W, C) -> N arrays (H, W, C)
         for x in images:
             if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
                 items += [p for p, _ in list_images(x)]
-            else:
+            elif isinstance(x, (str, os.PathLike, Image.Image, np.ndarray)):
                 items.append(x)
+            else:
+                raise TypeError(_TAKES + f"; got an item of type {type(x).__name__}")
         preds: List[Prediction] = []
         for s in range(0, len(items), batch_size):
             preds += self.score_images([_as_pil(x) for x in items[s:s + batch_size]], threshold, cal_image_size)
@@ -325,6 +364,7 @@ class Detector:
             raise ConfigError("F1-max calibration needs anomalous images (--anomalous); or give --max_fpr")
         if max_fpr is not None and not 0.0 <= max_fpr < 1.0:
             raise ConfigError(f"--max_fpr must lie in [0, 1), got {max_fpr}")
+        _warn_shared_images(normal_files, bad_files)
         files = normal_files + bad_files
         labels = np.r_[np.zeros(len(normal_files), bool), np.ones(len(bad_files), bool)]
         old = dict(self.info.get("thresholds", {}))
@@ -377,6 +417,17 @@ class Detector:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _warn_shared_images(normal: Sequence[Tuple[Path, str]], anomalous: Sequence[Tuple[Path, str]]) -> None:
+    """Warn when one image (same file, or same bytes) is given as both normal and anomalous."""
+    if not anomalous:
+        return
+    by_hash = {sha256_file(p): p for p, _ in normal}
+    shared = [(by_hash[h], p) for p, _ in anomalous if (h := sha256_file(p)) in by_hash]
+    if shared:
+        log.warning("calibrate: %d image(s) are given as both normal and anomalous (same content), e.g. %s and "
+                    "%s; the thresholds cannot separate them", len(shared), shared[0][0], shared[0][1])
 
 
 def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:

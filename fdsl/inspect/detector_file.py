@@ -5,11 +5,14 @@ are checked against the model that will use them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
+import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -25,35 +28,60 @@ log = logging.getLogger(__name__)
 
 
 FORMAT = "fdsl-detector"
-
-
-
 FORMAT_VERSION = 1
-
-
-
 META_KEY = "fdsl_detector"
-
+# dtypes a stored tensor may have: banks in their storage dtype, head weights, batch-norm counters.
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD_DTYPES = _FLOAT_DTYPES + (torch.int64,)
 
 
 def backbone_identity(cfg: ModelConfig) -> dict:
-    """Architecture and weights of the backbone: a tag, 'none', or a file (name and sha256)."""
-    p = cfg.pretrained
-    if p.lower() != "none" and os.path.isfile(p):
-        return {"model": cfg.model, "pretrained": os.path.basename(p), "path": os.path.abspath(p),
-                "sha256": sha256_file(p), "quick_gelu": cfg.quick_gelu, "image_size": cfg.image_size}
-    return {"model": cfg.model, "pretrained": p, "path": None, "sha256": None, "quick_gelu": cfg.quick_gelu,
-            "image_size": cfg.image_size}
+    """Architecture and weights of the backbone: a tag, 'none', or a file (name, path and sha256).
 
+    An extra open_clip model config (``--model_config``) is recorded by its sha256; it must be one JSON file
+    (a folder cannot be pinned by a digest).
+    """
+    p = cfg.pretrained
+    out = {"model": cfg.model, "pretrained": p, "path": None, "sha256": None, "quick_gelu": cfg.quick_gelu,
+           "image_size": cfg.image_size}
+    if p.lower() != "none" and os.path.isfile(p):
+        out.update(pretrained=os.path.basename(p), path=os.path.abspath(p), sha256=sha256_file(p))
+    if cfg.model_config is not None:
+        if not os.path.isfile(cfg.model_config):
+            raise ConfigError(f"--model_config {cfg.model_config!r} is not a file; a detector records the extra "
+                              "model config by its sha256, so give the one JSON file that defines the model")
+        out["model_config_sha256"] = sha256_file(cfg.model_config)
+    return out
+
+
+def _is_tag(model: str, pretrained: str) -> bool:
+    """True when `pretrained` is 'none' or one of open_clip's pretrained tags of `model`."""
+    import open_clip
+
+    return pretrained.lower() == "none" or bool(open_clip.get_pretrained_cfg(model, pretrained))
 
 
 def locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) -> str:
-    """The `pretrained` value to build the backbone with; a weights file must match the stored sha256."""
+    """The `pretrained` value to build the backbone with; a weights file must match the stored sha256.
+
+    A detector never makes fdsl read a file it does not pin by a digest: a stored weights name that is
+    neither 'none' nor an open_clip tag of the model, without a sha256, is refused unless the user passes
+    the weights (`override`, ``--pretrained``).
+    """
     if not bb.get("sha256"):
-        if override is not None:
-            raise ConfigError(f"the detector was fitted with backbone weights {bb.get('pretrained')!r}, not a "
-                              "file; --pretrained applies only to detectors fitted with a weights file")
-        return str(bb.get("pretrained", "none"))
+        stored = str(bb.get("pretrained", "none"))
+        if _is_tag(str(bb.get("model")), stored):
+            if override is not None:
+                raise ConfigError(f"the detector was fitted with backbone weights {stored!r}, not a "
+                                  "file; --pretrained applies only to detectors fitted with a weights file")
+            return stored
+        if override is None:
+            raise CheckpointError(f"{detector_path}: the detector names backbone weights {stored!r} without a "
+                                  "sha256, so fdsl will not load them on its own; pass the weights file with "
+                                  "--pretrained")
+        log.warning("%s: using the backbone weights %s given by --pretrained (the detector records no sha256 "
+                    "for %r)", detector_path, override, stored)
+        return str(override)
     candidates = [Path(override)] if override is not None else [
         Path(bb["path"]) if bb.get("path") else None, detector_path.parent / bb["pretrained"]]
     for c in candidates:
@@ -67,6 +95,19 @@ def locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) 
     raise CheckpointError(f"the detector's backbone weights {bb['pretrained']!r} (sha256 {bb['sha256'][:12]}…) are "
                           f"not at {bb.get('path')!r} nor beside the detector; pass them with --pretrained")
 
+
+def locate_model_config(bb: dict, model_config: Optional[str], detector_path: Path) -> Optional[str]:
+    """The extra open_clip model config to register: only a file with the sha256 recorded at fit time."""
+    if model_config is None:
+        return None
+    want = bb.get("model_config_sha256")
+    if not want:
+        raise CheckpointError(f"{detector_path}: the detector names an extra model config {model_config!r} without "
+                              "a sha256; fdsl registers no config a detector names on its own: fit it again")
+    if not os.path.isfile(model_config) or sha256_file(model_config) != want:
+        raise CheckpointError(f"{detector_path}: the extra model config {model_config!r} is missing or is not the "
+                              f"file the detector was fitted with (sha256 {want[:12]}…)")
+    return model_config
 
 
 def memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMemory:
@@ -87,7 +128,6 @@ def memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMem
     return FDSLMemory(banks["global_bank"], banks["window_bank"])
 
 
-
 def check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
     """The banks must fit the model: layers, token width, grid (windows: window grid), LFE on/off."""
     bb = model.backbone
@@ -102,10 +142,22 @@ def check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
             raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of {tuple(t.shape)}) does "
                                   f"not fit a {bb.model_name} at {bb.image_size} px with layers {bb.layers}; the "
                                   "detector comes from another model")
+        shapes = {tuple(bank.layer(i).shape) for i in range(bank.num_layers)}
+        if len(shapes) != 1:
+            raise CheckpointError(f"{path}: the stored {name}'s layers differ in shape ({sorted(shapes)}); the "
+                                  "detector file is damaged")
+        if tuple(bank.image_embeds.shape) != (bank.k, bb.embed_dim):
+            raise CheckpointError(f"{path}: the stored {name}'s image embeddings have shape "
+                                  f"{tuple(bank.image_embeds.shape)}, expected ({bank.k}, {bb.embed_dim}); the "
+                                  "detector comes from another model")
 
 
 def read_detector_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a detector file, read safely; format and version are checked."""
+    """(metadata, tensors) of a detector file, read safely.
+
+    The metadata is checked against `METADATA_SCHEMA` (`validate_metadata`), the tensors for names, dtypes and
+    finite values (`check_tensors`); shapes are checked against the model by `check_memory` and the head load.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -123,19 +175,194 @@ def read_detector_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
     except (KeyError, json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{path} is a safetensors file but not an FDSL detector (no '{META_KEY}' "
                               "metadata)") from exc
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an FDSL detector file (format {info.get('format')!r})")
-    version = info.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has detector format version {version}, written by fdsl "
-                              f"{info.get('fdsl_version')}; this fdsl {__version__} reads up to version "
-                              f"{FORMAT_VERSION}: upgrade fdsl")
+    validate_metadata(info, path)
+    check_tensors(tensors, path)
     return info, tensors
 
 
 def write_detector_file(path: Path, tensors: Dict[str, torch.Tensor], info: dict) -> None:
-    """Write `tensors` and the metadata `info` to `path` atomically (a temporary file, then a rename)."""
+    """Write `tensors` and the metadata `info` to `path` atomically (a temporary file, then a rename).
+
+    Both are checked first as `read_detector_file` checks them, so no file is written that would be refused.
+    """
     from safetensors.torch import save_file
 
+    validate_metadata(info, path)
+    check_tensors(tensors, path)
+
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(info)})
+        try:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(info, allow_nan=False)})
+        except Exception as exc:  # safetensors reports I/O failures as its own error, "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None or isinstance(exc, OSError):
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+# ----------------------------------------------------------------------------- the metadata schema
+# One schema for the metadata entry: a field is (description, check) or a nested record (a dict of
+# fields); each record maps its keys to (required, field). Unknown keys are refused, numbers must be finite.
+Spec = Tuple[str, Callable[[Any], bool]]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo: int) -> Spec:
+    return (f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
+
+
+def _num(lo: float = -math.inf, hi: float = math.inf) -> Spec:
+    what = "a finite number" + (f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) or math.isfinite(hi) else "")
+    return (what, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and lo <= v <= hi)
+
+
+def _or_null(spec: Spec) -> Spec:
+    return (spec[0] + " or null", lambda v: v is None or spec[1](v))
+
+
+def _choice(choices: Tuple[Any, ...]) -> Spec:
+    return (f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices)
+
+
+_STR: Spec = ("a string", lambda v: isinstance(v, str))
+_BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
+_SHA256: Spec = ("a sha256 hex digest", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+_LAYERS: Spec = ("a non-empty list of integers >= 1", lambda v: isinstance(v, list) and bool(v)
+                 and all(_is_int(x) and x >= 1 for x in v))
+_NORMAL_IMAGES: Spec = ("a list of {name, sha256} objects", lambda v: isinstance(v, list) and all(
+    isinstance(x, dict) and set(x) == {"name", "sha256"} and _STR[1](x["name"]) and _SHA256[1](x["sha256"])
+    for x in v))
+
+
+def _model_config_schema() -> dict:
+    """The `model_config` record: one entry per `ModelConfig` field, typed by its annotation and choices."""
+    out: dict = {}
+    for f in dataclasses.fields(ModelConfig):
+        ann = str(f.type)
+        if f.metadata.get("choices"):
+            spec = _choice(tuple(f.metadata["choices"]))
+        elif f.name in ("features_list", "few_shot_features"):
+            spec = _LAYERS
+        elif "bool" in ann:
+            spec = _BOOL
+        elif "float" in ann:
+            spec = _num(0.0, 1.0) if f.name == "win_weight" else _num()
+        elif "int" in ann:
+            spec = _int(1)
+        else:
+            spec = _or_null(_STR) if "Optional" in ann else _STR
+        out[f.name] = (f.name in ("model", "image_size", "features_list"), spec)
+    return out
+
+
+METADATA_SCHEMA: dict = {
+    "format": (True, _STR),
+    "format_version": (True, _int(1)),
+    "fdsl_version": (False, _STR),
+    "created": (False, _STR),
+    "model_config": (True, _model_config_schema()),
+    "backbone": (True, {
+        "model": (True, _STR), "pretrained": (True, _STR), "path": (False, _or_null(_STR)),
+        "sha256": (False, _or_null(_SHA256)), "quick_gelu": (False, _BOOL), "image_size": (False, _int(1)),
+        "model_config_sha256": (False, _or_null(_SHA256)),
+    }),
+    "checkpoint": (False, {
+        "name": (False, _STR), "sha256": (False, _or_null(_SHA256)), "format": (False, _or_null(_STR)),
+        "epoch": (False, _or_null(_int(0))),
+    }),
+    "normal_images": (False, _NORMAL_IMAGES),
+    "cal_image_size": (False, _int(1)),
+    "thresholds": (False, {
+        "image": (True, _or_null(_num())), "pixel": (True, _or_null(_num())),
+        "image_method": (False, _or_null(_STR)), "pixel_method": (False, _or_null(_STR)),
+        "image_fpr": (False, _or_null(_num(0.0, 1.0))), "image_tpr": (False, _or_null(_num(0.0, 1.0))),
+        "n_normal": (False, _int(0)), "n_anomalous": (False, _int(0)), "cal_image_size": (False, _int(1)),
+    }),
+}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, allow_nan=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_record(obj: Any, schema: dict, where: str, path: Path) -> None:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: detector metadata {('field ' + repr(where)) if where else 'entry'} must be "
+                              f"a JSON object, got {_shown(obj)}; the file is damaged or not written by fdsl")
+    unknown = sorted(set(obj) - set(schema))
+    if unknown:
+        raise CheckpointError(f"{path}: detector metadata has an unknown field "
+                              f"{(where + '.' if where else '') + str(unknown[0])!r}; the file is damaged or "
+                              "was written by another fdsl")
+    for key, (required, spec) in schema.items():
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            if required:
+                raise CheckpointError(f"{path}: detector metadata lacks the field {name!r}; the file is damaged")
+            continue
+        if isinstance(spec, dict):
+            _check_record(obj[key], spec, name, path)
+        elif not spec[1](obj[key]):
+            raise CheckpointError(f"{path}: detector metadata field {name!r} must be {spec[0]}, got "
+                                  f"{_shown(obj[key])}")
+
+
+def validate_metadata(info: Any, path: PathLike) -> dict:
+    """Check a detector file's metadata against `METADATA_SCHEMA`; returns it.
+
+    Types, ranges, finite numbers, known keys, ``format_version`` an int >= 1 (and not newer than this fdsl),
+    and the model config's own rules (`ModelConfig.validate`).
+
+    Raises:
+        CheckpointError: one line naming the file and the offending field.
+    """
+    path = Path(path)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: detector metadata must be a JSON object, got {_shown(info)}")
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an FDSL detector file (format {_shown(info.get('format'))})")
+    version = info.get("format_version")
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has detector format version {version}, written by fdsl "
+                              f"{info.get('fdsl_version')}; this fdsl {__version__} reads up to version "
+                              f"{FORMAT_VERSION}: upgrade fdsl")
+    _check_record(info, METADATA_SCHEMA, "", path)
+    mc = info["model_config"]
+    if info["backbone"]["model"] != mc["model"]:
+        raise CheckpointError(f"{path}: detector metadata field 'backbone.model' ({info['backbone']['model']!r}) "
+                              f"differs from 'model_config.model' ({mc['model']!r}); the file is damaged")
+    try:
+        ModelConfig(**mc).validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: detector metadata field 'model_config' is invalid: {exc}") from exc
+    return info
+
+
+def check_tensors(tensors: Dict[str, torch.Tensor], path: PathLike) -> None:
+    """Every stored tensor is a ``head.*`` or ``memory.*`` entry of an allowed dtype, with finite values.
+
+    Raises:
+        CheckpointError: naming the file and the first offending tensor.
+    """
+    for name, t in tensors.items():
+        if name.startswith("head."):
+            allowed = _HEAD_DTYPES
+        elif name.startswith("memory."):
+            allowed = _FLOAT_DTYPES
+        else:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} in the detector file; it is damaged or not "
+                                  "written by fdsl")
+        if t.dtype not in allowed:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected one of "
+                                  f"{[str(d) for d in allowed]}")
+        flat = t.reshape(-1)
+        if t.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in flat.split(1 << 24)):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s); the detector "
+                                  "file is damaged: fit it again")

@@ -1,7 +1,8 @@
 """Image thresholds from validation scores: F1-max (normal and anomalous images) or a target false-positive rate."""
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -36,3 +37,14 @@ def threshold_for_fpr(normal_scores: np.ndarray, max_fpr: float) -> float:
         raise ConfigError(f"a false-positive rate must lie in [0, 1], got {max_fpr}")
     n_fp = int(np.floor(max_fpr * s.size + 1e-9))
     return float(s[min(n_fp, s.size - 1)])
+
+
+def check_threshold(value: Any, flag: str = "--threshold") -> Optional[float]:
+    """`value` as a float when it is a finite number, None for None; NaN and infinities are errors
+    (``score > nan`` is never true: every image would silently be normal)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+    return float(value)

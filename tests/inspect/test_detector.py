@@ -361,7 +361,7 @@ def test_cli_bad_input_is_one_line_error(env, tmp_path, capsys):
         (["predict", "--detector", fake, "--images", env.root / CLS / "test" / "good", "--out", tmp_path / "o2"],
          "not an FDSL detector"),
         (["fit", "--checkpoint", env.checkpoint, "--normal", env.root / CLS / "train" / "good", "--out",
-          tmp_path / "x.fdsl", "--features_list", "1", "2", "--device", "cpu"], "does not fit the model"),
+          tmp_path / "x.fdsl", "--features_list", "1", "2", "--device", "cpu"], "was trained with --features_list"),
         (["fit", "--checkpoint", tmp_path / "nope.pth", "--normal", empty, "--out", tmp_path / "y.fdsl"],
          "holds no image files"),
     ]

@@ -262,3 +262,19 @@ def test_evaluation_two_ranks_identical_resume_and_failure(data, trained):
     assert elapsed < 120, f"the job took {elapsed:.0f} s to fail"
     log2 = (two / "log.txt").read_text()
     assert f"{first}: already finished" in log2
+
+
+def test_ranks_with_different_settings_stop_with_one_agreed_error(tmp_path):
+    """Rank 1 given another --batch_size: one error naming the setting (was: a wrong scores.csv, exit 0)."""
+    from fdsl_test_utils import save_tiny_checkpoint, tiny_data, tiny_test_argv
+
+    data = tiny_data(tmp_path / "data")
+    ck = save_tiny_checkpoint(tmp_path / "ck.pth")
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "dist_settings_worker.py"),
+                           *tiny_test_argv(data, ck, tmp_path / "out", "--device", "cpu")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line and "--batch_size" in line]
+    assert errors and "--batch_size is 3 on rank 1 but 2 on rank 0" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "scores.csv").exists()

@@ -1,0 +1,180 @@
+"""`predict`'s output folder: its lock, collision-free output names, input identities and write checks.
+
+- `folder_lock`: one run at a time per output folder (a lock file naming its owner; a dead owner's lock on
+  this host is taken over with a warning);
+- `output_names`: sanitised output stems that cannot collide, also with earlier runs' (`taken`);
+- `input_identity`: what resume compares to see that an input file was replaced (size, mtime);
+- `check_output_folder`: `--out` must not be, or hold, an input folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Collection, Dict, Iterator, List, Optional, Sequence
+
+from fdsl.errors import ConfigError
+from fdsl.io import PathLike
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".predict.lock"
+_UNREADABLE_LOCK_GRACE_S = 60.0  # an empty or garbled lock younger than this may still be being written
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _read_owner(path: Path) -> Optional[dict]:
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Hold ``<folder>/.predict.lock`` for the block: a second run into the same folder is refused.
+
+    The lock file holds the owner's pid, host and start time. A lock left by a process that is gone (same
+    host, pid not running) is taken over with a warning; one of another host, or of a live process, is
+    an error naming its owner. The lock is removed when the block ends, also on errors and Ctrl-C.
+
+    Raises:
+        ConfigError: the folder is in use by another run.
+    """
+    path = Path(folder) / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read_owner(path)
+            if owner is None:
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < _UNREADABLE_LOCK_GRACE_S:
+                    raise ConfigError(f"{flag} {str(folder)!r} is being locked by another run ({path} was just "
+                                      "created); wait for it or choose another folder") from None
+                log.warning("taking over the unreadable lock %s (%.0f s old)", path, age)
+            elif owner.get("host") == me["host"] and not _pid_alive(owner["pid"]):
+                log.warning("taking over the lock %s of process %d (since %s), which is no longer running",
+                            path, owner["pid"], owner.get("started"))
+            else:
+                raise ConfigError(f"{flag} {str(folder)!r} is in use by another predict run (pid {owner['pid']} "
+                                  f"on {owner.get('host')}, since {owner.get('started')}); wait for it to finish "
+                                  f"or choose another {flag} (if that run is gone, delete {path})") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        break
+    else:
+        raise ConfigError(f"{flag} {str(folder)!r}: could not take the lock {path}; another run keeps taking it")
+    try:
+        yield path
+    finally:
+        if (_read_owner(path) or {}).get("pid") == me["pid"]:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _safe_part(part: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", part).lstrip(".")
+    return s or "_"
+
+
+def _stem_of(name: str) -> str:
+    """Sanitised stem of a relative input name: folders lose their dots (so no folder can be named like an
+    output file, which always ends in ``.png``), the file loses its extension."""
+    parts = [p for p in Path(name).as_posix().split("/") if p not in ("", ".")]
+    if not parts:
+        return "_"
+    dirs = [_safe_part(p).replace(".", "_") for p in parts[:-1]]
+    return "/".join(dirs + [_safe_part(Path(parts[-1]).stem)])
+
+
+def _short_hash(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def output_names(names: Sequence[str], keys: Optional[Sequence[str]] = None,
+                 taken: Collection[str] = ()) -> List[str]:
+    """Unique, sanitised relative output stems (no extension) for input names; none can leave the folder.
+
+    Each path component keeps letters, digits, ``._-`` (others become ``_``, leading dots are dropped, so no
+    ``..``); folder components also turn dots into ``_``, so an output file (``<stem>.png``) and an output
+    folder can never share a name. A stem already used (by an earlier input of `names`, or in `taken`: other
+    inputs' stems of earlier runs) gets ``_<8 hex digits of sha1(key)>`` appended, `key` being the input's
+    identity (`keys`, default the name itself).
+    """
+    keys = list(names) if keys is None else list(keys)
+    used = set(taken)
+    out = []
+    for name, key in zip(names, keys):
+        s = _stem_of(name)
+        if s in used:
+            base = f"{s}_{_short_hash(key)}"
+            s, i = base, 2
+            while s in used:
+                s, i = f"{base}_{i}", i + 1
+        used.add(s)
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs and the folder
+
+
+def input_identity(path: PathLike) -> Optional[Dict[str, int]]:
+    """``{"size", "mtime_ns"}`` of an input file (None when it cannot be stat'ed): a replaced file differs."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def check_output_folder(out: PathLike, inputs: Sequence[PathLike], flag: str = "--out",
+                        inputs_flag: str = "--images") -> None:
+    """Refuse an output folder that is an input folder or holds one (its outputs would be read back as
+    inputs). An output folder *inside* an input folder is fine: listing skips it.
+
+    Raises:
+        ConfigError: naming both folders.
+    """
+    o = Path(out).resolve()
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            r = p.resolve()
+            if r == o or r.is_relative_to(o):
+                raise ConfigError(f"{flag} {str(out)!r} is or holds the input folder {str(raw)!r} of {inputs_flag}: "
+                                  "its overlays and masks would be scored as parts on the next run; choose an "
+                                  f"{flag} folder outside {str(raw)!r} (one inside it is skipped when listing)")
+
+
+__all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", "output_names"]
