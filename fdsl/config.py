@@ -50,6 +50,7 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 DATASETS = ("mvtec", "visa")
@@ -287,7 +288,7 @@ class ImagesCommand(RuntimeConfig):
 
 @dataclass
 class FitConfig(ModelOverrides, ImagesCommand):
-    """`fdsl fit`: a detector file from a trained checkpoint; every --normal image becomes a shot."""
+    """`fdsl fit`: a detector file from a trained checkpoint; the --normal images (or --max_shots) become the shots."""
 
     checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", required=True, path=True,
                                        help="trained weights (train.py's or the released code's)")
@@ -296,15 +297,24 @@ class FitConfig(ModelOverrides, ImagesCommand):
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
                                  help="evaluation size of the anomaly maps (as test.py)")
+    max_shots: Optional[int] = option(
+        None, "--max_shots",
+        help="keep at most N of the --normal images as shots (default: all, with a warning and the projected "
+             "detector size when they are many); see docs/workbench.md")
+    shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
+                                 help="how --max_shots chooses: greedy coreset over the image embeddings, or "
+                                      "evenly over the sorted file list")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
         positive_int(self.cal_image_size, "--cal_image_size")
+        if self.max_shots is not None:
+            positive_int(self.max_shots, "--max_shots")
 
 
 @dataclass
 class PredictConfig(ImagesCommand):
-    """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, summary.json."""
+    """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
     detector: Optional[str] = option(None, "--detector", required=True, path=True,
                                      help="detector file written by `fit`")
@@ -318,6 +328,9 @@ class PredictConfig(ImagesCommand):
         None, "--pretrained", path=True,
         help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
     overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
+    save_maps: bool = option(False, "--save_maps",
+                             help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
+                                  "and maps/full/<name>.npy (the image's own size)")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
@@ -345,6 +358,31 @@ class CalibrateConfig(ImagesCommand):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: Optional[str] = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+
+
+@dataclass
+class ServeConfig(ImagesCommand):
+    """`fdsl serve`: a local web page and JSON API around a detector (FastAPI + uvicorn, the serve extra)."""
+
+    detector: Optional[str] = option(None, "--detector", required=True, path=True,
+                                     help="detector file written by `fit` (and `calibrate`)")
+    host: str = option("127.0.0.1", "--host",
+                       help="address to bind; anything but a loopback address exposes the page to the network")
+    port: int = option(8000, "--port", help="TCP port")
+    pretrained: Optional[str] = option(None, "--pretrained", path=True,
+                                       help="the backbone weights file, when it moved since `fit`")
+    workdir: str = option("fdsl_serve", "--workdir", path=True,
+                          help="the only folder the server writes to (detectors fitted on the page, scratch)")
+    max_files: int = option(64, "--max_files", help="images per request")
+    max_file_mb: float = option(20.0, "--max_file_mb", help="megabytes per uploaded file")
+
+    def validate(self) -> None:
+        ImagesCommand.validate(self)
+        positive_int(self.max_files, "--max_files")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
+        if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
+            raise ConfigError(f"--max_file_mb must be a positive number, got {self.max_file_mb}")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-_USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate} [options]
+_USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate,serve} [options]
 
   train      train the scorers and NAM on a dataset's test split (as train.py)
   test       k-shot evaluation of a checkpoint, per class (as test.py)
@@ -12,6 +12,7 @@ _USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate} [options]
   fit        a detector file from a checkpoint and a folder of good parts
   predict    score images with a detector file: scores.csv, overlays, masks
   calibrate  set a detector's image and pixel thresholds from validation folders
+  serve      a local web page and JSON API around a detector (needs the serve extra)
 
 `fdsl <command> --help` lists a command's options."""
 
@@ -22,8 +23,13 @@ def _commands() -> Dict[str, Callable[[List[str]], int]]:
     def inspect(cmd: str) -> Callable[[List[str]], int]:
         return lambda rest: inspection.main([cmd, *rest])
 
+    def serve(rest: List[str]) -> int:
+        from fdsl.serve.cli import main as serve_main
+
+        return serve_main(rest)
+
     return {"train": jobs.train_main, "test": jobs.test_main, "demo": demo.main,
-            **{cmd: inspect(cmd) for cmd in ("fit", "predict", "calibrate")}}
+            **{cmd: inspect(cmd) for cmd in ("fit", "predict", "calibrate")}, "serve": serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,7 +28,8 @@ from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("path", "score", "map_max", "is_anomalous", "defect_area_px")
+SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
+                 "overlay", "mask")
 _STATE = ".predict_state.json"
 
 
@@ -44,7 +45,8 @@ def cmd_fit(cfg: FitConfig) -> None:
         raise ConfigError(f"--out {str(out)!r} is a folder; give the detector file name, e.g. part.fdsl")
     check_writable_file(out, "--out")  # before the (slow) fit
     det = Detector.fit(cfg.checkpoint, cfg.normal, runtime=cfg.runtime(), batch_size=cfg.batch_size,
-                       cal_image_size=cfg.cal_image_size, **given(cfg, ModelConfig))
+                       cal_image_size=cfg.cal_image_size, max_shots=cfg.max_shots,
+                       shot_selection=cfg.shot_selection, **given(cfg, ModelConfig))
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")
@@ -61,9 +63,17 @@ def cmd_calibrate(cfg: CalibrateConfig) -> None:
     rep = det.calibrate(cfg.normal, cfg.anomalous, masks=cfg.masks, max_fpr=cfg.max_fpr,
                         batch_size=cfg.batch_size)
     cfg.detector = str(_save_or_elsewhere(det, Path(cfg.detector)))
-    print(f"image threshold {rep['image']:.6f} ({rep['image_method']}; normal FPR {rep['image_fpr']:.4f}"
-          + (f", anomalous TPR {rep['image_tpr']:.4f}" if "image_tpr" in rep else "")
-          + f"), pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {cfg.detector}")
+    from fdsl.inspect.report import small_set_warnings, write_calibration_report
+
+    for warning in small_set_warnings(rep["n_normal"], rep["n_anomalous"]):
+        log.warning(warning)
+    folder = write_calibration_report(cfg.detector, rep)
+    print(f"image threshold {rep['image']:.6f} ({rep['image_method']}): reached FPR {rep['image_fpr']:.4f} "
+          f"({round(rep['image_fpr'] * rep['n_normal'])} of {rep['n_normal']} normal images flagged)"
+          + (f", TPR {rep['image_tpr']:.4f} ({round(rep['image_tpr'] * rep['n_anomalous'])} of "
+             f"{rep['n_anomalous']} anomalous flagged)" if "image_tpr" in rep else "")
+          + f"; pixel threshold {rep['pixel']:.6f} ({rep['pixel_method']}); written to {cfg.detector}; "
+          f"report: {folder}")
 
 
 def _writable_folder(folder: Path) -> Optional[str]:
@@ -138,28 +148,49 @@ def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
         Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
 
 
+def _cell(v: object) -> object:
+    """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""
+    from fdsl.inspect.verdicts import DIGITS
+
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    return f"{v:.{DIGITS}f}" if isinstance(v, float) else v
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    from fdsl.io import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr, dtype=np.float32))
+
+
 def cmd_predict(cfg: PredictConfig) -> None:
     summary = predict_folder(cfg.detector, cfg.images, cfg.out, threshold=cfg.threshold,
                              cal_image_size=cfg.cal_image_size, pretrained=cfg.pretrained, overlays=cfg.overlays,
-                             runtime=cfg.runtime(), batch_size=cfg.batch_size)
+                             save_maps=cfg.save_maps, runtime=cfg.runtime(), batch_size=cfg.batch_size)
     out = Path(cfg.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
-    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); overlays: {out / 'overlays'}"
+    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); gallery: {out / 'index.html'}"
           + (f"; {summary['n_errors']} unreadable image(s) in {out / 'errors.csv'}" if summary["n_errors"] else ""))
 
 
 def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
                    threshold: Optional[float] = None, cal_image_size: Optional[int] = None,
-                   pretrained: Optional[str] = None, overlays: bool = True,
+                   pretrained: Optional[str] = None, overlays: bool = True, save_maps: bool = False,
                    runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8) -> dict:
     """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
 
-    Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv`` (unreadable
-    images), ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution) and
-    ``summary.json``; returns the summary. One run at a time per `out` (a lock file). An image is skipped
-    as done when the same detector file and settings scored the same file (size and mtime unchanged) and
-    its outputs are in place. Rows of earlier runs' other inputs, scored with the same settings, are kept.
+    Writes ``scores.csv`` (`SCORE_COLUMNS`: scores rounded to 6 decimals, margin = score − threshold, the
+    defect-region rule, the overlay and mask files relative to `out`), ``errors.csv`` (unreadable images),
+    ``overlays/<name>.png``, ``masks/<name>.png`` (anomalous images, original resolution), with `save_maps`
+    ``maps/eval/<name>.npy`` and ``maps/full/<name>.npy`` (raw float32 maps), ``index.html`` (a gallery sorted
+    by score) and ``summary.json`` (counts, flagged files, time per image); returns the summary. One run at a
+    time per `out` (a lock file). An image is skipped as done when the same detector file and settings scored
+    the same file (size and mtime unchanged) and its outputs are in place. Rows of earlier runs' other inputs,
+    scored with the same settings, are kept.
     """
     from fdsl.inspect.detector import Detector
     from fdsl.inspect.files import list_images
@@ -183,17 +214,21 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)
     prepare_run_dir(out, "--out")
     with folder_lock(out):
-        return _predict_locked(det, det_path, files, out, threshold, cal_image_size, overlays, batch_size)
+        return _predict_locked(det, det_path, files, out, threshold, cal_image_size, overlays, save_maps,
+                               batch_size)
 
 
 def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[float],
-                    cal_image_size: Optional[int], overlays: bool, batch_size: int) -> dict:
+                    cal_image_size: Optional[int], overlays: bool, save_maps: bool, batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
     from tqdm import tqdm
 
     from fdsl.data.images import load_rgb
+    from fdsl.inspect.detector import map_to_image
+    from fdsl.inspect.gallery import write_gallery
+    from fdsl.inspect.input_check import warn_unlike_normals
     from fdsl.inspect.outputs import input_identity
-    from fdsl.inspect.overlay import render_overlay
+    from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
     thr = threshold if threshold is not None else det.image_threshold
@@ -208,7 +243,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     st = det_path.stat()
     settings = {"detector": str(det_path.resolve()), "detector_size": st.st_size,
                 "detector_mtime_ns": st.st_mtime_ns, "image_threshold": thr, "pixel_threshold": pix,
-                "cal_image_size": cal, "overlays": overlays}
+                "cal_image_size": cal, "overlays": overlays, "save_maps": save_maps, "columns": list(SCORE_COLUMNS)}
     try:
         old_state = json.loads((out / _STATE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -245,6 +280,8 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         stems[p] = s
     overlay = {p: _inside(out, f"overlays/{stems[p]}.png") for p in paths}
     mask = {p: _inside(out, f"masks/{stems[p]}.png") for p in paths}
+    maps = {p: (_inside(out, f"maps/eval/{stems[p]}.npy"), _inside(out, f"maps/full/{stems[p]}.npy")) for p in paths}
+    display = {str(p): n for p, n in files}
     ident = {p: input_identity(p) for p in paths}
 
     def replaced(p: str) -> bool:
@@ -259,7 +296,8 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
                 or replaced(p):
             return False
         needed = ([overlay[p]] if overlays else []) + ([mask[p]] if row.get("is_anomalous") == "1"
-                                                        and pix is not None else [])
+                                                        and pix is not None else []) + \
+            (list(maps[p]) if save_maps else [])
         return all(f.is_file() and f.stat().st_mtime_ns > st.st_mtime_ns for f in needed)
 
     rows: Dict[str, dict] = {p: previous[p] for p in others}
@@ -275,6 +313,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     if len(rows) > len(others):
         log.info("resuming: %d of %d image(s) already done, skipped", len(rows) - len(others), len(paths))
     errors: List[dict] = []
+    warn_unlike_normals(det.info.get("normal_images", []), [(p, display[p]) for p in todo])
 
     def flush() -> None:
         order = paths + others
@@ -301,23 +340,29 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
                     log.warning("skipping unreadable image %s: %s", p, exc)
         preds = det.score_images(imgs, threshold=thr, cal_image_size=cal)
         for p, im, pr in zip(batch, imgs, preds):
-            if pr.is_anomalous and pr.mask is not None:
+            rec = verdict_record(pr, thr)
+            has_mask = bool(pr.is_anomalous and pr.mask is not None)
+            if has_mask:
                 _save_png(mask[p], pr.mask.astype(np.uint8) * 255, "L")
             elif mask[p].exists():
                 mask[p].unlink()  # stale mask of an earlier run with other thresholds
             if overlays:
-                verdict = "" if pr.is_anomalous is None else ("  ANOMALOUS" if pr.is_anomalous else "  normal")
-                cap = f"score {pr.score:.4f}" + (f" (thr {thr:.4f})" if thr is not None else "") + verdict
-                if pr.defect_area_px is not None:
-                    cap += f"  area {pr.defect_area_px} px"
-                _save_png(overlay[p], render_overlay(im, pr.anomaly_map, pr.mask, cap))
-            rows[p] = {"path": p, "score": repr(pr.score), "map_max": repr(pr.map_max),
-                       "is_anomalous": "" if pr.is_anomalous is None else int(pr.is_anomalous),
-                       "defect_area_px": "" if pr.defect_area_px is None else pr.defect_area_px}
+                _save_png(overlay[p], overlay_array(im, pr, display[p], thr, pix))
+            if save_maps:
+                _save_npy(maps[p][0], pr.anomaly_map)
+                _save_npy(maps[p][1], map_to_image(pr.anomaly_map, im.size))
+            rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
+                       "overlay": f"overlays/{stems[p]}.png" if overlays else "",
+                       "mask": f"masks/{stems[p]}.png" if has_mask else ""}
             inputs[p] = dict(ident[p] or {}, stem=stems[p])
         flush()
     flush()
+    seconds = time.time() - t0
     n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
+    flagged = sorted((r for r in rows.values() if str(r.get("is_anomalous")) == "1"),
+                     key=lambda r: -float(r["score"]))
+    n_new = len(todo) - len(errors)
+    write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl predict: {det_path.name}")
     summary = {
         "detector": str(det_path), "fdsl_version": det.info.get("fdsl_version"),
         "n_images": len(paths), "n_scored": len(rows) - len(others), "n_errors": len(errors),
@@ -326,9 +371,13 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         "image_threshold": thr, "threshold_source": ("--threshold" if threshold is not None
                                                      else "detector" if thr is not None else None),
         "pixel_threshold": pix, "cal_image_size": cal,
+        "flagged": [{"path": r["path"], "score": float(r["score"]), "margin": float(r["margin"]),
+                     "defect_area_px": r["defect_area_px"], "overlay": r["overlay"], "mask": r["mask"]}
+                    for r in flagged],
         "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if overlays else None,
-                    "masks": "masks/"},
-        "seconds": round(time.time() - t0, 3),
+                    "masks": "masks/", "maps": "maps/" if save_maps else None, "gallery": "index.html"},
+        "seconds": round(seconds, 3),
+        "seconds_per_image": round(seconds / n_new, 4) if n_new else None,
     }
     atomic_write_json(out / "summary.json", summary)
     log.info("predicted %d image(s) (%d skipped as done, %d unreadable listed in %s)", len(todo) - len(errors),
@@ -337,12 +386,12 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
 
 
 def _remove_outputs(out: Path, stem: Optional[str]) -> None:
-    """Delete the overlay and mask of output stem `stem` (when they exist)."""
+    """Delete the overlay, mask and raw maps of output stem `stem` (when they exist)."""
     if not isinstance(stem, str):
         return
-    for sub in ("overlays", "masks"):
+    for rel in (f"overlays/{stem}.png", f"masks/{stem}.png", f"maps/eval/{stem}.npy", f"maps/full/{stem}.npy"):
         try:
-            f = _inside(out, f"{sub}/{stem}.png")
+            f = _inside(out, rel)
         except ConfigError:
             continue
         if f.is_file():

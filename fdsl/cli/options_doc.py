@@ -21,6 +21,7 @@ from fdsl.config import (
     PredictConfig,
     RunConfig,
     RuntimeConfig,
+    ServeConfig,
     TestConfig,
     TrainConfig,
 )
@@ -32,14 +33,16 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "options.md"
 SECTIONS = [
     ("Model: `train.py`, `test.py` (saved in every checkpoint); `fdsl fit` takes them too, each defaulting to "
      "the checkpoint's", ModelConfig),
-    ("Runtime: `train.py`, `test.py`, `fdsl fit`, `fdsl predict`, `fdsl calibrate`, the demo", RuntimeConfig),
+    ("Runtime: `train.py`, `test.py`, `fdsl fit`, `fdsl predict`, `fdsl calibrate`, `fdsl serve`, the demo",
+     RuntimeConfig),
     ("Run: `train.py`, `test.py`", RunConfig),
     ("`train.py`", TrainConfig),
     ("`test.py`", TestConfig),
-    ("`fdsl fit`, `fdsl predict`, `fdsl calibrate` (besides the runtime options)", ImagesCommand),
+    ("`fdsl fit`, `fdsl predict`, `fdsl calibrate`, `fdsl serve` (besides the runtime options)", ImagesCommand),
     ("`fdsl fit`", FitConfig),
     ("`fdsl predict`", PredictConfig),
     ("`fdsl calibrate`", CalibrateConfig),
+    ("`fdsl serve`", ServeConfig),
     ("The demo: `fdsl demo`, `python -m fdsl.cli.demo`", DemoConfig),
     ("The indexers: `python data/mvtec.py`, `python data/visa.py`", IndexConfig),
 ]

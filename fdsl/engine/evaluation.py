@@ -291,16 +291,19 @@ class Evaluator:
                           "references": refs[r], "data": self._data_fingerprint(cls, refs[r]),
                           "memory_bank_bytes": memories[r].nbytes(), "scores": rows}
             if cfg.save_images:
-                self._save_images(r, cls, paths, species, masks, maps[r])
+                self._save_images(r, cls, paths, species, masks, maps[r], score, labels)
         return records
 
     def _save_images(self, run: Run, cls: str, paths: List[str], species: List[str], masks: np.ndarray,
-                     maps: np.ndarray) -> None:
+                     maps: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
+        """image | ground truth | overlay per test image, captioned with its file, label and image score."""
         from fdsl.inspect.overlay import save_side_by_side
 
         out = self.run_dir(run) / "images" / cls
-        for p, sp, m, a in zip(paths, species, masks, maps):
-            save_side_by_side(out / f"{sp}_{Path(p).stem}.png", load_rgb(os.path.join(self.root, p)), m, a)
+        for p, sp, m, a, sc, lab in zip(paths, species, masks, maps, scores, labels):
+            save_side_by_side(out / f"{sp}_{Path(p).stem}.png", load_rgb(os.path.join(self.root, p)), m, a,
+                              caption=f"{sp}/{Path(p).name} ({'anomalous' if lab else 'normal'}) "
+                                      f"score {float(sc):.3f}")
 
     # ------------------------------------------------------------------ whole run
     def run(self) -> dict:

@@ -65,12 +65,13 @@ class Prediction(NamedTuple):
     score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
     is_anomalous: score > image threshold; None when the detector has no image threshold.
     anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
-    mask: (H, W) bool defect mask at the image's own size (map resized bilinearly, > pixel threshold);
-        None without a pixel threshold.
+    mask: (H, W) bool defect mask at the image's own size, None without a pixel threshold. It follows the
+        verdict (`defect_region`): empty for a normal image, never empty for an anomalous one.
     patch_score: mean over layers of the max anomalous probability on the patch grid.
     map_max: max of `anomaly_map` (test.py's scores.csv column).
     defect_area_px: pixels of `mask` (None without a pixel threshold).
     size: (W, H) of the original image.
+    region: the rule that made `mask` ("none", "pixel_threshold", "top_region"); None without a mask.
     """
 
     score: float
@@ -81,6 +82,31 @@ class Prediction(NamedTuple):
     map_max: float
     defect_area_px: Optional[int]
     size: Tuple[int, int]
+    region: Optional[str] = None
+
+
+TOP_REGION_FRACTION = 0.1  # a flagged image without a pixel above the pixel threshold outlines its top 10 % range
+
+
+def defect_region(full_map: np.ndarray, pixel_threshold: float,
+                  is_anomalous: Optional[bool]) -> Tuple[np.ndarray, str]:
+    """The defect mask of one image, consistent with its image verdict; returns ((H, W) bool mask, rule).
+
+    Rules (docs/workbench.md, "Verdicts that agree"):
+      - normal verdict: no defect region (empty mask, rule ``"none"``), whatever pixels exceed the threshold;
+      - anomalous verdict: pixels above the pixel threshold (``"pixel_threshold"``); when none is, the top
+        region, the pixels within `TOP_REGION_FRACTION` of the map's range below its maximum (``"top_region"``);
+      - no verdict (no image threshold): pixels above the pixel threshold (``"pixel_threshold"``).
+    Args:
+        full_map: (H, W) float anomaly map at the image's own size.
+    """
+    if is_anomalous is False:
+        return np.zeros(full_map.shape, bool), "none"
+    mask = full_map > pixel_threshold
+    if is_anomalous and not mask.any():
+        hi, lo = float(full_map.max()), float(full_map.min())
+        return full_map >= hi - TOP_REGION_FRACTION * (hi - lo), "top_region"
+    return mask, "pixel_threshold"
 
 
 # ----------------------------------------------------------------------------- files and images
@@ -104,6 +130,49 @@ def _as_pil(item: ImageInput) -> Image.Image:
     if isinstance(item, np.ndarray):
         return array_to_pil(item)
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+
+
+def _choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
+                  batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
+    """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
+
+    Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's
+    size and search cost; a large projection is logged as a warning before the full encoding starts.
+    """
+    from fdsl.inspect.shot_selection import LARGE_BYTES, LARGE_SHOTS, even_indices, greedy_coreset, projected_cost
+
+    n = len(files)
+    if max_shots is None or max_shots >= n:
+        if max_shots is None and n > 2:
+            one = model.make_memory(model.encode_references(tf(load_rgb(files[0][0]))[None]))
+            per_shot = one.nbytes()
+            if n > LARGE_SHOTS or per_shot * n > LARGE_BYTES:
+                log.warning("fitting on all %d normal images (no --max_shots): %s. Pass --max_shots N (e.g. 8) to "
+                            "keep N shots chosen by greedy coreset over the image embeddings", n,
+                            projected_cost(per_shot, n))
+        return files, "all"
+    if selection == "even":
+        idx = even_indices(n, max_shots)
+    else:
+        embeds = []
+        for s in range(0, n, batch_size):
+            batch = torch.stack([tf(load_rgb(p)) for p, _ in files[s:s + batch_size]])  # (b, 3, S, S)
+            embeds.append(model.extract(batch).image_embeds.float().cpu())  # (b, D)
+        idx = greedy_coreset(torch.cat(embeds), max_shots)
+    log.info("kept %d of %d normal images as shots (%s): %s", len(idx), n, selection,
+             ", ".join(files[i][1] for i in idx[:10]) + (" ..." if len(idx) > 10 else ""))
+    return [files[i] for i in idx], selection
+
+
+def _normal_entry(path: PathLike, name: str) -> dict:
+    """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
+    from fdsl.inspect.input_check import image_profile
+
+    entry: dict = {"name": name, "sha256": sha256_file(path)}
+    prof = image_profile(path)
+    if prof is not None:
+        entry.update(mode=prof[0], size=list(prof[1]))
+    return entry
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -169,12 +238,16 @@ class Detector:
     @torch.no_grad()
     def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
             runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8,
-            cal_image_size: int = DEFAULT_CAL_SIZE, **model_options: Any) -> Detector:
-        """Fit a detector: load a trained checkpoint and encode every normal image as a shot.
+            cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: Optional[int] = None,
+            shot_selection: str = "coreset", **model_options: Any) -> Detector:
+        """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
         Args:
             checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
-            normal_images: a folder (recursive) or a list of image files: all of them become the shots.
+            normal_images: a folder (recursive) or a list of image files: all of them become the shots, or
+                `max_shots` of them chosen by `shot_selection` (``coreset`` or ``even``, see
+                `fdsl.inspect.shot_selection`). Without `max_shots`, many shots log a warning with the projected
+                detector size and search cost before the encoding.
             runtime: how it runs (device, precision, --win_batch, --align_chunk_mb, ...; not stored): a
                 `RuntimeConfig`, or a device name for the default fp32 runtime on that device.
             batch_size: images encoded at once (not stored).
@@ -186,6 +259,12 @@ class Detector:
         """
         positive_int(cal_image_size, "--cal_image_size")
         positive_int(batch_size, "--batch_size")
+        from fdsl.inspect.shot_selection import SELECTIONS
+
+        if max_shots is not None:
+            positive_int(max_shots, "--max_shots")
+        if shot_selection not in SELECTIONS:
+            raise ConfigError(f"--shot_selection must be one of {', '.join(SELECTIONS)}, got {shot_selection!r}")
         files = list_images(normal_images, "normal images")
         saved = read_checkpoint(checkpoint).get("model_config")
         if "few_shot_features" not in model_options and "features_list" in model_options:
@@ -200,6 +279,8 @@ class Detector:
         model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size)
+        candidates = len(files)
+        files, method = _choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
         memory = model.make_memory(model.encode_references(images, batch_size))
         info = {
@@ -209,7 +290,8 @@ class Detector:
             "backbone": backbone_identity(cfg),
             "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
                            "format": meta.get("format"), "epoch": meta.get("epoch")},
-            "normal_images": [{"name": name, "sha256": sha256_file(p)} for p, name in files],
+            "normal_images": [_normal_entry(p, name) for p, name in files],
+            "shots": {"selection": method, "candidates": candidates, "max_shots": max_shots},
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
         }
@@ -302,12 +384,12 @@ class Detector:
         preds = []
         for im, amap, p, m in zip(images, maps, patch, mmax):
             score = 0.5 * (float(p) + float(m))
-            mask = area = None
+            verdict = None if thr is None else bool(score > thr)
+            mask = area = region = None
             if pix is not None:
-                mask = map_to_image(amap, im.size) > pix
+                mask, region = defect_region(map_to_image(amap, im.size), pix, verdict)
                 area = int(mask.sum())
-            preds.append(Prediction(score, None if thr is None else bool(score > thr), amap, mask, float(p),
-                                    float(m), area, tuple(im.size)))
+            preds.append(Prediction(score, verdict, amap, mask, float(p), float(m), area, tuple(im.size), region))
         return preds
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
@@ -403,7 +485,10 @@ class Detector:
             pix = threshold_for_fpr(normal_max, max_fpr if max_fpr is not None else fpr)
             report["pixel_method"] = "normal_map_max_at_image_fpr"
         report.update(image=float(thr), pixel=float(pix),
-                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files])
+                      normal_images=[n for _, n in normal_files], anomalous_images=[n for _, n in bad_files],
+                      images=[{"path": str(p), "name": n, "anomalous": bool(lab), "score": float(pr.score),
+                               "map_max": float(pr.map_max)}
+                              for (p, n), lab, pr in zip(files, labels, preds)])
         self.info["thresholds"] = {"image": float(thr), "pixel": float(pix),
                                    "image_method": report["image_method"], "pixel_method": report["pixel_method"],
                                    "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
@@ -436,4 +521,4 @@ def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-__all__ = ["Detector", "Prediction"]
+__all__ = ["Detector", "Prediction", "defect_region"]

@@ -234,8 +234,12 @@ _BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
 _SHA256: Spec = ("a sha256 hex digest", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
 _LAYERS: Spec = ("a non-empty list of integers >= 1", lambda v: isinstance(v, list) and bool(v)
                  and all(_is_int(x) and x >= 1 for x in v))
-_NORMAL_IMAGES: Spec = ("a list of {name, sha256} objects", lambda v: isinstance(v, list) and all(
-    isinstance(x, dict) and set(x) == {"name", "sha256"} and _STR[1](x["name"]) and _SHA256[1](x["sha256"])
+_SIZE: Spec = ("a [width, height] pair of integers >= 1", lambda v: isinstance(v, list) and len(v) == 2
+                and all(_is_int(x) and x >= 1 for x in v))
+_NORMAL_IMAGES: Spec = ("a list of {name, sha256[, mode, size]} objects", lambda v: isinstance(v, list) and all(
+    isinstance(x, dict) and {"name", "sha256"} <= set(x) <= {"name", "sha256", "mode", "size"}
+    and _STR[1](x["name"]) and _SHA256[1](x["sha256"])
+    and ("mode" not in x or _STR[1](x["mode"])) and ("size" not in x or _SIZE[1](x["size"]))
     for x in v))
 
 
@@ -276,6 +280,9 @@ METADATA_SCHEMA: dict = {
         "epoch": (False, _or_null(_int(0))),
     }),
     "normal_images": (False, _NORMAL_IMAGES),
+    "shots": (False, {
+        "selection": (True, _STR), "candidates": (True, _int(0)), "max_shots": (False, _or_null(_int(1))),
+    }),
     "cal_image_size": (False, _int(1)),
     "thresholds": (False, {
         "image": (True, _or_null(_num())), "pixel": (True, _or_null(_num())),

@@ -291,7 +291,8 @@ def test_cli_fit_calibrate_predict_resume(env, tmp_path, capsys):
     assert _cli("predict", "--detector", det, "--images", incoming, "--out", out, "--device", "cpu",
                 "--precision", "fp32", "--batch_size", 4) == 0
     cols, rows = read_csv(out / "scores.csv")
-    assert cols == ["path", "score", "map_max", "is_anomalous", "defect_area_px"]
+    assert cols == ["path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
+                    "overlay", "mask"]
     assert len(rows) == 11 and all(r["is_anomalous"] in ("0", "1") for r in rows)
     _, errs = read_csv(out / "errors.csv")
     assert [Path(e["path"]).name for e in errs] == ["broken.png"]

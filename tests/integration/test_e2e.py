@@ -227,8 +227,10 @@ def test_kshot_file_images_and_table(data, evaluated):
     assert {p.parent.name for p in pngs} == set(TEST_CLASSES)
     from PIL import Image
 
-    with Image.open(pngs[0]) as im:  # image | ground truth | overlay at the evaluation size
-        assert im.size == (3 * CAL_SIZE, CAL_SIZE)
+    from fdsl.inspect.overlay import SIDE_CAPTION_H
+
+    with Image.open(pngs[0]) as im:  # caption band over image | ground truth | overlay at the evaluation size
+        assert im.size == (3 * CAL_SIZE, SIDE_CAPTION_H + CAL_SIZE)
 
     log = evaluated.dir.joinpath("log.txt").read_text()
     assert re.search(r"^\| objects +\| +pixel_auroc", log, re.M), "pipe table header missing from log.txt"

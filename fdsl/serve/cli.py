@@ -1,0 +1,61 @@
+"""`fdsl serve --detector part.fdsl [--host 127.0.0.1 --port 8000 --device cpu]`: the local inspection web app.
+
+Options: `fdsl.config.ServeConfig` (docs/options.md). Bad input prints one line ``error: ...`` and exits 2.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fdsl.errors import ConfigError
+
+log = logging.getLogger("fdsl.serve")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Load the detector once, then serve until Ctrl-C; returns the exit status (2 on bad input)."""
+    from fdsl.cli.jobs import run_job
+    from fdsl.config import ServeConfig
+    from fdsl.io import setup_logging
+    from fdsl.options import parse_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def job() -> None:
+        cfg = parse_config(ServeConfig, argv, prog="fdsl serve")
+        setup_logging(None)
+        try:
+            import uvicorn
+
+            from fdsl.serve.app import create_app
+        except ImportError as exc:
+            raise ConfigError(f"`fdsl serve` needs the serve extra ({exc.name} is missing): "
+                              "pip install -e \".[serve]\"") from exc
+        from fdsl.inspect.detector import Detector
+        from fdsl.serve.uploads import Limits
+
+        if not is_loopback(cfg.host):
+            log.warning("binding %s: the page and API are reachable from other machines, without a password",
+                        cfg.host)
+        det = Detector.load(cfg.detector, runtime=cfg.runtime(), pretrained=cfg.pretrained)
+        limits = Limits(max_files=cfg.max_files, max_file_bytes=int(cfg.max_file_mb * 2 ** 20))
+        hosts = ([f"{h}:{cfg.port}" for h in ("127.0.0.1", "localhost", "[::1]")] if is_loopback(cfg.host)
+                 else None)  # loopback: refuse other Host headers (DNS rebinding)
+        app = create_app(det, Path(cfg.detector).name, cfg.workdir, limits, cfg.batch_size, cfg.runtime(), hosts)
+        print(f"serving {cfg.detector} on http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, workers=1, log_level="warning")
+
+    return run_job(job, interrupted="stopped")
