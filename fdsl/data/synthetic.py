@@ -31,6 +31,7 @@ from skimage import draw
 from fdsl.checks import is_plain_name, positive_int, unique
 from fdsl.data.indexers import build_mvtec_meta, build_visa_meta, write_meta
 from fdsl.errors import ConfigError, DataError
+from fdsl.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,8 @@ def _prepare_root(root: Path, owned: Sequence[str]) -> None:
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-    marker.write_text("made by fdsl.data.synthetic; folders named in meta.json are regenerated on the next run\n")
+    atomic_write_text(marker, "made by fdsl.data.synthetic; folders named in meta.json are regenerated on the next "
+                              "run\n")
 
 
 def _size(image_size: int, non_square: bool) -> tuple[int, int]:
@@ -409,8 +411,7 @@ def make_synthetic_visa(
             rows.append((cls, "test", "anomaly", f"{base}/{key}.JPG", f"{base}/Masks/Anomaly/{stem}.png"))
 
     csv_path = root_path / "split_csv" / "1cls.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["object", "split", "label", "image", "mask"])
         writer.writerows(rows)
