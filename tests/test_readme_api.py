@@ -56,3 +56,41 @@ def test_readme_python_api_snippet_runs(tiny_weights, tmp_path) -> None:
     assert torch.isfinite(out.anomaly_map).all()
     torch.testing.assert_close(out.pred_score, 0.5 * (out.patch_score + out.map_max), atol=1e-6, rtol=0)
     assert scope["memory"].window_bank is not None  # LFE on: the snippet's memory holds both banks
+
+
+def test_readme_detector_snippet_runs(tiny_weights, tmp_path, monkeypatch) -> None:
+    """The "Inspecting your own parts" Python block: fit, calibrate, save, load, predict, as written."""
+    from PIL import Image
+
+    from fdsl.config import ModelConfig
+    from fdsl.core.model import FDSL
+    from fdsl.data.synthetic import make_synthetic_dataset
+    from fdsl.engine.checkpoint import save_checkpoint
+
+    root = make_synthetic_dataset(tmp_path / "data", classes=("part",), n_train=2, n_test_good=2, n_test_bad=3,
+                                  image_size=64, seed=3) / "part"
+    cfg = eval(TINY, {"ModelConfig": ModelConfig, "WEIGHTS": str(tiny_weights)})
+    (tmp_path / "trained_on_visa").mkdir()
+    save_checkpoint(tmp_path / "trained_on_visa" / "epoch_5.pth", FDSL.from_config(cfg).head,
+                    dataclasses.asdict(cfg), epoch=5)
+    defect = sorted(p.name for p in (root / "test").iterdir() if p.name != "good")[0]
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    goods = sorted((root / "test" / "good").glob("*.png"))
+    Image.open(goods[0]).save(incoming / "a.png")
+    Image.open(goods[1]).convert("RGB").save(incoming / "b.jpg")
+    monkeypatch.chdir(tmp_path)
+
+    code = readme_snippet("Inspecting your own parts")
+    for old, new in [('"good_parts/"', repr(str(root / "train" / "good"))),
+                     ('"val_good/"', repr(str(root / "test" / "good"))),
+                     ('"val_bad/"', repr(str(root / "test" / defect))),
+                     ('"val_masks/"', repr(str(root / "ground_truth" / defect)))]:
+        assert old in code, f"the README snippet no longer holds {old}: update this test's substitutions"
+        code = code.replace(old, new)
+    scope: dict = {}
+    exec(compile(code, "README.md (Inspecting your own parts)", "exec"), scope)  # noqa: S102 -- our own README
+
+    det, p = scope["det"], scope["p"]
+    assert (tmp_path / "part.fdsl").is_file() and det.image_threshold is not None
+    assert p.anomaly_map.shape == (240, 240) and p.mask.shape == (64, 64) and isinstance(p.is_anomalous, bool)
