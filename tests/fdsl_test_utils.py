@@ -41,8 +41,7 @@ def fit_memory(model: FDSL, ref_images: torch.Tensor) -> FDSLMemory:
 
 def global_maps(model: FDSL, feats, memory: FDSLMemory) -> list:
     """Per-layer (B, G, G) anomalous maps of the global branch (NAM-refined when NAM is on)."""
-    _, refined = model.head(model.residuals(memory.global_bank, feats))
-    return [m[:, 1] for m in refined]
+    return model.anomalous_maps(model.head.raw(model.residuals(memory.global_bank, feats)))
 
 
 def entries_scanned(bank: MemoryBank, use_index: bool) -> int:

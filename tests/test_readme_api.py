@@ -1,4 +1,5 @@
-"""The README's "Python API" snippet runs as written, on the tiny random-weight CLIP and synthetic data.
+"""The README's "Python API" snippet (and docs/inspect.md's Detector snippet) run as written, on the tiny
+random-weight CLIP and synthetic data.
 
 Only its paths and the full-size model are substituted (each substitution must still find its text, so
 the test fails when the snippet changes under it, instead of silently running something else).
@@ -16,13 +17,13 @@ TINY = ('ModelConfig(model="FDSL-Tiny-ViT", pretrained=WEIGHTS, image_size=112, 
         'few_shot_features=[2, 4], winmode="mul", win_size=4, win_stride=2)')
 
 
-def readme_snippet(section: str) -> str:
-    """The first ```python block after the heading `section` of README.md."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def readme_snippet(section: str, doc: str = "README.md") -> str:
+    """The first ```python block after the heading `section` of `doc` (a markdown file of the repository)."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
     head = re.search(rf"^#+ {re.escape(section)}\s*$", text, re.M)
-    assert head, f"README.md has no section {section!r}"
+    assert head, f"{doc} has no section {section!r}"
     block = re.search(r"```python\n(.*?)```", text[head.end():], re.S)
-    assert block, f"README.md section {section!r} has no python block"
+    assert block, f"{doc} section {section!r} has no python block"
     return block.group(1)
 
 
@@ -59,7 +60,7 @@ def test_readme_python_api_snippet_runs(tiny_weights, tmp_path) -> None:
 
 
 def test_readme_detector_snippet_runs(tiny_weights, tmp_path, monkeypatch) -> None:
-    """The "Inspecting your own parts" Python block: fit, calibrate, save, load, predict, as written."""
+    """docs/inspect.md's Python block (linked from the README): fit, calibrate, save, load, predict, as written."""
     from PIL import Image
 
     from fdsl.config import ModelConfig
@@ -81,7 +82,7 @@ def test_readme_detector_snippet_runs(tiny_weights, tmp_path, monkeypatch) -> No
     Image.open(goods[1]).convert("RGB").save(incoming / "b.jpg")
     monkeypatch.chdir(tmp_path)
 
-    code = readme_snippet("Inspecting your own parts")
+    code = readme_snippet("Inspecting your own parts", "docs/inspect.md")
     for old, new in [('"good_parts/"', repr(str(root / "train" / "good"))),
                      ('"val_good/"', repr(str(root / "test" / "good"))),
                      ('"val_bad/"', repr(str(root / "test" / defect))),
@@ -89,7 +90,7 @@ def test_readme_detector_snippet_runs(tiny_weights, tmp_path, monkeypatch) -> No
         assert old in code, f"the README snippet no longer holds {old}: update this test's substitutions"
         code = code.replace(old, new)
     scope: dict = {}
-    exec(compile(code, "README.md (Inspecting your own parts)", "exec"), scope)  # noqa: S102 -- our own README
+    exec(compile(code, "docs/inspect.md", "exec"), scope)  # noqa: S102 -- our own README
 
     det, p = scope["det"], scope["p"]
     assert (tmp_path / "part.fdsl").is_file() and det.image_threshold is not None

@@ -1,17 +1,17 @@
 """The model's geometry as one value, validated once: input size, patch grid, tapped blocks, LFE windows.
 
 In the spirit of timm's ``feature_take_indices``: every backbone turns the 1-based ``--features_list`` into
-block indices through `feature_take_indices`, and every window helper validates its (grid, win, stride)
-through `WindowGeometry`; `Geometry.resolve` checks a whole `ModelConfig` against an architecture's patch
-size and depth before any weights load, with messages naming the options. Pure Python (no torch), so the
-configuration layer can use it.
+layer indices through `fdsl.core.taps.take_indices`, every window helper validates its (grid, win, stride)
+through `WindowGeometry`, and `Geometry.resolve` checks a whole `ModelConfig` against an architecture's
+patch size and depth before any weights load, with messages naming the options. Pure Python (no torch).
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
+from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -26,24 +26,6 @@ def _as_int(name: str, value: object) -> int:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise ConfigError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}") from None
-
-
-def feature_take_indices(layers: Sequence[int], depth: Optional[int] = None,
-                         flag: str = "--features_list") -> List[int]:
-    """0-based block indices of the 1-based `layers`: distinct, increasing, and (when `depth` is known)
-    within the model's ``1..depth`` blocks. Raises ConfigError naming `flag` and the offending blocks."""
-    layers = [_as_int(flag, layer) for layer in layers]
-    if not layers:
-        raise ConfigError(f"{flag} is empty; give at least one block")
-    bad = [layer for layer in layers if layer < 1 or (depth is not None and layer > depth)]
-    if bad:
-        where = f"the model has {depth} blocks" if depth is not None else "blocks are numbered from 1"
-        raise ConfigError(f"{flag} {layers}: blocks {bad} do not exist; {where}")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"{flag} {layers} repeats a block; give each block once")
-    if layers != sorted(layers):
-        raise ConfigError(f"{flag} {layers} must be in increasing block order, e.g. {sorted(layers)}")
-    return [layer - 1 for layer in layers]
 
 
 @dataclass(frozen=True)
@@ -117,7 +99,7 @@ class Geometry:
             raise ConfigError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch} "
                               f"of {cfg.model}")
         grid = cfg.image_size // patch
-        take = tuple(feature_take_indices(cfg.features_list, depth))
+        take = tuple(take_indices(cfg.features_list, depth))
         windows = None
         if cfg.winmode != "nan":
             if cfg.win_size > grid:

@@ -1,4 +1,4 @@
-"""Cross-dataset training of the scorers and NAM (METHOD.md §8); resumable, checkpoints written atomically."""
+"""Cross-dataset training of the scorers and NAM (docs/method.md §8); resumable, checkpoints written atomically."""
 from __future__ import annotations
 
 import json
@@ -92,7 +92,8 @@ class Trainer:
         banks = {}
         for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True,
                       disable=self.strategy.tqdm_disable()):
-            imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size)  # (k, 3, S, S)
+            imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size,
+                                         self.model.backbone.preprocess)  # (k, 3, S, S)
             refs = self.model.encode_references(imgs, self.cfg.batch_size, windows=False)
             banks[c] = self.model.make_memory(refs).global_bank
         return banks
@@ -124,7 +125,7 @@ class Trainer:
                 return []
         banks = self.build_banks()
         ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
-                            augment=self.augment, aug_seed=cfg.seed)
+                            augment=self.augment, aug_seed=cfg.seed, norm=self.model.backbone.preprocess)
         cuda = self.device.type == "cuda"
         training_maps = strategy.training_maps(self.model)
         losses = []
