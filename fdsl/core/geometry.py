@@ -30,7 +30,7 @@ def _as_int(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class WindowGeometry:
-    """LFE windows on a square patch grid, validated on construction (METHOD.md §5).
+    """LFE windows on a square patch grid, validated on construction (docs/method.md §5).
 
     grid: patches per side G; win: window side W (1 <= W <= G); stride: step s (1 <= s <= W, so
     consecutive windows leave no gap). Windows start at 0, s, 2s, ... and, when G - W is not a multiple
