@@ -291,6 +291,14 @@ def model_config_from(cfg: Any) -> ModelConfig:
 # ----------------------------------------------------------------------------- the other commands
 
 
+def _detector(help: str):
+    return option(None, "--detector", required=True, path=True, help=help)
+
+
+def _images(flag: str, help: str, required: bool = True):
+    return option(None, flag, nargs="+", required=required, path=True, help=help)
+
+
 ModelOverrides = overrides_of(ModelConfig, "model options (default: the checkpoint's saved model config)")
 
 
@@ -318,8 +326,7 @@ class FitConfig(ModelOverrides, ImagesCommand):
     checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", path=True,
                                        help="trained weights (train.py's or the released code's); none with "
                                             "--scorer nn, the training-free scorer")
-    normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
-                                    help="folder(s) (recursive) or files of normal images")
+    normal: Optional[list] = _images("--normal", "folder(s) (recursive) or files of normal images")
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
                                  help="evaluation size of the anomaly maps (as test.py)")
@@ -342,10 +349,8 @@ class FitConfig(ModelOverrides, ImagesCommand):
 class PredictConfig(ImagesCommand):
     """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
-                                     help="detector file written by `fit`")
-    images: Optional[list] = option(None, "--images", nargs="+", required=True, path=True,
-                                    help="folder(s) (recursive) or image files")
+    detector: Optional[str] = _detector("detector file written by `fit`")
+    images: Optional[list] = _images("--images", "folder(s) (recursive) or image files")
     out: Optional[str] = option(None, "--out", required=True, path=True, help="output folder")
     threshold: Optional[float] = option(None, "--threshold", help="image threshold overriding the stored one")
     cal_image_size: Optional[int] = option(None, "--cal_image_size", "--calImage_size",
@@ -370,12 +375,9 @@ class PredictConfig(ImagesCommand):
 class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
-                                     help="detector file; rewritten atomically with the thresholds")
-    normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
-                                    help="normal validation images (folders or files)")
-    anomalous: Optional[list] = option(None, "--anomalous", nargs="+", path=True,
-                                       help="anomalous validation images (folders or files)")
+    detector: Optional[str] = _detector("detector file; rewritten atomically with the thresholds")
+    normal: Optional[list] = _images("--normal", "normal validation images (folders or files)")
+    anomalous: Optional[list] = _images("--anomalous", "anomalous validation images (folders or files)", required=False)
     masks: Optional[str] = option(
         None, "--masks", path=True,
         help="folder of defect masks mirroring --anomalous (<rel>/<stem>.png or <stem>_mask.png)")
@@ -390,8 +392,7 @@ class CalibrateConfig(ImagesCommand):
 class ServeConfig(ImagesCommand):
     """`fdsl serve`: a local web page and JSON API around a detector (FastAPI + uvicorn, the serve extra)."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
-                                     help="detector file written by `fit` (and `calibrate`)")
+    detector: Optional[str] = _detector("detector file written by `fit` (and `calibrate`)")
     host: str = option("127.0.0.1", "--host",
                        help="address to bind; anything but a loopback address exposes the page to the network")
     port: int = option(8000, "--port", help="TCP port")
