@@ -1,7 +1,7 @@
 """`--engine torch` against `--engine openvino`, side by side, and the exported model (fdsl export + fdsl.deploy).
 
-    python benchmarks/bench_engine.py                       # every section (slow on a busy 2-core CPU)
-    python benchmarks/bench_engine.py --configs vitb224 --skip_whole
+    python -m benchmarks.bench_engine                       # every section (slow on a busy 2-core CPU)
+    python -m benchmarks.bench_engine --configs vitb224 --skip_whole
 
 Sections, each in fresh child processes (common.py), fp32, CPU, RANDOM WEIGHTS (`--pretrained none`: the
 figures are about speed only):
@@ -28,7 +28,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from common import ROOT, child_main, environment, fmt, hwm_mb, maxrss_mb, print_environment, spawn, table, write_json
+from benchmarks.common import (
+    ROOT,
+    child_main,
+    environment,
+    fmt,
+    hwm_mb,
+    maxrss_mb,
+    print_environment,
+    spawn,
+    table,
+    write_json,
+)
 
 CONFIGS = {
     "vitb224": dict(model="ViT-B-16", image_size=224, layers=[3, 6, 9, 12], winmode="nan"),
@@ -100,12 +111,12 @@ def run_parts(spec: Dict[str, Any]) -> Dict[str, Any]:
         res["n_windows"] = nw
     if spec["e2e"] and not lfe:  # LFE end to end is 169 window passes per image: its parts are timed above
         ref_img = torch.randn(1, 3, S, S, generator=g)
-        model.fit(ref_img)
+        memory = model.make_memory(model.encode_references(ref_img))
         t: Dict[str, List[float]] = {"torch": [], "openvino": []}
         for _ in range(spec["reps"]):  # interleaved, as the parts
             for e in ("torch", "openvino"):
                 bb.engine = ov if e == "openvino" else None
-                t[e].append(_timed(lambda: model(x)))
+                t[e].append(_timed(lambda: model(x, memory)))
         bb.engine = None
         res["e2e_torch_s"], res["e2e_openvino_s"] = statistics.median(t["torch"]), statistics.median(t["openvino"])
     res["peak_rss_mb"] = maxrss_mb()
@@ -180,8 +191,9 @@ def whole_processes(args, work: Path) -> Dict[str, Any]:
     from fdsl.config import ModelConfig
     from fdsl.core.model import FDSL
     from fdsl.data.shots import load_reference_images
-    from fdsl.data.synthetic import liven_head, make_synthetic_dataset
+    from fdsl.data.synthetic import make_synthetic_dataset
     from fdsl.engine.checkpoint import save_checkpoint
+    from tests.fdsl_test_utils import liven_head
 
     data = make_synthetic_dataset(work / "data", classes=("carpet_syn",), n_train=2, n_test_good=args.n_whole // 2,
                                   n_test_bad=args.n_whole - args.n_whole // 2, image_size=224, seed=0)
@@ -248,7 +260,7 @@ def main() -> int:
     print("RANDOM WEIGHTS (--pretrained none): speed figures only. Torch and OpenVINO are interleaved in one "
           "process; the machine may be shared, so read the ratios, not the absolute times.\n")
     out: Dict[str, Any] = {"environment": env, "parts": [], "latency": [], "whole": None}
-    script = Path(__file__).resolve()
+    script = "benchmarks.bench_engine"
     rows = []
     for name in [] if args.skip_parts else args.configs:
         r = spawn(script, {"kind": "parts", "config": name, "threads": args.threads, "reps": args.reps,

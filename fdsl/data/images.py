@@ -17,9 +17,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from fdsl.errors import ConfigError, DataError
+from fdsl.checks import positive_int
+from fdsl.errors import DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -92,9 +93,8 @@ def load_mask(
 
 
 def check_size(size: object, name: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {size!r}.")
-    return int(size)
+    """`size` as an int when it is a positive integer; else ConfigError naming `name`."""
+    return positive_int(size, name)
 
 
 class _Binarize:

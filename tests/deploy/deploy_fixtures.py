@@ -14,12 +14,13 @@ CLS = "brick_syn"
 def build_detectors(work: Path) -> SimpleNamespace:
     """Detector files ``global.fdsl`` (winmode nan) and ``lfe.fdsl`` (mul 4/2) on the tiny CLIP, calibrated."""
     import open_clip
+    from fdsl_test_utils import liven_head
 
     from fdsl.config import ModelConfig
     from fdsl.core.backbone import register_model_configs
     from fdsl.core.model import FDSL
     from fdsl.data.shots import load_reference_images
-    from fdsl.data.synthetic import liven_head, make_synthetic_dataset
+    from fdsl.data.synthetic import make_synthetic_dataset
     from fdsl.engine.checkpoint import save_checkpoint
     from fdsl.inspect.detector import Detector
 

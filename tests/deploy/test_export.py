@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deploy_fixtures import build_detectors
+from fdsl_test_utils import liven_head
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,7 +237,6 @@ def test_graph_equals_predict_for_every_setting(env, settings):
     from fdsl.config import ModelConfig
     from fdsl.core.model import FDSL
     from fdsl.data.images import image_transform, load_rgb
-    from fdsl.data.synthetic import liven_head
     from fdsl.inspect.export import DetectorGraph
 
     kw = dict(model="FDSL-Tiny-ViT", pretrained=str(env.weights), image_size=112, features_list=[2, 4],
