@@ -227,7 +227,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     from fdsl.inspect.detector import map_to_image
     from fdsl.inspect.gallery import write_gallery
     from fdsl.inspect.input_check import warn_unlike_normals
-    from fdsl.inspect.outputs import input_identity
+    from fdsl.inspect.outputs import input_identity, is_output_stem
     from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
@@ -255,6 +255,14 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
 
     paths = [str(p) for p, _ in files]
     current = set(paths)
+    resolved = {p: str(Path(p).resolve()) for p in paths}
+    # The same file named another way (relative vs absolute, another working folder) is the same input.
+    by_resolved = {r: p for p, r in resolved.items()}
+    for was in list(previous):
+        now = by_resolved.get(old_inputs.get(was, {}).get("resolved"))
+        if now is not None and now != was and now not in previous and now not in old_inputs:
+            previous[now] = dict(previous.pop(was), path=now)
+            old_inputs[now] = old_inputs.pop(was)
     # Earlier runs' other inputs: kept (same settings) or dropped with their outputs (other settings).
     others = [p for p in previous if p not in current and p in old_inputs]
     if others and not same:
@@ -263,7 +271,16 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         for p in others:
             _remove_outputs(out, old_inputs[p].get("stem"))
         others = []
-    elif others:
+    changed_others = [p for p in others if (i := input_identity(old_inputs[p].get("resolved", p))) is not None
+                      and i != {k: old_inputs[p].get(k) for k in ("size", "mtime_ns")}]
+    if changed_others:  # replaced since scored and not part of this run: the kept row would be stale
+        log.warning("%d earlier input(s) not in this run changed since they were scored: their rows are dropped, "
+                    "with their overlays and masks (give them again to score them): %s", len(changed_others),
+                    ", ".join(changed_others[:5]) + (" ..." if len(changed_others) > 5 else ""))
+        for p in changed_others:
+            _remove_outputs(out, old_inputs[p].get("stem"))
+        others = [p for p in others if p not in changed_others]
+    if others and same:
         log.info("keeping %d row(s) of earlier runs' other inputs in %s", len(others), out)
     inputs: Dict[str, dict] = {p: old_inputs[p] for p in others}
     taken = {v.get("stem") for v in inputs.values()}
@@ -271,7 +288,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     stems: Dict[str, str] = {}
     for p in paths:
         s = old_inputs.get(p, {}).get("stem")
-        if isinstance(s, str) and s not in taken and s == output_names([s])[0]:
+        if isinstance(s, str) and s not in taken and is_output_stem(s):
             stems[p] = s
             taken.add(s)
     new = [(str(p), n) for p, n in files if str(p) not in stems]
@@ -304,7 +321,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     rows.update({p: previous[p] for p in paths if done(p)})
     for p in paths:
         if p in rows:
-            inputs[p] = dict(ident[p], stem=stems[p])
+            inputs[p] = dict(ident[p], stem=stems[p], resolved=resolved[p])
     todo = [p for p in paths if p not in rows]
     changed = [p for p in todo if replaced(p)]
     if changed:
@@ -348,13 +365,19 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
                 mask[p].unlink()  # stale mask of an earlier run with other thresholds
             if overlays:
                 _save_png(overlay[p], overlay_array(im, pr, display[p], thr, pix))
+            elif overlay[p].exists():
+                overlay[p].unlink()  # an earlier run's overlay: this row links none
             if save_maps:
                 _save_npy(maps[p][0], pr.anomaly_map)
                 _save_npy(maps[p][1], map_to_image(pr.anomaly_map, im.size))
+            else:
+                for f in maps[p]:
+                    if f.exists():
+                        f.unlink()  # an earlier run's raw maps, possibly of another detector
             rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
                        "overlay": f"overlays/{stems[p]}.png" if overlays else "",
                        "mask": f"masks/{stems[p]}.png" if has_mask else ""}
-            inputs[p] = dict(ident[p] or {}, stem=stems[p])
+            inputs[p] = dict(ident[p] or {}, stem=stems[p], resolved=resolved[p])
         flush()
     flush()
     seconds = time.time() - t0
@@ -362,7 +385,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     flagged = sorted((r for r in rows.values() if str(r.get("is_anomalous")) == "1"),
                      key=lambda r: -float(r["score"]))
     n_new = len(todo) - len(errors)
-    write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl predict: {det_path.name}")
+    write_gallery(out, [rows[p] for p in paths + others if p in rows], title=f"fdsl predict: {det_path.name}")
     summary = {
         "detector": str(det_path), "fdsl_version": det.info.get("fdsl_version"),
         "n_images": len(paths), "n_scored": len(rows) - len(others), "n_errors": len(errors),

@@ -146,6 +146,13 @@ def output_names(names: Sequence[str], keys: Optional[Sequence[str]] = None,
     return out
 
 
+def is_output_stem(stem: str) -> bool:
+    """True when `stem` is a stem `output_names` can make (clean components, no dotted folder): a stem read
+    back from an earlier run's state is reused only then, so it cannot leave the folder or collide."""
+    parts = stem.split("/")
+    return all(p and p == _safe_part(p) for p in parts) and all("." not in d for d in parts[:-1])
+
+
 # ----------------------------------------------------------------------------- inputs and the folder
 
 
@@ -177,4 +184,5 @@ def check_output_folder(out: PathLike, inputs: Sequence[PathLike], flag: str = "
                                   f"{flag} folder outside {str(raw)!r} (one inside it is skipped when listing)")
 
 
-__all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", "output_names"]
+__all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", "is_output_stem",
+           "output_names"]

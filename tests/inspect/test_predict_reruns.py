@@ -1,0 +1,149 @@
+"""`fdsl predict` rerun into one --out (QA of the harden + workbench merge): whatever the sequence of runs,
+scores.csv, the gallery, summary.json and the files on disk agree, and no row outlives its input."""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fdsl_test_utils import save_tiny_checkpoint, tiny_data
+
+CLS = "carpet_syn"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> SimpleNamespace:
+    from fdsl.inspect.detector import Detector
+
+    work = tmp_path_factory.mktemp("reruns")
+    root = tiny_data(work / "data", classes=(CLS,), n_train=2, n_test_good=2, n_test_bad=2)
+    ck = save_tiny_checkpoint(work / "ck" / "epoch_1.pth", seed=1)
+    det = Detector.fit(ck, root / CLS / "train" / "good", runtime="cpu", cal_image_size=32)
+    det.calibrate(root / CLS / "test" / "good", [d for d in (root / CLS / "test").iterdir() if d.name != "good"],
+                  max_fpr=0.5)
+    path = det.save(work / "part.fdsl")
+    good = sorted((root / CLS / "test" / "good").glob("*.png"))
+    bad = sorted(p for d in (root / CLS / "test").iterdir() if d.name != "good" for p in d.glob("*.png"))
+    return SimpleNamespace(det=det, path=path, good=good, bad=bad)
+
+
+def _predict(env, images, out, **kw) -> dict:
+    from fdsl.cli.inspection import predict_folder
+
+    return predict_folder(env.path, [str(i) for i in images], out, runtime="cpu", **kw)
+
+
+def _rows(out: Path) -> list:
+    with (out / "scores.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _files(out: Path, folder: str) -> set:
+    return {f.relative_to(out).as_posix() for f in (out / folder).rglob("*") if f.is_file()} \
+        if (out / folder).exists() else set()
+
+
+def _gallery_paths(out: Path) -> list:
+    page = (out / "index.html").read_text(encoding="utf-8")
+    return [html.unescape(p) for p in re.findall(r"<td class=f>(.*?)</td>", page)]
+
+
+def _agree(out: Path) -> list:
+    """Check that scores.csv, the gallery, summary.json and overlays/ + masks/ agree; returns the rows."""
+    rows = _rows(out)
+    paths = [r["path"] for r in rows]
+    assert len(set(paths)) == len(paths), paths
+    assert sorted(_gallery_paths(out)) == sorted(paths)
+    linked = {r[c] for r in rows for c in ("overlay", "mask") if r[c]}
+    assert _files(out, "overlays") | _files(out, "masks") == linked  # every link exists, no orphan file
+    summary = json.loads((out / "summary.json").read_text())
+    flagged = [r["path"] for r in rows if r["is_anomalous"] == "1"]
+    assert summary["n_anomalous"] == len(flagged)
+    assert sorted(f["path"] for f in summary["flagged"]) == sorted(flagged)
+    assert summary["n_scored"] + summary["n_kept_earlier"] == len(rows)
+    return rows
+
+
+def test_gallery_lists_the_kept_rows_of_earlier_runs(env, tmp_path):
+    """A run on b/ after a run on a/ keeps a/'s rows in scores.csv: the gallery shows them too."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copy(env.good[0], a / "one.png")
+    shutil.copy(env.bad[0], a / "two.png")
+    shutil.copy(env.bad[1], b / "three.png")
+    out = tmp_path / "v"
+    _predict(env, [a], out)
+    summary = _predict(env, [b], out)
+    rows = _agree(out)
+    assert len(rows) == 3 and summary["n_kept_earlier"] == 2
+
+
+def test_maps_and_overlays_switched_off_leave_no_stale_files(env, tmp_path):
+    """--save_maps then no --save_maps (and --overlays 0): the earlier run's raw maps and overlays go too,
+    as they would otherwise sit beside rows that no longer refer to them."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    for p in env.good + env.bad[:1]:
+        shutil.copy(p, inc / f"{p.parent.name}_{p.name}")
+    out = tmp_path / "v"
+    _predict(env, [inc], out, save_maps=True)
+    assert len(_files(out, "maps")) == 2 * 3
+    _predict(env, [inc], out)
+    assert _files(out, "maps") == set()
+    _agree(out)
+    _predict(env, [inc], out, overlays=False)
+    assert _files(out, "overlays") == set()
+    assert all(r["overlay"] == "" for r in _agree(out))
+
+
+def test_one_file_named_two_ways_is_one_row(env, tmp_path, monkeypatch):
+    """The same folder given relative, then absolute: one row per file, the second run resumes."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.good[0], inc / "a.png")
+    shutil.copy(env.bad[0], inc / "b.png")
+    out = tmp_path / "v"
+    monkeypatch.chdir(tmp_path)
+    _predict(env, ["inc"], out, save_maps=True)
+    summary = _predict(env, [inc.resolve()], out, save_maps=True)
+    rows = _agree(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(inc.resolve() / n) for n in ("a.png", "b.png"))
+    assert summary["n_skipped_done"] == 2 and summary["n_kept_earlier"] == 0
+    assert len(_files(out, "maps")) == 2 * 2
+
+
+def test_an_input_keeps_its_dotted_output_name(env, tmp_path):
+    """`sub.dir/a.b.c.png` listed from the parent, then from sub.dir itself: one output name throughout,
+    nothing left under the earlier name."""
+    root = tmp_path / "inc"
+    (root / "sub.dir").mkdir(parents=True)
+    shutil.copy(env.bad[0], root / "sub.dir" / "a.b.c.png")
+    out = tmp_path / "v"
+    _predict(env, [root], out)
+    first = _rows(out)[0]
+    summary = _predict(env, [root / "sub.dir"], out)
+    rows = _agree(out)
+    assert len(rows) == 1 and rows[0]["overlay"] == first["overlay"] == "overlays/sub_dir/a.b.c.png"
+    assert summary["n_skipped_done"] == 1
+
+
+def test_kept_row_of_a_replaced_input_is_dropped(env, tmp_path, caplog):
+    """An earlier input that is not part of this run but was replaced since it was scored: its row (and
+    overlay) would be a stale verdict of the file now at that path; it is dropped with a warning."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.good[0], inc / "a.png")
+    shutil.copy(env.good[1], inc / "b.png")
+    out = tmp_path / "v"
+    _predict(env, [inc], out)
+    shutil.copy(env.bad[0], inc / "b.png")  # replaced, but the next run only looks at a.png
+    with caplog.at_level("WARNING"):
+        summary = _predict(env, [inc / "a.png"], out)
+    rows = _agree(out)
+    assert [Path(r["path"]).name for r in rows] == ["a.png"] and summary["n_kept_earlier"] == 0
+    assert "b.png" in caplog.text
