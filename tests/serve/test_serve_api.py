@@ -190,3 +190,26 @@ def test_uploads_unlike_the_shots_carry_a_warning(env, tmp_path):
         *_files(env.good[:1])])
     warnings = [r["input_warnings"] for r in resp.json()]
     assert "mode L" in warnings[0][0] and "aspect 3.00" in warnings[1][0] and warnings[2] == []
+
+
+def test_exif_rotated_jpeg_scores_as_predict_does(env, tmp_path):
+    """A camera JPEG with an EXIF orientation: predict applies it (load_rgb); the API does too, so the same
+    upload gets predict's score, map and input warnings."""
+    from fdsl.cli.inspection import predict_folder
+
+    images = tmp_path / "incoming"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when shown
+    Image.open(env.bad[0]).convert("RGB").resize((120, 80)).save(images / "rot.jpg", exif=exif.tobytes())
+    predict_folder(env.path, [images], tmp_path / "out", runtime="cpu")
+    with (tmp_path / "out" / "scores.csv").open(newline="") as fh:
+        row = next(csv.DictReader(fh))
+    rec = _client(env, tmp_path / "work").post(
+        "/api/predict", files=[("files", ("rot.jpg", (images / "rot.jpg").read_bytes(), "image/jpeg"))]).json()[0]
+    for k in ("score", "map_max", "margin"):
+        assert rec[k] == float(row[k]), k
+    assert rec["defect_area_px"] == int(row["defect_area_px"])
+    from fdsl.inspect.input_check import image_profile
+
+    assert image_profile(images / "rot.jpg") == ("RGB", (80, 120))  # the size as shown, as the API sees it
