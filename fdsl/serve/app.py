@@ -75,6 +75,7 @@ def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequen
     info.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 normal_images=[{"name": n, "sha256": d, "mode": m, "size": list(im.size)}
                                for n, d, m, im in zip(names, digests, modes, images)],
+                shots={"selection": "all", "candidates": len(images), "max_shots": None},
                 thresholds={"image": None, "pixel": None})
     return Detector(model, memory, info)
 

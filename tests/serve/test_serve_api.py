@@ -213,3 +213,17 @@ def test_exif_rotated_jpeg_scores_as_predict_does(env, tmp_path):
     from fdsl.inspect.input_check import image_profile
 
     assert image_profile(images / "rot.jpg") == ("RGB", (80, 120))  # the size as shown, as the API sees it
+
+
+def test_fit_from_uploads_records_its_own_shots(env):
+    """A detector fitted in the web app says how its shots were chosen (all uploads), not the base's choice."""
+    import copy
+
+    from fdsl.serve.app import fit_from_images
+
+    base = copy.copy(env.det)
+    base.info = dict(env.det.info, shots={"selection": "coreset", "candidates": 9, "max_shots": 1})
+    images = [Image.open(p).convert("RGB") for p in env.good]
+    det = fit_from_images(base, images, [p.name for p in env.good], ["0" * 64] * len(images), ["RGB"] * len(images))
+    assert det.info["shots"] == {"selection": "all", "candidates": len(images), "max_shots": None}
+    assert len(det.info["normal_images"]) == len(images) and det.info["thresholds"] == {"image": None, "pixel": None}
