@@ -22,6 +22,7 @@ from PIL import Image
 
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError, FDSLError
+from fdsl.inspect.files import PREDICT_STATE
 from fdsl.inspect.outputs import output_names  # noqa: F401  (re-exported: `predict`'s output names)
 from fdsl.io import PathLike
 
@@ -29,7 +30,7 @@ log = logging.getLogger("fdsl.inspect")
 
 SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
                  "overlay", "mask")
-_STATE = ".predict_state.json"
+_STATE = PREDICT_STATE
 
 
 # ----------------------------------------------------------------------------- fit / calibrate

@@ -147,3 +147,16 @@ def test_kept_row_of_a_replaced_input_is_dropped(env, tmp_path, caplog):
     rows = _agree(out)
     assert [Path(r["path"]).name for r in rows] == ["a.png"] and summary["n_kept_earlier"] == 0
     assert "b.png" in caplog.text
+
+
+def test_an_earlier_output_folder_inside_the_inputs_is_not_scored(env, tmp_path, caplog):
+    """--out inc/v1, then --out inc/v2: v1's overlays and masks are predict outputs, never parts."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.good[0], inc / "a.png")
+    shutil.copy(env.bad[0], inc / "b.png")
+    _predict(env, [inc], inc / "v1")
+    with caplog.at_level("WARNING"):
+        summary = _predict(env, [inc], inc / "v2")
+    assert sorted(Path(r["path"]).name for r in _agree(inc / "v2")) == ["a.png", "b.png"]
+    assert summary["n_images"] == 2 and "v1" in caplog.text
