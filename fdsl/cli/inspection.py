@@ -173,7 +173,9 @@ def cmd_predict(cfg: PredictConfig) -> None:
     out = Path(cfg.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
-    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); gallery: {out / 'index.html'}"
+    kept = f" + {summary['n_kept_earlier']} kept from earlier runs" if summary["n_kept_earlier"] else ""
+    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){kept}{verdict}); gallery: "
+          f"{out / 'index.html'}"
           + (f"; {summary['n_errors']} unreadable image(s) in {out / 'errors.csv'}" if summary["n_errors"] else ""))
 
 

@@ -160,3 +160,20 @@ def test_an_earlier_output_folder_inside_the_inputs_is_not_scored(env, tmp_path,
         summary = _predict(env, [inc], inc / "v2")
     assert sorted(Path(r["path"]).name for r in _agree(inc / "v2")) == ["a.png", "b.png"]
     assert summary["n_images"] == 2 and "v1" in caplog.text
+
+
+def test_printed_counts_include_the_kept_rows(env, tmp_path, capsys):
+    """The one-line result names the kept rows, so its anomalous count is not larger than its image count."""
+    from fdsl.cli.inspection import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for i, p in enumerate(env.bad):
+        shutil.copy(p, a / f"{i}.png")
+    shutil.copy(env.good[0], b / "g.png")
+    out = tmp_path / "v"
+    args = ["predict", "--detector", str(env.path), "--out", str(out), "--device", "cpu", "--images"]
+    assert main(args + [str(a)]) == 0 and main(args + [str(b)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    n_anom = sum(r["is_anomalous"] == "1" for r in _agree(out))
+    assert f"(1 image(s) + {len(env.bad)} kept from earlier runs, {n_anom} anomalous)" in line, line
