@@ -2,7 +2,7 @@
 """Memory-bank benchmark of FDSL: bank size, search cost, alignment time and peak memory vs k.
 
 For every k in ``--ks`` (1 2 4 8 16), for the global branch and the LFE window branch, with the
-dense bank (METHOD.md §3a) and with the image-feature index (§3b), at the default geometry of
+dense bank (docs/method.md §3a) and with the image-feature index (§3b), at the default geometry of
 ViT-L-14-336 at 518 px (G = 37, N = 1369 tokens, C = 1024, L = 4 layers, D = 768; windows of
 13×13 = 169 tokens at stride 2, 169 windows per image), it reports:
 

@@ -1,4 +1,4 @@
-"""Precision × align precision × branch: time per image and drift against fp32 (METHOD.md §6b).
+"""Precision × align precision × branch: time per image and drift against fp32 (docs/method.md §6b).
 
 For each set (``tiny``: the demo's FDSL-Tiny-ViT geometry; ``vitl``: ViT-L-14-336 at 518 px, random
 weights, 1 reference and 2 query images) and each winmode (``nan``: global branch only; ``mul``: global

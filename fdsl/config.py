@@ -165,6 +165,9 @@ class RunConfig:
     seed: int = option(111, "--seed", help="random seed (reference-image choice, augmentations)", affects=NOTHING)
     classes: Optional[list] = option(None, "--classes", nargs="+", help="restrict to these classes (default: all)",
                                      affects=NOTHING)
+    config: Optional[str] = option(None, "--config", path=True, affects=NOTHING, resume_neutral=True,
+                                   help="rerun a saved run: its config.json's settings become the defaults, "
+                                        "options given here override them")
 
     def validate(self) -> None:
         """Check the shared run options; repeated --classes are dropped (keeping order) with a warning."""

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 from dataclasses import field
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -126,20 +127,95 @@ def build_parser(cls: type, description: str = "", prog: Optional[str] = None) -
     return parser
 
 
+CONFIG_FIELD = "config"  # a command with this field reruns a saved run's config.json (`parse_config`)
+
+
+def read_config_file(cls: type, path: str) -> dict:
+    """The settings of a saved run's ``config.json``, checked against the fields of `cls`.
+
+    Every key must be a field of `cls` and every value must have the field's type (and lie in its choices);
+    otherwise a `ConfigError` names the file, the key and the value.
+    """
+    import json
+
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path} is not valid JSON ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config {path} holds {type(saved).__name__}, not a JSON object of settings")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise ConfigError(f"--config {path} has settings this command does not take: {', '.join(unknown)} "
+                          f"(is it another command's config.json? {cls.__name__} takes {', '.join(fields)})")
+    for name, value in saved.items():
+        _check_saved_value(fields[name], value, path)
+    return saved
+
+
+def _check_saved_value(f: dataclasses.Field, value: Any, path: str) -> None:
+    """Raise `ConfigError` unless `value` (from a config.json) fits field `f`'s type and choices."""
+    kind = field_type(f)
+
+    def fits(v: Any) -> bool:
+        if kind is parse_bool:
+            return isinstance(v, bool)
+        if kind is int:
+            return isinstance(v, int) and not isinstance(v, bool)
+        if kind is float:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, str)
+
+    if value is None:
+        ok = _default(f) is None
+    elif f.metadata.get("nargs"):
+        ok = (isinstance(value, list) and all(fits(v) for v in value)) or (f.name == "k_shot" and fits(value))
+    else:
+        ok = fits(value)
+    choices = f.metadata.get("choices")
+    if ok and choices and value is not None:
+        ok = all(v in choices for v in (value if isinstance(value, list) else [value]))
+    if not ok:
+        raise ConfigError(f"--config {path}: {f.name} = {value!r} is not a valid value for "
+                          f"{f.metadata['flags'][0]}")
+
+
 def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = "",
                  prog: Optional[str] = None):
     """Parse `argv` into a validated `cls` instance. Unknown flags are errors.
 
-    The names of the fields set on the command line are recorded on the instance (see `explicit_fields`).
+    For a command with a ``config`` field (train, test), ``--config RUN/config.json`` starts from a saved
+    run's settings: they become the defaults, and options given on the command line override them. The
+    names of the fields set on the command line are recorded on the instance (see `explicit_fields`;
+    values read from ``--config`` count as defaults, so a checkpoint's recorded model settings still win
+    over them), and so are the arguments themselves (`parsed_argv`).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(cls, description, prog)
+    if CONFIG_FIELD in {f.name for f in dataclasses.fields(cls)}:
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--config", dest=CONFIG_FIELD, default=None)
+        config_path = pre.parse_known_args(argv)[0].config
+        if config_path is not None:
+            saved = read_config_file(cls, config_path)
+            saved.pop(CONFIG_FIELD, None)  # where that run's own settings came from is not a setting
+            parser.set_defaults(**saved)
+            for action in parser._actions:  # an option the file gives is no longer required on the command line
+                if action.dest in saved:
+                    action.required = False
     ns = parser.parse_args(argv)
     cfg = cls(**vars(ns))
     # Parse again with every default suppressed: what remains was given explicitly.
-    for action in parser._actions:
+    bare = build_parser(cls, description, prog)
+    for action in bare._actions:
         action.default = argparse.SUPPRESS
         action.required = False
-    object.__setattr__(cfg, _EXPLICIT, frozenset(vars(parser.parse_args(argv))))
+    object.__setattr__(cfg, _EXPLICIT, frozenset(vars(bare.parse_args(argv))))
+    object.__setattr__(cfg, _ARGV, tuple(argv))
     cfg.validate()
     return cfg
 
@@ -164,6 +240,12 @@ def given(cfg: Any, cls: type) -> dict:
 
 
 _EXPLICIT = "_explicit_fields"  # an instance attribute, not a dataclass field: never in config.json
+_ARGV = "_parsed_argv"  # likewise: the arguments `parse_config` parsed
+
+
+def parsed_argv(cfg: Any) -> Optional[tuple]:
+    """The command-line arguments `cfg` was parsed from (`parse_config`); None for a config built in code."""
+    return getattr(cfg, _ARGV, None)
 
 
 def explicit_fields(cfg: Any) -> frozenset:

@@ -1,10 +1,12 @@
-"""Tests for fdsl.config: flag aliases, METHOD.md defaults, strictness (no catch-alls), validation."""
+"""Tests for fdsl.config: flag aliases, docs/method.md defaults, strictness (no catch-alls), validation."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from fdsl.config import ModelConfig, TrainConfig, build_parser, parse_config
+from fdsl.config import ModelConfig, TrainConfig, build_parser, explicit_fields, parse_config
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect a class named Test*
 from fdsl.errors import ConfigError
 
@@ -308,3 +310,52 @@ def test_fit_model_options_default_to_the_checkpoint() -> None:
     assert cfg.runtime().win_batch == 16
     with pytest.raises(SystemExit):
         parse_config(FitConfig, base[:2])  # --normal and --out are required
+
+
+# ---------------------------------------------------------------------------- --config run/config.json
+def _saved(tmp_path, **settings):
+    import json
+
+    from fdsl.config import config_to_dict
+
+    cfg = EvalConfig(checkpoint_path="ck.pth", data_path="d", **settings)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_to_dict(cfg)))
+    return path
+
+
+def test_config_file_gives_defaults_and_the_command_line_overrides(tmp_path) -> None:
+    path = _saved(tmp_path, model="FDSL-Tiny-ViT", image_size=56, winmode="mul", k_shot=[1, 2, 4], seeds=[1, 2])
+    cfg = parse_config(EvalConfig, ["--config", str(path)])
+    assert (cfg.model, cfg.image_size, cfg.winmode, cfg.k_shot, cfg.seeds) == ("FDSL-Tiny-ViT", 56, "mul",
+                                                                               [1, 2, 4], [1, 2])
+    cfg = parse_config(EvalConfig, ["--config", str(path), "--k_shot", "2", "--winmode", "nan"])
+    assert cfg.k_shot == 2 and cfg.winmode == "nan" and cfg.image_size == 56
+    # Values from the file are not "given": a checkpoint's recorded model settings still win over them.
+    assert explicit_fields(cfg) == {"config", "k_shot", "winmode"} and cfg.config == str(path)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("epoch", 5, "settings this command does not take: epoch"),  # a train.py config.json given to test.py
+    ("image_size", "big", "image_size = 'big'"),
+    ("use_nam", 2, "use_nam = 2"),
+    ("winmode", "sideways", "winmode = 'sideways'"),
+    ("features_list", [1, "x"], "features_list"),
+])
+def test_bad_config_file_is_one_error_naming_the_key(tmp_path, key, value, words) -> None:
+    import json
+
+    path = _saved(tmp_path)
+    saved = json.loads(path.read_text())
+    saved[key] = value
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        parse_config(EvalConfig, ["--config", str(path)])
+
+
+def test_unreadable_config_file_is_one_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        parse_config(EvalConfig, ["--config", str(tmp_path / "missing.json")])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_config(EvalConfig, ["--config", str(tmp_path / "bad.json")])

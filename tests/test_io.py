@@ -76,7 +76,7 @@ def test_precision_garbage() -> None:
 
 
 def test_precision_auto_is_fp32_on_cuda_too() -> None:
-    """Faithful by default on every device: auto never picks a reduced dtype (METHOD.md §6b)."""
+    """Faithful by default on every device: auto never picks a reduced dtype (docs/method.md §6b)."""
     assert resolve_precision("auto", torch.device("cuda:0")) is torch.float32
 
 

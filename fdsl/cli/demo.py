@@ -1,7 +1,7 @@
 """End-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps.
 
     python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
-    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run in well under a minute
+    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run, under a minute on 2 CPU cores
     FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
 
 Two synthetic MVTec-layout datasets are written under ``<out>/data/``: the model is trained on
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL = "FDSL-Tiny-ViT"
 FULL_MODEL = "ViT-L-14-336"
-FULL_GRID = 37  # patches per side of the full-size setting (518 px for patch 14, METHOD.md §0)
+FULL_GRID = 37  # patches per side of the full-size setting (518 px for patch 14, docs/method.md §0)
 _DATA_STAMP = "demo_data.json"
 
 

@@ -1,4 +1,4 @@
-"""Training losses on probability maps (METHOD.md §8)."""
+"""Training losses on probability maps (docs/method.md §8)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Memory banks of normal tokens and feature-discrepancy alignment (METHOD.md §2–3).
+"""Memory banks of normal tokens and feature-discrepancy alignment (docs/method.md §2–3).
 
 Alignment is, per layer, a chunked matrix product, an argmax and a gather: never a Python loop
 over patches. Chunks bound the size of the similarity block whatever the bank size.
@@ -19,7 +19,7 @@ _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 
 
 @dataclass(frozen=True)
 class Alignment:
-    """How query tokens are matched to normal tokens (METHOD.md §2–3): one object instead of loose arguments.
+    """How query tokens are matched to normal tokens (docs/method.md §2–3): one object instead of loose arguments.
 
     Attributes:
         mode: ``mulmax`` (argmax of the dot product) or ``diff2`` (argmin of the L2 distance).
@@ -254,7 +254,7 @@ class MemoryBank(nn.Module):
 
         Dense search over all K·N tokens by default; with ``align.use_index`` each query item is
         aligned only against its most similar stored item, chosen by `query_embeds` (Q, D)
-        (image-feature index, METHOD.md §3b).
+        (image-feature index, docs/method.md §3b).
         """
         if len(tokens) != self.num_layers:
             raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")

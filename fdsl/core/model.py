@@ -1,4 +1,4 @@
-"""FDSL: feature discrepancy -> per-layer scorers -> NAM -> anomaly maps and scores (METHOD.md §2–6)."""
+"""FDSL: feature discrepancy -> per-layer scorers -> NAM -> anomaly maps and scores (docs/method.md §2–6)."""
 from __future__ import annotations
 
 import logging
@@ -108,7 +108,7 @@ class FDSLOutput(NamedTuple):
 
 
 def image_score(patch_score, map_max):
-    """The image score 0.5·(patch_score + map_max) (METHOD.md §6); tensors or arrays of the same shape."""
+    """The image score 0.5·(patch_score + map_max) (docs/method.md §6); tensors or arrays of the same shape."""
     return 0.5 * (patch_score + map_max)
 
 
@@ -300,7 +300,7 @@ class FDSL(nn.Module):
         return out
 
     def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
-        """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (METHOD.md §8)."""
+        """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw
         B = maps[0].shape[0]
@@ -317,7 +317,7 @@ class FDSL(nn.Module):
         return [m[:, 1] for m in refined]
 
     def window_maps(self, images: torch.Tensor, memories: Sequence[FDSLMemory]) -> List[List[torch.Tensor]]:
-        """Per memory, per-layer (B, G, G) stitched window maps (METHOD.md §5).
+        """Per memory, per-layer (B, G, G) stitched window maps (docs/method.md §5).
 
         Windows are encoded `win_batch` at a time, once for all memories; each window's raw per-layer
         prob map is pasted at its place, averaged over coverage, then refined by NAM when NAM is on.

@@ -108,7 +108,7 @@ _BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 240) -> Runtime:
     """The model's `Runtime` from the command-line settings, resolved once for `device`.
 
-    Precision policy (METHOD.md §6b):
+    Precision policy (docs/method.md §6b):
 
     * the backbone runs under autocast to ``--precision`` (``auto`` = fp32 on every device);
     * the global branch's similarity and argmax are always fp32;

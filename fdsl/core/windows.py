@@ -1,4 +1,4 @@
-"""Sliding windows for local-enhanced feature extraction (LFE, METHOD.md §5).
+"""Sliding windows for local-enhanced feature extraction (LFE, docs/method.md §5).
 
 A window is a square of ``win`` x ``win`` patches on the ``grid`` x ``grid`` patch grid of
 a preprocessed image. Windows start at every multiple of ``stride`` that keeps them

@@ -1,4 +1,4 @@
-"""Training augmentations of METHOD.md §8 on PIL image/mask pairs: the MVTec mosaic and the VisA crops."""
+"""Training augmentations of docs/method.md §8 on PIL image/mask pairs: the MVTec mosaic and the VisA crops."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Image and mask loading and the released preprocessing (METHOD.md §1, §6).
+"""Image and mask loading and the released preprocessing (docs/method.md §1, §6).
 
 * ``load_rgb`` / ``load_mask``: robust PIL loading (any mode -> RGB; masks -> 0/255 ``L``; the EXIF
   orientation applied, so pixels are as image viewers show them; decompression bombs refused as too large);

@@ -1,4 +1,4 @@
-"""The MVTec AD and VisA indexers: walk a dataset root and write its ``meta.json`` (METHOD.md §9)."""
+"""The MVTec AD and VisA indexers: walk a dataset root and write its ``meta.json`` (docs/method.md §9)."""
 from __future__ import annotations
 
 import csv

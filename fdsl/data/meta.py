@@ -1,4 +1,4 @@
-"""``meta.json``: its schema, the reader and validator, and the per-class data fingerprint (METHOD.md §9).
+"""``meta.json``: its schema, the reader and validator, and the per-class data fingerprint (docs/method.md §9).
 
 The indexers that write it are in `fdsl.data.indexers`.
 

@@ -79,7 +79,7 @@ def _load_failure(exc: BaseException) -> str:
 
 
 def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: bool) -> Dict[str, torch.Tensor]:
-    """Map the released code's keys (METHOD.md §4 table) onto `FDSLHead` names; unused options dropped."""
+    """Map the released code's keys (docs/method.md §4 table) onto `FDSLHead` names; unused options dropped."""
     out: Dict[str, torch.Tensor] = {}
     for k, v in state.items():
         k = k[len("module."):] if k.startswith("module.") else k
@@ -188,6 +188,7 @@ def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: 
             log.warning("checkpoint %s was trained with --pretrained %s, which is not here; using %s (pass "
                         "--pretrained to choose the weights)", source, want, cfg.pretrained)
     return taken
+
 
 
 def reconcile_with_checkpoint(cfg: Any, path: PathLike, explicit: Collection[str]) -> Dict[str, Any]:

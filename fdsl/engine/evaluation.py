@@ -41,6 +41,7 @@ from fdsl.engine import distributed, metrics
 from fdsl.engine.checkpoint import reconcile_with_checkpoint
 from fdsl.engine.context import RunContext
 from fdsl.engine.signals import interruptible, worker_ignore_sigint
+from fdsl.engine.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
 
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 Run = Tuple[int, int]  # (k, seed): one evaluated setting, one run folder
 
-METRIC_KEYS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "aupro", "image_auroc", "image_f1_max", "image_ap")
 SCORE_COLUMNS = ("img_path", "cls_name", "anomaly", "score", "patch_score", "map_max")
 # Settings that do not change any number: a finished class is reused when all others match (the seed's effect,
 # the reference images, is compared by name).
@@ -62,7 +62,7 @@ def minmax(values: np.ndarray) -> np.ndarray:
 
 
 def normalised_image_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.ndarray:
-    """Evaluation-time post-processing (METHOD.md §6): the reported image scores of one class.
+    """Evaluation-time post-processing (docs/method.md §6): the reported image scores of one class.
 
     The model's image score ``image_score(patch, map_max)`` with ``map_max`` min-max-normalised over
     the class's test images; `FDSLOutput.pred_score` is the same formula without that step.
@@ -317,7 +317,7 @@ class Evaluator:
         Under torchrun every rank scores its share; rank 0 alone writes files, decides what is finished and
         returns the results (the other ranks return {}).
         """
-        from fdsl.engine.protocol import write_summary
+        from fdsl.engine.protocol import run_provenance, write_summary
 
         main = distributed.is_main()
         if main:
@@ -348,15 +348,16 @@ class Evaluator:
             for r, rec in self.evaluate_class(cls, todo).items():
                 atomic_write_json(self._class_file(r, cls), rec)
                 per_class[r][cls] = rec
-                log.info("%s k=%d seed %d: %s  memory_bank_bytes=%d", cls, r[0], r[1],
-                         "  ".join(f"{k}={100 * v:.2f}" for k, v in rec["metrics"].items()), rec["memory_bank_bytes"])
+                log.info("%s k=%d seed %d (%%): %s  (memory bank %d bytes)", cls, r[0], r[1],
+                         percent_line(rec["metrics"]), rec["memory_bank_bytes"])
         if not main:
             return {}
+        self.provenance = run_provenance(self.cfg)
         results = {r: self._write_seed(r, per_class[r]) for r in self.runs}
         out: dict = {s: results[(k, s)] for k, s in self.runs} if len(self.shots) == 1 else dict(results)
         if len(self.runs) > 1:
             out["summary"] = write_summary(self.save_path, self.cfg.dataset, self.classes,
-                                           {r: res["classes"] for r, res in results.items()})
+                                           {r: res["classes"] for r, res in results.items()}, self.provenance)
         return out
 
     def _write_seed(self, run: Run, recs: Dict[str, dict]) -> dict:
@@ -366,6 +367,7 @@ class Evaluator:
         mean = {m: class_mean([classes[c][m] for c in self.classes]) for m in METRIC_KEYS}
         results = {"classes": classes, "mean": mean,
                    "memory_bank_bytes": {c: int(recs[c]["memory_bank_bytes"]) for c in self.classes},
+                   "units": UNITS, "provenance": self.provenance,
                    "config": config_to_dict(self.cfg) | {"seed": seed, "k_shot": k}}
         atomic_write_json(out / "results.json", results)
         buf = io.StringIO()
@@ -376,15 +378,18 @@ class Evaluator:
                 writer.writerow({key: repr(v) if isinstance(v, float) else v for key, v in row.items()})
         atomic_write_text(out / "scores.csv", buf.getvalue())
         table = format_table(classes, mean)
-        log.info("results (seed %d, %d-shot):\n%s", seed, k, table)
+        log.info("results (seed %d, %d-shot, %%):\n%s", seed, k, table)
         return results
 
 
 def format_table(classes: Dict[str, dict], mean: dict) -> str:
-    """Per-class table in percent (pipe format) with a mean row."""
+    """Per-class table in percent (pipe format) with a mean row; columns are the paper's labels, in its order.
+
+    `classes` and `mean` hold fractions under the file keys (`fdsl.engine.vocabulary.METRIC_KEYS`).
+    """
     rows = [[c] + [100 * m[k] for k in METRIC_KEYS] for c, m in classes.items()]
     rows.append(["mean"] + [100 * mean[k] for k in METRIC_KEYS])
-    return tabulate(rows, headers=["objects", *METRIC_KEYS], tablefmt="pipe", floatfmt=".2f")
+    return tabulate(rows, headers=["objects", *(LABELS[k] for k in METRIC_KEYS)], tablefmt="pipe", floatfmt=".2f")
 
 
 def _tensors(feats) -> List[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Evaluation metrics: AUROC, average precision, F1-max and AUPRO (METHOD.md §7).
+"""Evaluation metrics: AUROC, average precision, F1-max and AUPRO (docs/method.md §7).
 
 Everything here is plain numpy/scipy and exact: curves are built from the sorted scores,
 never from a grid of thresholds, and ties are handled the way scikit-learn and the

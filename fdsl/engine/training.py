@@ -1,4 +1,4 @@
-"""Cross-dataset training of the scorers and NAM (METHOD.md §8); resumable, checkpoints written atomically."""
+"""Cross-dataset training of the scorers and NAM (docs/method.md §8); resumable, checkpoints written atomically."""
 from __future__ import annotations
 
 import json

@@ -11,7 +11,7 @@ The detector file is a safetensors file: tensors (head weights, memory banks) an
 Loading executes no pickled code and re-encodes nothing: the banks are restored, the backbone is rebuilt
 from the config (and, for a weights file, checked against the stored sha256).
 
-Scores are the single-image form 0.5·(patch_score + map_max) of METHOD.md §6, without test.py's per-class
+Scores are the single-image form 0.5·(patch_score + map_max) of docs/method.md §6, without test.py's per-class
 min-max normalisation of map_max (a stream of single images has no class-wide minimum and maximum).
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ def test_smoke_run_prints_table_and_writes_heat_maps(smoke):
     assert proc.returncode == 0, describe(proc)
     assert "Traceback" not in proc.stderr
     assert "RANDOM-WEIGHT SMOKE RUN" in proc.stderr and "FDSL_MODEL=ViT-L-14-336" in proc.stderr
-    assert re.search(r"^\| objects +\| +pixel_auroc", proc.stdout, re.M), describe(proc)
+    assert re.search(r"^\| objects +\| +AUROC +\| +AUROC_p", proc.stdout, re.M), describe(proc)
     for name in (*TEST_CLASSES, "mean"):
         assert re.search(rf"^\| {name} +\|( +\d+\.\d\d \|){{7}}$", proc.stdout, re.M), name
     match = re.search(r"^heat maps.*: (.+)$", proc.stdout, re.M)

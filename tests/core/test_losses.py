@@ -45,7 +45,7 @@ def test_dice_by_hand() -> None:
 
 
 def _focal_ref(prob: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> float:
-    """Pixel-by-pixel focal loss, straight from METHOD.md §8."""
+    """Pixel-by-pixel focal loss, straight from docs/method.md §8."""
     B, _, H, W = prob.shape
     total = 0.0
     for b in range(B):

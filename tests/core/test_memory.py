@@ -1,4 +1,4 @@
-"""Tests for fdsl.core.memory: nearest-normal search, residuals and the memory-bank module (METHOD.md §2–3)."""
+"""Tests for fdsl.core.memory: nearest-normal search, residuals and the memory-bank module (docs/method.md §2–3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the image-feature index memory bank (``--use_img_idx``, METHOD.md §3b), bank storage
+"""Tests for the image-feature index memory bank (``--use_img_idx``, docs/method.md §3b), bank storage
 dtype and memory accounting (``memory_bank_bytes``).
 
 References are independent brute force in float64 with explicit per-item loops; the model-level
@@ -249,7 +249,7 @@ def test_k1_indexed_and_dense_models_give_identical_maps(tiny_weights, imgs, win
 
 def test_k1_global_branch_identical_with_several_windows(tiny_weights, imgs) -> None:
     """k = 1, win 4 stride 2: the global branch is identical; the window branch picks one of the 9 reference
-    windows per query window (METHOD.md §3b), which equals a brute-force search inside that window."""
+    windows per query window (docs/method.md §3b), which equals a brute-force search inside that window."""
     dense, indexed = _models(tiny_weights, imgs, dict(use_img_idx=False), dict(use_img_idx=True))
     ref, queries = imgs[:1], imgs[5:7]
     mem = dense.make_memory(dense.encode_references(ref))

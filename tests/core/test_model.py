@@ -1,4 +1,5 @@
-"""Tests for fdsl.core.model: scorer, NAM, grid layout, layer combination and FDSL end to end (METHOD.md §4, §6)."""
+"""Tests for fdsl.core.model: scorer, NAM, grid layout, layer combination and FDSL end to end
+(docs/method.md §4, §6)."""
 
 from __future__ import annotations
 

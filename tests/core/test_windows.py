@@ -1,4 +1,4 @@
-"""Tests for fdsl.core.windows: window placement, split, stitch and coverage (METHOD.md §5)."""
+"""Tests for fdsl.core.windows: window placement, split, stitch and coverage (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for fdsl.engine.checkpoint: the released ``{'trainable_RR': ...}`` format (METHOD.md §4) and our own."""
+"""Tests for fdsl.engine.checkpoint: the released ``{'trainable_RR': ...}`` format (docs/method.md §4) and our own."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ BN = ("weight", "bias", "running_mean", "running_var")
 
 
 def _released_state(c: int = C, layers: int = L, nam: bool = True, seed: int = 0) -> dict:
-    """A released-code state dict, written from the METHOD.md §4 key table, with random values."""
+    """A released-code state dict, written from the docs/method.md §4 key table, with random values."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,36 @@ def test_fingerprint_covers_the_resolved_dtypes_not_only_the_precision_flag(setu
     assert fp32 != _fingerprint(cfg, Runtime(compute_dtype=torch.float16))
     assert fp32 != _fingerprint(cfg, Runtime(window_align_dtype=torch.float16))
     assert fp32 == _fingerprint(cfg, Runtime(win_batch=3, align_chunk_mb=7))  # memory bounds change no number
+
+
+# ---------------------------------------------------------------------------- rerunning a saved run
+def test_checkpoint_path_alone_gives_the_model_settings(setup, tmp_path):
+    """No --model, --pretrained, --image_size or --features_list: the checkpoint's are used, same scores."""
+    _, data, ck, _ = setup
+    full = tiny_test_argv(data, ck, tmp_path / "full")
+    assert main(EvalConfig, JOB, full) == 0
+    bare = ["--data_path", str(data), "--checkpoint_path", str(ck), "--save_path", str(tmp_path / "bare"),
+            "--batch_size", "2", "--num_workers", "0", "--cal_image_size", "32", "--device", "cpu"]
+    assert main(EvalConfig, JOB, bare) == 0
+    assert (tmp_path / "bare" / "scores.csv").read_bytes() == (tmp_path / "full" / "scores.csv").read_bytes()
+    saved = json.loads((tmp_path / "bare" / "config.json").read_text())
+    assert (saved["model"], saved["pretrained"], saved["image_size"]) == ("FDSL-Tiny-ViT", "none", 56)
+    prov = json.loads((tmp_path / "bare" / "results.json").read_text())["provenance"]
+    assert prov["options"] == shlex.join(bare) and prov["backbone"] == "FDSL-Tiny-ViT"
+    assert prov["random_weights"] and prov["weights"] == {"tag": "none"}
+
+
+def test_config_json_reruns_a_saved_run(setup, tmp_path):
+    """`--config <run>/config.json --save_path NEW` reproduces that run's scores.csv byte for byte."""
+    _, data, ck, _ = setup
+    first = tmp_path / "first"
+    assert main(EvalConfig, JOB, tiny_test_argv(data, ck, first, "--seed", "5", "--winmode", "mul",
+                                                "--win_size", "2", "--win_stride", "1")) == 0
+    again = tmp_path / "again"
+    assert main(EvalConfig, JOB, ["--config", str(first / "config.json"), "--save_path", str(again)]) == 0
+    assert (again / "scores.csv").read_bytes() == (first / "scores.csv").read_bytes()
+    assert (again / "k_shot.txt").read_text() == (first / "k_shot.txt").read_text()
+    rerun = json.loads((again / "config.json").read_text())
+    assert rerun == json.loads((first / "config.json").read_text()) | {"save_path": str(again),
+                                                                        "config": str(first / "config.json")}
+

@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -31,8 +32,16 @@ from fdsl.data.shots import sample_k_shot, sample_nested_k_shot
 from fdsl.data.synthetic import make_synthetic_dataset
 from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.evaluation import Evaluator
-from fdsl.engine.protocol import PAPER_COLUMNS, SUMMARY_METRICS
+from fdsl.engine.protocol import (
+    PAPER_COLUMNS,
+    RANDOM_WEIGHTS_WARNING,
+    SUMMARY_METRICS,
+    class_styles,
+    run_provenance,
+    write_summary,
+)
 from fdsl.errors import ConfigError
+from fdsl.inspect.files import sha256_file
 
 TINY = "FDSL-Tiny-ViT"
 SIZE = 112
@@ -217,7 +226,7 @@ def test_equals_separate_single_runs(protocol, setup):
                 assert g[2:] == pytest.approx(w[2:], abs=1e-6, rel=0)
 
 
-def test_summary_files(protocol):
+def test_summary_files(protocol, setup):
     _, results, _, _, save = protocol
     summary = json.loads((save / "summary.json").read_text())
     assert summary == results["summary"]
@@ -235,8 +244,22 @@ def test_summary_files(protocol):
     assert all(name in md for _, name in PAPER_COLUMNS) and "4-shot" in md and " ± " in md
     with (save / "summary.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(SHOTS) * (len(CLASSES) + 1)
-    assert float(rows[0]["image_auroc_mean"]) == summary["by_k"]["1"]["classes"][CLASSES[0]]["mean"]["image_auroc"]
+    # One vocabulary: summary.csv names each metric by its results.json key, as fractions.
+    assert len(rows) == len(SHOTS) * (len(CLASSES) + 1) * len(SUMMARY_METRICS)
+    assert {r["metric"] for r in rows} == set(SUMMARY_METRICS) == set(results[(1, 3)]["mean"])
+    first = rows[0]
+    assert (first["k"], first["class"], first["metric"]) == ("1", CLASSES[0], "image_auroc")
+    assert float(first["mean"]) == summary["by_k"]["1"]["classes"][CLASSES[0]]["mean"]["image_auroc"]
+    assert summary["units"]["metrics"].startswith("fraction") and summary["labels"]["pixel_auroc"] == "AUROC_p"
+    # Stamped: backbone, weights file + sha256, checkpoint + sha256, dataset root, command.
+    _, data, weights, ckpt = setup
+    prov = summary["provenance"]
+    assert prov["backbone"] == TINY and not prov["random_weights"]
+    assert prov["weights"] == {"path": str(weights.resolve()), "sha256": sha256_file(weights)}
+    assert prov["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
+    assert prov["data_path"] == str(Path(data).resolve()) and prov["command"]
+    assert f"sha256 {sha256_file(ckpt)}" in md and "RANDOM" not in md
+    assert results[(1, 3)]["provenance"] == prov
     png = (save / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -277,3 +300,36 @@ def test_single_k_keeps_todays_layout(setup):
         assert summary["mean"][m] == pytest.approx(sum(per_seed) / 2)
         assert summary["std"][m] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2, abs=1e-12)
     assert (tmp / "one" / "summary.md").is_file() and (tmp / "one" / "seed_4" / "results.json").is_file()
+
+
+def _red_pixels(png: Path) -> int:
+    from PIL import Image
+
+    px = np.asarray(Image.open(png).convert("RGB")).astype(int)  # (H, W, 3)
+    return int(((px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] < 60)).sum())
+
+
+def test_random_weights_are_stamped_loudly(tmp_path):
+    """A summary from random backbone weights says so in summary.md and in red on summary.png."""
+    per_run = {(k, s): {"only": {m: 0.5 + 0.01 * k + 0.001 * s for m in SUMMARY_METRICS}}
+               for k in (1, 2) for s in (0, 1)}
+    cfg = EvalConfig(model=TINY, pretrained="none", checkpoint_path="", data_path=str(tmp_path))
+    random = run_provenance(cfg, command=["test.py", "--pretrained", "none"])
+    assert random["random_weights"] and random["weights"] == {"tag": "none"} and random["checkpoint"] is None
+    write_summary(tmp_path / "rnd", "mvtec", ["only"], per_run, random)
+    real = dict(random, weights={"tag": "openai"}, random_weights=False)
+    write_summary(tmp_path / "real", "mvtec", ["only"], per_run, real)
+    md = (tmp_path / "rnd" / "summary.md").read_text()
+    assert f"**{RANDOM_WEIGHTS_WARNING}**" in md and "command: test.py --pretrained none" in md
+    assert RANDOM_WEIGHTS_WARNING not in (tmp_path / "real" / "summary.md").read_text()
+    # One class draws in tab10 blue: the only red on the plot is the warning.
+    assert _red_pixels(tmp_path / "rnd" / "summary.png") > 200
+    assert _red_pixels(tmp_path / "real" / "summary.png") == 0
+
+
+def test_fifteen_classes_get_distinct_styles():
+    styles = class_styles(15)
+    keys = [(st["color"], st["linestyle"], st["marker"]) for st in styles]
+    assert len(set(keys)) == 15
+    assert len({st["color"] for st in styles}) == 10  # ten colours, the last five repeated dashed
+    assert all(a["color"] != b["color"] for a, b in zip(styles, styles[1:]))

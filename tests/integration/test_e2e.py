@@ -32,7 +32,7 @@ MODEL_ARGS = ["--model", TINY, "--image_size", "112", "--features_list", *LAYERS
 EPOCHS = 8
 TRAIN_CLASSES = ("carpet_syn", "wood_syn")
 TEST_CLASSES = ("brick_syn", "tissue_syn")
-RESULT_KEYS = {"classes", "mean", "config", "memory_bank_bytes"}
+RESULT_KEYS = {"classes", "mean", "config", "memory_bank_bytes", "units", "provenance"}
 METRIC_KEYS = {"pixel_auroc", "pixel_f1_max", "pixel_ap", "aupro", "image_auroc", "image_f1_max", "image_ap"}
 SCORE_COLUMNS = ["img_path", "cls_name", "anomaly", "score", "patch_score", "map_max"]
 CAL_SIZE = 240  # test.py's default evaluation resolution
@@ -195,6 +195,8 @@ def test_results_json_schema(data, evaluated):
     assert set(res["mean"]) == METRIC_KEYS
     for key in METRIC_KEYS:
         assert res["mean"][key] == pytest.approx(np.mean([res["classes"][c][key] for c in TEST_CLASSES]))
+    assert res["units"]["metrics"].startswith("fraction")
+    assert res["provenance"]["backbone"] == TINY and res["provenance"]["checkpoint"]["sha256"]
     cfg = res["config"]
     assert cfg["k_shot"] == 1 and cfg["data_path"] == str(data.B) and cfg["model"] == TINY
     assert cfg["checkpoint_path"].endswith(f"epoch_{EPOCHS}.pth")
@@ -233,7 +235,8 @@ def test_kshot_file_images_and_table(data, evaluated):
         assert im.size == (3 * CAL_SIZE, SIDE_CAPTION_H + CAL_SIZE)
 
     log = evaluated.dir.joinpath("log.txt").read_text()
-    assert re.search(r"^\| objects +\| +pixel_auroc", log, re.M), "pipe table header missing from log.txt"
+    assert re.search(r"^\| objects +\| +AUROC +\| +AUROC_p", log, re.M), "pipe table header missing from log.txt"
+    assert re.search(r"results \(seed \d+, 1-shot, %\):", log) and " (%): AUROC " in log  # units stated
     assert re.search(r"^\|:-+\|", log, re.M)
     for name in (*TEST_CLASSES, "mean"):
         assert re.search(rf"^\| {name} +\| +\d+\.\d\d \|", log, re.M), name

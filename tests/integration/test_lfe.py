@@ -1,4 +1,4 @@
-"""Tests for local-enhanced feature extraction (LFE, ``--winmode``; METHOD.md §5, §6).
+"""Tests for local-enhanced feature extraction (LFE, ``--winmode``; docs/method.md §5, §6).
 
 The tiny random CLIP (FDSL-Tiny-ViT, patch 14) is built at 112 px (grid 8). Its weights are
 saved from a model built at 140 px, so the positional grid *stored* in the file (10×10) differs
@@ -88,7 +88,7 @@ def _crops(x: torch.Tensor, starts: Sequence[int], win: int) -> torch.Tensor:
 @torch.no_grad()
 def _hand_window_maps(model: FDSL, refs: torch.Tensor, queries: torch.Tensor, starts: Sequence[int],
                       win: int) -> list[torch.Tensor]:
-    """METHOD.md §5 assembled by hand: L × (B, G, G) stitched (NAM-refined when on) window maps."""
+    """docs/method.md §5 assembled by hand: L × (B, G, G) stitched (NAM-refined when on) window maps."""
     B = queries.shape[0]
     ref_toks = model.backbone(_crops(refs, starts, win)).tokens  # L × (k·n, W², C)
     q_toks = model.backbone(_crops(queries, starts, win)).tokens  # L × (B·n, W², C)
@@ -318,7 +318,7 @@ def test_make_memory_subset_holds_exactly_those_windows_in_order(tiny_weights, i
     # not merely a permutation-invariant set: the order [2, 0] differs from [0, 2]
     swapped = model.make_memory(refs, [0, 2])
     assert (swapped.window_bank.layer(0) - mem.window_bank.layer(0)).abs().max() > 1e-3
-    # the same k images give the same global and window banks (one draw, METHOD.md §3a fix)
+    # the same k images give the same global and window banks (one draw, docs/method.md §3a fix)
     full = model.make_memory(refs)
     assert full.global_bank.k == 4 and full.window_bank.k == 4 * nw
 
