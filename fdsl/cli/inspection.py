@@ -212,13 +212,31 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     for raw in images:
         if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):
             log.info("--out %s lies inside the input folder %s: it is skipped when listing the images", out, raw)
-    files = list_images(images, "input images", exclude=out)
+    files = _unique_files(list_images(images, "input images", exclude=out))
     det_path = Path(detector)
     det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)
     prepare_run_dir(out, "--out")
     with folder_lock(out):
         return _predict_locked(det, det_path, files, out, threshold, cal_image_size, overlays, save_maps,
                                batch_size)
+
+
+def _unique_files(files: List[tuple]) -> List[tuple]:
+    """(path, name) pairs with each file once (by resolved path, the first naming kept); a warning names the
+    repeats, which would otherwise give one file two rows."""
+    seen: Dict[str, str] = {}
+    out, repeats = [], []
+    for p, n in files:
+        key = str(Path(p).resolve())
+        if key in seen:
+            repeats.append(f"{p} (= {seen[key]})")
+        else:
+            seen[key] = str(p)
+            out.append((p, n))
+    if repeats:
+        log.warning("%d input(s) given more than once are scored once: %s", len(repeats),
+                    ", ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""))
+    return out
 
 
 def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[float],

@@ -177,3 +177,16 @@ def test_printed_counts_include_the_kept_rows(env, tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     n_anom = sum(r["is_anomalous"] == "1" for r in _agree(out))
     assert f"(1 image(s) + {len(env.bad)} kept from earlier runs, {n_anom} anomalous)" in line, line
+
+
+def test_a_file_given_twice_in_one_run_is_one_row(env, tmp_path, caplog):
+    """`--images inc inc/a.png` (or a second name of the same file): scored once, one row, with a warning."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.good[0], inc / "a.png")
+    shutil.copy(env.bad[0], inc / "b.png")
+    out = tmp_path / "v"
+    with caplog.at_level("WARNING"):
+        summary = _predict(env, [inc, inc / "a.png", tmp_path / "inc" / ".." / "inc" / "b.png"], out)
+    assert sorted(Path(r["path"]).name for r in _agree(out)) == ["a.png", "b.png"]
+    assert summary["n_images"] == 2 and "given more than once" in caplog.text
