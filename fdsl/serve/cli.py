@@ -54,7 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limits = Limits(max_files=cfg.max_files, max_file_bytes=int(cfg.max_file_mb * 2 ** 20))
         hosts = ([f"{h}:{cfg.port}" for h in ("127.0.0.1", "localhost", "[::1]")] if is_loopback(cfg.host)
                  else None)  # loopback: refuse other Host headers (DNS rebinding)
-        app = create_app(det, Path(cfg.detector).name, cfg.workdir, limits, cfg.batch_size, cfg.runtime(), hosts)
+        app = create_app(det, Path(cfg.detector).name, cfg.workdir, limits, cfg.batch_size, cfg.runtime(), hosts,
+                         pretrained=cfg.pretrained)
         print(f"serving {cfg.detector} on http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
         uvicorn.run(app, host=cfg.host, port=cfg.port, workers=1, log_level="warning")
 

@@ -227,3 +227,28 @@ def test_fit_from_uploads_records_its_own_shots(env):
     det = fit_from_images(base, images, [p.name for p in env.good], ["0" * 64] * len(images), ["RGB"] * len(images))
     assert det.info["shots"] == {"selection": "all", "candidates": len(images), "max_shots": None}
     assert len(det.info["normal_images"]) == len(images) and det.info["thresholds"] == {"image": None, "pixel": None}
+
+
+def test_fitted_detector_is_used_with_the_served_weights(env, tmp_path):
+    """`fdsl serve --pretrained moved.pt` (the weights no longer where the detector says): a detector fitted on
+    the page is switched to with the same weights, not refused with a 500."""
+    import copy
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from fdsl.inspect.detector import Detector
+    from fdsl.serve.app import create_app
+
+    moved = tmp_path / "moved.pt"
+    shutil.copy(env.path.parent / "tiny_clip.pt", moved)
+    det = copy.copy(env.det)
+    det.info = copy.deepcopy(env.det.info)
+    det.info["backbone"]["path"] = str(tmp_path / "gone" / "tiny_clip.pt")
+    client = TestClient(create_app(det, "part.fdsl", tmp_path / "work", runtime="cpu", pretrained=str(moved)))
+    body = client.post("/api/fit", files=_files(env.train[:2], "normal") + _files(env.good, "val_normal")
+                       + _files(env.bad, "val_anomalous")).json()
+    resp = client.post(f"/api/fitted/{body['id']}/use")
+    assert resp.status_code == 200, resp.text
+    fitted = Detector.load(tmp_path / "work" / "fitted" / f"{body['id']}.fdsl", runtime="cpu", pretrained=moved)
+    assert client.get("/api/detector").json()["image_threshold"] == fitted.image_threshold
