@@ -190,3 +190,23 @@ def test_a_file_given_twice_in_one_run_is_one_row(env, tmp_path, caplog):
         summary = _predict(env, [inc, inc / "a.png", tmp_path / "inc" / ".." / "inc" / "b.png"], out)
     assert sorted(Path(r["path"]).name for r in _agree(out)) == ["a.png", "b.png"]
     assert summary["n_images"] == 2 and "given more than once" in caplog.text
+
+
+def test_long_input_names_get_output_names_that_fit(env, tmp_path):
+    """A 254-character input name (legal) and its twin of another extension: output names are shortened
+    (with a digest, so they stay unique) instead of failing with 'File name too long'."""
+    from fdsl.inspect.outputs import is_output_stem, output_names
+
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    long = "a" * 250
+    shutil.copy(env.bad[0], inc / f"{long}.png")
+    shutil.copy(env.good[0], inc / f"{long}.jpg")
+    out = tmp_path / "v"
+    _predict(env, [inc], out, save_maps=True)
+    rows = _agree(out)
+    assert len(rows) == 2 and len({r["overlay"] for r in rows}) == 2
+    assert all(len(Path(r["overlay"]).name) < 200 for r in rows)
+    stems = output_names([f"{'b' * 300}/{long}x.png", f"{'b' * 300}/{long}y.png"])
+    assert len(set(stems)) == 2 and all(is_output_stem(s) for s in stems)
+    assert all(len(part) < 200 for s in stems for part in s.split("/"))
