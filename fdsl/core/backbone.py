@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdsl.core.taps import take_indices
+from fdsl.data.images import OPENAI, Preprocess
 from fdsl.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,12 +33,57 @@ _RANDOM_INIT_SEED = 20250611  # fixed, so that `--pretrained none` builds the sa
 class BackboneOutput(NamedTuple):
     """Tokens of one forward pass.
 
-    tokens: one (B, N, C) tensor per tapped layer, CLS dropped, optionally L2-normalised.
-    image_embeds: (B, D) pooled and projected embedding, L2-normalised.
+    tokens: one (B, N_l, C_l) tensor per tapped layer l, CLS dropped, optionally L2-normalised; layers may
+        differ in grid (N_l = grids[l]²) and width (timm CNN stages); a ViT's layers share both.
+    image_embeds: (B, D) pooled (and, for CLIP, projected) global feature, L2-normalised.
     """
 
     tokens: List[torch.Tensor]
     image_embeds: torch.Tensor
+
+
+# The output contract every backbone family honours (CLIPBackbone, fdsl.core.timm_backbone.TimmBackbone):
+#   attributes  model_name, pretrained, image_size, layers (1-based), widths[l], grids[l], embed_dim,
+#               preprocess (Preprocess: mean, std, interpolation), supports_windows, grid_size, patch_size
+#   forward(images (B, 3, S, S)) -> BackboneOutput with tokens[l] (B, grids[l]², widths[l]), embeds (B, D)
+#   with supports_windows: patch_embed(images) -> (B, C, G, G) and forward_patches(crops (n, C, W, W))
+#               -> tokens[l] (n, W², C): the patch grid G = image_size / patch_size is shared by all layers.
+
+
+def check_output(backbone: nn.Module, out: BackboneOutput, batch: int, grid: Optional[int] = None) -> None:
+    """Raise ConfigError unless `out` (of `batch` inputs) honours the backbone output contract above.
+
+    `grid` is the token grid of every layer for window inputs (W); None checks the backbone's own grids.
+    """
+    L = len(backbone.layers)
+    if len(out.tokens) != L or len(backbone.widths) != L or len(backbone.grids) != L:
+        raise ConfigError(f"{backbone.model_name}: {len(out.tokens)} token layers for {L} tapped layers")
+    for i, t in enumerate(out.tokens):
+        g = backbone.grids[i] if grid is None else grid
+        want = (batch, g * g, backbone.widths[i])
+        if tuple(t.shape) != want or t.dtype != torch.float32:
+            raise ConfigError(f"{backbone.model_name} layer {backbone.layers[i]}: tokens {tuple(t.shape)} "
+                              f"{t.dtype}, the contract says {want} float32")
+    if tuple(out.image_embeds.shape) != (batch, backbone.embed_dim):
+        raise ConfigError(f"{backbone.model_name}: image embeddings {tuple(out.image_embeds.shape)}, "
+                          f"the contract says {(batch, backbone.embed_dim)}")
+
+
+def build_backbone(cfg) -> nn.Module:
+    """The backbone a `ModelConfig` names: ``timm:<name>`` -> `TimmBackbone`, else an open_clip `CLIPBackbone`."""
+    from fdsl.core.timm_backbone import TimmBackbone, is_timm_model
+
+    if is_timm_model(cfg.model):
+        return TimmBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list, normalize=cfg.use_norm)
+    return CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
+                        quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
+
+
+def preprocess_for(model: str) -> Preprocess:
+    """Input normalisation of the backbone `model` names, without building it (CLIP: OpenAI's)."""
+    from fdsl.core.timm_backbone import is_timm_model, timm_preprocess
+
+    return timm_preprocess(model) if is_timm_model(model) else OPENAI
 
 
 def register_model_configs(extra: Optional[str] = None) -> None:
@@ -134,19 +181,6 @@ def _use_sequence_first_attention(visual: nn.Module) -> None:
                 block.attn.batch_first = False
 
 
-def _take_indices(layers: Sequence[int], depth: int) -> List[int]:
-    """0-based block indices for the 1-based `layers`, checked against the depth."""
-    bad = [layer for layer in layers if not 1 <= layer <= depth]
-    if bad:
-        raise ConfigError(f"--features_list {list(layers)}: blocks {bad} do not exist; the model has {depth} blocks")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"--features_list {list(layers)} repeats a block; give each block once")
-    if list(layers) != sorted(layers):
-        raise ConfigError(f"--features_list {list(layers)} must be in increasing block order, "
-                          f"e.g. {sorted(layers)}")
-    return [layer - 1 for layer in layers]
-
-
 class CLIPBackbone(nn.Module):
     """Frozen CLIP ViT that returns normalised patch tokens of chosen blocks and the image embedding.
 
@@ -217,11 +251,16 @@ class CLIPBackbone(nn.Module):
         self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else self.width
         self.depth = len(visual.transformer.resblocks)
         self.layers = list(layers)
-        self.take_indices = _take_indices(self.layers, self.depth)
+        self.take_indices = take_indices(self.layers, self.depth, "blocks")
+        self.widths = [self.width] * len(self.layers)  # per tapped layer (the output contract)
+        self.grids = [self.grid_size] * len(self.layers)
+        self.preprocess: Preprocess = OPENAI
         self.normalize = normalize
         # The positional grid as stored in the weights (e.g. 24x24 for OpenAI ViT-L-14-336).
         self.register_buffer("source_pos_embed", source_pos, persistent=False)
         self._pos_cache: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    supports_windows = True  # LFE: patch embeddings can be cropped into windows
 
     @staticmethod
     def _load_weights(visual: nn.Module, path: str) -> torch.Tensor:

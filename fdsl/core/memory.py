@@ -6,9 +6,10 @@ over patches. Chunks bound the size of the similarity block whatever the bank si
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fdsl.config import ALIGN_MODES
@@ -28,6 +29,8 @@ class Alignment:
         compute_dtype: dtype of the similarity product and argmax; None computes in the query's dtype.
         use_index: image-feature index (§3b): align each query item only against its most similar
             stored item, chosen by global features.
+        distance: return the FD distance (..., 1) instead of the residual (the training-free scorer,
+            docs/method.md §11): ``1 - cos(f, f̂)`` for mulmax, ``‖f - f̂‖₂`` for diff2.
     """
 
     mode: str = "mulmax"
@@ -35,6 +38,7 @@ class Alignment:
     chunk_mb: int = 64
     compute_dtype: Optional[torch.dtype] = None
     use_index: bool = False
+    distance: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ALIGN_MODES:
@@ -50,8 +54,16 @@ class Alignment:
         return max(1, min(rows, (self.chunk_mb * 2 ** 20) // per_row))
 
     def residual(self, query: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """``|f - f̂|`` (or the signed difference) of queries and their nearest normal tokens, same shape."""
-        diff = query - nearest.to(query.dtype)
+        """``|f - f̂|`` (or the signed difference) of (..., C) queries and their nearest normal tokens, same shape.
+
+        With `distance`, the FD distance instead, of shape (..., 1): ``1 - cos`` (mulmax) or the L2 norm (diff2).
+        """
+        nearest = nearest.to(query.dtype)
+        if self.distance:
+            if self.mode == "mulmax":
+                return 1.0 - F.cosine_similarity(query.float(), nearest.float(), dim=-1).unsqueeze(-1)  # (..., 1)
+            return (query.float() - nearest.float()).norm(dim=-1, keepdim=True)  # (..., 1)
+        diff = query - nearest
         return diff.abs() if self.use_abs else diff
 
 
@@ -169,6 +181,7 @@ class MemoryBank(nn.Module):
 
     @property
     def tokens_per_item(self) -> int:
+        """Tokens per item of the first layer (every layer's for a ViT; timm CNN stages differ per layer)."""
         return int(self.tokens_0.shape[1])
 
     def layer(self, i: int) -> torch.Tensor:
@@ -224,10 +237,10 @@ class MemoryBank(nn.Module):
             return [self.prefix(m).residuals(tokens, align, query_embeds) for m in sizes]
         if len(tokens) != self.num_layers:
             raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")
-        n_tok = self.tokens_per_item
         out: List[List[torch.Tensor]] = [[] for _ in sizes]
         for i, q in enumerate(tokens):
             Q, N, C = q.shape
+            n_tok = self.layer(i).shape[1]  # tokens per item of this layer (layers may differ in grid)
             bank, sq = self.searchable(i, align, q.dtype)  # (K·N, C), (K·N,) for diff2
             dt = align.dtype_for(q)
             flat_q = q.reshape(Q * N, C)
@@ -289,27 +302,60 @@ class FDSLMemory(nn.Module):
     def prefix(self, n_images: int) -> FDSLMemory:
         """The memory of the first `n_images` reference images: views of this memory's banks, no copy.
 
-        The result remembers it is nested in this memory (``nested_in``), so `FDSL.predict` computes the
-        similarities of all memories nested in one base once, against the base.
+        Add it to a `MemorySet` with ``add_prefix`` to have its similarities computed with the base's.
         """
         if not 1 <= n_images <= self.global_bank.k:
             raise ConfigError(f"a prefix of {n_images} images of a memory of {self.global_bank.k}")
         win = None
         if self.window_bank is not None:
             win = self.window_bank.prefix(n_images * (self.window_bank.k // self.global_bank.k))
-        mem = FDSLMemory(self.global_bank.prefix(n_images), win)
-        mem.nested_in = (self, n_images)  # a plain tuple: not registered as a sub-module
-        return mem
+        return FDSLMemory(self.global_bank.prefix(n_images), win)
 
 
-def group_nested(memories: Sequence[FDSLMemory]) -> List[Tuple[Optional[FDSLMemory], List[int]]]:
-    """Group memories that are prefixes of one base: [(base or None, positions in `memories`)], in order.
+class MemorySet:
+    """The memories one batch of images is scored against, in order, and how they nest.
 
-    Memories not made by `FDSLMemory.prefix` form groups of their own (base None).
+    A memory added with `add_prefix` holds the first n reference images of a base memory (views of its
+    banks); `groups` gathers the memories nested in one base, so `FDSL.predict` computes their similarities
+    once, against the base (equal to aligning against each separately). Other memories stand alone.
     """
-    groups: Dict[int, Tuple[Optional[FDSLMemory], List[int]]] = {}
-    for pos, mem in enumerate(memories):
-        base = getattr(mem, "nested_in", (None, 0))[0]
-        key = id(base) if base is not None else -1 - pos
-        groups.setdefault(key, (base, []))[1].append(pos)
-    return list(groups.values())
+
+    def __init__(self, memories: Sequence[FDSLMemory] = ()) -> None:
+        self._items: List[FDSLMemory] = []
+        self._bases: List[Optional[FDSLMemory]] = []
+        for m in memories:
+            self.add(m)
+
+    @classmethod
+    def of(cls, memories: Union[MemorySet, Sequence[FDSLMemory]]) -> MemorySet:
+        """`memories` itself if it is a set, else a set of independent memories."""
+        return memories if isinstance(memories, MemorySet) else cls(memories)
+
+    def add(self, memory: FDSLMemory) -> int:
+        """Add an independent memory; returns its position."""
+        self._items.append(memory)
+        self._bases.append(None)
+        return len(self._items) - 1
+
+    def add_prefix(self, base: FDSLMemory, n_images: int) -> int:
+        """Add the memory of `base`'s first `n_images` reference images (`FDSLMemory.prefix`); returns its position."""
+        self._items.append(base.prefix(n_images))
+        self._bases.append(base)
+        return len(self._items) - 1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, pos: int) -> FDSLMemory:
+        return self._items[pos]
+
+    def __iter__(self) -> Iterator[FDSLMemory]:
+        return iter(self._items)
+
+    def groups(self) -> List[Tuple[Optional[FDSLMemory], List[int]]]:
+        """[(base or None, positions)], in order of first appearance; a standalone memory has base None."""
+        groups: Dict[int, Tuple[Optional[FDSLMemory], List[int]]] = {}
+        for pos, base in enumerate(self._bases):
+            key = id(base) if base is not None else -1 - pos
+            groups.setdefault(key, (base, []))[1].append(pos)
+        return list(groups.values())

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fdsl.config import ModelConfig
-from fdsl.core.backbone import BackboneOutput, CLIPBackbone
-from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, group_nested
+from fdsl.core.backbone import BackboneOutput, build_backbone
+from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, MemorySet
 from fdsl.core.runtime import Runtime, autocast
 from fdsl.core.windows import n_windows, split_windows, stitch_windows
 from fdsl.errors import ConfigError
@@ -65,11 +65,19 @@ def to_grid(prob: torch.Tensor) -> torch.Tensor:
 
 
 class FDSLHead(nn.Module):
-    """The trainable part: one scorer per layer and one shared NAM."""
+    """The trainable part: one scorer per layer (each with its layer's width) and one shared NAM.
 
-    def __init__(self, dim: int, num_layers: int, use_nam: bool = True) -> None:
+    Args:
+        dims: the token width of every layer (a list), or one width shared by `num_layers` layers.
+    """
+
+    def __init__(self, dims: Union[int, Sequence[int]], num_layers: Optional[int] = None,
+                 use_nam: bool = True) -> None:
         super().__init__()
-        self.scorers = nn.ModuleList([Scorer(dim) for _ in range(num_layers)])
+        widths = [int(dims)] * int(num_layers or 0) if isinstance(dims, int) else [int(d) for d in dims]
+        if not widths:
+            raise ConfigError("an FDSL head needs at least one layer")
+        self.scorers = nn.ModuleList([Scorer(d) for d in widths])
         self.nam = NAM()
         self.use_nam = use_nam
 
@@ -87,6 +95,34 @@ class FDSLHead(nn.Module):
         """L × (B, N, C) residuals -> (raw, refined): each L × (B, 2, G, G) prob maps."""
         raw = self.raw(residuals)
         return raw, self.refine(raw)
+
+
+class NNHead(nn.Module):
+    """The training-free scorer (``--scorer nn``, docs/method.md §11): per layer, the FD distance is the anomaly map.
+
+    It takes the (B, N, 1) distances the alignment returns with ``Alignment.distance`` in place of residuals and
+    has the learned head's interface (`raw`, `refine`, `forward`), without parameters and without NAM.
+    """
+
+    use_nam = False
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = int(num_layers)
+
+    def raw(self, distances: List[torch.Tensor]) -> List[torch.Tensor]:
+        """L × (B, N, 1) distances -> L × (B, 2, G, G) maps ``[1 - d, d]`` (channel 1 is the anomaly map)."""
+        if len(distances) != self.num_layers or any(d.shape[-1] != 1 for d in distances):
+            raise ConfigError(f"the nn scorer needs {self.num_layers} layers of (B, N, 1) distances")
+        return [to_grid(torch.cat([1.0 - d.float(), d.float()], dim=-1)) for d in distances]
+
+    def refine(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        """No NAM: the maps themselves."""
+        return maps
+
+    def forward(self, distances: List[torch.Tensor]) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
+        raw = self.raw(distances)
+        return raw, raw
 
 
 class FDSLOutput(NamedTuple):
@@ -118,7 +154,15 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def combine_layers(anomalous: List[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer (B, G, G) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima)."""
+    """Per-layer (B, G_l, G_l) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima).
+
+    Layers may differ in grid (timm CNN stages): each is upsampled on its own then; equal grids are upsampled
+    in one call (the same numbers).
+    """
+    if len({tuple(m.shape) for m in anomalous}) > 1:
+        up = torch.stack([upsample(m.float(), size) for m in anomalous])  # (L, B, size, size)
+        peaks = torch.stack([m.float().flatten(1).amax(dim=-1) for m in anomalous])  # (L, B)
+        return up.mean(dim=0), peaks.mean(dim=0)
     anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
     L, B, G, _ = anom.shape
     up = upsample(anom.reshape(L * B, G, G), size).reshape(L, B, size, size)
@@ -133,7 +177,7 @@ class RefFeatures(NamedTuple):
 
 
 class FDSL(nn.Module):
-    """Frozen CLIP backbone + memory banks + trained head -> anomaly maps and scores.
+    """Frozen backbone (CLIP, or timm with ``timm:<name>``) + memory banks + trained head -> maps and scores.
 
     Typical use::
 
@@ -143,11 +187,15 @@ class FDSL(nn.Module):
         out = model(images)              # FDSLOutput
     """
 
-    def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
         super().__init__()
+        if cfg.winmode != "nan" and not backbone.supports_windows:
+            raise ConfigError(f"--winmode {cfg.winmode}: LFE windows need a ViT; {backbone.model_name} is a CNN "
+                              "(use --winmode nan)")
         self.backbone = backbone
         self.cfg = cfg
-        self.head = FDSLHead(backbone.width, len(backbone.layers), use_nam=cfg.use_nam)
+        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.scorer == "fdsl"
+                                else NNHead(len(backbone.layers)))
         self.memory: Optional[FDSLMemory] = None
         self.runtime = runtime or Runtime()
 
@@ -156,14 +204,12 @@ class FDSL(nn.Module):
         """Build the backbone and an untrained head from a model config (geometry checked first)."""
         cfg.validate()
         check_geometry(cfg)
-        backbone = CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
-                                quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
-        return cls(backbone, cfg, runtime)
+        return cls(build_backbone(cfg), cfg, runtime)
 
     # ------------------------------------------------------------------ settings
     @property
     def device(self) -> torch.device:
-        return self.backbone.visual.conv1.weight.device
+        return next(self.backbone.parameters()).device
 
     @property
     def use_windows(self) -> bool:
@@ -179,25 +225,41 @@ class FDSL(nn.Module):
         that branch's similarity dtype (the window branch's may be reduced by ``--align_precision``)."""
         cfg, rt = self.cfg, self.runtime
         dtype = rt.window_align_dtype if window else rt.align_dtype
-        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, dtype, cfg.use_img_idx)
+        return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, dtype, cfg.use_img_idx,
+                         distance=cfg.scorer == "nn")
 
     # ------------------------------------------------------------------ features
-    def extract(self, images: torch.Tensor) -> BackboneOutput:
-        """Backbone features of (B, 3, H, H) images, under autocast to the compute dtype."""
+    def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, C, G, G) patch embeddings (the ViT's `conv1`), under autocast.
+
+        With LFE on, both branches start from these: the global branch encodes them whole, the window
+        branch crops its windows from them, so the patch embedding runs once per image.
+        """
         with autocast(self.device, self.runtime.compute_dtype):
+            return self.backbone.patch_embed(images.to(self.device))  # (B, C, G, G)
+
+    def extract(self, images: torch.Tensor, patches: Optional[torch.Tensor] = None) -> BackboneOutput:
+        """Backbone features of (B, 3, H, H) images, under autocast to the compute dtype.
+
+        `patches`: the images' (B, C, G, G) patch embeddings when already computed (`patch_embed`); the
+        result is the same, without running the patch embedding again.
+        """
+        with autocast(self.device, self.runtime.compute_dtype):
+            if patches is not None:
+                return self.backbone.forward_patches(patches)
             return self.backbone(images.to(self.device))
 
-    def window_chunks(self, images: torch.Tensor) -> Iterator[BackboneOutput]:
+    def window_chunks(self, images: torch.Tensor, patches: Optional[torch.Tensor] = None) -> Iterator[BackboneOutput]:
         """Features of the windows of (B, 3, S, S) images, `win_batch` windows at a time (image-major order).
 
-        The patch embedding (`conv1`) runs once per image; each window's (C, W, W) patch-embedding grid is
-        cropped from it (exact: patches do not overlap and windows are patch-aligned), so the ViT's
-        first layer is not recomputed for every overlapping window. Each chunk's crops are cut when
-        needed, so memory does not grow with the number of windows.
+        The patch embedding (`conv1`) runs once per image (or not at all when `patches` are given); each
+        window's (C, W, W) patch-embedding grid is cropped from it (exact: patches do not overlap and windows
+        are patch-aligned), so the ViT's first layer is not recomputed for every overlapping window. Each
+        chunk's crops are cut when needed, so memory does not grow with the number of windows.
         """
         cfg, step, bb = self.cfg, self.runtime.win_batch, self.backbone
-        with autocast(self.device, self.runtime.compute_dtype):
-            patches = bb.patch_embed(images.to(self.device))  # (B, C, G, G)
+        if patches is None:
+            patches = self.patch_embed(images)  # (B, C, G, G)
         total = images.shape[0] * n_windows(bb.grid_size, cfg.win_size, cfg.win_stride)
         for s in range(0, total, step):
             index = torch.arange(s, min(s + step, total), device=self.device)
@@ -206,17 +268,18 @@ class FDSL(nn.Module):
                 feats = bb.forward_patches(crops)  # L × (n, W², C)
             yield feats
 
-    def extract_windows(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> BackboneOutput:
+    def extract_windows(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                        patches: Optional[torch.Tensor] = None) -> BackboneOutput:
         """Features of every window of (B, 3, S, S) images: L × (B·n_windows, W², C), (B·n_windows, D).
 
         Chunks are written into preallocated tensors (of `dtype`, default the features' own), so the
-        result is never held twice, as concatenating a list of chunks would.
+        result is never held twice, as concatenating a list of chunks would. `patches` as `window_chunks`.
         """
         total = images.shape[0] * n_windows(self.backbone.grid_size, self.cfg.win_size, self.cfg.win_stride)
         tokens: List[torch.Tensor] = []
         embeds = torch.empty(0)
         s = 0
-        for chunk in self.window_chunks(images):
+        for chunk in self.window_chunks(images, patches):
             if not tokens:
                 tokens = [torch.empty((total, *t.shape[1:]), dtype=dtype or t.dtype, device=t.device)
                           for t in chunk.tokens]  # L × (B·n_windows, W², C)
@@ -232,11 +295,16 @@ class FDSL(nn.Module):
     @torch.no_grad()
     def encode_references(self, images: torch.Tensor, batch_size: int = 8,
                           windows: Optional[bool] = None) -> RefFeatures:
-        """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on)."""
-        g = _cat_outputs([self.extract(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
-        # Window features are stored in the bank dtype right away: they are the bulk of the memory.
+        """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on).
+
+        With windows, the patch embedding runs once per image and feeds both branches.
+        """
         with_windows = self.use_windows if windows is None else windows
-        w = self.extract_windows(images, self.runtime.window_bank_dtype) if with_windows else None
+        batches = [images[s:s + batch_size] for s in range(0, len(images), batch_size)]
+        patches = [self.patch_embed(b) for b in batches] if with_windows else [None] * len(batches)
+        g = _cat_outputs([self.extract(b, p) for b, p in zip(batches, patches)])
+        # Window features are stored in the bank dtype right away: they are the bulk of the memory.
+        w = self.extract_windows(images, self.runtime.window_bank_dtype, torch.cat(patches)) if with_windows else None
         return RefFeatures(g, w)
 
     def make_memory(self, refs: RefFeatures, indices: Optional[Sequence[int]] = None) -> FDSLMemory:
@@ -267,15 +335,16 @@ class FDSL(nn.Module):
         """
         return bank.residuals(feats.tokens, self.alignment_for(window), feats.image_embeds)
 
-    def iter_residuals(self, feats: BackboneOutput, memories: Sequence[FDSLMemory],
+    def iter_residuals(self, feats: BackboneOutput, memories: Union[MemorySet, Sequence[FDSLMemory]],
                        window: bool = False) -> Iterator[tuple[int, List[torch.Tensor]]]:
         """(position, L × (Q, N, C) residuals) of `feats` against each memory's global (or `window`) bank.
 
-        Memories nested in one base (`FDSLMemory.prefix`) share one similarity computation against the
+        Memories nested in one base (`MemorySet.add_prefix`) share one similarity computation against the
         base's bank; the result equals aligning against each memory separately. Residuals are made one
         group of nested memories at a time, so memory holds one group's, not every memory's.
         """
-        for base, positions in group_nested(memories):
+        memories = MemorySet.of(memories)
+        for base, positions in memories.groups():
             if base is None:
                 mem = memories[positions[0]]
                 yield positions[0], self.residuals(mem.window_bank if window else mem.global_bank, feats)
@@ -301,11 +370,23 @@ class FDSL(nn.Module):
 
     def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
         """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
+        if self.cfg.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw
         B = maps[0].shape[0]
+        if len({tuple(m.shape) for m in maps}) > 1:  # layers of different grids (timm CNN stages)
+            return [upsample(m.flatten(0, 1), size).reshape(B, 2, size, size) for m in maps]
         up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
         return list(up.reshape(len(maps), B, 2, size, size))
+
+    def anomalous_maps(self, raw: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The one path from raw prob maps to anomaly maps, for both branches: L × (B, 2, G, G) raw per-layer
+        maps -> NAM when on -> L × (B, G, G) anomalous channel (docs/method.md §4-6).
+
+        The global branch feeds it the scorers' maps; the window branch the stitched window maps.
+        """
+        return [m[:, 1] for m in self.head.refine(raw)]
 
     def prob_maps(self, feats: BackboneOutput, bank: MemoryBank) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Aligned residuals -> (raw, refined) per-layer (B, 2, G, G) prob maps."""
@@ -313,24 +394,26 @@ class FDSL(nn.Module):
 
     def global_maps(self, feats: BackboneOutput, memory: FDSLMemory) -> List[torch.Tensor]:
         """Per-layer (B, G, G) anomalous maps of the global branch (NAM-refined when NAM is on)."""
-        _, refined = self.prob_maps(feats, memory.global_bank)
-        return [m[:, 1] for m in refined]
+        return self.anomalous_maps(self.head.raw(self.residuals(memory.global_bank, feats)))
 
-    def window_maps(self, images: torch.Tensor, memories: Sequence[FDSLMemory]) -> List[List[torch.Tensor]]:
+    def window_maps(self, images: torch.Tensor, memories: Union[MemorySet, Sequence[FDSLMemory]],
+                    patches: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
         """Per memory, per-layer (B, G, G) stitched window maps (docs/method.md §5).
 
         Windows are encoded `win_batch` at a time, once for all memories; each window's raw per-layer
         prob map is pasted at its place, averaged over coverage, then refined by NAM when NAM is on.
+        `patches`: the images' patch embeddings when already computed (`patch_embed`).
         """
         cfg, G, W = self.cfg, self.backbone.grid_size, self.cfg.win_size
+        memories = MemorySet.of(memories)
         if any(m.window_bank is None for m in memories):
             raise ConfigError("the memory has no window bank; fit it with LFE on (--winmode mul or onlywin)")
         B = images.shape[0]
         nw = n_windows(G, W, cfg.win_stride)
-        L = len(self.head.scorers)
+        L = len(self.backbone.layers)
         probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
         s = 0
-        for feats in self.window_chunks(images):  # chunks of windows bound the memory
+        for feats in self.window_chunks(images, patches):  # chunks of windows bound the memory
             n = feats.image_embeds.shape[0]
             for pos, res in self.iter_residuals(feats, memories, window=True):
                 raw = self.head.raw(res)  # L × (n, 2, W, W)
@@ -340,21 +423,27 @@ class FDSL(nn.Module):
         out = []
         for p in probs:
             stitched = [stitch_windows(x.reshape(B, nw, 2, W, W), G, W, cfg.win_stride) for x in p]  # L × (B, 2, G, G)
-            out.append([m[:, 1] for m in self.head.refine(stitched)])
+            out.append(self.anomalous_maps(stitched))
         return out
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, memories: Sequence[FDSLMemory],
+    def predict(self, images: torch.Tensor, memories: Union[MemorySet, Sequence[FDSLMemory]],
                 out_size: Optional[int] = None) -> List[FDSLOutput]:
-        """Score (B, 3, S, S) images against each memory; backbone features are computed once."""
+        """Score (B, 3, S, S) images against each memory (a `MemorySet` or a list); one output per memory.
+
+        Backbone features are computed once for all memories; with LFE on, the patch embedding runs once per
+        image for both branches.
+        """
         size = out_size or self.runtime.out_size
         cfg = self.cfg
-        feats = self.extract(images) if cfg.winmode != "onlywin" else None
-        wins = self.window_maps(images, memories) if self.use_windows else [None] * len(memories)
+        memories = MemorySet.of(memories)
+        patches = self.patch_embed(images) if self.use_windows else None  # (B, C, G, G), shared by both branches
+        feats = self.extract(images, patches) if cfg.winmode != "onlywin" else None
+        wins = self.window_maps(images, memories, patches) if self.use_windows else [None] * len(memories)
         glob: List[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(memories)
         if feats is not None:
             for pos, res in self.iter_residuals(feats, memories):
-                glob[pos] = combine_layers([m[:, 1] for m in self.head(res)[1]], size)  # global_maps' maps
+                glob[pos] = combine_layers(self.anomalous_maps(self.head.raw(res)), size)
         outs = []
         for g, wmaps in zip(glob, wins):
             if g is not None:
@@ -387,7 +476,13 @@ def check_geometry(cfg: ModelConfig) -> Optional[int]:
     import open_clip
 
     from fdsl.core.backbone import register_model_configs
+    from fdsl.core.timm_backbone import is_timm_model, timm_supports_windows
 
+    if is_timm_model(cfg.model):  # the timm backbone checks strides, patch size and window fit when built
+        if cfg.winmode != "nan" and not timm_supports_windows(cfg.model):
+            raise ConfigError(f"--winmode {cfg.winmode}: LFE windows need a ViT; {cfg.model} is not a plain timm "
+                              "VisionTransformer (use --winmode nan)")
+        return None
     register_model_configs(cfg.model_config)
     vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
     patch = vision.get("patch_size")

@@ -27,6 +27,8 @@ from fdsl.data.augment import (
     random_crop_resize,
 )
 from fdsl.data.images import (
+    OPENAI,
+    Preprocess,
     check_size,
     image_transform,
     load_mask,
@@ -70,7 +72,8 @@ class AnomalyDataset(Dataset):
 
     Each item is a dict:
 
-    * ``image``: float tensor (3, S, S), squash-resized and OpenAI-normalised;
+    * ``image``: float tensor (3, S, S), squash-resized and normalised with `norm` (the backbone's
+      mean/std; default OpenAI CLIP's);
     * ``mask``: float tensor (1, mask_size, mask_size) of 0/1 (zeros for normal images);
     * ``anomaly``: int 0/1 (recomputed from the mask after augmentation);
     * ``cls_name``, ``specie_name``, ``img_path`` (relative to root).
@@ -92,6 +95,7 @@ class AnomalyDataset(Dataset):
         meta: Optional[Mapping] = None,
         augment: Optional[str] = None,
         aug_seed: int = 0,
+        norm: Preprocess = OPENAI,
     ) -> None:
         self.root = os.fspath(root)
         self.image_size = check_size(image_size, "image_size")
@@ -132,9 +136,9 @@ class AnomalyDataset(Dataset):
             self._class_indices.setdefault(item["cls_name"], []).append(i)
         self._check_items()
 
-        self._image_tf = image_transform(self.image_size)
+        self._image_tf = image_transform(self.image_size, norm)
         self._mask_tf = mask_transform(self.mask_size)
-        self._to_tensor = to_tensor_normalised()
+        self._to_tensor = to_tensor_normalised(norm)
         logger.info("AnomalyDataset %s/%s: %d classes, %d items, S=%d, mask=%d, augment=%s",
                     self.root, split, len(self.classes), len(self.items), self.image_size,
                     self.mask_size, augment)

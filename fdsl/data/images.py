@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,19 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Preprocess(NamedTuple):
+    """A backbone's input normalisation: per-channel mean and std, and the resize interpolation."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+
+OPENAI = Preprocess(OPENAI_MEAN, OPENAI_STD, "bicubic")  # CLIP's (docs/method.md §1): the default everywhere
+_INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+                   "nearest": InterpolationMode.NEAREST}
 
 
 # ----------------------------------------------------------------------------- image loading
@@ -197,18 +210,18 @@ class _Binarize:
         return f"{type(self).__name__}(threshold={self.threshold})"
 
 
-def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+def image_transform(image_size: int, norm: Preprocess = OPENAI) -> Callable[[Image.Image], torch.Tensor]:
     """The released test-time preprocessing: PIL RGB -> normalised tensor (3, S, S).
 
-    Squash-resizes the PIL image to ``S x S`` with bicubic interpolation (no crop, aspect
-    ratio not kept, so masks resized the same way stay aligned), then ToTensor and the
-    OpenAI CLIP mean/std.
+    Squash-resizes the PIL image to ``S x S`` (bicubic by default; no crop, aspect ratio not
+    kept, so masks resized the same way stay aligned), then ToTensor and the backbone's
+    mean/std (`norm`; default the OpenAI CLIP ones).
     """
     size = check_size(image_size, "image_size")
     return transforms.Compose([
-        transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize((size, size), interpolation=_INTERPOLATIONS[norm.interpolation]),
         transforms.ToTensor(),
-        transforms.Normalize(OPENAI_MEAN, OPENAI_STD),
+        transforms.Normalize(norm.mean, norm.std),
     ])
 
 
@@ -225,8 +238,9 @@ def mask_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
-def to_tensor_normalised() -> Callable[[Image.Image], torch.Tensor]:
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
+def to_tensor_normalised(norm: Preprocess = OPENAI) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB (already S x S) -> tensor (3, S, S) normalised with `norm`'s mean/std."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)])
 
 
 def resize_mask(mask: Image.Image, size_wh: Tuple[int, int]) -> Image.Image:

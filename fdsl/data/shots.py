@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from fdsl.data.images import image_transform, load_rgb
+from fdsl.data.images import OPENAI, Preprocess, image_transform, load_rgb
 from fdsl.data.meta import is_absolute, normalise_rel_path
 from fdsl.errors import ConfigError, DataError
 from fdsl.io import PathLike, atomic_write_text
@@ -174,11 +174,12 @@ def write_k_shot_file(path: PathLike, shots: Mapping[str, Sequence[str]]) -> Non
 
 
 
-def load_reference_images(root: PathLike, rel_paths: Sequence[str], image_size: int) -> torch.Tensor:
+def load_reference_images(root: PathLike, rel_paths: Sequence[str], image_size: int,
+                          norm: Preprocess = OPENAI) -> torch.Tensor:
     """Load k reference images with the test preprocessing.
 
     Returns:
-        Float tensor (k, 3, S, S), OpenAI-normalised.
+        Float tensor (k, 3, S, S), normalised with `norm` (default OpenAI CLIP's mean/std).
 
     Raises:
         ConfigError: if ``rel_paths`` is empty.
@@ -186,6 +187,6 @@ def load_reference_images(root: PathLike, rel_paths: Sequence[str], image_size: 
     """
     if len(rel_paths) == 0:
         raise ConfigError("load_reference_images needs at least one reference image path.")
-    tf = image_transform(image_size)
+    tf = image_transform(image_size, norm)
     root = os.fspath(root)
     return torch.stack([tf(load_rgb(os.path.join(root, rel))) for rel in rel_paths])  # (k, 3, S, S)

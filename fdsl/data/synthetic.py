@@ -366,6 +366,63 @@ def make_synthetic_dataset(
     return root_path
 
 
+PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image pictures of objects
+_PHOTO_CROP = 0.92  # side of the crop of the whole picture: normals differ by small shifts, as placed parts do
+
+
+def photo_image(photo: str, key: str, size: int, seed: int = 0,
+                defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image of a photo class: the scikit-image picture `photo`, squashed to (size, size).
+
+    Normal renders are a random crop of 92% of the picture (a small shift), a small gain and pixel noise;
+    a defect (one of ``DEFECT_TYPES``) is drawn on top as in `synth_image`. Returns (image (S, S, 3) uint8,
+    mask (S, S) bool), deterministic given (photo, key, seed).
+    """
+    if defect is not None and defect not in DEFECT_TYPES:
+        raise ConfigError(f"unknown defect type {defect!r}; choose one of {', '.join(DEFECT_TYPES)}")
+    if photo not in PHOTOS:
+        raise ConfigError(f"unknown photo {photo!r}; choose one of {', '.join(PHOTOS)}")
+    seq = np.random.SeedSequence([_check_seed(seed), zlib.crc32(photo.encode()), zlib.crc32(key.encode())])
+    base_seq, defect_seq = seq.spawn(2)
+    rng = np.random.default_rng(base_seq)
+    src = _photo(photo)
+    ch, cw = int(src.shape[0] * _PHOTO_CROP), int(src.shape[1] * _PHOTO_CROP)
+    img = _crop_resize(src, rng, ch, cw, size, size, flip=False).astype(np.float32)
+    img = img * rng.uniform(0.95, 1.05) + rng.normal(0.0, 2.0, size=img.shape)
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    if defect is None:
+        return img, np.zeros((size, size), dtype=bool)
+    return _draw_defect(img, defect, _Style(photo), np.random.default_rng(defect_seq))
+
+
+def make_photo_dataset(root: str | os.PathLike[str], photos: Sequence[str] = PHOTOS, n_train: int = 4,
+                       n_test_good: int = 6, n_test_bad: int = 12, image_size: int = 256, seed: int = 0) -> Path:
+    """Write an MVTec-AD-layout dataset of photographed objects with drawn defects, and its ``meta.json``.
+
+    One class ``<photo>_photo`` per scikit-image picture in `photos` (see `photo_image`); the layout and the
+    round-robin defect plan are those of `make_synthetic_dataset`. Returns ``root`` as a Path.
+    """
+    names = _check_args([f"{p}_photo" for p in photos], n_train, n_test_good, n_test_bad, image_size, seed)
+    root_path = Path(root)
+    _prepare_root(root_path, names)
+    for photo, cls in zip(photos, names):
+        plan: list[tuple[str, str | None]] = []
+        plan += [(f"train/good/{i:0{_width(n_train)}d}", None) for i in range(n_train)]
+        plan += [(f"test/good/{i:0{_width(n_test_good)}d}", None) for i in range(n_test_good)]
+        per_kind = [len(range(k, n_test_bad, len(DEFECT_TYPES))) for k in range(len(DEFECT_TYPES))]
+        for j in range(n_test_bad):
+            k = j % len(DEFECT_TYPES)
+            plan.append((f"test/{DEFECT_TYPES[k]}/{j // len(DEFECT_TYPES):0{_width(per_kind[k])}d}", DEFECT_TYPES[k]))
+        for key, defect in plan:
+            img, mask = photo_image(photo, key, image_size, seed=seed, defect=defect)
+            _save_rgb(img, root_path / cls / f"{key}.png")
+            if defect is not None:
+                _save_mask(mask, root_path / cls / "ground_truth" / defect / f"{key.rsplit('/', 1)[1]}_mask.png", 255)
+    write_meta(root_path, build_mvtec_meta(root_path, names))
+    logger.info("photo MVTec-layout data (%d classes, %d px) in %s", len(names), image_size, root_path)
+    return root_path
+
+
 def make_synthetic_visa(
     root: str | os.PathLike[str],
     classes: Sequence[str] = ("candle_syn", "pcb_syn"),

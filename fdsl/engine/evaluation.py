@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from fdsl.config import NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
-from fdsl.core.memory import FDSLMemory
+from fdsl.core.memory import MemorySet
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
 from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
@@ -109,9 +109,10 @@ def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
     d["_dtypes"] = [str(getattr(runtime, f)) for f in
                     ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
-    _check_checkpoint_path(cfg)
-    st = os.stat(cfg.checkpoint_path)
-    d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
+    if cfg.scorer == "fdsl":  # the training-free scorer has no checkpoint
+        _check_checkpoint_path(cfg)
+        st = os.stat(cfg.checkpoint_path)
+        d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -126,7 +127,7 @@ class Evaluator:
     def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
-        if model is None:  # the model depends on the checkpoint's settings: reconcile them before building it
+        if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = RunContext(cfg, cfg.data_path, cfg.cal_image_size, model)
@@ -145,7 +146,7 @@ class Evaluator:
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
-        self.model = self.ctx.build_model(cfg.checkpoint_path)[0].eval()
+        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.scorer == "fdsl" else None)[0].eval()
         self._nonbinary_warned: set = set()
         log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 
@@ -205,40 +206,43 @@ class Evaluator:
         nested = {c: sample_nested_k_shot(self.meta, c, ks, seed) for c in self.classes}
         return {k: {c: nested[c][k] for c in self.classes} for k in ks}
 
-    def memories(self, refs: Dict[Run, List[str]]) -> Dict[Run, FDSLMemory]:
-        """One memory (global and window banks) per run; each distinct reference image is encoded once.
+    def memories(self, refs: Dict[Run, List[str]]) -> Tuple[MemorySet, Dict[Run, int]]:
+        """One memory (global and window banks) per run, in a `MemorySet`, and each run's position in it.
 
-        Per seed, the bank of its longest reference list is built once; every run of that seed whose list
-        is a prefix of it (nested shots) gets views of it (`FDSLMemory.prefix`), not a copy. The bytes held
-        for reference features and banks are logged.
+        Each distinct reference image is encoded once. Per seed, the bank of its longest reference list is
+        built once; every run of that seed whose list is a prefix of it (nested shots) gets views of it
+        (`MemorySet.add_prefix`), not a copy. The bytes held for reference features and banks are logged.
         """
         unique = sorted({p for paths in refs.values() for p in paths})
-        images = load_reference_images(self.root, unique, self.cfg.image_size)  # (u, 3, S, S)
+        images = load_reference_images(self.root, unique, self.cfg.image_size,
+                                       self.model.backbone.preprocess)  # (u, 3, S, S)
         feats = self.model.encode_references(images, self.cfg.batch_size)
         pos = {p: i for i, p in enumerate(unique)}
-        out: Dict[Run, FDSLMemory] = {}
+        mems = MemorySet()
+        at: Dict[Run, int] = {}
         for seed in sorted({s for _, s in refs}):
             runs = sorted((r for r in refs if r[1] == seed), key=lambda r: len(refs[r]))
             longest = refs[runs[-1]]
             base = self.model.make_memory(feats, [pos[p] for p in longest])
             for r in runs:
                 nested = refs[r] == longest[:len(refs[r])]
-                out[r] = base.prefix(len(refs[r])) if nested else self.model.make_memory(
-                    feats, [pos[p] for p in refs[r]])
+                at[r] = mems.add_prefix(base, len(refs[r])) if nested else mems.add(self.model.make_memory(
+                    feats, [pos[p] for p in refs[r]]))
         log.info("reference memory: %d distinct image(s), features %d bytes (freed after the banks are built); "
                  "%d bank(s) hold %d bytes (nested banks are views of their seed's largest)",
-                 len(unique), _held_bytes(_tensors(feats)), len(out),
-                 _held_bytes([t for m in out.values() for t in m.buffers()]))
-        return out
+                 len(unique), _held_bytes(_tensors(feats)), len(mems),
+                 _held_bytes([t for m in mems for t in m.buffers()]))
+        return mems, at
 
     # ------------------------------------------------------------------ one class
     @torch.no_grad()
     def evaluate_class(self, cls: str, refs: Dict[Run, List[str]]) -> Dict[Run, dict]:
         """Score every test image of `cls` against each run's bank; returns per-run records."""
         cfg = self.cfg
-        memories = self.memories(refs)
-        runs = list(memories)
-        ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta)
+        memories, at = self.memories(refs)
+        runs = list(at)
+        ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta,
+                            norm=self.model.backbone.preprocess)
         if distributed.active():  # distributed: this rank scores its run of whole single-process batches
             ds = Subset(ds, distributed.shard_range(len(ds), cfg.batch_size))
         cuda = self.ctx.device.type == "cuda"
@@ -260,8 +264,9 @@ class Evaluator:
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 b = batch["image"].shape[0]
                 images = batch["image"].to(self.ctx.device, non_blocking=cuda)
-                outs = self.model.predict(images, [memories[r] for r in runs], size)
-                for r, out in zip(runs, outs):
+                outs = self.model.predict(images, memories, size)
+                for r in runs:
+                    out = outs[at[r]]
                     maps[r][i:i + b] = out.anomaly_map.float().cpu().numpy()
                     patch[r][i:i + b] = out.patch_score.double().cpu().numpy()
                 masks[i:i + b] = batch["mask"][:, 0].numpy() > 0.5
@@ -293,7 +298,7 @@ class Evaluator:
             records[r] = {"fingerprint": self.fingerprints[r[0]],
                           "metrics": {k: float(res[k]) for k in METRIC_KEYS},
                           "references": refs[r], "data": self._data_fingerprint(cls, refs[r]),
-                          "memory_bank_bytes": memories[r].nbytes(), "scores": rows}
+                          "memory_bank_bytes": memories[at[r]].nbytes(), "scores": rows}
             if cfg.save_images:
                 self._save_images(r, cls, paths, species, masks, maps[r], score, labels)
         return records

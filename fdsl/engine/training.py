@@ -93,7 +93,8 @@ class Trainer:
         banks = {}
         for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True,
                       disable=distributed.tqdm_disable()):
-            imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size)  # (k, 3, S, S)
+            imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size,
+                                         self.model.backbone.preprocess)  # (k, 3, S, S)
             refs = self.model.encode_references(imgs, self.cfg.batch_size, windows=False)
             banks[c] = self.model.make_memory(refs).global_bank
         return banks
@@ -130,7 +131,7 @@ class Trainer:
                 return []
         banks = self.build_banks()
         ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
-                            augment=self.augment, aug_seed=cfg.seed)
+                            augment=self.augment, aug_seed=cfg.seed, norm=self.model.backbone.preprocess)
         gen = torch.Generator().manual_seed(cfg.seed)
         cuda = self.device.type == "cuda"
         if dist_on:  # distributed: each rank its slice of the single-process global batches; DDP over the head

@@ -235,14 +235,15 @@ class Detector:
     # ------------------------------------------------------------------ fit
     @classmethod
     @torch.no_grad()
-    def fit(cls, checkpoint: PathLike, normal_images: Union[PathLike, Sequence[PathLike]], *,
+    def fit(cls, checkpoint: Optional[PathLike], normal_images: Union[PathLike, Sequence[PathLike]], *,
             runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8,
             cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: Optional[int] = None,
             shot_selection: str = "coreset", **model_options: Any) -> Detector:
         """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
         Args:
-            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one.
+            checkpoint: a train.py checkpoint (its saved model config is the default) or a released-code one;
+                None with ``scorer="nn"`` (the training-free scorer, which needs none).
             normal_images: a folder (recursive) or a list of image files: all of them become the shots, or
                 `max_shots` of them chosen by `shot_selection` (``coreset`` or ``even``, see
                 `fdsl.inspect.shot_selection`). Without `max_shots`, many shots log a warning with the projected
@@ -260,6 +261,12 @@ class Detector:
             raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        scorer = model_options.get("scorer") or "fdsl"
+        if scorer == "nn" and checkpoint is not None:
+            raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
+        if scorer != "nn" and checkpoint is None:
+            raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
+                              "the training-free scorer")
         from fdsl.inspect.shot_selection import SELECTIONS
 
         if max_shots is not None and max_shots < 1:
@@ -267,19 +274,20 @@ class Detector:
         if shot_selection not in SELECTIONS:
             raise ConfigError(f"--shot_selection must be one of {', '.join(SELECTIONS)}, got {shot_selection!r}")
         files = list_images(normal_images, "normal images")
-        saved = read_checkpoint(checkpoint).get("model_config")
+        saved = read_checkpoint(checkpoint).get("model_config") if checkpoint is not None else None
         if "few_shot_features" not in model_options and "features_list" in model_options:
             model_options["few_shot_features"] = model_options["features_list"]
         cfg = resolve_model_config(saved if isinstance(saved, dict) else None, model_options)
         # test.py's rule: a setting the trained head depends on follows the checkpoint; a contradiction is an error
-        reconcile_with_checkpoint(cfg, checkpoint, explicit={k for k, v in model_options.items() if v is not None})
+        if checkpoint is not None:
+            reconcile_with_checkpoint(cfg, checkpoint, explicit={k for k, v in model_options.items() if v is not None})
         rt = as_runtime_config(runtime)
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
-        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam)
+        meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam) if checkpoint is not None else {}
         model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
-        tf = image_transform(cfg.image_size)
+        tf = image_transform(cfg.image_size, model.backbone.preprocess)
         candidates = len(files)
         files, method = _choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
@@ -289,8 +297,10 @@ class Detector:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model_config": dataclasses.asdict(cfg),
             "backbone": backbone_identity(cfg),
-            "checkpoint": {"name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
-                           "format": meta.get("format"), "epoch": meta.get("epoch")},
+            "scorer": cfg.scorer,
+            "checkpoint": None if checkpoint is None else {
+                "name": os.path.basename(os.fspath(checkpoint)), "sha256": sha256_file(checkpoint),
+                "format": meta.get("format"), "epoch": meta.get("epoch")},
             "normal_images": [_normal_entry(p, name) for p, name in files],
             "shots": {"selection": method, "candidates": candidates, "max_shots": max_shots},
             "cal_image_size": int(cal_image_size),
@@ -374,17 +384,18 @@ class Detector:
             return []
         cal = self.cal_image_size if cal_image_size is None else check_size(cal_image_size, "--cal_image_size")
         threshold = check_threshold(threshold, "threshold")
-        tf = image_transform(self.model.cfg.image_size)
+        tf = image_transform(self.model.cfg.image_size, self.model.backbone.preprocess)
         batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
         out = self.model.predict(batch, [self.memory], cal)[0]
         maps = out.anomaly_map.float().cpu().numpy()  # (B, cal, cal)
         patch = out.patch_score.double().cpu().numpy()
         mmax = out.map_max.double().cpu().numpy()
+        scores = out.pred_score.double().cpu().numpy()  # the model's single-image score
         thr = self.image_threshold if threshold is None else float(threshold)
         pix = self.pixel_threshold
         preds = []
-        for im, amap, p, m in zip(images, maps, patch, mmax):
-            score = 0.5 * (float(p) + float(m))
+        for im, amap, p, m, sc in zip(images, maps, patch, mmax, scores):
+            score = float(sc)
             verdict = None if thr is None else bool(score > thr)
             mask = area = region = None
             if pix is not None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from fdsl import __version__
-from fdsl.config import ModelConfig
+from fdsl.config import SCORERS, ModelConfig
 from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
@@ -132,20 +132,20 @@ def memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMem
 def check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
     """The banks must fit the model: layers, token width, grid (windows: window grid), LFE on/off."""
     bb = model.backbone
-    expect = [("global_bank", memory.global_bank, bb.grid_size ** 2)]
+    expect = [("global_bank", memory.global_bank, [g * g for g in bb.grids])]
     if model.use_windows:
         if memory.window_bank is None:
             raise CheckpointError(f"{path}: winmode {model.cfg.winmode} needs a window bank, the file has none")
-        expect.append(("window_bank", memory.window_bank, model.cfg.win_size ** 2))
+        expect.append(("window_bank", memory.window_bank, [model.cfg.win_size ** 2] * len(bb.layers)))
     for name, bank, n_tok in expect:
-        t = bank.layer(0)
-        if bank.num_layers != len(bb.layers) or t.shape[1] != n_tok or t.shape[2] != bb.width:
-            raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of {tuple(t.shape)}) does "
+        shapes = [tuple(bank.layer(i).shape[1:]) for i in range(bank.num_layers)]
+        if shapes != list(zip(n_tok, bb.widths)):
+            raise CheckpointError(f"{path}: the stored {name} ({bank.num_layers} layers of (N, C) {shapes}) does "
                                   f"not fit a {bb.model_name} at {bb.image_size} px with layers {bb.layers}; the "
                                   "detector comes from another model")
-        shapes = {tuple(bank.layer(i).shape) for i in range(bank.num_layers)}
-        if len(shapes) != 1:
-            raise CheckpointError(f"{path}: the stored {name}'s layers differ in shape ({sorted(shapes)}); the "
+        counts = {int(bank.layer(i).shape[0]) for i in range(bank.num_layers)}  # (N, C) may differ per layer
+        if len(counts) != 1:
+            raise CheckpointError(f"{path}: the stored {name}'s layers differ in item count ({sorted(counts)}); the "
                                   "detector file is damaged")
         if tuple(bank.image_embeds.shape) != (bank.k, bb.embed_dim):
             raise CheckpointError(f"{path}: the stored {name}'s image embeddings have shape "
@@ -284,7 +284,8 @@ METADATA_SCHEMA: dict = {
         "sha256": (False, _or_null(_SHA256)), "quick_gelu": (False, _BOOL), "image_size": (False, _int(1)),
         "model_config_sha256": (False, _or_null(_SHA256)),
     }),
-    "checkpoint": (False, {
+    "scorer": (False, _choice(SCORERS)),  # absent in files written before --scorer: the learned one
+    "checkpoint": (False, {  # null for the training-free scorer (--scorer nn), which has none
         "name": (False, _STR), "sha256": (False, _or_null(_SHA256)), "format": (False, _or_null(_STR)),
         "epoch": (False, _or_null(_int(0))),
     }),
@@ -307,6 +308,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_NULLABLE_RECORDS = {"checkpoint"}  # records that may be null
+
+
 def _check_record(obj: Any, schema: dict, where: str, path: Path) -> None:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: detector metadata {('field ' + repr(where)) if where else 'entry'} must be "
@@ -323,6 +327,8 @@ def _check_record(obj: Any, schema: dict, where: str, path: Path) -> None:
                 raise CheckpointError(f"{path}: detector metadata lacks the field {name!r}; the file is damaged")
             continue
         if isinstance(spec, dict):
+            if obj[key] is None and name in _NULLABLE_RECORDS:
+                continue
             _check_record(obj[key], spec, name, path)
         elif not spec[1](obj[key]):
             raise CheckpointError(f"{path}: detector metadata field {name!r} must be {spec[0]}, got "
@@ -353,6 +359,11 @@ def validate_metadata(info: Any, path: PathLike) -> dict:
     if info["backbone"]["model"] != mc["model"]:
         raise CheckpointError(f"{path}: detector metadata field 'backbone.model' ({info['backbone']['model']!r}) "
                               f"differs from 'model_config.model' ({mc['model']!r}); the file is damaged")
+    scorer = mc.get("scorer", "fdsl")
+    if info.get("scorer", scorer) != scorer or (scorer == "nn") != (info.get("checkpoint", {}) is None):
+        raise CheckpointError(f"{path}: detector metadata fields 'scorer' ({info.get('scorer')!r}), "
+                              f"'model_config.scorer' ({scorer!r}) and 'checkpoint' disagree (the training-free "
+                              "scorer has no checkpoint, the learned one has one); the file is damaged")
     try:
         ModelConfig(**mc).validate()
     except ConfigError as exc:

@@ -68,7 +68,7 @@ def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequen
     Encodes exactly as `Detector.fit` does (same transform, `encode_references`, `make_memory`).
     """
     model = base.model
-    tf = image_transform(model.cfg.image_size)
+    tf = image_transform(model.cfg.image_size, model.backbone.preprocess)  # the backbone's mean/std
     batch = torch.stack([tf(im) for im in images])  # (k, 3, S, S)
     memory = model.make_memory(model.encode_references(batch, batch_size))
     info = copy.deepcopy(base.info)

