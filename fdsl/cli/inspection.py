@@ -221,6 +221,14 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
                                batch_size)
 
 
+def _numerics(det) -> Dict[str, str]:
+    """The resolved runtime dtypes that move scores (--precision, --align_precision, --bank_dtype): rows scored
+    with other ones are not reused by a resume."""
+    rt = det.model.runtime
+    return {k: str(getattr(rt, k)).replace("torch.", "") for k in
+            ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")}
+
+
 def _unique_files(files: List[tuple]) -> List[tuple]:
     """(path, name) pairs with each file once (by resolved path, the first naming kept); a warning names the
     repeats, which would otherwise give one file two rows."""
@@ -264,7 +272,8 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     st = det_path.stat()
     settings = {"detector": str(det_path.resolve()), "detector_size": st.st_size,
                 "detector_mtime_ns": st.st_mtime_ns, "image_threshold": thr, "pixel_threshold": pix,
-                "cal_image_size": cal, "overlays": overlays, "save_maps": save_maps, "columns": list(SCORE_COLUMNS)}
+                "cal_image_size": cal, "overlays": overlays, "save_maps": save_maps, "columns": list(SCORE_COLUMNS),
+                "numerics": _numerics(det)}
     try:
         old_state = json.loads((out / _STATE).read_text())
     except (OSError, json.JSONDecodeError):

@@ -210,3 +210,23 @@ def test_long_input_names_get_output_names_that_fit(env, tmp_path):
     stems = output_names([f"{'b' * 300}/{long}x.png", f"{'b' * 300}/{long}y.png"])
     assert len(set(stems)) == 2 and all(is_output_stem(s) for s in stems)
     assert all(len(part) < 200 for s in stems for part in s.split("/"))
+
+
+def test_a_rerun_at_another_precision_scores_again(env, tmp_path):
+    """Rows scored with --precision bf16 are not 'done' for an fp32 run (nor the reverse): the precision
+    moves the scores, so it is part of the settings a resume compares."""
+    from fdsl.config import RuntimeConfig
+    from fdsl.inspect.detector import Detector
+
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.bad[0], inc / "a.png")
+    out = tmp_path / "v"
+    bf16 = RuntimeConfig(device="cpu", precision="bf16")
+    from fdsl.cli.inspection import predict_folder
+
+    predict_folder(env.path, [inc], out, runtime=bf16)
+    summary = predict_folder(env.path, [inc], out, runtime="cpu")
+    assert summary["n_skipped_done"] == 0
+    fp32 = Detector.load(env.path, runtime="cpu").predict(inc / "a.png")[0].score
+    assert float(_agree(out)[0]["score"]) == pytest.approx(fp32, abs=1e-6)
