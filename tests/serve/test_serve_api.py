@@ -252,3 +252,22 @@ def test_fitted_detector_is_used_with_the_served_weights(env, tmp_path):
     assert resp.status_code == 200, resp.text
     fitted = Detector.load(tmp_path / "work" / "fitted" / f"{body['id']}.fdsl", runtime="cpu", pretrained=moved)
     assert client.get("/api/detector").json()["image_threshold"] == fitted.image_threshold
+
+
+def test_serve_on_a_port_in_use_is_one_line(env, tmp_path, capsys):
+    """Another program listens on the port: one line naming it and exit 2, before 'serving ...' is printed
+    (uvicorn alone printed 'serving' and then its own ERROR line, exit 3)."""
+    import socket
+
+    from fdsl.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--detector", str(env.path), "--port", str(port), "--device", "cpu",
+                     "--workdir", str(tmp_path / "work")])
+    captured = capsys.readouterr()
+    assert code == 2 and "serving" not in captured.out
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("error: ") and f"--port {port}" in err[-1], err[-3:]
