@@ -370,6 +370,9 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
 
     t0 = time.time()
     flush()  # the settings and names of this run are recorded before any output is written
+    if todo:  # an earlier run's gallery and summary would disagree with scores.csv until this run ends
+        for name in ("index.html", "summary.json"):
+            (out / name).unlink(missing_ok=True)
     for s in tqdm(range(0, len(todo), batch_size), desc="predict", unit="batch", dynamic_ncols=True,
                   disable=None):
         batch, imgs = [], []

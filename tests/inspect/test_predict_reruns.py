@@ -230,3 +230,34 @@ def test_a_rerun_at_another_precision_scores_again(env, tmp_path):
     assert summary["n_skipped_done"] == 0
     fp32 = Detector.load(env.path, runtime="cpu").predict(inc / "a.png")[0].score
     assert float(_agree(out)[0]["score"]) == pytest.approx(fp32, abs=1e-6)
+
+
+def test_an_interrupted_rerun_leaves_no_stale_gallery_or_summary(env, tmp_path, monkeypatch):
+    """Ctrl-C during a rerun with a new input: scores.csv already holds the new rows; the earlier run's
+    index.html and summary.json (which do not) are not left beside it. The resumed run writes both again."""
+    from fdsl.inspect.detector import Detector
+
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.good[0], inc / "a.png")
+    out = tmp_path / "v"
+    _predict(env, [inc], out)
+    shutil.copy(env.bad[0], inc / "b.png")
+    shutil.copy(env.bad[1], inc / "c.png")
+    real = Detector.score_images
+    calls = []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Detector, "score_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _predict(env, [inc], out, batch_size=1)
+    assert len(_rows(out)) == 2
+    assert not (out / "index.html").exists() and not (out / "summary.json").exists()
+    monkeypatch.setattr(Detector, "score_images", real)
+    summary = _predict(env, [inc], out)
+    assert len(_agree(out)) == 3 and summary["n_skipped_done"] == 2
