@@ -281,6 +281,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     old_state = old_state if isinstance(old_state, dict) else {}
     same = old_state.get("settings") == settings
     old_inputs: Dict[str, dict] = old_state.get("inputs", {}) if isinstance(old_state.get("inputs"), dict) else {}
+    old_inputs = {k: v for k, v in old_inputs.items() if isinstance(v, dict)}  # a garbled entry is not resumed
     previous = _read_rows(out / "scores.csv")
 
     paths = [str(p) for p, _ in files]

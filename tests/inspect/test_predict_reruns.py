@@ -261,3 +261,18 @@ def test_an_interrupted_rerun_leaves_no_stale_gallery_or_summary(env, tmp_path, 
     monkeypatch.setattr(Detector, "score_images", real)
     summary = _predict(env, [inc], out)
     assert len(_agree(out)) == 3 and summary["n_skipped_done"] == 2
+
+
+def test_a_garbled_state_entry_is_scored_again(env, tmp_path):
+    """A state file whose entry for an input is not a record (hand-edited, another tool): that input is
+    scored again instead of an AttributeError traceback."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    shutil.copy(env.good[0], inc / "a.png")
+    out = tmp_path / "v"
+    _predict(env, [inc], out)
+    state = json.loads((out / ".predict_state.json").read_text())
+    state["inputs"] = {k: 5 for k in state["inputs"]}
+    (out / ".predict_state.json").write_text(json.dumps(state))
+    summary = _predict(env, [inc], out)
+    assert summary["n_skipped_done"] == 0 and len(_agree(out)) == 1
