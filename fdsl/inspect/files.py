@@ -38,12 +38,16 @@ PREDICT_STATE = ".predict_state.json"  # the file that marks an `fdsl predict` o
 
 
 def _is_predict_output(folder: Path) -> bool:
-    """True (and a warning) for an `fdsl predict` output folder met while listing: its overlays and masks
-    are pictures of earlier verdicts, never parts."""
-    if not (folder / PREDICT_STATE).is_file():
+    """True (and a warning) for an fdsl output folder met while listing: a `predict` output folder (its
+    overlays and masks are pictures of earlier verdicts) or a `calibrate` report folder (its plot), never parts."""
+    if (folder / PREDICT_STATE).is_file():
+        what = f"an fdsl predict output folder (it holds {PREDICT_STATE})"
+    elif folder.name.endswith("_calibration") and (folder / "report.json").is_file() \
+            and (folder / "calibration.png").is_file():
+        what = "an fdsl calibrate report folder (report.json, calibration.png)"
+    else:
         return False
-    log.warning("skipping %s: it is an fdsl predict output folder (it holds %s), not input images", folder,
-                PREDICT_STATE)
+    log.warning("skipping %s: it is %s, not input images", folder, what)
     return True
 
 
@@ -52,8 +56,9 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images
     """Image files of folders (recursive, sorted) and listed files, as (path, name) pairs.
 
     The name of a file found in a folder is its path relative to that folder (POSIX form); a listed file's
-    name is its file name. Hidden files and folders, anything under `exclude` and `fdsl predict` output folders
-    found inside a folder (they hold ``.predict_state.json``) are skipped.
+    name is its file name. Hidden files and folders, anything under `exclude`, and `fdsl predict` output
+    folders (they hold ``.predict_state.json``) and `fdsl calibrate` report folders found inside a folder are
+    skipped.
 
     Raises:
         DataError: a path does not exist, or nothing is found.

@@ -276,3 +276,22 @@ def test_a_garbled_state_entry_is_scored_again(env, tmp_path):
     (out / ".predict_state.json").write_text(json.dumps(state))
     summary = _predict(env, [inc], out)
     assert summary["n_skipped_done"] == 0 and len(_agree(out)) == 1
+
+
+def test_a_calibration_report_inside_an_input_folder_is_not_an_input(env, tmp_path, caplog):
+    """The detector kept in the good-parts folder: calibrate writes <stem>_calibration/calibration.png there;
+    listing that folder again (fit, calibrate, predict) skips the report's picture."""
+    from fdsl.inspect.files import list_images
+    from fdsl.inspect.report import write_calibration_report
+
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(env.good[0], good / "a.png")
+    rep = dict(n_normal=1, n_anomalous=1, image=0.5, image_fpr=0.0, image_tpr=1.0,
+               images=[{"name": "a.png", "path": "a.png", "anomalous": False, "score": 0.4, "map_max": 0.4},
+                       {"name": "b.png", "path": "b.png", "anomalous": True, "score": 0.6, "map_max": 0.6}])
+    write_calibration_report(good / "part.fdsl", rep)
+    assert (good / "part_calibration" / "calibration.png").is_file()
+    with caplog.at_level("WARNING"):
+        assert [n for _, n in list_images(good)] == ["a.png"]
+    assert "part_calibration" in caplog.text
