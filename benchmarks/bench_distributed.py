@@ -14,8 +14,8 @@ all cores and with 1 thread, and the speed-up is against the faster of the two (
 several threads per process can be much slower than one).
 With ``--device cuda`` each rank uses GPU LOCAL_RANK (nccl), so P must not exceed the GPUs.
 
-    .venv/bin/python benchmarks/bench_distributed.py --nproc 2 --device cpu
-    .venv/bin/python benchmarks/bench_distributed.py --nproc 8 --device cuda --model ViT-L-14-336 \\
+    .venv/bin/python -m benchmarks.bench_distributed --nproc 2 --device cpu
+    .venv/bin/python -m benchmarks.bench_distributed --nproc 8 --device cuda --model ViT-L-14-336 \\
         --image_size 518 --n_test 200
 """
 from __future__ import annotations
@@ -84,10 +84,10 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 def _run(nproc: int, args: argparse.Namespace, test_args: list, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), str(Path(__file__).resolve()),
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), "-m", "benchmarks.bench_distributed",
            "--worker", "--threads", str(threads), "--", *test_args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
     job = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"torchrun --nproc_per_node {nproc} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

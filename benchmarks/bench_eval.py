@@ -23,7 +23,7 @@ the weights), it reports:
   bank sizes, and how many ViT modules / weight copies the model holds;
 * ``fdsl.engine.metrics.aupro`` and ``pixel_metrics`` time on ``--metric_maps`` random maps (a child too).
 
-    python benchmarks/bench_eval.py --winmode nan mul --precision fp32 bf16 --batch 1 --json /tmp/eval.json
+    python -m benchmarks.bench_eval --winmode nan mul --precision fp32 bf16 --batch 1 --json /tmp/eval.json
 """
 from __future__ import annotations
 
@@ -32,10 +32,9 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from common import (
+from benchmarks.common import (
     Result,
     environment,
     fmt,
@@ -50,9 +49,9 @@ from common import (
     table,
     write_json,
 )
-from common import child_main as _child_main
+from benchmarks.common import child_main as _child_main
 
-SCRIPT = Path(__file__).resolve()
+MODULE = "benchmarks.bench_eval"  # children run as python -m MODULE --child SPEC
 PARTS = [("global_backbone", "global backbone"), ("global_align", "global alignment"),
          ("global_head", "global scorers + NAM"), ("win_encode", "window encoding"),
          ("win_align", "window alignment"), ("win_score", "window scorers"),
@@ -256,7 +255,7 @@ def child_model(spec: Result) -> Result:
     if spec["bank"] == "synthetic":  # window bank of the right shape from random unit tokens: same cost to search
         mem = model.make_memory(_synthetic_refs(model, ref))
     else:
-        mem = model.fit(ref)
+        mem = model.make_memory(model.encode_references(ref))
     sync()
     out["fit_s"] = time.perf_counter() - t0
     out["bank_mb"] = mem.nbytes() / 2 ** 20
@@ -470,7 +469,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 "winmode": winmode}
                         print(f"[run] winmode={winmode} precision={prec} align={align} batch={b} ...", end=" ",
                               flush=True)
-                        res = spawn(str(SCRIPT), spec, args.child_timeout, args.verbose)
+                        res = spawn(MODULE, spec, args.child_timeout, args.verbose)
                         res.update(winmode=winmode, precision=prec, align=align, batch=b)
                         rows.append(res)
                         print(f"{res['status']} (child {res['wall_s']:.0f} s)", flush=True)
@@ -480,7 +479,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.skip_metrics:
         spec = {"kind": "metrics", "metric_maps": args.metric_maps, "metric_size": args.metric_size,
                 "metric_iters": args.metric_iters}
-        metrics = spawn(str(SCRIPT), spec, args.child_timeout, args.verbose)
+        metrics = spawn(MODULE, spec, args.child_timeout, args.verbose)
     env["load_end"] = loadavg()
     env["wall_s"] = time.perf_counter() - t_start
     if rows:

@@ -8,7 +8,7 @@ ViT-L-14-336 at 518 px (G = 37, N = 1369 tokens, C = 1024, L = 4 layers, D = 768
 
 * bank bytes: ``MemoryBank.nbytes`` (global, window) and ``FDSLMemory.nbytes`` (total) for each
   ``--bank_dtype`` storage (fp32, fp16); computed on ``meta`` tensors, so they cost nothing;
-* bank entries one query token is compared with (``MemoryBank.entries_scanned``) and the
+* bank entries one query token is compared with (``tests.fdsl_test_utils.entries_scanned``) and the
   dense/index ratio;
 * alignment time per query image: ``MemoryBank.residuals`` over all L layers for one image's
   tokens (global: 1 × 1369 tokens; windows: 169 windows × 169 tokens, fed ``--win_batch``
@@ -30,7 +30,7 @@ peak memory is the full run's -- are aligned against the full bank and the time 
 linearly to all windows (the dense cost is linear in the query rows). ``--no_sample`` skips them
 instead ("skipped: est. X TFLOP"). Bank bytes and entries scanned are given for every row.
 
-    .venv/bin/python benchmarks/bench_memory.py --json /tmp/bench_memory_cpu.json
+    .venv/bin/python -m benchmarks.bench_memory --json /tmp/bench_memory_cpu.json
 """
 from __future__ import annotations
 
@@ -39,10 +39,9 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     MiB,
     child_main,
     environment,
@@ -58,8 +57,9 @@ from common import (
     table,
     write_json,
 )
+from tests.fdsl_test_utils import entries_scanned
 
-SCRIPT = Path(__file__).resolve()
+MODULE = "benchmarks.bench_memory"  # children run as python -m MODULE --child SPEC
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -162,7 +162,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     bank = MemoryBank(toks, emb, dtype=bank_dt)
     del toks, emb
     out["bank_mb"] = bank.nbytes() / MiB
-    out["entries_scanned"] = bank.entries_scanned(search == "index")
+    out["entries_scanned"] = entries_scanned(bank, search == "index")
 
     # The queries of one image (or of the sampled windows of one image).
     n_items = s["Q"]
@@ -340,12 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     for branch in a.branches:
         for k in a.ks:
             bank = getattr(meta_memory(geo, k, "fp32"), f"{branch}_bank")
-            d, i = bank.entries_scanned(False), bank.entries_scanned(True)
+            d, i = entries_scanned(bank, False), entries_scanned(bank, True)
             fd, fi = align_flops(geo, branch, k, "dense"), align_flops(geo, branch, k, "index")
             ent_rows.append([branch, str(k), f"{d:,}", f"{i:,}", f"{d / i:.1f}", fmt(fd / 1e9), fmt(fi / 1e9)])
             ent_json.append({"branch": branch, "k": k, "dense": d, "index": i, "ratio": d / i,
                              "dense_gflop_per_image": fd / 1e9, "index_gflop_per_image": fi / 1e9})
-    print("\n## Bank entries scanned per query token (MemoryBank.entries_scanned) and similarity GFLOP per "
+    print("\n## Bank entries scanned per query token (entries_scanned) and similarity GFLOP per "
           "query image (all L layers)\n")
     print(table(["branch", "k", "dense", "index", "dense/index", "dense GFLOP/img", "index GFLOP/img"], ent_rows))
 
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                            "gflop_per_image": flops / 1e9, "est_s": est_s}
                     mbank = getattr(meta_memory(geo, k, bank_dn), f"{branch}_bank")  # known even when skipped
                     rec["bank_mb"] = mbank.nbytes() / MiB
-                    rec["entries_scanned"] = mbank.entries_scanned(search == "index")
+                    rec["entries_scanned"] = entries_scanned(mbank, search == "index")
                     need = child_mem_estimate_mb(geo, branch, k, bank_dn, prec, chunk_mb, win_batch)
                     rec["mem_estimate_mb"] = need
                     if need > mem_cap_mb:
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  running {branch} k={k} {search} ({flops / 1e9:,.0f} GFLOP/img, est. "
                               f"{est_s * frac:.1f} s/run{f', sampled {frac:.3f} of it' if spec['sample'] else ''})"
                               " ...", file=sys.stderr, flush=True)
-                        res = spawn(str(SCRIPT), spec, a.child_timeout)
+                        res = spawn(MODULE, spec, a.child_timeout)
                         rec.update(res)
                         rec["sampled"] = spec["sample"]
                     results.append(rec)

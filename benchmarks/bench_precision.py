@@ -6,8 +6,8 @@ weights, 1 reference and 2 query images) and each winmode (``nan``: global branc
 compared with the fp32/fp32 pass on the same images and memory. See `precision_common` for the drift
 measures. Times are `FDSL.predict` per image (backbone, alignment, head, upsampling), one pass.
 
-    python benchmarks/bench_precision.py --sets tiny --json /tmp/prec_tiny.json
-    python benchmarks/bench_precision.py --sets vitl --winmode nan mul --settings fp32/fp32 bf16/fp32 bf16/bf16
+    python -m benchmarks.bench_precision --sets tiny --json /tmp/prec_tiny.json
+    python -m benchmarks.bench_precision --sets vitl --winmode nan mul --settings fp32/fp32 bf16/fp32 bf16/bf16
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precision_common import (  # noqa: E402
+from benchmarks.precision_common import (
     DRIFT_HEADER,
     SETS,
     build_set,

@@ -18,8 +18,8 @@ What it measures (figures in benchmarks/README.md):
 
 Random weights (``--pretrained none``) do not change speed.
 
-    .venv/bin/python benchmarks/bench_protocol.py --model FDSL-Tiny-ViT --image_size 112 --features_list 1 2 3 4
-    .venv/bin/python benchmarks/bench_protocol.py --model ViT-L-14-336 --image_size 518
+    .venv/bin/python -m benchmarks.bench_protocol --model FDSL-Tiny-ViT --image_size 112 --features_list 1 2 3 4
+    .venv/bin/python -m benchmarks.bench_protocol --model ViT-L-14-336 --image_size 518
 """
 from __future__ import annotations
 

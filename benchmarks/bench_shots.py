@@ -17,7 +17,7 @@ Detector: per patch, the distance to the nearest shot patch (stages 2+3 of Lite0
 pixel map = bilinear upsampling; image score = map maximum. Selection embedding (coreset): the global
 average of the stage-3 features, L2-normalised, the role CLIP's image embedding plays in `fdsl fit`.
 
-    python benchmarks/bench_shots.py                 # prints the table (about a minute on 2 cores)
+    python -m benchmarks.bench_shots                 # prints the table (about a minute on 2 cores)
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """What the benchmark scripts share: one child-process runner, one result convention, process probes.
 
 Every configuration a script measures runs in a fresh child process (the script itself, run as
-``python benchmarks/<script>.py --child '<spec json>'``), so that peak-memory figures do not mix.
+``python -m benchmarks.<script> --child '<spec json>'``), so that peak-memory figures do not mix.
 
 Result convention: a child returns one JSON object, printed on a single stdout line that starts with
 `MARK`. Its ``status`` is ``ok``, ``skipped`` (with a ``reason``) or ``error`` (with a ``reason``);
 the parent adds ``timeout`` for a child that ran past its limit, ``stderr_tail`` for failed
 children and ``wall_s`` for all of them.
 
-The scripts run from the repository root (``python benchmarks/bench_eval.py``): this folder is then
-on ``sys.path`` by itself and ``fdsl`` is the installed package.
+The scripts form the package ``benchmarks``, run from the repository root (``python -m
+benchmarks.bench_eval``); they import each other as ``benchmarks.<module>`` and never edit ``sys.path``.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def child_main(argv: List[str], run: Callable[[Result], Result]) -> Optional[int
     return 0
 
 
-def spawn(script: str, spec: Result, timeout: float, verbose: bool = False) -> Result:
-    """Run `script` (a path) as a child on `spec`; returns its result (see the module docstring)."""
-    cmd = [sys.executable, str(script), "--child", json.dumps(spec)]
+def spawn(module: str, spec: Result, timeout: float, verbose: bool = False) -> Result:
+    """Run `module` (``benchmarks.<script>``) as a child on `spec`; returns its result (see the module docstring)."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,

@@ -17,7 +17,7 @@ at 518 px with 1 reference and 2 query images):
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exits 1 when an agreement check fails.
 
     bash benchmarks/gpu_check.sh --out /tmp/gpu_check              # on CUDA: everything (≤ 5 min)
-    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gc  # the CPU smoke test (tiny only)
+    python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gc  # the CPU smoke test (tiny only)
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ from typing import List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precision_common import (  # noqa: E402
+from benchmarks.precision_common import (
     DRIFT_HEADER,
     TINY,
     VITL,
@@ -48,7 +47,6 @@ from precision_common import (  # noqa: E402
     runtime_cfg,
     sync,
 )
-
 from fdsl.config import TestConfig, TrainConfig  # noqa: E402
 from fdsl.core.runtime import resolve_device  # noqa: E402
 from fdsl.engine.evaluation import Evaluator  # noqa: E402

@@ -30,10 +30,11 @@ from fdsl.core.runtime import resolve_runtime
 from fdsl.data.datasets import AnomalyDataset
 from fdsl.data.meta import load_meta
 from fdsl.data.shots import load_reference_images, sample_k_shot
-from fdsl.data.synthetic import liven_head, make_synthetic_dataset
+from fdsl.data.synthetic import make_synthetic_dataset
 from fdsl.engine import metrics
 from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.evaluation import normalised_image_scores
+from tests.fdsl_test_utils import liven_head
 
 
 @dataclass(frozen=True)

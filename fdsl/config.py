@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
+from fdsl.checks import config_warnings, dedupe_option, positive_int
 from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
 from fdsl.options import (
@@ -26,8 +27,6 @@ from fdsl.options import (
     NUMBERS,
     build_parser,
     config_to_dict,
-    config_warnings,
-    dedupe_option,
     expand_user_paths,
     explicit_fields,
     field_type,
@@ -37,7 +36,6 @@ from fdsl.options import (
     parse_bool,
     parse_config,
     part_of,
-    positive,
     settings,
 )
 
@@ -45,9 +43,9 @@ from fdsl.options import (
 __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "config_warnings",
            "dedupe_option",
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
-           "parse_config", "part_of", "positive", "settings",
+           "parse_config", "part_of", "settings",
            "ModelConfig", "RuntimeConfig", "RunConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
-           "CalibrateConfig", "DemoConfig", "IndexConfig", "ModelOverrides", "model_config_from"]
+           "CalibrateConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides", "model_config_from"]
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
@@ -121,10 +119,8 @@ class ModelConfig:
         if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
             raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
                               "timm backbone: drop them")
-        if self.image_size < 1:
-            raise ConfigError(f"--image_size must be positive, got {self.image_size}")
-        if self.win_size < 1 or self.win_stride < 1:
-            raise ConfigError(f"--win_size {self.win_size} and --win_stride {self.win_stride} must be positive")
+        for name in ("image_size", "win_size", "win_stride"):
+            positive_int(getattr(self, name), f"--{name}")
         if not 0.0 <= self.win_weight <= 1.0:
             raise ConfigError(f"--win_weight must lie in [0, 1], got {self.win_weight}")
 
@@ -157,10 +153,8 @@ class RuntimeConfig:
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
-        if self.win_batch < 1:
-            raise ConfigError(f"--win_batch must be positive, got {self.win_batch}")
-        if self.align_chunk_mb < 1:
-            raise ConfigError(f"--align_chunk_mb must be positive, got {self.align_chunk_mb}")
+        positive_int(self.win_batch, "--win_batch")
+        positive_int(self.align_chunk_mb, "--align_chunk_mb")
 
 
 @dataclass
@@ -183,12 +177,9 @@ class RunConfig:
     def validate(self) -> None:
         """Check the shared run options; repeated --classes are dropped (keeping order) with a warning."""
         expand_user_paths(self)
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        positive_int(self.batch_size, "--batch_size")
+        positive_int(self.num_workers, "--num_workers", minimum=0)
+        positive_int(self.seed, "--seed", minimum=0)
         if not str(self.save_path).strip():
             raise ConfigError("--save_path is empty; give a run folder")
         if self.classes is not None:
@@ -220,8 +211,7 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
         for name in ("epoch", "save_freq", "k_shot"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+            positive_int(getattr(self, name), f"--{name}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
 
@@ -274,14 +264,12 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         if len(set(shots)) != len(shots):  # like repeated seeds: each value once, with a warning
             shots = dedupe_option("--k_shot", shots, self)
             self.k_shot = shots[0] if len(shots) == 1 else shots
-        if self.cal_image_size < 1:
-            raise ConfigError(f"--cal_image_size must be positive, got {self.cal_image_size}")
+        positive_int(self.cal_image_size, "--cal_image_size")
         if self.seeds is not None:
             if not self.seeds:
                 raise ConfigError("--seeds needs at least one seed")
-            bad = [s for s in self.seeds if s < 0]
-            if bad:
-                raise ConfigError(f"--seeds must be >= 0, got {bad}")
+            for s in self.seeds:
+                positive_int(s, "--seeds", minimum=0)
             self.seeds = dedupe_option("--seeds", self.seeds, self)
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
@@ -303,23 +291,42 @@ def model_config_from(cfg: Any) -> ModelConfig:
 # ----------------------------------------------------------------------------- the other commands
 
 
-def _batch_size():
-    return option(8, "--batch_size", help="images per batch")
+def _detector(help: str):
+    return option(None, "--detector", required=True, path=True, help=help)
+
+
+def _images(flag: str, help: str, required: bool = True):
+    return option(None, flag, nargs="+", required=required, path=True, help=help)
 
 
 ModelOverrides = overrides_of(ModelConfig, "model options (default: the checkpoint's saved model config)")
 
 
 @dataclass
-class FitConfig(ModelOverrides, RuntimeConfig):
+class ImagesCommand(RuntimeConfig):
+    """What `fit`, `predict` and `calibrate` share: the runtime options and a batch size."""
+
+    batch_size: int = option(8, "--batch_size", help="images per batch", group=RUNTIME)
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        RuntimeConfig.validate(self)
+        positive_int(self.batch_size, "--batch_size")
+
+    def runtime(self) -> RuntimeConfig:
+        """The `RuntimeConfig` part (how the detector runs)."""
+        return part_of(self, RuntimeConfig)
+
+
+@dataclass
+class FitConfig(ModelOverrides, ImagesCommand):
     """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
     --max_shots) become the shots."""
 
     checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", path=True,
                                        help="trained weights (train.py's or the released code's); none with "
                                             "--scorer nn, the training-free scorer")
-    normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
-                                    help="folder(s) (recursive) or files of normal images")
+    normal: Optional[list] = _images("--normal", "folder(s) (recursive) or files of normal images")
     out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
                                  help="evaluation size of the anomaly maps (as test.py)")
@@ -330,28 +337,20 @@ class FitConfig(ModelOverrides, RuntimeConfig):
     shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
                                  help="how --max_shots chooses: greedy coreset over the image embeddings, or "
                                       "evenly over the sorted file list")
-    batch_size: int = _batch_size()
 
     def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--cal_image_size", self.cal_image_size)
-        positive("--batch_size", self.batch_size)
+        ImagesCommand.validate(self)
+        positive_int(self.cal_image_size, "--cal_image_size")
         if self.max_shots is not None:
-            positive("--max_shots", self.max_shots)
-
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
+            positive_int(self.max_shots, "--max_shots")
 
 
 @dataclass
-class PredictConfig(RuntimeConfig):
+class PredictConfig(ImagesCommand):
     """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
-                                     help="detector file written by `fit`")
-    images: Optional[list] = option(None, "--images", nargs="+", required=True, path=True,
-                                    help="folder(s) (recursive) or image files")
+    detector: Optional[str] = _detector("detector file written by `fit`")
+    images: Optional[list] = _images("--images", "folder(s) (recursive) or image files")
     out: Optional[str] = option(None, "--out", required=True, path=True, help="output folder")
     threshold: Optional[float] = option(None, "--threshold", help="image threshold overriding the stored one")
     cal_image_size: Optional[int] = option(None, "--cal_image_size", "--calImage_size",
@@ -363,31 +362,22 @@ class PredictConfig(RuntimeConfig):
     save_maps: bool = option(False, "--save_maps",
                              help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
                                   "and maps/full/<name>.npy (the image's own size)")
-    batch_size: int = _batch_size()
 
     def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--batch_size", self.batch_size)
+        ImagesCommand.validate(self)
         if self.cal_image_size is not None:
-            positive("--cal_image_size", self.cal_image_size)
+            positive_int(self.cal_image_size, "--cal_image_size")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
 
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
-
 
 @dataclass
-class CalibrateConfig(RuntimeConfig):
+class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
-                                     help="detector file; rewritten atomically with the thresholds")
-    normal: Optional[list] = option(None, "--normal", nargs="+", required=True, path=True,
-                                    help="normal validation images (folders or files)")
-    anomalous: Optional[list] = option(None, "--anomalous", nargs="+", path=True,
-                                       help="anomalous validation images (folders or files)")
+    detector: Optional[str] = _detector("detector file; rewritten atomically with the thresholds")
+    normal: Optional[list] = _images("--normal", "normal validation images (folders or files)")
+    anomalous: Optional[list] = _images("--anomalous", "anomalous validation images (folders or files)", required=False)
     masks: Optional[str] = option(
         None, "--masks", path=True,
         help="folder of defect masks mirroring --anomalous (<rel>/<stem>.png or <stem>_mask.png)")
@@ -396,23 +386,13 @@ class CalibrateConfig(RuntimeConfig):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: Optional[str] = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
-    batch_size: int = _batch_size()
-
-    def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--batch_size", self.batch_size)
-
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
 
 
 @dataclass
-class ServeConfig(RuntimeConfig):
+class ServeConfig(ImagesCommand):
     """`fdsl serve`: a local web page and JSON API around a detector (FastAPI + uvicorn, the serve extra)."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
-                                     help="detector file written by `fit` (and `calibrate`)")
+    detector: Optional[str] = _detector("detector file written by `fit` (and `calibrate`)")
     host: str = option("127.0.0.1", "--host",
                        help="address to bind; anything but a loopback address exposes the page to the network")
     port: int = option(8000, "--port", help="TCP port")
@@ -422,20 +402,14 @@ class ServeConfig(RuntimeConfig):
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
     max_files: int = option(64, "--max_files", help="images per request")
     max_file_mb: float = option(20.0, "--max_file_mb", help="megabytes per uploaded file")
-    batch_size: int = _batch_size()
 
     def validate(self) -> None:
-        expand_user_paths(self)
-        RuntimeConfig.validate(self)
-        positive("--batch_size", self.batch_size)
-        positive("--max_files", self.max_files)
+        ImagesCommand.validate(self)
+        positive_int(self.max_files, "--max_files")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
         if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
             raise ConfigError(f"--max_file_mb must be a positive number, got {self.max_file_mb}")
-
-    def runtime(self) -> RuntimeConfig:
-        return part_of(self, RuntimeConfig)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Small shared helpers: devices, precision, atomic file writes, logging, seeding."""
+"""Small shared helpers: atomic file writes (one writer, `atomic_path`), run folders, logging."""
 from __future__ import annotations
 
 import contextlib
@@ -24,18 +24,22 @@ _TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 @contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "w", **kwargs: Any) -> Iterator[io.IOBase]:
-    """Write a file through a temporary sibling, renamed into place only when complete."""
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """The one atomic writer: yields a temporary sibling of `path` to write, renamed onto `path` (after an
+    fsync) only when the block completes; on any error the temporary file is removed and `path` is untouched.
+
+    For writers that want a file name (safetensors); `atomic_open` and the helpers below build on it.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _naming(exc, path) from exc
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -47,6 +51,13 @@ def atomic_open(path: PathLike, mode: str = "w", **kwargs: Any) -> Iterator[io.I
         if isinstance(exc, OSError) and not exc.filename and exc.errno in WRITE_ERRNOS:
             raise _naming(exc, path) from exc  # a failed write() names no file: name the target
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "w", **kwargs: Any) -> Iterator[io.IOBase]:
+    """Write a file through a temporary sibling, renamed into place only when complete (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
 
 
 # errno values that mean "this cannot be written here": full disk or quota, too large, read-only, no access,

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from fdsl.errors import ConfigError
 
@@ -269,29 +269,6 @@ def expand_user_paths(cfg: Any) -> None:
         setattr(cfg, name, [expand(v) for v in value] if isinstance(value, list) else expand(value))
 
 
-_WARNINGS = "_config_warnings"  # an instance attribute: warnings given while validating, replayed into log.txt
-
-
-def dedupe_option(flag: str, values: Sequence[Any], owner: Any = None) -> list:
-    """`values` without repeats, in order; a warning names the repeats (also recorded on `owner`, whose run
-    replays it into its log file once that exists: see `config_warnings`)."""
-    out = list(dict.fromkeys(values))
-    if len(out) != len(values):
-        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=list(values).index)
-        message = f"{flag} lists {repeated} more than once; each is used once: {out}"
-        log.warning("%s", message)
-        if owner is not None:
-            seen = list(getattr(owner, _WARNINGS, []))
-            if message not in seen:
-                object.__setattr__(owner, _WARNINGS, seen + [message])
-    return out
-
-
-def config_warnings(cfg: Any) -> List[str]:
-    """The warnings `cfg`'s validation gave (repeated --classes, --seeds, --k_shot values), in order."""
-    return list(getattr(cfg, _WARNINGS, []))
-
-
 def config_to_dict(cfg: Any) -> dict:
     """A JSON-ready dict of a config dataclass."""
     return dataclasses.asdict(cfg)
@@ -301,9 +278,3 @@ def part_of(cfg: Any, cls: type):
     """The `cls` part (e.g. `ModelConfig`, `RuntimeConfig`) of a train or test config."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
-
-
-def positive(flag: str, value: Any) -> None:
-    """Raise ConfigError unless `value` is an integer >= 1 (`flag` names the option)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{flag} must be positive, got {value}")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,3 +11,24 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(request, tmp_path_factory) -> Path:
+    """A full open_clip state dict of the random-weight FDSL-Tiny-ViT, saved to a file (one per test module).
+
+    The module may set ``TINY_WEIGHTS_SEED`` (default 0) and ``TINY_WEIGHTS_IMAGE_SIZE`` (the size the
+    model is built at, so the stored positional grid differs from the run's; default the config's 112).
+    """
+    import open_clip
+
+    from fdsl.core.backbone import register_model_configs
+
+    seed = getattr(request.module, "TINY_WEIGHTS_SEED", 0)
+    size = getattr(request.module, "TINY_WEIGHTS_IMAGE_SIZE", None)
+    register_model_configs()
+    torch.manual_seed(seed)
+    path = tmp_path_factory.mktemp("tiny_weights") / f"tiny_{seed}_{size or 'default'}.pt"
+    kw = {"force_image_size": size} if size else {}
+    torch.save(open_clip.create_model("FDSL-Tiny-ViT", pretrained=None, **kw).state_dict(), path)
+    return path

@@ -16,7 +16,7 @@ from fdsl.config import ModelConfig
 from fdsl.core.backbone import register_model_configs
 from fdsl.core.losses import fdsl_loss
 from fdsl.core.model import FDSL
-from fdsl.engine import distributed
+from fdsl.engine import distributed, strategy
 
 
 def main() -> None:
@@ -38,11 +38,11 @@ def main() -> None:
             ref_loss.backward()
 
             dist_model = copy.deepcopy(model)
-            dist_model.head = distributed.convert_sync_batchnorm(dist_model.head)
+            dist_model.head = strategy.convert_sync_batchnorm(dist_model.head)
             dist_model.head.train()
-            step = distributed.ddp_training_maps(dist_model)
+            step = strategy.ddp_training_maps(dist_model)
             lo, hi = r * B // world, (r + 1) * B // world
-            loss, loss_sum, n = distributed.global_batch_loss(fdsl_loss, step([x[lo:hi] for x in res], 112),
+            loss, loss_sum, n = strategy.global_batch_loss(fdsl_loss, step([x[lo:hi] for x in res], 112),
                                                               mask[lo:hi])
             loss.backward()
 

@@ -1,12 +1,17 @@
-"""Helpers shared by several test modules."""
+"""Helpers shared by several test modules (and the benchmarks, which import them as ``tests.fdsl_test_utils``).
+
+Test-only code lives here, not in the library: random-weight heads with visible maps (`liven_head`), a
+memory fitted in one call (`fit_memory`), the global branch's per-layer maps (`global_maps`) and the cost
+model of the image-index bank (`entries_scanned`).
+"""
 import dataclasses
 
 import torch
 
 from fdsl.config import ModelConfig, RuntimeConfig
+from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_runtime
-from fdsl.data.synthetic import liven_head  # noqa: F401  (re-exported for the test modules)
 
 _RUNTIME_FIELDS = {f.name for f in dataclasses.fields(RuntimeConfig)}
 
@@ -27,6 +32,50 @@ def build_model(**settings) -> FDSL:
                                                                      torch.device("cpu")))
 
 
+# ---------------------------------------------------------------------------- the model, by hand
+@torch.no_grad()
+def fit_memory(model: FDSL, ref_images: torch.Tensor) -> FDSLMemory:
+    """The memory of (k, 3, S, S) normal reference images (both banks when the model's LFE is on)."""
+    return model.make_memory(model.encode_references(ref_images))
+
+
+def global_maps(model: FDSL, feats, memory: FDSLMemory) -> list:
+    """Per-layer (B, G, G) anomalous maps of the global branch (NAM-refined when NAM is on)."""
+    return model.anomalous_maps(model.head.raw(model.residuals(memory.global_bank, feats)))
+
+
+def entries_scanned(bank: MemoryBank, use_index: bool) -> int:
+    """Bank entries one query token is compared with: K·N densely, K embeddings + N with the image index."""
+    return bank.k + bank.tokens_per_item if use_index else bank.k * bank.tokens_per_item
+
+
+def liven_head(model, refs, calib):
+    """Give an untrained head data-driven BN statistics and larger logits, so its maps vary visibly.
+
+    A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
+    The BN statistics are the cumulative average over one global and one window pass of `calib`
+    against a memory of `refs` (both branches, whatever the model's winmode). For tests and benchmarks
+    on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
+    Returns `model`.
+    """
+    import torch  # torch is imported lazily: the data generators above do not need it
+
+    with torch.no_grad():
+        mem = model.make_memory(model.encode_references(refs, windows=True))
+        bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the calibration passes
+        model.head.train()
+        model.head(model.residuals(mem.global_bank, model.extract(calib)))
+        model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
+        model.head.eval()
+        for bn in bns:
+            bn.momentum = 0.1
+        for scorer in model.head.scorers:
+            scorer.proj[9].weight.mul_(5.0)
+        model.head.nam.conv2.weight.mul_(3.0)
+    return model
 
 
 # ---------------------------------------------------------------------------- tiny command-line runs

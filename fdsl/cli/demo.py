@@ -116,6 +116,7 @@ def ensure_dataset(root: Path, spec: dict, photos: bool = False) -> Path:
     """Generate the synthetic dataset `spec` (textures, or with `photos` the photo classes) at `root` unless an
     identical one is already there."""
     from fdsl.data.synthetic import make_photo_dataset, make_synthetic_dataset
+    from fdsl.io import atomic_write_json
 
     stamp = root / _DATA_STAMP
     wanted = json.loads(json.dumps(spec))  # tuples -> lists, as stored
@@ -128,7 +129,7 @@ def ensure_dataset(root: Path, spec: dict, photos: bool = False) -> Path:
             pass
     log.info("generating synthetic data in %s (%s)", root, ", ".join(f"{k}={v}" for k, v in spec.items()))
     (make_photo_dataset if photos else make_synthetic_dataset)(root, **spec)
-    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    atomic_write_json(stamp, wanted)
     return root
 
 

@@ -10,6 +10,8 @@ from fdsl.config import IndexConfig, parse_config
 from fdsl.data.indexers import build_mvtec_meta, build_visa_meta, meta_summary, write_meta
 from fdsl.errors import DataError
 
+log = logging.getLogger(__name__)
+
 # layout: (environment variable of the default root, meta builder, what is indexed)
 LAYOUTS = {
     "mvtec": ("MVTEC_ROOT", build_mvtec_meta, "an MVTec AD tree (<cls>/train, <cls>/test, <cls>/ground_truth)"),
@@ -30,7 +32,6 @@ def index_main(layout: str, argv: Optional[Sequence[str]] = None) -> int:
         cfg = parse_config(IndexConfig, argv, f"Index {what} into <root>/meta.json.", prog=f"data/{layout}.py")
         root = Path(cfg.root or os.environ.get(env) or Path(__file__).resolve().parents[2] / "data" / layout)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        log = logging.getLogger(f"data.{layout}")
         try:
             meta = build(root, cfg.classes)
             path = write_meta(root, meta)

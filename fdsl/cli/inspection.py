@@ -20,13 +20,14 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from fdsl.checks import positive_int
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.inspect.files import PREDICT_STATE
 from fdsl.inspect.outputs import output_names  # noqa: F401  (re-exported: `predict`'s output names)
 from fdsl.io import PathLike
 
-log = logging.getLogger("fdsl.inspect")
+log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
                  "overlay", "mask")
@@ -203,11 +204,10 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    positive_int(batch_size, "--batch_size")
     threshold = check_threshold(threshold, "--threshold")
-    if cal_image_size is not None and (isinstance(cal_image_size, bool) or cal_image_size < 1):
-        raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
+    if cal_image_size is not None:
+        positive_int(cal_image_size, "--cal_image_size")
     check_output_folder(out, images)
     for raw in images:
         if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):

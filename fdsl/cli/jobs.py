@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from fdsl.config import parse_config
 from fdsl.errors import FDSLError, user_message
 
+log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
 
@@ -28,14 +29,7 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
     try:
         job()
     except FDSLError as exc:
-        logging.getLogger("fdsl").debug("error details", exc_info=True)
-        line = explain(exc) if explain else f"error: {user_message(exc)}"
-        distributed = sys.modules.get("fdsl.engine.distributed")  # loaded (with torch) when a job ran
-        if distributed is not None:
-            line = distributed.error_line(exc, line)  # torchrun: printed once
-        if line:
-            print(line, file=sys.stderr)
-        return 2
+        return _fail(exc, explain(exc) if explain else f"error: {user_message(exc)}")
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
@@ -45,15 +39,21 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
         line = write_failure(exc)
         if line is None:
             raise
-        logging.getLogger("fdsl").debug("error details", exc_info=True)
-        distributed = sys.modules.get("fdsl.engine.distributed")
-        line = distributed.error_line(exc, f"error: {line}") if distributed is not None else f"error: {line}"
-        if line:
-            print(line, file=sys.stderr)
-        return 2
+        return _fail(exc, f"error: {line}")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, its message already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return 0
+
+
+def _fail(exc: BaseException, line: str) -> int:
+    """Print the one error line (under torchrun once, by the rank that knows it) and return exit status 2."""
+    log.debug("error details", exc_info=True)
+    distributed = sys.modules.get("fdsl.engine.distributed")  # loaded (with torch) when a job ran
+    if distributed is not None:
+        line = distributed.error_line(exc, line)
+    if line:
+        print(line, file=sys.stderr)
+    return 2
 
 
 def _resolve(job: Union[Callable, str]) -> Callable:

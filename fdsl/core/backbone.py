@@ -216,7 +216,7 @@ class CLIPBackbone(nn.Module):
         if not hasattr(visual, "conv1") or not hasattr(visual, "positional_embedding"):
             raise ConfigError(f"--model {model_name!r} is not a plain CLIP ViT; FDSL needs one")
         patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else int(visual.patch_size)
-        if image_size % patch:
+        if image_size % patch:  # checked before building by Geometry.resolve; kept for direct use
             raise ConfigError(f"--image_size {image_size} is not a multiple of the patch size {patch}")
 
         act = "QuickGELU" if quick_gelu else "GELU"

@@ -197,10 +197,6 @@ class MemoryBank(nn.Module):
         """Bytes held by the bank's tensors."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def entries_scanned(self, use_index: bool) -> int:
-        """Bank entries one query token is compared with: K·N densely, K embeddings + N with the index."""
-        return self.k + self.tokens_per_item if use_index else self.k * self.tokens_per_item
-
     def searchable(self, i: int, align: Alignment, query_dtype: torch.dtype
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Layer i's dense (K·N, C) bank in the compute dtype and, for diff2, its (K·N,) ``|b|²``.

@@ -10,9 +10,10 @@ from torch import nn
 
 from fdsl.config import ModelConfig
 from fdsl.core.backbone import BackboneOutput, build_backbone
+from fdsl.core.geometry import Geometry, WindowGeometry
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, MemorySet
 from fdsl.core.runtime import Runtime, autocast
-from fdsl.core.windows import n_windows, split_windows, stitch_windows
+from fdsl.core.windows import split_windows, stitch_windows
 from fdsl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,8 @@ class FDSL(nn.Module):
 
         model = FDSL.from_config(cfg)
         fdsl.engine.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
-        model.fit(reference_images)      # (k, 3, S, S) normal images of one class
-        out = model(images)              # FDSLOutput
+        memory = model.make_memory(model.encode_references(reference_images))  # (k, 3, S, S) normal images
+        out = model(images, memory)      # FDSLOutput; model.predict(images, memories) scores several at once
     """
 
     def __init__(self, backbone: nn.Module, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
@@ -196,7 +197,7 @@ class FDSL(nn.Module):
         self.cfg = cfg
         self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.scorer == "fdsl"
                                 else NNHead(len(backbone.layers)))
-        self.memory: Optional[FDSLMemory] = None
+        self._windows: Optional[WindowGeometry] = None
         self.runtime = runtime or Runtime()
 
     @classmethod
@@ -214,6 +215,16 @@ class FDSL(nn.Module):
     @property
     def use_windows(self) -> bool:
         return self.cfg.winmode != "nan"
+
+    @property
+    def windows(self) -> WindowGeometry:
+        """The LFE windows on this backbone's patch grid, validated once per geometry (on first use, so a
+        model with LFE off never needs valid window settings unless its windows are asked for)."""
+        cfg = self.cfg
+        key = (self.backbone.grid_size, cfg.win_size, cfg.win_stride)
+        if self._windows is None or (self._windows.grid, self._windows.win, self._windows.stride) != key:
+            self._windows = WindowGeometry(*key)
+        return self._windows
 
     @property
     def alignment(self) -> Alignment:
@@ -260,7 +271,7 @@ class FDSL(nn.Module):
         cfg, step, bb = self.cfg, self.runtime.win_batch, self.backbone
         if patches is None:
             patches = self.patch_embed(images)  # (B, C, G, G)
-        total = images.shape[0] * n_windows(bb.grid_size, cfg.win_size, cfg.win_stride)
+        total = images.shape[0] * self.windows.n_windows
         for s in range(0, total, step):
             index = torch.arange(s, min(s + step, total), device=self.device)
             crops = split_windows(patches, 1, cfg.win_size, cfg.win_stride, index)  # (n, C, W, W)
@@ -275,7 +286,7 @@ class FDSL(nn.Module):
         Chunks are written into preallocated tensors (of `dtype`, default the features' own), so the
         result is never held twice, as concatenating a list of chunks would. `patches` as `window_chunks`.
         """
-        total = images.shape[0] * n_windows(self.backbone.grid_size, self.cfg.win_size, self.cfg.win_stride)
+        total = images.shape[0] * self.windows.n_windows
         tokens: List[torch.Tensor] = []
         embeds = torch.empty(0)
         s = 0
@@ -320,12 +331,6 @@ class FDSL(nn.Module):
                 w = BackboneOutput([t[widx] for t in w.tokens], w.image_embeds[widx])
         window_bank = MemoryBank(w.tokens, w.image_embeds, dtype=rt.window_bank_dtype) if w is not None else None
         return FDSLMemory(MemoryBank(g.tokens, g.image_embeds, dtype=rt.bank_dtype), window_bank)
-
-    @torch.no_grad()
-    def fit(self, ref_images: torch.Tensor) -> FDSLMemory:
-        """Encode (k, 3, S, S) normal reference images into this model's memory."""
-        self.memory = self.make_memory(self.encode_references(ref_images))
-        return self.memory
 
     # ------------------------------------------------------------------ scoring
     def residuals(self, bank: MemoryBank, feats: BackboneOutput, window: bool = False) -> List[torch.Tensor]:
@@ -388,14 +393,6 @@ class FDSL(nn.Module):
         """
         return [m[:, 1] for m in self.head.refine(raw)]
 
-    def prob_maps(self, feats: BackboneOutput, bank: MemoryBank) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Aligned residuals -> (raw, refined) per-layer (B, 2, G, G) prob maps."""
-        return self.head(self.residuals(bank, feats))
-
-    def global_maps(self, feats: BackboneOutput, memory: FDSLMemory) -> List[torch.Tensor]:
-        """Per-layer (B, G, G) anomalous maps of the global branch (NAM-refined when NAM is on)."""
-        return self.anomalous_maps(self.head.raw(self.residuals(memory.global_bank, feats)))
-
     def window_maps(self, images: torch.Tensor, memories: Union[MemorySet, Sequence[FDSLMemory]],
                     patches: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
         """Per memory, per-layer (B, G, G) stitched window maps (docs/method.md §5).
@@ -409,7 +406,7 @@ class FDSL(nn.Module):
         if any(m.window_bank is None for m in memories):
             raise ConfigError("the memory has no window bank; fit it with LFE on (--winmode mul or onlywin)")
         B = images.shape[0]
-        nw = n_windows(G, W, cfg.win_stride)
+        nw = self.windows.n_windows
         L = len(self.backbone.layers)
         probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
         s = 0
@@ -460,17 +457,15 @@ class FDSL(nn.Module):
         return outs
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> FDSLOutput:
-        """Score (B, 3, S, S) images against the fitted memory."""
-        if self.memory is None:
-            raise ConfigError("call fit(reference_images) before scoring: the memory bank is empty")
-        return self.predict(images, [self.memory])[0]
+    def forward(self, images: torch.Tensor, memory: FDSLMemory) -> FDSLOutput:
+        """Score (B, 3, S, S) images against one memory (`make_memory`)."""
+        return self.predict(images, [memory])[0]
 
 
-def check_geometry(cfg: ModelConfig) -> Optional[int]:
-    """The one check of a config's geometry, before any weights load: patch size, grid and windows.
+def check_geometry(cfg: ModelConfig) -> Optional[Geometry]:
+    """The one check of a config's geometry, before any weights load: patch size, blocks, grid and windows.
 
-    Returns the patch grid side G, or None when the architecture's patch size is not known up front
+    Returns the validated `Geometry`, or None when the architecture's patch size is not known up front
     (the backbone checks it when built). Raises ConfigError naming the offending option.
     """
     import open_clip
@@ -485,18 +480,10 @@ def check_geometry(cfg: ModelConfig) -> Optional[int]:
         return None
     register_model_configs(cfg.model_config)
     vision = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {})
-    patch = vision.get("patch_size")
+    patch, depth = vision.get("patch_size"), vision.get("layers")
     if not (isinstance(patch, int) and patch > 0):
         return None
-    if cfg.image_size % patch:
-        raise ConfigError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch} of {cfg.model}")
-    grid = cfg.image_size // patch
-    if cfg.winmode != "nan":
-        if cfg.win_size > grid:
-            raise ConfigError(f"--win_size {cfg.win_size} patches is larger than the {grid}×{grid} patch grid of "
-                              f"{cfg.model} at --image_size {cfg.image_size}")
-        n_windows(grid, cfg.win_size, cfg.win_stride)
-    return grid
+    return Geometry.resolve(cfg, patch, depth if isinstance(depth, int) and depth > 0 else None)
 
 
 def _cat_outputs(parts: List[BackboneOutput]) -> BackboneOutput:

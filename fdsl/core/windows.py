@@ -17,14 +17,14 @@ columns inner, exactly the order of :func:`window_grid`.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
+from fdsl.core.geometry import WindowGeometry, _as_int
 from fdsl.errors import ConfigError
 
 __all__ = [
+    "WindowGeometry",
     "window_starts",
     "n_windows",
     "window_grid",
@@ -32,42 +32,6 @@ __all__ = [
     "split_windows",
     "stitch_windows",
 ]
-
-
-def _as_int(name: str, value: object) -> int:
-    """Return ``value`` as a Python int, or raise ConfigError if it is not integral."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got the bool {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ConfigError(
-            f"{name} must be an integer, got {value!r} of type {type(value).__name__}"
-        ) from None
-
-
-def _check_geometry(grid: object, win: object, stride: object) -> tuple[int, int, int]:
-    """Validate a (grid, win, stride) triple in patches and return it as ints."""
-    g = _as_int("grid", grid)
-    w = _as_int("win", win)
-    s = _as_int("stride", stride)
-    if g < 1:
-        raise ConfigError(f"grid must be >= 1 patch, got grid={g}")
-    if w < 1:
-        raise ConfigError(f"window size must be >= 1 patch, got win={w}")
-    if s < 1:
-        raise ConfigError(f"window stride must be >= 1 patch, got stride={s}")
-    if w > g:
-        raise ConfigError(
-            f"window size win={w} is larger than the patch grid grid={g}; "
-            f"use a win-size of at most {g}"
-        )
-    if s > w:
-        raise ConfigError(
-            f"window stride stride={s} is larger than the window size win={w}: the cells "
-            f"between consecutive windows would never be covered; use stride <= win"
-        )
-    return g, w, s
 
 
 def window_starts(grid: int, win: int, stride: int) -> list[int]:
@@ -91,17 +55,12 @@ def window_starts(grid: int, win: int, stride: int) -> list[int]:
     Example: ``window_starts(37, 13, 2)`` has 13 entries ``0, 2, ..., 24``;
     ``window_starts(10, 4, 4) == [0, 4, 6]``.
     """
-    g, w, s = _check_geometry(grid, win, stride)
-    last = g - w
-    starts = list(range(0, last + 1, s))
-    if starts[-1] != last:
-        starts.append(last)
-    return starts
+    return WindowGeometry(grid, win, stride).starts
 
 
 def n_windows(grid: int, win: int, stride: int) -> int:
     """Number of windows on a ``grid`` x ``grid`` patch grid (``len(window_starts)**2``)."""
-    return len(window_starts(grid, win, stride)) ** 2
+    return WindowGeometry(grid, win, stride).n_windows
 
 
 def window_grid(
@@ -144,7 +103,8 @@ def coverage(
         Tensor of shape ``(grid, grid)`` and the given ``dtype`` (default int64); every
         entry is ``>= 1``.
     """
-    g, w, s = _check_geometry(grid, win, stride)
+    geo = WindowGeometry(grid, win, stride)
+    g, w, s = geo.grid, geo.win, geo.stride
     per_axis = _axis_coverage(g, w, s, device)  # (G,)
     return (per_axis[:, None] * per_axis[None, :]).to(dtype)  # (G, G)
 
@@ -235,7 +195,8 @@ def stitch_windows(win_maps: Tensor, grid: int, win: int, stride: int) -> Tensor
     Raises:
         ConfigError: wrong shape, non-floating dtype, or invalid geometry.
     """
-    g, w, s = _check_geometry(grid, win, stride)
+    geo = WindowGeometry(grid, win, stride)
+    g, w, s = geo.grid, geo.win, geo.stride
     if not win_maps.is_floating_point():
         raise ConfigError(f"win_maps must be floating point, got dtype {win_maps.dtype}")
     n = n_windows(g, w, s)

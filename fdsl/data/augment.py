@@ -10,7 +10,7 @@ from PIL import Image
 from fdsl.data.images import check_size, resize_mask, to_rgb
 from fdsl.errors import ConfigError, DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Augmentation probabilities (METHOD §8).
 MOSAIC_PROB = 0.3
@@ -104,7 +104,7 @@ def random_crop_resize(
     if must_contain_anomaly:
         ys, xs = np.nonzero(np.asarray(mask))
         if len(xs) == 0:
-            logger.debug("random_crop_resize: anomaly requested but the mask is empty; uniform window")
+            log.debug("random_crop_resize: anomaly requested but the mask is empty; uniform window")
             must_contain_anomaly = False
         else:
             j = int(rng.integers(len(xs)))

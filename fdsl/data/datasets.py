@@ -42,7 +42,7 @@ from fdsl.data.meta import SPLITS, Meta, load_meta, validate_meta
 from fdsl.errors import ConfigError, DataError
 from fdsl.io import PathLike
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 AUGMENTS = ("mvtec", "visa")
 
@@ -57,7 +57,7 @@ def warn_nonbinary_masks(batch: Mapping, warned: set) -> None:
     for cls, path, flag in zip(batch["cls_name"], batch["img_path"], flags):
         if bool(flag) and cls not in warned:
             warned.add(cls)
-            logger.warning("class %s: a mask (of %s) holds values other than 0 and its maximum; foreground is "
+            log.warning("class %s: a mask (of %s) holds values other than 0 and its maximum; foreground is "
                            "every value > 0. Check that the masks are binary", cls, path)
 
 
@@ -139,7 +139,7 @@ class AnomalyDataset(Dataset):
         self._image_tf = image_transform(self.image_size, norm)
         self._mask_tf = mask_transform(self.mask_size)
         self._to_tensor = to_tensor_normalised(norm)
-        logger.info("AnomalyDataset %s/%s: %d classes, %d items, S=%d, mask=%d, augment=%s",
+        log.info("AnomalyDataset %s/%s: %d classes, %d items, S=%d, mask=%d, augment=%s",
                     self.root, split, len(self.classes), len(self.items), self.image_size,
                     self.mask_size, augment)
 
@@ -184,7 +184,7 @@ class AnomalyDataset(Dataset):
             pool = self._class_indices[item["cls_name"]]
             picks = rng.choice(len(pool), size=4, replace=len(pool) < 4)
             pairs = [self._load_pair(self.items[pool[int(p)]]) for p in picks]
-            logger.debug("item %d: mosaic of %s", index, [self.items[pool[int(p)]]["img_path"] for p in picks])
+            log.debug("item %d: mosaic of %s", index, [self.items[pool[int(p)]]["img_path"] for p in picks])
             return mosaic(pairs, size)
         img, mask = self._load_pair(item)
         img = img.resize((size, size), Image.Resampling.BICUBIC)

@@ -17,9 +17,10 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from fdsl.errors import ConfigError, DataError
+from fdsl.checks import positive_int
+from fdsl.errors import DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -92,7 +93,7 @@ def _scale_wide_gray(img: Image.Image, path: str) -> np.ndarray:
         return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
     data = arr.astype(np.float64)
     if not np.all(np.isfinite(data)):
-        logger.warning("%s: %d non-finite pixel(s) in mode %s image set to 0", path,
+        log.warning("%s: %d non-finite pixel(s) in mode %s image set to 0", path,
                        int(np.sum(~np.isfinite(data))), mode)
         data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
@@ -102,7 +103,7 @@ def _scale_wide_gray(img: Image.Image, path: str) -> np.ndarray:
     elif mode == "F" and lo >= 0 and hi <= 1.0:
         scaled = data * 255.0
     elif hi > lo:
-        logger.warning("%s: mode %s values span [%g, %g]; min-max scaled to 0..255",
+        log.warning("%s: mode %s values span [%g, %g]; min-max scaled to 0..255",
                        path, mode, lo, hi)
         scaled = (data - lo) * (255.0 / (hi - lo))
     else:
@@ -131,7 +132,7 @@ def to_rgb(img: Image.Image, path: str = "<image>") -> Image.Image:
         except ValueError as exc:
             raise DataError(f"Cannot convert {path!r} from mode {mode!r} to RGB ({exc}). "
                             "Convert the file to an 8-bit RGB or grayscale PNG.") from exc
-    logger.debug("Converted %s from mode %s to RGB", path, mode)
+    log.debug("Converted %s from mode %s to RGB", path, mode)
     return out
 
 
@@ -192,9 +193,8 @@ def load_mask(
 
 
 def check_size(size: object, name: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {size!r}.")
-    return int(size)
+    """`size` as an int when it is a positive integer; else ConfigError naming `name`."""
+    return positive_int(size, name)
 
 
 class _Binarize:

@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fdsl.checks import unique
 from fdsl.data.meta import META_FILENAME, Item, Meta, check_class_name, make_item
 from fdsl.errors import DataError
 from fdsl.io import atomic_open
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 VISA_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
@@ -205,10 +206,10 @@ def build_mvtec_meta(root: str | os.PathLike[str], classes: Sequence[str] | None
         train, test = _mvtec_class(root_path, cls)
         meta["train"][cls] = train
         meta["test"][cls] = test
-        logger.debug("mvtec %s: %d train, %d test", cls, len(train), len(test))
+        log.debug("mvtec %s: %d train, %d test", cls, len(train), len(test))
     unofficial = [c for c in names if c not in MVTEC_CLASSES]
     if unofficial:
-        logger.debug("non-official MVTec classes included: %s", ", ".join(unofficial))
+        log.debug("non-official MVTec classes included: %s", ", ".join(unofficial))
     return meta
 
 
@@ -313,7 +314,7 @@ def build_visa_meta(root: str | os.PathLike[str], classes: Sequence[str] | None 
                 continue
             obj, split, item = _visa_row(row, reader.line_num, csv_path, root_path)
             if split == "train" and item["anomaly"]:
-                logger.warning("%s line %d: anomalous image in the train split", csv_path, reader.line_num)
+                log.warning("%s line %d: anomalous image in the train split", csv_path, reader.line_num)
             (train if split == "train" else test).setdefault(obj, []).append(item)
 
     names = wanted if wanted is not None else sorted(seen_objects)
@@ -333,7 +334,7 @@ def build_visa_meta(root: str | os.PathLike[str], classes: Sequence[str] | None 
         meta["test"][cls] = test[cls]
     unofficial = [c for c in names if c not in VISA_CLASSES]
     if unofficial:
-        logger.debug("non-official VisA classes included: %s", ", ".join(unofficial))
+        log.debug("non-official VisA classes included: %s", ", ".join(unofficial))
     return meta
 
 
@@ -348,7 +349,7 @@ def write_meta(root: str | os.PathLike[str], meta: Meta) -> Path:
     with atomic_open(target, "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=4)
         fh.write("\n")
-    logger.debug("wrote %s", target)
+    log.debug("wrote %s", target)
     return target
 
 
@@ -356,7 +357,7 @@ def write_meta(root: str | os.PathLike[str], meta: Meta) -> Path:
 def meta_summary(meta: Meta) -> dict[str, dict[str, int]]:
     """Per-class counts ``{cls: {"train", "test", "anomalous"}}`` for logging."""
     summary: dict[str, dict[str, int]] = {}
-    names = list(dict.fromkeys([*meta.get("train", {}), *meta.get("test", {})]))
+    names = unique([*meta.get("train", {}), *meta.get("test", {})])
     for cls in names:
         tests = meta.get("test", {}).get(cls, [])
         summary[cls] = {

@@ -16,10 +16,11 @@ import os
 import posixpath
 from typing import List, Mapping, Optional, Sequence
 
+from fdsl.checks import is_plain_name, unique
 from fdsl.errors import DataError
 from fdsl.io import PathLike
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 META_FILENAME = "meta.json"
@@ -47,8 +48,7 @@ def check_class_name(name: object, where: str) -> str:
     Run outputs are written to ``per_class/<cls>.json`` and ``images/<cls>/``, so a class name must not
     be empty, ``.`` or ``..``, nor hold a path separator, or those files would land elsewhere.
     """
-    if (not isinstance(name, str) or name.strip() in ("", ".", "..") or "/" in name or "\\" in name
-            or "\0" in name or (len(name) >= 2 and name[1] == ":")):
+    if not is_plain_name(name):
         raise DataError(f"{where}: class name {name!r} is not a plain name (no path separators, not empty, "
                         "'.' or '..'); rename the class")
     return name
@@ -218,7 +218,7 @@ def load_meta(root: PathLike) -> Meta:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"Cannot read {path!r} ({exc}).") from exc
     meta = validate_meta(raw, root, source=path)
-    logger.debug("Loaded %s: %d train / %d test classes, %d train / %d test items", path,
+    log.debug("Loaded %s: %d train / %d test classes, %d train / %d test items", path,
                  len(meta["train"]), len(meta["test"]),
                  sum(len(v) for v in meta["train"].values()),
                  sum(len(v) for v in meta["test"].values()))
@@ -227,7 +227,7 @@ def load_meta(root: PathLike) -> Meta:
 
 def select_classes(meta: Mapping, classes: Optional[Sequence[str]], root: PathLike) -> List[str]:
     """The classes to run: `classes` (default: every test class), each present in both splits."""
-    chosen = list(dict.fromkeys(classes)) if classes else list(meta["test"])
+    chosen = unique(classes) if classes else list(meta["test"])
     unknown = [c for c in chosen if c not in meta["test"] or c not in meta["train"]]
     if unknown:
         raise DataError(f"class(es) {unknown} not in both splits of {os.fspath(root)}/meta.json; "

@@ -15,7 +15,7 @@ from fdsl.data.meta import is_absolute, normalise_rel_path
 from fdsl.errors import ConfigError, DataError
 from fdsl.io import PathLike, atomic_write_text
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _normal_train_paths(meta: Mapping, cls: str) -> List[str]:
@@ -149,7 +149,7 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
                             f"fewer than k={k}.")
         shots[cls] = found[-k:]
         if len(set(shots[cls])) < k:
-            logger.warning("k-shot file %s: class %s repeats an image among its last %d lines: %s",
+            log.warning("k-shot file %s: class %s repeats an image among its last %d lines: %s",
                            path, cls, k, shots[cls])
     return shots
 
@@ -170,7 +170,7 @@ def write_k_shot_file(path: PathLike, shots: Mapping[str, Sequence[str]]) -> Non
                                   "relative to the data root.")
             lines.append(normalise_rel_path(rel))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
-    logger.info("Wrote %d reference path(s) for %d class(es) to %s", len(lines), len(shots), path)
+    log.info("Wrote %d reference path(s) for %d class(es) to %s", len(lines), len(shots), path)
 
 
 

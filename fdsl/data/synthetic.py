@@ -28,10 +28,12 @@ from PIL import Image
 from skimage import data as skdata
 from skimage import draw
 
+from fdsl.checks import is_plain_name, positive_int, unique
 from fdsl.data.indexers import build_mvtec_meta, build_visa_meta, write_meta
 from fdsl.errors import ConfigError, DataError
+from fdsl.io import atomic_open, atomic_write_text
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFECT_TYPES: tuple[str, ...] = ("color", "scratch", "contamination")
 MARKER_FILENAME = ".fdsl_synthetic"
@@ -212,9 +214,7 @@ def _draw_defect(img: np.ndarray, kind: str, style: _Style,
 
 def _check_seed(seed: int) -> int:
     """Validate a seed (non-negative int)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return positive_int(seed, "seed", minimum=0)
 
 
 def synth_image(cls_name: str, key: str, height: int, width: int, seed: int = 0,
@@ -252,17 +252,15 @@ def _check_args(classes: Sequence[str], n_train: int, n_test_good: int, n_test_b
     """Validate generator arguments; return the class names as a list."""
     if isinstance(classes, str):
         classes = [classes]
-    names = list(dict.fromkeys(classes))
+    names = unique(classes)
     if not names:
         raise ConfigError("classes is empty; give at least one class name")
     for name in names:
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
-                or name.startswith(".") or name == "split_csv":
+        if not is_plain_name(name) or name.startswith(".") or name == "split_csv":
             raise ConfigError(f"class name {name!r} is not usable as a plain folder name")
     for label, value, low in (("n_train", n_train, 1), ("n_test_good", n_test_good, 0),
                               ("n_test_bad", n_test_bad, 0), ("image_size", image_size, 32)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+        positive_int(value, label, minimum=low)
     if n_test_good + n_test_bad < 1:
         raise ConfigError("n_test_good + n_test_bad must be at least 1 so every class has test images")
     _check_seed(seed)
@@ -290,7 +288,8 @@ def _prepare_root(root: Path, owned: Sequence[str]) -> None:
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-    marker.write_text("made by fdsl.data.synthetic; folders named in meta.json are regenerated on the next run\n")
+    atomic_write_text(marker, "made by fdsl.data.synthetic; folders named in meta.json are regenerated on the next "
+                              "run\n")
 
 
 def _size(image_size: int, non_square: bool) -> tuple[int, int]:
@@ -362,7 +361,7 @@ def make_synthetic_dataset(
                 _save_mask(mask, cls_dir / "ground_truth" / defect / f"{stem}_mask.png", 255)
 
     write_meta(root_path, build_mvtec_meta(root_path, names))
-    logger.info("synthetic MVTec-layout data (%d classes, %dx%d) in %s", len(names), width, height, root_path)
+    log.info("synthetic MVTec-layout data (%d classes, %dx%d) in %s", len(names), width, height, root_path)
     return root_path
 
 
@@ -419,7 +418,7 @@ def make_photo_dataset(root: str | os.PathLike[str], photos: Sequence[str] = PHO
             if defect is not None:
                 _save_mask(mask, root_path / cls / "ground_truth" / defect / f"{key.rsplit('/', 1)[1]}_mask.png", 255)
     write_meta(root_path, build_mvtec_meta(root_path, names))
-    logger.info("photo MVTec-layout data (%d classes, %d px) in %s", len(names), image_size, root_path)
+    log.info("photo MVTec-layout data (%d classes, %d px) in %s", len(names), image_size, root_path)
     return root_path
 
 
@@ -469,44 +468,11 @@ def make_synthetic_visa(
             rows.append((cls, "test", "anomaly", f"{base}/{key}.JPG", f"{base}/Masks/Anomaly/{stem}.png"))
 
     csv_path = root_path / "split_csv" / "1cls.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["object", "split", "label", "image", "mask"])
         writer.writerows(rows)
 
     write_meta(root_path, build_visa_meta(root_path, names))
-    logger.info("synthetic VisA-layout data (%d objects, %dx%d) in %s", len(names), width, height, root_path)
+    log.info("synthetic VisA-layout data (%d objects, %dx%d) in %s", len(names), width, height, root_path)
     return root_path
-
-
-# ----------------------------------------------------------------------------- random-weight heads
-
-
-def liven_head(model, refs, calib):
-    """Give an untrained head data-driven BN statistics and larger logits, so its maps vary visibly.
-
-    A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
-    The BN statistics are the cumulative average over one global and one window pass of `calib`
-    against a memory of `refs` (both branches, whatever the model's winmode). For tests and benchmarks
-    on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
-    Returns `model`.
-    """
-    import torch  # torch is imported lazily: the data generators above do not need it
-
-    with torch.no_grad():
-        mem = model.make_memory(model.encode_references(refs, windows=True))
-        bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the calibration passes
-        model.head.train()
-        model.head(model.residuals(mem.global_bank, model.extract(calib)))
-        model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
-        model.head.eval()
-        for bn in bns:
-            bn.momentum = 0.1
-        for scorer in model.head.scorers:
-            scorer.proj[9].weight.mul_(5.0)
-        model.head.nam.conv2.weight.mul_(3.0)
-    return model

@@ -13,17 +13,18 @@ from typing import Any, Dict, List, Optional, Union
 
 from fdsl.config import ModelConfig, config_to_dict, model_config_from
 from fdsl.core.model import FDSL
-from fdsl.core.runtime import dtype_name, resolve_device, resolve_runtime
+from fdsl.core.runtime import dtype_name, resolve_runtime
 from fdsl.data.meta import Meta, load_meta, select_classes
-from fdsl.engine import distributed
 from fdsl.engine.checkpoint import load_head
+from fdsl.engine.strategy import current as current_strategy
 from fdsl.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 class RunContext:
-    """Device, runtime, dataset meta, classes, model and run folder of one training or evaluation run.
+    """Device, runtime, dataset meta, classes, model, run folder and process strategy of one training or
+    evaluation run.
 
     Args:
         cfg: a validated-on-entry `TrainConfig` or `TestConfig`.
@@ -37,9 +38,8 @@ class RunContext:
                  model: Optional[FDSL] = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        # distributed (torchrun): each rank runs on LOCAL_RANK's device, whatever --device's index says
-        self.device = distributed.device() if distributed.active() else resolve_device(cfg.device)
-        distributed.log_device_note(cfg.device)
+        self.strategy = current_strategy()  # single process, or this rank of a torchrun job
+        self.device = self.strategy.device(cfg.device)  # torchrun: LOCAL_RANK's device
         self.runtime = resolve_runtime(cfg, self.device, out_size)
         self.root = str(data_root)
         self.meta: Meta = load_meta(self.root)
@@ -71,7 +71,7 @@ class RunContext:
 
     def write_config(self) -> None:
         """Write the resolved configuration to ``<save_path>/config.json`` (atomically; rank 0 under torchrun)."""
-        if not distributed.is_main():
+        if not self.strategy.is_main:
             return
         self.save_path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.save_path / "config.json", config_to_dict(self.cfg))

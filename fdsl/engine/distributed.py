@@ -12,16 +12,13 @@ raise the same `RankFailure` one-liner, naming the failing rank and its message.
 is noticed by torchrun itself, which stops the other workers; a collective that never completes (a lost
 node) ends after the process-group timeout (``FDSL_DIST_TIMEOUT_S``, default 1800 s).
 
-Evaluation shards each class's test images over the ranks by whole batches (`shard_range`); training splits
-each global batch of the single-process order over the ranks (`GlobalBatchSampler`), runs the head under
-``DistributedDataParallel`` and keeps batch-norm statistics global (`convert_sync_batchnorm`).
+This module keeps the session, the failure protocol and the collectives. What a run does with them
+(sharding, gathering, loaders, head preparation, loss scaling) is `fdsl.engine.strategy.Torchrun`'s.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,9 +26,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Type
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import Sampler
-from torch.utils.data._utils.collate import default_collate
 
 from fdsl.errors import ConfigError, FDSLError
 
@@ -91,6 +85,13 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0, the rank that logs, shows progress bars and writes files (always without torchrun)."""
     return rank() == 0
+
+
+def backend() -> str:
+    """The process group's backend (``nccl`` or ``gloo``); only inside a multi-process session."""
+    if _STATE is None:
+        raise RuntimeError("fdsl.engine.distributed.backend() outside a multi-process session")
+    return _STATE.backend
 
 
 def device() -> torch.device:
@@ -309,150 +310,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-def shard_range(n: int, batch_size: int, rank_: Optional[int] = None, world: Optional[int] = None) -> range:
-    """This rank's indices of `n` items cut into single-process batches of `batch_size`, by whole batches.
-
-    The ceil(n / batch_size) batches are split into `world` contiguous runs as even as possible, so every
-    image is scored in exactly the batch it would be in a single process (bit-identical results), and the
-    ranks' ranges concatenated in rank order are ``range(n)``.
-    """
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
-    nb = math.ceil(n / batch_size)
-    lo_b = rank_ * nb // world
-    hi_b = (rank_ + 1) * nb // world
-    return range(min(lo_b * batch_size, n), min(hi_b * batch_size, n))
-
-
-# ---------------------------------------------------------------------------------------------- training
-def per_rank_batch(global_batch: int, world: Optional[int] = None) -> int:
-    """``--batch_size`` is the global batch: the per-rank batch, or an error when it does not divide."""
-    world = world_size() if world is None else world
-    if global_batch % world:
-        raise ConfigError(f"--batch_size {global_batch} is the global batch and must be divisible by the "
-                          f"{world} torchrun ranks; use a multiple of {world}")
-    return global_batch // world
-
-
-class GlobalBatchSampler(Sampler[List[int]]):
-    """Per epoch, the single-process shuffled order cut into global batches; each rank gets its slice.
-
-    The global batches are drawn by the very call the single-process `Trainer` makes,
-    ``DataLoader(shuffle=True, batch_size=B, generator=gen)`` with ``gen`` seeded ``seed * 1000 + epoch``,
-    run over the indices ``range(n)`` (so whatever that loader draws from the generator, e.g. its base
-    seed before the permutation, is drawn here too). Rank r gets the r-th of `world` contiguous,
-    near-equal parts of each global batch. So P ranks × B/P see the same global batches as one rank × B.
-    The last, short batch may leave some ranks an empty slice (they still take part in the step).
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank_: Optional[int] = None,
-                 world: Optional[int] = None) -> None:
-        self.n, self.global_batch, self.seed = n, global_batch, seed
-        self.rank = rank() if rank_ is None else rank_
-        self.world = world_size() if world is None else world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose order `__iter__` yields next."""
-        self.epoch = epoch
-
-    def global_batches(self) -> List[List[int]]:
-        """This epoch's global batches, as the single process draws them."""
-        from torch.utils.data import DataLoader
-
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        loader = DataLoader(range(self.n), batch_size=self.global_batch, shuffle=True, generator=gen,
-                            num_workers=0, drop_last=False)
-        return [batch.tolist() for batch in loader]
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for batch in self.global_batches():
-            m = len(batch)
-            yield batch[self.rank * m // self.world:(self.rank + 1) * m // self.world]
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.global_batch)
-
-
-def collate_or_empty(items: List[Dict[str, Any]], image_size: int) -> Dict[str, Any]:
-    """`default_collate`, or a zero-sample training batch for a rank whose slice of the last batch is empty."""
-    if items:
-        return default_collate(items)
-    return {"image": torch.zeros(0, 3, image_size, image_size), "mask": torch.zeros(0, 1, image_size, image_size),
-            "cls_name": [], "anomaly": torch.zeros(0, dtype=torch.int64), "img_path": [], "specie_name": []}
-
-
-def make_collate(image_size: int) -> Callable[[List[Dict[str, Any]]], Dict[str, Any]]:
-    """A picklable `collate_or_empty` for `image_size` (works with data-loading workers)."""
-    return functools.partial(collate_or_empty, image_size=image_size)
-
-
-class GlooSyncBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the global batch, on the CPU (gloo).
-
-    ``torch.nn.SyncBatchNorm`` runs on GPUs only. This one all-reduces each rank's (count, Σx, Σx²), in
-    float64, with ``torch.distributed.nn.functional.all_reduce``, which is differentiable: the backward
-    pass all-reduces the statistics' gradients, as SyncBatchNorm's does. Running statistics are updated from
-    the global mean and unbiased variance, as a single process's BatchNorm1d would. Evaluation mode (and a
-    run without torchrun) is plain BatchNorm1d.
-    """
-
-    def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and active()):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
-        xd = x.double()  # (M, C)
-        count = torch.full((1,), float(x.shape[0]), dtype=torch.float64, device=x.device)
-        packed = torch.cat([count, xd.sum(0), (xd * xd).sum(0)])  # (1 + 2C,)
-        packed = differentiable_all_reduce(packed, group=self.group or dist.group.WORLD)
-        c = self.num_features
-        n = packed[0]
-        mean = packed[1:1 + c] / n
-        var = (packed[1 + c:] / n - mean * mean).clamp_min(0.0)  # biased, as used for normalising
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                unbiased = var * (n / (n - 1)) if float(n) > 1 else var
-                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
-        y = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + self.eps)  # (M, C)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """`module` with its BatchNorm1d layers made global-batch: SyncBatchNorm on CUDA, `GlooSyncBatchNorm` on CPU.
-
-    State-dict keys are unchanged, so checkpoints stay loadable by a single process. A no-op without torchrun.
-    """
-    if not active():
-        return module
-    if _STATE.backend == "nccl":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    group = dist.new_group(backend="gloo")  # a group of its own: no interleaving with DDP's gradient buckets
-    return _to_gloo_sync(module, group)
-
-
-def _to_gloo_sync(module: nn.Module, group: Any) -> nn.Module:
-    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GlooSyncBatchNorm):
-        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, group=group)
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        return new.to(next(iter(module.buffers())).device) if list(module.buffers()) else new
-    for name, child in module.named_children():
-        module.add_module(name, _to_gloo_sync(child, group))
-    return module
-
-
 def error_line(exc: BaseException, line: str) -> Optional[str]:
     """The error line a rank prints: a `RankFailure` (known to every rank) once, by the failing rank; any other
     error prefixed with the rank that met it."""
@@ -462,47 +319,3 @@ def error_line(exc: BaseException, line: str) -> Optional[str]:
     if isinstance(exc, RankFailure):
         return line if r == str(exc.origin) else None
     return f"[rank {r}] {line}"
-
-
-class _TrainingMaps(nn.Module):
-    """`FDSL.training_maps` as a module whose parameters are the head's only (the frozen backbone is not wrapped)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.head = model.head
-        self._maps = model.training_maps  # a bound method: the model itself is not registered
-
-    def forward(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
-        return self._maps(residuals, size)
-
-
-def ddp_training_maps(model: nn.Module) -> nn.Module:
-    """``model.training_maps`` under ``DistributedDataParallel`` over ``model.head`` (gradients averaged).
-
-    DDP broadcasts rank 0's head at construction, so every rank starts from the same weights.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    wrapped = _TrainingMaps(model)
-    dev = _STATE.device
-    return DistributedDataParallel(wrapped, device_ids=[dev] if dev.type == "cuda" else None,
-                                   broadcast_buffers=False,  # batch-norm statistics are global already
-                                   find_unused_parameters=not getattr(model.head, "use_nam", True))
-
-
-def global_batch_loss(loss_fn: Callable[[List[torch.Tensor], torch.Tensor], torch.Tensor],
-                      maps: List[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """This rank's loss for ``backward()``, the global batch's loss sum (over samples) and its size.
-
-    `loss_fn` is a mean over the batch's samples (FDSL's focal and dice losses are), so the global batch's
-    mean is Σ_r b_r·loss_r / B. Each rank back-propagates ``loss_r · b_r · P / B``; DDP averages gradients over
-    the P ranks, which gives the gradient of the global mean, also when the last batch splits unevenly. A
-    rank with no samples back-propagates zero through its (empty) maps, so it still joins the step.
-    """
-    b = int(mask.shape[0])
-    local = loss_fn(maps, mask) if b else sum(m.sum() for m in maps) * 0.0
-    stats = torch.stack([local.detach().double() * b, torch.tensor(float(b), dtype=torch.float64,
-                                                                     device=local.device)])
-    stats = all_reduce_sum(stats)
-    total_b = int(round(float(stats[1])))
-    return local * (b * world_size() / total_b), stats[0], total_b

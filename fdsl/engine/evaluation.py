@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from tabulate import tabulate
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fdsl.config import NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
@@ -37,10 +37,11 @@ from fdsl.data.shots import (
     sample_nested_k_shot,
     write_k_shot_file,
 )
-from fdsl.engine import distributed, metrics
+from fdsl.engine import metrics
 from fdsl.engine.checkpoint import reconcile_with_checkpoint
 from fdsl.engine.context import RunContext
 from fdsl.engine.signals import interruptible, worker_ignore_sigint
+from fdsl.engine.strategy import current as current_strategy
 from fdsl.engine.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
@@ -131,7 +132,7 @@ class Evaluator:
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = RunContext(cfg, cfg.data_path, cfg.cal_image_size, model)
-        self.cfg = cfg
+        self.cfg, self.strategy = cfg, self.ctx.strategy
         self.root, self.meta, self.classes, self.save_path = (self.ctx.root, self.ctx.meta, self.ctx.classes,
                                                                self.ctx.save_path)
         self.shots = cfg.shot_list()
@@ -158,10 +159,6 @@ class Evaluator:
         if len(self.shots) > 1:
             return self.save_path / f"k{k}" / f"seed_{seed}"
         return self.save_path if len(self.seeds) == 1 else self.save_path / f"seed_{seed}"
-
-    def seed_dir(self, seed: int, k: Optional[int] = None) -> Path:
-        """Output folder of one seed (and k, default the only one)."""
-        return self.run_dir((self.shots[0] if k is None else k, seed))
 
     def _class_file(self, run: Run, cls: str) -> Path:
         return self.run_dir(run) / "per_class" / f"{cls}.json"
@@ -243,8 +240,7 @@ class Evaluator:
         runs = list(at)
         ds = AnomalyDataset(self.root, "test", [cls], cfg.image_size, cfg.cal_image_size, meta=self.meta,
                             norm=self.model.backbone.preprocess)
-        if distributed.active():  # distributed: this rank scores its run of whole single-process batches
-            ds = Subset(ds, distributed.shard_range(len(ds), cfg.batch_size))
+        ds = self.strategy.shard(ds, cfg.batch_size)  # torchrun: this rank's run of whole batches
         cuda = self.ctx.device.type == "cuda"
         loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                             worker_init_fn=worker_ignore_sigint,
@@ -258,9 +254,9 @@ class Evaluator:
         paths: List[str] = []
         species: List[str] = []
         i = 0
-        with distributed.step(f"scoring the test images of {cls}"):
+        with self.strategy.step(f"scoring the test images of {cls}"):
             for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
-                              disable=distributed.tqdm_disable()):
+                              disable=self.strategy.tqdm_disable()):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 b = batch["image"].shape[0]
                 images = batch["image"].to(self.ctx.device, non_blocking=cuda)
@@ -274,10 +270,10 @@ class Evaluator:
                 paths += list(batch["img_path"])
                 species += list(batch["specie_name"])
                 i += b
-        if distributed.active():  # distributed: rank 0 gathers every rank's part, in rank order; others are done
-            parts = distributed.gather_to_main((maps, patch, masks, labels, paths, species))
-            if parts is None:
-                return {}
+        parts = self.strategy.gather((maps, patch, masks, labels, paths, species))  # torchrun: on rank 0
+        if parts is None:
+            return {}  # another rank writes the results
+        if len(parts) > 1:  # every rank's part, in rank order
             maps = {r: np.concatenate([p[0][r] for p in parts]) for r in runs}
             patch = {r: np.concatenate([p[1][r] for p in parts]) for r in runs}
             masks, labels = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
@@ -324,7 +320,7 @@ class Evaluator:
         """
         from fdsl.engine.protocol import run_provenance, write_summary
 
-        main = distributed.is_main()
+        main = self.strategy.is_main
         if main:
             for r in self.runs:
                 self.run_dir(r).mkdir(parents=True, exist_ok=True)
@@ -343,7 +339,7 @@ class Evaluator:
                         todo[r] = self.refs[r][cls]
                 return todo
 
-            todo = distributed.broadcast_from_main(unfinished, f"checking the finished results of {cls}")
+            todo = self.strategy.from_main(unfinished, f"checking the finished results of {cls}")
             if not todo:
                 log.info("%s: already finished, reusing %s", cls, self._class_file(self.runs[0], cls).parent)
                 continue
@@ -421,7 +417,7 @@ def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> dict:
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
     """
     check_not_training_run(Path(cfg.save_path))
-    main = distributed.is_main()  # distributed: rank 0 prepares the folder and logs; the others report errors only
-    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level(),
-                  replay=config_warnings(cfg))
+    strategy = current_strategy()  # torchrun: rank 0 prepares the folder and logs; the others report errors only
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if strategy.is_main else None,
+                  level=strategy.log_level(), replay=config_warnings(cfg))
     return Evaluator(cfg, model).run()

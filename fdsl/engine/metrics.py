@@ -37,9 +37,10 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from fdsl.errors import ConfigError, DataError
+from fdsl.engine.metric_inputs import check_fpr_limit, check_maps, check_pair
+from fdsl.errors import DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BinaryCurve",
@@ -78,80 +79,6 @@ class _Steps(NamedTuple):
     fps_gt: np.ndarray  # (K,) float64, negatives scoring > v_k
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _as_labels(labels: object, name: str) -> np.ndarray:
-    """Return ``labels`` as a bool array; values must be 0/1 or bool."""
-    arr = np.asarray(labels)
-    if arr.dtype == bool:
-        return arr
-    if arr.dtype.kind not in "iuf":
-        raise DataError(f"{name} must hold 0/1 or bool values, got dtype {arr.dtype}.")
-    if not np.all((arr == 0) | (arr == 1)):
-        bad = np.unique(arr[(arr != 0) & (arr != 1)])[:5]
-        raise DataError(
-            f"{name} must hold only 0/1 or bool values; found {bad.tolist()}. "
-            "Binarise the ground truth first (e.g. mask > 0)."
-        )
-    return arr.astype(bool)
-
-
-def _as_scores(scores: object, name: str) -> np.ndarray:
-    """Return ``scores`` as a float array (float32/float64 kept), rejecting NaN and inf."""
-    arr = np.asarray(scores)
-    if arr.dtype.kind not in "iufb":
-        raise DataError(f"{name} must be numeric, got dtype {arr.dtype}.")
-    if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.float64)
-    if not np.isfinite(arr).all():
-        n_nan = int(np.isnan(arr).sum())
-        n_inf = int(np.isinf(arr).sum())
-        raise DataError(
-            f"{name} contains {n_nan} NaN and {n_inf} infinite values out of {arr.size}; "
-            "the model produced invalid scores."
-        )
-    return arr
-
-
-def _check_pair(labels: object, scores: object) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a (labels, scores) pair of equal shape; return both flattened."""
-    y = _as_labels(labels, "labels")
-    s = _as_scores(scores, "scores")
-    if y.shape != s.shape:
-        raise DataError(f"labels shape {y.shape} does not match scores shape {s.shape}.")
-    if y.size == 0:
-        raise DataError("labels and scores are empty; there is nothing to evaluate.")
-    return y.ravel(), s.ravel()
-
-
-def _check_maps(masks: object, maps: object) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ground-truth masks (N, H, W) and anomaly maps (N, H, W)."""
-    m = _as_labels(masks, "masks")
-    a = np.asarray(maps)
-    if m.shape != a.shape:
-        raise DataError(
-            f"masks shape {m.shape} does not match anomaly maps shape {a.shape}; "
-            "resize the maps to the mask resolution first."
-        )
-    if m.ndim != 3:
-        raise DataError(f"masks and maps must be (N, H, W) stacks, got shape {m.shape}.")
-    if m.size == 0:
-        raise DataError(f"masks and maps are empty (shape {m.shape}); nothing to evaluate.")
-    return m, _as_scores(a, "anomaly maps")
-
-
-def _check_fpr_limit(fpr_limit: float) -> float:
-    """Return ``fpr_limit`` as a float in (0, 1]."""
-    try:
-        limit = float(fpr_limit)
-    except (TypeError, ValueError):
-        raise ConfigError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}.") from None
-    if not 0.0 < limit <= 1.0:
-        raise ConfigError(f"fpr_limit must be in (0, 1], got {fpr_limit!r} (MVTec AD uses 0.3).")
-    return limit
-
-
 # --------------------------------------------------------------------------- curves
 
 
@@ -169,7 +96,7 @@ def binary_curve(labels: object, scores: object) -> BinaryCurve:
         points, ``tps / (tps + fps)`` the precision. Meant for plots and small arrays;
         the metric functions use a reduced form that is cheaper for millions of pixels.
     """
-    y, s = _check_pair(labels, scores)
+    y, s = check_pair(labels, scores)
     order = np.argsort(-s, kind="stable")  # one stable descending sort
     s_sorted = s[order]
     # Last index of every group of tied scores: all tied samples enter together.
@@ -233,16 +160,16 @@ def curve_metrics(labels: object, scores: object) -> dict[str, float]:
         ``precision_recall_curve``. With no negatives AUROC is NaN; with no positives
         all three are NaN. A warning is logged in both cases.
     """
-    y, s = _check_pair(labels, scores)
+    y, s = check_pair(labels, scores)
     pos = s[y]
     neg = s[~y]
     if pos.size == 0:
-        logger.warning(
+        log.warning(
             "curve metrics: all %d labels are negative; AUROC, AP and F1-max are NaN.", y.size
         )
         return {"auroc": math.nan, "ap": math.nan, "f1_max": math.nan}
     if neg.size == 0:
-        logger.warning("curve metrics: all %d labels are positive; AUROC is NaN.", y.size)
+        log.warning("curve metrics: all %d labels are positive; AUROC is NaN.", y.size)
     steps = _steps(np.sort(pos)[::-1], np.sort(neg))
     return _metrics_from_steps(steps, pos.size, neg.size)
 
@@ -386,8 +313,8 @@ def aupro(masks: object, maps: object, fpr_limit: float = 0.3) -> float:
             no pixel is normal.
         ConfigError: ``fpr_limit`` is outside (0, 1].
     """
-    limit = _check_fpr_limit(fpr_limit)
-    masks_b, scores = _check_maps(masks, maps)
+    limit = check_fpr_limit(fpr_limit)
+    masks_b, scores = check_maps(masks, maps)
     neg = scores[~masks_b]  # (n_neg,) copy; partitioned in place below
     n_neg = neg.size
     if n_neg == 0:
@@ -397,7 +324,7 @@ def aupro(masks: object, maps: object, fpr_limit: float = 0.3) -> float:
         )
     region_ids, n_regions = _region_ids(masks_b)  # (n_pos,)
     if n_regions == 0:
-        logger.warning("aupro: the masks hold no anomalous pixel; AUPRO is NaN.")
+        log.warning("aupro: the masks hold no anomalous pixel; AUPRO is NaN.")
         return math.nan
     pos = scores[masks_b]  # (n_pos,)
     inv_area = _inverse_areas(region_ids, n_regions)  # from all pixels, before the cut
@@ -459,7 +386,7 @@ def pixel_metrics(masks: object, maps: object, with_aupro: bool = True) -> dict[
     Raises:
         DataError: as :func:`aupro`; with ``with_aupro`` also when no pixel is normal.
     """
-    masks_b, scores = _check_maps(masks, maps)
+    masks_b, scores = check_maps(masks, maps)
     pos = scores[masks_b]  # (n_pos,)
     neg = scores[~masks_b]  # (n_neg,)
     if with_aupro and neg.size == 0:
@@ -468,13 +395,13 @@ def pixel_metrics(masks: object, maps: object, with_aupro: bool = True) -> dict[
             "AUPRO's false positive rate is undefined. Include normal pixels."
         )
     if pos.size == 0:
-        logger.warning("pixel metrics: the masks hold no anomalous pixel; all metrics are NaN.")
+        log.warning("pixel metrics: the masks hold no anomalous pixel; all metrics are NaN.")
         out = {"pixel_auroc": math.nan, "pixel_ap": math.nan, "pixel_f1_max": math.nan}
         if with_aupro:
             out["aupro"] = math.nan
         return out
     if neg.size == 0:
-        logger.warning("pixel metrics: every pixel is anomalous; pixel AUROC is NaN.")
+        log.warning("pixel metrics: every pixel is anomalous; pixel AUROC is NaN.")
 
     neg.sort()  # in place; `neg` is already a copy
     neg_asc = neg

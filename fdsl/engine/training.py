@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fdsl.config import TrainConfig, config_to_dict, config_warnings, settings
@@ -18,11 +17,11 @@ from fdsl.core.model import FDSL
 from fdsl.core.runtime import seed_everything
 from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
 from fdsl.data.shots import load_reference_images, sample_k_shot, write_k_shot_file
-from fdsl.engine import distributed
 from fdsl.engine.checkpoint import load_head, save_checkpoint
 from fdsl.engine.context import RunContext
-from fdsl.engine.signals import interruptible, worker_ignore_sigint
-from fdsl.errors import ConfigError, FDSLError
+from fdsl.engine.signals import interruptible
+from fdsl.engine.strategy import current as current_strategy
+from fdsl.errors import ConfigError
 from fdsl.io import PathLike, prepare_run_dir, setup_logging
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: Optional[FDSL] = None) -> None:
         self.ctx = RunContext(cfg, cfg.train_data_path, cfg.image_size, model)
-        self.cfg = cfg
+        self.cfg, self.strategy = cfg, self.ctx.strategy
         self.device, self.root, self.meta, self.classes, self.save_path = (
             self.ctx.device, self.ctx.root, self.ctx.meta, self.ctx.classes, self.ctx.save_path)
         # Reference shots are drawn before the (slow) model build, so a too-large --k_shot fails at once.
@@ -88,11 +87,11 @@ class Trainer:
     @torch.no_grad()
     def build_banks(self) -> Dict[str, MemoryBank]:
         """k-shot memory banks of every training class (train split, normal images)."""
-        if distributed.is_main():  # distributed: rank 0 writes
+        if self.strategy.is_main:  # one process writes
             write_k_shot_file(self.save_path / "k_shot.txt", self.shots)
         banks = {}
         for c in tqdm(self.classes, desc="memory banks", leave=False, dynamic_ncols=True,
-                      disable=distributed.tqdm_disable()):
+                      disable=self.strategy.tqdm_disable()):
             imgs = load_reference_images(self.root, self.shots[c], self.cfg.image_size,
                                          self.model.backbone.preprocess)  # (k, 3, S, S)
             refs = self.model.encode_references(imgs, self.cfg.batch_size, windows=False)
@@ -100,28 +99,23 @@ class Trainer:
         return banks
 
     def run(self) -> List[float]:
-        """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint."""
-        cfg = self.cfg
+        """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint.
+
+        Every step that depends on the number of processes is the strategy's (`fdsl.engine.strategy`).
+        """
+        cfg, strategy = self.cfg, self.strategy
         last = latest_checkpoint(self.save_path) if cfg.resume else None
-        if distributed.is_main():  # distributed: one rank owns the run folder
+        if strategy.is_main:  # one process owns the run folder
             prepare_run_dir(self.save_path)
             if last is not None:
                 self.check_resume()
             self.ctx.write_config()
-        dist_on = distributed.active()
-        if dist_on:  # distributed: global-batch batch norms (before the optimizer sees the parameters)
-            distributed.per_rank_batch(cfg.batch_size)
-            self.model.head = distributed.convert_sync_batchnorm(self.model.head)
-        head = self.model.head
+        self.model.head = head = strategy.prepare_head(self.model.head, cfg.batch_size)
         opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
         start = 1
-        if dist_on:  # distributed: rank 0 reads the checkpoint and sends its state to every rank
-            last, meta = distributed.broadcast_from_main(lambda: self._resume_state(last), "reading the checkpoint")
-            if last is not None:
-                head.load_state_dict(meta.pop("head"))
-        elif last is not None:
-            meta = load_head(head, last, len(cfg.features_list), cfg.use_nam)
+        last, meta = strategy.from_main(lambda: self._resume_state(last), "reading the checkpoint")
         if last is not None:
+            head.load_state_dict(meta["head"])
             if meta["optimizer"]:
                 opt.load_state_dict(meta["optimizer"])
             start = int(meta["epoch"] or 0) + 1
@@ -132,45 +126,27 @@ class Trainer:
         banks = self.build_banks()
         ds = AnomalyDataset(self.root, "test", self.classes, cfg.image_size, cfg.image_size, meta=self.meta,
                             augment=self.augment, aug_seed=cfg.seed, norm=self.model.backbone.preprocess)
-        gen = torch.Generator().manual_seed(cfg.seed)
         cuda = self.device.type == "cuda"
-        if dist_on:  # distributed: each rank its slice of the single-process global batches; DDP over the head
-            sampler = distributed.GlobalBatchSampler(len(ds), cfg.batch_size, cfg.seed)
-            training_maps = distributed.ddp_training_maps(self.model)
+        training_maps = strategy.training_maps(self.model)
         losses = []
         for epoch in range(start, cfg.epoch + 1):
             ds.set_epoch(epoch)
-            if dist_on:
-                sampler.set_epoch(epoch)
-                loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                    collate_fn=distributed.make_collate(cfg.image_size),
-                                    worker_init_fn=worker_ignore_sigint, pin_memory=cuda)
-            else:
-                gen.manual_seed(cfg.seed * 1000 + epoch)
-                loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                    num_workers=cfg.num_workers, drop_last=False, worker_init_fn=worker_ignore_sigint,
-                                    pin_memory=cuda)  # pinned batches copy to the GPU asynchronously
-                training_maps = self.model.training_maps
+            loader = strategy.train_loader(ds, cfg.batch_size, cfg.seed, epoch, cfg.num_workers, cfg.image_size,
+                                           pin_memory=cuda)
             head.train()
             total, count = 0.0, 0
             bar = tqdm(interruptible(loader), total=len(loader), desc=f"epoch {epoch}/{cfg.epoch}", leave=False,
-                       dynamic_ncols=True, disable=distributed.tqdm_disable())
-            for batch in distributed.guarded(bar, f"loading a training batch (epoch {epoch})"):
+                       dynamic_ncols=True, disable=strategy.tqdm_disable())
+            for batch in strategy.batches(bar, f"loading a training batch (epoch {epoch})"):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 with torch.no_grad():
                     feats = self.model.extract(batch["image"].to(self.device, non_blocking=cuda))
                     res = self.model.batch_residuals(feats, list(batch["cls_name"]), banks)
                 maps = training_maps(res, cfg.image_size)
                 mask = batch["mask"].to(self.device, non_blocking=cuda)
-                if dist_on:  # distributed: the DDP-averaged gradient is that of the global batch's mean loss
-                    loss, loss_sum, b = distributed.global_batch_loss(fdsl_loss, maps, mask)
-                    shown = loss_sum / b
-                else:
-                    loss = shown = fdsl_loss(maps, mask)
-                    b = batch["image"].shape[0]
+                loss, shown, b = strategy.loss(fdsl_loss, maps, mask)
                 if not torch.isfinite(shown):  # under torchrun every rank sees the same global loss
-                    error = distributed.RankFailure if dist_on else FDSLError
-                    raise error(f"training diverged at epoch {epoch}: loss {shown.item()}")
+                    raise strategy.failure(f"training diverged at epoch {epoch}: loss {shown.item()}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -180,14 +156,14 @@ class Trainer:
             head.eval()
             losses.append(total / max(count, 1))
             log.info("epoch %d/%d: mean loss %.5f over %d samples", epoch, cfg.epoch, losses[-1], count)
-            if distributed.is_main() and (epoch % cfg.save_freq == 0 or epoch == cfg.epoch):  # rank 0 writes
+            if strategy.is_main and (epoch % cfg.save_freq == 0 or epoch == cfg.epoch):  # one process writes
                 path = self.save_path / f"epoch_{epoch}.pth"
                 save_checkpoint(path, head, config_to_dict(self.ctx.model_config), epoch, opt)
                 log.info("saved %s", path)
         return losses
 
     def _resume_state(self, last: Optional[Path]) -> tuple[Optional[Path], Dict]:
-        """Rank 0's checkpoint to resume from, loaded into the head, with the head's state for the others."""
+        """The checkpoint to resume from (read once, on rank 0 under torchrun) and its head, optimizer and epoch."""
         if last is None:
             return None, {}
         meta = load_head(self.model.head, last, len(self.cfg.features_list), self.cfg.use_nam)
@@ -199,7 +175,7 @@ def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
 
     `model` is an already built model to train (the demo shares one between training and testing).
     """
-    main = distributed.is_main()  # distributed: rank 0 prepares the folder and logs; the others report errors only
-    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if main else None, level=distributed.rank_log_level(),
-                  replay=config_warnings(cfg))
+    strategy = current_strategy()  # torchrun: rank 0 prepares the folder and logs; the others report errors only
+    setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if strategy.is_main else None,
+                  level=strategy.log_level(), replay=config_warnings(cfg))
     return Trainer(cfg, model).run()

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from fdsl import __version__
+from fdsl.checks import positive_int
 from fdsl.config import ModelConfig, RuntimeConfig
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
@@ -257,10 +258,8 @@ class Detector:
         Returns:
             The fitted detector, without thresholds.
         """
-        if cal_image_size < 1:
-            raise ConfigError(f"--cal_image_size must be positive, got {cal_image_size}")
-        if batch_size < 1:
-            raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+        positive_int(cal_image_size, "--cal_image_size")
+        positive_int(batch_size, "--batch_size")
         scorer = model_options.get("scorer") or "fdsl"
         if scorer == "nn" and checkpoint is not None:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
@@ -269,8 +268,8 @@ class Detector:
                               "the training-free scorer")
         from fdsl.inspect.shot_selection import SELECTIONS
 
-        if max_shots is not None and max_shots < 1:
-            raise ConfigError(f"--max_shots must be positive, got {max_shots}")
+        if max_shots is not None:
+            positive_int(max_shots, "--max_shots")
         if shot_selection not in SELECTIONS:
             raise ConfigError(f"--shot_selection must be one of {', '.join(SELECTIONS)}, got {shot_selection!r}")
         files = list_images(normal_images, "normal images")

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -23,7 +22,7 @@ from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.inspect.files import sha256_file
-from fdsl.io import PathLike
+from fdsl.io import PathLike, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -191,23 +190,15 @@ def write_detector_file(path: Path, tensors: Dict[str, torch.Tensor], info: dict
     validate_metadata(info, path)
     check_tensors(tensors, path)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(info, allow_nan=False)})
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(info, allow_nan=False)})
         except Exception as exc:  # safetensors reports I/O failures as its own error, "... (os error 28)"
             found = re.search(r"os error (\d+)", str(exc))
             if found is None or isinstance(exc, OSError):
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from exc
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- the metadata schema

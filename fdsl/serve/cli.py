@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from fdsl.errors import ConfigError
 
-log = logging.getLogger("fdsl.serve")
+log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from fdsl_test_utils import build_model, liven_head, tiny_lfe_settings
+from fdsl_test_utils import build_model, entries_scanned, fit_memory, liven_head, tiny_lfe_settings
 
 import fdsl.core.memory as memory_mod
 from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.core.backbone import register_model_configs
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, nearest_in_items
 from fdsl.core.model import FDSL
 from fdsl.engine.checkpoint import save_checkpoint
@@ -27,6 +25,7 @@ from fdsl.engine.checkpoint import save_checkpoint
 MODEL = "FDSL-Tiny-ViT"
 SIZE, GRID, WIDTH, EMBED = 112, 8, 64, 32
 LAYERS = [2, 4]
+TINY_WEIGHTS_SEED = 21  # the `tiny_weights` fixture (conftest.py) saves the tiny CLIP built with this seed
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -197,15 +196,6 @@ def test_k1_indexed_equals_dense_on_a_bank() -> None:
 
 # ---------------------------------------------------------------------------- model level
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    register_model_configs()
-    torch.manual_seed(21)
-    path = tmp_path_factory.mktemp("index_weights") / "tiny.pt"
-    torch.save(open_clip.create_model(MODEL, pretrained=None).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def imgs() -> torch.Tensor:
     return torch.randn(8, 3, SIZE, SIZE, generator=_gen(22))
 
@@ -275,9 +265,9 @@ def test_k4_index_scans_about_4x_fewer_entries(tiny_weights, imgs, monkeypatch) 
     bank = mem.global_bank
     N = GRID * GRID
     assert bank.k == 4 and bank.tokens_per_item == N
-    assert bank.entries_scanned(False) == 4 * N
-    assert bank.entries_scanned(True) == 4 + N
-    ratio = bank.entries_scanned(False) / bank.entries_scanned(True)
+    assert entries_scanned(bank, False) == 4 * N
+    assert entries_scanned(bank, True) == 4 + N
+    ratio = entries_scanned(bank, False) / entries_scanned(bank, True)
     assert 3.5 < ratio <= 4.0
 
     # and that is what the alignment really does: count the similarity columns per query token
@@ -330,7 +320,7 @@ def _expected_bytes(k: int, nw: int, win: int, elem: int, L: int = len(LAYERS)) 
 
 def test_fdsl_memory_nbytes_moves_with_to_and_is_in_state_dict(tiny_weights, imgs) -> None:
     (model,) = _models(tiny_weights, imgs, dict(bank_dtype="fp32"))
-    mem = model.fit(imgs[:3])
+    mem = fit_memory(model, imgs[:3])
     bufs = list(mem.buffers())
     assert mem.nbytes() == sum(b.element_size() * b.numel() for b in bufs)
     assert mem.nbytes() == _expected_bytes(3, 9, 4, 4)
@@ -340,7 +330,7 @@ def test_fdsl_memory_nbytes_moves_with_to_and_is_in_state_dict(tiny_weights, img
     want_keys = {f"{b}.tokens_{i}" for b in ("global_bank", "window_bank") for i in range(len(LAYERS))}
     want_keys |= {"global_bank.image_embeds", "window_bank.image_embeds"}
     assert set(sd) == want_keys
-    assert {f"memory.{k}" for k in want_keys} <= set(model.state_dict())
+    assert not any(k.startswith("memory.") for k in model.state_dict())  # the memory is the caller's
     # a memory of the same shapes restored from the state dict is the same memory
     blank = FDSLMemory(MemoryBank([torch.zeros_like(mem.global_bank.layer(i)) for i in range(len(LAYERS))],
                                   torch.zeros_like(mem.global_bank.image_embeds)),
@@ -359,7 +349,6 @@ def test_fdsl_memory_nbytes_moves_with_to_and_is_in_state_dict(tiny_weights, img
     mem.to("meta")  # a device move: every buffer follows, the byte count does not change
     assert all(b.device.type == "meta" for b in mem.buffers())
     assert mem.nbytes() == before // 2
-    model.memory = None
 
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")  # aupro=False leaves AUPRO NaN

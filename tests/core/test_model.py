@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from fdsl_test_utils import fit_memory
 from torch import nn
 
 from fdsl.config import ModelConfig
-from fdsl.core.backbone import register_model_configs
 from fdsl.core.memory import Alignment
 from fdsl.core.model import FDSL, NAM, FDSLHead, FDSLOutput, Scorer, combine_layers, to_grid, upsample
 from fdsl.errors import ConfigError
@@ -167,15 +166,7 @@ def test_head_checks_layer_count_and_switches_nam() -> None:
 
 # ---------------------------------------------------------------------------- FDSL end to end
 LAYERS = [2, 4]
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    register_model_configs()
-    torch.manual_seed(6)
-    path = tmp_path_factory.mktemp("fdsl_model") / "tiny.pt"
-    torch.save(open_clip.create_model("FDSL-Tiny-ViT", pretrained=None).state_dict(), path)
-    return path
+TINY_WEIGHTS_SEED = 6  # the `tiny_weights` fixture (conftest.py) saves the tiny CLIP built with this seed
 
 
 def _model(weights: Path, **overrides) -> FDSL:
@@ -190,19 +181,14 @@ def imgs() -> torch.Tensor:
     return torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(8))
 
 
-def test_forward_before_fit_is_config_error(tiny_weights, imgs) -> None:
-    model = _model(tiny_weights)
-    with pytest.raises(ConfigError, match="fit"):
-        model(imgs[:1])
-
-
 def test_end_to_end_shapes(tiny_weights, imgs) -> None:
     model = _model(tiny_weights)
     refs, queries = imgs[:2], imgs[2:]
-    bank = model.fit(refs).global_bank
+    mem = fit_memory(model, refs)
+    bank = mem.global_bank
     assert bank.k == 2 and bank.num_layers == len(LAYERS)
     assert bank.layer(0).shape == (2, 64, 64)  # (k, N, C)
-    out = model(queries)
+    out = model(queries, mem)
     assert isinstance(out, FDSLOutput)
     assert out.anomaly_map.shape == (3, 240, 240)  # calImage_size
     assert out.pred_score.shape == out.patch_score.shape == out.map_max.shape == (3,)
@@ -217,8 +203,7 @@ def test_end_to_end_equals_hand_pipeline(tiny_weights, imgs) -> None:
     """backbone -> bank residuals -> scorers -> NAM -> combine, assembled by hand from the parts."""
     model = _model(tiny_weights)
     refs, queries = imgs[:2], imgs[2:4]
-    model.fit(refs)
-    out = model.predict(queries, [model.memory], out_size=32)[0]
+    out = model.predict(queries, [fit_memory(model, refs)], out_size=32)[0]
     ref_tokens = model.backbone(refs).tokens
     q_tokens = model.backbone(queries).tokens
     refined = []
@@ -238,15 +223,15 @@ def test_end_to_end_equals_hand_pipeline(tiny_weights, imgs) -> None:
 def test_query_identical_to_reference_gives_zero_residuals(tiny_weights, imgs) -> None:
     model = _model(tiny_weights)
     refs = imgs[:2]
-    model.fit(refs)
-    same = model.memory.global_bank.residuals(model.extract(refs).tokens)
+    bank = fit_memory(model, refs).global_bank
+    same = bank.residuals(model.extract(refs).tokens)
     for r in same:
         assert r.shape == (2, 64, 64)
         assert r.abs().max() < 1e-5
-    single = model.memory.global_bank.residuals(model.extract(refs[1:2]).tokens)  # alone in its batch
+    single = bank.residuals(model.extract(refs[1:2]).tokens)  # alone in its batch
     for r in single:
         assert r.abs().max() < 1e-5
-    other = model.memory.global_bank.residuals(model.extract(imgs[2:3]).tokens)  # a different image is not zero
+    other = bank.residuals(model.extract(imgs[2:3]).tokens)  # a different image is not zero
     assert all(r.abs().max() > 1e-2 for r in other)
 
 
@@ -256,17 +241,16 @@ def test_use_nam_false_gives_raw_maps(tiny_weights, imgs) -> None:
     assert without.head.use_nam is False
     without.head.load_state_dict(with_nam.head.state_dict())  # identical weights
     refs, queries = imgs[:2], imgs[2:4]
-    for m in (with_nam, without):
-        m.fit(refs)
+    mem, mem_nam = fit_memory(without, refs), fit_memory(with_nam, refs)
     feats = without.extract(queries)
-    raw, refined = without.prob_maps(feats, without.memory.global_bank)
+    raw, refined = without.head(without.residuals(mem.global_bank, feats))
     for a, b in zip(raw, refined):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    out = without.predict(queries, [without.memory], out_size=24)[0]
+    out = without.predict(queries, [mem], out_size=24)[0]
     amap, patch = combine_layers([m[:, 1] for m in raw], 24)
     torch.testing.assert_close(out.anomaly_map, amap, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.patch_score, patch, atol=1e-6, rtol=0)
-    out_nam = with_nam.predict(queries, [with_nam.memory], out_size=24)[0]
+    out_nam = with_nam.predict(queries, [mem_nam], out_size=24)[0]
     assert (out_nam.anomaly_map - out.anomaly_map).abs().max() > 1e-4  # NAM really is bypassed
 
 
@@ -274,18 +258,18 @@ def test_diff2_mode_runs_and_differs_without_norm(tiny_weights, imgs) -> None:
     a = _model(tiny_weights, use_norm=False)
     b = _model(tiny_weights, use_norm=False, align_mode="diff2")
     b.head.load_state_dict(a.head.state_dict())
-    for m in (a, b):
-        m.fit(imgs[:2])
-    ra = a.memory.global_bank.residuals(a.extract(imgs[2:4]).tokens, Alignment("mulmax"))
-    rb = b.memory.global_bank.residuals(b.extract(imgs[2:4]).tokens, Alignment("diff2"))
+    ma, mb = fit_memory(a, imgs[:2]), fit_memory(b, imgs[:2])
+    ra = ma.global_bank.residuals(a.extract(imgs[2:4]).tokens, Alignment("mulmax"))
+    rb = mb.global_bank.residuals(b.extract(imgs[2:4]).tokens, Alignment("diff2"))
     assert any((x - y).abs().max() > 1e-4 for x, y in zip(ra, rb))
-    out = b(imgs[2:4])
+    out = b(imgs[2:4], mb)
     assert torch.isfinite(out.pred_score).all()
 
 
-def test_bank_is_a_submodule_and_head_is_trainable(tiny_weights, imgs) -> None:
+def test_bank_is_a_module_and_head_is_trainable(tiny_weights, imgs) -> None:
     model = _model(tiny_weights)
-    model.fit(imgs[:1])
-    assert "memory.global_bank.tokens_0" in model.state_dict()
+    mem = fit_memory(model, imgs[:1])
+    assert "global_bank.tokens_0" in mem.state_dict()  # buffers: saved with the detector, moved by .to()
+    assert not any(k.startswith("memory.") for k in model.state_dict())  # the model holds no memory state
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") for n in trainable)

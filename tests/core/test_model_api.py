@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fdsl_test_utils import global_maps
 from PIL import Image
 
 from fdsl.config import ModelConfig
@@ -57,7 +58,7 @@ def test_shared_patch_embedding_gives_the_separate_results(lfe_model):
     q = _images(4, 2)
     out = lfe_model.predict(q, [memory], 28)[0]
     # By hand, each branch encoding on its own: global features from the images, windows from their own conv1.
-    glob = lfe_model.global_maps(lfe_model.extract(q), memory)
+    glob = global_maps(lfe_model, lfe_model.extract(q), memory)
     wins = lfe_model.window_maps(q, [memory])[0]
     from fdsl.core.model import combine_layers
 

@@ -287,7 +287,7 @@ def test_single_k_keeps_todays_layout(setup):
     tmp = setup[0]
     ev = Evaluator(_cfg(setup, tmp / "one", k_shot=2, seeds=[3, 4]))
     assert ev.refs[(2, 3)] == {c: sample_k_shot(ev.meta, c, 2, 3) for c in CLASSES}  # today's draw
-    assert ev.run_dir((2, 3)) == tmp / "one" / "seed_3" and ev.seed_dir(4) == tmp / "one" / "seed_4"
+    assert ev.run_dir((2, 3)) == tmp / "one" / "seed_3" and ev.run_dir((2, 4)) == tmp / "one" / "seed_4"
     ev1 = Evaluator(_cfg(setup, tmp / "one1", k_shot=[2], seed=3), model=ev.model)
     assert ev1.cfg.k_shot == 2 and ev1.run_dir((2, 3)) == tmp / "one1"
     # One k, several seeds: seed_<s>/ folders, and summary.json keeps its earlier top-level keys.

@@ -80,7 +80,7 @@ def run(script: str, args: list, nproc: int, cwd: Path, expect_rc: int | None = 
 def test_global_batch_sampler_slices_the_single_process_batches():
     from torch.utils.data import DataLoader
 
-    from fdsl.engine.distributed import GlobalBatchSampler
+    from fdsl.engine.strategy import GlobalBatchSampler
 
     for n, batch, world in [(9, 8, 2), (21, 8, 2), (21, 8, 4), (5, 4, 2)]:
         for epoch in (1, 2):
@@ -101,7 +101,7 @@ def test_global_batch_sampler_slices_the_single_process_batches():
 
 
 def test_shard_range_covers_whole_batches():
-    from fdsl.engine.distributed import shard_range
+    from fdsl.engine.strategy import shard_range
 
     for n, batch, world in [(18, 4, 2), (9, 4, 2), (3, 4, 2), (100, 8, 3), (0, 4, 2)]:
         parts = [shard_range(n, batch, r, world) for r in range(world)]
@@ -111,7 +111,7 @@ def test_shard_range_covers_whole_batches():
 
 
 def test_per_rank_batch_must_divide():
-    from fdsl.engine.distributed import per_rank_batch
+    from fdsl.engine.strategy import per_rank_batch
     from fdsl.errors import ConfigError
 
     assert per_rank_batch(8, 2) == 4

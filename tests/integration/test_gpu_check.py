@@ -5,7 +5,7 @@ against itself, which the output must say, and the CUDA-only columns must say th
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.gpu_check")  # a package module: no sys.path edits
 
 
 def test_gpu_check_runs_on_cpu_quick(gpu_check, tmp_path: Path) -> None:
@@ -48,5 +45,13 @@ def test_gpu_check_runs_on_cpu_quick(gpu_check, tmp_path: Path) -> None:
 def test_gpu_check_sh_runs_this_checkouts_script() -> None:
     sh = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     assert os.access(ROOT / "benchmarks" / "gpu_check.sh", os.X_OK)
-    assert re.search(r'exec "\$PY" benchmarks/gpu_check\.py "\$@"', sh)
+    assert re.search(r'exec "\$PY" -m benchmarks\.gpu_check "\$@"', sh)
     assert 'PYTHONPATH="$PWD' in sh
+
+
+def test_benchmarks_are_a_package_without_sys_path_edits() -> None:
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = script.read_text(encoding="utf-8")
+        assert "sys.path" not in text.replace("``sys.path``", ""), script.name
+        assert not re.search(r"^from (common|precision_common) import", text, re.M), script.name
+    assert (ROOT / "benchmarks" / "__init__.py").is_file()

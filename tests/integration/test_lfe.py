@@ -22,13 +22,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from fdsl_test_utils import build_model, liven_head, tiny_lfe_settings
+from fdsl_test_utils import build_model, fit_memory, global_maps, liven_head, tiny_lfe_settings
 from torch import nn
 
 from fdsl.cli.jobs import main
 from fdsl.config import ModelConfig, RuntimeConfig, TrainConfig, build_parser, parse_config
 from fdsl.config import TestConfig as EvalConfig
-from fdsl.core.backbone import CLIPBackbone, register_model_configs
+from fdsl.core.backbone import CLIPBackbone
 from fdsl.core.model import FDSL, combine_layers
 from fdsl.core.runtime import resolve_runtime
 from fdsl.errors import ConfigError
@@ -38,19 +38,11 @@ MODEL = "FDSL-Tiny-ViT"
 SIZE, PATCH, GRID = 112, 14, 8
 STORED = 140  # the weights file's positional grid is 10×10
 LAYERS = [2, 4]
+TINY_WEIGHTS_SEED = 11  # the `tiny_weights` fixture (conftest.py) saves the tiny CLIP built with this seed
+TINY_WEIGHTS_IMAGE_SIZE = STORED
 
 
 # ---------------------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    """A full open_clip state dict saved from FDSL-Tiny-ViT built at 140 px (stored grid 10×10)."""
-    register_model_configs()
-    torch.manual_seed(11)
-    path = tmp_path_factory.mktemp("lfe_weights") / "tiny140.pt"
-    torch.save(open_clip.create_model(MODEL, pretrained=None, force_image_size=STORED).state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def imgs() -> torch.Tensor:
     """Six preprocessed-looking images (B, 3, 112, 112)."""
@@ -236,8 +228,7 @@ def test_window_branch_holds_no_second_copy_of_the_vit(tiny_weights, imgs) -> No
 
         assert stats(lfe) == stats(nan_m)
         # encoding windows, fitting and predicting create no second model either
-        lfe.fit(imgs[:2])
-        lfe(imgs[2:3])
+        lfe(imgs[2:3], fit_memory(lfe, imgs[:2]))
         assert _hidden_modules(lfe) == []
         vit_ptrs = {p.data_ptr() for n, p in lfe.backbone.visual.named_parameters()
                     if n.startswith(("conv1.", "transformer."))}
@@ -253,9 +244,8 @@ def test_window_branch_holds_no_second_copy_of_the_vit(tiny_weights, imgs) -> No
         blocks = [n for n, m in lfe.named_modules()
                   if isinstance(m, open_clip.transformer.Transformer) and n != "backbone.visual.transformer"]
         assert blocks == []
-        # after fitting, the only extra tensors are the memory banks
-        extra = {n for n, _ in lfe.named_buffers()} - {n for n, _ in nan_m.named_buffers()}
-        assert extra and all(n.startswith("memory.") for n in extra)
+        # after fitting and predicting, the model holds no extra tensor (the memory is the caller's)
+        assert {n for n, _ in lfe.named_buffers()} == {n for n, _ in nan_m.named_buffers()}
 
 
 # ---------------------------------------------------------------------------- batching invariance
@@ -349,12 +339,12 @@ def test_non_positive_window_geometry_is_config_error(tiny_weights, field, value
 def test_flush_far_edge_window_gives_finite_maps(tiny_weights, imgs, winmode) -> None:
     """grid 8, win 5, stride 2: starts [0, 2, 3]; the released code would leave column 7 uncovered (NaN)."""
     (model,) = _models(tiny_weights, imgs, dict(winmode=winmode, win_size=5, win_stride=2))
-    model.fit(imgs[:2])
-    assert model.memory.window_bank.k == 2 * 9
-    out = model(imgs[2:5])
+    mem = fit_memory(model, imgs[:2])
+    assert mem.window_bank.k == 2 * 9
+    out = model(imgs[2:5], mem)
     for t in out:
         assert torch.isfinite(t).all()
-    for m in model.window_maps(imgs[2:5], [model.memory])[0]:
+    for m in model.window_maps(imgs[2:5], [mem])[0]:
         assert torch.isfinite(m).all()
         assert m[:, :, -1].std() > 0  # the far-edge column carries a real value
 
@@ -418,12 +408,12 @@ def test_align_precision_changes_only_the_window_branch(tiny_weights, imgs) -> N
     refs, queries = imgs[:2], imgs[2:5]
     mem32 = model.make_memory(model.encode_references(refs))
     feats = model.extract(queries)
-    g32, w32 = model.global_maps(feats, mem32), model.window_maps(queries, [mem32])[0]
+    g32, w32 = global_maps(model, feats, mem32), model.window_maps(queries, [mem32])[0]
     model.runtime = _runtime(align_precision="bf16")
     mem = model.make_memory(model.encode_references(refs))
     assert all(b.dtype == torch.float32 for b in mem.global_bank.buffers())
     assert all(b.dtype == torch.bfloat16 for b in mem.window_bank.buffers())
-    g, w = model.global_maps(feats, mem), model.window_maps(queries, [mem])[0]
+    g, w = global_maps(model, feats, mem), model.window_maps(queries, [mem])[0]
     for a, b in zip(g, g32):
         assert torch.equal(a, b)
     for a, b in zip(w, w32):
