@@ -131,6 +131,11 @@ def test_page_in_headless_chromium(chromedriver, server, tmp_path):
         # At the stored threshold the page judges with that exact value, not the slider's 0.0001 grid: a
         # threshold within 0.00005 of the score, on the other side of it than its nearest grid value.
         assert _stored_threshold_verdict(browser, api["score"]) == (True, True)
+        # An uncalibrated detector's first threshold (the middle of 0..1) follows the slider onto the scores.
+        lo, thr, hi = browser.execute_script("detector.image_threshold = null; threshold = 0.5; fitSlider(); "
+                                             "rejudge(); const s = document.getElementById('threshold');"
+                                             "return [parseFloat(s.min), threshold, parseFloat(s.max)];")
+        assert lo <= thr <= hi and hi - lo < 0.5
         browser.execute_script("detector.image_threshold = arguments[0]; resetThreshold();", api["threshold"])
         # The slider re-judges live: above the score the image is normal, margin negative.
         browser.execute_script("const s = document.getElementById('threshold'); s.value = arguments[0];"
