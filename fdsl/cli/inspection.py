@@ -23,6 +23,7 @@ from PIL import Image
 from fdsl.checks import positive_int
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError, FDSLError
+from fdsl.inspect.files import PREDICT_STATE
 from fdsl.inspect.outputs import output_names  # noqa: F401  (re-exported: `predict`'s output names)
 from fdsl.io import PathLike
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
                  "overlay", "mask")
-_STATE = ".predict_state.json"
+_STATE = PREDICT_STATE
 
 
 # ----------------------------------------------------------------------------- fit / calibrate
@@ -173,7 +174,9 @@ def cmd_predict(cfg: PredictConfig) -> None:
     out = Path(cfg.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
-    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){verdict}); gallery: {out / 'index.html'}"
+    kept = f" + {summary['n_kept_earlier']} kept from earlier runs" if summary["n_kept_earlier"] else ""
+    print(f"scores: {out / 'scores.csv'} ({summary['n_scored']} image(s){kept}{verdict}); gallery: "
+          f"{out / 'index.html'}"
           + (f"; {summary['n_errors']} unreadable image(s) in {out / 'errors.csv'}" if summary["n_errors"] else ""))
 
 
@@ -210,7 +213,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     for raw in images:
         if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):
             log.info("--out %s lies inside the input folder %s: it is skipped when listing the images", out, raw)
-    files = list_images(images, "input images", exclude=out)
+    files = _unique_files(list_images(images, "input images", exclude=out))
     det_path = Path(detector)
     if det_path.is_dir():  # a folder written by `fdsl export`: scored by fdsl.deploy, without PyTorch
         from fdsl.deploy import load_exported
@@ -224,6 +227,32 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
                                batch_size)
 
 
+def _numerics(det) -> Dict[str, str]:
+    """The resolved runtime dtypes that move scores (--precision, --align_precision, --bank_dtype): rows scored
+    with other ones are not reused by a resume."""
+    rt = det.model.runtime
+    return {k: str(getattr(rt, k)).replace("torch.", "") for k in
+            ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")}
+
+
+def _unique_files(files: List[tuple]) -> List[tuple]:
+    """(path, name) pairs with each file once (by resolved path, the first naming kept); a warning names the
+    repeats, which would otherwise give one file two rows."""
+    seen: Dict[str, str] = {}
+    out, repeats = [], []
+    for p, n in files:
+        key = str(Path(p).resolve())
+        if key in seen:
+            repeats.append(f"{p} (= {seen[key]})")
+        else:
+            seen[key] = str(p)
+            out.append((p, n))
+    if repeats:
+        log.warning("%d input(s) given more than once are scored once: %s", len(repeats),
+                    ", ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""))
+    return out
+
+
 def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[float],
                     cal_image_size: Optional[int], overlays: bool, save_maps: bool, batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
@@ -233,7 +262,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     from fdsl.inspect.detector import map_to_image
     from fdsl.inspect.gallery import write_gallery
     from fdsl.inspect.input_check import warn_unlike_normals
-    from fdsl.inspect.outputs import input_identity
+    from fdsl.inspect.outputs import input_identity, is_output_stem
     from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
@@ -249,7 +278,8 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     st = (det.model_file if det_path.is_dir() else det_path).stat()  # an exported folder: its model file
     settings = {"detector": str(det_path.resolve()), "detector_size": st.st_size,
                 "detector_mtime_ns": st.st_mtime_ns, "image_threshold": thr, "pixel_threshold": pix,
-                "cal_image_size": cal, "overlays": overlays, "save_maps": save_maps, "columns": list(SCORE_COLUMNS)}
+                "cal_image_size": cal, "overlays": overlays, "save_maps": save_maps, "columns": list(SCORE_COLUMNS),
+                "numerics": _numerics(det)}
     try:
         old_state = json.loads((out / _STATE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -257,10 +287,19 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     old_state = old_state if isinstance(old_state, dict) else {}
     same = old_state.get("settings") == settings
     old_inputs: Dict[str, dict] = old_state.get("inputs", {}) if isinstance(old_state.get("inputs"), dict) else {}
+    old_inputs = {k: v for k, v in old_inputs.items() if isinstance(v, dict)}  # a garbled entry is not resumed
     previous = _read_rows(out / "scores.csv")
 
     paths = [str(p) for p, _ in files]
     current = set(paths)
+    resolved = {p: str(Path(p).resolve()) for p in paths}
+    # The same file named another way (relative vs absolute, another working folder) is the same input.
+    by_resolved = {r: p for p, r in resolved.items()}
+    for was in list(previous):
+        now = by_resolved.get(old_inputs.get(was, {}).get("resolved"))
+        if now is not None and now != was and now not in previous and now not in old_inputs:
+            previous[now] = dict(previous.pop(was), path=now)
+            old_inputs[now] = old_inputs.pop(was)
     # Earlier runs' other inputs: kept (same settings) or dropped with their outputs (other settings).
     others = [p for p in previous if p not in current and p in old_inputs]
     if others and not same:
@@ -269,7 +308,16 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         for p in others:
             _remove_outputs(out, old_inputs[p].get("stem"))
         others = []
-    elif others:
+    changed_others = [p for p in others if (i := input_identity(old_inputs[p].get("resolved", p))) is not None
+                      and i != {k: old_inputs[p].get(k) for k in ("size", "mtime_ns")}]
+    if changed_others:  # replaced since scored and not part of this run: the kept row would be stale
+        log.warning("%d earlier input(s) not in this run changed since they were scored: their rows are dropped, "
+                    "with their overlays and masks (give them again to score them): %s", len(changed_others),
+                    ", ".join(changed_others[:5]) + (" ..." if len(changed_others) > 5 else ""))
+        for p in changed_others:
+            _remove_outputs(out, old_inputs[p].get("stem"))
+        others = [p for p in others if p not in changed_others]
+    if others and same:
         log.info("keeping %d row(s) of earlier runs' other inputs in %s", len(others), out)
     inputs: Dict[str, dict] = {p: old_inputs[p] for p in others}
     taken = {v.get("stem") for v in inputs.values()}
@@ -277,7 +325,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     stems: Dict[str, str] = {}
     for p in paths:
         s = old_inputs.get(p, {}).get("stem")
-        if isinstance(s, str) and s not in taken and s == output_names([s])[0]:
+        if isinstance(s, str) and s not in taken and is_output_stem(s):
             stems[p] = s
             taken.add(s)
     new = [(str(p), n) for p, n in files if str(p) not in stems]
@@ -310,7 +358,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     rows.update({p: previous[p] for p in paths if done(p)})
     for p in paths:
         if p in rows:
-            inputs[p] = dict(ident[p], stem=stems[p])
+            inputs[p] = dict(ident[p], stem=stems[p], resolved=resolved[p])
     todo = [p for p in paths if p not in rows]
     changed = [p for p in todo if replaced(p)]
     if changed:
@@ -329,6 +377,9 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
 
     t0 = time.time()
     flush()  # the settings and names of this run are recorded before any output is written
+    if todo:  # an earlier run's gallery and summary would disagree with scores.csv until this run ends
+        for name in ("index.html", "summary.json"):
+            (out / name).unlink(missing_ok=True)
     for s in tqdm(range(0, len(todo), batch_size), desc="predict", unit="batch", dynamic_ncols=True,
                   disable=None):
         batch, imgs = [], []
@@ -354,13 +405,19 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
                 mask[p].unlink()  # stale mask of an earlier run with other thresholds
             if overlays:
                 _save_png(overlay[p], overlay_array(im, pr, display[p], thr, pix))
+            elif overlay[p].exists():
+                overlay[p].unlink()  # an earlier run's overlay: this row links none
             if save_maps:
                 _save_npy(maps[p][0], pr.anomaly_map)
                 _save_npy(maps[p][1], map_to_image(pr.anomaly_map, im.size))
+            else:
+                for f in maps[p]:
+                    if f.exists():
+                        f.unlink()  # an earlier run's raw maps, possibly of another detector
             rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
                        "overlay": f"overlays/{stems[p]}.png" if overlays else "",
                        "mask": f"masks/{stems[p]}.png" if has_mask else ""}
-            inputs[p] = dict(ident[p] or {}, stem=stems[p])
+            inputs[p] = dict(ident[p] or {}, stem=stems[p], resolved=resolved[p])
         flush()
     flush()
     seconds = time.time() - t0
@@ -368,7 +425,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     flagged = sorted((r for r in rows.values() if str(r.get("is_anomalous")) == "1"),
                      key=lambda r: -float(r["score"]))
     n_new = len(todo) - len(errors)
-    write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl predict: {det_path.name}")
+    write_gallery(out, [rows[p] for p in paths + others if p in rows], title=f"fdsl predict: {det_path.name}")
     summary = {
         "detector": str(det_path), "fdsl_version": det.info.get("fdsl_version"),
         "n_images": len(paths), "n_scored": len(rows) - len(others), "n_errors": len(errors),

@@ -43,7 +43,7 @@ _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolati
 
 # ----------------------------------------------------------------------------- image loading
 # Decoding lives in fdsl.data.rgb (Pillow and NumPy only, for the torch-free inferencer); re-exported here.
-from fdsl.data.rgb import _exif_orientation, _open_fully, _scale_wide_gray, load_rgb, to_rgb  # noqa: E402, F401
+from fdsl.data.rgb import _exif_orientation, _open_fully, _scale_wide_gray, load_rgb, to_rgb, upright, upright_size  # noqa: E402, F401
 
 
 def load_mask(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,7 +27,7 @@ def _open_fully(path: str, what: str) -> Image.Image:
             img.load()
             # EXIF orientation applied (a rotated camera JPEG is used as viewers show it); otherwise a detached
             # copy: copy() keeps mode, palette and info.
-            return ImageOps.exif_transpose(img) if _exif_orientation(img) not in (None, 1) else img.copy()
+            return upright(img)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{what} {path!r} is too large: {exc} (the limit is PIL.Image.MAX_IMAGE_PIXELS = "
                         f"{Image.MAX_IMAGE_PIXELS} pixels, refused above twice that); resize it, or raise "
@@ -35,6 +35,18 @@ def _open_fully(path: str, what: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"Cannot decode {what.lower()} {path!r} ({type(exc).__name__}: {exc}). "
                         "The file is corrupt or truncated; re-download or re-extract it.") from exc
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """A loaded image with its EXIF orientation applied (as viewers show it), else a detached copy (mode,
+    palette and info kept). Files (`load_rgb`) and uploads (`fdsl serve`) both go through it."""
+    return ImageOps.exif_transpose(img) if _exif_orientation(img) not in (None, 1) else img.copy()
+
+
+def upright_size(img: Image.Image) -> Tuple[int, int]:
+    """(W, H) of an opened image as shown (EXIF orientations 5-8 swap width and height); nothing decoded."""
+    w, h = img.size
+    return (h, w) if _exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def _exif_orientation(img: Image.Image) -> Optional[int]:

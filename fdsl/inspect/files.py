@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -10,6 +11,8 @@ from PIL import Image
 
 from fdsl.errors import DataError
 from fdsl.io import PathLike
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -31,12 +34,31 @@ def image_extensions() -> frozenset:
 
 
 
+PREDICT_STATE = ".predict_state.json"  # the file that marks an `fdsl predict` output folder
+
+
+def _is_predict_output(folder: Path) -> bool:
+    """True (and a warning) for an fdsl output folder met while listing: a `predict` output folder (its
+    overlays and masks are pictures of earlier verdicts) or a `calibrate` report folder (its plot), never parts."""
+    if (folder / PREDICT_STATE).is_file():
+        what = f"an fdsl predict output folder (it holds {PREDICT_STATE})"
+    elif folder.name.endswith("_calibration") and (folder / "report.json").is_file() \
+            and (folder / "calibration.png").is_file():
+        what = "an fdsl calibrate report folder (report.json, calibration.png)"
+    else:
+        return False
+    log.warning("skipping %s: it is %s, not input images", folder, what)
+    return True
+
+
 def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images",
                 exclude: Optional[PathLike] = None) -> List[Tuple[Path, str]]:
     """Image files of folders (recursive, sorted) and listed files, as (path, name) pairs.
 
     The name of a file found in a folder is its path relative to that folder (POSIX form); a listed file's
-    name is its file name. Hidden files and folders and anything under `exclude` are skipped.
+    name is its file name. Hidden files and folders, anything under `exclude`, and `fdsl predict` output
+    folders (they hold ``.predict_state.json``) and `fdsl calibrate` report folders found inside a folder are
+    skipped.
 
     Raises:
         DataError: a path does not exist, or nothing is found.
@@ -53,7 +75,8 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images
             for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
                 d = Path(dirpath)
                 dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
-                                     and (excl is None or (d / n).resolve() != excl))
+                                     and (excl is None or (d / n).resolve() != excl)
+                                     and not _is_predict_output(d / n))
                 for n in filenames:
                     if not n.startswith(".") and Path(n).suffix.lower() in exts:
                         found.append((d / n, (d / n).relative_to(p).as_posix()))

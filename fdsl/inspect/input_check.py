@@ -26,10 +26,13 @@ def _colour(mode: str) -> str:
 
 
 def image_profile(path: PathLike) -> Optional[Tuple[str, Tuple[int, int]]]:
-    """(mode, (W, H)) from the file's header (nothing is decoded); None when it cannot be opened."""
+    """(mode, (W, H) as shown, EXIF orientation applied) from the file's header (nothing is decoded); None
+    when it cannot be opened."""
+    from fdsl.data.images import upright_size
+
     try:
         with Image.open(path) as img:
-            return img.mode, tuple(img.size)
+            return img.mode, upright_size(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 

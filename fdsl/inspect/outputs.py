@@ -102,8 +102,14 @@ def folder_lock(folder: PathLike, flag: str = "--out") -> Iterator[Path]:
 # ----------------------------------------------------------------------------- names
 
 
+MAX_PART = 150  # characters of one output path component: with a collision suffix, the extension and the
+#                atomic writer's temporary name it stays below the usual 255-byte limit of a file name
+
+
 def _safe_part(part: str) -> str:
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", part).lstrip(".")
+    if len(s) > MAX_PART:  # shortened, with a digest of the whole component so shortened names stay distinct
+        s = f"{s[:MAX_PART - 9]}_{_short_hash(s)}"
     return s or "_"
 
 
@@ -126,10 +132,11 @@ def output_names(names: Sequence[str], keys: Optional[Sequence[str]] = None,
     """Unique, sanitised relative output stems (no extension) for input names; none can leave the folder.
 
     Each path component keeps letters, digits, ``._-`` (others become ``_``, leading dots are dropped, so no
-    ``..``); folder components also turn dots into ``_``, so an output file (``<stem>.png``) and an output
-    folder can never share a name. A stem already used (by an earlier input of `names`, or in `taken`: other
-    inputs' stems of earlier runs) gets ``_<8 hex digits of sha1(key)>`` appended, `key` being the input's
-    identity (`keys`, default the name itself).
+    ``..``; one longer than `MAX_PART` is cut, with 8 hex digits of its sha1 appended); folder components
+    also turn dots into ``_``, so an output file (``<stem>.png``) and an output folder can never share a name.
+    A stem already used (by an earlier input of `names`, or in `taken`: other inputs' stems of earlier runs)
+    gets ``_<8 hex digits of sha1(key)>`` appended, `key` being the input's identity (`keys`, default the
+    name itself).
     """
     keys = list(names) if keys is None else list(keys)
     used = set(taken)
@@ -144,6 +151,13 @@ def output_names(names: Sequence[str], keys: Optional[Sequence[str]] = None,
         used.add(s)
         out.append(s)
     return out
+
+
+def is_output_stem(stem: str) -> bool:
+    """True when `stem` is a stem `output_names` can make (clean components, no dotted folder): a stem read
+    back from an earlier run's state is reused only then, so it cannot leave the folder or collide."""
+    parts = stem.split("/")
+    return all(p and p == _safe_part(p) for p in parts) and all("." not in d for d in parts[:-1])
 
 
 # ----------------------------------------------------------------------------- inputs and the folder
@@ -177,4 +191,5 @@ def check_output_folder(out: PathLike, inputs: Sequence[PathLike], flag: str = "
                                   f"{flag} folder outside {str(raw)!r} (one inside it is skipped when listing)")
 
 
-__all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", "output_names"]
+__all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", "is_output_stem",
+           "output_names"]

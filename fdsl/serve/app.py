@@ -75,6 +75,7 @@ def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequen
     info.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 normal_images=[{"name": n, "sha256": d, "mode": m, "size": list(im.size)}
                                for n, d, m, im in zip(names, digests, modes, images)],
+                shots={"selection": "all", "candidates": len(images), "max_shots": None},
                 thresholds={"image": None, "pixel": None})
     return Detector(model, memory, info)
 
@@ -83,9 +84,11 @@ class Service:
     """The server's state: the detector in use, its lock, the work folder and the upload limits."""
 
     def __init__(self, detector: Detector, name: str, workdir: Path, limits: Limits,
-                 batch_size: int = 8, runtime: Union[RuntimeConfig, str] = "cpu") -> None:
+                 batch_size: int = 8, runtime: Union[RuntimeConfig, str] = "cpu",
+                 pretrained: Optional[str] = None) -> None:
         self.detector, self.name = detector, name
         self.runtime = runtime
+        self.pretrained = pretrained
         self.workdir = workdir
         self.limits = limits
         self.batch_size = batch_size
@@ -174,7 +177,7 @@ class Service:
         if path is None:
             raise UploadError(404, f"no fitted detector {fid!r} in this session")
         with self.lock:
-            self.detector = Detector.load(path, runtime=self.runtime)
+            self.detector = Detector.load(path, runtime=self.runtime, pretrained=self.pretrained)
             self.name = path.name
         return detector_metadata(self.detector, self.name)
 
@@ -185,7 +188,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLike = "fdsl_serve",
                limits: Optional[Limits] = None, batch_size: int = 8,
-               runtime: Union[RuntimeConfig, str] = "cpu", allowed_hosts: Optional[Sequence[str]] = None) -> FastAPI:
+               runtime: Union[RuntimeConfig, str] = "cpu", allowed_hosts: Optional[Sequence[str]] = None,
+               pretrained: Optional[str] = None) -> FastAPI:
     """The web application around a loaded `detector`; fitted detectors and calibration scratch go to `workdir`.
 
     Args:
@@ -194,11 +198,13 @@ def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLik
         workdir: the only folder the server writes to (fitted detectors, temporary validation images).
         limits: files per request, bytes per file, pixels per image.
         runtime: how a fitted detector is loaded when the page switches to it (a `RuntimeConfig` or a device).
+        pretrained: the backbone weights file the served detector was loaded with (``--pretrained``), used
+            for the detectors fitted on the page too (they share its backbone).
         allowed_hosts: the ``Host`` headers answered (``127.0.0.1:8000``, ...), against DNS rebinding; None
             answers any. Independently, a request whose ``Origin`` is another site than its ``Host`` is refused
             (403): a page elsewhere cannot make the browser post images or fit detectors here.
     """
-    service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, runtime)
+    service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, runtime, pretrained)
     app = FastAPI(title="FDSL inspection", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     page = resources.files("fdsl.serve").joinpath("static/index.html").read_text(encoding="utf-8")

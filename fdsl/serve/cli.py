@@ -25,6 +25,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse, with one line, a host/port the server cannot listen on (in use, or not an address here)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(addr)
+    except OSError as exc:
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); is another "
+                          "server using it? choose another --port (or --host)") from exc
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Load the detector once, then serve until Ctrl-C; returns the exit status (2 on bad input)."""
     from fdsl.cli.jobs import run_job
@@ -54,7 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limits = Limits(max_files=cfg.max_files, max_file_bytes=int(cfg.max_file_mb * 2 ** 20))
         hosts = ([f"{h}:{cfg.port}" for h in ("127.0.0.1", "localhost", "[::1]")] if is_loopback(cfg.host)
                  else None)  # loopback: refuse other Host headers (DNS rebinding)
-        app = create_app(det, Path(cfg.detector).name, cfg.workdir, limits, cfg.batch_size, cfg.runtime(), hosts)
+        _check_port(cfg.host, cfg.port)
+        app = create_app(det, Path(cfg.detector).name, cfg.workdir, limits, cfg.batch_size, cfg.runtime(), hosts,
+                         pretrained=cfg.pretrained)
         print(f"serving {cfg.detector} on http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
         uvicorn.run(app, host=cfg.host, port=cfg.port, workers=1, log_level="warning")
 

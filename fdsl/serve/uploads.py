@@ -12,7 +12,7 @@ from typing import AsyncIterator, Dict, List
 
 from PIL import Image, UnidentifiedImageError
 
-from fdsl.data.images import to_rgb
+from fdsl.data.images import to_rgb, upright
 from fdsl.errors import DataError
 
 
@@ -133,7 +133,7 @@ def decode_image(data: bytes, name: str, limits: Limits) -> tuple:
             if w * h > limits.max_pixels:
                 raise UploadError(400, f"{name!r} has {w}x{h} pixels, more than {limits.max_pixels}")
             img.load()
-            raw = img.copy()
+            raw = upright(img)  # EXIF orientation applied, as `fdsl predict` (load_rgb) does
     except UploadError:
         raise
     except UnidentifiedImageError as exc:

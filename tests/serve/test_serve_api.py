@@ -190,3 +190,84 @@ def test_uploads_unlike_the_shots_carry_a_warning(env, tmp_path):
         *_files(env.good[:1])])
     warnings = [r["input_warnings"] for r in resp.json()]
     assert "mode L" in warnings[0][0] and "aspect 3.00" in warnings[1][0] and warnings[2] == []
+
+
+def test_exif_rotated_jpeg_scores_as_predict_does(env, tmp_path):
+    """A camera JPEG with an EXIF orientation: predict applies it (load_rgb); the API does too, so the same
+    upload gets predict's score, map and input warnings."""
+    from fdsl.cli.inspection import predict_folder
+
+    images = tmp_path / "incoming"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when shown
+    Image.open(env.bad[0]).convert("RGB").resize((120, 80)).save(images / "rot.jpg", exif=exif.tobytes())
+    predict_folder(env.path, [images], tmp_path / "out", runtime="cpu")
+    with (tmp_path / "out" / "scores.csv").open(newline="") as fh:
+        row = next(csv.DictReader(fh))
+    rec = _client(env, tmp_path / "work").post(
+        "/api/predict", files=[("files", ("rot.jpg", (images / "rot.jpg").read_bytes(), "image/jpeg"))]).json()[0]
+    for k in ("score", "map_max", "margin"):
+        assert rec[k] == float(row[k]), k
+    assert rec["defect_area_px"] == int(row["defect_area_px"])
+    from fdsl.inspect.input_check import image_profile
+
+    assert image_profile(images / "rot.jpg") == ("RGB", (80, 120))  # the size as shown, as the API sees it
+
+
+def test_fit_from_uploads_records_its_own_shots(env):
+    """A detector fitted in the web app says how its shots were chosen (all uploads), not the base's choice."""
+    import copy
+
+    from fdsl.serve.app import fit_from_images
+
+    base = copy.copy(env.det)
+    base.info = dict(env.det.info, shots={"selection": "coreset", "candidates": 9, "max_shots": 1})
+    images = [Image.open(p).convert("RGB") for p in env.good]
+    det = fit_from_images(base, images, [p.name for p in env.good], ["0" * 64] * len(images), ["RGB"] * len(images))
+    assert det.info["shots"] == {"selection": "all", "candidates": len(images), "max_shots": None}
+    assert len(det.info["normal_images"]) == len(images) and det.info["thresholds"] == {"image": None, "pixel": None}
+
+
+def test_fitted_detector_is_used_with_the_served_weights(env, tmp_path):
+    """`fdsl serve --pretrained moved.pt` (the weights no longer where the detector says): a detector fitted on
+    the page is switched to with the same weights, not refused with a 500."""
+    import copy
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from fdsl.inspect.detector import Detector
+    from fdsl.serve.app import create_app
+
+    moved = tmp_path / "moved.pt"
+    shutil.copy(env.path.parent / "tiny_clip.pt", moved)
+    det = copy.copy(env.det)
+    det.info = copy.deepcopy(env.det.info)
+    det.info["backbone"]["path"] = str(tmp_path / "gone" / "tiny_clip.pt")
+    client = TestClient(create_app(det, "part.fdsl", tmp_path / "work", runtime="cpu", pretrained=str(moved)))
+    body = client.post("/api/fit", files=_files(env.train[:2], "normal") + _files(env.good, "val_normal")
+                       + _files(env.bad, "val_anomalous")).json()
+    resp = client.post(f"/api/fitted/{body['id']}/use")
+    assert resp.status_code == 200, resp.text
+    fitted = Detector.load(tmp_path / "work" / "fitted" / f"{body['id']}.fdsl", runtime="cpu", pretrained=moved)
+    assert client.get("/api/detector").json()["image_threshold"] == fitted.image_threshold
+
+
+def test_serve_on_a_port_in_use_is_one_line(env, tmp_path, capsys):
+    """Another program listens on the port: one line naming it and exit 2, before 'serving ...' is printed
+    (uvicorn alone printed 'serving' and then its own ERROR line, exit 3)."""
+    import socket
+
+    from fdsl.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--detector", str(env.path), "--port", str(port), "--device", "cpu",
+                     "--workdir", str(tmp_path / "work")])
+    captured = capsys.readouterr()
+    assert code == 2 and "serving" not in captured.out
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("error: ") and f"--port {port}" in err[-1], err[-3:]

@@ -74,6 +74,23 @@ def server(tmp_path):
         log.close()
 
 
+def _stored_threshold_verdict(browser, score: float) -> tuple:
+    """Store a threshold close to `score` on the page (as a freshly calibrated detector would have it) and
+    reset the slider to it; returns (page verdict == score > threshold, margin sign agrees)."""
+    import math
+
+    from selenium.webdriver.common.by import By
+
+    s = round(score, 6)
+    down, up = math.floor(s * 1e4) / 1e4, math.ceil(s * 1e4) / 1e4
+    # a threshold whose nearest 4-decimal value lies on the other side of the score
+    thr = (s + down + 0.00005) / 2 if s - down < 0.00005 else (up - 0.00005 + s) / 2
+    browser.execute_script("detector.image_threshold = arguments[0]; resetThreshold();", thr)
+    verdict = browser.find_element(By.CSS_SELECTOR, "#result-0 .verdict").text
+    margin = browser.find_element(By.CSS_SELECTOR, "#result-0 .margin").text
+    return verdict == ("ANOMALOUS" if s > thr else "normal"), margin.startswith("+") == (s > thr)
+
+
 def test_page_in_headless_chromium(chromedriver, server, tmp_path):
     import httpx
     from selenium import webdriver
@@ -111,11 +128,22 @@ def test_page_in_headless_chromium(chromedriver, server, tmp_path):
         browser.save_screenshot(str(tmp_path / "page.png"))
         if os.environ.get("FDSL_SCREENSHOT_DIR"):
             shutil.copy(tmp_path / "page.png", Path(os.environ["FDSL_SCREENSHOT_DIR"]) / "serve_page.png")
+        # At the stored threshold the page judges with that exact value, not the slider's 0.0001 grid: a
+        # threshold within 0.00005 of the score, on the other side of it than its nearest grid value.
+        assert _stored_threshold_verdict(browser, api["score"]) == (True, True)
+        # An uncalibrated detector's first threshold (the middle of 0..1) follows the slider onto the scores.
+        lo, thr, hi = browser.execute_script("detector.image_threshold = null; threshold = 0.5; fitSlider(); "
+                                             "rejudge(); const s = document.getElementById('threshold');"
+                                             "return [parseFloat(s.min), threshold, parseFloat(s.max)];")
+        assert lo <= thr <= hi and hi - lo < 0.5
+        browser.execute_script("detector.image_threshold = arguments[0]; resetThreshold();", api["threshold"])
         # The slider re-judges live: above the score the image is normal, margin negative.
         browser.execute_script("const s = document.getElementById('threshold'); s.value = arguments[0];"
                                "s.dispatchEvent(new Event('input'));", api["score"] + 0.001)
         assert browser.find_element(By.CSS_SELECTOR, "#result-0 .verdict").text == "normal"
         assert browser.find_element(By.CSS_SELECTOR, "#result-0 .margin").text.startswith("-")
+        # The defect area was measured at the stored verdict: a verdict the slider flipped shows none.
+        assert browser.find_element(By.CSS_SELECTOR, "#result-0 .area").text in ("", "–")
         # A non-image is refused with the server's message on the page, and the page keeps working.
         bad = tmp_path / "notes.png"
         bad.write_text("not an image")
