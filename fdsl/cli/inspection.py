@@ -230,6 +230,8 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
 def _numerics(det) -> Dict[str, str]:
     """The resolved runtime dtypes that move scores (--precision, --align_precision, --bank_dtype): rows scored
     with other ones are not reused by a resume."""
+    if not hasattr(det, "model"):  # an exported model (fdsl.deploy): fp32, its runtime and precision
+        return {"exported": f"{det.runtime}/{det.info.get('precision')}"}
     rt = det.model.runtime
     return {k: str(getattr(rt, k)).replace("torch.", "") for k in
             ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")}
