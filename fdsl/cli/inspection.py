@@ -8,8 +8,6 @@ Bad input prints one line ``error: ...`` and exits with status 2; Ctrl-C exits w
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import sys
@@ -18,19 +16,26 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
 
 from fdsl.checks import positive_int
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
-from fdsl.errors import ConfigError, FDSLError
+from fdsl.errors import ConfigError
 from fdsl.inspect.files import PREDICT_STATE
-from fdsl.inspect.outputs import output_names  # noqa: F401  (re-exported: `predict`'s output names)
+from fdsl.inspect.outputs import (  # noqa: F401  (output_names re-exported: `predict`'s output names)
+    SCORE_COLUMNS,
+    csv_cell,
+    csv_text,
+    inside,
+    output_names,
+    read_images,
+    read_rows,
+    save_npy,
+    save_png,
+)
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
-                 "overlay", "mask")
 _STATE = PREDICT_STATE
 
 
@@ -116,55 +121,6 @@ def _save_or_elsewhere(det, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- predict
-
-
-def _inside(root: Path, rel: str) -> Path:
-    p = (root / rel).resolve()
-    if not p.is_relative_to(root.resolve()):
-        raise ConfigError(f"output name {rel!r} would leave the output folder {str(root)!r}")
-    return p
-
-
-def _csv_text(rows: List[dict], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    return buf.getvalue()
-
-
-def _read_rows(path: Path) -> Dict[str, dict]:
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return {r["path"]: r for r in csv.DictReader(fh)}
-    except (OSError, KeyError, csv.Error):
-        return {}
-
-
-def _save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
-    from fdsl.io import atomic_open
-
-    with atomic_open(path, "wb") as fh:
-        Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
-
-
-def _cell(v: object) -> object:
-    """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""
-    from fdsl.inspect.verdicts import DIGITS
-
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return int(v)
-    return f"{v:.{DIGITS}f}" if isinstance(v, float) else v
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from fdsl.io import atomic_open
-
-    with atomic_open(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(arr, dtype=np.float32))
 
 
 def cmd_predict(cfg: PredictConfig) -> None:
@@ -260,7 +216,6 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     """`predict_folder` once `out` is locked."""
     from tqdm import tqdm
 
-    from fdsl.data.images import load_rgb
     from fdsl.inspect.detector import map_to_image
     from fdsl.inspect.gallery import write_gallery
     from fdsl.inspect.input_check import warn_unlike_normals
@@ -290,7 +245,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     same = old_state.get("settings") == settings
     old_inputs: Dict[str, dict] = old_state.get("inputs", {}) if isinstance(old_state.get("inputs"), dict) else {}
     old_inputs = {k: v for k, v in old_inputs.items() if isinstance(v, dict)}  # a garbled entry is not resumed
-    previous = _read_rows(out / "scores.csv")
+    previous = read_rows(out / "scores.csv")
 
     paths = [str(p) for p, _ in files]
     current = set(paths)
@@ -334,9 +289,9 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     for (p, _), s in zip(new, output_names([n for _, n in new], keys=[str(Path(p).resolve()) for p, _ in new],
                                            taken=taken)):
         stems[p] = s
-    overlay = {p: _inside(out, f"overlays/{stems[p]}.png") for p in paths}
-    mask = {p: _inside(out, f"masks/{stems[p]}.png") for p in paths}
-    maps = {p: (_inside(out, f"maps/eval/{stems[p]}.npy"), _inside(out, f"maps/full/{stems[p]}.npy")) for p in paths}
+    overlay = {p: inside(out, f"overlays/{stems[p]}.png") for p in paths}
+    mask = {p: inside(out, f"masks/{stems[p]}.png") for p in paths}
+    maps = {p: (inside(out, f"maps/eval/{stems[p]}.npy"), inside(out, f"maps/full/{stems[p]}.npy")) for p in paths}
     display = {str(p): n for p, n in files}
     ident = {p: input_identity(p) for p in paths}
 
@@ -373,8 +328,8 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
 
     def flush() -> None:
         order = paths + others
-        atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in order if p in rows], SCORE_COLUMNS))
-        atomic_write_text(out / "errors.csv", _csv_text(errors, ("path", "error")))
+        atomic_write_text(out / "scores.csv", csv_text([rows[p] for p in order if p in rows], SCORE_COLUMNS))
+        atomic_write_text(out / "errors.csv", csv_text(errors, ("path", "error")))
         atomic_write_json(out / _STATE, {"settings": settings, "inputs": inputs})
 
     t0 = time.time()
@@ -384,39 +339,35 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
             (out / name).unlink(missing_ok=True)
     for s in tqdm(range(0, len(todo), batch_size), desc="predict", unit="batch", dynamic_ncols=True,
                   disable=None):
-        batch, imgs = [], []
-        for p in todo[s:s + batch_size]:
-            try:
-                imgs.append(load_rgb(p))
-                batch.append(p)
-            except (FDSLError, OSError, ValueError) as exc:
-                errors.append({"path": p, "error": str(exc).replace("\n", " ")})
-                if p in previous:
-                    log.warning("%s was scored by an earlier run but is now unreadable (%s): its row, overlay and "
-                                "mask are removed; it is listed in errors.csv", p, exc)
-                    _remove_outputs(out, stems[p])
-                else:
-                    log.warning("skipping unreadable image %s: %s", p, exc)
+        batch, imgs, failed = read_images(todo[s:s + batch_size])
+        for p, exc in failed:
+            errors.append({"path": p, "error": str(exc).replace("\n", " ")})
+            if p in previous:
+                log.warning("%s was scored by an earlier run but is now unreadable (%s): its row, overlay and "
+                            "mask are removed; it is listed in errors.csv", p, exc)
+                _remove_outputs(out, stems[p])
+            else:
+                log.warning("skipping unreadable image %s: %s", p, exc)
         preds = det.score_images(imgs, threshold=thr, cal_image_size=cal)
         for p, im, pr in zip(batch, imgs, preds):
             rec = verdict_record(pr, thr)
             has_mask = bool(pr.is_anomalous and pr.mask is not None)
             if has_mask:
-                _save_png(mask[p], pr.mask.astype(np.uint8) * 255, "L")
+                save_png(mask[p], pr.mask.astype(np.uint8) * 255, "L")
             elif mask[p].exists():
                 mask[p].unlink()  # stale mask of an earlier run with other thresholds
             if overlays:
-                _save_png(overlay[p], overlay_array(im, pr, display[p], thr, pix))
+                save_png(overlay[p], overlay_array(im, pr, display[p], thr, pix))
             elif overlay[p].exists():
                 overlay[p].unlink()  # an earlier run's overlay: this row links none
             if save_maps:
-                _save_npy(maps[p][0], pr.anomaly_map)
-                _save_npy(maps[p][1], map_to_image(pr.anomaly_map, im.size))
+                save_npy(maps[p][0], pr.anomaly_map)
+                save_npy(maps[p][1], map_to_image(pr.anomaly_map, im.size))
             else:
                 for f in maps[p]:
                     if f.exists():
                         f.unlink()  # an earlier run's raw maps, possibly of another detector
-            rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
+            rows[p] = {"path": p, **{k: csv_cell(rec[k]) for k in RECORD_FIELDS},
                        "overlay": f"overlays/{stems[p]}.png" if overlays else "",
                        "mask": f"masks/{stems[p]}.png" if has_mask else ""}
             inputs[p] = dict(ident[p] or {}, stem=stems[p], resolved=resolved[p])
@@ -456,7 +407,7 @@ def _remove_outputs(out: Path, stem: Optional[str]) -> None:
         return
     for rel in (f"overlays/{stem}.png", f"masks/{stem}.png", f"maps/eval/{stem}.npy", f"maps/full/{stem}.npy"):
         try:
-            f = _inside(out, rel)
+            f = inside(out, rel)
         except ConfigError:
             continue
         if f.is_file():

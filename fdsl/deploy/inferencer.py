@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -15,6 +15,7 @@ from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.deploy.pixels import preprocess, resize_bilinear
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.inspect.thresholds import defect_region
+from fdsl.inspect.verdicts import Prediction
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
@@ -27,24 +28,6 @@ _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
            "onnx": "pip install 'fdsl[onnx]' (onnxruntime==1.31.1)"}
 
 
-class Prediction(NamedTuple):
-    """The verdict on one image; the fields of `fdsl.inspect.detector.Prediction`.
-
-    score: 0.5·(patch_score + map_max); is_anomalous: score > image threshold (None without one);
-    anomaly_map: (cal, cal) float32; mask: (H, W) bool at the image's size (None without a pixel threshold);
-    patch_score, map_max: floats; defect_area_px: pixels of `mask`; size: (W, H) of the image; region: the rule
-    that made `mask` (`fdsl.inspect.thresholds.defect_region`).
-    """
-
-    score: float
-    is_anomalous: Optional[bool]
-    anomaly_map: np.ndarray
-    mask: Optional[np.ndarray]
-    patch_score: float
-    map_max: float
-    defect_area_px: Optional[int]
-    size: Tuple[int, int]
-    region: Optional[str] = None
 
 
 class _OpenVINOSession:

@@ -13,19 +13,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 
 log = logging.getLogger("fdsl.deploy")
 
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from fdsl.io import atomic_open
-
-    with atomic_open(path, "wb") as fh:
-        Image.fromarray(arr).save(fh, format="PNG")
 
 
 def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *, threshold: Optional[float] = None,
@@ -55,10 +48,9 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
 def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[float], overlays: bool,
                     batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
-    from fdsl.cli.inspection import SCORE_COLUMNS, _cell, _csv_text, _inside, output_names
-    from fdsl.data.rgb import load_rgb
     from fdsl.deploy.pictures import render_overlay
     from fdsl.inspect.gallery import write_gallery
+    from fdsl.inspect.outputs import SCORE_COLUMNS, csv_cell, csv_text, inside, output_names, read_images, save_png
     from fdsl.inspect.verdicts import RECORD_FIELDS, caption, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
@@ -74,32 +66,28 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[
     errors: List[dict] = []
     t0 = time.time()
     for s in range(0, len(paths), batch_size):
-        batch, imgs = [], []
-        for p in paths[s:s + batch_size]:
-            try:
-                imgs.append(load_rgb(p))
-                batch.append(p)
-            except (FDSLError, OSError, ValueError) as exc:
-                errors.append({"path": p, "error": str(exc).replace("\n", " ")})
-                log.warning("skipping unreadable image %s: %s", p, exc)
+        batch, imgs, failed = read_images(paths[s:s + batch_size])
+        for p, exc in failed:
+            errors.append({"path": p, "error": str(exc).replace("\n", " ")})
+            log.warning("skipping unreadable image %s: %s", p, exc)
         for p, im, pr in zip(batch, imgs, det.score_images(imgs, threshold=thr)):
             stem = stem_of[p]
             rec = verdict_record(pr, thr)
-            mask_path = _inside(out, f"masks/{stem}.png")
+            mask_path = inside(out, f"masks/{stem}.png")
             has_mask = bool(pr.is_anomalous and pr.mask is not None)
             if has_mask:
-                _save_png(mask_path, pr.mask.astype(np.uint8) * 255)
+                save_png(mask_path, pr.mask.astype(np.uint8) * 255)
             elif mask_path.exists():
                 mask_path.unlink()  # stale mask of an earlier run
             if overlays:
-                _save_png(_inside(out, f"overlays/{stem}.png"),
+                save_png(inside(out, f"overlays/{stem}.png"),
                           render_overlay(im, pr.anomaly_map, pr.mask, caption(display[p], pr, thr)))
-            rows[p] = {"path": p, **{k: _cell(rec[k]) for k in RECORD_FIELDS},
+            rows[p] = {"path": p, **{k: csv_cell(rec[k]) for k in RECORD_FIELDS},
                        "overlay": f"overlays/{stem}.png" if overlays else "",
                        "mask": f"masks/{stem}.png" if has_mask else ""}
-        atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
-    atomic_write_text(out / "scores.csv", _csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
-    atomic_write_text(out / "errors.csv", _csv_text(errors, ("path", "error")))
+        atomic_write_text(out / "scores.csv", csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
+    atomic_write_text(out / "scores.csv", csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
+    atomic_write_text(out / "errors.csv", csv_text(errors, ("path", "error")))
     write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl.deploy: {Path(model).name}")
     n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
     summary = {

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -59,34 +59,10 @@ DEFAULT_CAL_SIZE = 240
 ImageInput = Union[PathLike, Image.Image, np.ndarray]
 
 
-class Prediction(NamedTuple):
-    """The verdict on one image.
-
-    score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
-    is_anomalous: score > image threshold; None when the detector has no image threshold.
-    anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
-    mask: (H, W) bool defect mask at the image's own size, None without a pixel threshold. It follows the
-        verdict (`defect_region`): empty for a normal image, never empty for an anomalous one.
-    patch_score: mean over layers of the max anomalous probability on the patch grid.
-    map_max: max of `anomaly_map` (test.py's scores.csv column).
-    defect_area_px: pixels of `mask` (None without a pixel threshold).
-    size: (W, H) of the original image.
-    region: the rule that made `mask` ("none", "pixel_threshold", "top_region"); None without a mask.
-    """
-
-    score: float
-    is_anomalous: Optional[bool]
-    anomaly_map: np.ndarray
-    mask: Optional[np.ndarray]
-    patch_score: float
-    map_max: float
-    defect_area_px: Optional[int]
-    size: Tuple[int, int]
-    region: Optional[str] = None
-
-
-# defect_region lives in fdsl.inspect.thresholds (NumPy only: the torch-free fdsl.deploy uses it); re-exported.
+# Prediction (fdsl.inspect.verdicts) and defect_region (fdsl.inspect.thresholds) are NumPy only, for the torch-free
+# fdsl.deploy; re-exported here.
 from fdsl.inspect.thresholds import TOP_REGION_FRACTION, defect_region  # noqa: E402, F401
+from fdsl.inspect.verdicts import Prediction  # noqa: E402, F401
 
 # ----------------------------------------------------------------------------- files and images
 

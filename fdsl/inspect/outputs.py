@@ -4,12 +4,16 @@
   this host is taken over with a warning);
 - `output_names`: sanitised output stems that cannot collide, also with earlier runs' (`taken`);
 - `input_identity`: what resume compares to see that an input file was replaced (size, mtime);
-- `check_output_folder`: `--out` must not be, or hold, an input folder.
+- `check_output_folder`: `--out` must not be, or hold, an input folder;
+- the files in it: `SCORE_COLUMNS`, `csv_text`/`csv_cell`/`read_rows` for scores.csv, `save_png`/`save_npy`, `inside`;
+- `read_images`: decode a batch of inputs, keeping the failures.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -17,9 +21,12 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Collection, Dict, Iterator, List, Optional, Sequence
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from fdsl.errors import ConfigError
+import numpy as np
+from PIL import Image
+
+from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
@@ -193,3 +200,72 @@ def check_output_folder(out: PathLike, inputs: Sequence[PathLike], flag: str = "
 
 __all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", "is_output_stem",
            "output_names"]
+
+
+# ----------------------------------------------------------------------------- the files in it
+SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
+                 "overlay", "mask")
+
+def inside(root: Path, rel: str) -> Path:
+    """`root / rel`, refused when it would leave `root` (an output name never escapes its folder)."""
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise ConfigError(f"output name {rel!r} would leave the output folder {str(root)!r}")
+    return p
+
+def csv_text(rows: List[dict], columns: Sequence[str]) -> str:
+    """`rows` as CSV text with a header of `columns`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+def read_rows(path: Path) -> Dict[str, dict]:
+    """An earlier scores.csv keyed by path; {} when it is missing or unreadable."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return {r["path"]: r for r in csv.DictReader(fh)}
+    except (OSError, KeyError, csv.Error):
+        return {}
+
+def save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
+    """Write `arr` as a PNG atomically."""
+    from fdsl.io import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
+
+def csv_cell(v: object) -> object:
+    """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""
+    from fdsl.inspect.verdicts import DIGITS
+
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    return f"{v:.{DIGITS}f}" if isinstance(v, float) else v
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    """Write `arr` as float32 .npy atomically."""
+    from fdsl.io import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def read_images(paths: Sequence[str]) -> Tuple[List[str], List[Image.Image], List[Tuple[str, Exception]]]:
+    """Decode `paths` (EXIF-upright RGB): (the paths read, their images, [(path, error)] of those that failed)."""
+    from fdsl.data.rgb import load_rgb
+
+    ok: List[str] = []
+    images: List[Image.Image] = []
+    failed: List[Tuple[str, Exception]] = []
+    for p in paths:
+        try:
+            images.append(load_rgb(p))
+            ok.append(p)
+        except (FDSLError, OSError, ValueError) as exc:
+            failed.append((p, exc))
+    return ok, images, failed

@@ -6,15 +6,38 @@ give the same numbers for the same image and batch.
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-if TYPE_CHECKING:  # a type only: importing the detector (and torch) is not needed to format a verdict
-    from fdsl.inspect.detector import Prediction
-
 DIGITS = 6  # scores are shown to 6 decimals: float32 maps carry no more, and 17 digits tell a person nothing
+
+class Prediction(NamedTuple):
+    """The verdict on one image (NumPy only: `fdsl.inspect.detector` and the torch-free `fdsl.deploy` return it).
+
+    score: 0.5·(patch_score + map_max), un-normalised (higher is more anomalous).
+    is_anomalous: score > image threshold; None when the detector has no image threshold.
+    anomaly_map: (cal, cal) float32 anomaly probabilities at the evaluation size.
+    mask: (H, W) bool defect mask at the image's own size, None without a pixel threshold. It follows the
+        verdict (`defect_region`): empty for a normal image, never empty for an anomalous one.
+    patch_score: mean over layers of the max anomalous probability on the patch grid.
+    map_max: max of `anomaly_map` (test.py's scores.csv column).
+    defect_area_px: pixels of `mask` (None without a pixel threshold).
+    size: (W, H) of the original image.
+    region: the rule that made `mask` ("none", "pixel_threshold", "top_region"); None without a mask.
+    """
+
+    score: float
+    is_anomalous: Optional[bool]
+    anomaly_map: np.ndarray
+    mask: Optional[np.ndarray]
+    patch_score: float
+    map_max: float
+    defect_area_px: Optional[int]
+    size: Tuple[int, int]
+    region: Optional[str] = None
+
 
 RECORD_FIELDS = ("score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region")
 
