@@ -49,6 +49,7 @@ from fdsl.inspect.detector_file import (
     write_detector_file,
 )
 from fdsl.inspect.files import find_mask, list_images, sha256_file
+from fdsl.inspect.shot_selection import choose_shots
 from fdsl.inspect.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
 from fdsl.io import PathLike
 
@@ -87,38 +88,6 @@ def _as_pil(item: ImageInput) -> Image.Image:
     return load_rgb(item) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
 
 
-def _choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
-                  batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
-    """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
-
-    Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's
-    size and search cost; a large projection is logged as a warning before the full encoding starts.
-    """
-    from fdsl.inspect.shot_selection import LARGE_BYTES, LARGE_SHOTS, even_indices, greedy_coreset, projected_cost
-
-    n = len(files)
-    if max_shots is None or max_shots >= n:
-        if max_shots is None and n > 2:
-            one = model.make_memory(model.encode_references(tf(load_rgb(files[0][0]))[None]))
-            per_shot = one.nbytes()
-            if n > LARGE_SHOTS or per_shot * n > LARGE_BYTES:
-                log.warning("fitting on all %d normal images (no --max_shots): %s. Pass --max_shots N (e.g. 8) to "
-                            "keep N shots chosen by greedy coreset over the image embeddings", n,
-                            projected_cost(per_shot, n))
-        return files, "all"
-    if selection == "even":
-        idx = even_indices(n, max_shots)
-    else:
-        embeds = []
-        for s in range(0, n, batch_size):
-            batch = torch.stack([tf(load_rgb(p)) for p, _ in files[s:s + batch_size]])  # (b, 3, S, S)
-            embeds.append(model.extract(batch).image_embeds.float().cpu())  # (b, D)
-        idx = greedy_coreset(torch.cat(embeds), max_shots)
-    log.info("kept %d of %d normal images as shots (%s): %s", len(idx), n, selection,
-             ", ".join(files[i][1] for i in idx[:10]) + (" ..." if len(idx) > 10 else ""))
-    return [files[i] for i in idx], selection
-
-
 def _normal_entry(path: PathLike, name: str) -> dict:
     """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
     from fdsl.inspect.input_check import image_profile
@@ -128,9 +97,6 @@ def _normal_entry(path: PathLike, name: str) -> dict:
     if prof is not None:
         entry.update(mode=prof[0], size=list(prof[1]))
     return entry
-
-
-# ----------------------------------------------------------------------------- thresholds
 
 
 # ----------------------------------------------------------------------------- the detector
@@ -243,7 +209,7 @@ class Detector:
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size, model.backbone.preprocess)
         candidates = len(files)
-        files, method = _choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
+        files, method = choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
         images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
         memory = model.make_memory(model.encode_references(images, batch_size))
         info = {

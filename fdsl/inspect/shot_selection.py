@@ -10,11 +10,18 @@ Both are deterministic (no seed).
 """
 from __future__ import annotations
 
-from typing import List
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 
 from fdsl.config import SHOT_SELECTIONS as SELECTIONS  # the one list of names, in fdsl.config
+
+if TYPE_CHECKING:
+    from fdsl.core.model import FDSL
+
+log = logging.getLogger(__name__)
 
 LARGE_SHOTS = 16  # fitting more shots than this without --max_shots warns (memory and search time grow linearly)
 LARGE_BYTES = 2 ** 30  # ... or a projected detector above 1 GiB
@@ -57,4 +64,36 @@ def projected_cost(bytes_one_shot: int, n_shots: int) -> str:
             f"about {n_shots}x the nearest-neighbour search of a 1-shot detector")
 
 
-__all__ = ["SELECTIONS", "even_indices", "greedy_coreset", "projected_cost"]
+def choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
+                 batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
+    """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
+
+    Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's
+    size and search cost; a large projection is logged as a warning before the full encoding starts.
+    """
+    from fdsl.data.rgb import load_rgb
+
+    n = len(files)
+    if max_shots is None or max_shots >= n:
+        if max_shots is None and n > 2:
+            one = model.make_memory(model.encode_references(tf(load_rgb(files[0][0]))[None]))
+            per_shot = one.nbytes()
+            if n > LARGE_SHOTS or per_shot * n > LARGE_BYTES:
+                log.warning("fitting on all %d normal images (no --max_shots): %s. Pass --max_shots N (e.g. 8) to "
+                            "keep N shots chosen by greedy coreset over the image embeddings", n,
+                            projected_cost(per_shot, n))
+        return files, "all"
+    if selection == "even":
+        idx = even_indices(n, max_shots)
+    else:
+        embeds = []
+        for s in range(0, n, batch_size):
+            batch = torch.stack([tf(load_rgb(p)) for p, _ in files[s:s + batch_size]])  # (b, 3, S, S)
+            embeds.append(model.extract(batch).image_embeds.float().cpu())  # (b, D)
+        idx = greedy_coreset(torch.cat(embeds), max_shots)
+    log.info("kept %d of %d normal images as shots (%s): %s", len(idx), n, selection,
+             ", ".join(files[i][1] for i in idx[:10]) + (" ..." if len(idx) > 10 else ""))
+    return [files[i] for i in idx], selection
+
+
+__all__ = ["SELECTIONS", "choose_shots", "even_indices", "greedy_coreset", "projected_cost"]

@@ -12,8 +12,9 @@ from fdsl_test_utils import fit_memory
 from torch import nn
 
 from fdsl.config import ModelConfig
+from fdsl.core.head import NAM, FDSLHead, Scorer, to_grid
 from fdsl.core.memory import Alignment
-from fdsl.core.model import FDSL, NAM, FDSLHead, FDSLOutput, Scorer, combine_layers, to_grid, upsample
+from fdsl.core.model import FDSL, FDSLOutput, combine_layers, upsample
 from fdsl.errors import ConfigError
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from fdsl.config import ModelConfig, TrainConfig
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.core.backbone import register_model_configs
+from fdsl.core.head import NNHead
 from fdsl.core.memory import Alignment, MemoryBank
-from fdsl.core.model import FDSL, NNHead
+from fdsl.core.model import FDSL
 from fdsl.errors import ConfigError
 
 

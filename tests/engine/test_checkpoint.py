@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fdsl.config import ModelConfig, config_to_dict
-from fdsl.core.model import FDSLHead
+from fdsl.core.head import FDSLHead
 from fdsl.engine.checkpoint import load_head, read_checkpoint, save_checkpoint
 from fdsl.errors import CheckpointError
 
