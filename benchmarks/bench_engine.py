@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from benchmarks.common import (
     ROOT,
@@ -48,7 +48,7 @@ CONFIGS = {
 }
 
 
-def _model(c: Dict[str, Any], engine: str = "torch"):
+def _model(c: dict[str, Any], engine: str = "torch"):
     import torch
 
     from fdsl.config import ModelConfig, RuntimeConfig
@@ -68,7 +68,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_parts(spec: Dict[str, Any]) -> Dict[str, Any]:
+def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: one configuration, torch and openvino interleaved in this process."""
     import torch
 
@@ -89,7 +89,7 @@ def run_parts(spec: Dict[str, Any]) -> Dict[str, Any]:
     if lfe:
         crops = split_windows(bb.patch_embed(x), 1, 13, 2)[:spec["win_chunk"]].contiguous()  # (chunk, C, 13, 13)
         parts["windows"] = (lambda: bb.forward_patches(crops), "patches")
-    res: Dict[str, Any] = {"status": "ok", "config": spec["config"], "threads": spec["threads"]}
+    res: dict[str, Any] = {"status": "ok", "config": spec["config"], "threads": spec["threads"]}
     for name, (fn, _) in parts.items():
         ref = fn()
         bb.engine = ov
@@ -112,7 +112,7 @@ def run_parts(spec: Dict[str, Any]) -> Dict[str, Any]:
     if spec["e2e"] and not lfe:  # LFE end to end is 169 window passes per image: its parts are timed above
         ref_img = torch.randn(1, 3, S, S, generator=g)
         memory = model.make_memory(model.encode_references(ref_img))
-        t: Dict[str, List[float]] = {"torch": [], "openvino": []}
+        t: dict[str, list[float]] = {"torch": [], "openvino": []}
         for _ in range(spec["reps"]):  # interleaved, as the parts
             for e in ("torch", "openvino"):
                 bb.engine = ov if e == "openvino" else None
@@ -123,7 +123,7 @@ def run_parts(spec: Dict[str, Any]) -> Dict[str, Any]:
     return res
 
 
-def make_detector(spec: Dict[str, Any]) -> Dict[str, Any]:
+def make_detector(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: a ViT-B-16 @224 detector file (random weights, 1 shot) and its OpenVINO export."""
     import dataclasses
 
@@ -146,7 +146,7 @@ def make_detector(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {"status": "ok", "export_s": t, "export_onnx_s": t_onnx}
 
 
-def run_latency(spec: Dict[str, Any]) -> Dict[str, Any]:
+def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: per-image latency and peak RSS of one way to run the detector (deploy, or torch)."""
     from PIL import Image
 
@@ -178,11 +178,11 @@ def run_latency(spec: Dict[str, Any]) -> Dict[str, Any]:
             "peak_rss_mb": hwm_mb() or maxrss_mb(), "heavy_modules": heavy}
 
 
-def run(spec: Dict[str, Any]) -> Dict[str, Any]:
+def run(spec: dict[str, Any]) -> dict[str, Any]:
     return {"parts": run_parts, "detector": make_detector, "latency": run_latency}[spec["kind"]](spec)
 
 
-def whole_processes(args, work: Path) -> Dict[str, Any]:
+def whole_processes(args, work: Path) -> dict[str, Any]:
     """test.py --engine torch / openvino, alternately, as whole processes."""
     import csv
 
@@ -210,7 +210,7 @@ def whole_processes(args, work: Path) -> Dict[str, Any]:
                load_reference_images(data, [r for r in rel if "/test/" in r][:8], 224))
     save_checkpoint(ck, model.head, __import__("dataclasses").asdict(mcfg), epoch=1)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    walls: Dict[str, List[float]] = {"torch": [], "openvino": []}
+    walls: dict[str, list[float]] = {"torch": [], "openvino": []}
     scores = {}
     for i in range(args.whole_reps):
         for e in ("torch", "openvino"):
@@ -259,7 +259,7 @@ def main() -> int:
     print_environment(env)
     print("RANDOM WEIGHTS (--pretrained none): speed figures only. Torch and OpenVINO are interleaved in one "
           "process; the machine may be shared, so read the ratios, not the absolute times.\n")
-    out: Dict[str, Any] = {"environment": env, "parts": [], "latency": [], "whole": None}
+    out: dict[str, Any] = {"environment": env, "parts": [], "latency": [], "whole": None}
     script = "benchmarks.bench_engine"
     rows = []
     for name in [] if args.skip_parts else args.configs:

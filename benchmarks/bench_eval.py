@@ -32,7 +32,7 @@ import dataclasses
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from benchmarks.common import (
     Result,
@@ -71,7 +71,7 @@ def vit_flops(bb, grid: int) -> float:
     return _weights_flop(blocks) * T + 4.0 * T * T * bb.width * bb.depth
 
 
-def flop_model(model, B: int, k: int) -> Dict[str, float]:
+def flop_model(model, B: int, k: int) -> dict[str, float]:
     """FLOPs per part for a batch of B query images against a k-shot memory (2 per multiply-add)."""
     from fdsl.core.windows import n_windows
 
@@ -113,7 +113,7 @@ class _Clock:
 
     def __init__(self, sync) -> None:
         self.sync = sync
-        self.t: Dict[str, float] = {}
+        self.t: dict[str, float] = {}
 
     def __call__(self, part: str, fn, *a, **kw):
         self.sync()
@@ -354,7 +354,7 @@ def _child(spec: Result) -> Result:
 
 
 # ----------------------------------------------------------------------------- parent
-def print_rows(rows: List[Result]) -> None:
+def print_rows(rows: list[Result]) -> None:
     """The summary table: one row per configuration."""
     lines = []
     for r in rows:
@@ -399,7 +399,7 @@ def print_split(r: Result) -> None:
               f"{r['crops_max_abs_diff']:.1e}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rc = _child_main(argv, _child)
     if rc is not None:
@@ -454,7 +454,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# model {args.model} @ {args.image_size} px, features {args.features}, pretrained={args.pretrained}, "
           f"NAM on, {args.k_shot}-shot, windows {args.win_size}/{args.win_stride}, win_batch {args.win_batch}, "
           f"maps upsampled to {args.out_size}", flush=True)
-    rows: List[Result] = []
+    rows: list[Result] = []
     t_start = time.perf_counter()
     if not args.skip_model:
         for winmode in args.winmode:

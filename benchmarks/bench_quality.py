@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List
 
 from tabulate import tabulate
 
@@ -34,7 +33,7 @@ MODEL = "timm:tf_efficientnet_lite0"
 METRICS = ("pixel_auroc", "aupro", "image_auroc", "image_ap")
 
 
-def build_sets(out: Path, quick: bool) -> Dict[str, Path]:
+def build_sets(out: Path, quick: bool) -> dict[str, Path]:
     """Set A (training) and the two B sets (held out), generated once under `out`/data."""
     n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
     sets = {"A": out / "data" / "A", "B_textures": out / "data" / "B_textures", "B_photos": out / "data" / "B_photos"}
@@ -47,7 +46,7 @@ def build_sets(out: Path, quick: bool) -> Dict[str, Path]:
     return sets
 
 
-def run_setting(out: Path, sets: Dict[str, Path], weights: str, scorer: str, args: argparse.Namespace) -> dict:
+def run_setting(out: Path, sets: dict[str, Path], weights: str, scorer: str, args: argparse.Namespace) -> dict:
     """Train (fdsl only) and test one setting; returns {set: results.json content}."""
     label = f"{'real' if weights != 'none' else 'random'}_{scorer}"
     model_fields = dict(model=MODEL, pretrained=weights, image_size=args.image_size,
@@ -71,9 +70,9 @@ def run_setting(out: Path, sets: Dict[str, Path], weights: str, scorer: str, arg
     return results
 
 
-def table(all_results: Dict[str, dict]) -> str:
+def table(all_results: dict[str, dict]) -> str:
     """Per class and mean over classes, one row per setting, in percent."""
-    rows: List[list] = []
+    rows: list[list] = []
     for label, per_set in all_results.items():
         classes = {c: m for res in per_set.values() for c, m in res["classes"].items()}
         for cls, m in classes.items():

@@ -22,17 +22,18 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "@@BENCH_RESULT@@ "
 MiB = 2 ** 20
-Result = Dict[str, Any]
+Result = dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- child processes
-def child_main(argv: List[str], run: Callable[[Result], Result]) -> Optional[int]:
+def child_main(argv: list[str], run: Callable[[Result], Result]) -> int | None:
     """Serve a ``--child SPEC`` invocation: run `run(spec)` and print its result on the marked line.
 
     Returns the exit code when `argv` is a child invocation, None otherwise (the caller goes on as
@@ -74,7 +75,7 @@ def spawn(module: str, spec: Result, timeout: float, verbose: bool = False) -> R
 
 
 # ----------------------------------------------------------------------------- process probes (Linux /proc)
-def _status_kb(field: str) -> Optional[int]:
+def _status_kb(field: str) -> int | None:
     """A ``kB`` field (VmRSS, VmHWM) of /proc/self/status, or None off Linux."""
     try:
         with open("/proc/self/status") as fh:
@@ -86,13 +87,13 @@ def _status_kb(field: str) -> Optional[int]:
     return None
 
 
-def rss_mb() -> Optional[float]:
+def rss_mb() -> float | None:
     """Current resident memory of this process, MiB."""
     kb = _status_kb("VmRSS")
     return None if kb is None else kb / 1024.0
 
 
-def hwm_mb() -> Optional[float]:
+def hwm_mb() -> float | None:
     """Peak resident memory of this process since the last `reset_hwm`, MiB."""
     kb = _status_kb("VmHWM")
     return None if kb is None else kb / 1024.0
@@ -114,7 +115,7 @@ def maxrss_mb() -> float:
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
 
 
-def _meminfo_mb(field: str) -> Optional[float]:
+def _meminfo_mb(field: str) -> float | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -125,7 +126,7 @@ def _meminfo_mb(field: str) -> Optional[float]:
     return None
 
 
-def mem_available_mb() -> Optional[float]:
+def mem_available_mb() -> float | None:
     return _meminfo_mb("MemAvailable")
 
 
@@ -141,7 +142,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def loadavg() -> Optional[List[float]]:
+def loadavg() -> list[float] | None:
     """1/5/15-minute load averages."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -167,7 +168,7 @@ def print_environment(env: Result) -> None:
           f"load average at start {env['load_start']}", flush=True)
 
 
-def _version(mod: str) -> Optional[str]:
+def _version(mod: str) -> str | None:
     try:
         return __import__(mod).__version__
     except (ImportError, AttributeError):
@@ -204,17 +205,17 @@ def fmt(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
-def table(headers: List[str], rows: List[List[str]]) -> str:
+def table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown table, columns right-aligned to their widest cell."""
     w = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
-    def line(cells: List[str]) -> str:
+    def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
 
 
-def write_json(path: Optional[str], payload: Result) -> None:
+def write_json(path: str | None, payload: Result) -> None:
     """Write all figures to `path` (when given)."""
     if not path:
         return

@@ -30,7 +30,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 
@@ -66,13 +65,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _scores(path: Path) -> List[List[float]]:
+def _scores(path: Path) -> list[list[float]]:
     with open(path / "scores.csv", newline="") as fh:
         return [[float(r["score"]), float(r["patch_score"]), float(r["map_max"])] for r in csv.DictReader(fh)]
 
 
 def evaluate(built: BuiltSet, model, winmode: str, device: str, precision: str, work: Path,
-             num_workers: int) -> tuple[List[List[float]], float, dict]:
+             num_workers: int) -> tuple[list[list[float]], float, dict]:
     """Run the real Evaluator (adopting `model`) into a fresh folder; returns the per-image scores,
     the wall time and the class metrics."""
     spec = built.spec
@@ -100,8 +99,8 @@ def agreement(built: BuiltSet, model, winmode: str, device: torch.device, work: 
             "pixel_auroc": m_dev["pixel_auroc"], "image_auroc": m_dev["image_auroc"]}
 
 
-def timing(model, built: BuiltSet, winmode: str, device: torch.device, precisions: List[str],
-           batches: List[int], win_batches: List[Optional[int]]) -> List[dict]:
+def timing(model, built: BuiltSet, winmode: str, device: torch.device, precisions: list[str],
+           batches: list[int], win_batches: list[int | None]) -> list[dict]:
     """Seconds per image of `FDSL.predict` and peak GPU memory, per precision × batch × win_batch."""
     rows = []
     for prec in precisions:
@@ -164,7 +163,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cuda:N, a CUDA index, cpu, or auto")
     p.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and gpu_check.md")
@@ -206,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             report["drift"] += precision_rows(model, built, winmode, settings, device, batch=4)
             save()
             tb = [4] if args.quick else [1, 8]
-            twb: List[Optional[int]] = [16] if args.quick else [16, 64]
+            twb: list[int | None] = [16] if args.quick else [16, 64]
             timed = built
             if big and cuda and winmode == "mul":  # the default window geometry, 169 windows per image
                 model.cfg = dataclasses.replace(model.cfg, win_stride=2)

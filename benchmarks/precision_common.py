@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import open_clip
@@ -80,7 +79,7 @@ class BuiltSet:
 
 
 
-def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: Optional[torch.device] = None) -> BuiltSet:
+def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: torch.device | None = None) -> BuiltSet:
     """Write (or reuse) the data, the seeded random weights and the livened head of `spec` under `folder`.
 
     The head's statistics are computed on `device` (default the CPU), in fp32.
@@ -129,14 +128,14 @@ class PassResult:
     maps: np.ndarray  # (n, cal, cal)
     scores: np.ndarray  # (n,) normalised image scores
     patch: np.ndarray
-    nn_global: List[torch.Tensor]  # per layer, (n·N,) nearest-normal indices
-    nn_window: List[torch.Tensor]  # per layer, (n·nw·W²,) (empty without LFE)
+    nn_global: list[torch.Tensor]  # per layer, (n·N,) nearest-normal indices
+    nn_window: list[torch.Tensor]  # per layer, (n·nw·W²,) (empty without LFE)
     pixel_auroc: float
     image_auroc: float
     seconds_per_image: float  # model.predict only (backbone + alignment + head + upsampling)
 
 
-def _nearest(bank: MemoryBank, feats: BackboneOutput, align) -> List[torch.Tensor]:
+def _nearest(bank: MemoryBank, feats: BackboneOutput, align) -> list[torch.Tensor]:
     """Per layer, the alignment's nearest-normal index of every query token (dense search)."""
     out = []
     for i, q in enumerate(feats.tokens):
@@ -159,17 +158,17 @@ def run_pass(model: FDSL, built: BuiltSet, runtime_cfg: RuntimeConfig, device: t
     masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
     labels = np.array([int(ds[i]["anomaly"]) for i in range(len(ds))])
     maps, patch, secs = [], [], 0.0
-    nn_g: List[torch.Tensor] = []
-    nn_w: List[torch.Tensor] = []
-    recorded: List[BackboneOutput] = []  # global features of the batch (FDSL.extract)
-    recorded_w: List[BackboneOutput] = []  # window feature chunks of the batch (FDSL.window_chunks)
+    nn_g: list[torch.Tensor] = []
+    nn_w: list[torch.Tensor] = []
+    recorded: list[BackboneOutput] = []  # global features of the batch (FDSL.extract)
+    recorded_w: list[BackboneOutput] = []  # window feature chunks of the batch (FDSL.window_chunks)
     if with_nn:  # keep the features predict computes, to read its nearest-normal decisions afterwards
-        def extract(x: torch.Tensor, patches: Optional[torch.Tensor] = None) -> BackboneOutput:
+        def extract(x: torch.Tensor, patches: torch.Tensor | None = None) -> BackboneOutput:
             out = FDSL.extract(model, x, patches)
             recorded.append(out)
             return out
 
-        def window_chunks(x: torch.Tensor, patches: Optional[torch.Tensor] = None):
+        def window_chunks(x: torch.Tensor, patches: torch.Tensor | None = None):
             for chunk in FDSL.window_chunks(model, x, patches):
                 recorded_w.append(chunk)
                 yield chunk
@@ -208,7 +207,7 @@ def run_pass(model: FDSL, built: BuiltSet, runtime_cfg: RuntimeConfig, device: t
 
 
 @torch.no_grad()
-def near_ties(model: FDSL, built: BuiltSet, device: torch.device, gap: float = 2 ** -8) -> List[float]:
+def near_ties(model: FDSL, built: BuiltSet, device: torch.device, gap: float = 2 ** -8) -> list[float]:
     """Per layer, the share of fp32 global-branch query tokens whose best and second-best similarity to
     the memory differ by less than `gap` (2⁻⁸: bf16's relative rounding step), i.e. decisions a
     reduced-precision product can flip."""
@@ -227,9 +226,9 @@ def near_ties(model: FDSL, built: BuiltSet, device: torch.device, gap: float = 2
     return out
 
 
-def drift(run: PassResult, ref: PassResult) -> Dict[str, object]:
+def drift(run: PassResult, ref: PassResult) -> dict[str, object]:
     """Drift of `run` against the fp32 pass `ref` (see the module docstring)."""
-    def flips(a: List[torch.Tensor], b: List[torch.Tensor]) -> Optional[List[float]]:
+    def flips(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float] | None:
         return [float((x != y).float().mean()) for x, y in zip(a, b)] if a else None
 
     return {"nn_flip_global": flips(run.nn_global, ref.nn_global),
@@ -246,8 +245,8 @@ def runtime_cfg(device: str, precision: str = "fp32", align_precision: str = "fp
     return cfg
 
 
-def precision_rows(model: FDSL, built: BuiltSet, winmode: str, settings: List[str], device: torch.device,
-                   batch: int = 8) -> List[dict]:
+def precision_rows(model: FDSL, built: BuiltSet, winmode: str, settings: list[str], device: torch.device,
+                   batch: int = 8) -> list[dict]:
     """One row per ``precision/align_precision`` setting of `model` (built with `winmode`): time and drift
     against the fp32/fp32 pass, which always runs first. With winmode nan the align precision changes
     nothing, so one row per distinct precision runs."""
@@ -278,5 +277,5 @@ def drift_line(r: dict) -> str:
             f"| {r['max_score_diff']:.2e} | {r['d_pixel_auroc']:+.4f} | {r['d_image_auroc']:+.4f} |")
 
 
-def fmt_flips(v: Optional[List[float]]) -> str:
+def fmt_flips(v: list[float] | None) -> str:
     return "–" if v is None else " / ".join(f"{100 * x:.2f}" for x in v)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable, List, Sequence, Type
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 from fdsl.errors import ConfigError, FDSLError
 
@@ -14,7 +15,7 @@ def is_int(value: Any) -> bool:
     return not isinstance(value, bool) and hasattr(value, "__index__") and not isinstance(value, float)
 
 
-def positive_int(value: Any, name: str, minimum: int = 1, error: Type[FDSLError] = ConfigError) -> int:
+def positive_int(value: Any, name: str, minimum: int = 1, error: type[FDSLError] = ConfigError) -> int:
     """`value` as an int when it is an integer >= `minimum` (default 1); else `error` naming `name`."""
     if not is_int(value) or int(value) < minimum:
         wanted = "positive" if minimum == 1 else f"an integer >= {minimum}"
@@ -29,12 +30,12 @@ def is_plain_name(name: Any) -> bool:
             and "\0" not in name and not (len(name) >= 2 and name[1] == ":"))
 
 
-def unique(values: Sequence[Hashable]) -> List[Any]:
+def unique(values: Sequence[Hashable]) -> list[Any]:
     """`values` without repeats, in first-seen order."""
     return list(dict.fromkeys(values))
 
 
-def repeated(values: Sequence[Hashable]) -> List[Any]:
+def repeated(values: Sequence[Hashable]) -> list[Any]:
     """The values that occur more than once in `values`, in first-seen order."""
     counts: dict = {}
     for v in values:
@@ -59,6 +60,6 @@ def dedupe_option(flag: str, values: Sequence[Hashable], owner: Any = None) -> l
     return out
 
 
-def config_warnings(cfg: Any) -> List[str]:
+def config_warnings(cfg: Any) -> list[str]:
     """The warnings `cfg`'s validation gave (repeated --classes, --seeds, --k_shot values), in order."""
     return list(getattr(cfg, _WARNINGS, []))

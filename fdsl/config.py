@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import Any
 
 from fdsl.checks import config_warnings, dedupe_option, positive_int
 from fdsl.core.taps import take_indices
@@ -72,7 +72,7 @@ class ModelConfig:
         help="backbone weights: a CLIP tag (openai), a local weights file (open_clip / OpenAI CLIP; for timm a "
              "timm or safetensors state dict, or the EfficientNet-Lite0 package file), or 'none' (random init; "
              "tests only)", affects=NUMBERS, path=True)
-    model_config: Optional[str] = option(
+    model_config: str | None = option(
         None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building",
         affects=NUMBERS, path=True)
     image_size: int = option(518, "--image_size", help="input size S; the patch grid is S / patch size", affects=HEAD)
@@ -156,7 +156,7 @@ class RuntimeConfig:
                               "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
                               "match torch to 1e-4 except nearest-neighbour near-ties",
                          affects=NUMBERS, group=RUNTIME)
-    engine_cache: Optional[str] = option(
+    engine_cache: str | None = option(
         None, "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
         help="folder where --engine openvino keeps the converted backbone passes (and OpenVINO's compiled "
              "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
@@ -179,9 +179,9 @@ class RunConfig:
     num_workers: int = option(2, "--num_workers", help="data-loading worker processes",
                               affects=NOTHING, resume_neutral=True)
     seed: int = option(111, "--seed", help="random seed (reference-image choice, augmentations)", affects=NOTHING)
-    classes: Optional[list] = option(None, "--classes", nargs="+", help="restrict to these classes (default: all)",
+    classes: list | None = option(None, "--classes", nargs="+", help="restrict to these classes (default: all)",
                                      affects=NOTHING)
-    config: Optional[str] = option(None, "--config", path=True, affects=NOTHING, resume_neutral=True,
+    config: str | None = option(None, "--config", path=True, affects=NOTHING, resume_neutral=True,
                                    help="rerun a saved run: its config.json's settings become the defaults, "
                                         "options given here override them")
 
@@ -236,15 +236,15 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     checkpoint_path: str = option("", "--checkpoint_path",
                                   help="trained weights: ours or the released code's (none with --scorer nn)",
                                   affects=NUMBERS, path=True)
-    k_shot: Union[int, List[int]] = option(
+    k_shot: int | list[int] = option(
         1, "--k_shot", "--kshot", nargs="+",
         help="normal reference images per class; several values (1 2 4) run the paper's protocol in one pass: "
              "test features computed once, shots nested per seed, a summary table over shots and seeds",
              affects=NUMBERS)
-    k_shot_file: Optional[str] = option(None, "--k_shot_file",
+    k_shot_file: str | None = option(None, "--k_shot_file",
                                         help="reuse reference images listed in this file (ours or the released code's)",
                                         affects=NUMBERS, path=True)
-    seeds: Optional[list] = option(None, "--seeds", nargs="+",
+    seeds: list | None = option(None, "--seeds", nargs="+",
                                    help="several seeds in one pass (test features computed once); overrides --seed",
                                    affects=NOTHING, item=int)
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
@@ -285,7 +285,7 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
         if self.k_shot_file is not None and self.seeds is not None and len(self.seeds) > 1:
             raise ConfigError("--k_shot_file fixes the reference images, so several --seeds would give identical runs")
 
-    def shot_list(self) -> List[int]:
+    def shot_list(self) -> list[int]:
         """The shot counts this run evaluates, ascending (one for a plain run)."""
         return sorted(self.k_shot) if isinstance(self.k_shot, list) else [self.k_shot]
 
@@ -334,14 +334,14 @@ class FitConfig(ModelOverrides, ImagesCommand):
     """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
     --max_shots) become the shots."""
 
-    checkpoint: Optional[str] = option(None, "--checkpoint", "--checkpoint_path", path=True,
+    checkpoint: str | None = option(None, "--checkpoint", "--checkpoint_path", path=True,
                                        help="trained weights (train.py's or the released code's); none with "
                                             "--scorer nn, the training-free scorer")
-    normal: Optional[list] = _images("--normal", "folder(s) (recursive) or files of normal images")
-    out: Optional[str] = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
+    normal: list | None = _images("--normal", "folder(s) (recursive) or files of normal images")
+    out: str | None = option(None, "--out", required=True, path=True, help="detector file to write, e.g. part.fdsl")
     cal_image_size: int = option(240, "--cal_image_size", "--calImage_size",
                                  help="evaluation size of the anomaly maps (as test.py)")
-    max_shots: Optional[int] = option(
+    max_shots: int | None = option(
         None, "--max_shots",
         help="keep at most N of the --normal images as shots (default: all, with a warning and the projected "
              "detector size when they are many); see docs/workbench.md")
@@ -360,13 +360,13 @@ class FitConfig(ModelOverrides, ImagesCommand):
 class PredictConfig(ImagesCommand):
     """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
-    detector: Optional[str] = _detector("detector file written by `fit`, or a folder written by `export`")
-    images: Optional[list] = _images("--images", "folder(s) (recursive) or image files")
-    out: Optional[str] = option(None, "--out", required=True, path=True, help="output folder")
-    threshold: Optional[float] = option(None, "--threshold", help="image threshold overriding the stored one")
-    cal_image_size: Optional[int] = option(None, "--cal_image_size", "--calImage_size",
+    detector: str | None = _detector("detector file written by `fit`, or a folder written by `export`")
+    images: list | None = _images("--images", "folder(s) (recursive) or image files")
+    out: str | None = option(None, "--out", required=True, path=True, help="output folder")
+    threshold: float | None = option(None, "--threshold", help="image threshold overriding the stored one")
+    cal_image_size: int | None = option(None, "--cal_image_size", "--calImage_size",
                                            help="evaluation size of the anomaly maps (default: the detector's, 240)")
-    pretrained: Optional[str] = option(
+    pretrained: str | None = option(
         None, "--pretrained", path=True,
         help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
     overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
@@ -386,16 +386,16 @@ class PredictConfig(ImagesCommand):
 class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
-    detector: Optional[str] = _detector("detector file; rewritten atomically with the thresholds")
-    normal: Optional[list] = _images("--normal", "normal validation images (folders or files)")
-    anomalous: Optional[list] = _images("--anomalous", "anomalous validation images (folders or files)", required=False)
-    masks: Optional[str] = option(
+    detector: str | None = _detector("detector file; rewritten atomically with the thresholds")
+    normal: list | None = _images("--normal", "normal validation images (folders or files)")
+    anomalous: list | None = _images("--anomalous", "anomalous validation images (folders or files)", required=False)
+    masks: str | None = option(
         None, "--masks", path=True,
         help="folder of defect masks mirroring --anomalous (<rel>/<stem>.png or <stem>_mask.png)")
-    max_fpr: Optional[float] = option(
+    max_fpr: float | None = option(
         None, "--max_fpr",
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
-    pretrained: Optional[str] = option(None, "--pretrained", path=True,
+    pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
 
 
@@ -403,11 +403,11 @@ class CalibrateConfig(ImagesCommand):
 class ServeConfig(ImagesCommand):
     """`fdsl serve`: a local web page and JSON API around a detector (FastAPI + uvicorn, the serve extra)."""
 
-    detector: Optional[str] = _detector("detector file written by `fit` (and `calibrate`)")
+    detector: str | None = _detector("detector file written by `fit` (and `calibrate`)")
     host: str = option("127.0.0.1", "--host",
                        help="address to bind; anything but a loopback address exposes the page to the network")
     port: int = option(8000, "--port", help="TCP port")
-    pretrained: Optional[str] = option(None, "--pretrained", path=True,
+    pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
     workdir: str = option("fdsl_serve", "--workdir", path=True,
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
@@ -427,16 +427,16 @@ class ServeConfig(ImagesCommand):
 class ExportConfig:
     """`fdsl export`: a fitted detector as one OpenVINO or ONNX graph with its contract JSON (CPU, fp32)."""
 
-    detector: Optional[str] = option(None, "--detector", required=True, path=True,
+    detector: str | None = option(None, "--detector", required=True, path=True,
                                      help="detector file written by `fit` (calibrate it first for verdicts and masks)")
-    out: Optional[str] = option(None, "--out", required=True, path=True, help="output folder")
+    out: str | None = option(None, "--out", required=True, path=True, help="output folder")
     format: str = option("openvino", "--format", choices=("openvino", "onnx"),
                          help="openvino (model.xml + model.bin, pip install 'fdsl[openvino]') or onnx (model.onnx, "
                               "pip install 'fdsl[onnx]')")
     precision: str = option("fp32", "--precision", choices=("fp32", "fp16"),
                             help="fp16: OpenVINO weights stored in fp16 (compute stays fp32 on the CPU); ONNX is "
                                  "fp32 only")
-    pretrained: Optional[str] = option(None, "--pretrained", path=True,
+    pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
     chunk_mb: int = option(64, "--chunk_mb",
                            help="bound per image, in MiB, on each similarity block of the graph's nearest-normal "
@@ -456,7 +456,7 @@ class DemoConfig(RuntimeConfig):
         "openai", "--pretrained", env="FDSL_PRETRAINED", path=True,
         help="CLIP weights: a tag (openai), a local weights file, or 'none' (random weights; with no --model this "
              "runs the tiny smoke setting). Env: FDSL_PRETRAINED")
-    model: Optional[str] = option(
+    model: str | None = option(
         None, "--model", env="FDSL_MODEL",
         help="open_clip architecture (default ViT-L-14-336, or FDSL-Tiny-ViT with --pretrained none). Env: FDSL_MODEL")
     real_features: bool = option(
@@ -473,9 +473,9 @@ class DemoConfig(RuntimeConfig):
 class IndexConfig:
     """`python data/mvtec.py` / `python data/visa.py`: index a dataset tree into <root>/meta.json."""
 
-    root: Optional[str] = option(None, "--root", path=True,
+    root: str | None = option(None, "--root", path=True,
                                  help="dataset root (default: $MVTEC_ROOT or $VISA_ROOT, else data/mvtec or data/visa)")
-    classes: Optional[list] = option(None, "--classes", nargs="+",
+    classes: list | None = option(None, "--classes", nargs="+",
                                      help="MVTec class folders or VisA objects to index (default: all found)")
 
     def validate(self) -> None:

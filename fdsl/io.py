@@ -10,12 +10,13 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 from fdsl.errors import ConfigError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 log = logging.getLogger(__name__)
 # Temporary files made by `atomic_open`: ".<name>.<mkstemp's 8 random characters>.tmp".
 _TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
@@ -71,7 +72,7 @@ def _naming(exc: OSError, path: Path) -> OSError:
     return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
-def write_failure(exc: BaseException) -> Optional[str]:
+def write_failure(exc: BaseException) -> str | None:
     """The one line for an OSError met while writing results (disk full, read-only, ...), or None for others.
 
     Atomic writes never leave a half-written file, so the line says that finished work is kept.

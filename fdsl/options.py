@@ -12,8 +12,9 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import field
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any
 
 from fdsl.errors import ConfigError
 
@@ -24,10 +25,10 @@ NOTHING, NUMBERS, HEAD = "nothing", "numbers", "head"
 AFFECTS = (NOTHING, NUMBERS, HEAD)
 
 
-def option(default: Any, *flags: str, help: str, choices: Optional[Sequence[Any]] = None,
-         nargs: Optional[str] = None, item: Optional[type] = None, affects: Optional[str] = None,
-         path: bool = False, resume_neutral: bool = False, required: bool = False, env: Optional[str] = None,
-         group: Optional[str] = None):
+def option(default: Any, *flags: str, help: str, choices: Sequence[Any] | None = None,
+         nargs: str | None = None, item: type | None = None, affects: str | None = None,
+         path: bool = False, resume_neutral: bool = False, required: bool = False, env: str | None = None,
+         group: str | None = None):
     """A dataclass field that knows its command-line flags and its properties.
 
     Args:
@@ -52,7 +53,7 @@ def option(default: Any, *flags: str, help: str, choices: Optional[Sequence[Any]
     return field(default=default, metadata=meta)
 
 
-def settings(cls: type, **props: Any) -> Tuple[str, ...]:
+def settings(cls: type, **props: Any) -> tuple[str, ...]:
     """Names of the fields of dataclass `cls` whose properties (see `option`) equal `props`, in field order.
 
     ``settings(TestConfig, affects="nothing")`` are the settings no finished number depends on.
@@ -97,7 +98,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def build_parser(cls: type, description: str = "", prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(cls: type, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose flags map one-to-one onto the fields of the dataclass `cls`.
 
     A field whose `group` is set is listed under that heading; a field of an `overrides_of` class has no
@@ -184,8 +185,8 @@ def _check_saved_value(f: dataclasses.Field, value: Any, path: str) -> None:
                           f"{f.metadata['flags'][0]}")
 
 
-def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = "",
-                 prog: Optional[str] = None):
+def parse_config(cls: type, argv: Sequence[str] | None = None, description: str = "",
+                 prog: str | None = None):
     """Parse `argv` into a validated `cls` instance. Unknown flags are errors.
 
     For a command with a ``config`` field (train, test), ``--config RUN/config.json`` starts from a saved
@@ -243,7 +244,7 @@ _EXPLICIT = "_explicit_fields"  # an instance attribute, not a dataclass field: 
 _ARGV = "_parsed_argv"  # likewise: the arguments `parse_config` parsed
 
 
-def parsed_argv(cfg: Any) -> Optional[tuple]:
+def parsed_argv(cfg: Any) -> tuple | None:
     """The command-line arguments `cfg` was parsed from (`parse_config`); None for a config built in code."""
     return getattr(cfg, _ARGV, None)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 _USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate,serve,export} [options]
 
@@ -18,13 +18,13 @@ _USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate,serve,export} [op
 `fdsl <command> --help` lists a command's options."""
 
 
-def _commands() -> Dict[str, Callable[[List[str]], int]]:
+def _commands() -> dict[str, Callable[[list[str]], int]]:
     from fdsl.cli import demo, export, inspection, jobs
 
-    def inspect(cmd: str) -> Callable[[List[str]], int]:
+    def inspect(cmd: str) -> Callable[[list[str]], int]:
         return lambda rest: inspection.main([cmd, *rest])
 
-    def serve(rest: List[str]) -> int:
+    def serve(rest: list[str]) -> int:
         from fdsl.serve.cli import main as serve_main
 
         return serve_main(rest)
@@ -33,7 +33,7 @@ def _commands() -> Dict[str, Callable[[List[str]], int]]:
             **{cmd: inspect(cmd) for cmd in ("fit", "predict", "calibrate")}, "serve": serve, "export": export.main}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch `argv[0]` to its sub-command; returns its exit status (2 for an unknown command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

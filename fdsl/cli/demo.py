@@ -28,9 +28,9 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from fdsl import config
 from fdsl.config import DemoConfig, RuntimeConfig
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return config.build_parser(DemoConfig, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")
 
 
-def choose_setting(model: Optional[str], pretrained: str, quick: bool) -> DemoSetting:
+def choose_setting(model: str | None, pretrained: str, quick: bool) -> DemoSetting:
     """Tiny smoke setting for random weights without a model; the full-size setting otherwise."""
     random_weights = pretrained.lower() == "none"
     if model is None:
@@ -177,7 +177,7 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
                     setting.image_size)
 
 
-def run_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
+def run_demo(args: DemoConfig, quick: bool = False) -> dict[str, dict]:
     """Generate data, train on A, evaluate 1-shot on B; returns B's results.json content.
 
     `quick` (tests only) shrinks the data and the schedule.
@@ -239,7 +239,7 @@ REAL_MODEL = "timm:tf_efficientnet_lite0"
 REAL_LAYERS = (3, 4)  # the stride-8 and stride-16 maps of EfficientNet-Lite0
 
 
-def run_real_features_demo(args: DemoConfig, quick: bool = False) -> Dict[str, dict]:
+def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, dict]:
     """EfficientNet-Lite0 (real ImageNet weights, and random ones beside) + --scorer nn, 1-shot, on held-out
     photographs and textures with drawn defects; then fit / calibrate / predict one photo class without any
     checkpoint. Returns {"<weights> <set>": results.json content}. `quick` (tests only) shrinks everything.
@@ -261,7 +261,7 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> Dict[str, d
     run_dir = out / "runs" / f"real_features_lite0_{size}px"
     model_fields = dict(model=REAL_MODEL, image_size=size, features_list=list(REAL_LAYERS),
                         few_shot_features=list(REAL_LAYERS), scorer="nn")
-    results: Dict[str, dict] = {}
+    results: dict[str, dict] = {}
     for label, weights in (("REAL", real), ("random", "none")):
         for name, root in sets.items():
             cfg = TestConfig(**model_fields, pretrained=weights, save_path=str(run_dir / f"{label.lower()}_{name}"),
@@ -283,8 +283,8 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> Dict[str, d
     return results
 
 
-def inspect_demo(cls_dir: Path, checkpoint: Optional[Path], out: Path, runtime: RuntimeConfig,
-                 model_options: Optional[dict] = None) -> Path:
+def inspect_demo(cls_dir: Path, checkpoint: Path | None, out: Path, runtime: RuntimeConfig,
+                 model_options: dict | None = None) -> Path:
     """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
 
     The thresholds are calibrated (F1-max, with the masks) on the same test images that are then predicted:
@@ -310,12 +310,12 @@ def inspect_demo(cls_dir: Path, checkpoint: Optional[Path], out: Path, runtime: 
     return out / "verdicts"
 
 
-def main(argv: Optional[List[str]] = None, quick: bool = False) -> int:
+def main(argv: list[str] | None = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
     from fdsl.cli.jobs import run_job
     from fdsl.io import LibraryNoise, setup_logging
 
-    parsed: List[DemoConfig] = []
+    parsed: list[DemoConfig] = []
 
     def job() -> None:
         args = config.parse_config(DemoConfig, argv, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")

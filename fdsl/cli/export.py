@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from fdsl.errors import FDSLError
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the export; 0 on success, 2 on bad input, 130 on Ctrl-C."""
     from fdsl.config import ExportConfig, parse_config
     from fdsl.io import setup_logging

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from fdsl.config import IndexConfig, parse_config
 from fdsl.data.indexers import build_mvtec_meta, build_visa_meta, meta_summary, write_meta
@@ -19,7 +19,7 @@ LAYOUTS = {
 }
 
 
-def index_main(layout: str, argv: Optional[Sequence[str]] = None) -> int:
+def index_main(layout: str, argv: Sequence[str] | None = None) -> int:
     """Build and write ``meta.json`` for `layout` (``mvtec`` or ``visa``); returns the exit status.
 
     A data error, or a root that cannot be read or written, is one line and exit status 2 (`run_job`).

@@ -12,8 +12,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def cmd_calibrate(cfg: CalibrateConfig) -> None:
           f"report: {folder}")
 
 
-def _writable_folder(folder: Path) -> Optional[str]:
+def _writable_folder(folder: Path) -> str | None:
     """None when a file can be created in `folder`; else the reason."""
     import tempfile
 
@@ -137,9 +137,9 @@ def cmd_predict(cfg: PredictConfig) -> None:
 
 
 def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
-                   threshold: Optional[float] = None, cal_image_size: Optional[int] = None,
-                   pretrained: Optional[str] = None, overlays: bool = True, save_maps: bool = False,
-                   runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8) -> dict:
+                   threshold: float | None = None, cal_image_size: int | None = None,
+                   pretrained: str | None = None, overlays: bool = True, save_maps: bool = False,
+                   runtime: RuntimeConfig | str = "auto", batch_size: int = 8) -> dict:
     """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
 
     Writes ``scores.csv`` (`SCORE_COLUMNS`: scores rounded to 6 decimals, margin = score − threshold, the
@@ -183,7 +183,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
                                batch_size)
 
 
-def _numerics(det) -> Dict[str, str]:
+def _numerics(det) -> dict[str, str]:
     """The resolved runtime dtypes that move scores (--precision, --align_precision, --bank_dtype): rows scored
     with other ones are not reused by a resume."""
     if not hasattr(det, "model"):  # an exported model (fdsl.deploy): fp32, its runtime and precision
@@ -193,10 +193,10 @@ def _numerics(det) -> Dict[str, str]:
             ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")}
 
 
-def _unique_files(files: List[tuple]) -> List[tuple]:
+def _unique_files(files: list[tuple]) -> list[tuple]:
     """(path, name) pairs with each file once (by resolved path, the first naming kept); a warning names the
     repeats, which would otherwise give one file two rows."""
-    seen: Dict[str, str] = {}
+    seen: dict[str, str] = {}
     out, repeats = [], []
     for p, n in files:
         key = str(Path(p).resolve())
@@ -211,8 +211,8 @@ def _unique_files(files: List[tuple]) -> List[tuple]:
     return out
 
 
-def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[float],
-                    cal_image_size: Optional[int], overlays: bool, save_maps: bool, batch_size: int) -> dict:
+def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | None,
+                    cal_image_size: int | None, overlays: bool, save_maps: bool, batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
     from tqdm import tqdm
 
@@ -243,7 +243,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         old_state = {}
     old_state = old_state if isinstance(old_state, dict) else {}
     same = old_state.get("settings") == settings
-    old_inputs: Dict[str, dict] = old_state.get("inputs", {}) if isinstance(old_state.get("inputs"), dict) else {}
+    old_inputs: dict[str, dict] = old_state.get("inputs", {}) if isinstance(old_state.get("inputs"), dict) else {}
     old_inputs = {k: v for k, v in old_inputs.items() if isinstance(v, dict)}  # a garbled entry is not resumed
     previous = read_rows(out / "scores.csv")
 
@@ -276,10 +276,10 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
         others = [p for p in others if p not in changed_others]
     if others and same:
         log.info("keeping %d row(s) of earlier runs' other inputs in %s", len(others), out)
-    inputs: Dict[str, dict] = {p: old_inputs[p] for p in others}
+    inputs: dict[str, dict] = {p: old_inputs[p] for p in others}
     taken = {v.get("stem") for v in inputs.values()}
     # An input keeps its earlier stem (it is unique in the folder); new inputs get stems no one else uses.
-    stems: Dict[str, str] = {}
+    stems: dict[str, str] = {}
     for p in paths:
         s = old_inputs.get(p, {}).get("stem")
         if isinstance(s, str) and s not in taken and is_output_stem(s):
@@ -311,7 +311,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
             (list(maps[p]) if save_maps else [])
         return all(f.is_file() and f.stat().st_mtime_ns > st.st_mtime_ns for f in needed)
 
-    rows: Dict[str, dict] = {p: previous[p] for p in others}
+    rows: dict[str, dict] = {p: previous[p] for p in others}
     rows.update({p: previous[p] for p in paths if done(p)})
     for p in paths:
         if p in rows:
@@ -323,7 +323,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
                  ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
     if len(rows) > len(others):
         log.info("resuming: %d of %d image(s) already done, skipped", len(rows) - len(others), len(paths))
-    errors: List[dict] = []
+    errors: list[dict] = []
     warn_unlike_normals(det.info.get("normal_images", []), [(p, display[p]) for p in todo])
 
     def flush() -> None:
@@ -401,7 +401,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: Optional[f
     return summary
 
 
-def _remove_outputs(out: Path, stem: Optional[str]) -> None:
+def _remove_outputs(out: Path, stem: str | None) -> None:
     """Delete the overlay, mask and raw maps of output stem `stem` (when they exist)."""
     if not isinstance(stem, str):
         return
@@ -421,7 +421,7 @@ COMMANDS = {"fit": (FitConfig, cmd_fit), "predict": (PredictConfig, cmd_predict)
 INTERRUPTED = "interrupted; finished images are kept, rerun the same command to resume"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command (``fit``, ``predict``, ``calibrate``, then its options); returns the exit status."""
     from fdsl.cli.jobs import run_job
     from fdsl.io import setup_logging

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fdsl.config import parse_config
 from fdsl.errors import FDSLError, user_message
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
 
-def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]] = None,
+def run_job(job: Callable[[], Any], explain: Callable[[FDSLError], str] | None = None,
             interrupted: str = INTERRUPTED) -> int:
     """Run `job()` as a command and return its exit status: the one place that turns errors into exit codes.
 
@@ -47,7 +48,7 @@ def run_job(job: Callable[[], Any], explain: Optional[Callable[[FDSLError], str]
 
 def _fail(exc: BaseException, line: str) -> int:
     """Print the one error line (under torchrun once, by the rank that knows it) and return exit status 2."""
-    log.debug("error details", exc_info=True)
+    log.debug("error details", exc_info=True)  # noqa: LOG014  (called from the except blocks of run_job)
     distributed = sys.modules.get("fdsl.engine.distributed")  # loaded (with torch) when a job ran
     if distributed is not None:
         line = distributed.error_line(exc, line)
@@ -56,7 +57,7 @@ def _fail(exc: BaseException, line: str) -> int:
     return 2
 
 
-def _resolve(job: Union[Callable, str]) -> Callable:
+def _resolve(job: Callable | str) -> Callable:
     """`job` itself, or the function named by ``"module:function"`` (imported now)."""
     if isinstance(job, str):
         module, _, name = job.partition(":")
@@ -64,7 +65,7 @@ def _resolve(job: Union[Callable, str]) -> Callable:
     return job
 
 
-def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = None, description: str = "") -> int:
+def main(cls: type, job: Callable | str, argv: Sequence[str] | None = None, description: str = "") -> int:
     """Parse `argv` into `cls`, run `job(cfg)`. Bad input exits with status 2 and a one-line message.
 
     `job` may be given as ``"module:function"``; it is then imported inside the guarded call. Under
@@ -84,14 +85,14 @@ def main(cls: type, job: Union[Callable, str], argv: Optional[Sequence[str]] = N
     return run_job(go)
 
 
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
+def train_main(argv: Sequence[str] | None = None) -> int:
     """`fdsl-train` / `python train.py`: train the scorers and NAM."""
     from fdsl.config import TrainConfig
 
     return main(TrainConfig, "fdsl.engine.training:train", argv)
 
 
-def test_main(argv: Optional[Sequence[str]] = None) -> int:
+def test_main(argv: Sequence[str] | None = None) -> int:
     """`fdsl-test` / `python test.py`: k-shot evaluation of a checkpoint."""
     from fdsl.config import TestConfig
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from fdsl.config import (
     CalibrateConfig,
@@ -95,7 +96,7 @@ def _default(f: dataclasses.Field) -> str:
     return f"{text} (env `{meta['env']}`)" if meta.get("env") else text
 
 
-def own_fields(cls: type) -> List[dataclasses.Field]:
+def own_fields(cls: type) -> list[dataclasses.Field]:
     """The fields `cls` adds to its dataclass bases (all of them for a class without such bases)."""
     inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
     return [f for f in dataclasses.fields(cls) if f.name not in inherited]
@@ -123,7 +124,7 @@ def options_markdown() -> str:
     return "\n".join(parts)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Write ``docs/options.md`` (or the path given as the only argument)."""
     args = list(sys.argv[1:] if argv is None else argv)
     target = Path(args[0]) if args else DOC

@@ -12,9 +12,10 @@ import contextlib
 import logging
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class BackboneOutput(NamedTuple):
     image_embeds: (B, D) pooled (and, for CLIP, projected) global feature, L2-normalised.
     """
 
-    tokens: List[torch.Tensor]
+    tokens: list[torch.Tensor]
     image_embeds: torch.Tensor
 
 
@@ -50,7 +51,7 @@ class BackboneOutput(NamedTuple):
 #               -> tokens[l] (n, W², C): the patch grid G = image_size / patch_size is shared by all layers.
 
 
-def check_output(backbone: nn.Module, out: BackboneOutput, batch: int, grid: Optional[int] = None) -> None:
+def check_output(backbone: nn.Module, out: BackboneOutput, batch: int, grid: int | None = None) -> None:
     """Raise ConfigError unless `out` (of `batch` inputs) honours the backbone output contract above.
 
     `grid` is the token grid of every layer for window inputs (W); None checks the backbone's own grids.
@@ -86,7 +87,7 @@ def preprocess_for(model: str) -> Preprocess:
     return timm_preprocess(model) if is_timm_model(model) else OPENAI
 
 
-def register_model_configs(extra: Optional[str] = None) -> None:
+def register_model_configs(extra: str | None = None) -> None:
     """Make FDSL's own open_clip configs (and an optional user file or folder) known to open_clip."""
     import open_clip
 
@@ -98,7 +99,7 @@ def register_model_configs(extra: Optional[str] = None) -> None:
         open_clip.add_model_config(extra)
 
 
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read an open_clip or OpenAI CLIP weights file safely (no pickled code is executed)."""
     from open_clip.factory import load_state_dict
 
@@ -115,7 +116,7 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read CLIP weights from {path}: {exc}") from exc
 
 
-def _resolve_weights(model_name: str, pretrained: str, cache_dir: Optional[str]) -> Optional[str]:
+def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) -> str | None:
     """Path of the weights file for `pretrained` (a tag is downloaded), or None for random init."""
     import open_clip
 
@@ -196,7 +197,7 @@ class CLIPBackbone(nn.Module):
 
     def __init__(self, model_name: str = "ViT-L-14-336", pretrained: str = "openai", image_size: int = 518,
                  layers: Sequence[int] = (6, 12, 18, 24), quick_gelu: bool = False, normalize: bool = True,
-                 model_config: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
+                 model_config: str | None = None, cache_dir: str | None = None) -> None:
         super().__init__()
         import open_clip
 
@@ -258,7 +259,7 @@ class CLIPBackbone(nn.Module):
         self.normalize = normalize
         # The positional grid as stored in the weights (e.g. 24x24 for OpenAI ViT-L-14-336).
         self.register_buffer("source_pos_embed", source_pos, persistent=False)
-        self._pos_cache: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         # Where `forward` and `forward_patches` run: None is PyTorch; otherwise an engine object with
         # ``run(name, fn, x)`` (`fdsl.core.engines.OpenVINOEngine`), set through `FDSL.runtime`.
         self.engine = None

@@ -17,8 +17,8 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class _Pass(nn.Module):
         self.owner = owner  # registered, so its weights are the exported program's parameters
         self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.fn(x)
         return (*out.tokens, out.image_embeds)
 
@@ -92,21 +92,21 @@ class OpenVINOEngine:
 
     name = "openvino"
 
-    def __init__(self, owner: nn.Module, threads: Optional[int] = None, cache: Optional[str] = None) -> None:
+    def __init__(self, owner: nn.Module, threads: int | None = None, cache: str | None = None) -> None:
         import openvino as ov
 
         self.owner = owner
         self.core = ov.Core()
-        self.config: Dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
+        self.config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.cache = Path(cache).expanduser() if cache else None
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
             self.config["CACHE_DIR"] = str(self.cache / "compiled")  # OpenVINO's own cache of compiled blobs
-        self._identity: Optional[str] = None
-        self._models: Dict[Tuple[str, Tuple[int, ...]], object] = {}  # per (pass, non-batch shape): ov.Model
-        self._compiled: Dict[Tuple[str, Tuple[int, ...]], object] = {}  # per (pass, full shape): compiled model
+        self._identity: str | None = None
+        self._models: dict[tuple[str, tuple[int, ...]], object] = {}  # per (pass, non-batch shape): ov.Model
+        self._compiled: dict[tuple[str, tuple[int, ...]], object] = {}  # per (pass, full shape): compiled model
         self.seconds_compiling = 0.0
 
     def compiled(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor):
@@ -181,11 +181,11 @@ class OpenVINOEngine:
             raise ConfigError(f"--engine openvino runs on the CPU; got an input on {x.device}")
         req = self.compiled(name, fn, x)
         out = req(np.ascontiguousarray(x.detach().float().numpy()), share_outputs=False)  # copies: req is reused
-        arrays: List[torch.Tensor] = [torch.from_numpy(np.asarray(out[o])) for o in req.outputs]
+        arrays: list[torch.Tensor] = [torch.from_numpy(np.asarray(out[o])) for o in req.outputs]
         return BackboneOutput(arrays[:-1], arrays[-1])
 
 
-def make_engine(engine: str, backbone: nn.Module, cache: Optional[str] = None):
+def make_engine(engine: str, backbone: nn.Module, cache: str | None = None):
     """The engine object for `backbone` (None for PyTorch); `cache` is ``--engine_cache``."""
     if engine == "torch":
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING
 
 from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
@@ -60,7 +60,7 @@ class WindowGeometry:
         object.__setattr__(self, "stride", s)
 
     @property
-    def starts(self) -> List[int]:
+    def starts(self) -> list[int]:
         """Window start positions along one axis, in patches: strictly increasing, the last is G - W."""
         last = self.grid - self.win
         starts = list(range(0, last + 1, self.stride))
@@ -80,8 +80,8 @@ class Geometry:
 
     image_size: int
     patch: int
-    take_indices: Tuple[int, ...]
-    windows: Optional[WindowGeometry]
+    take_indices: tuple[int, ...]
+    windows: WindowGeometry | None
 
     @property
     def grid(self) -> int:
@@ -89,7 +89,7 @@ class Geometry:
         return self.image_size // self.patch
 
     @classmethod
-    def resolve(cls, cfg: ModelConfig, patch: int, depth: Optional[int] = None) -> Geometry:
+    def resolve(cls, cfg: ModelConfig, patch: int, depth: int | None = None) -> Geometry:
         """Check `cfg` against an architecture with patch size `patch` and `depth` blocks (None: unknown).
 
         Raises ConfigError naming the offending option: an input size that is not a multiple of the patch,

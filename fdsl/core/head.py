@@ -1,7 +1,7 @@
 """Per-layer scorers, NAM, and the training-free nn head that stands in for them (docs/method.md §3-4)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ class Scorer(nn.Module):
     def __init__(self, dim: int, hidden: Sequence[int] = (512, 128, 32)) -> None:
         super().__init__()
         self.fbatchNorm = nn.BatchNorm1d(dim)
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         d = dim
         for h in hidden:
             layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
@@ -66,7 +66,7 @@ class FDSLHead(nn.Module):
         dims: the token width of every layer (a list), or one width shared by `num_layers` layers.
     """
 
-    def __init__(self, dims: Union[int, Sequence[int]], num_layers: Optional[int] = None,
+    def __init__(self, dims: int | Sequence[int], num_layers: int | None = None,
                  use_nam: bool = True) -> None:
         super().__init__()
         widths = [int(dims)] * int(num_layers or 0) if isinstance(dims, int) else [int(d) for d in dims]
@@ -76,17 +76,17 @@ class FDSLHead(nn.Module):
         self.nam = NAM()
         self.use_nam = use_nam
 
-    def raw(self, residuals: List[torch.Tensor]) -> List[torch.Tensor]:
+    def raw(self, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
         """L × (B, N, C) residuals -> L × (B, 2, G, G) raw prob maps of the per-layer scorers."""
         if len(residuals) != len(self.scorers):
             raise ConfigError(f"{len(residuals)} layers of residuals for {len(self.scorers)} scorers")
         return [to_grid(s(r.float())) for s, r in zip(self.scorers, residuals)]
 
-    def refine(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+    def refine(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """NAM on each (B, 2, G, G) prob map when NAM is on; the maps themselves otherwise."""
         return [self.nam(m) for m in maps] if self.use_nam else maps
 
-    def forward(self, residuals: List[torch.Tensor]) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def forward(self, residuals: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """L × (B, N, C) residuals -> (raw, refined): each L × (B, 2, G, G) prob maps."""
         raw = self.raw(residuals)
         return raw, self.refine(raw)
@@ -106,16 +106,16 @@ class NNHead(nn.Module):
         super().__init__()
         self.num_layers = int(num_layers)
 
-    def raw(self, distances: List[torch.Tensor]) -> List[torch.Tensor]:
+    def raw(self, distances: list[torch.Tensor]) -> list[torch.Tensor]:
         """L × (B, N, 1) distances -> L × (B, 2, G, G) maps ``[1 - d, d]`` (channel 1 is the anomaly map)."""
         if len(distances) != self.num_layers or any(d.shape[-1] != 1 for d in distances):
             raise ConfigError(f"the nn scorer needs {self.num_layers} layers of (B, N, 1) distances")
         return [to_grid(torch.cat([1.0 - d.float(), d.float()], dim=-1)) for d in distances]
 
-    def refine(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
+    def refine(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """No NAM: the maps themselves."""
         return maps
 
-    def forward(self, distances: List[torch.Tensor]) -> tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def forward(self, distances: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         raw = self.raw(distances)
         return raw, raw

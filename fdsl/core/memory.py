@@ -5,8 +5,8 @@ over patches. Chunks bound the size of the similarity block whatever the bank si
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class Alignment:
     mode: str = "mulmax"
     use_abs: bool = True
     chunk_mb: int = 64
-    compute_dtype: Optional[torch.dtype] = None
+    compute_dtype: torch.dtype | None = None
     use_index: bool = False
     distance: bool = False
 
@@ -76,7 +76,7 @@ def _sq_norms(bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def nearest_normal(query: torch.Tensor, bank: torch.Tensor, align: Alignment = DENSE,
-                   sq_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   sq_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Index of each query token's nearest bank token.
 
     Args:
@@ -151,7 +151,7 @@ class MemoryBank(nn.Module):
     """
 
     def __init__(self, tokens: Sequence[torch.Tensor], image_embeds: torch.Tensor,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if not tokens:
             raise ConfigError("a memory bank needs at least one layer of tokens")
@@ -166,8 +166,8 @@ class MemoryBank(nn.Module):
             self.register_buffer(f"tokens_{i}", t.detach().to(dtype or t.dtype).contiguous())
         self.register_buffer("image_embeds", image_embeds.detach().to(dtype or image_embeds.dtype).contiguous())
         # Per (layer, dtype): the dense bank in that compute dtype and its |b|² (diff2), prepared once.
-        self._search: Dict[Tuple[int, torch.dtype, str], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-        self._prefixes: Dict[int, MemoryBank] = {}  # views of the first k items (`prefix`), not sub-modules
+        self._search: dict[tuple[int, torch.dtype, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._prefixes: dict[int, MemoryBank] = {}  # views of the first k items (`prefix`), not sub-modules
 
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the prepared search tensors
         self._search = {}
@@ -198,7 +198,7 @@ class MemoryBank(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def searchable(self, i: int, align: Alignment, query_dtype: torch.dtype
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer i's dense (K·N, C) bank in the compute dtype and, for diff2, its (K·N,) ``|b|²``.
 
         Both are computed once per (layer, dtype, mode) and kept, so repeated alignments against this
@@ -221,8 +221,8 @@ class MemoryBank(nn.Module):
                                            self.image_embeds[:k])
         return self._prefixes[k]
 
-    def nested_residuals(self, tokens: List[torch.Tensor], sizes: Sequence[int], align: Alignment = DENSE,
-                         query_embeds: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
+    def nested_residuals(self, tokens: list[torch.Tensor], sizes: Sequence[int], align: Alignment = DENSE,
+                         query_embeds: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
         """Residuals against each prefix bank ``prefix(m)``, m in `sizes`: per size, L × (Q, N, C).
 
         Equal to ``[self.prefix(m).residuals(tokens, align, query_embeds) for m in sizes]``, but the dense
@@ -233,7 +233,7 @@ class MemoryBank(nn.Module):
             return [self.prefix(m).residuals(tokens, align, query_embeds) for m in sizes]
         if len(tokens) != self.num_layers:
             raise ConfigError(f"{len(tokens)} query layers against a bank of {self.num_layers}")
-        out: List[List[torch.Tensor]] = [[] for _ in sizes]
+        out: list[list[torch.Tensor]] = [[] for _ in sizes]
         for i, q in enumerate(tokens):
             Q, N, C = q.shape
             n_tok = self.layer(i).shape[1]  # tokens per item of this layer (layers may differ in grid)
@@ -257,8 +257,8 @@ class MemoryBank(nn.Module):
         """(Q, D) query global features -> (Q,) index of the most similar stored item."""
         return (query_embeds.float() @ self.image_embeds.float().T).argmax(dim=-1)  # (Q,)
 
-    def residuals(self, tokens: List[torch.Tensor], align: Alignment = DENSE,
-                  query_embeds: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    def residuals(self, tokens: list[torch.Tensor], align: Alignment = DENSE,
+                  query_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Residuals of query tokens per layer: L × (Q, N, C) -> L × (Q, N, C).
 
         Dense search over all K·N tokens by default; with ``align.use_index`` each query item is
@@ -286,7 +286,7 @@ class MemoryBank(nn.Module):
 class FDSLMemory(nn.Module):
     """The memory of one class: the global bank and, with LFE on, the window bank."""
 
-    def __init__(self, global_bank: MemoryBank, window_bank: Optional[MemoryBank] = None) -> None:
+    def __init__(self, global_bank: MemoryBank, window_bank: MemoryBank | None = None) -> None:
         super().__init__()
         self.global_bank = global_bank
         self.window_bank = window_bank
@@ -317,13 +317,13 @@ class MemorySet:
     """
 
     def __init__(self, memories: Sequence[FDSLMemory] = ()) -> None:
-        self._items: List[FDSLMemory] = []
-        self._bases: List[Optional[FDSLMemory]] = []
+        self._items: list[FDSLMemory] = []
+        self._bases: list[FDSLMemory | None] = []
         for m in memories:
             self.add(m)
 
     @classmethod
-    def of(cls, memories: Union[MemorySet, Sequence[FDSLMemory]]) -> MemorySet:
+    def of(cls, memories: MemorySet | Sequence[FDSLMemory]) -> MemorySet:
         """`memories` itself if it is a set, else a set of independent memories."""
         return memories if isinstance(memories, MemorySet) else cls(memories)
 
@@ -348,9 +348,9 @@ class MemorySet:
     def __iter__(self) -> Iterator[FDSLMemory]:
         return iter(self._items)
 
-    def groups(self) -> List[Tuple[Optional[FDSLMemory], List[int]]]:
+    def groups(self) -> list[tuple[FDSLMemory | None, list[int]]]:
         """[(base or None, positions)], in order of first appearance; a standalone memory has base None."""
-        groups: Dict[int, Tuple[Optional[FDSLMemory], List[int]]] = {}
+        groups: dict[int, tuple[FDSLMemory | None, list[int]]] = {}
         for pos, base in enumerate(self._bases):
             key = id(base) if base is not None else -1 - pos
             groups.setdefault(key, (base, []))[1].append(pos)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True).squeeze(1)
 
 
-def combine_layers(anomalous: List[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_layers(anomalous: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer (B, G_l, G_l) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima).
 
     Layers may differ in grid (timm CNN stages): each is upsampled on its own then; equal grids are upsampled
@@ -68,7 +69,7 @@ class RefFeatures(NamedTuple):
     """Features of reference images: global (u images) and, with LFE on, windows (u·n_windows)."""
 
     global_feats: BackboneOutput
-    window_feats: Optional[BackboneOutput]
+    window_feats: BackboneOutput | None
 
 
 class FDSL(nn.Module):
@@ -82,7 +83,7 @@ class FDSL(nn.Module):
         out = model(images, memory)      # FDSLOutput; model.predict(images, memories) scores several at once
     """
 
-    def __init__(self, backbone: nn.Module, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> None:
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig, runtime: Runtime | None = None) -> None:
         super().__init__()
         if cfg.winmode != "nan" and not backbone.supports_windows:
             raise ConfigError(f"--winmode {cfg.winmode}: LFE windows need a ViT; {backbone.model_name} is a CNN "
@@ -91,7 +92,7 @@ class FDSL(nn.Module):
         self.cfg = cfg
         self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.scorer == "fdsl"
                                 else NNHead(len(backbone.layers)))
-        self._windows: Optional[WindowGeometry] = None
+        self._windows: WindowGeometry | None = None
         self.runtime = runtime or Runtime()
 
     @property
@@ -115,7 +116,7 @@ class FDSL(nn.Module):
         self._runtime = runtime
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, runtime: Optional[Runtime] = None) -> FDSL:
+    def from_config(cls, cfg: ModelConfig, runtime: Runtime | None = None) -> FDSL:
         """Build the backbone and an untrained head from a model config (geometry checked first)."""
         cfg.validate()
         check_geometry(cfg)
@@ -163,7 +164,7 @@ class FDSL(nn.Module):
         with autocast(self.device, self.runtime.compute_dtype):
             return self.backbone.patch_embed(images.to(self.device))  # (B, C, G, G)
 
-    def extract(self, images: torch.Tensor, patches: Optional[torch.Tensor] = None) -> BackboneOutput:
+    def extract(self, images: torch.Tensor, patches: torch.Tensor | None = None) -> BackboneOutput:
         """Backbone features of (B, 3, H, H) images, under autocast to the compute dtype.
 
         `patches`: the images' (B, C, G, G) patch embeddings when already computed (`patch_embed`); the
@@ -174,7 +175,7 @@ class FDSL(nn.Module):
                 return self.backbone.forward_patches(patches)
             return self.backbone(images.to(self.device))
 
-    def window_chunks(self, images: torch.Tensor, patches: Optional[torch.Tensor] = None) -> Iterator[BackboneOutput]:
+    def window_chunks(self, images: torch.Tensor, patches: torch.Tensor | None = None) -> Iterator[BackboneOutput]:
         """Features of the windows of (B, 3, S, S) images, `win_batch` windows at a time (image-major order).
 
         The patch embedding (`conv1`) runs once per image (or not at all when `patches` are given); each
@@ -193,15 +194,15 @@ class FDSL(nn.Module):
                 feats = bb.forward_patches(crops)  # L × (n, W², C)
             yield feats
 
-    def extract_windows(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None,
-                        patches: Optional[torch.Tensor] = None) -> BackboneOutput:
+    def extract_windows(self, images: torch.Tensor, dtype: torch.dtype | None = None,
+                        patches: torch.Tensor | None = None) -> BackboneOutput:
         """Features of every window of (B, 3, S, S) images: L × (B·n_windows, W², C), (B·n_windows, D).
 
         Chunks are written into preallocated tensors (of `dtype`, default the features' own), so the
         result is never held twice, as concatenating a list of chunks would. `patches` as `window_chunks`.
         """
         total = images.shape[0] * self.windows.n_windows
-        tokens: List[torch.Tensor] = []
+        tokens: list[torch.Tensor] = []
         embeds = torch.empty(0)
         s = 0
         for chunk in self.window_chunks(images, patches):
@@ -219,7 +220,7 @@ class FDSL(nn.Module):
 
     @torch.no_grad()
     def encode_references(self, images: torch.Tensor, batch_size: int = 8,
-                          windows: Optional[bool] = None) -> RefFeatures:
+                          windows: bool | None = None) -> RefFeatures:
         """Features of (u, 3, S, S) reference images, and of their windows (default: when LFE is on).
 
         With windows, the patch embedding runs once per image and feeds both branches.
@@ -232,7 +233,7 @@ class FDSL(nn.Module):
         w = self.extract_windows(images, self.runtime.window_bank_dtype, torch.cat(patches)) if with_windows else None
         return RefFeatures(g, w)
 
-    def make_memory(self, refs: RefFeatures, indices: Optional[Sequence[int]] = None) -> FDSLMemory:
+    def make_memory(self, refs: RefFeatures, indices: Sequence[int] | None = None) -> FDSLMemory:
         """The memory of one class from reference features, optionally a subset `indices` of the images."""
         g, w = refs.global_feats, refs.window_feats
         rt = self.runtime
@@ -247,15 +248,15 @@ class FDSL(nn.Module):
         return FDSLMemory(MemoryBank(g.tokens, g.image_embeds, dtype=rt.bank_dtype), window_bank)
 
     # ------------------------------------------------------------------ scoring
-    def residuals(self, bank: MemoryBank, feats: BackboneOutput, window: bool = False) -> List[torch.Tensor]:
+    def residuals(self, bank: MemoryBank, feats: BackboneOutput, window: bool = False) -> list[torch.Tensor]:
         """Feature discrepancy of `feats` against `bank`, per layer: L × (Q, N, C).
 
         `window` selects the window branch's alignment (its similarity dtype may be reduced).
         """
         return bank.residuals(feats.tokens, self.alignment_for(window), feats.image_embeds)
 
-    def iter_residuals(self, feats: BackboneOutput, memories: Union[MemorySet, Sequence[FDSLMemory]],
-                       window: bool = False) -> Iterator[tuple[int, List[torch.Tensor]]]:
+    def iter_residuals(self, feats: BackboneOutput, memories: MemorySet | Sequence[FDSLMemory],
+                       window: bool = False) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """(position, L × (Q, N, C) residuals) of `feats` against each memory's global (or `window`) bank.
 
         Memories nested in one base (`MemorySet.add_prefix`) share one similarity computation against the
@@ -274,7 +275,7 @@ class FDSL(nn.Module):
                                                             feats.image_embeds))
 
     def batch_residuals(self, feats: BackboneOutput, cls_names: Sequence[str],
-                        banks: Dict[str, MemoryBank]) -> List[torch.Tensor]:
+                        banks: dict[str, MemoryBank]) -> list[torch.Tensor]:
         """Residuals of a mixed-class batch, each sample aligned against its own class's bank.
 
         feats.tokens: L × (B, N, C) -> L × (B, N, C).
@@ -287,7 +288,7 @@ class FDSL(nn.Module):
                 o[idx] = r.to(o.dtype)
         return out
 
-    def training_maps(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
+    def training_maps(self, residuals: list[torch.Tensor], size: int) -> list[torch.Tensor]:
         """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
         if self.cfg.scorer != "fdsl":
             raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
@@ -299,7 +300,7 @@ class FDSL(nn.Module):
         up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
         return list(up.reshape(len(maps), B, 2, size, size))
 
-    def anomalous_maps(self, raw: List[torch.Tensor]) -> List[torch.Tensor]:
+    def anomalous_maps(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
         """The one path from raw prob maps to anomaly maps, for both branches: L × (B, 2, G, G) raw per-layer
         maps -> NAM when on -> L × (B, G, G) anomalous channel (docs/method.md §4-6).
 
@@ -307,8 +308,8 @@ class FDSL(nn.Module):
         """
         return [m[:, 1] for m in self.head.refine(raw)]
 
-    def window_maps(self, images: torch.Tensor, memories: Union[MemorySet, Sequence[FDSLMemory]],
-                    patches: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
+    def window_maps(self, images: torch.Tensor, memories: MemorySet | Sequence[FDSLMemory],
+                    patches: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
         """Per memory, per-layer (B, G, G) stitched window maps (docs/method.md §5).
 
         Windows are encoded `win_batch` at a time, once for all memories; each window's raw per-layer
@@ -338,8 +339,8 @@ class FDSL(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, memories: Union[MemorySet, Sequence[FDSLMemory]],
-                out_size: Optional[int] = None) -> List[FDSLOutput]:
+    def predict(self, images: torch.Tensor, memories: MemorySet | Sequence[FDSLMemory],
+                out_size: int | None = None) -> list[FDSLOutput]:
         """Score (B, 3, S, S) images against each memory (a `MemorySet` or a list); one output per memory.
 
         Backbone features are computed once for all memories; with LFE on, the patch embedding runs once per
@@ -351,7 +352,7 @@ class FDSL(nn.Module):
         patches = self.patch_embed(images) if self.use_windows else None  # (B, C, G, G), shared by both branches
         feats = self.extract(images, patches) if cfg.winmode != "onlywin" else None
         wins = self.window_maps(images, memories, patches) if self.use_windows else [None] * len(memories)
-        glob: List[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(memories)
+        glob: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(memories)
         if feats is not None:
             for pos, res in self.iter_residuals(feats, memories):
                 glob[pos] = combine_layers(self.anomalous_maps(self.head.raw(res)), size)
@@ -376,7 +377,7 @@ class FDSL(nn.Module):
         return self.predict(images, [memory])[0]
 
 
-def check_geometry(cfg: ModelConfig) -> Optional[Geometry]:
+def check_geometry(cfg: ModelConfig) -> Geometry | None:
     """The one check of a config's geometry, before any weights load: patch size, blocks, grid and windows.
 
     Returns the validated `Geometry`, or None when the architecture's patch size is not known up front
@@ -400,7 +401,7 @@ def check_geometry(cfg: ModelConfig) -> Optional[Geometry]:
     return Geometry.resolve(cfg, patch, depth if isinstance(depth, int) and depth > 0 else None)
 
 
-def _cat_outputs(parts: List[BackboneOutput]) -> BackboneOutput:
+def _cat_outputs(parts: list[BackboneOutput]) -> BackboneOutput:
     """Concatenate backbone outputs along the batch."""
     return BackboneOutput([torch.cat([p.tokens[i] for p in parts]) for i in range(len(parts[0].tokens))],
                           torch.cat([p.image_embeds for p in parts]))

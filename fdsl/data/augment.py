@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,7 +37,7 @@ VISA_LARGE_CROP = 100
 
 
 
-def mosaic(pairs: Sequence[Tuple[Image.Image, Image.Image]], size: int) -> Tuple[Image.Image, Image.Image]:
+def mosaic(pairs: Sequence[tuple[Image.Image, Image.Image]], size: int) -> tuple[Image.Image, Image.Image]:
     """Tile four (image, mask) pairs into a 2 x 2 mosaic of ``size x size``.
 
     Order: ``pairs[0]`` top-left, ``[1]`` top-right, ``[2]`` bottom-left, ``[3]``
@@ -77,7 +77,7 @@ def random_crop_resize(
     size: int,
     rng: np.random.Generator,
     must_contain_anomaly: bool,
-) -> Tuple[Image.Image, Image.Image]:
+) -> tuple[Image.Image, Image.Image]:
     """Crop the same random ``crop x crop`` window from image and mask, resize back to S x S.
 
     Args:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,11 +89,11 @@ class AnomalyDataset(Dataset):
         self,
         root: PathLike,
         split: str = "test",
-        classes: Optional[Union[str, Sequence[str]]] = None,
+        classes: str | Sequence[str] | None = None,
         image_size: int = 518,
         mask_size: int = 240,
-        meta: Optional[Mapping] = None,
-        augment: Optional[str] = None,
+        meta: Mapping | None = None,
+        augment: str | None = None,
         aug_seed: int = 0,
         norm: Preprocess = OPENAI,
     ) -> None:
@@ -129,9 +129,9 @@ class AnomalyDataset(Dataset):
         # (Re)validate only what this dataset reads: a caller may pass a hand-made meta.
         used = {s: ({c: meta[split][c] for c in wanted} if s == split else {}) for s in SPLITS}
         self.meta: Meta = validate_meta(used, self.root)
-        self.classes: List[str] = wanted
-        self.items: List[dict] = [item for c in wanted for item in self.meta[split][c]]
-        self._class_indices: Dict[str, List[int]] = {}
+        self.classes: list[str] = wanted
+        self.items: list[dict] = [item for c in wanted for item in self.meta[split][c]]
+        self._class_indices: dict[str, list[int]] = {}
         for i, item in enumerate(self.items):
             self._class_indices.setdefault(item["cls_name"], []).append(i)
         self._check_items()
@@ -165,7 +165,7 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load_pair(self, item: dict) -> Tuple[Image.Image, Image.Image]:
+    def _load_pair(self, item: dict) -> tuple[Image.Image, Image.Image]:
         """Load an item's RGB image and its 0/255 mask (zeros for normal items), original size."""
         img_file = os.path.join(self.root, item["img_path"])
         img = load_rgb(img_file)
@@ -176,7 +176,7 @@ class AnomalyDataset(Dataset):
             mask = Image.new("L", img.size, 0)
         return img, mask
 
-    def _augmented_pair(self, index: int, item: dict) -> Tuple[Image.Image, Image.Image]:
+    def _augmented_pair(self, index: int, item: dict) -> tuple[Image.Image, Image.Image]:
         """The S x S (image, mask) pair after the configured augmentation."""
         rng = np.random.default_rng([self.aug_seed, self.epoch, index])
         size = self.image_size

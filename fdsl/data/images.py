@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from collections.abc import Callable
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -31,8 +32,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class Preprocess(NamedTuple):
     """A backbone's input normalisation: per-channel mean and std, and the resize interpolation."""
 
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
     interpolation: str = "bicubic"
 
 
@@ -48,9 +49,9 @@ from fdsl.data.rgb import _exif_orientation, _open_fully, _scale_wide_gray, load
 
 def load_mask(
     path: PathLike,
-    image_size_wh: Optional[Tuple[int, int]],
+    image_size_wh: tuple[int, int] | None,
     binarize_nonzero: bool = True,
-    image_path: Optional[PathLike] = None,
+    image_path: PathLike | None = None,
 ) -> Image.Image:
     """Load a ground-truth mask as a binary ``L`` image holding only 0 and 255.
 
@@ -143,7 +144,7 @@ def to_tensor_normalised(norm: Preprocess = OPENAI) -> Callable[[Image.Image], t
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)])
 
 
-def resize_mask(mask: Image.Image, size_wh: Tuple[int, int]) -> Image.Image:
+def resize_mask(mask: Image.Image, size_wh: tuple[int, int]) -> Image.Image:
     """Bilinear resize of a 0/255 mask, re-binarised at 0.5 (>= 128) so it stays 0/255."""
     if mask.size == tuple(size_wh):
         return mask

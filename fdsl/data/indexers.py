@@ -5,8 +5,8 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from fdsl.checks import unique
 from fdsl.data.meta import META_FILENAME, Item, Meta, check_class_name, make_item

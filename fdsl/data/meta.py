@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import posixpath
-from typing import List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 from fdsl.checks import is_plain_name, unique
 from fdsl.errors import DataError
@@ -225,7 +225,7 @@ def load_meta(root: PathLike) -> Meta:
     return meta
 
 
-def select_classes(meta: Mapping, classes: Optional[Sequence[str]], root: PathLike) -> List[str]:
+def select_classes(meta: Mapping, classes: Sequence[str] | None, root: PathLike) -> list[str]:
     """The classes to run: `classes` (default: every test class), each present in both splits."""
     chosen = unique(classes) if classes else list(meta["test"])
     unknown = [c for c in chosen if c not in meta["test"] or c not in meta["train"]]

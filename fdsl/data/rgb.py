@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -43,13 +43,13 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) if _exif_orientation(img) not in (None, 1) else img.copy()
 
 
-def upright_size(img: Image.Image) -> Tuple[int, int]:
+def upright_size(img: Image.Image) -> tuple[int, int]:
     """(W, H) of an opened image as shown (EXIF orientations 5-8 swap width and height); nothing decoded."""
     w, h = img.size
     return (h, w) if _exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
-def _exif_orientation(img: Image.Image) -> Optional[int]:
+def _exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag (1..8) of an opened image, or None."""
     try:
         value = img.getexif().get(0x0112)

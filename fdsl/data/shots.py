@@ -5,7 +5,7 @@ import logging
 import os
 import posixpath
 import zlib
-from typing import Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from fdsl.io import PathLike, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def _normal_train_paths(meta: Mapping, cls: str) -> List[str]:
+def _normal_train_paths(meta: Mapping, cls: str) -> list[str]:
     train = meta.get("train", {}) if isinstance(meta, Mapping) else {}
     if cls not in train:
         raise DataError(f"Class {cls!r} has no train split in meta; available: {list(train)}.")
@@ -26,7 +26,7 @@ def _normal_train_paths(meta: Mapping, cls: str) -> List[str]:
 
 
 
-def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> List[str]:
+def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> list[str]:
     """Choose ``k`` distinct normal train images of ``cls`` (relative paths).
 
     The draw uses ``numpy.random.default_rng([seed, crc32(cls)])`` over the class's normal
@@ -54,7 +54,7 @@ def sample_k_shot(meta: Mapping, cls: str, k: int, seed: int) -> List[str]:
 
 
 
-def sample_nested_k_shot(meta: Mapping, cls: str, ks: Sequence[int], seed: int) -> Dict[int, List[str]]:
+def sample_nested_k_shot(meta: Mapping, cls: str, ks: Sequence[int], seed: int) -> dict[int, list[str]]:
     """Nested reference draws for several shot counts: ``{k: first k of one seeded permutation}``.
 
     One permutation of the class's normal train paths (sorted by path), drawn with
@@ -83,13 +83,13 @@ def sample_nested_k_shot(meta: Mapping, cls: str, ks: Sequence[int], seed: int) 
 
 
 
-def _path_parts(raw: str) -> Tuple[str, ...]:
+def _path_parts(raw: str) -> tuple[str, ...]:
     norm = posixpath.normpath(raw.replace("\\", "/"))
     return tuple(p for p in norm.split("/") if p not in ("", "."))
 
 
 
-def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: int) -> Dict[str, List[str]]:
+def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: int) -> dict[str, list[str]]:
     """Read a k-shot file (ours or the released code's) into ``{cls: [rel_path] * k}``.
 
     Each non-blank line names a train image, relative to the data root or absolute (also an
@@ -115,15 +115,15 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
         raise DataError(f"Cannot read k-shot file {path!r} ({exc}).") from exc
 
     train = meta.get("train", {})
-    owner: Dict[str, str] = {}  # rel path -> class
-    by_parts: Dict[Tuple[str, ...], str] = {}  # path components -> rel path
+    owner: dict[str, str] = {}  # rel path -> class
+    by_parts: dict[tuple[str, ...], str] = {}  # path components -> rel path
     for cls, items in train.items():
         for item in items:
             rel = item["img_path"]
             owner[rel] = cls
             by_parts[_path_parts(rel)] = rel
 
-    per_class: Dict[str, List[str]] = {}
+    per_class: dict[str, list[str]] = {}
     for lineno, line in enumerate(lines, start=1):
         text = line.strip()
         if not text:
@@ -141,7 +141,7 @@ def read_k_shot_file(path: PathLike, meta: Mapping, classes: Sequence[str], k: i
                                 "for a different dataset or root?")
         per_class.setdefault(owner[rel], []).append(rel)
 
-    shots: Dict[str, List[str]] = {}
+    shots: dict[str, list[str]] = {}
     for cls in classes:
         found = per_class.get(cls, [])
         if len(found) < k:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,22 +32,22 @@ _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
 
 
 class _OpenVINOSession:
-    def __init__(self, path: Path, threads: Optional[int]) -> None:
+    def __init__(self, path: Path, threads: int | None) -> None:
         import openvino as ov
 
-        config: Dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
 
-    def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         res = self.compiled(x)
         return {n: np.asarray(res[o]) for n, o in zip(self.names, self.compiled.outputs)}
 
 
 class _ONNXSession:
-    def __init__(self, path: Path, threads: Optional[int]) -> None:
+    def __init__(self, path: Path, threads: int | None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -56,7 +57,7 @@ class _ONNXSession:
         self.input = self.session.get_inputs()[0].name
         self.names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(None, {self.input: x})))
 
 
@@ -90,7 +91,7 @@ class ExportedDetector:
     `image_threshold`, `pixel_threshold`, `cal_image_size`, `score_images`, `predict`.
     """
 
-    def __init__(self, folder: PathLike, threads: Optional[int] = None) -> None:
+    def __init__(self, folder: PathLike, threads: int | None = None) -> None:
         self.folder = Path(folder)
         self.info = read_contract(self.folder)
         self.model_file = self.folder / self.info["model_file"]
@@ -110,20 +111,20 @@ class ExportedDetector:
         return int(self.info["cal_image_size"])
 
     @property
-    def image_threshold(self) -> Optional[float]:
+    def image_threshold(self) -> float | None:
         return (self.info.get("thresholds") or {}).get("image")
 
     @property
-    def pixel_threshold(self) -> Optional[float]:
+    def pixel_threshold(self) -> float | None:
         return (self.info.get("thresholds") or {}).get("pixel")
 
-    def infer(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(B, 3, S, S) preprocessed float32 batch -> the graph's outputs by name (``anomaly_map`` (B, cal, cal),
         ``score``, ``patch_score``, ``map_max`` (B,))."""
         return self.session.run(np.ascontiguousarray(batch, dtype=np.float32))
 
-    def score_images(self, images: Sequence[Image.Image], threshold: Optional[float] = None,
-                     cal_image_size: Optional[int] = None) -> List[Prediction]:
+    def score_images(self, images: Sequence[Image.Image], threshold: float | None = None,
+                     cal_image_size: int | None = None) -> list[Prediction]:
         """Score one batch of RGB PIL images (any sizes; squashed to the model size)."""
         if not images:
             return []
@@ -145,8 +146,8 @@ class ExportedDetector:
                                     tuple(im.size), region))
         return preds
 
-    def predict(self, images: Union[PathLike, Image.Image, Sequence[Union[PathLike, Image.Image]]],
-                batch_size: int = 8, threshold: Optional[float] = None) -> List[Prediction]:
+    def predict(self, images: PathLike | Image.Image | Sequence[PathLike | Image.Image],
+                batch_size: int = 8, threshold: float | None = None) -> list[Prediction]:
         """Score images (paths, a folder, or PIL images); one `Prediction` per image, in order."""
         from fdsl.inspect.files import list_images
 
@@ -158,13 +159,13 @@ class ExportedDetector:
                 items += [p for p, _ in list_images(x)]
             else:
                 items.append(x)
-        preds: List[Prediction] = []
+        preds: list[Prediction] = []
         for s in range(0, len(items), batch_size):
             pil = [load_rgb(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x) for x in items[s:s + batch_size]]
             preds += self.score_images(pil, threshold)
         return preds
 
 
-def load_exported(folder: PathLike, threads: Optional[int] = None) -> ExportedDetector:
+def load_exported(folder: PathLike, threads: int | None = None) -> ExportedDetector:
     """Load an exported folder (`fdsl export`); `threads` bounds the runtime's CPU threads."""
     return ExportedDetector(folder, threads)

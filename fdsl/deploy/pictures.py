@@ -5,8 +5,6 @@ and the caption font are close to, not bit-equal with, the OpenCV pictures of `f
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -34,7 +32,7 @@ def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return edge
 
 
-def render_overlay(image: Image.Image, amap: np.ndarray, mask: Optional[np.ndarray], caption: str,
+def render_overlay(image: Image.Image, amap: np.ndarray, mask: np.ndarray | None, caption: str,
                    height: int = PANEL_HEIGHT) -> np.ndarray:
     """(H', W', 3) uint8 picture of one verdict (see the module docstring).
 

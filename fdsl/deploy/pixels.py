@@ -2,7 +2,7 @@
 image) and the map-to-image resize (as ``cv2.resize`` with ``INTER_LINEAR`` on float32)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,7 +24,7 @@ def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float], 
     return out
 
 
-def _linear_taps(src: int, dst: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output position: the two source indices and their weights (half-pixel centres, edges clamped)."""
     scale = src / dst
     fx = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
@@ -38,7 +38,7 @@ def _linear_taps(src: int, dst: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray
     return x0, x1, frac
 
 
-def resize_bilinear(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+def resize_bilinear(amap: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """(h, w) float map -> (H, W) float32, bilinear with half-pixel centres as ``cv2.INTER_LINEAR``.
 
     Agrees with OpenCV to float32 rounding (about 1e-7), so a mask ``> threshold`` differs from OpenCV's only

@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -21,8 +21,8 @@ log = logging.getLogger("fdsl.deploy")
 
 
 
-def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *, threshold: Optional[float] = None,
-                   overlays: bool = True, batch_size: int = 8, threads: Optional[int] = None) -> dict:
+def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *, threshold: float | None = None,
+                   overlays: bool = True, batch_size: int = 8, threads: int | None = None) -> dict:
     """Score `images` (folders or files) with the exported `model` folder and write the outputs to `out`.
 
     Returns the summary (also written to ``summary.json``).
@@ -45,7 +45,7 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
         return _predict_locked(det, model, files, out, threshold, overlays, batch_size)
 
 
-def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[float], overlays: bool,
+def _predict_locked(det, model: PathLike, files, out: Path, threshold: float | None, overlays: bool,
                     batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
     from fdsl.deploy.pictures import render_overlay
@@ -62,8 +62,8 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: Optional[
     paths = [str(p) for p, _ in files]
     display = {str(p): n for p, n in files}
     stem_of = dict(zip(paths, output_names([n for _, n in files], keys=[str(Path(p).resolve()) for p in paths])))
-    rows: Dict[str, dict] = {}
-    errors: List[dict] = []
+    rows: dict[str, dict] = {}
+    errors: list[dict] = []
     t0 = time.time()
     for s in range(0, len(paths), batch_size):
         batch, imgs, failed = read_images(paths[s:s + batch_size])
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """The command; 0 on success, 2 on bad input (one line), 130 on Ctrl-C."""
     try:
         args = build_parser().parse_args(argv)

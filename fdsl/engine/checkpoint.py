@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection, Dict, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +30,8 @@ _RELEASED_UNUSED = ("adapterList.", "zeroClsModule.", "rAttn.", "resfus.")
 TRAINED_SETTINGS = settings(ModelConfig, affects=HEAD)
 
 
-def save_checkpoint(path: PathLike, head: nn.Module, model_config: Dict[str, Any], epoch: int,
-                    optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+def save_checkpoint(path: PathLike, head: nn.Module, model_config: dict[str, Any], epoch: int,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write an FDSL checkpoint atomically (a crash never leaves a half-written file)."""
     atomic_torch_save({
         "format": FORMAT,
@@ -42,7 +43,7 @@ def save_checkpoint(path: PathLike, head: nn.Module, model_config: Dict[str, Any
     }, path)
 
 
-def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+def read_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``); errors name the path."""
     path = Path(path)
     if not path.is_file():
@@ -78,9 +79,9 @@ def _load_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(text.split())[:160]}"
 
 
-def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: bool) -> Dict[str, torch.Tensor]:
+def convert_released(state: dict[str, torch.Tensor], num_layers: int, use_nam: bool) -> dict[str, torch.Tensor]:
     """Map the released code's keys (docs/method.md §4 table) onto `FDSLHead` names; unused options dropped."""
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         k = k[len("module."):] if k.startswith("module.") else k
         if k.startswith(_RELEASED_UNUSED):
@@ -96,7 +97,7 @@ def convert_released(state: Dict[str, torch.Tensor], num_layers: int, use_nam: b
     return out
 
 
-def _fit(head: nn.Module, state: Dict[str, torch.Tensor], path: Path, use_nam: bool) -> None:
+def _fit(head: nn.Module, state: dict[str, torch.Tensor], path: Path, use_nam: bool) -> None:
     """Load `state` into `head` strictly, explaining every missing, unexpected or mis-shaped key."""
     own = head.state_dict()
     if not use_nam:  # NAM weights are unused then: ignore whatever the file holds for them
@@ -121,7 +122,7 @@ def _fit(head: nn.Module, state: Dict[str, torch.Tensor], path: Path, use_nam: b
     head.load_state_dict(merged, strict=True)
 
 
-def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -> Dict[str, Any]:
+def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -> dict[str, Any]:
     """Load trained weights into `head` from our checkpoint or a released-code one.
 
     Returns the checkpoint's metadata: ``{"format", "epoch", "model_config", "optimizer"}`` (all but the
@@ -145,8 +146,8 @@ def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -
     return {"format": fmt, "epoch": epoch, "model_config": mcfg, "optimizer": optimizer}
 
 
-def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: Collection[str],
-                           source: PathLike) -> Dict[str, Any]:
+def reconcile_model_config(cfg: Any, saved: dict[str, Any] | None, explicit: Collection[str],
+                           source: PathLike) -> dict[str, Any]:
     """Make `cfg` use the settings `saved` with a checkpoint (in place); returns {setting: value taken}.
 
     For every setting in `TRAINED_SETTINGS` that the checkpoint records: when the user did not set it
@@ -157,7 +158,7 @@ def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: 
     """
     if not saved:
         return {}
-    taken: Dict[str, Any] = {}
+    taken: dict[str, Any] = {}
     for name in TRAINED_SETTINGS:
         if name not in saved:
             continue
@@ -191,7 +192,7 @@ def reconcile_model_config(cfg: Any, saved: Optional[Dict[str, Any]], explicit: 
 
 
 
-def reconcile_with_checkpoint(cfg: Any, path: PathLike, explicit: Collection[str]) -> Dict[str, Any]:
+def reconcile_with_checkpoint(cfg: Any, path: PathLike, explicit: Collection[str]) -> dict[str, Any]:
     """Read checkpoint `path` and reconcile `cfg` with it before the model is built.
 
     Our checkpoints carry their model config (see `reconcile_model_config`). Released-code files carry

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 from fdsl.config import ModelConfig, config_to_dict, model_config_from
 from fdsl.core.model import FDSL
@@ -34,8 +34,8 @@ class RunContext:
             it is given this run's runtime and moved to its device.
     """
 
-    def __init__(self, cfg: Any, data_root: Union[str, Path], out_size: int,
-                 model: Optional[FDSL] = None) -> None:
+    def __init__(self, cfg: Any, data_root: str | Path, out_size: int,
+                 model: FDSL | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.strategy = current_strategy()  # single process, or this rank of a torchrun job
@@ -43,7 +43,7 @@ class RunContext:
         self.runtime = resolve_runtime(cfg, self.device, out_size)
         self.root = str(data_root)
         self.meta: Meta = load_meta(self.root)
-        self.classes: List[str] = select_classes(self.meta, cfg.classes, self.root)
+        self.classes: list[str] = select_classes(self.meta, cfg.classes, self.root)
         self.save_path = Path(cfg.save_path)
         self._model = model
 
@@ -52,14 +52,14 @@ class RunContext:
         """The method's hyper-parameters of this run."""
         return model_config_from(self.cfg)
 
-    def build_model(self, checkpoint: Optional[Union[str, Path]] = None) -> tuple[FDSL, Dict[str, Any]]:
+    def build_model(self, checkpoint: str | Path | None = None) -> tuple[FDSL, dict[str, Any]]:
         """The run's model on its device with its runtime; with `checkpoint`, the trained head loaded.
 
         Returns the model and the checkpoint's metadata (empty without a checkpoint).
         """
         model = self._model if self._model is not None else FDSL.from_config(self.model_config)
         model.runtime = self.runtime
-        meta: Dict[str, Any] = {}
+        meta: dict[str, Any] = {}
         if checkpoint is not None:
             meta = load_head(model.head, checkpoint, len(self.cfg.features_list), self.cfg.use_nam)
         rt = self.runtime

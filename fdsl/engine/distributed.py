@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ class DistState:
     backend: str
 
 
-_STATE: Optional[DistState] = None
+_STATE: DistState | None = None
 
 
 # ---------------------------------------------------------------------------------------------- queries
@@ -101,7 +102,7 @@ def device() -> torch.device:
     return _STATE.device
 
 
-def tqdm_disable() -> Optional[bool]:
+def tqdm_disable() -> bool | None:
     """tqdm's ``disable`` for this rank: automatic (a bar on a terminal) on rank 0, off elsewhere."""
     return None if is_main() else True
 
@@ -130,7 +131,7 @@ def _env_int(name: str, default: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- session
 @contextlib.contextmanager
-def session(device_spec: str = "auto") -> Iterator[Optional[DistState]]:
+def session(device_spec: str = "auto") -> Iterator[DistState | None]:
     """Join the torchrun job for the duration of the block; a no-op without torchrun.
 
     The device type follows `device_spec` (``cpu`` keeps the job on the CPU with gloo; anything else uses
@@ -174,7 +175,7 @@ def rank_log_level(level: int = logging.INFO) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- failures
-def agree(error: Optional[BaseException], what: str) -> None:
+def agree(error: BaseException | None, what: str) -> None:
     """Every rank reports ok or its error; if any rank failed, every rank raises the same `RankFailure`.
 
     Without torchrun, re-raises `error` itself. Must be reached by all ranks (it is a collective).
@@ -187,7 +188,7 @@ def agree(error: Optional[BaseException], what: str) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if int(flag.item()) == 0:
         return
-    msgs: List[Optional[str]] = [None] * world_size()
+    msgs: list[str | None] = [None] * world_size()
     dist.all_gather_object(msgs, None if error is None else _one_line(error))
     bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
     first_rank, first = bad[0]
@@ -204,7 +205,7 @@ def _one_line(error: BaseException) -> str:
 @contextlib.contextmanager
 def step(what: str) -> Iterator[None]:
     """Run the block on every rank, then `agree` on its outcome (see the module's docstring)."""
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised as RankFailure
@@ -224,7 +225,7 @@ def guarded(items: Iterable[T], what: str) -> Iterator[T]:
         return
     it = iter(items)
     while True:
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         item: Any = None
         done = False
         try:
@@ -240,7 +241,7 @@ def guarded(items: Iterable[T], what: str) -> Iterator[T]:
 
 
 # ---------------------------------------------------------------------------------------------- settings
-def check_same_settings(settings: Dict[str, Any]) -> None:
+def check_same_settings(settings: dict[str, Any]) -> None:
     """Every rank must run with the same resolved settings (e.g. `config_to_dict(cfg)`).
 
     Rank 0 broadcasts its settings and a sha256 of them; a rank whose hash differs names the first differing
@@ -252,13 +253,13 @@ def check_same_settings(settings: Dict[str, Any]) -> None:
     import hashlib
     import json
 
-    def digest(d: Dict[str, Any]) -> str:
+    def digest(d: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
-    box: List[Any] = [(digest(settings), settings) if is_main() else None]
+    box: list[Any] = [(digest(settings), settings) if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     ref_hash, ref = box[0]
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     if digest(settings) != ref_hash:
         names = sorted(set(ref) | set(settings))
         key = next(k for k in names if json.dumps(ref.get(k), sort_keys=True, default=str)
@@ -273,11 +274,11 @@ def _collective_device() -> torch.device:
     return _STATE.device if _STATE is not None and _STATE.backend == "nccl" else torch.device("cpu")
 
 
-def gather_to_main(obj: Any) -> Optional[List[Any]]:
+def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); ``[obj]`` without torchrun."""
     if not active():
         return [obj]
-    out: Optional[List[Any]] = [None] * world_size() if is_main() else None
+    out: list[Any] | None = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
 
@@ -310,7 +311,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def error_line(exc: BaseException, line: str) -> Optional[str]:
+def error_line(exc: BaseException, line: str) -> str | None:
     """The error line a rank prints: a `RankFailure` (known to every rank) once, by the failing rank; any other
     error prefixed with the rank that met it."""
     if not launched():

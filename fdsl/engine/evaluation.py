@@ -15,7 +15,6 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +47,7 @@ from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup
 
 log = logging.getLogger(__name__)
 
-Run = Tuple[int, int]  # (k, seed): one evaluated setting, one run folder
+Run = tuple[int, int]  # (k, seed): one evaluated setting, one run folder
 
 SCORE_COLUMNS = ("img_path", "cls_name", "anomaly", "score", "patch_score", "map_max")
 # Settings that do not change any number: a finished class is reused when all others match (the seed's effect,
@@ -71,7 +70,7 @@ def normalised_image_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.
     return image_score(patch_score, minmax(map_max))
 
 
-def class_mean(values: List[float]) -> float:
+def class_mean(values: list[float]) -> float:
     """Mean over classes, skipping undefined (NaN) values; NaN when none is defined."""
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[~np.isnan(arr)]
@@ -125,7 +124,7 @@ class Evaluator:
     exactly what a single run writes. With several runs, `fdsl.engine.protocol` writes the summary.
     """
 
-    def __init__(self, cfg: TestConfig, model: Optional[FDSL] = None) -> None:
+    def __init__(self, cfg: TestConfig, model: FDSL | None = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
         if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
@@ -137,13 +136,13 @@ class Evaluator:
                                                                self.ctx.save_path)
         self.shots = cfg.shot_list()
         self.seeds = cfg.run_seeds()
-        self.runs: List[Run] = [(k, s) for k in self.shots for s in self.seeds]
+        self.runs: list[Run] = [(k, s) for k in self.shots for s in self.seeds]
         check_not_protocol_run(self.save_path, len(self.runs))
         # Per k: the fingerprint a single run with that k has (seeds are neutral).
         self.fingerprints = {k: _fingerprint(replace(cfg, k_shot=k), self.ctx.runtime) for k in self.shots}
         self.fingerprint = self.fingerprints[self.shots[0]]
         # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
-        self.refs: Dict[Run, Dict[str, List[str]]] = {}
+        self.refs: dict[Run, dict[str, list[str]]] = {}
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
@@ -163,11 +162,11 @@ class Evaluator:
     def _class_file(self, run: Run, cls: str) -> Path:
         return self.run_dir(run) / "per_class" / f"{cls}.json"
 
-    def _data_fingerprint(self, cls: str, refs: List[str]) -> str:
+    def _data_fingerprint(self, cls: str, refs: list[str]) -> str:
         """A digest of the class's test items and files (sizes, mtimes) and of its reference image files."""
         return class_data_fingerprint(self.root, self.meta["test"][cls], refs)
 
-    def _finished(self, run: Run, cls: str, refs: List[str]) -> Optional[dict]:
+    def _finished(self, run: Run, cls: str, refs: list[str]) -> dict | None:
         """The saved record of `cls` when it was computed with the same settings, reference images and data."""
         f = self._class_file(run, cls)
         if not f.is_file():
@@ -188,7 +187,7 @@ class Evaluator:
         return rec
 
     # ------------------------------------------------------------------ references
-    def references(self, seed: int) -> Dict[int, Dict[str, List[str]]]:
+    def references(self, seed: int) -> dict[int, dict[str, list[str]]]:
         """Reference image paths per k and class for `seed`: ``{k: {cls: paths}}``.
 
         From --k_shot_file (each k takes the first k of the file's last max(k) lines per class), or a
@@ -203,7 +202,7 @@ class Evaluator:
         nested = {c: sample_nested_k_shot(self.meta, c, ks, seed) for c in self.classes}
         return {k: {c: nested[c][k] for c in self.classes} for k in ks}
 
-    def memories(self, refs: Dict[Run, List[str]]) -> Tuple[MemorySet, Dict[Run, int]]:
+    def memories(self, refs: dict[Run, list[str]]) -> tuple[MemorySet, dict[Run, int]]:
         """One memory (global and window banks) per run, in a `MemorySet`, and each run's position in it.
 
         Each distinct reference image is encoded once. Per seed, the bank of its longest reference list is
@@ -216,7 +215,7 @@ class Evaluator:
         feats = self.model.encode_references(images, self.cfg.batch_size)
         pos = {p: i for i, p in enumerate(unique)}
         mems = MemorySet()
-        at: Dict[Run, int] = {}
+        at: dict[Run, int] = {}
         for seed in sorted({s for _, s in refs}):
             runs = sorted((r for r in refs if r[1] == seed), key=lambda r: len(refs[r]))
             longest = refs[runs[-1]]
@@ -233,7 +232,7 @@ class Evaluator:
 
     # ------------------------------------------------------------------ one class
     @torch.no_grad()
-    def evaluate_class(self, cls: str, refs: Dict[Run, List[str]]) -> Dict[Run, dict]:
+    def evaluate_class(self, cls: str, refs: dict[Run, list[str]]) -> dict[Run, dict]:
         """Score every test image of `cls` against each run's bank; returns per-run records."""
         cfg = self.cfg
         memories, at = self.memories(refs)
@@ -251,8 +250,8 @@ class Evaluator:
         patch = {r: np.empty(n, np.float64) for r in runs}
         masks = np.empty((n, size, size), bool)
         labels = np.empty(n, np.int64)
-        paths: List[str] = []
-        species: List[str] = []
+        paths: list[str] = []
+        species: list[str] = []
         i = 0
         with self.strategy.step(f"scoring the test images of {cls}"):
             for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
@@ -299,7 +298,7 @@ class Evaluator:
                 self._save_images(r, cls, paths, species, masks, maps[r], score, labels)
         return records
 
-    def _save_images(self, run: Run, cls: str, paths: List[str], species: List[str], masks: np.ndarray,
+    def _save_images(self, run: Run, cls: str, paths: list[str], species: list[str], masks: np.ndarray,
                      maps: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
         """image | ground truth | overlay per test image, captioned with its file, label and image score."""
         from fdsl.inspect.overlay import save_side_by_side
@@ -327,9 +326,9 @@ class Evaluator:
             self.ctx.write_config()
             for r in self.runs:
                 write_k_shot_file(self.run_dir(r) / "k_shot.txt", self.refs[r])
-        per_class: Dict[Run, Dict[str, dict]] = {r: {} for r in self.runs}
+        per_class: dict[Run, dict[str, dict]] = {r: {} for r in self.runs}
         for cls in self.classes:
-            def unfinished(cls: str = cls) -> Dict[Run, List[str]]:
+            def unfinished(cls: str = cls) -> dict[Run, list[str]]:
                 todo = {}
                 for r in self.runs:
                     done = self._finished(r, cls, self.refs[r][cls])
@@ -361,7 +360,7 @@ class Evaluator:
                                            {r: res["classes"] for r, res in results.items()}, self.provenance)
         return out
 
-    def _write_seed(self, run: Run, recs: Dict[str, dict]) -> dict:
+    def _write_seed(self, run: Run, recs: dict[str, dict]) -> dict:
         k, seed = run
         out = self.run_dir(run)
         classes = {c: recs[c]["metrics"] for c in self.classes}
@@ -383,7 +382,7 @@ class Evaluator:
         return results
 
 
-def format_table(classes: Dict[str, dict], mean: dict) -> str:
+def format_table(classes: dict[str, dict], mean: dict) -> str:
     """Per-class table in percent (pipe format) with a mean row; columns are the paper's labels, in its order.
 
     `classes` and `mean` hold fractions under the file keys (`fdsl.engine.vocabulary.METRIC_KEYS`).
@@ -393,25 +392,25 @@ def format_table(classes: Dict[str, dict], mean: dict) -> str:
     return tabulate(rows, headers=["objects", *(LABELS[k] for k in METRIC_KEYS)], tablefmt="pipe", floatfmt=".2f")
 
 
-def _tensors(feats) -> List[torch.Tensor]:
+def _tensors(feats) -> list[torch.Tensor]:
     """Every tensor of reference features (`RefFeatures`)."""
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     for part in feats:
         if part is not None:
             out += list(part.tokens) + [part.image_embeds]
     return out
 
 
-def _held_bytes(tensors: List[torch.Tensor]) -> int:
+def _held_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
-    seen: Dict[int, int] = {}
+    seen: dict[int, int] = {}
     for t in tensors:
         st = t.untyped_storage()
         seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
 
 
-def evaluate(cfg: TestConfig, model: Optional[FDSL] = None) -> dict:
+def evaluate(cfg: TestConfig, model: FDSL | None = None) -> dict:
     """Run `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
 
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).

@@ -16,14 +16,14 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from fdsl.engine.vocabulary import LABELS
 
 DATASET_NAMES = {"mvtec": "MVTec AD", "visa": "VisA"}
 # The paper's headline table, mean over seeds, percent (image / pixel); it reports no AUPRO there.
-PAPER: Dict[Tuple[str, int], Dict[str, float]] = {
+PAPER: dict[tuple[str, int], dict[str, float]] = {
     ("mvtec", 1): {"image_auroc": 94.4, "pixel_auroc": 96.8, "image_f1_max": 95.1, "pixel_f1_max": 58.6,
                    "image_ap": 97.2, "pixel_ap": 60.3},
     ("mvtec", 2): {"image_auroc": 95.0, "pixel_auroc": 97.0, "image_f1_max": 95.5, "pixel_f1_max": 59.4,
@@ -41,7 +41,7 @@ PAPER_METRICS = ("image_auroc", "pixel_auroc", "image_f1_max", "pixel_f1_max", "
 
 
 # --------------------------------------------------------------------------- the table
-def compare(summaries: Dict[str, dict]) -> List[dict]:
+def compare(summaries: dict[str, dict]) -> list[dict]:
     """Rows ``{dataset, k, metric, ours_mean, ours_std, paper, diff, n_seeds}`` (fractions; None if absent).
 
     Args:
@@ -60,11 +60,11 @@ def compare(summaries: Dict[str, dict]) -> List[dict]:
     return rows
 
 
-def _pct(v: Optional[float], signed: bool = False) -> str:
+def _pct(v: float | None, signed: bool = False) -> str:
     return "–" if v is None else (f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}")
 
 
-def format_markdown(rows: List[dict], provenance: Dict[str, Optional[dict]]) -> str:
+def format_markdown(rows: list[dict], provenance: dict[str, dict | None]) -> str:
     """Per (dataset, k): our mean ± std over seeds, the paper's number and ours − paper, in percent."""
     from tabulate import tabulate
 
@@ -78,7 +78,7 @@ def format_markdown(rows: List[dict], provenance: Dict[str, Optional[dict]]) -> 
             lines.append(f"- {DATASET_NAMES[ds]}: backbone {prov['backbone']}, weights {weights}, checkpoint "
                          f"{ck.get('path')} (sha256 {ck.get('sha256')}), data {prov['data_path']}{warn}")
     table = []
-    by_setting: Dict[Tuple[str, int], Dict[str, dict]] = {}
+    by_setting: dict[tuple[str, int], dict[str, dict]] = {}
     for r in rows:
         by_setting.setdefault((r["dataset"], r["k"]), {})[r["metric"]] = r
     for (ds, k), cells in by_setting.items():
@@ -94,7 +94,7 @@ def format_markdown(rows: List[dict], provenance: Dict[str, Optional[dict]]) -> 
     return "\n".join(lines)
 
 
-def format_csv(rows: List[dict]) -> str:
+def format_csv(rows: list[dict]) -> str:
     """The rows as CSV, fractions at full precision, empty where undefined."""
     buf = io.StringIO()
     fields = ["dataset", "k", "metric", "n_seeds", "ours_mean", "ours_std", "paper", "diff"]
@@ -106,7 +106,7 @@ def format_csv(rows: List[dict]) -> str:
     return buf.getvalue()
 
 
-def write_table(runs: Dict[str, Path], out: Path) -> str:
+def write_table(runs: dict[str, Path], out: Path) -> str:
     """Read each ``<run>/summary.json`` and write ``<out>.md``, ``.csv`` and ``.json``; returns the markdown.
 
     Raises `fdsl.errors.DataError` naming a run folder without a summary.
@@ -147,7 +147,7 @@ TRAIN_K = 10  # reference shots per class in the training bank
 TRAIN_FACTOR = 1.3  # head backward, augmentation and loading on top of the forward FLOPs (rough)
 
 
-def count_images(dataset: str, root: Path) -> Tuple[Dict[str, int], str]:
+def count_images(dataset: str, root: Path) -> tuple[dict[str, int], str]:
     """``{"classes", "train", "test"}`` image counts of `root` and where they come from.
 
     From ``meta.json`` when present, else from the raw layout (MVTec: ``<cls>/{train,test}/*/*``; VisA:
@@ -178,8 +178,8 @@ def count_images(dataset: str, root: Path) -> Tuple[Dict[str, int], str]:
     return dict(PUBLISHED[dataset]), "the published sizes"
 
 
-def estimate_seconds(step: str, counts: Dict[str, int], shots: Sequence[int], n_seeds: int, winmode: str,
-                     epochs: int, device: str, rates: Optional[Dict[str, float]] = None) -> float:
+def estimate_seconds(step: str, counts: dict[str, int], shots: Sequence[int], n_seeds: int, winmode: str,
+                     epochs: int, device: str, rates: dict[str, float] | None = None) -> float:
     """Seconds a step takes on `device` ("cpu" or "cuda"), from FLOP counts and `rates` (GFLOP/s; default
     `RATE_GFLOPS`).
 
@@ -213,8 +213,8 @@ def human(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def plan_lines(roots: Dict[str, Path], shots: Sequence[int], seeds: Sequence[int], winmode: str,
-               epochs: int, rates: Optional[Dict[str, float]] = None) -> List[str]:
+def plan_lines(roots: dict[str, Path], shots: Sequence[int], seeds: Sequence[int], winmode: str,
+               epochs: int, rates: dict[str, float] | None = None) -> list[str]:
     """The estimate block of ``reproduce.sh --dry-run``: counts, then each step on CPU and on a GPU."""
     rates = dict(rates or RATE_GFLOPS)
     cpu_src = ("measured on a loaded 2-core VM, benchmarks/README.md" if rates["cpu"] == RATE_GFLOPS["cpu"]
@@ -251,7 +251,7 @@ def plan_lines(roots: Dict[str, Path], shots: Sequence[int], seeds: Sequence[int
 
 
 # --------------------------------------------------------------------------- command line
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``table`` or ``plan`` (see the module docstring); bad input exits 2 with one line."""
     from fdsl.errors import FDSLError, user_message
 

@@ -25,8 +25,9 @@ import math
 import os
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -36,28 +37,28 @@ from fdsl.io import atomic_open, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 # (file key, the paper's column name), in the paper's column order (see `fdsl.engine.vocabulary`).
-PAPER_COLUMNS: Tuple[Tuple[str, str], ...] = tuple((k, LABELS[k]) for k in METRIC_KEYS)
+PAPER_COLUMNS: tuple[tuple[str, str], ...] = tuple((k, LABELS[k]) for k in METRIC_KEYS)
 SUMMARY_METRICS = METRIC_KEYS
 MEAN_ROW = "mean"
 CSV_FIELDS = ("dataset", "k", "class", "metric", "n_seeds", "mean", "std")
 RANDOM_WEIGHTS_WARNING = ("RANDOM BACKBONE WEIGHTS (--pretrained none): these numbers are a smoke test "
                           "and say nothing about the method")
 
-Run = Tuple[int, int]  # (k, seed)
+Run = tuple[int, int]  # (k, seed)
 
 
-def _file_identity(path: str) -> Dict[str, Any]:
+def _file_identity(path: str) -> dict[str, Any]:
     """``{"path", "sha256"}`` of a file (sha256 None when it cannot be read)."""
     from fdsl.inspect.files import sha256_file
 
     try:
-        digest: Optional[str] = sha256_file(path)
+        digest: str | None = sha256_file(path)
     except OSError:
         digest = None
     return {"path": os.path.abspath(path), "sha256": digest}
 
 
-def run_provenance(cfg: Any, command: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def run_provenance(cfg: Any, command: Sequence[str] | None = None) -> dict[str, Any]:
     """What made a run's numbers: backbone, weights, checkpoint, dataset root and the command.
 
     Args:
@@ -73,7 +74,7 @@ def run_provenance(cfg: Any, command: Optional[Sequence[str]] = None) -> Dict[st
 
     pretrained = str(cfg.pretrained)
     if pretrained.lower() != "none" and os.path.isfile(pretrained):
-        weights: Dict[str, Any] = _file_identity(pretrained)
+        weights: dict[str, Any] = _file_identity(pretrained)
     else:
         weights = {"tag": pretrained}
     argv = list(command) if command is not None else [os.path.basename(sys.executable), *sys.argv]
@@ -83,7 +84,7 @@ def run_provenance(cfg: Any, command: Optional[Sequence[str]] = None) -> Dict[st
             "options": None if parsed_argv(cfg) is None else shlex.join(parsed_argv(cfg))}
 
 
-def provenance_lines(prov: Optional[Mapping[str, Any]]) -> List[str]:
+def provenance_lines(prov: Mapping[str, Any] | None) -> list[str]:
     """The provenance as short lines for a person (summary.md, summary.png); the warning first."""
     if not prov:
         return []
@@ -99,7 +100,7 @@ def provenance_lines(prov: Optional[Mapping[str, Any]]) -> List[str]:
     return lines
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and population std of `values`; (None, None) when any is undefined (NaN)."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0 or np.isnan(arr).any():
@@ -114,7 +115,7 @@ def _class_mean(values: Sequence[float]) -> float:
 
 
 def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[Run, Mapping[str, Mapping[str, float]]],
-              provenance: Optional[Mapping[str, Any]] = None) -> dict:
+              provenance: Mapping[str, Any] | None = None) -> dict:
     """Mean ± std over seeds, per k, per class and for the class-mean row.
 
     Args:
@@ -130,7 +131,7 @@ def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[Run, Mappin
     """
     shots = sorted({k for k, _ in per_run})
     seeds = sorted({s for _, s in per_run})
-    by_k: Dict[str, dict] = {}
+    by_k: dict[str, dict] = {}
     for k in shots:
         ks = [s for s in seeds if (k, s) in per_run]
         cls_stats = {}
@@ -152,11 +153,11 @@ def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[Run, Mappin
     return out
 
 
-def _none_if_nan(v: float) -> Optional[float]:
+def _none_if_nan(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
-def _cell(mean: Optional[float], std: Optional[float]) -> str:
+def _cell(mean: float | None, std: float | None) -> str:
     return "–" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
@@ -200,7 +201,7 @@ def format_csv(summary: dict) -> str:
     return buf.getvalue()
 
 
-def class_styles(n: int) -> List[Dict[str, Any]]:
+def class_styles(n: int) -> list[dict[str, Any]]:
     """Line styles that keep `n` classes apart: ten tab10 colours, then the same colours dashed, then dotted.
 
     Each class gets a distinct (colour, line style, marker) combination; neighbours in class order never
@@ -268,7 +269,7 @@ def plot_summary(summary: dict, path: Path) -> bool:
 
 def write_summary(save_path: Path, dataset: str, classes: Sequence[str],
                   per_run: Mapping[Run, Mapping[str, Mapping[str, float]]],
-                  provenance: Optional[Mapping[str, Any]] = None) -> dict:
+                  provenance: Mapping[str, Any] | None = None) -> dict:
     """Summarise a protocol's runs into ``summary.{md,csv,json,png}`` at `save_path`; log the tables.
 
     `provenance` (`run_provenance`) stamps every file. Returns the summary.json content (see `summarize`).

@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import contextlib
 import functools
 import logging
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ from fdsl.errors import ConfigError, FDSLError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LossFn = Callable[[List[torch.Tensor], torch.Tensor], torch.Tensor]
+LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 class SingleProcess:
@@ -49,7 +50,7 @@ class SingleProcess:
         """The run's device: ``--device`` resolved."""
         return resolve_device(spec)
 
-    def tqdm_disable(self) -> Optional[bool]:
+    def tqdm_disable(self) -> bool | None:
         """tqdm's ``disable``: automatic (a bar on a terminal)."""
         return None
 
@@ -88,12 +89,12 @@ class SingleProcess:
                           drop_last=False, worker_init_fn=worker_ignore_sigint,
                           pin_memory=pin_memory)  # pinned batches copy to the GPU asynchronously
 
-    def training_maps(self, model: nn.Module) -> Callable[[List[torch.Tensor], int], List[torch.Tensor]]:
+    def training_maps(self, model: nn.Module) -> Callable[[list[torch.Tensor], int], list[torch.Tensor]]:
         """The function from residuals to training maps whose loss is back-propagated (`FDSL.training_maps`)."""
         return model.training_maps
 
-    def loss(self, loss_fn: LossFn, maps: List[torch.Tensor], mask: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def loss(self, loss_fn: LossFn, maps: list[torch.Tensor], mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(loss to back-propagate, the batch's mean loss to report, the batch's size)."""
         loss = loss_fn(maps, mask)
         return loss, loss, int(mask.shape[0])
@@ -103,7 +104,7 @@ class SingleProcess:
         """The part of a class's test images this process scores: all of them."""
         return ds
 
-    def gather(self, part: T) -> Optional[List[T]]:
+    def gather(self, part: T) -> list[T] | None:
         """Every process's `part`, in order, where the results are written (None elsewhere)."""
         return [part]
 
@@ -120,7 +121,7 @@ class Torchrun(SingleProcess):
         distributed.log_device_note(spec)
         return distributed.device()
 
-    def tqdm_disable(self) -> Optional[bool]:
+    def tqdm_disable(self) -> bool | None:
         return distributed.tqdm_disable()
 
     def log_level(self, level: int = logging.INFO) -> int:
@@ -149,18 +150,18 @@ class Torchrun(SingleProcess):
         return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=make_collate(image_size),
                           worker_init_fn=worker_ignore_sigint, pin_memory=pin_memory)
 
-    def training_maps(self, model: nn.Module) -> Callable[[List[torch.Tensor], int], List[torch.Tensor]]:
+    def training_maps(self, model: nn.Module) -> Callable[[list[torch.Tensor], int], list[torch.Tensor]]:
         return ddp_training_maps(model)
 
-    def loss(self, loss_fn: LossFn, maps: List[torch.Tensor], mask: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def loss(self, loss_fn: LossFn, maps: list[torch.Tensor], mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
         loss, loss_sum, b = global_batch_loss(loss_fn, maps, mask)
         return loss, loss_sum / b, b
 
     def shard(self, ds: Dataset, batch_size: int) -> Dataset:
         return Subset(ds, shard_range(len(ds), batch_size))
 
-    def gather(self, part: T) -> Optional[List[T]]:
+    def gather(self, part: T) -> list[T] | None:
         return distributed.gather_to_main(part)
 
 
@@ -170,7 +171,7 @@ def current() -> SingleProcess:
 
 
 # ----------------------------------------------------------------------------- torchrun's mechanics: evaluation
-def shard_range(n: int, batch_size: int, rank_: Optional[int] = None, world: Optional[int] = None) -> range:
+def shard_range(n: int, batch_size: int, rank_: int | None = None, world: int | None = None) -> range:
     """This rank's indices of `n` items cut into single-process batches of `batch_size`, by whole batches.
 
     The ceil(n / batch_size) batches are split into `world` contiguous runs as even as possible, so every
@@ -186,7 +187,7 @@ def shard_range(n: int, batch_size: int, rank_: Optional[int] = None, world: Opt
 
 
 # ----------------------------------------------------------------------------- torchrun's mechanics: training
-def per_rank_batch(global_batch: int, world: Optional[int] = None) -> int:
+def per_rank_batch(global_batch: int, world: int | None = None) -> int:
     """``--batch_size`` is the global batch: the per-rank batch, or an error when it does not divide."""
     world = distributed.world_size() if world is None else world
     if global_batch % world:
@@ -195,7 +196,7 @@ def per_rank_batch(global_batch: int, world: Optional[int] = None) -> int:
     return global_batch // world
 
 
-class GlobalBatchSampler(Sampler[List[int]]):
+class GlobalBatchSampler(Sampler[list[int]]):
     """Per epoch, the single-process shuffled order cut into global batches; each rank gets its slice.
 
     The global batches are drawn by the very call the single-process `Trainer` makes,
@@ -206,8 +207,8 @@ class GlobalBatchSampler(Sampler[List[int]]):
     The last, short batch may leave some ranks an empty slice (they still take part in the step).
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, rank_: Optional[int] = None,
-                 world: Optional[int] = None) -> None:
+    def __init__(self, n: int, global_batch: int, seed: int, rank_: int | None = None,
+                 world: int | None = None) -> None:
         self.n, self.global_batch, self.seed = n, global_batch, seed
         self.rank = distributed.rank() if rank_ is None else rank_
         self.world = distributed.world_size() if world is None else world
@@ -217,7 +218,7 @@ class GlobalBatchSampler(Sampler[List[int]]):
         """The epoch whose order `__iter__` yields next."""
         self.epoch = epoch
 
-    def global_batches(self) -> List[List[int]]:
+    def global_batches(self) -> list[list[int]]:
         """This epoch's global batches, as the single process draws them."""
         from torch.utils.data import DataLoader
 
@@ -226,7 +227,7 @@ class GlobalBatchSampler(Sampler[List[int]]):
                             num_workers=0, drop_last=False)
         return [batch.tolist() for batch in loader]
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():
             m = len(batch)
             yield batch[self.rank * m // self.world:(self.rank + 1) * m // self.world]
@@ -235,7 +236,7 @@ class GlobalBatchSampler(Sampler[List[int]]):
         return math.ceil(self.n / self.global_batch)
 
 
-def collate_or_empty(items: List[Dict[str, Any]], image_size: int) -> Dict[str, Any]:
+def collate_or_empty(items: list[dict[str, Any]], image_size: int) -> dict[str, Any]:
     """`default_collate`, or a zero-sample training batch for a rank whose slice of the last batch is empty."""
     if items:
         return default_collate(items)
@@ -243,7 +244,7 @@ def collate_or_empty(items: List[Dict[str, Any]], image_size: int) -> Dict[str, 
             "cls_name": [], "anomaly": torch.zeros(0, dtype=torch.int64), "img_path": [], "specie_name": []}
 
 
-def make_collate(image_size: int) -> Callable[[List[Dict[str, Any]]], Dict[str, Any]]:
+def make_collate(image_size: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """A picklable `collate_or_empty` for `image_size` (works with data-loading workers)."""
     return functools.partial(collate_or_empty, image_size=image_size)
 
@@ -323,7 +324,7 @@ class _TrainingMaps(nn.Module):
         self.head = model.head
         self._maps = model.training_maps  # a bound method: the model itself is not registered
 
-    def forward(self, residuals: List[torch.Tensor], size: int) -> List[torch.Tensor]:
+    def forward(self, residuals: list[torch.Tensor], size: int) -> list[torch.Tensor]:
         return self._maps(residuals, size)
 
 
@@ -341,8 +342,8 @@ def ddp_training_maps(model: nn.Module) -> nn.Module:
                                    find_unused_parameters=not getattr(model.head, "use_nam", True))
 
 
-def global_batch_loss(loss_fn: Callable[[List[torch.Tensor], torch.Tensor], torch.Tensor],
-                      maps: List[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def global_batch_loss(loss_fn: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
+                      maps: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This rank's loss for ``backward()``, the global batch's loss sum (over samples) and its size.
 
     `loss_fn` is a mean over the batch's samples (FDSL's focal and dice losses are), so the global batch's

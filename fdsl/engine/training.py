@@ -5,7 +5,6 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -45,7 +44,7 @@ def check_resume_config(saved: dict, current: dict, where: PathLike) -> None:
                           "--save_path, or --resume 0 to start over")
 
 
-def latest_checkpoint(save_path: Path) -> Optional[Path]:
+def latest_checkpoint(save_path: Path) -> Path | None:
     """The `epoch_N.pth` in `save_path` with the largest N, if any."""
     found = [(int(m.group(1)), p) for p in save_path.glob("epoch_*.pth")
              if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
@@ -55,7 +54,7 @@ def latest_checkpoint(save_path: Path) -> Optional[Path]:
 class Trainer:
     """Runs a `TrainConfig`: memory banks from k train shots per class, loss on the test split."""
 
-    def __init__(self, cfg: TrainConfig, model: Optional[FDSL] = None) -> None:
+    def __init__(self, cfg: TrainConfig, model: FDSL | None = None) -> None:
         self.ctx = RunContext(cfg, cfg.train_data_path, cfg.image_size, model)
         self.cfg, self.strategy = cfg, self.ctx.strategy
         self.device, self.root, self.meta, self.classes, self.save_path = (
@@ -85,7 +84,7 @@ class Trainer:
         check_resume_config(saved, config_to_dict(self.cfg), path)
 
     @torch.no_grad()
-    def build_banks(self) -> Dict[str, MemoryBank]:
+    def build_banks(self) -> dict[str, MemoryBank]:
         """k-shot memory banks of every training class (train split, normal images)."""
         if self.strategy.is_main:  # one process writes
             write_k_shot_file(self.save_path / "k_shot.txt", self.shots)
@@ -98,7 +97,7 @@ class Trainer:
             banks[c] = self.model.make_memory(refs).global_bank
         return banks
 
-    def run(self) -> List[float]:
+    def run(self) -> list[float]:
         """Train; returns the mean loss of each epoch run now. Resumes from the newest checkpoint.
 
         Every step that depends on the number of processes is the strategy's (`fdsl.engine.strategy`).
@@ -162,7 +161,7 @@ class Trainer:
                 log.info("saved %s", path)
         return losses
 
-    def _resume_state(self, last: Optional[Path]) -> tuple[Optional[Path], Dict]:
+    def _resume_state(self, last: Path | None) -> tuple[Path | None, dict]:
         """The checkpoint to resume from (read once, on rank 0 under torchrun) and its head, optimizer and epoch."""
         if last is None:
             return None, {}
@@ -170,7 +169,7 @@ class Trainer:
         return last, {"head": self.model.head.state_dict(), "optimizer": meta["optimizer"], "epoch": meta["epoch"]}
 
 
-def train(cfg: TrainConfig, model: Optional[FDSL] = None) -> List[float]:
+def train(cfg: TrainConfig, model: FDSL | None = None) -> list[float]:
     """Run `train.py`'s job: log to `<save_path>/log.txt`, train, save checkpoints.
 
     `model` is an already built model to train (the demo shares one between training and testing).

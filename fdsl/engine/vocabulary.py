@@ -7,7 +7,7 @@ column name, in percent. The order is the paper's column order.
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Tuple
+from typing import NamedTuple
 
 
 class Metric(NamedTuple):
@@ -18,7 +18,7 @@ class Metric(NamedTuple):
     what: str
 
 
-METRICS: Tuple[Metric, ...] = (
+METRICS: tuple[Metric, ...] = (
     Metric("image_auroc", "AUROC", "image-level AUROC"),
     Metric("pixel_auroc", "AUROC_p", "pixel-level AUROC"),
     Metric("image_f1_max", "F1-max", "image-level F1-max"),
@@ -27,12 +27,12 @@ METRICS: Tuple[Metric, ...] = (
     Metric("pixel_ap", "AP_p", "pixel-level average precision"),
     Metric("aupro", "AUPRO", "area under the per-region-overlap curve up to FPR 0.3, normalised"),
 )
-METRIC_KEYS: Tuple[str, ...] = tuple(m.key for m in METRICS)
-LABELS: Dict[str, str] = {m.key: m.label for m in METRICS}
+METRIC_KEYS: tuple[str, ...] = tuple(m.key for m in METRICS)
+LABELS: dict[str, str] = {m.key: m.label for m in METRICS}
 FILE_UNIT = "fraction"  # what files store; tables show percent
 UNITS = {"metrics": "fraction in [0, 1] (tables show percent)", "memory_bank_bytes": "bytes"}
 
 
-def percent_line(values: Dict[str, float]) -> str:
+def percent_line(values: dict[str, float]) -> str:
     """``AUROC 90.70  AUROC_p 97.80 ...`` (percent, two decimals) for a ``{key: fraction}`` dict."""
     return "  ".join(f"{LABELS[k]} {100 * values[k]:.2f}" for k in METRIC_KEYS if k in values)

@@ -20,8 +20,9 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CAL_SIZE = 240
 
-ImageInput = Union[PathLike, Image.Image, np.ndarray]
+ImageInput = PathLike | Image.Image | np.ndarray
 
 
 # Prediction (fdsl.inspect.verdicts) and defect_region (fdsl.inspect.thresholds) are NumPy only, for the torch-free
@@ -102,11 +103,11 @@ def _normal_entry(path: PathLike, name: str) -> dict:
 # ----------------------------------------------------------------------------- the detector
 
 
-def _model_fields() -> Dict[str, dataclasses.Field]:
+def _model_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(ModelConfig)}
 
 
-def resolve_model_config(saved: Optional[dict], options: Dict[str, Any]) -> ModelConfig:
+def resolve_model_config(saved: dict | None, options: dict[str, Any]) -> ModelConfig:
     """Defaults <- the checkpoint's saved model config <- explicit `options`; unknown options are errors."""
     fields = _model_fields()
     unknown = sorted(set(options) - set(fields))
@@ -119,7 +120,7 @@ def resolve_model_config(saved: Optional[dict], options: Dict[str, Any]) -> Mode
     return cfg
 
 
-def as_runtime_config(runtime: Union[RuntimeConfig, str]) -> RuntimeConfig:
+def as_runtime_config(runtime: RuntimeConfig | str) -> RuntimeConfig:
     """`runtime` itself (validated), or the default `RuntimeConfig` on the device named by a string."""
     if isinstance(runtime, str):
         runtime = RuntimeConfig(device=runtime)
@@ -147,19 +148,19 @@ class Detector:
         return int(self.info.get("cal_image_size", DEFAULT_CAL_SIZE))
 
     @property
-    def image_threshold(self) -> Optional[float]:
+    def image_threshold(self) -> float | None:
         return self.info.get("thresholds", {}).get("image")
 
     @property
-    def pixel_threshold(self) -> Optional[float]:
+    def pixel_threshold(self) -> float | None:
         return self.info.get("thresholds", {}).get("pixel")
 
     # ------------------------------------------------------------------ fit
     @classmethod
     @torch.no_grad()
-    def fit(cls, checkpoint: Optional[PathLike], normal_images: Union[PathLike, Sequence[PathLike]], *,
-            runtime: Union[RuntimeConfig, str] = "auto", batch_size: int = 8,
-            cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: Optional[int] = None,
+    def fit(cls, checkpoint: PathLike | None, normal_images: PathLike | Sequence[PathLike], *,
+            runtime: RuntimeConfig | str = "auto", batch_size: int = 8,
+            cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: int | None = None,
             shot_selection: str = "coreset", **model_options: Any) -> Detector:
         """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
@@ -231,7 +232,7 @@ class Detector:
         return cls(model, memory, info)
 
     # ------------------------------------------------------------------ save / load
-    def tensors(self) -> Dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors written to the file: ``head.*`` and ``memory.*`` (contiguous, on the CPU)."""
         out = {f"head.{k}": v for k, v in self.model.head.state_dict().items()}
         out.update({f"memory.{k}": v for k, v in self.memory.state_dict().items()})
@@ -254,8 +255,8 @@ class Detector:
     read_file = staticmethod(read_detector_file)
 
     @classmethod
-    def load(cls, path: PathLike, *, runtime: Union[RuntimeConfig, str] = "auto",
-             pretrained: Optional[PathLike] = None) -> Detector:
+    def load(cls, path: PathLike, *, runtime: RuntimeConfig | str = "auto",
+             pretrained: PathLike | None = None) -> Detector:
         """Load a detector file: backbone rebuilt from its config, head and banks restored (nothing re-encoded).
 
         Args:
@@ -297,8 +298,8 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score_images(self, images: Sequence[Image.Image], threshold: Optional[float] = None,
-                     cal_image_size: Optional[int] = None) -> List[Prediction]:
+    def score_images(self, images: Sequence[Image.Image], threshold: float | None = None,
+                     cal_image_size: int | None = None) -> list[Prediction]:
         """Score one batch of RGB PIL images (any sizes; squashed to the model size as in evaluation)."""
         if not images:
             return []
@@ -324,8 +325,8 @@ class Detector:
             preds.append(Prediction(score, verdict, amap, mask, float(p), float(m), area, tuple(im.size), region))
         return preds
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 8,
-                threshold: Optional[float] = None, cal_image_size: Optional[int] = None) -> List[Prediction]:
+    def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 8,
+                threshold: float | None = None, cal_image_size: int | None = None) -> list[Prediction]:
         """Score images; returns one `Prediction` per image, in order.
 
         `images`: a path, a folder (read recursively), a PIL image, a numpy array, or a sequence of these. An
@@ -339,7 +340,7 @@ class Detector:
         elif isinstance(images, (bytes, bytearray, memoryview)):
             raise TypeError(_TAKES + f"; got {type(images).__name__} (for an encoded file's bytes, pass "
                             "PIL.Image.open(io.BytesIO(data)))")
-        items: List[ImageInput] = []
+        items: list[ImageInput] = []
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)  # (N, H, W, C) -> N arrays (H, W, C)
         for x in images:
@@ -349,15 +350,15 @@ class Detector:
                 items.append(x)
             else:
                 raise TypeError(_TAKES + f"; got an item of type {type(x).__name__}")
-        preds: List[Prediction] = []
+        preds: list[Prediction] = []
         for s in range(0, len(items), batch_size):
             preds += self.score_images([_as_pil(x) for x in items[s:s + batch_size]], threshold, cal_image_size)
         return preds
 
     # ------------------------------------------------------------------ thresholds
-    def calibrate(self, normal: Union[PathLike, Sequence[PathLike]],
-                  anomalous: Optional[Union[PathLike, Sequence[PathLike]]] = None,
-                  masks: Optional[PathLike] = None, max_fpr: Optional[float] = None,
+    def calibrate(self, normal: PathLike | Sequence[PathLike],
+                  anomalous: PathLike | Sequence[PathLike] | None = None,
+                  masks: PathLike | None = None, max_fpr: float | None = None,
                   batch_size: int = 8) -> dict:
         """Set the image and pixel thresholds from validation images; returns the calibration report.
 
@@ -436,7 +437,7 @@ class Detector:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _warn_shared_images(normal: Sequence[Tuple[Path, str]], anomalous: Sequence[Tuple[Path, str]]) -> None:
+def _warn_shared_images(normal: Sequence[tuple[Path, str]], anomalous: Sequence[tuple[Path, str]]) -> None:
     """Warn when one image (same file, or same bytes) is given as both normal and anomalous."""
     if not anomalous:
         return
@@ -447,7 +448,7 @@ def _warn_shared_images(normal: Sequence[Tuple[Path, str]], anomalous: Sequence[
                     "%s; the thresholds cannot separate them", len(shared), shared[0][0], shared[0][1])
 
 
-def map_to_image(amap: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+def map_to_image(amap: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """(cal, cal) anomaly map -> (H, W) at the image's own size (bilinear), float32."""
     w, h = int(size_wh[0]), int(size_wh[1])
     return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)

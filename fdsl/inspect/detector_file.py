@@ -11,8 +11,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ def _is_tag(model: str, pretrained: str) -> bool:
     return pretrained.lower() == "none" or bool(open_clip.get_pretrained_cfg(model, pretrained))
 
 
-def locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) -> str:
+def locate_weights(bb: dict, detector_path: Path, override: PathLike | None) -> str:
     """The `pretrained` value to build the backbone with; a weights file must match the stored sha256.
 
     A detector never makes fdsl read a file it does not pin by a digest: a stored weights name that is
@@ -96,7 +97,7 @@ def locate_weights(bb: dict, detector_path: Path, override: Optional[PathLike]) 
                           f"not at {bb.get('path')!r} nor beside the detector; pass them with --pretrained")
 
 
-def locate_model_config(bb: dict, model_config: Optional[str], detector_path: Path) -> Optional[str]:
+def locate_model_config(bb: dict, model_config: str | None, detector_path: Path) -> str | None:
     """The extra open_clip model config to register: only a file with the sha256 recorded at fit time."""
     if model_config is None:
         return None
@@ -110,7 +111,7 @@ def locate_model_config(bb: dict, model_config: Optional[str], detector_path: Pa
     return model_config
 
 
-def memory_from_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> FDSLMemory:
+def memory_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> FDSLMemory:
     banks = {}
     for name in ("global_bank", "window_bank"):
         prefix = f"memory.{name}."
@@ -152,7 +153,7 @@ def check_memory(memory: FDSLMemory, model: FDSL, path: Path) -> None:
                                   "detector comes from another model")
 
 
-def read_detector_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
+def read_detector_file(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a detector file, read safely.
 
     The metadata is checked against `METADATA_SCHEMA` (`validate_metadata`), the tensors for names, dtypes and
@@ -180,7 +181,7 @@ def read_detector_file(path: PathLike) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return info, tensors
 
 
-def write_detector_file(path: Path, tensors: Dict[str, torch.Tensor], info: dict) -> None:
+def write_detector_file(path: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     """Write `tensors` and the metadata `info` to `path` atomically (a temporary file, then a rename).
 
     Both are checked first as `read_detector_file` checks them, so no file is written that would be refused.
@@ -204,7 +205,7 @@ def write_detector_file(path: Path, tensors: Dict[str, torch.Tensor], info: dict
 # ----------------------------------------------------------------------------- the metadata schema
 # One schema for the metadata entry: a field is (description, check) or a nested record (a dict of
 # fields); each record maps its keys to (required, field). Unknown keys are refused, numbers must be finite.
-Spec = Tuple[str, Callable[[Any], bool]]
+Spec = tuple[str, Callable[[Any], bool]]
 
 
 def _is_int(v: Any) -> bool:
@@ -225,7 +226,7 @@ def _or_null(spec: Spec) -> Spec:
     return (spec[0] + " or null", lambda v: v is None or spec[1](v))
 
 
-def _choice(choices: Tuple[Any, ...]) -> Spec:
+def _choice(choices: tuple[Any, ...]) -> Spec:
     return (f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices)
 
 
@@ -259,7 +260,7 @@ def _model_config_schema() -> dict:
         elif "int" in ann:
             spec = _int(1)
         else:
-            spec = _or_null(_STR) if "Optional" in ann else _STR
+            spec = _or_null(_STR) if ("Optional" in ann or "None" in ann) else _STR
         out[f.name] = (f.name in ("model", "image_size", "features_list"), spec)
     return out
 
@@ -362,7 +363,7 @@ def validate_metadata(info: Any, path: PathLike) -> dict:
     return info
 
 
-def check_tensors(tensors: Dict[str, torch.Tensor], path: PathLike) -> None:
+def check_tensors(tensors: dict[str, torch.Tensor], path: PathLike) -> None:
     """Every stored tensor is a ``head.*`` or ``memory.*`` entry of an allowed dtype, with finite values.
 
     Raises:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,8 +53,8 @@ class _Bank(nn.Module):
         self.diff2 = diff2
 
 
-def _graph_residuals(bank: _Bank, tokens: List[torch.Tensor], embeds: torch.Tensor, use_abs: bool,
-                     chunk_mb: int, items_per_image: int) -> List[torch.Tensor]:
+def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tensor, use_abs: bool,
+                     chunk_mb: int, items_per_image: int) -> list[torch.Tensor]:
     """FD residuals L × (Q, N, C) of query tokens L × (Q, N, C) against `bank`, traceable with a dynamic Q.
 
     The similarity is computed in static chunks of the token axis, each at most `chunk_mb` MiB per image
@@ -89,7 +88,7 @@ def _graph_residuals(bank: _Bank, tokens: List[torch.Tensor], embeds: torch.Tens
     return out
 
 
-def combine_layers(anomalous: List[torch.Tensor], size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def combine_layers(anomalous: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`fdsl.core.model.combine_layers` for equal grids (CLIP), traceable with a dynamic batch.
 
     L × (B, G, G) anomalous maps -> ((B, size, size) mean of the upsampled maps, (B,) mean of the maxima).
@@ -157,7 +156,7 @@ class DetectorGraph(nn.Module):
             self.n_windows = n_windows(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
             self.stitch = _Stitch(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, bb, size = self.cfg, self.backbone, self.out_size
         amap = patch = None
         if cfg.winmode != "onlywin":
@@ -279,7 +278,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     return out
 
 
-def exported_files(out: PathLike) -> Optional[List[Path]]:
+def exported_files(out: PathLike) -> list[Path] | None:
     """The files of an exported folder (contract first), or None when it is not one."""
     out = Path(out)
     if not (out / CONTRACT).is_file():

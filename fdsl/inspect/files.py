@@ -4,8 +4,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
@@ -51,8 +51,8 @@ def _is_predict_output(folder: Path) -> bool:
     return True
 
 
-def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images",
-                exclude: Optional[PathLike] = None) -> List[Tuple[Path, str]]:
+def list_images(inputs: PathLike | Sequence[PathLike], what: str = "images",
+                exclude: PathLike | None = None) -> list[tuple[Path, str]]:
     """Image files of folders (recursive, sorted) and listed files, as (path, name) pairs.
 
     The name of a file found in a folder is its path relative to that folder (POSIX form); a listed file's
@@ -67,7 +67,7 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images
         inputs = [inputs]
     exts = image_extensions()
     excl = Path(exclude).resolve() if exclude is not None else None
-    out: List[Tuple[Path, str]] = []
+    out: list[tuple[Path, str]] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
@@ -95,7 +95,7 @@ def list_images(inputs: Union[PathLike, Sequence[PathLike]], what: str = "images
 
 
 
-def find_mask(masks: Path, name: str, image_path: Optional[PathLike] = None) -> Path:
+def find_mask(masks: Path, name: str, image_path: PathLike | None = None) -> Path:
     """The mask of image `name` (its relative path) under `masks`.
 
     Looked for, in order: ``<rel dir>/<stem>.*`` and ``<rel dir>/<stem>_mask.*`` under `masks`, then the same

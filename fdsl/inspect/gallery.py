@@ -5,8 +5,8 @@ import base64
 import html
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from PIL import Image
 
@@ -24,7 +24,7 @@ th{background:#eef0f3;text-align:left}td.num{text-align:right;font-variant-numer
 td.f{max-width:320px;word-break:break-all}"""
 
 
-def thumbnail_uri(path: Path, height: int = THUMB_HEIGHT) -> Optional[str]:
+def thumbnail_uri(path: Path, height: int = THUMB_HEIGHT) -> str | None:
     """A JPEG data URI of the picture at `path` scaled to `height` px; None when it cannot be read."""
     try:
         with Image.open(path) as img:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from PIL import Image
 
@@ -25,7 +25,7 @@ def _colour(mode: str) -> str:
     return "gray" if mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;16") else "colour"
 
 
-def image_profile(path: PathLike) -> Optional[Tuple[str, Tuple[int, int]]]:
+def image_profile(path: PathLike) -> tuple[str, tuple[int, int]] | None:
     """(mode, (W, H) as shown, EXIF orientation applied) from the file's header (nothing is decoded); None
     when it cannot be opened."""
     from fdsl.data.images import upright_size
@@ -37,7 +37,7 @@ def image_profile(path: PathLike) -> Optional[Tuple[str, Tuple[int, int]]]:
         return None
 
 
-def reference_profile(normal_images: Sequence[dict]) -> Optional[dict]:
+def reference_profile(normal_images: Sequence[dict]) -> dict | None:
     """The normal images' usual colour kind and median size from a detector's ``normal_images`` entries
     (``mode`` and ``size`` recorded at fit time); None for a file written before they were recorded."""
     entries = [n for n in normal_images if n.get("mode") and n.get("size")]
@@ -50,7 +50,7 @@ def reference_profile(normal_images: Sequence[dict]) -> Optional[dict]:
             "size": (ws[len(ws) // 2], hs[len(hs) // 2])}
 
 
-def differences(profile: dict, mode: str, size: Tuple[int, int]) -> List[str]:
+def differences(profile: dict, mode: str, size: tuple[int, int]) -> list[str]:
     """How one input (mode, (W, H)) differs from the reference `profile`: [] when it does not, strongly."""
     out = []
     if _colour(mode) != profile["colour"]:
@@ -64,7 +64,7 @@ def differences(profile: dict, mode: str, size: Tuple[int, int]) -> List[str]:
     return out
 
 
-def warn_unlike_normals(normal_images: Sequence[dict], inputs: Sequence[Tuple[PathLike, str]]) -> Dict[str, List[str]]:
+def warn_unlike_normals(normal_images: Sequence[dict], inputs: Sequence[tuple[PathLike, str]]) -> dict[str, list[str]]:
     """Log one warning naming the inputs whose colour mode or size/aspect differs from the normal images'.
 
     Args:
@@ -77,7 +77,7 @@ def warn_unlike_normals(normal_images: Sequence[dict], inputs: Sequence[Tuple[Pa
     if profile is None:
         log.debug("the detector file records no mode/size of its normal images: input check skipped")
         return {}
-    odd: Dict[str, List[str]] = {}
+    odd: dict[str, list[str]] = {}
     for path, name in inputs:
         prof = image_profile(path)
         if prof is not None:

@@ -20,8 +20,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -48,7 +48,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_owner(path: Path) -> Optional[dict]:
+def _read_owner(path: Path) -> dict | None:
     try:
         owner = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -134,8 +134,8 @@ def _short_hash(key: str) -> str:
     return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
-def output_names(names: Sequence[str], keys: Optional[Sequence[str]] = None,
-                 taken: Collection[str] = ()) -> List[str]:
+def output_names(names: Sequence[str], keys: Sequence[str] | None = None,
+                 taken: Collection[str] = ()) -> list[str]:
     """Unique, sanitised relative output stems (no extension) for input names; none can leave the folder.
 
     Each path component keeps letters, digits, ``._-`` (others become ``_``, leading dots are dropped, so no
@@ -170,7 +170,7 @@ def is_output_stem(stem: str) -> bool:
 # ----------------------------------------------------------------------------- inputs and the folder
 
 
-def input_identity(path: PathLike) -> Optional[Dict[str, int]]:
+def input_identity(path: PathLike) -> dict[str, int] | None:
     """``{"size", "mtime_ns"}`` of an input file (None when it cannot be stat'ed): a replaced file differs."""
     try:
         st = os.stat(path)
@@ -213,7 +213,7 @@ def inside(root: Path, rel: str) -> Path:
         raise ConfigError(f"output name {rel!r} would leave the output folder {str(root)!r}")
     return p
 
-def csv_text(rows: List[dict], columns: Sequence[str]) -> str:
+def csv_text(rows: list[dict], columns: Sequence[str]) -> str:
     """`rows` as CSV text with a header of `columns`."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
@@ -222,7 +222,7 @@ def csv_text(rows: List[dict], columns: Sequence[str]) -> str:
         w.writerow(r)
     return buf.getvalue()
 
-def read_rows(path: Path) -> Dict[str, dict]:
+def read_rows(path: Path) -> dict[str, dict]:
     """An earlier scores.csv keyed by path; {} when it is missing or unreadable."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -230,7 +230,7 @@ def read_rows(path: Path) -> Dict[str, dict]:
     except (OSError, KeyError, csv.Error):
         return {}
 
-def save_png(path: Path, arr: np.ndarray, mode: Optional[str] = None) -> None:
+def save_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
     """Write `arr` as a PNG atomically."""
     from fdsl.io import atomic_open
 
@@ -255,13 +255,13 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(fh, np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def read_images(paths: Sequence[str]) -> Tuple[List[str], List[Image.Image], List[Tuple[str, Exception]]]:
+def read_images(paths: Sequence[str]) -> tuple[list[str], list[Image.Image], list[tuple[str, Exception]]]:
     """Decode `paths` (EXIF-upright RGB): (the paths read, their images, [(path, error)] of those that failed)."""
     from fdsl.data.rgb import load_rgb
 
-    ok: List[str] = []
-    images: List[Image.Image] = []
-    failed: List[Tuple[str, Exception]] = []
+    ok: list[str] = []
+    images: list[Image.Image] = []
+    failed: list[tuple[str, Exception]] = []
     for p in paths:
         try:
             images.append(load_rgb(p))

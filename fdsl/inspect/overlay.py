@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -35,7 +34,7 @@ def _fit_text(canvas: np.ndarray, text: str, y: int, max_scale: float = 0.45) ->
 
 
 def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap: np.ndarray,
-                      caption: Optional[str] = None) -> None:
+                      caption: str | None = None) -> None:
     """Write image | ground truth | overlay at the map's resolution (squash-resized like the model input).
 
     Args:
@@ -75,7 +74,7 @@ def _text(canvas: np.ndarray, text: str, org: tuple, scale: float = 0.5, color: 
     cv2.putText(canvas, text, org, _FONT, scale, color, 1, cv2.LINE_AA)
 
 
-def colour_bar(height: int, pixel_threshold: Optional[float]) -> np.ndarray:
+def colour_bar(height: int, pixel_threshold: float | None) -> np.ndarray:
     """(height + title, bar + labels, 3) uint8 colour bar of the heat map's scale 0..1, jet, 1 at the top.
 
     The pixel threshold, when given, is a black line across the bar labelled with its value.
@@ -98,8 +97,8 @@ def colour_bar(height: int, pixel_threshold: Optional[float]) -> np.ndarray:
     return np.concatenate([title, col], axis=0)
 
 
-def render_overlay(image: Image.Image, amap: np.ndarray, mask: Optional[np.ndarray], caption: str,
-                   height: int = PANEL_HEIGHT, pixel_threshold: Optional[float] = None) -> np.ndarray:
+def render_overlay(image: Image.Image, amap: np.ndarray, mask: np.ndarray | None, caption: str,
+                   height: int = PANEL_HEIGHT, pixel_threshold: float | None = None) -> np.ndarray:
     """(H, W, 3) uint8 picture: caption; titled panels image | heat map over the image | defect contour; colour bar.
 
     Args:

@@ -7,7 +7,6 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import List
 
 import numpy as np
 
@@ -26,7 +25,7 @@ def report_dir(detector: PathLike) -> Path:
     return det.with_name(det.stem + "_calibration")
 
 
-def small_set_warnings(n_normal: int, n_anomalous: int) -> List[str]:
+def small_set_warnings(n_normal: int, n_anomalous: int) -> list[str]:
     """One sentence per validation group smaller than `MIN_NORMAL` / `MIN_ANOMALOUS` (anomalous: only if any)."""
     out = []
     if n_normal < MIN_NORMAL:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,7 +27,7 @@ LARGE_SHOTS = 16  # fitting more shots than this without --max_shots warns (memo
 LARGE_BYTES = 2 ** 30  # ... or a projected detector above 1 GiB
 
 
-def even_indices(n_total: int, n: int) -> List[int]:
+def even_indices(n_total: int, n: int) -> list[int]:
     """`n` indices spread evenly over ``range(n_total)``, first and last included (all when n >= n_total)."""
     if n >= n_total:
         return list(range(n_total))
@@ -36,7 +36,7 @@ def even_indices(n_total: int, n: int) -> List[int]:
     return sorted({int(round(i * (n_total - 1) / (n - 1))) for i in range(n)})
 
 
-def greedy_coreset(features: torch.Tensor, n: int) -> List[int]:
+def greedy_coreset(features: torch.Tensor, n: int) -> list[int]:
     """Greedy k-center selection of `n` rows of (N, D) `features` (cosine distance); returns sorted indices.
 
     The first pick is the row nearest the mean direction; each next pick maximises the distance to its
@@ -64,8 +64,8 @@ def projected_cost(bytes_one_shot: int, n_shots: int) -> str:
             f"about {n_shots}x the nearest-neighbour search of a 1-shot detector")
 
 
-def choose_shots(model: FDSL, tf: Any, files: List[Tuple[Path, str]], max_shots: Optional[int], selection: str,
-                 batch_size: int) -> Tuple[List[Tuple[Path, str]], str]:
+def choose_shots(model: FDSL, tf: Any, files: list[tuple[Path, str]], max_shots: int | None, selection: str,
+                 batch_size: int) -> tuple[list[tuple[Path, str]], str]:
     """The shots among `files` ((path, name) pairs) and how they were chosen ("all", "coreset", "even").
 
     Without `max_shots`, more than a few candidates cost one extra 1-shot encoding, to project the detector's

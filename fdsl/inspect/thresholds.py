@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
 from fdsl.errors import ConfigError, DataError
 
 
-def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> Tuple[float, float]:
+def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """Threshold t maximising F1 of the rule ``score > t``; returns (t, F1).
 
     t is the midpoint between the best cut's lowest flagged score and the next lower distinct score.
@@ -39,7 +39,7 @@ def threshold_for_fpr(normal_scores: np.ndarray, max_fpr: float) -> float:
     return float(s[min(n_fp, s.size - 1)])
 
 
-def check_threshold(value: Any, flag: str = "--threshold") -> Optional[float]:
+def check_threshold(value: Any, flag: str = "--threshold") -> float | None:
     """`value` as a float when it is a finite number, None for None; NaN and infinities are errors
     (``score > nan`` is never true: every image would silently be normal)."""
     if value is None:
@@ -54,7 +54,7 @@ TOP_REGION_FRACTION = 0.1  # a flagged image without a pixel above the pixel thr
 
 
 def defect_region(full_map: np.ndarray, pixel_threshold: float,
-                  is_anomalous: Optional[bool]) -> Tuple[np.ndarray, str]:
+                  is_anomalous: bool | None) -> tuple[np.ndarray, str]:
     """The defect mask of one image, consistent with its image verdict; returns ((H, W) bool mask, rule).
 
     Rules (docs/workbench.md, "Verdicts that agree"):

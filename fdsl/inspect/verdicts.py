@@ -6,7 +6,7 @@ give the same numbers for the same image and batch.
 from __future__ import annotations
 
 import io
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -29,24 +29,24 @@ class Prediction(NamedTuple):
     """
 
     score: float
-    is_anomalous: Optional[bool]
+    is_anomalous: bool | None
     anomaly_map: np.ndarray
-    mask: Optional[np.ndarray]
+    mask: np.ndarray | None
     patch_score: float
     map_max: float
-    defect_area_px: Optional[int]
-    size: Tuple[int, int]
-    region: Optional[str] = None
+    defect_area_px: int | None
+    size: tuple[int, int]
+    region: str | None = None
 
 
 RECORD_FIELDS = ("score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region")
 
 
-def _round(x: Optional[float]) -> Optional[float]:
+def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), DIGITS)
 
 
-def verdict_record(pred: Prediction, threshold: Optional[float]) -> dict:
+def verdict_record(pred: Prediction, threshold: float | None) -> dict:
     """{score, map_max, threshold, margin, is_anomalous, defect_area_px, region} of one prediction.
 
     margin = score − threshold (positive: anomalous; None without a threshold), rounded to `DIGITS` decimals
@@ -57,7 +57,7 @@ def verdict_record(pred: Prediction, threshold: Optional[float]) -> dict:
             "is_anomalous": pred.is_anomalous, "defect_area_px": pred.defect_area_px, "region": pred.region}
 
 
-def caption(name: str, pred: Prediction, threshold: Optional[float]) -> str:
+def caption(name: str, pred: Prediction, threshold: float | None) -> str:
     """One line for a picture: file name, score, threshold and margin, verdict, defect area."""
     text = f"{name}  score {pred.score:.4f}"
     if threshold is not None:
@@ -68,8 +68,8 @@ def caption(name: str, pred: Prediction, threshold: Optional[float]) -> str:
     return text
 
 
-def overlay_array(image: Image.Image, pred: Prediction, name: str, threshold: Optional[float],
-                  pixel_threshold: Optional[float]) -> np.ndarray:
+def overlay_array(image: Image.Image, pred: Prediction, name: str, threshold: float | None,
+                  pixel_threshold: float | None) -> np.ndarray:
     """(h, w, 3) uint8 inspection picture of one prediction (see `fdsl.inspect.overlay.render_overlay`)."""
     from fdsl.inspect.overlay import render_overlay
 

@@ -23,9 +23,9 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
 
 import anyio
 import torch
@@ -84,8 +84,8 @@ class Service:
     """The server's state: the detector in use, its lock, the work folder and the upload limits."""
 
     def __init__(self, detector: Detector, name: str, workdir: Path, limits: Limits,
-                 batch_size: int = 8, runtime: Union[RuntimeConfig, str] = "cpu",
-                 pretrained: Optional[str] = None) -> None:
+                 batch_size: int = 8, runtime: RuntimeConfig | str = "cpu",
+                 pretrained: str | None = None) -> None:
         self.detector, self.name = detector, name
         self.runtime = runtime
         self.pretrained = pretrained
@@ -93,10 +93,10 @@ class Service:
         self.limits = limits
         self.batch_size = batch_size
         self.lock = threading.Lock()
-        self.fitted: Dict[str, Path] = {}
+        self.fitted: dict[str, Path] = {}
 
     # ------------------------------------------------------------------ work (in a worker thread)
-    def predict(self, parts: List[Part]) -> List[dict]:
+    def predict(self, parts: list[Part]) -> list[dict]:
         """Score the uploaded images in batches as `fdsl predict` does; one record per file, in order."""
         files = [p for p in parts if p.filename is not None and p.field == "files"]
         if not files:
@@ -121,9 +121,9 @@ class Service:
                     out.append(rec)
         return out
 
-    def fit(self, parts: List[Part]) -> dict:
+    def fit(self, parts: list[Part]) -> dict:
         """Fit and calibrate a detector from uploads; it is written to `<workdir>/fitted/<id>.fdsl`."""
-        groups: Dict[str, list] = {"normal": [], "val_normal": [], "val_anomalous": []}
+        groups: dict[str, list] = {"normal": [], "val_normal": [], "val_anomalous": []}
         fields = {p.field: bytes(p.data).decode("utf-8", "replace").strip() for p in parts if p.filename is None}
         for p in parts:
             if p.filename is not None and p.field in groups:
@@ -135,7 +135,7 @@ class Service:
         if not groups["val_normal"]:
             raise UploadError(400, "no validation images: send good validation images in 'val_normal' "
                                    "(other than the shots) to set the thresholds")
-        max_fpr: Optional[float] = None
+        max_fpr: float | None = None
         if fields.get("max_fpr"):
             try:
                 max_fpr = float(fields["max_fpr"])
@@ -187,9 +187,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLike = "fdsl_serve",
-               limits: Optional[Limits] = None, batch_size: int = 8,
-               runtime: Union[RuntimeConfig, str] = "cpu", allowed_hosts: Optional[Sequence[str]] = None,
-               pretrained: Optional[str] = None) -> FastAPI:
+               limits: Limits | None = None, batch_size: int = 8,
+               runtime: RuntimeConfig | str = "cpu", allowed_hosts: Sequence[str] | None = None,
+               pretrained: str | None = None) -> FastAPI:
     """The web application around a loaded `detector`; fitted detectors and calibration scratch go to `workdir`.
 
     Args:
@@ -249,7 +249,7 @@ def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLik
     async def post_fit(request: Request) -> JSONResponse:
         return await run(request, service.fit)
 
-    def _fitted(fid: str) -> Optional[Path]:
+    def _fitted(fid: str) -> Path | None:
         return service.fitted.get(fid) if set(fid) <= _ID_CHARS else None
 
     @app.get("/api/fitted/{fid}")

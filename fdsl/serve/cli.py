@@ -7,8 +7,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from fdsl.errors import ConfigError
 
@@ -40,7 +40,7 @@ def _check_port(host: str, port: int) -> None:
                           "server using it? choose another --port (or --host)") from exc
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Load the detector once, then serve until Ctrl-C; returns the exit status (2 on bad input)."""
     from fdsl.cli.jobs import run_job
     from fdsl.config import ServeConfig

@@ -6,9 +6,9 @@ memory, stops at `max_files` files of at most `max_file_bytes` each, and rejects
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import AsyncIterator, Dict, List
 
 from PIL import Image, UnidentifiedImageError
 
@@ -53,7 +53,7 @@ def display_name(filename: str) -> str:
     return base[:200] or "upload"
 
 
-async def parse_multipart(content_type: str, stream: AsyncIterator[bytes], limits: Limits) -> List[Part]:
+async def parse_multipart(content_type: str, stream: AsyncIterator[bytes], limits: Limits) -> list[Part]:
     """Parse a multipart/form-data body from `stream`; returns its parts in order.
 
     Raises:
@@ -64,8 +64,8 @@ async def parse_multipart(content_type: str, stream: AsyncIterator[bytes], limit
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(400, "send the images as multipart/form-data (an HTML form or curl -F files=@a.png)")
-    parts: List[Part] = []
-    headers: Dict[bytes, bytes] = {}
+    parts: list[Part] = []
+    headers: dict[bytes, bytes] = {}
     cur = {"name": b"", "value": b""}
     n_files = 0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -346,7 +345,7 @@ def test_mask_transform_is_bilinear_then_half_threshold():
 # ----------------------------------------------------------------------------- k-shot
 
 
-def _meta_with_train(n_per_class: Dict[str, int]) -> dict:
+def _meta_with_train(n_per_class: dict[str, int]) -> dict:
     return {"train": {cls: [_item(f"{cls}/train/good/{i:03d}.png", "", cls, "good", 0) for i in range(n)]
                       for cls, n in n_per_class.items()},
             "test": {cls: [] for cls in n_per_class}}
@@ -538,7 +537,7 @@ def test_visa_augmentation_crops_image_and_mask_together(tmp_path):
     assert zoomed > 0 and changed_normal > 0
 
 
-def _solid(colour, mask_box=None, size=(60, 40)) -> Tuple[Image.Image, Image.Image]:
+def _solid(colour, mask_box=None, size=(60, 40)) -> tuple[Image.Image, Image.Image]:
     img = Image.new("RGB", size, colour)
     m = np.zeros((size[1], size[0]), dtype=np.uint8)
     if mask_box is not None:
@@ -600,7 +599,7 @@ def test_augmentation_is_deterministic_given_seed_and_epoch(tmp_path):
         a = AnomalyDataset(tmp_path, image_size=128, mask_size=32, augment=augment, aug_seed=5)
         b = AnomalyDataset(tmp_path, image_size=128, mask_size=32, augment=augment, aug_seed=5)
         c = AnomalyDataset(tmp_path, image_size=128, mask_size=32, augment=augment, aug_seed=6)
-        seqs: Dict[str, List[torch.Tensor]] = {"a": [], "b": [], "c": []}
+        seqs: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}
         for epoch in range(4):
             for name, ds in (("a", a), ("b", b), ("c", c)):
                 ds.set_epoch(epoch)

@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List
 
 import pytest
 import torch
@@ -183,7 +182,7 @@ def eval_args(data: SimpleNamespace, root: Path, checkpoint: Path, out: Path) ->
             "--num_workers", 0, "--device", "cpu"]
 
 
-def epoch_losses(log: str) -> List[float]:
+def epoch_losses(log: str) -> list[float]:
     import re
 
     return [float(m.group(1)) for m in re.finditer(rf"epoch \d+/{EPOCHS}: mean loss ([-+0-9.eE]+)", log)]

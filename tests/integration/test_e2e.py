@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -38,7 +37,7 @@ SCORE_COLUMNS = ["img_path", "cls_name", "anomaly", "score", "patch_score", "map
 CAL_SIZE = 240  # test.py's default evaluation resolution
 
 
-def run_cli(script: str, *args, cwd: Path, env: Dict[str, str] | None = None,
+def run_cli(script: str, *args, cwd: Path, env: dict[str, str] | None = None,
             expect_rc: int | None = 0) -> subprocess.CompletedProcess:
     """Run `python <repo>/<script> args...` as a user would; fail with its stderr when the exit code is off."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
@@ -54,13 +53,13 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_scores(path: Path) -> tuple[List[str], List[dict]]:
+def read_scores(path: Path) -> tuple[list[str], list[dict]]:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         return list(reader.fieldnames or []), list(reader)
 
 
-def class_metrics(results: dict) -> Dict[str, Dict[str, float]]:
+def class_metrics(results: dict) -> dict[str, dict[str, float]]:
     return {c: dict(m) for c, m in results["classes"].items()}
 
 
