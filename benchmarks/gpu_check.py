@@ -3,7 +3,7 @@
 What it does, on random-weight sets (see `precision_common`: the demo's tiny geometry, and ViT-L-14-336
 at 518 px with 1 reference and 2 query images):
 
-1. **Agreement.** The real `Evaluator` (RunContext, pinned non-blocking batches, TF32 off for fp32) on
+1. **Agreement.** The real `Evaluator` (JobContext, pinned non-blocking batches, TF32 off for fp32) on
    ``--device`` in fp32 against the same run on the CPU: per-image ``score``, ``patch_score`` and
    ``map_max`` of ``scores.csv`` must agree to 1e-4, for the global branch (winmode nan) and LFE (mul).
    With ``--device cpu`` this degenerates to CPU against CPU (the output says so).

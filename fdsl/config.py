@@ -1,7 +1,7 @@
 """Configuration: one dataclass field per setting, argparse flags generated from the fields.
 
 Every field carries its flag names (the released code's spellings are kept as aliases), its help
-text and, where it has them, its allowed values and its properties (`Setting`): whether it names a
+text and, where it has them, its allowed values and its properties (the field's metadata): whether it names a
 path, what a different value changes (nothing, the numbers, the trained head) and whether a resumed
 training run may change it. Every list of settings elsewhere (fingerprints, resume checks, the
 checkpoint's trained settings, ``docs/options.md``) is derived from these properties.
@@ -44,7 +44,7 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
            "dedupe_option",
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
            "parse_config", "part_of", "settings",
-           "ModelConfig", "RuntimeConfig", "RunConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
+           "ModelConfig", "RuntimeConfig", "JobConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
            "CalibrateConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides", "model_config_from"]
 
 WINMODES = ("nan", "mul", "onlywin")
@@ -169,7 +169,7 @@ class RuntimeConfig:
 
 
 @dataclass
-class RunConfig:
+class JobConfig:
     """Settings shared by training and evaluation runs."""
 
     dataset: str = option("mvtec", "--dataset", choices=DATASETS, help="dataset layout of --data_path", affects=NUMBERS)
@@ -198,7 +198,7 @@ class RunConfig:
 
 
 @dataclass
-class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
+class TrainConfig(ModelConfig, RuntimeConfig, JobConfig):
     """`train.py`: fit the scorers and NAM on a dataset's test split (cross-dataset protocol)."""
 
     train_data_path: str = option("data/visa", "--train_data_path", "--data_path",
@@ -217,7 +217,7 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
     def validate(self) -> None:
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
-        RunConfig.validate(self)
+        JobConfig.validate(self)
         if self.scorer != "fdsl":
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
@@ -228,7 +228,7 @@ class TrainConfig(ModelConfig, RuntimeConfig, RunConfig):
 
 
 @dataclass
-class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
+class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
     """`test.py`: k-shot evaluation of a trained checkpoint, per class."""
 
     data_path: str = option("data/mvtec", "--data_path", help="root of the test dataset (holding meta.json)",
@@ -262,7 +262,7 @@ class TestConfig(ModelConfig, RuntimeConfig, RunConfig):
     def validate(self) -> None:
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
-        RunConfig.validate(self)
+        JobConfig.validate(self)
         if self.scorer == "nn" and self.checkpoint_path:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")

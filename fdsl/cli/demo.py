@@ -312,7 +312,7 @@ def inspect_demo(cls_dir: Path, checkpoint: Path | None, out: Path, runtime: Run
 
 def main(argv: list[str] | None = None, quick: bool = False) -> int:
     """Run the demo; bad input and unavailable weights exit with status 2 and a clear message."""
-    from fdsl.cli.jobs import run_job
+    from fdsl.cli.jobs import run_command
     from fdsl.io import LibraryNoise, setup_logging
 
     parsed: list[DemoConfig] = []
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> int:
             return fetch_failure_message(exc, parsed[0].model or FULL_MODEL, parsed[0].pretrained)
         return f"error: {user_message(exc)}"
 
-    return run_job(job, explain)
+    return run_command(job, explain)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ LAYOUTS = {
 def index_main(layout: str, argv: Sequence[str] | None = None) -> int:
     """Build and write ``meta.json`` for `layout` (``mvtec`` or ``visa``); returns the exit status.
 
-    A data error, or a root that cannot be read or written, is one line and exit status 2 (`run_job`).
+    A data error, or a root that cannot be read or written, is one line and exit status 2 (`run_command`).
     """
-    from fdsl.cli.jobs import run_job
+    from fdsl.cli.jobs import run_command
 
     env, build, what = LAYOUTS[layout]
 
@@ -43,4 +43,4 @@ def index_main(layout: str, argv: Sequence[str] | None = None) -> int:
             log.info("%s: train=%d test=%d anomalous=%d", cls, n["train"], n["test"], n["anomalous"])
         log.info("wrote %s (%d classes)", path, len(meta["test"]))
 
-    return run_job(job)
+    return run_command(job)

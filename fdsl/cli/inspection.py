@@ -423,7 +423,7 @@ INTERRUPTED = "interrupted; finished images are kept, rerun the same command to 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command (``fit``, ``predict``, ``calibrate``, then its options); returns the exit status."""
-    from fdsl.cli.jobs import run_job
+    from fdsl.cli.jobs import run_command
     from fdsl.io import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(None)
         command(cfg)
 
-    return run_job(job, interrupted=INTERRUPTED)
+    return run_command(job, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted; rerun the same command to resume (finished classes and checkpoints are kept)"
 
 
-def run_job(job: Callable[[], Any], explain: Callable[[FDSLError], str] | None = None,
+def run_command(job: Callable[[], Any], explain: Callable[[FDSLError], str] | None = None,
             interrupted: str = INTERRUPTED) -> int:
     """Run `job()` as a command and return its exit status: the one place that turns errors into exit codes.
 
@@ -48,7 +48,7 @@ def run_job(job: Callable[[], Any], explain: Callable[[FDSLError], str] | None =
 
 def _fail(exc: BaseException, line: str) -> int:
     """Print the one error line (under torchrun once, by the rank that knows it) and return exit status 2."""
-    log.debug("error details", exc_info=True)  # noqa: LOG014  (called from the except blocks of run_job)
+    log.debug("error details", exc_info=True)  # noqa: LOG014  (called from the except blocks of run_command)
     distributed = sys.modules.get("fdsl.engine.distributed")  # loaded (with torch) when a job ran
     if distributed is not None:
         line = distributed.error_line(exc, line)
@@ -82,7 +82,7 @@ def main(cls: type, job: Callable | str, argv: Sequence[str] | None = None, desc
             distributed.check_same_settings(config_to_dict(cfg))  # torchrun: every rank runs the same job
             return fn(cfg)
 
-    return run_job(go)
+    return run_command(go)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

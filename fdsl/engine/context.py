@@ -1,6 +1,6 @@
 """The set-up that training, evaluation and the demo share: one run context.
 
-A `RunContext` resolves the device and the runtime (precision, bank dtype, memory bounds), reads
+A `JobContext` resolves the device and the runtime (precision, bank dtype, memory bounds), reads
 the dataset's ``meta.json`` and the classes to run, builds the model (or adopts a given one),
 loads a trained head, and writes the run folder's ``config.json``. `Trainer` and `Evaluator`
 (and `fdsl.cli.demo` through them) hold one instead of repeating that set-up.
@@ -22,7 +22,7 @@ from fdsl.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-class RunContext:
+class JobContext:
     """Device, runtime, dataset meta, classes, model, run folder and process strategy of one training or
     evaluation run.
 

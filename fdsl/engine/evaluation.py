@@ -38,7 +38,8 @@ from fdsl.data.shots import (
 )
 from fdsl.engine import metrics
 from fdsl.engine.checkpoint import reconcile_with_checkpoint
-from fdsl.engine.context import RunContext
+from fdsl.engine.context import JobContext
+from fdsl.engine.protocol import ShotSetting
 from fdsl.engine.signals import interruptible, worker_ignore_sigint
 from fdsl.engine.strategy import current as current_strategy
 from fdsl.engine.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
@@ -47,7 +48,6 @@ from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup
 
 log = logging.getLogger(__name__)
 
-Run = tuple[int, int]  # (k, seed): one evaluated setting, one run folder
 
 SCORE_COLUMNS = ("img_path", "cls_name", "anomaly", "score", "patch_score", "map_max")
 # Settings that do not change any number: a finished class is reused when all others match (the seed's effect,
@@ -130,19 +130,19 @@ class Evaluator:
         if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
-        self.ctx = RunContext(cfg, cfg.data_path, cfg.cal_image_size, model)
+        self.ctx = JobContext(cfg, cfg.data_path, cfg.cal_image_size, model)
         self.cfg, self.strategy = cfg, self.ctx.strategy
         self.root, self.meta, self.classes, self.save_path = (self.ctx.root, self.ctx.meta, self.ctx.classes,
                                                                self.ctx.save_path)
         self.shots = cfg.shot_list()
         self.seeds = cfg.run_seeds()
-        self.runs: list[Run] = [(k, s) for k in self.shots for s in self.seeds]
+        self.runs: list[ShotSetting] = [(k, s) for k in self.shots for s in self.seeds]
         check_not_protocol_run(self.save_path, len(self.runs))
         # Per k: the fingerprint a single run with that k has (seeds are neutral).
         self.fingerprints = {k: _fingerprint(replace(cfg, k_shot=k), self.ctx.runtime) for k in self.shots}
         self.fingerprint = self.fingerprints[self.shots[0]]
         # Reference images are resolved before the (slow) model build, so bad k-shot input fails at once.
-        self.refs: dict[Run, dict[str, list[str]]] = {}
+        self.refs: dict[ShotSetting, dict[str, list[str]]] = {}
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
@@ -151,7 +151,7 @@ class Evaluator:
         log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 
     # ------------------------------------------------------------------ layout
-    def run_dir(self, run: Run) -> Path:
+    def run_dir(self, run: ShotSetting) -> Path:
         """Output folder of one (k, seed): the run folder itself for a single run, ``seed_<s>`` for one k and
         several seeds, ``k<k>/seed_<s>`` for several k."""
         k, seed = run
@@ -159,14 +159,14 @@ class Evaluator:
             return self.save_path / f"k{k}" / f"seed_{seed}"
         return self.save_path if len(self.seeds) == 1 else self.save_path / f"seed_{seed}"
 
-    def _class_file(self, run: Run, cls: str) -> Path:
+    def _class_file(self, run: ShotSetting, cls: str) -> Path:
         return self.run_dir(run) / "per_class" / f"{cls}.json"
 
     def _data_fingerprint(self, cls: str, refs: list[str]) -> str:
         """A digest of the class's test items and files (sizes, mtimes) and of its reference image files."""
         return class_data_fingerprint(self.root, self.meta["test"][cls], refs)
 
-    def _finished(self, run: Run, cls: str, refs: list[str]) -> dict | None:
+    def _finished(self, run: ShotSetting, cls: str, refs: list[str]) -> dict | None:
         """The saved record of `cls` when it was computed with the same settings, reference images and data."""
         f = self._class_file(run, cls)
         if not f.is_file():
@@ -202,7 +202,7 @@ class Evaluator:
         nested = {c: sample_nested_k_shot(self.meta, c, ks, seed) for c in self.classes}
         return {k: {c: nested[c][k] for c in self.classes} for k in ks}
 
-    def memories(self, refs: dict[Run, list[str]]) -> tuple[MemorySet, dict[Run, int]]:
+    def memories(self, refs: dict[ShotSetting, list[str]]) -> tuple[MemorySet, dict[ShotSetting, int]]:
         """One memory (global and window banks) per run, in a `MemorySet`, and each run's position in it.
 
         Each distinct reference image is encoded once. Per seed, the bank of its longest reference list is
@@ -215,7 +215,7 @@ class Evaluator:
         feats = self.model.encode_references(images, self.cfg.batch_size)
         pos = {p: i for i, p in enumerate(unique)}
         mems = MemorySet()
-        at: dict[Run, int] = {}
+        at: dict[ShotSetting, int] = {}
         for seed in sorted({s for _, s in refs}):
             runs = sorted((r for r in refs if r[1] == seed), key=lambda r: len(refs[r]))
             longest = refs[runs[-1]]
@@ -232,7 +232,7 @@ class Evaluator:
 
     # ------------------------------------------------------------------ one class
     @torch.no_grad()
-    def evaluate_class(self, cls: str, refs: dict[Run, list[str]]) -> dict[Run, dict]:
+    def evaluate_class(self, cls: str, refs: dict[ShotSetting, list[str]]) -> dict[ShotSetting, dict]:
         """Score every test image of `cls` against each run's bank; returns per-run records."""
         cfg = self.cfg
         memories, at = self.memories(refs)
@@ -298,7 +298,7 @@ class Evaluator:
                 self._save_images(r, cls, paths, species, masks, maps[r], score, labels)
         return records
 
-    def _save_images(self, run: Run, cls: str, paths: list[str], species: list[str], masks: np.ndarray,
+    def _save_images(self, run: ShotSetting, cls: str, paths: list[str], species: list[str], masks: np.ndarray,
                      maps: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
         """image | ground truth | overlay per test image, captioned with its file, label and image score."""
         from fdsl.inspect.overlay import save_side_by_side
@@ -326,9 +326,9 @@ class Evaluator:
             self.ctx.write_config()
             for r in self.runs:
                 write_k_shot_file(self.run_dir(r) / "k_shot.txt", self.refs[r])
-        per_class: dict[Run, dict[str, dict]] = {r: {} for r in self.runs}
+        per_class: dict[ShotSetting, dict[str, dict]] = {r: {} for r in self.runs}
         for cls in self.classes:
-            def unfinished(cls: str = cls) -> dict[Run, list[str]]:
+            def unfinished(cls: str = cls) -> dict[ShotSetting, list[str]]:
                 todo = {}
                 for r in self.runs:
                     done = self._finished(r, cls, self.refs[r][cls])
@@ -360,7 +360,7 @@ class Evaluator:
                                            {r: res["classes"] for r, res in results.items()}, self.provenance)
         return out
 
-    def _write_seed(self, run: Run, recs: dict[str, dict]) -> dict:
+    def _write_seed(self, run: ShotSetting, recs: dict[str, dict]) -> dict:
         k, seed = run
         out = self.run_dir(run)
         classes = {c: recs[c]["metrics"] for c in self.classes}
@@ -411,7 +411,7 @@ def _held_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def evaluate(cfg: TestConfig, model: FDSL | None = None) -> dict:
-    """Run `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
+    """ShotSetting `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
 
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
     """

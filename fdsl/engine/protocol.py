@@ -44,7 +44,7 @@ CSV_FIELDS = ("dataset", "k", "class", "metric", "n_seeds", "mean", "std")
 RANDOM_WEIGHTS_WARNING = ("RANDOM BACKBONE WEIGHTS (--pretrained none): these numbers are a smoke test "
                           "and say nothing about the method")
 
-Run = tuple[int, int]  # (k, seed)
+ShotSetting = tuple[int, int]  # (k, seed): one evaluated setting of the protocol, one run folder
 
 
 def _file_identity(path: str) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def _class_mean(values: Sequence[float]) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
-def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[Run, Mapping[str, Mapping[str, float]]],
+def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[ShotSetting, Mapping[str, Mapping[str, float]]],
               provenance: Mapping[str, Any] | None = None) -> dict:
     """Mean ± std over seeds, per k, per class and for the class-mean row.
 
@@ -268,7 +268,7 @@ def plot_summary(summary: dict, path: Path) -> bool:
 
 
 def write_summary(save_path: Path, dataset: str, classes: Sequence[str],
-                  per_run: Mapping[Run, Mapping[str, Mapping[str, float]]],
+                  per_run: Mapping[ShotSetting, Mapping[str, Mapping[str, float]]],
                   provenance: Mapping[str, Any] | None = None) -> dict:
     """Summarise a protocol's runs into ``summary.{md,csv,json,png}`` at `save_path`; log the tables.
 

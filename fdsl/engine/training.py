@@ -17,7 +17,7 @@ from fdsl.core.runtime import seed_everything
 from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
 from fdsl.data.shots import load_reference_images, sample_k_shot, write_k_shot_file
 from fdsl.engine.checkpoint import load_head, save_checkpoint
-from fdsl.engine.context import RunContext
+from fdsl.engine.context import JobContext
 from fdsl.engine.signals import interruptible
 from fdsl.engine.strategy import current as current_strategy
 from fdsl.errors import ConfigError
@@ -55,7 +55,7 @@ class Trainer:
     """Runs a `TrainConfig`: memory banks from k train shots per class, loss on the test split."""
 
     def __init__(self, cfg: TrainConfig, model: FDSL | None = None) -> None:
-        self.ctx = RunContext(cfg, cfg.train_data_path, cfg.image_size, model)
+        self.ctx = JobContext(cfg, cfg.train_data_path, cfg.image_size, model)
         self.cfg, self.strategy = cfg, self.ctx.strategy
         self.device, self.root, self.meta, self.classes, self.save_path = (
             self.ctx.device, self.ctx.root, self.ctx.meta, self.ctx.classes, self.ctx.save_path)

@@ -42,7 +42,7 @@ def _check_port(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the detector once, then serve until Ctrl-C; returns the exit status (2 on bad input)."""
-    from fdsl.cli.jobs import run_job
+    from fdsl.cli.jobs import run_command
     from fdsl.config import ServeConfig
     from fdsl.io import setup_logging
     from fdsl.options import parse_config
@@ -75,4 +75,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serving {cfg.detector} on http://{cfg.host}:{cfg.port}/ (Ctrl-C stops)", flush=True)
         uvicorn.run(app, host=cfg.host, port=cfg.port, workers=1, log_level="warning")
 
-    return run_job(job, interrupted="stopped")
+    return run_command(job, interrupted="stopped")

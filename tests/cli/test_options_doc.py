@@ -52,9 +52,9 @@ def test_options_doc_is_current() -> None:
 
 
 def test_every_setting_states_its_properties() -> None:
-    from fdsl.config import RunConfig, RuntimeConfig, TestConfig
+    from fdsl.config import JobConfig, RuntimeConfig, TestConfig
 
-    for cls in (ModelConfig, RuntimeConfig, RunConfig, TrainConfig, TestConfig):
+    for cls in (ModelConfig, RuntimeConfig, JobConfig, TrainConfig, TestConfig):
         missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("affects") is None]
         assert not missing, f"{cls.__name__}: no `affects` on {missing}"
 
