@@ -93,10 +93,10 @@ class OpenVINOEngine:
     name = "openvino"
 
     def __init__(self, owner: nn.Module, threads: int | None = None, cache: str | None = None) -> None:
-        import openvino as ov
+        from fdsl.deploy.inferencer import openvino_core
 
         self.owner = owner
-        self.core = ov.Core()
+        self.core = openvino_core()
         self.config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)

@@ -31,14 +31,25 @@ _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
 
 
 
-class _OpenVINOSession:
-    def __init__(self, path: Path, threads: int | None) -> None:
+_CORE: list = []  # the process's one OpenVINO Core, created on first use and never destroyed
+
+
+def openvino_core():
+    """The process-wide `openvino.Core`. Compiled models are freed by Python's garbage collector in any order;
+    with one Core that outlives them all, no compiled model is ever destroyed after the Core that made it."""
+    if not _CORE:
         import openvino as ov
 
+        _CORE.append(ov.Core())
+    return _CORE[0]
+
+
+class _OpenVINOSession:
+    def __init__(self, path: Path, threads: int | None) -> None:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(path), "CPU", config)
         self.names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
