@@ -173,3 +173,21 @@ def make_calibrated_detector(work, winmode: str = "mul"):
     good = sorted((root / "brick_syn" / "test" / "good").glob("*.png"))
     return SimpleNamespace(path=path, det=det, root=root, cls_dir=root / "brick_syn", good=good, bad=bad,
                            train=sorted((root / "brick_syn" / "train" / "good").glob("*.png")), checkpoint=checkpoint)
+
+
+def small_calibrated_part(work, cls: str = "carpet_syn"):
+    """A tiny detector fitted on 2 good images of one synthetic class and calibrated (max FPR 0.5) on its test
+    split, saved as ``work/part.fdsl``: a namespace of work, root, ck, det, path and the good and bad test images."""
+    from types import SimpleNamespace
+
+    from fdsl.inspect.detector import Detector
+
+    root = tiny_data(work / "data", classes=(cls,), n_train=2, n_test_good=2, n_test_bad=2)
+    ck = save_tiny_checkpoint(work / "ck" / "epoch_1.pth", seed=1)
+    det = Detector.fit(ck, root / cls / "train" / "good", runtime="cpu", cal_image_size=32)
+    defects = [d for d in (root / cls / "test").iterdir() if d.name != "good"]
+    det.calibrate(root / cls / "test" / "good", defects, max_fpr=0.5)
+    path = det.save(work / "part.fdsl")
+    good = sorted((root / cls / "test" / "good").glob("*.png"))
+    bad = sorted(p for d in defects for p in d.glob("*.png"))
+    return SimpleNamespace(work=work, root=root, ck=ck, det=det, path=path, good=good, bad=bad)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fdsl_test_utils import save_tiny_checkpoint, tiny_data
+from fdsl_test_utils import small_calibrated_part
 from PIL import Image
 
 CLS = "carpet_syn"
@@ -47,18 +47,7 @@ def _error(capsys) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> SimpleNamespace:
-    from fdsl.inspect.detector import Detector
-
-    work = tmp_path_factory.mktemp("harden")
-    root = tiny_data(work / "data", classes=(CLS,), n_train=2, n_test_good=2, n_test_bad=2)
-    ck = save_tiny_checkpoint(work / "ck" / "epoch_1.pth", seed=1)
-    det = Detector.fit(ck, root / CLS / "train" / "good", runtime="cpu", cal_image_size=32)
-    det.calibrate(root / CLS / "test" / "good", [d for d in (root / CLS / "test").iterdir() if d.name != "good"],
-                  max_fpr=0.5)
-    path = det.save(work / "part.fdsl")
-    good = sorted((root / CLS / "test" / "good").glob("*.png"))
-    bad = sorted(p for d in (root / CLS / "test").iterdir() if d.name != "good" for p in d.glob("*.png"))
-    return SimpleNamespace(work=work, root=root, ck=ck, det=det, path=path, good=good, bad=bad)
+    return small_calibrated_part(tmp_path_factory.mktemp("harden"), CLS)
 
 
 def _predict(env, images, out, *extra) -> int:
