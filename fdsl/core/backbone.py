@@ -281,15 +281,8 @@ class CLIPBackbone(nn.Module):
         resize_pos_embed(wrapped, SimpleNamespace(visual=visual))  # bicubic, antialias, like open_clip
         sd["positional_embedding"] = wrapped["visual.positional_embedding"]
         own = visual.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-        if missing or unexpected or wrong:
-            detail = "; ".join(filter(None, [
-                f"missing {missing[:5]}" if missing else "",
-                f"unexpected {unexpected[:5]}" if unexpected else "",
-                ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]),
-            ]))
+        detail = state_dict_mismatch(own, sd)
+        if detail:
             raise CheckpointError(f"CLIP weights {path} do not fit the chosen --model: {detail}")
         visual.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
         return source_pos
@@ -391,3 +384,16 @@ class CLIPBackbone(nn.Module):
         else:
             tokens = [t.float() for t in tokens]
         return BackboneOutput(tokens, F.normalize(pooled.float(), dim=-1))
+
+
+def state_dict_mismatch(own: dict, sd: dict, optional: frozenset = frozenset(), show: int = 5) -> str:
+    """'' when the state dict `sd` fits the model's `own` key for key and shape for shape; otherwise what does not
+    (the first `show` missing keys, unexpected keys and shape mismatches). Keys in `optional` may be missing."""
+    missing = sorted(k for k in set(own) - set(sd) if k not in optional)
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    return "; ".join(filter(None, [
+        f"missing {missing[:show]}" if missing else "",
+        f"unexpected {unexpected[:show]}" if unexpected else "",
+        ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:show]),
+    ]))

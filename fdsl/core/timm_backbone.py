@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.backbone import BackboneOutput
+from fdsl.core.backbone import BackboneOutput, state_dict_mismatch
 from fdsl.core.taps import take_indices
 from fdsl.data.images import Preprocess
 from fdsl.errors import CheckpointError, ConfigError
@@ -150,15 +150,8 @@ def load_timm_weights(model: nn.Module, name: str, path: str) -> None:
         sd = checkpoint_filter_fn(sd, model)  # resamples the positional grid to the build size (timm's rule)
     head_keys = {k for k in own if k.startswith(("head.", "classifier.", "fc."))}
     sd = {k: v for k, v in sd.items() if k in own or k not in head_keys}
-    missing = sorted(k for k in set(own) - set(sd) if k not in head_keys)
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:4]}" if missing else "",
-            f"unexpected {unexpected[:4]}" if unexpected else "",
-            ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4]),
-        ]))
+    detail = state_dict_mismatch(own, sd, optional=frozenset(head_keys), show=4)
+    if detail:
         raise CheckpointError(f"weights {path} do not fit timm:{name}: {detail}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
 
