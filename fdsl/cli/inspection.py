@@ -36,7 +36,6 @@ from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
-_STATE = PREDICT_STATE
 
 
 # ----------------------------------------------------------------------------- fit / calibrate
@@ -238,7 +237,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | No
                 "cal_image_size": cal, "overlays": overlays, "save_maps": save_maps, "columns": list(SCORE_COLUMNS),
                 "numerics": _numerics(det)}
     try:
-        old_state = json.loads((out / _STATE).read_text())
+        old_state = json.loads((out / PREDICT_STATE).read_text())
     except (OSError, json.JSONDecodeError):
         old_state = {}
     old_state = old_state if isinstance(old_state, dict) else {}
@@ -330,7 +329,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | No
         order = paths + others
         atomic_write_text(out / "scores.csv", csv_text([rows[p] for p in order if p in rows], SCORE_COLUMNS))
         atomic_write_text(out / "errors.csv", csv_text(errors, ("path", "error")))
-        atomic_write_json(out / _STATE, {"settings": settings, "inputs": inputs})
+        atomic_write_json(out / PREDICT_STATE, {"settings": settings, "inputs": inputs})
 
     t0 = time.time()
     flush()  # the settings and names of this run are recorded before any output is written

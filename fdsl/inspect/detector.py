@@ -252,7 +252,6 @@ class Detector:
         log.info("wrote detector %s", path)
         return path
 
-    read_file = staticmethod(read_detector_file)
 
     @classmethod
     def load(cls, path: PathLike, *, runtime: RuntimeConfig | str = "auto",
@@ -268,7 +267,7 @@ class Detector:
                 that do not fit the model.
         """
         path = Path(path)
-        info, tensors = cls.read_file(path)  # metadata validated against the schema, tensors finite
+        info, tensors = read_detector_file(path)  # metadata validated against the schema, tensors finite
         mc = dict(info["model_config"])
         bb = info["backbone"]
         mc["pretrained"] = locate_weights(bb, path, pretrained)

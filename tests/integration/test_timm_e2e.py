@@ -16,7 +16,7 @@ from fdsl.cli import inspection
 from fdsl.cli.jobs import test_main as run_test_py  # aliased: pytest would try to collect test_*
 from fdsl.core.timm_backbone import lite0_package_file
 from fdsl.data.synthetic import make_photo_dataset
-from fdsl.inspect.detector import Detector
+from fdsl.inspect.detector_file import read_detector_file
 
 LITE0 = ["--model", "timm:tf_efficientnet_lite0", "--image_size", "128", "--features_list", "3", "4",
          "--few_shot_features", "3", "4", "--scorer", "nn"]
@@ -65,7 +65,7 @@ def test_fit_and_predict_give_test_py_numbers(runs, photos, tmp_path):
     rc = inspection.main(["fit", *LITE0, "--pretrained", lite0_package_file(), "--normal", str(photos / shot[0]),
                           "--out", str(det), "--cal_image_size", "64", "--device", "cpu"])
     assert rc == 0
-    info, tensors = Detector.read_file(det)  # the detector records its scorer and no checkpoint
+    info, tensors = read_detector_file(det)  # the detector records its scorer and no checkpoint
     assert info["scorer"] == "nn" and info["model_config"]["scorer"] == "nn" and info["checkpoint"] is None
     assert not [k for k in tensors if k.startswith("head.")]
     assert inspection.main(["predict", "--detector", str(det), "--images", str(photos / CLS / "test"),
