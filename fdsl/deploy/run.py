@@ -30,6 +30,7 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
     from fdsl.deploy.inferencer import load_exported
     from fdsl.inspect.files import list_images
     from fdsl.inspect.outputs import check_output_folder, folder_lock
+    from fdsl.inspect.thresholds import check_threshold
     from fdsl.io import prepare_run_dir
 
     out = Path(out)
@@ -37,6 +38,9 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be positive, got {batch_size}")
+    threshold = check_threshold(threshold, "--threshold")  # NaN or inf: every image silently normal
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}")
     check_output_folder(out, images)
     files = list_images(images, "input images", exclude=out)
     det = load_exported(model, threads)

@@ -49,3 +49,21 @@ def build_detectors(work: Path) -> SimpleNamespace:
     images = sorted(test_dir.rglob("*.png"))
     return SimpleNamespace(work=work, root=root, weights=weights, detectors=dets, images=images,
                            test_dir=test_dir)
+
+
+def reseal(folder: Path, **changes) -> dict:
+    """Rewrite `folder`'s contract with `changes` and the model files' current sha256 (as an export would);
+    returns it. Tests use it to reach the checks after the digest check."""
+    import json
+
+    from fdsl.inspect.files import sha256_file
+
+    path = folder / "fdsl_export.json"
+    info = json.loads(path.read_text())
+    info.update(changes)
+    model = folder / info["model_file"]
+    info["model_sha256"] = sha256_file(model) if model.is_file() else info["model_sha256"]
+    if info.get("weights_sha256") is not None and model.with_suffix(".bin").is_file():
+        info["weights_sha256"] = sha256_file(model.with_suffix(".bin"))
+    path.write_text(json.dumps(info))
+    return info
