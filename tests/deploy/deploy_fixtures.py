@@ -11,8 +11,9 @@ TINY = "FDSL-Tiny-ViT"
 CLS = "brick_syn"
 
 
-def build_detectors(work: Path) -> SimpleNamespace:
-    """Detector files ``global.fdsl`` (winmode nan) and ``lfe.fdsl`` (mul 4/2) on the tiny CLIP, calibrated."""
+def build_detectors(work: Path, branches: tuple[str, ...] = ("global", "lfe")) -> SimpleNamespace:
+    """Detector files ``global.fdsl`` (winmode nan) and ``lfe.fdsl`` (mul 4/2) on the tiny CLIP, calibrated
+    (those of `branches`)."""
     import open_clip
     from fdsl_test_utils import liven_head
 
@@ -35,6 +36,8 @@ def build_detectors(work: Path) -> SimpleNamespace:
     test = sorted(str(p.relative_to(root)) for p in test_dir.rglob("*.png"))
     dets = {}
     for name, winmode in (("global", "nan"), ("lfe", "mul")):
+        if name not in branches:
+            continue
         mcfg = ModelConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=[2, 4],
                            few_shot_features=[2, 4], winmode=winmode, win_size=4, win_stride=2)
         torch.manual_seed(3)
