@@ -413,10 +413,18 @@ class ServeConfig(ImagesCommand):
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
     max_files: int = option(64, "--max_files", help="images per request")
     max_file_mb: float = option(20.0, "--max_file_mb", help="megabytes per uploaded file")
+    max_request_mp: float = option(100.0, "--max_request_mp",
+                                   help="megapixels per request, all its images together (larger: 413); bounds a "
+                                        "request's work and the size of its answer (docs/workbench.md)")
+    max_fitted: int = option(20, "--max_fitted",
+                             help="detectors fitted on the page kept in <workdir>/fitted/ (the oldest are removed)")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
         positive_int(self.max_files, "--max_files")
+        positive_int(self.max_fitted, "--max_fitted")
+        if not (math.isfinite(self.max_request_mp) and self.max_request_mp > 0):
+            raise ConfigError(f"--max_request_mp must be a positive number, got {self.max_request_mp}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
         if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):

@@ -223,3 +223,33 @@ def test_a_good_export_still_scores(env, tmp_path, capsys):
     assert info["model_sha256"] == sha256_file(env.folder / "model.xml")
     assert info["weights_sha256"] == sha256_file(env.folder / "model.bin")
     assert np.isfinite(info["thresholds"]["image"])
+
+
+def test_serve_serves_an_exported_folder_and_the_page_says_it_cannot_fit(env, tmp_path, monkeypatch):
+    """`fdsl serve --detector EXPORTED_DIR` scores with the exported model; fitting is refused in one line."""
+    pytest.importorskip("fastapi")
+    import socket
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from fdsl.cli import main
+    from fdsl.deploy import load_exported
+
+    folder = env.folder
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **k: served.update(app=app, port=port))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--detector", str(folder), "--port", str(port), "--workdir", str(tmp_path / "w")]) == 0
+    client = TestClient(served["app"], base_url=f"http://127.0.0.1:{served['port']}")
+    meta = client.get("/api/detector").json()
+    assert meta["can_fit"] is False and meta["runtime"] == "openvino" and meta["n_normal_images"] == 2
+    resp = client.post("/api/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in env.images])
+    assert resp.status_code == 200, resp.text
+    ref = load_exported(folder).predict(env.images)
+    np.testing.assert_allclose([r["score"] for r in resp.json()], [p.score for p in ref], rtol=0, atol=1e-6)
+    fit = client.post("/api/fit", files=[("normal", (p.name, p.read_bytes(), "image/png")) for p in env.images])
+    assert fit.status_code == 400 and "fitting needs the PyTorch detector" in fit.json()["detail"]
+    assert "Fitting needs the PyTorch detector" in client.get("/").text
