@@ -48,6 +48,13 @@ STR: Spec = ("a string", lambda v: isinstance(v, str))
 BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
 OBJECT: Spec = ("a JSON object", lambda v: isinstance(v, dict))
 SHA256: Spec = ("a sha256 hex digest", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+SIZE: Spec = ("a [width, height] pair of integers >= 1", lambda v: isinstance(v, list) and len(v) == 2
+              and all(is_int(x) and x >= 1 for x in v))
+NORMAL_IMAGES: Spec = ("a list of {name, sha256[, mode, size]} objects", lambda v: isinstance(v, list) and all(
+    isinstance(x, dict) and {"name", "sha256"} <= set(x) <= {"name", "sha256", "mode", "size"}
+    and STR[1](x["name"]) and SHA256[1](x["sha256"])
+    and ("mode" not in x or STR[1](x["mode"])) and ("size" not in x or SIZE[1](x["size"]))
+    for x in v))  # a detector's shots, as `fit` records them
 
 
 def shown(value: Any) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from fdsl.errors import CheckpointError
 from fdsl.io import PathLike
 from fdsl.schema import (
+    NORMAL_IMAGES,
     OBJECT,
     SHA256,
     STR,
@@ -36,12 +37,6 @@ RUNTIMES = {"openvino": ".xml", "onnx": ".onnx"}  # runtime -> the model file's 
 REEXPORT = "re-export it with `fdsl export --detector part.fdsl --out DIR`"
 
 _POSITIVE: Spec = ("a finite number > 0", lambda v: is_num(v) and v > 0)
-_NORMAL_IMAGES: Spec = ("a list of {name, sha256[, mode, size]} objects", lambda v: isinstance(v, list) and all(
-    isinstance(x, dict) and {"name", "sha256"} <= set(x) <= {"name", "sha256", "mode", "size"}
-    and isinstance(x["name"], str) and SHA256[1](x["sha256"])
-    and ("mode" not in x or isinstance(x["mode"], str))
-    and ("size" not in x or list_of(2, int_spec(1))[1](x["size"])) for x in v))
-
 # One schema for the whole contract: (required, field) per key; unknown keys are refused, numbers are finite.
 CONTRACT_SCHEMA: dict = {
     "format": (True, STR),
@@ -71,7 +66,7 @@ CONTRACT_SCHEMA: dict = {
     "detector": (False, {  # the exported detector's identity, for display
         "fdsl_version": (False, or_null(STR)), "created": (False, or_null(STR)),
         "model_config": (False, or_null(OBJECT)), "backbone": (False, or_null(OBJECT)),
-        "checkpoint": (False, or_null(OBJECT)), "normal_images": (False, or_null(_NORMAL_IMAGES)),
+        "checkpoint": (False, or_null(OBJECT)), "normal_images": (False, or_null(NORMAL_IMAGES)),
     }),
 }
 
