@@ -20,8 +20,9 @@ import numpy as np
 from fdsl.checks import positive_int
 from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
 from fdsl.errors import ConfigError
-from fdsl.inspect.files import PREDICT_STATE
-from fdsl.inspect.outputs import (  # noqa: F401  (output_names re-exported: `predict`'s output names)
+from fdsl.io import PathLike
+from fdsl.outputs.files import PREDICT_STATE
+from fdsl.outputs.writers import (  # noqa: F401  (output_names re-exported: `predict`'s output names)
     SCORE_COLUMNS,
     csv_cell,
     csv_text,
@@ -32,7 +33,6 @@ from fdsl.inspect.outputs import (  # noqa: F401  (output_names re-exported: `pr
     save_npy,
     save_png,
 )
-from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def cmd_calibrate(cfg: CalibrateConfig) -> None:
     rep = det.calibrate(cfg.normal, cfg.anomalous, masks=cfg.masks, max_fpr=cfg.max_fpr,
                         batch_size=cfg.batch_size)
     cfg.detector = str(_save_or_elsewhere(det, Path(cfg.detector)))
-    from fdsl.inspect.report import small_set_warnings, write_calibration_report
+    from fdsl.outputs.report import small_set_warnings, write_calibration_report
 
     for warning in small_set_warnings(rep["n_normal"], rep["n_anomalous"]):
         log.warning(warning)
@@ -152,10 +152,10 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     `detector` may also be a folder written by `fdsl export` (scored by `fdsl.deploy`, without PyTorch).
     """
     from fdsl.inspect.detector import Detector
-    from fdsl.inspect.files import list_images
-    from fdsl.inspect.outputs import check_output_folder, folder_lock
-    from fdsl.inspect.thresholds import check_threshold
     from fdsl.io import prepare_run_dir
+    from fdsl.outputs.files import list_images
+    from fdsl.outputs.thresholds import check_threshold
+    from fdsl.outputs.writers import check_output_folder, folder_lock
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -216,11 +216,11 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | No
     from tqdm import tqdm
 
     from fdsl.inspect.detector import map_to_image
-    from fdsl.inspect.gallery import write_gallery
-    from fdsl.inspect.input_check import warn_unlike_normals
-    from fdsl.inspect.outputs import input_identity, is_output_stem
-    from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
+    from fdsl.outputs.gallery import write_gallery
+    from fdsl.outputs.input_check import warn_unlike_normals
+    from fdsl.outputs.verdicts import RECORD_FIELDS, overlay_array, verdict_record
+    from fdsl.outputs.writers import input_identity, is_output_stem
 
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold

@@ -28,9 +28,9 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
     Returns the summary (also written to ``summary.json``).
     """
     from fdsl.deploy.inferencer import load_exported
-    from fdsl.inspect.files import list_images
-    from fdsl.inspect.outputs import check_output_folder, folder_lock
     from fdsl.io import prepare_run_dir
+    from fdsl.outputs.files import list_images
+    from fdsl.outputs.writers import check_output_folder, folder_lock
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -49,10 +49,10 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: float | N
                     batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
     from fdsl.deploy.pictures import render_overlay
-    from fdsl.inspect.gallery import write_gallery
-    from fdsl.inspect.outputs import SCORE_COLUMNS, csv_cell, csv_text, inside, output_names, read_images, save_png
-    from fdsl.inspect.verdicts import RECORD_FIELDS, caption, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
+    from fdsl.outputs.gallery import write_gallery
+    from fdsl.outputs.verdicts import RECORD_FIELDS, caption, verdict_record
+    from fdsl.outputs.writers import SCORE_COLUMNS, csv_cell, csv_text, inside, output_names, read_images, save_png
 
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
