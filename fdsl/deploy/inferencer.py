@@ -129,6 +129,11 @@ class ExportedDetector:
     def pixel_threshold(self) -> float | None:
         return (self.info.get("thresholds") or {}).get("pixel")
 
+    def numerics(self) -> dict[str, str]:
+        """What moves this model's scores beyond its file: the runtime and the exported precision
+        (`fdsl.outputs.scorer.Scorer`)."""
+        return {"exported": f"{self.runtime}/{self.info.get('precision')}"}
+
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(B, 3, S, S) preprocessed float32 batch -> the graph's outputs by name (``anomaly_map`` (B, cal, cal),
         ``score``, ``patch_score``, ``map_max`` (B,))."""

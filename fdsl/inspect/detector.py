@@ -295,6 +295,13 @@ class Detector:
         model = model.to(dev).eval()
         return cls(model, memory.to(dev), info)
 
+    def numerics(self) -> dict[str, str]:
+        """The resolved runtime dtypes that move scores (--precision, --align_precision, --bank_dtype): a resume
+        does not reuse rows scored with other ones (`fdsl.outputs.scorer.Scorer`)."""
+        rt = self.model.runtime
+        return {k: str(getattr(rt, k)).replace("torch.", "") for k in
+                ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")}
+
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def score_images(self, images: Sequence[Image.Image], threshold: float | None = None,

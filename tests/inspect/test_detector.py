@@ -254,7 +254,7 @@ def test_threshold_rules_by_hand():
 
 
 def test_output_names_stay_inside_and_unique():
-    from fdsl.cli.inspection import output_names
+    from fdsl.outputs.writers import output_names
 
     names = output_names(["a.png", "a.jpg", "sub/x y#.png", "../../etc/passwd.png", "..hidden/.x.png", "sub/x_y_.png"])
     assert len(set(names)) == len(names)
