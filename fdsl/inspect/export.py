@@ -25,11 +25,11 @@ from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
 from fdsl.errors import ConfigError
-from fdsl.inspect.files import sha256_file
 from fdsl.io import PathLike, atomic_write_json, prepare_run_dir
 from fdsl.outputs.contract import CONTRACT, OUTPUTS, validate_contract
 from fdsl.outputs.contract import FORMAT as EXPORT_FORMAT
 from fdsl.outputs.contract import FORMAT_VERSION as EXPORT_FORMAT_VERSION
+from fdsl.outputs.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         except ImportError:
             raise ConfigError("--format openvino needs OpenVINO: pip install 'fdsl[openvino]' "
                               "(openvino==2026.4.1)") from None
-        from fdsl.core.engines import convert_to_openvino
+        from fdsl.core.backends import convert_to_openvino
 
         model = convert_to_openvino(graph, example)
         model.inputs[0].get_tensor().set_names({"images"})

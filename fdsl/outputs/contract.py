@@ -143,7 +143,7 @@ def verify_model_files(folder: PathLike, info: dict) -> None:
     Raises:
         CheckpointError: naming the file that differs.
     """
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     for file, want in model_paths(Path(folder), info):
         got = sha256_file(file)

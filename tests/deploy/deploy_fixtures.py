@@ -59,7 +59,7 @@ def reseal(folder: Path, **changes) -> dict:
     returns it. Tests use it to reach the checks after the digest check."""
     import json
 
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     path = folder / "fdsl_export.json"
     info = json.loads(path.read_text())

@@ -218,7 +218,7 @@ def test_a_good_export_still_scores(env, tmp_path, capsys):
     rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
     assert len(rows) == 1 + len(env.images)
     info = json.loads((env.folder / "fdsl_export.json").read_text())
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     assert info["model_sha256"] == sha256_file(env.folder / "model.xml")
     assert info["weights_sha256"] == sha256_file(env.folder / "model.bin")
