@@ -103,6 +103,17 @@ def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequen
     return Detector(model, memory, info)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by a request back to the OS (glibc keeps it in per-thread arenas otherwise, so parallel
+    requests on other worker threads would each keep their own peak). No-op where glibc is absent."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 FITTED_NAME = re.compile(r"[0-9a-f]{16}\.fdsl")
 
 
@@ -174,6 +185,7 @@ class Service:
                     rec["input_warnings"] = differences(profile, mode, im.size) if profile else []
                     out.append(rec)
                 del chunk, preds
+            release_freed_memory()
         return out
 
     def fit(self, parts: list[Part]) -> dict:
