@@ -93,7 +93,7 @@ class OpenVINOEngine:
     name = "openvino"
 
     def __init__(self, owner: nn.Module, threads: int | None = None, cache: str | None = None) -> None:
-        from fdsl.deploy.inferencer import openvino_core
+        from fdsl.outputs.openvino_core import openvino_core
 
         self.owner = owner
         self.core = openvino_core()

@@ -24,11 +24,11 @@ from fdsl.core.memory import MemoryBank
 from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
-from fdsl.deploy.inferencer import CONTRACT, OUTPUTS
-from fdsl.deploy.inferencer import FORMAT as EXPORT_FORMAT
-from fdsl.deploy.inferencer import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json
+from fdsl.outputs.contract import CONTRACT, OUTPUTS
+from fdsl.outputs.contract import FORMAT as EXPORT_FORMAT
+from fdsl.outputs.contract import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
