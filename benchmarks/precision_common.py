@@ -109,7 +109,7 @@ def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: torch.device |
 
 def load_model(built: BuiltSet, winmode: str, device: torch.device) -> FDSL:
     """The set's model with its livened head, on `device`."""
-    from fdsl.engine.checkpoint import load_head
+    from fdsl.core.checkpoint_io import load_head
 
     model = FDSL.from_config(built.spec.model_config(built.weights, winmode))
     load_head(model.head, built.checkpoint, len(built.spec.features), True)

@@ -1,4 +1,6 @@
-"""Checkpoints: our own format, and the released code's ``{'trainable_RR': state_dict}`` files.
+"""Reading checkpoints: our own format, and the released code's ``{'trainable_RR': state_dict}`` files; loading a
+head from one; reconciling a run's model settings with a checkpoint's. Saving (and resume) is the training
+program's: `fdsl.engine.checkpoint`.
 
 Our format is ``{"format": "fdsl", "version": 1, "epoch": int, "head": state_dict,
 "model_config": dict, "optimizer": state_dict | None}``. Both are read with
@@ -17,7 +19,7 @@ from torch import nn
 
 from fdsl.config import HEAD, ModelConfig, settings
 from fdsl.errors import CheckpointError
-from fdsl.io import PathLike, atomic_torch_save
+from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +30,6 @@ _RELEASED_PREFIXES = {"clsList.": "scorers.", "convRes.": "nam."}
 _RELEASED_UNUSED = ("adapterList.", "zeroClsModule.", "rAttn.", "resfus.")
 # Model settings a trained head depends on: the run must use the checkpoint's values.
 TRAINED_SETTINGS = settings(ModelConfig, affects=HEAD)
-
-
-def save_checkpoint(path: PathLike, head: nn.Module, model_config: dict[str, Any], epoch: int,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write an FDSL checkpoint atomically (a crash never leaves a half-written file)."""
-    atomic_torch_save({
-        "format": FORMAT,
-        "version": VERSION,
-        "epoch": int(epoch),
-        "head": head.state_dict(),
-        "model_config": model_config,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-    }, path)
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:

@@ -78,7 +78,7 @@ class FDSL(nn.Module):
     Typical use::
 
         model = FDSL.from_config(cfg)
-        fdsl.engine.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
+        fdsl.core.checkpoint_io.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
         memory = model.make_memory(model.encode_references(reference_images))  # (k, 3, S, S) normal images
         out = model(images, memory)      # FDSLOutput; model.predict(images, memories) scores several at once
     """

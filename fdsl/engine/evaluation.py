@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fdsl.config import NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
+from fdsl.core.checkpoint_io import reconcile_with_checkpoint
 from fdsl.core.memory import MemorySet
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
@@ -36,7 +37,6 @@ from fdsl.data.shots import (
     sample_nested_k_shot,
     write_k_shot_file,
 )
-from fdsl.engine.checkpoint import reconcile_with_checkpoint
 from fdsl.engine.context import JobContext
 from fdsl.engine.protocol import ShotSetting
 from fdsl.engine.signals import interruptible, worker_ignore_sigint

@@ -10,13 +10,14 @@ import torch
 from tqdm import tqdm
 
 from fdsl.config import TrainConfig, config_to_dict, config_warnings, settings
+from fdsl.core.checkpoint_io import load_head
 from fdsl.core.losses import fdsl_loss
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import seed_everything
 from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
 from fdsl.data.shots import load_reference_images, sample_k_shot, write_k_shot_file
-from fdsl.engine.checkpoint import load_head, save_checkpoint
+from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.context import JobContext
 from fdsl.engine.signals import interruptible
 from fdsl.engine.strategy import current as current_strategy

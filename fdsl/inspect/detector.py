@@ -32,11 +32,11 @@ from PIL import Image
 from fdsl import __version__
 from fdsl.checks import positive_int
 from fdsl.config import ModelConfig, RuntimeConfig
+from fdsl.core.checkpoint_io import load_head, read_checkpoint, reconcile_with_checkpoint
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_device, resolve_runtime
 from fdsl.data.images import check_size, image_transform, load_mask, load_rgb, mask_transform, to_rgb
-from fdsl.engine.checkpoint import load_head, read_checkpoint, reconcile_with_checkpoint
 from fdsl.errors import CheckpointError, ConfigError, DataError
 from fdsl.inspect.detector_file import (
     FORMAT,

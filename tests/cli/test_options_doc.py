@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fdsl.cli.options_doc import DOC, options_markdown, own_fields
 from fdsl.config import ModelConfig, TrainConfig, settings
-from fdsl.engine.checkpoint import TRAINED_SETTINGS
+from fdsl.core.checkpoint_io import TRAINED_SETTINGS
 from fdsl.engine.evaluation import _NEUTRAL
 from fdsl.engine.training import RESUME_NEUTRAL
 
