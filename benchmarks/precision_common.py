@@ -22,7 +22,8 @@ import open_clip
 import torch
 
 from fdsl.config import ModelConfig, RuntimeConfig, config_to_dict
-from fdsl.core.backbone import BackboneOutput, register_model_configs
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.features import BackboneOutput
 from fdsl.core.memory import FDSLMemory, MemoryBank, nearest_normal
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_runtime

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fdsl.config import ENGINES
-from fdsl.core.backbone import BackboneOutput
+from fdsl.core.features import BackboneOutput
 from fdsl.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsl.config import ModelConfig
-from fdsl.core.backbone import BackboneOutput, build_backbone
+from fdsl.core.backbone import CLIPBackbone
+from fdsl.core.features import BackboneOutput
 from fdsl.core.geometry import Geometry, WindowGeometry
 from fdsl.core.head import FDSLHead, NNHead
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, MemorySet
 from fdsl.core.runtime import Runtime, autocast
+from fdsl.core.timm_backbone import TimmBackbone, is_timm_model
 from fdsl.core.windows import split_windows, stitch_windows
 from fdsl.errors import ConfigError
 
@@ -70,6 +72,14 @@ class RefFeatures(NamedTuple):
 
     global_feats: BackboneOutput
     window_feats: BackboneOutput | None
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The backbone a `ModelConfig` names: ``timm:<name>`` -> `TimmBackbone`, else an open_clip `CLIPBackbone`."""
+    if is_timm_model(cfg.model):
+        return TimmBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list, normalize=cfg.use_norm)
+    return CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
+                        quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
 
 
 class FDSL(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.backbone import BackboneOutput, state_dict_mismatch
+from fdsl.core.features import BackboneOutput, state_dict_mismatch
 from fdsl.data.images import Preprocess
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.taps import take_indices
@@ -159,7 +159,7 @@ def load_timm_weights(model: nn.Module, name: str, path: str) -> None:
 class TimmBackbone(nn.Module):
     """Frozen timm model returning per-layer tokens of chosen feature stages (CNN) or blocks (ViT).
 
-    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.backbone.check_output`):
+    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.features.check_output`):
     ``forward(images (B, 3, S, S))`` -> `BackboneOutput` with ``tokens[l]`` of shape
     (B, grids[l]², widths[l]) and ``image_embeds`` (B, embed_dim), L2-normalised: the global average of
     the deepest tapped layer's tokens (before token normalisation).
