@@ -54,7 +54,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
-ENGINES = ("torch", "openvino")
+BACKENDS = ("torch", "openvino")
 DATASETS = ("mvtec", "visa")
 
 log = logging.getLogger(__name__)
@@ -151,16 +151,18 @@ class RuntimeConfig:
     align_chunk_mb: int = option(64, "--align_chunk_mb",
                                  help="bound, in MiB, on the similarity block computed at once during alignment",
                                  affects=NOTHING, resume_neutral=True, group=RUNTIME)
-    engine: str = option("torch", "--engine", choices=ENGINES,
-                         help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
-                              "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
-                              "match torch to 1e-4 except nearest-neighbour near-ties",
-                         affects=NUMBERS, group=RUNTIME)
-    engine_cache: str | None = option(
-        None, "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
-        help="folder where --engine openvino keeps the converted backbone passes (and OpenVINO's compiled "
+    backend: str = option("torch", "--backend", "--engine", choices=BACKENDS,
+                          help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
+                               "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
+                               "match torch to 1e-4 except nearest-neighbour near-ties. --engine is its earlier "
+                               "name, kept as an alias (a config.json that says engine still reads)",
+                          affects=NUMBERS, group=RUNTIME)
+    backend_cache: str | None = option(
+        None, "--backend_cache", "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
+        help="folder where --backend openvino keeps the converted backbone passes (and OpenVINO's compiled "
              "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
-             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache")
+             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache. "
+             "--engine_cache is its earlier name, kept as an alias")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""

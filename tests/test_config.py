@@ -104,6 +104,8 @@ def test_default_lists_are_not_shared_between_instances() -> None:
         (TrainConfig, ["--epochs", "11"], "epoch", 11),
         (TrainConfig, ["--data_path", "/x/visa"], "train_data_path", "/x/visa"),
         (EvalConfig, ["--data_path", "/x/mvtec"], "data_path", "/x/mvtec"),
+        (EvalConfig, ["--engine", "openvino"], "backend", "openvino"),  # the backend's earlier name
+        (EvalConfig, ["--engine_cache", "/x/c"], "backend_cache", "/x/c"),
     ],
 )
 def test_flag_aliases_map_to_fields(cls, argv, field, expected) -> None:
@@ -359,3 +361,12 @@ def test_unreadable_config_file_is_one_error(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         parse_config(EvalConfig, ["--config", str(tmp_path / "bad.json")])
+
+
+def test_a_config_json_that_says_engine_still_reads(tmp_path) -> None:
+    """`engine` / `engine_cache` were renamed `backend` / `backend_cache`: saved runs keep reading."""
+    from fdsl.options import read_config_file
+
+    path = tmp_path / "config.json"
+    path.write_text('{"engine": "openvino", "engine_cache": "c", "win_batch": 4}')
+    assert read_config_file(EvalConfig, str(path)) == {"backend": "openvino", "backend_cache": "c", "win_batch": 4}

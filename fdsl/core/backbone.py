@@ -204,9 +204,9 @@ class CLIPBackbone(nn.Module):
         # The positional grid as stored in the weights (e.g. 24x24 for OpenAI ViT-L-14-336).
         self.register_buffer("source_pos_embed", source_pos, persistent=False)
         self._pos_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        # Where `forward` and `forward_patches` run: None is PyTorch; otherwise an engine object with
-        # ``run(name, fn, x)`` (`fdsl.core.backends.OpenVINOEngine`), set through `FDSL.runtime`.
-        self.engine = None
+        # Where `forward` and `forward_patches` run: None is PyTorch; otherwise a backend object with
+        # ``run(name, fn, x)`` (`fdsl.core.backends.OpenVINOBackend`), set through `FDSL.runtime`.
+        self.backend = None
 
     supports_windows = True  # LFE: patch embeddings can be cropped into windows
 
@@ -259,18 +259,18 @@ class CLIPBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """Encode (B, 3, H, W) images, H = W a multiple of the patch size.
 
-        Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings. With an engine set
+        Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings. With a backend set
         (`fdsl.core.backends`), the pass runs there; `encode_images` is the PyTorch pass it compiles.
         """
-        if self.engine is not None:
+        if self.backend is not None:
             self.patch_embed_check(images)
-            return self.engine.run("images", self.encode_images, images)
+            return self.backend.run("images", self.encode_images, images)
         return self.forward_patches(self.patch_embed(images))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> BackboneOutput:
         """The PyTorch global pass: (B, 3, H, H) images -> `BackboneOutput` (what `forward` computes), never
-        through an engine (the pass an engine or `fdsl export` compiles)."""
+        through a backend (the pass a backend or `fdsl export` compiles)."""
         return self.encode_patches(self.patch_embed(images))
 
     def patch_embed_check(self, images: torch.Tensor) -> None:
@@ -297,14 +297,14 @@ class CLIPBackbone(nn.Module):
         """Encode (B, C, g, g) patch embeddings (`patch_embed` of images, or crops of it).
 
         Adds the class token and the g×g positional grid (`pos_embed_for`), then runs ln_pre and the
-        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings. With an engine set,
+        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings. With a backend set,
         the pass runs there (the window pass of LFE); `encode_patches` is the PyTorch pass it compiles.
         """
         if patches.ndim != 4 or patches.shape[1] != self.width or patches.shape[2] != patches.shape[3]:
             raise ConfigError(f"expected square (B, {self.width}, g, g) patch embeddings, "
                               f"got shape {tuple(patches.shape)}")
-        if self.engine is not None:
-            return self.engine.run("patches", self.encode_patches, patches)
+        if self.backend is not None:
+            return self.backend.run("patches", self.encode_patches, patches)
         return self.encode_patches(patches)
 
     @torch.no_grad()

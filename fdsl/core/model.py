@@ -107,22 +107,22 @@ class FDSL(nn.Module):
 
     @property
     def runtime(self) -> Runtime:
-        """How the model runs; setting it also sets the backbone's engine (`fdsl.core.backends`)."""
+        """How the model runs; setting it also sets the backbone's backend (`fdsl.core.backends`)."""
         return self._runtime
 
     @runtime.setter
     def runtime(self, runtime: Runtime) -> None:
-        if not hasattr(self.backbone, "engine"):
-            if runtime.engine != "torch":
-                raise ConfigError(f"--engine {runtime.engine} is not supported for {type(self.backbone).__name__} "
-                                  "backbones; use --engine torch")
+        if not hasattr(self.backbone, "backend"):
+            if runtime.backend != "torch":
+                raise ConfigError(f"--backend {runtime.backend} is not supported for {type(self.backbone).__name__} "
+                                  "backbones; use --backend torch")
             self._runtime = runtime
             return
-        current = getattr(self.backbone.engine, "name", "torch")
-        if runtime.engine != current:  # a compiled engine is kept while the engine stays the same
-            from fdsl.core.backends import make_engine
+        current = getattr(self.backbone.backend, "name", "torch")
+        if runtime.backend != current:  # a compiled backend is kept while the backend stays the same
+            from fdsl.core.backends import make_backend
 
-            self.backbone.engine = make_engine(runtime.engine, self.backbone, runtime.engine_cache)
+            self.backbone.backend = make_backend(runtime.backend, self.backbone, runtime.backend_cache)
         self._runtime = runtime
 
     @classmethod

@@ -45,6 +45,7 @@ from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
 from fdsl.metrics import metrics
 from fdsl.metrics.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
+from fdsl.options import RENAMED_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     The resolved dtypes are included, not only the ``--precision`` string: what ``auto`` means has
     changed before (it was fp16 on CUDA), and a record computed under other dtypes must not be reused.
     """
-    d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
+    earlier = {new: old for old, new in RENAMED_SETTINGS.items()}  # renamed settings keep their digest
+    d = {earlier.get(k, k): v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
     d["_dtypes"] = [str(getattr(runtime, f)) for f in
                     ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
     if cfg.scorer == "fdsl":  # the training-free scorer has no checkpoint

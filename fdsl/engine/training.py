@@ -23,6 +23,7 @@ from fdsl.engine.signals import interruptible
 from fdsl.engine.strategy import current as current_strategy
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, prepare_run_dir, setup_logging
+from fdsl.options import renamed_settings
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class Trainer:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path} ({exc}) to check the run being resumed; fix or delete it, "
                               "or pass --resume 0 to start over") from exc
-        check_resume_config(saved, config_to_dict(self.cfg), path)
+        check_resume_config(renamed_settings(saved) if isinstance(saved, dict) else saved,
+                            config_to_dict(self.cfg), path)
 
     @torch.no_grad()
     def build_banks(self) -> dict[str, MemoryBank]:

@@ -129,7 +129,7 @@ class DetectorGraph(nn.Module):
     score (B,), patch_score (B,), map_max (B,)), equal to `FDSL.predict` against the detector's memory.
 
     Args:
-        model: the detector's `FDSL` model (its PyTorch backbone passes are used, whatever its engine).
+        model: the detector's `FDSL` model (its PyTorch backbone passes are used, whatever its backend).
         memory: the detector's memory banks (copied into the graph as constants, fp32).
         out_size: the evaluation size cal of the anomaly map.
         chunk_mb: bound, per image, on each similarity block of the nearest-normal search.
