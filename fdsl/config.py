@@ -385,6 +385,29 @@ class PredictConfig(ImagesCommand):
 
 
 @dataclass
+class DeployConfig:
+    """`python -m fdsl.deploy`: score images with a folder written by `fdsl export`, without PyTorch (the outputs
+    of `fdsl predict`, through the same folder run)."""
+
+    model: str | None = option(None, "--model", required=True, path=True,
+                               help="folder written by `fdsl export` (fdsl_export.json + model)")
+    images: list | None = _images("--images", "folder(s) (recursive) or image files")
+    out: str | None = option(None, "--out", required=True, path=True, help="output folder")
+    threshold: float | None = option(None, "--threshold", help="image threshold overriding the stored one")
+    overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
+    batch_size: int = option(8, "--batch_size", help="images per batch")
+    threads: int | None = option(None, "--threads", help="CPU threads of the runtime (default: its own)")
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        positive_int(self.batch_size, "--batch_size")
+        if self.threads is not None:
+            positive_int(self.threads, "--threads")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
+
+
+@dataclass
 class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
