@@ -50,6 +50,12 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
 SCORERS = ("fdsl", "nn")
+
+
+def trained_head(scorer: str) -> bool:
+    """Whether `scorer` is a learned head that a checkpoint supplies (``fdsl``), not the training-free nearest-
+    neighbour scorer (``nn``): the one place that decides (`ModelConfig.trained_head` asks it)."""
+    return scorer != "nn"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -108,6 +114,11 @@ class ModelConfig:
                          help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
                               "training-free, the per-layer map is the FD distance to the nearest normal token "
                               "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
+
+    @property
+    def trained_head(self) -> bool:
+        """The scorer is a learned head from a checkpoint (``--scorer fdsl``), not the training-free ``nn``."""
+        return trained_head(self.scorer)
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -220,7 +231,7 @@ class TrainConfig(ModelConfig, RuntimeConfig, JobConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
-        if self.scorer != "fdsl":
+        if not self.trained_head:
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
         for name in ("epoch", "save_freq", "k_shot"):
@@ -265,10 +276,10 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
-        if self.scorer == "nn" and self.checkpoint_path:
+        if not self.trained_head and self.checkpoint_path:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")
-        if self.scorer == "fdsl" and not self.checkpoint_path:
+        if self.trained_head and not self.checkpoint_path:
             raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
                               "(or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]

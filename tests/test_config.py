@@ -286,8 +286,8 @@ def _dests(parser) -> set:
 def test_every_command_parses_through_its_dataclass(capsys) -> None:
     import dataclasses
 
-    from fdsl.cli import demo, indexing, inspection
-    from fdsl.config import DemoConfig
+    from fdsl.cli import indexing, inspection
+    from fdsl.config import DemoConfig, DeployConfig
 
     for cmd, (cls, _) in inspection.COMMANDS.items():
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -295,7 +295,8 @@ def test_every_command_parses_through_its_dataclass(capsys) -> None:
         assert inspection.main([cmd, "--help"]) == 0
         out = capsys.readouterr().out
         assert all(f.metadata["flags"][0] in out for f in dataclasses.fields(cls)), cmd
-    assert _dests(demo.build_parser()) == {f.name for f in dataclasses.fields(DemoConfig)}
+    for cls in (DemoConfig, DeployConfig):
+        assert _dests(build_parser(cls)) == {f.name for f in dataclasses.fields(cls)}
     assert indexing.index_main("visa", ["--help"]) == 0
     out = capsys.readouterr().out
     assert "--root" in out and "--classes" in out

@@ -100,7 +100,7 @@ class FDSL(nn.Module):
                               "(use --winmode nan)")
         self.backbone = backbone
         self.cfg = cfg
-        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.scorer == "fdsl"
+        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.trained_head
                                 else NNHead(len(backbone.layers)))
         self._windows: WindowGeometry | None = None
         self.runtime = runtime or Runtime()
@@ -300,7 +300,7 @@ class FDSL(nn.Module):
 
     def training_maps(self, residuals: list[torch.Tensor], size: int) -> list[torch.Tensor]:
         """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
-        if self.cfg.scorer != "fdsl":
+        if not self.cfg.trained_head:
             raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw

@@ -71,13 +71,6 @@ def normalised_image_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.
     return image_score(patch_score, minmax(map_max))
 
 
-def class_mean(values: list[float]) -> float:
-    """Mean over classes, skipping undefined (NaN) values; NaN when none is defined."""
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else float("nan")
-
-
 def _check_checkpoint_path(cfg: TestConfig) -> None:
     if not os.path.isfile(cfg.checkpoint_path):
         raise CheckpointError(f"--checkpoint_path {cfg.checkpoint_path} does not exist; train one with train.py "
@@ -111,7 +104,7 @@ def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     d = {earlier.get(k, k): v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
     d["_dtypes"] = [str(getattr(runtime, f)) for f in
                     ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
-    if cfg.scorer == "fdsl":  # the training-free scorer has no checkpoint
+    if cfg.trained_head:  # the training-free scorer has no checkpoint
         _check_checkpoint_path(cfg)
         st = os.stat(cfg.checkpoint_path)
         d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
@@ -129,7 +122,7 @@ class Evaluator:
     def __init__(self, cfg: TestConfig, model: FDSL | None = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
-        if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
+        if model is None and cfg.trained_head:  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = JobContext(cfg, cfg.data_path, cfg.cal_image_size, model)
@@ -148,7 +141,7 @@ class Evaluator:
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
-        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.scorer == "fdsl" else None)[0].eval()
+        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.trained_head else None)[0].eval()
         self._nonbinary_warned: set = set()
         log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 
@@ -366,7 +359,7 @@ class Evaluator:
         k, seed = run
         out = self.run_dir(run)
         classes = {c: recs[c]["metrics"] for c in self.classes}
-        mean = {m: class_mean([classes[c][m] for c in self.classes]) for m in METRIC_KEYS}
+        mean = {m: metrics.class_mean([classes[c][m] for c in self.classes]) for m in METRIC_KEYS}
         results = {"classes": classes, "mean": mean,
                    "memory_bank_bytes": {c: int(recs[c]["memory_bank_bytes"]) for c in self.classes},
                    "units": UNITS, "provenance": self.provenance,

@@ -276,11 +276,3 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     log.info("exported the detector to %s (%s, %s) in %.1f s", out / model_file, fmt, precision,
              time.perf_counter() - t0)
     return out
-
-
-def exported_files(out: PathLike) -> list[Path] | None:
-    """The files of an exported folder (contract first), or None when it is not one."""
-    out = Path(out)
-    if not (out / CONTRACT).is_file():
-        return None
-    return [out / CONTRACT, *sorted(p for p in out.iterdir() if p.name.startswith("model."))]
