@@ -25,6 +25,7 @@ from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and re
     read_contract,
     verify_model_files,
 )
+from fdsl.outputs.openvino_core import openvino_core
 from fdsl.outputs.thresholds import defect_region
 from fdsl.outputs.verdicts import Prediction
 
@@ -32,19 +33,6 @@ log = logging.getLogger(__name__)
 
 _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
            "onnx": "pip install 'fdsl[onnx]' (onnxruntime==1.31.1)"}
-
-_CORE: list = []  # the process's one OpenVINO Core, created on first use and never destroyed
-
-
-def openvino_core():
-    """The process-wide `openvino.Core`. Compiled models are freed by Python's garbage collector in any order;
-    with one Core that outlives them all, no compiled model is ever destroyed after the Core that made it."""
-    if not _CORE:
-        import openvino as ov
-
-        _CORE.append(ov.Core())
-    return _CORE[0]
-
 
 def _cannot_load(path: Path, runtime: str, exc: BaseException) -> CheckpointError:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
