@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fdsl.config import (
+    BatchConfig,
     CalibrateConfig,
     DemoConfig,
     ExportConfig,
@@ -46,6 +47,7 @@ SECTIONS = [
     ("`fdsl calibrate`", CalibrateConfig),
     ("`fdsl serve`", ServeConfig),
     ("`fdsl export`", ExportConfig),
+    ("`fdsl batch` (Ray Data)", BatchConfig),
     ("The demo: `fdsl demo`, `python -m fdsl.cli.demo`", DemoConfig),
     ("The indexers: `python data/mvtec.py`, `python data/visa.py`", IndexConfig),
 ]
