@@ -13,32 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from batch_fixtures import add_bad_files, make_images
 from fdsl_test_utils import small_calibrated_part
 from PIL import Image
 
 pytest.importorskip("ray")
 
 N_IMAGES = 240
-
-
-def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """`n` small noise PNGs of varied sizes, in two sub-folders, plus the good/defect parts' look-alikes."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p = folder / f"line{i % 2}" / f"img{i:04d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (24 + i % 9, 28 + i % 5, 3), dtype=np.uint8)).save(p)
-        out.append(p)
-    return out
-
-
-def add_bad_files(folder: Path) -> dict[str, Path]:
-    bad = {"empty": folder / "empty.png", "corrupt": folder / "corrupt.png", "text": folder / "notes.jpg"}
-    bad["empty"].write_bytes(b"")
-    bad["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    bad["text"].write_text("not an image\n")
-    return bad
 
 
 @pytest.fixture(scope="module")

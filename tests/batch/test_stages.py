@@ -130,3 +130,24 @@ def test_state_refuses_another_detector_in_one_line(tmp_path):
     assert "\n" not in str(exc.value) and "/old.fdsl" in str(exc.value)
     with pytest.raises(ConfigError, match="--threshold"):
         check_state(out, det, "a" * 64, 0.7)
+
+
+def test_ray_is_imported_only_when_a_job_starts():
+    import subprocess
+    import sys
+
+    code = ("import sys, fdsl, fdsl.cli, fdsl.config, fdsl.batch.job, fdsl.batch.stages, fdsl.cli.batch; "
+            "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ), timeout=120).returncode == 0
+
+
+def test_cli_bad_input_is_one_line(env, tmp_path, capsys):
+    from fdsl.cli import main
+
+    assert main(["batch", "--detector", str(tmp_path / "none.fdsl"), "--input", str(env.imgs),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --detector") and "\n" not in err
+    assert main(["batch", "--detector", str(env.part.path), "--input", str(tmp_path / "nothing"),
+                 "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
