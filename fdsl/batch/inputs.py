@@ -85,7 +85,7 @@ def list_inputs(spec: str, exclude: PathLike | None = None) -> list[str]:
     Raises:
         DataError: nothing found, or the path does not exist.
     """
-    from fdsl.inspect.files import image_extensions, list_images
+    from fdsl.outputs.files import image_extensions, list_images
 
     spec = str(spec)
     exts = image_extensions()

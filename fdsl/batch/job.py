@@ -254,9 +254,9 @@ def run_batch(detector: PathLike, input: str, out: PathLike, *, address: str | N
     from fdsl.batch.inputs import identity, list_inputs
     from fdsl.batch.stages import detector_digest
     from fdsl.checks import positive_int
-    from fdsl.inspect.outputs import folder_lock
-    from fdsl.inspect.thresholds import check_threshold
     from fdsl.io import atomic_write_json, prepare_run_dir
+    from fdsl.outputs.thresholds import check_threshold
+    from fdsl.outputs.writers import folder_lock
 
     out, det = Path(out), Path(detector)
     positive_int(workers, "--workers")

@@ -14,7 +14,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +22,7 @@ from PIL import Image
 from fdsl.batch.inputs import read_bytes
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
+from fdsl.outputs.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _one_line(exc: BaseException) -> str:
 
 def detector_digest(path: PathLike) -> str:
     """sha256 of a detector: of the `.fdsl` file, or of an exported folder's files (names and contents)."""
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     p = Path(path)
     if p.is_file():
@@ -120,9 +120,10 @@ def detector_digest(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def load_scorer(detector: PathLike, device: str = "cpu", threads: int = 1, pretrained: str | None = None) -> Any:
-    """A `.fdsl` detector file (`Detector`, torch) or an exported folder (`ExportedDetector`, torch-free);
-    both score with ``score_images(images, threshold) -> list[Prediction]``."""
+def load_scorer(detector: PathLike, device: str = "cpu", threads: int = 1,
+                pretrained: str | None = None) -> Scorer:
+    """A `.fdsl` detector file (`Detector`, torch) or an exported folder (`ExportedDetector`, torch-free): a
+    `fdsl.outputs.scorer.Scorer` (``score_images(images, threshold) -> list[Prediction]``)."""
     p = Path(detector)
     if p.is_dir():
         from fdsl.deploy import load_exported
@@ -197,8 +198,8 @@ class ScoreImages:
 
     def _row(self, im: Image.Image, pred, path: str) -> dict:
         from fdsl.deploy.pixels import resize_bilinear
-        from fdsl.inspect.verdicts import overlay_array, png_bytes
         from fdsl.outputs.regions import connected_regions
+        from fdsl.outputs.verdicts import overlay_array, png_bytes
 
         thr = self.threshold
         regions = []
