@@ -254,7 +254,7 @@ def run_batch(detector: PathLike, input: str, out: PathLike, *, address: str | N
     from fdsl.batch.inputs import identity, list_inputs
     from fdsl.batch.stages import detector_digest
     from fdsl.checks import positive_int
-    from fdsl.io import atomic_write_json, prepare_run_dir
+    from fdsl.io import atomic_write_json, clean_stale_temp_files, prepare_run_dir
     from fdsl.outputs.thresholds import check_threshold
     from fdsl.outputs.writers import folder_lock
 
@@ -277,8 +277,9 @@ def run_batch(detector: PathLike, input: str, out: PathLike, *, address: str | N
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
     inputs = list_inputs(input, exclude=out)
     digest = detector_digest(det)
-    prepare_run_dir(out, "--out")
+    prepare_run_dir(out, "--out", clean=False)
     with folder_lock(out):
+        clean_stale_temp_files(out)  # ours now: an earlier owner's leftovers, never a live run's
         state = check_state(out, det, digest, threshold)
         atomic_write_json(out / STATE, state)
         current = {p: identity(p) for p in inputs}

@@ -151,3 +151,18 @@ def test_cli_bad_input_is_one_line(env, tmp_path, capsys):
     assert main(["batch", "--detector", str(env.part.path), "--input", str(tmp_path / "nothing"),
                  "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def test_progress_line_has_done_rate_and_eta():
+    import io
+
+    from fdsl.batch.job import Progress
+
+    buf = io.StringIO()
+    bar = Progress(100, stream=buf)
+    bar.t0 -= 10.0  # 10 s ago
+    bar.update(25, 1, final=True)
+    line = buf.getvalue().strip()
+    assert line.startswith("batch: 25/100 images (25.0%)") and "img/s" in line and "1 error(s)" in line
+    rate = float(line.split(", ")[1].split()[0])
+    assert 2.0 <= rate <= 2.6 and "ETA 00:00:" in line  # 75 left at ~2.5/s: ~30 s
