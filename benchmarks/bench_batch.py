@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256, help="side of the generated images")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--predict_threads", type=int, nargs="*", default=None,
+                   help="torch threads of the `fdsl predict` baselines (default: 1 and all cores; none: skip)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -107,7 +109,8 @@ def main() -> None:
     for old in [*out.glob("predict_*"), *out.glob("batch_*")]:  # each setting scores every image afresh
         if old.is_dir():
             shutil.rmtree(old)
-    for threads in sorted({1, os.cpu_count() or 1}):
+    threads_list = sorted({1, os.cpu_count() or 1}) if args.predict_threads is None else args.predict_threads
+    for threads in threads_list:
         res[f"predict_{threads}thread"] = bench_predict(det, imgs, out / f"predict_{threads}", threads)
         print("predict", threads, "thread(s):", res[f"predict_{threads}thread"], flush=True)
     for w in args.workers:
