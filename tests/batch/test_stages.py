@@ -166,3 +166,22 @@ def test_progress_line_has_done_rate_and_eta():
     assert line.startswith("batch: 25/100 images (25.0%)") and "img/s" in line and "1 error(s)" in line
     rate = float(line.split(", ")[1].split()[0])
     assert 2.0 <= rate <= 2.6 and "ETA 00:00:" in line  # 75 left at ~2.5/s: ~30 s
+
+
+def test_exported_detector_scores_as_the_file(env, tmp_path):
+    """An exported folder (OpenVINO, no PyTorch in the actor) is a scorer too: the same rows to 1e-4."""
+    pytest.importorskip("openvino")
+    from fdsl.batch.stages import detector_digest
+    from fdsl.inspect.export import export_detector
+
+    folder = export_detector(env.part.det, tmp_path / "exported", "openvino")
+    dec = DecodeImages()(pa.table({"path": [str(p) for p in env.good]}))
+    want = ScoreImages(str(env.part.path))(dec).to_pylist()
+    got = ScoreImages(str(folder), threads=1)(dec).to_pylist()
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], rtol=0, atol=1e-4)
+    digest = detector_digest(folder)
+    (folder / "fdsl_export.json").write_text((folder / "fdsl_export.json").read_text() + " ")
+    assert detector_digest(folder) != digest  # any file of the folder changes the detector's identity
+    with pytest.raises(ConfigError, match="CPU"):
+        ScoreImages(str(folder), device="cuda")
