@@ -15,6 +15,7 @@ into the same folder scores only inputs with no row, or whose file changed (size
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -74,11 +75,16 @@ class Progress:
         self.total, self.done, self.errors = total, 0, 0
         self.enabled, self.stream = enabled, stream or sys.stderr
         self.t0 = self.last = time.time()
+        self.first: tuple[float, int] | None = None  # (time, images) of the first block: the rate is measured
+        #                                              from there, so start-up does not skew the ETA
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def line(self) -> str:
-        dt = max(time.time() - self.t0, 1e-9)
-        rate = self.done / dt
+        now = time.time()
+        if self.first is not None and now > self.first[0] and self.done > self.first[1]:
+            rate = (self.done - self.first[1]) / (now - self.first[0])
+        else:
+            rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
         eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
         return (f"batch: {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.1f}%), "
@@ -88,6 +94,8 @@ class Progress:
         self.done += n
         self.errors += errors
         now = time.time()
+        if self.first is None and n:
+            self.first = (now, self.done)
         if self.enabled and (final or now - self.last >= (0.5 if self.tty else 5.0)):
             self.last = now
             print(("\r" if self.tty else "") + self.line(), end="\n" if final or not self.tty else "",
@@ -398,6 +406,8 @@ def merge(out: Path, inputs: Sequence[str], current: dict) -> dict[str, dict]:
     _write_parquet(table, out / RESULTS)
     for f in parts:
         f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (out / PARTS).rmdir()  # only when empty
     return best
 
 

@@ -65,4 +65,4 @@ def test_killed_worker_every_row_exactly_once(cluster, tmp_path):
     assert len(paths) == len(set(paths)) == len(expected) == 163 and sorted(paths) == expected
     assert s["n_scored"] == 163 and s["n_errors"] == 3
     assert all(r["score"] is not None for r in rows if not r["error"])
-    assert not list((out / "parts").glob("*.parquet"))  # merged into the one table
+    assert not (out / "parts").exists()  # merged into the one table

@@ -110,7 +110,7 @@ def test_blocks_are_named_by_their_inputs_and_the_merge_keeps_one_row_per_path(t
     final = merge(tmp_path, list(current), current)
     t = pq.read_table(tmp_path / "results.parquet")
     assert t.column("path").to_pylist() == ["/x/a.png", "/x/b.png"]
-    assert final["/x/b.png"]["score"] == 0.7 and not list((tmp_path / "parts").iterdir())
+    assert final["/x/b.png"]["score"] == 0.7 and not (tmp_path / "parts").exists()
     with pytest.raises(FDSLError, match="no row"):
         merge(tmp_path, ["/x/a.png", "/x/c.png"], {"/x/a.png": (10, 1), "/x/c.png": (1, 1)})
     best = best_rows([_result("/y.png", 1, 1, 0.1, 5.0), _result("/y.png", 1, 2, 0.2, 1.0)], {"/y.png": (1, 2)})
@@ -160,12 +160,16 @@ def test_progress_line_has_done_rate_and_eta():
 
     buf = io.StringIO()
     bar = Progress(100, stream=buf)
-    bar.t0 -= 10.0  # 10 s ago
+    bar.t0 -= 10.0  # 10 s ago, no block yet
     bar.update(25, 1, final=True)
     line = buf.getvalue().strip()
     assert line.startswith("batch: 25/100 images (25.0%)") and "img/s" in line and "1 error(s)" in line
     rate = float(line.split(", ")[1].split()[0])
     assert 2.0 <= rate <= 2.6 and "ETA 00:00:" in line  # 75 left at ~2.5/s: ~30 s
+    bar.first = (bar.first[0] - 5.0, 25)  # the first block came 5 s ago; 25 more since: 5/s, start-up excluded
+    bar.update(25, 0, final=True)
+    rate = float(buf.getvalue().strip().splitlines()[-1].split(", ")[1].split()[0])
+    assert 4.5 <= rate <= 5.5
 
 
 def test_exported_detector_scores_as_the_file(env, tmp_path):
