@@ -20,7 +20,7 @@ def cmd_batch(cfg) -> dict:
     from fdsl.errors import ConfigError
 
     try:
-        import ray  # noqa: F401  (only to say what is missing)
+        import ray.data  # noqa: F401  (it sets up its loggers on import: quieted below)
     except ImportError:
         raise ConfigError("fdsl batch needs Ray Data: pip install 'fdsl[ray]'") from None
     from fdsl.batch.job import RESULTS, run_batch
