@@ -52,6 +52,8 @@ ALIGN_MODES = ("mulmax", "diff2")
 SCORERS = ("fdsl", "nn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
+TILE_BANKS = ("shared", "position")  # fdsl.outputs.tiles
+TILING = "tiling (high-resolution images, docs/tiling.md)"
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 ENGINES = ("torch", "openvino")
@@ -329,6 +331,33 @@ class ImagesCommand(RuntimeConfig):
         return part_of(self, RuntimeConfig)
 
 
+def check_tiling(size: int | None, overlap: int | None, bank: str | None) -> None:
+    """The tiling flags' own rules (given ones only): --tile 0 or >= 8, 0 <= --tile_overlap < --tile."""
+    from fdsl.outputs.tiles import Tiling
+
+    if size is not None:
+        Tiling(size, overlap or 0, bank or "shared").validate()
+    elif overlap is not None and overlap < 0:
+        raise ConfigError(f"--tile_overlap must be a number of pixels >= 0, got {overlap}")
+
+
+@dataclass
+class TileChoice:
+    """--tile / --tile_overlap / --tile_bank of the commands that use a fitted detector: fixed at fit time,
+    so given here they must agree with the detector's (default: the detector's)."""
+
+    tile: int | None = option(None, "--tile", group=TILING,
+                              help="tile side in pixels of the original image (default: the detector's, fixed by "
+                                   "`fit`; a different value is an error)")
+    tile_overlap: int | None = option(None, "--tile_overlap", group=TILING,
+                                      help="least overlap of neighbouring tiles in pixels (default: the detector's)")
+    tile_bank: str | None = option(None, "--tile_bank", choices=TILE_BANKS, group=TILING,
+                                   help="tile memory bank (default: the detector's)")
+
+    def tile_flags(self) -> dict:
+        return {"tile": self.tile, "tile_overlap": self.tile_overlap, "tile_bank": self.tile_bank}
+
+
 @dataclass
 class FitConfig(ModelOverrides, ImagesCommand):
     """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
@@ -348,16 +377,27 @@ class FitConfig(ModelOverrides, ImagesCommand):
     shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
                                  help="how --max_shots chooses: greedy coreset over the image embeddings, or "
                                       "evenly over the sorted file list")
+    tile: int = option(0, "--tile", group=TILING,
+                       help="tile each image into SIZE x SIZE pixel tiles of the original image, each scored like a "
+                            "whole image and stitched back (0: resize the whole image, as before); stored in the "
+                            "detector, later commands use it")
+    tile_overlap: int = option(0, "--tile_overlap", group=TILING,
+                               help="least overlap of neighbouring tiles in pixels, blended so no seam shows")
+    tile_bank: str = option("shared", "--tile_bank", choices=TILE_BANKS, group=TILING,
+                            help="shared: every tile searches the tokens of every normal tile (--max_shots bounds "
+                                 "it); position: each tile only the same tile +-1 of the normal images (parts held "
+                                 "in a fixture; one image size)")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
         positive_int(self.cal_image_size, "--cal_image_size")
         if self.max_shots is not None:
             positive_int(self.max_shots, "--max_shots")
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
 
 
 @dataclass
-class PredictConfig(ImagesCommand):
+class PredictConfig(TileChoice, ImagesCommand):
     """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
     detector: str | None = _detector("detector file written by `fit`, or a folder written by `export`")
@@ -376,6 +416,7 @@ class PredictConfig(ImagesCommand):
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
         if self.cal_image_size is not None:
             positive_int(self.cal_image_size, "--cal_image_size")
         if self.threshold is not None and not math.isfinite(self.threshold):
@@ -383,7 +424,7 @@ class PredictConfig(ImagesCommand):
 
 
 @dataclass
-class CalibrateConfig(ImagesCommand):
+class CalibrateConfig(TileChoice, ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
     detector: str | None = _detector("detector file; rewritten atomically with the thresholds")
@@ -397,6 +438,10 @@ class CalibrateConfig(ImagesCommand):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+
+    def validate(self) -> None:
+        ImagesCommand.validate(self)
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.inspect.files import sha256_file
 from fdsl.io import PathLike, atomic_path
+from fdsl.outputs.tiles import TILE_BANKS, Tiling
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,12 @@ METADATA_SCHEMA: dict = {
         "selection": (True, _STR), "candidates": (True, _int(0)), "max_shots": (False, _or_null(_int(1))),
     }),
     "cal_image_size": (False, _int(1)),
+    # tiled detectors only (docs/tiling.md); files without it, all those written before tiling, are untiled
+    "tiling": (False, {
+        "size": (True, _int(8)), "overlap": (True, _int(0)), "bank": (True, _choice(TILE_BANKS)),
+        "map_cap": (False, _int(1)), "normal_size": (False, _SIZE),
+    }),
+    "bank": (False, {"items": (True, _int(1)), "tokens": (True, _int(1)), "bytes": (True, _int(0))}),
     "thresholds": (False, {
         "image": (True, _or_null(_num())), "pixel": (True, _or_null(_num())),
         "image_method": (False, _or_null(_STR)), "pixel_method": (False, _or_null(_STR)),
@@ -360,6 +367,15 @@ def validate_metadata(info: Any, path: PathLike) -> dict:
         ModelConfig(**mc).validate()
     except ConfigError as exc:
         raise CheckpointError(f"{path}: detector metadata field 'model_config' is invalid: {exc}") from exc
+    if "tiling" in info:
+        t = info["tiling"]
+        try:
+            Tiling.from_info(t).validate()
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: detector metadata field 'tiling' is invalid: {exc}") from exc
+        if t["bank"] == "position" and "normal_size" not in t:
+            raise CheckpointError(f"{path}: detector metadata field 'tiling' holds a position bank without the "
+                                  "normal images' size ('normal_size'); the file is damaged")
     return info
 
 
