@@ -182,8 +182,7 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
         det = load_exported(det_path)
     else:
         det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)
-    from fdsl.inspect.detector import check_tiling_flags
-    from fdsl.outputs.tiles import Tiling
+    from fdsl.outputs.tiles import Tiling, check_tiling_flags
 
     check_tiling_flags(Tiling.from_info(det.info.get("tiling")), **(tiling or {}))
     prepare_run_dir(out, "--out")

@@ -53,7 +53,7 @@ from fdsl.inspect.files import find_mask, list_images, sha256_file
 from fdsl.inspect.shot_selection import choose_shots
 from fdsl.inspect.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
 from fdsl.io import PathLike
-from fdsl.outputs.tiles import Tiling, neighbour_positions, score_tiled, tile_boxes
+from fdsl.outputs.tiles import Tiling, check_tiling_flags, neighbour_positions, score_tiled, tile_boxes
 
 log = logging.getLogger(__name__)
 
@@ -527,19 +527,6 @@ def _warn_shared_images(normal: Sequence[tuple[Path, str]], anomalous: Sequence[
     if shared:
         log.warning("calibrate: %d image(s) are given as both normal and anomalous (same content), e.g. %s and "
                     "%s; the thresholds cannot separate them", len(shared), shared[0][0], shared[0][1])
-
-
-def check_tiling_flags(tiling: Tiling, tile: int | None, tile_overlap: int | None, tile_bank: str | None) -> None:
-    """Flags given to a later command (None: not given) must equal the tiling fixed at fit time; one line if not."""
-    given = {"--tile": (tile, tiling.size), "--tile_overlap": (tile_overlap, tiling.overlap),
-             "--tile_bank": (tile_bank, tiling.bank if tiling.enabled else None)}
-    for flag, (value, fixed) in given.items():
-        if value is None or value == fixed or (flag == "--tile_bank" and not tiling.enabled and value == "shared"):
-            continue
-        now = (f"--tile {tiling.size} --tile_overlap {tiling.overlap} --tile_bank {tiling.bank}" if tiling.enabled
-               else "no tiling (--tile 0)")
-        raise ConfigError(f"{flag} {value}: the detector was fitted with {now}, which later commands use; drop "
-                          f"{flag} or fit the detector again with it")
 
 
 def _encode_tiles(model: FDSL, tf: Any, files: Sequence[tuple[Path, str]], tiling: Tiling,

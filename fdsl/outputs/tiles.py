@@ -78,6 +78,19 @@ class Tiling:
         return cls(int(info["size"]), int(info["overlap"]), str(info.get("bank", "shared")))
 
 
+def check_tiling_flags(tiling: Tiling, tile: int | None, tile_overlap: int | None, tile_bank: str | None) -> None:
+    """Flags given to a later command (None: not given) must equal the tiling fixed at fit time; one line if not."""
+    given = {"--tile": (tile, tiling.size), "--tile_overlap": (tile_overlap, tiling.overlap),
+             "--tile_bank": (tile_bank, tiling.bank if tiling.enabled else None)}
+    for flag, (value, fixed) in given.items():
+        if value is None or value == fixed or (flag == "--tile_bank" and not tiling.enabled and value == "shared"):
+            continue
+        now = (f"--tile {tiling.size} --tile_overlap {tiling.overlap} --tile_bank {tiling.bank}" if tiling.enabled
+               else "no tiling (--tile 0)")
+        raise ConfigError(f"{flag} {value}: the detector was fitted with {now}, which later commands use; drop "
+                          f"{flag} or fit the detector again with it")
+
+
 def axis_starts(length: int, tile: int, overlap: int) -> np.ndarray:
     """Start offsets of the tiles along one axis of `length` pixels: (n,) int64.
 
