@@ -341,21 +341,19 @@ def check_tiling(size: int | None, overlap: int | None, bank: str | None) -> Non
         raise ConfigError(f"--tile_overlap must be a number of pixels >= 0, got {overlap}")
 
 
-@dataclass
-class TileChoice:
-    """--tile / --tile_overlap / --tile_bank of the commands that use a fitted detector: fixed at fit time,
-    so given here they must agree with the detector's (default: the detector's)."""
+def _tile_choice(flag: str):
+    """--tile / --tile_overlap / --tile_bank of a command that uses a fitted detector: fixed at fit time, so
+    given here they must agree with the detector's (default: the detector's)."""
+    helps = {"--tile": "tile side in pixels of the original image (default: the detector's, fixed by `fit`; a "
+                       "different value is an error)",
+             "--tile_overlap": "least overlap of neighbouring tiles in pixels (default: the detector's)",
+             "--tile_bank": "tile memory bank (default: the detector's)"}
+    return option(None, flag, help=helps[flag], group=TILING, choices=TILE_BANKS if flag == "--tile_bank" else None)
 
-    tile: int | None = option(None, "--tile", group=TILING,
-                              help="tile side in pixels of the original image (default: the detector's, fixed by "
-                                   "`fit`; a different value is an error)")
-    tile_overlap: int | None = option(None, "--tile_overlap", group=TILING,
-                                      help="least overlap of neighbouring tiles in pixels (default: the detector's)")
-    tile_bank: str | None = option(None, "--tile_bank", choices=TILE_BANKS, group=TILING,
-                                   help="tile memory bank (default: the detector's)")
 
-    def tile_flags(self) -> dict:
-        return {"tile": self.tile, "tile_overlap": self.tile_overlap, "tile_bank": self.tile_bank}
+def tile_flags(cfg: Any) -> dict:
+    """The tiling flags a command was given: {tile, tile_overlap, tile_bank} (None: not given)."""
+    return {"tile": cfg.tile, "tile_overlap": cfg.tile_overlap, "tile_bank": cfg.tile_bank}
 
 
 @dataclass
@@ -397,7 +395,7 @@ class FitConfig(ModelOverrides, ImagesCommand):
 
 
 @dataclass
-class PredictConfig(TileChoice, ImagesCommand):
+class PredictConfig(ImagesCommand):
     """`fdsl predict`: score images with a detector file; scores.csv, overlays, masks, index.html, summary.json."""
 
     detector: str | None = _detector("detector file written by `fit`, or a folder written by `export`")
@@ -413,6 +411,9 @@ class PredictConfig(TileChoice, ImagesCommand):
     save_maps: bool = option(False, "--save_maps",
                              help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
                                   "and maps/full/<name>.npy (the image's own size)")
+    tile: int | None = _tile_choice("--tile")
+    tile_overlap: int | None = _tile_choice("--tile_overlap")
+    tile_bank: str | None = _tile_choice("--tile_bank")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
@@ -424,7 +425,7 @@ class PredictConfig(TileChoice, ImagesCommand):
 
 
 @dataclass
-class CalibrateConfig(TileChoice, ImagesCommand):
+class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
     detector: str | None = _detector("detector file; rewritten atomically with the thresholds")
@@ -438,6 +439,9 @@ class CalibrateConfig(TileChoice, ImagesCommand):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    tile: int | None = _tile_choice("--tile")
+    tile_overlap: int | None = _tile_choice("--tile_overlap")
+    tile_bank: str | None = _tile_choice("--tile_bank")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)

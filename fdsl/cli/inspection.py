@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from fdsl.checks import positive_int
-from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
+from fdsl.config import (
+    CalibrateConfig,
+    FitConfig,
+    ModelConfig,
+    PredictConfig,
+    RuntimeConfig,
+    given,
+    parse_config,
+    tile_flags,
+)
 from fdsl.errors import ConfigError
 from fdsl.inspect.files import PREDICT_STATE
 from fdsl.inspect.outputs import (  # noqa: F401  (output_names re-exported: `predict`'s output names)
@@ -62,7 +71,7 @@ def cmd_calibrate(cfg: CalibrateConfig) -> None:
     from fdsl.inspect.detector import Detector
 
     det = Detector.load(cfg.detector, runtime=cfg.runtime(), pretrained=cfg.pretrained)
-    det.check_tiling(**cfg.tile_flags())
+    det.check_tiling(**tile_flags(cfg))
     writable = _writable_folder(Path(cfg.detector).parent)
     if writable is not None:
         raise ConfigError(f"--detector {cfg.detector!r} cannot be rewritten with the thresholds: its folder is "
@@ -128,7 +137,7 @@ def cmd_predict(cfg: PredictConfig) -> None:
     summary = predict_folder(cfg.detector, cfg.images, cfg.out, threshold=cfg.threshold,
                              cal_image_size=cfg.cal_image_size, pretrained=cfg.pretrained, overlays=cfg.overlays,
                              save_maps=cfg.save_maps, runtime=cfg.runtime(), batch_size=cfg.batch_size,
-                             tiling=cfg.tile_flags())
+                             tiling=tile_flags(cfg))
     out = Path(cfg.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
