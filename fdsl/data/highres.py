@@ -4,11 +4,11 @@ Each class is one part built from a scikit-image picture that no FDSL training u
 held-out evaluation: ``brick``, ``gravel``, ``grass``, ``retina``, ``hubble_deep_field``): the 512-px textures
 mirror-tiled to the image size (seamless), the photographs resized. Every shot of the part is the same
 picture shifted by up to `shift` pixels, with a small gain change and sensor noise; anomalous shots carry
-1-3 defects: blobs (5-20 px ellipses of another tone), scratches (1-3 px wide, 12-40 px long lines) and
-stains (soft darkened discs, 10-20 px). Masks mark exactly the painted pixels (a stain where its opacity is
+1-3 defects: blobs (5-17 px ellipses of another tone), scratches (1-3 px wide, 12-40 px long lines) and
+stains (soft darkened discs, 8-18 px). Masks mark exactly the painted pixels (a stain where its opacity is
 at least one half).
 
-    root = make_highres_set("/tmp/highres", size=1536)   # root/<cls>/{train/good,test/good,test/defect,
+    root = make_highres_set("/tmp/highres", size=1024)   # root/<cls>/{train/good,test/good,test/defect,
                                                           #  ground_truth/defect}, MVTec-like
 """
 from __future__ import annotations
@@ -52,9 +52,9 @@ def _defect(img: np.ndarray, mask: np.ndarray, kind: str, rng: np.random.Generat
     shape = np.zeros((h, w), np.uint8)
     sign = 1.0 if rng.random() < 0.5 else -1.0
     if kind == "blob":
-        axes = (int(rng.integers(3, 11)), int(rng.integers(3, 11)))  # 5-20 px across
+        axes = (int(rng.integers(2, 9)), int(rng.integers(2, 9)))  # 5-17 px across
         cv2.ellipse(shape, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        colour = np.asarray(rng.uniform(-1, 1, 3) * 30 + sign * 60, np.float32)
+        colour = np.asarray(rng.uniform(-1, 1, 3) * 20 + sign * 45, np.float32)
         sel = shape.astype(bool)
         img[sel] = img[sel] + colour
         mask |= sel
@@ -63,17 +63,18 @@ def _defect(img: np.ndarray, mask: np.ndarray, kind: str, rng: np.random.Generat
         dx, dy = 0.5 * length * np.cos(ang), 0.5 * length * np.sin(ang)
         cv2.line(shape, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)), 1, int(rng.integers(1, 4)))
         sel = shape.astype(bool)
-        img[sel] = img[sel] + sign * 70.0
+        img[sel] = img[sel] + sign * 55.0
         mask |= sel
     elif kind == "stain":
-        r = float(rng.uniform(5, 10))  # 10-20 px across (opacity >= 0.5)
-        yy, xx = np.mgrid[0:h, 0:w]
+        r = float(rng.uniform(4, 9))  # 8-18 px across (opacity >= 0.5)
+        R = int(3 * r)
+        y0, x0 = max(0, cy - R), max(0, cx - R)
+        yy, xx = np.mgrid[y0:min(h, cy + R + 1), x0:min(w, cx + R + 1)]
         d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2
         alpha = np.exp(-0.6931 * d2 ** 2).astype(np.float32)  # 0.5 at distance r, soft edge
-        alpha[alpha < 0.02] = 0
-        tint = np.asarray([0.55, 0.5, 0.4], np.float32) * 90
-        img -= alpha[..., None] * tint
-        mask |= alpha >= 0.5
+        tint = np.asarray([0.55, 0.5, 0.4], np.float32) * 80
+        img[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] -= alpha[..., None] * tint
+        mask[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] |= alpha >= 0.5
     else:
         raise ConfigError(f"defect kind {kind!r} is not one of {', '.join(DEFECTS)}")
 
@@ -93,8 +94,8 @@ def highres_image(name: str, size: int, key: int, seed: int = 0, shift: int = 4,
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
 
 
-def make_highres_set(root: str | Path, classes: Sequence[str] = ("brick", "gravel", "retina"), size: int = 1536,
-                     n_train: int = 3, n_good: int = 6, n_bad: int = 6, seed: int = 0, shift: int = 4) -> Path:
+def make_highres_set(root: str | Path, classes: Sequence[str] = ("brick", "gravel", "retina"), size: int = 1024,
+                     n_train: int = 2, n_good: int = 5, n_bad: int = 5, seed: int = 0, shift: int = 4) -> Path:
     """Write the set under `root` (MVTec layout: ``<cls>/train/good``, ``<cls>/test/{good,defect}``,
     ``<cls>/ground_truth/defect/<stem>_mask.png``); returns `root`. Files already there are rewritten."""
     for v, flag in ((size, "size"), (n_train, "n_train"), (n_good, "n_good"), (n_bad, "n_bad")):
