@@ -4,8 +4,8 @@ Each class is one part built from a scikit-image picture that no FDSL training u
 held-out evaluation: ``brick``, ``gravel``, ``grass``, ``retina``, ``hubble_deep_field``): the 512-px textures
 mirror-tiled to the image size (seamless), the photographs resized. Every shot of the part is the same
 picture shifted by up to `shift` pixels, with a small gain change and sensor noise; anomalous shots carry
-1-3 defects: blobs (5-17 px ellipses of another tone), scratches (1-3 px wide, 12-40 px long lines) and
-stains (soft darkened discs, 8-18 px). Masks mark exactly the painted pixels (a stain where its opacity is
+1-2 defects: blobs (5-11 px ellipses of another tone), scratches (1-2 px wide, 10-30 px long lines) and
+stains (soft darkened discs, 8-14 px). Masks mark exactly the painted pixels (a stain where its opacity is
 at least one half).
 
     root = make_highres_set("/tmp/highres", size=1024)   # root/<cls>/{train/good,test/good,test/defect,
@@ -52,21 +52,21 @@ def _defect(img: np.ndarray, mask: np.ndarray, kind: str, rng: np.random.Generat
     shape = np.zeros((h, w), np.uint8)
     sign = 1.0 if rng.random() < 0.5 else -1.0
     if kind == "blob":
-        axes = (int(rng.integers(2, 9)), int(rng.integers(2, 9)))  # 5-17 px across
+        axes = (int(rng.integers(2, 6)), int(rng.integers(2, 6)))  # 5-11 px across
         cv2.ellipse(shape, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
         colour = np.asarray(rng.uniform(-1, 1, 3) * 20 + sign * 45, np.float32)
         sel = shape.astype(bool)
         img[sel] = img[sel] + colour
         mask |= sel
     elif kind == "scratch":
-        length, ang = float(rng.uniform(12, 40)), float(rng.uniform(0, np.pi))
+        length, ang = float(rng.uniform(10, 30)), float(rng.uniform(0, np.pi))
         dx, dy = 0.5 * length * np.cos(ang), 0.5 * length * np.sin(ang)
-        cv2.line(shape, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)), 1, int(rng.integers(1, 4)))
+        cv2.line(shape, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)), 1, int(rng.integers(1, 3)))
         sel = shape.astype(bool)
         img[sel] = img[sel] + sign * 55.0
         mask |= sel
     elif kind == "stain":
-        r = float(rng.uniform(4, 9))  # 8-18 px across (opacity >= 0.5)
+        r = float(rng.uniform(4, 7))  # 8-14 px across (opacity >= 0.5)
         R = int(3 * r)
         y0, x0 = max(0, cy - R), max(0, cx - R)
         yy, xx = np.mgrid[y0:min(h, cy + R + 1), x0:min(w, cx + R + 1)]
@@ -95,7 +95,7 @@ def highres_image(name: str, size: int, key: int, seed: int = 0, shift: int = 4,
 
 
 def make_highres_set(root: str | Path, classes: Sequence[str] = ("brick", "gravel", "retina"), size: int = 1024,
-                     n_train: int = 2, n_good: int = 5, n_bad: int = 5, seed: int = 0, shift: int = 4) -> Path:
+                     n_train: int = 2, n_good: int = 6, n_bad: int = 6, seed: int = 0, shift: int = 4) -> Path:
     """Write the set under `root` (MVTec layout: ``<cls>/train/good``, ``<cls>/test/{good,defect}``,
     ``<cls>/ground_truth/defect/<stem>_mask.png``); returns `root`. Files already there are rewritten."""
     for v, flag in ((size, "size"), (n_train, "n_train"), (n_good, "n_good"), (n_bad, "n_bad")):
@@ -113,7 +113,7 @@ def make_highres_set(root: str | Path, classes: Sequence[str] = ("brick", "grave
             for i in range(n):
                 key += 1
                 rng = np.random.default_rng([seed, key, 7])
-                img, mask = highres_image(cls, size, key, seed, shift, int(rng.integers(1, 4)) if bad else 0)
+                img, mask = highres_image(cls, size, key, seed, shift, int(rng.integers(1, 3)) if bad else 0)
                 Image.fromarray(img).save(dirs[split] / f"{i:03d}.png")
                 if bad:
                     Image.fromarray(mask.astype(np.uint8) * 255).save(dirs["ground_truth/defect"] / f"{i:03d}_mask.png")

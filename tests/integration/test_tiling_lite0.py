@@ -1,7 +1,7 @@
 """REAL features: a tiled Lite0 `--scorer nn` detector finds small defects that the whole-image resize misses.
 
-512-px shots of a held-out texture (fdsl.data.highres: shifted by a few pixels, 5-17 px defects); the model
-runs at 128 px, so the whole image is shrunk 4x (a 10-px blob becomes 2-3 px, below the stride-8 grid), while
+512-px shots of a held-out texture (fdsl.data.highres: shifted by a few pixels, 5-14 px defects); the model
+runs at 128 px, so the whole image is shrunk 4x (an 8-px blob becomes 2 px, below the stride-8 grid), while
 128-px tiles are seen at full resolution.
 """
 from __future__ import annotations
