@@ -43,8 +43,8 @@ def run_child(spec: dict) -> dict:
     import torch
 
     from fdsl.core.timm_backbone import lite0_package_file
-    from fdsl.engine.metrics import image_metrics, pixel_metrics
     from fdsl.inspect.detector import Detector
+    from fdsl.metrics.metrics import image_metrics, pixel_metrics
     from fdsl.outputs.tiles import tile_boxes
 
     torch.set_num_threads(int(spec["threads"]))

@@ -209,8 +209,8 @@ def score_tiled(images: Sequence[Image.Image], tiling: Tiling, score_tiles: Tile
     at the normal images' `normal_size` (W, H); another size is a ConfigError naming it.
     """
     from fdsl.deploy.pixels import resize_bilinear
-    from fdsl.inspect.thresholds import defect_region
-    from fdsl.inspect.verdicts import Prediction
+    from fdsl.outputs.thresholds import defect_region
+    from fdsl.outputs.verdicts import Prediction
 
     per_image = []
     for im in images:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fdsl.core.timm_backbone import lite0_package_file
 from fdsl.data.highres import highres_image
-from fdsl.engine.metrics import auroc
+from fdsl.metrics.metrics import auroc
 
 SIZE, CLS = 512, "brick"
 LITE0 = dict(model="timm:tf_efficientnet_lite0", image_size=128, features_list=[3, 4], few_shot_features=[3, 4],
