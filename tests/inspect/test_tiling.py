@@ -125,3 +125,25 @@ def test_cli_fit_predict_and_conflict(normals, tmp_path, capsys):
     assert len(err) == 1 and "--tile 128" in err[0] and "fitted with --tile 64" in err[0]
     assert main(["fit", *args, "--scorer", "nn", "--normal", str(normals), "--out", str(tmp_path / "q.fdsl"),
                  "--tile", "64", "--tile_overlap", "64"]) == 2
+
+
+def test_calibrate_with_masks_on_stitched_maps(shared, tmp_path):
+    """Pixel F1-max over the stitched maps at each image's resolution; masks resized to them."""
+    import copy
+
+    det = copy.copy(shared)
+    det.info = copy.deepcopy(shared.info)
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "masks").mkdir()
+    _texture(21).save(tmp_path / "good" / "a.png")
+    img = np.asarray(_texture(22)).copy()
+    img[60:70, 90:100] = [250, 20, 20]
+    Image.fromarray(img).save(tmp_path / "bad" / "b.png")
+    mask = np.zeros((150, 200), np.uint8)
+    mask[60:70, 90:100] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "b.png")
+    rep = det.calibrate(tmp_path / "good", tmp_path / "bad", masks=tmp_path / "masks")
+    assert rep["pixel_method"] == "f1_max_masks" and 0 < rep["pixel_f1"] <= 1
+    pred = det.predict([tmp_path / "bad" / "b.png"])[0]
+    assert pred.mask.shape == (150, 200) and pred.mask[60:70, 90:100].any()
