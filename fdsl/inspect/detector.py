@@ -391,7 +391,11 @@ class Detector:
             _, grid = tile_boxes(w, h, t["size"], t["overlap"])
             n_pos = grid[0] * grid[1]
             near = torch.as_tensor(neighbour_positions(grid)[pos])
-            shots = self.memory.global_bank.k // n_pos
+            shots, rest = divmod(self.memory.global_bank.k, n_pos)
+            if rest or not shots:
+                raise CheckpointError(f"the detector's position tile bank holds {self.memory.global_bank.k} tiles, "
+                                      f"not a multiple of the {n_pos} tile positions of its {w}x{h} px normal "
+                                      "images; the file is damaged: fit it again")
             items = (torch.arange(shots)[:, None] * n_pos + near[None, :]).reshape(-1)  # shot-major (k·n_near,)
             dev = self.memory.global_bank.image_embeds.device
             self._position_memories[pos] = subset_memory(self.memory, items.to(dev))
