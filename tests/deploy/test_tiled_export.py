@@ -70,6 +70,13 @@ def test_exported_tiled_detector_equals_predict(tiled):
         assert a.anomaly_map.shape == b.anomaly_map.shape == (140, 190)
         np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, rtol=0, atol=1e-5)
         assert a.is_anomalous == b.is_anomalous
+    bad = json.loads((folder / "fdsl_export.json").read_text())
+    bad["tiling"]["overlap"] = 64  # not smaller than the tile: refused on read, one line
+    (folder / "fdsl_export.json").write_text(json.dumps(bad))
+    from fdsl.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="tiling"):
+        load_exported(folder)
 
 
 def test_export_refuses_a_position_bank(tiled):
