@@ -59,6 +59,8 @@ def trained_head(scorer: str) -> bool:
     return scorer != "nn"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
+TILE_BANKS = ("shared", "position")  # fdsl.outputs.tiles
+TILING = "tiling (high-resolution images, docs/tiling.md)"
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 BACKENDS = ("torch", "openvino")
@@ -343,6 +345,45 @@ class ImagesCommand(RuntimeConfig):
         return part_of(self, RuntimeConfig)
 
 
+def validate_tiling(size: int, overlap: int, bank: str) -> None:
+    """The tiling's own rules (`fdsl.outputs.tiles.Tiling` checks itself with them); ConfigError naming the flag."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ConfigError(f"--tile must be 0 (no tiling) or a tile side in pixels, got {size!r}")
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
+        raise ConfigError(f"--tile_overlap must be a number of pixels >= 0, got {overlap!r}")
+    if size > 0 and overlap >= size:
+        raise ConfigError(f"--tile_overlap {overlap} must be smaller than --tile {size}")
+    if size > 0 and size < 8:
+        raise ConfigError(f"--tile {size} is too small; give at least 8 pixels (or 0 for no tiling)")
+    if not size > 0 and overlap:
+        raise ConfigError(f"--tile_overlap {overlap} needs --tile SIZE (tiling is off)")
+    if bank not in TILE_BANKS:
+        raise ConfigError(f"--tile_bank must be one of {', '.join(TILE_BANKS)}, got {bank!r}")
+
+
+def check_tiling(size: int | None, overlap: int | None, bank: str | None) -> None:
+    """The tiling flags' own rules (given ones only): --tile 0 or >= 8, 0 <= --tile_overlap < --tile."""
+    if size is not None:
+        validate_tiling(size, overlap or 0, bank or "shared")
+    elif overlap is not None and overlap < 0:
+        raise ConfigError(f"--tile_overlap must be a number of pixels >= 0, got {overlap}")
+
+
+def _tile_choice(flag: str):
+    """--tile / --tile_overlap / --tile_bank of a command that uses a fitted detector: fixed at fit time, so
+    given here they must agree with the detector's (default: the detector's)."""
+    helps = {"--tile": "tile side in pixels of the original image (default: the detector's, fixed by `fit`; a "
+                       "different value is an error)",
+             "--tile_overlap": "least overlap of neighbouring tiles in pixels (default: the detector's)",
+             "--tile_bank": "tile memory bank (default: the detector's)"}
+    return option(None, flag, help=helps[flag], group=TILING, choices=TILE_BANKS if flag == "--tile_bank" else None)
+
+
+def tile_flags(cfg: Any) -> dict:
+    """The tiling flags a command was given: {tile, tile_overlap, tile_bank} (None: not given)."""
+    return {"tile": cfg.tile, "tile_overlap": cfg.tile_overlap, "tile_bank": cfg.tile_bank}
+
+
 @dataclass
 class FitConfig(ModelOverrides, ImagesCommand):
     """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
@@ -362,12 +403,23 @@ class FitConfig(ModelOverrides, ImagesCommand):
     shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
                                  help="how --max_shots chooses: greedy coreset over the image embeddings, or "
                                       "evenly over the sorted file list")
+    tile: int = option(0, "--tile", group=TILING,
+                       help="tile each image into SIZE x SIZE pixel tiles of the original image, each scored like a "
+                            "whole image and stitched back (0: resize the whole image, as before); stored in the "
+                            "detector, later commands use it")
+    tile_overlap: int = option(0, "--tile_overlap", group=TILING,
+                               help="least overlap of neighbouring tiles in pixels, blended so no seam shows")
+    tile_bank: str = option("shared", "--tile_bank", choices=TILE_BANKS, group=TILING,
+                            help="shared: every tile searches the tokens of every normal tile (--max_shots bounds "
+                                 "it); position: each tile only the same tile +-1 of the normal images (parts held "
+                                 "in a fixture; one image size)")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
         positive_int(self.cal_image_size, "--cal_image_size")
         if self.max_shots is not None:
             positive_int(self.max_shots, "--max_shots")
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
 
 
 @dataclass
@@ -387,9 +439,13 @@ class PredictConfig(ImagesCommand):
     save_maps: bool = option(False, "--save_maps",
                              help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
                                   "and maps/full/<name>.npy (the image's own size)")
+    tile: int | None = _tile_choice("--tile")
+    tile_overlap: int | None = _tile_choice("--tile_overlap")
+    tile_bank: str | None = _tile_choice("--tile_bank")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
         if self.cal_image_size is not None:
             positive_int(self.cal_image_size, "--cal_image_size")
         if self.threshold is not None and not math.isfinite(self.threshold):
@@ -434,6 +490,13 @@ class CalibrateConfig(ImagesCommand):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    tile: int | None = _tile_choice("--tile")
+    tile_overlap: int | None = _tile_choice("--tile_overlap")
+    tile_bank: str | None = _tile_choice("--tile_bank")
+
+    def validate(self) -> None:
+        ImagesCommand.validate(self)
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
 
 
 @dataclass
