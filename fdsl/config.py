@@ -49,7 +49,8 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
-SCORERS = ("fdsl", "nn")
+SCORERS = ("fdsl", "nn", "fused")
+LEARNED_SCORERS = ("fdsl", "fused")  # the scorers with a trained head (a checkpoint)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -107,7 +108,13 @@ class ModelConfig:
     scorer: str = option("fdsl", "--scorer", choices=SCORERS,
                          help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
                               "training-free, the per-layer map is the FD distance to the nearest normal token "
-                              "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
+                              "(1 - cos for mulmax, L2 for diff2), no checkpoint; fused: per layer "
+                              "w*nn + (1-w)*fdsl with w = --fuse_weight (needs a trained checkpoint)",
+                         affects=NUMBERS)
+    fuse_weight: float | None = option(None, "--fuse_weight",
+                                       help="--scorer fused: the weight w of the FD distance map (default: the "
+                                            "weight stored with the head, chosen on its training corpus; 0.5 for "
+                                            "a head without one)", affects=NUMBERS)
 
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
@@ -266,9 +273,14 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
         if self.scorer == "nn" and self.checkpoint_path:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")
-        if self.scorer == "fdsl" and not self.checkpoint_path:
-            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
-                              "(or --scorer nn, the training-free scorer)")
+        if self.scorer in LEARNED_SCORERS and not self.checkpoint_path:
+            from fdsl.heads import resolve_checkpoint
+
+            self.checkpoint_path = resolve_checkpoint(self, self.checkpoint_path)
+        if self.scorer in LEARNED_SCORERS and not self.checkpoint_path:
+            raise ConfigError(f"--checkpoint_path is required for --scorer {self.scorer}: a checkpoint written by "
+                              "train.py or the released code (no head ships for this backbone, size and layers; "
+                              "or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")

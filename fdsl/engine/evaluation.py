@@ -22,7 +22,7 @@ from tabulate import tabulate
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fdsl.config import NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
+from fdsl.config import LEARNED_SCORERS, NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
 from fdsl.core.memory import MemorySet
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
@@ -109,7 +109,7 @@ def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
     d["_dtypes"] = [str(getattr(runtime, f)) for f in
                     ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
-    if cfg.scorer == "fdsl":  # the training-free scorer has no checkpoint
+    if cfg.scorer in LEARNED_SCORERS:  # the training-free scorer has no checkpoint
         _check_checkpoint_path(cfg)
         st = os.stat(cfg.checkpoint_path)
         d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
@@ -127,7 +127,7 @@ class Evaluator:
     def __init__(self, cfg: TestConfig, model: FDSL | None = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
-        if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
+        if model is None and cfg.scorer in LEARNED_SCORERS:  # the model depends on the checkpoint's settings: reconcile
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = JobContext(cfg, cfg.data_path, cfg.cal_image_size, model)
@@ -146,7 +146,7 @@ class Evaluator:
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
-        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.scorer == "fdsl" else None)[0].eval()
+        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.scorer in LEARNED_SCORERS else None)[0].eval()
         self._nonbinary_warned: set = set()
         log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 
