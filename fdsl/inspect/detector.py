@@ -188,7 +188,10 @@ class Detector:
         if scorer != "nn" and checkpoint is None:  # the head shipped for this backbone, size and layers, if any
             from fdsl.heads import resolve_checkpoint
 
-            checkpoint = resolve_checkpoint(resolve_model_config(None, dict(model_options)), None, "--checkpoint")
+            probe = dict(model_options)
+            if "features_list" in probe and "few_shot_features" not in probe:
+                probe["few_shot_features"] = probe["features_list"]
+            checkpoint = resolve_checkpoint(resolve_model_config(None, probe), None, "--checkpoint")
         if scorer != "nn" and checkpoint is None:
             raise ConfigError(f"--checkpoint is required for the learned scorer (--scorer {scorer}): no head ships "
                               "for this backbone, size and layers; or use --scorer nn, the training-free scorer")
