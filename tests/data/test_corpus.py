@@ -67,3 +67,18 @@ def test_corpus_layout_meta_and_provenance(tmp_path):
     assert info["seed"] == 1 and info["n_images"] == 12 and sum(info["defects"].values()) == 6
     with pytest.raises(ConfigError, match="unknown defect"):
         corpus.make_corpus(tmp_path / "d", n_classes=1, defects=("dent",))
+
+
+def test_heldout_set_is_the_reserved_pictures_one_class_each(tmp_path):
+    root = corpus.make_heldout_set(tmp_path / "h", n_train=2, n_test_good=1, n_test_bad=2, image_size=64, seed=0,
+                                   defects=("blob", "spot"))
+    meta = load_meta(root)
+    assert sorted(c.removesuffix("_heldout") for c in meta["test"]) == sorted(corpus.RESERVED_SOURCES)
+    tiles = corpus.View("t", corpus.HELDOUT_PREFIX + "gravel", None, None, 5)
+    a, b = corpus.normal_image(tiles, 0, 64), corpus.normal_image(tiles, 1, 64)
+    assert np.abs(a.astype(float) - b).mean() > 10  # tiles from anywhere: other content, the same material
+    key = "test/spot/000"
+    bad, mask = corpus.corpus_image(tiles, key, 64, "spot")
+    assert np.array_equal(np.any(bad != corpus.normal_image(tiles, zlib.crc32(key.encode()), 64), axis=2), mask)
+    with pytest.raises(ConfigError, match="reserved"):
+        corpus.normal_image(corpus.View("x", corpus.HELDOUT_PREFIX + "coffee", None, None, 0), 0, 64)
