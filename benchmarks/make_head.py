@@ -35,7 +35,7 @@ WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
 
 
 @torch.no_grad()
-def fuse_curve(model: FDSL, root: Path, shots: tuple[int, ...] = (1, 2), size: int = 240) -> dict[float, float]:
+def fuse_curve(model: FDSL, root: Path, shots: tuple[int, ...] = (1, 2), size: int = 120) -> dict[float, float]:
     """Mean over classes and shots of pixel AUROC + AUPRO + image AUROC for each fuse weight in `WEIGHTS`."""
     meta = load_meta(root)
     pp = model.backbone.preprocess
