@@ -28,7 +28,7 @@ from fdsl.data.meta import load_meta
 from fdsl.data.shots import load_reference_images, sample_k_shot
 from fdsl.engine.checkpoint import load_head, read_checkpoint, save_head_file
 from fdsl.engine.evaluation import normalised_image_scores
-from fdsl.engine.metrics import image_metrics, pixel_metrics
+from fdsl.metrics.metrics import image_metrics, pixel_metrics
 
 log = logging.getLogger("fdsl.make_head")
 WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
