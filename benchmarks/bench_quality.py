@@ -40,7 +40,7 @@ SCORERS = ("nn", "fdsl", "fused")
 def build_heldout(root: Path, kind: str, seed: int = 2) -> Path:
     """A held-out set (generated once), one class per reserved picture, 256 px. ``tiles``
     (`fdsl.data.corpus.make_heldout_set`): the textures as tiles from anywhere in the picture, the corpus's nine
-    defect types, 4 train normals, 8 normal and 18 defective test images. ``drawn``
+    defect types, 8 train normals (k = 4 draws 4 of them), 8 normal and 18 defective test images. ``drawn``
     (`fdsl.data.synthetic.make_photo_dataset`): small shifts of one crop, saturated drawn defects, 4 / 6 / 12."""
     if not (root / "meta.json").is_file():
         if kind == "tiles":

@@ -470,7 +470,7 @@ def _write_classes(root_path: Path, views: Sequence[View], n_train: int, n_test_
     return counts
 
 
-def make_heldout_set(root: str | os.PathLike[str], n_train: int = 4, n_test_good: int = 8, n_test_bad: int = 18,
+def make_heldout_set(root: str | os.PathLike[str], n_train: int = 8, n_test_good: int = 8, n_test_bad: int = 18,
                      image_size: int = 256, seed: int = 0, defects: Sequence[str] = DEFECTS) -> Path:
     """The held-out evaluation set: one class per reserved picture (`RESERVED_SOURCES`, split by source: the
     corpus never sees them), the textures as tiles from anywhere in the picture (`TILE_FRACTION`), the retina
