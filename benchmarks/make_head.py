@@ -93,8 +93,9 @@ def main() -> None:
     best = max(curve, key=lambda w: (curve[w], -abs(w - 0.5)))
     log.info("fuse curve on %s (pixel AUROC + AUPRO + image AUROC): %s -> w = %s (%.0f s)", val,
              {w: round(v, 4) for w, v in curve.items()}, best, time.perf_counter() - t0)
-    recipe = {k: run_cfg.get(k) for k in ("epoch", "k_shot", "augment", "batch_size", "learning_rate", "seed",
-                                          "dataset") if k in run_cfg}
+    recipe = {k: run_cfg.get(k) for k in ("k_shot", "augment", "batch_size", "learning_rate", "seed", "dataset")
+              if k in run_cfg}
+    recipe["epochs"] = ck.get("epoch")  # the checkpoint's, not the run's planned --epoch
     saved_cfg = {k: v for k, v in mc.items() if k not in ("pretrained", "scorer", "fuse_weight")}
     info = {"fuse_weight": best, "fuse_curve": {str(w): round(v, 5) for w, v in curve.items()},
             "val_corpus_seed": args.val_seed, "recipe": recipe, "epochs": ck.get("epoch"),

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 HEADS_DIR = Path(__file__).resolve().parent
 # The settings a shipped head must share with the run (the backbone, its input and the tapped layers, and
 # the head's own architecture switches).
-MATCH_FIELDS = ("model", "image_size", "features_list", "use_nam", "align_mode", "use_abs", "normalize_tokens")
+MATCH_FIELDS = ("model", "image_size", "features_list", "use_nam", "align_mode", "use_abs", "use_norm")
 
 
 def shipped_heads() -> list[Path]:
