@@ -124,6 +124,9 @@ class ModelConfig:
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
         take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        w = self.fuse_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0):
+            raise ConfigError(f"--fuse_weight {w!r}: give a weight in [0, 1] (the share of the FD distance map)")
         if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
             raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
                               "timm backbone: drop them")

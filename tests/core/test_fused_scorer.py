@@ -75,3 +75,8 @@ def test_weight_comes_from_the_head_file_unless_given(tmp_path):
 def test_fused_needs_a_head():
     with pytest.raises(ConfigError, match="--checkpoint_path is required for --scorer fused"):
         EvalConfig(model="FDSL-Tiny-ViT", pretrained="none", scorer="fused").validate()
+
+
+def test_fuse_weight_must_be_a_share():
+    with pytest.raises(ConfigError, match="--fuse_weight 1.5"):
+        ModelConfig(model="FDSL-Tiny-ViT", scorer="fused", fuse_weight=1.5).validate()
