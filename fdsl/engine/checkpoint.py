@@ -196,6 +196,12 @@ def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -
     elif ck.get("format") == FORMAT:
         state, fmt, epoch, mcfg = ck["head"], FORMAT, ck.get("epoch"), ck.get("model_config")
         log.info("checkpoint %s: FDSL format, epoch %s", path, epoch)
+        from fdsl.heads import HEADS_DIR
+
+        if path.resolve().parent == HEADS_DIR:
+            info = ck.get("info") or {}
+            log.info("using the head shipped with fdsl (%s): trained on a %s-image corpus (seed %s), recipe %s",
+                     path.name, info.get("corpus_images"), info.get("corpus_seed"), json.dumps(info.get("recipe")))
     else:
         raise CheckpointError(f"checkpoint {path} is neither an FDSL checkpoint nor a released-code one "
                               f"(top-level keys: {sorted(ck)[:6]})")

@@ -54,9 +54,10 @@ def test_explicit_checkpoint_wins_and_other_settings_find_none(shipped, tmp_path
     assert not nn.checkpoint_path
 
 
-def test_fit_uses_the_shipped_head_and_records_the_weight(shipped, tmp_path):
+def test_fit_uses_the_shipped_head_and_records_the_weight(shipped, tmp_path, caplog):
     from fdsl.inspect.detector import Detector
 
+    caplog.set_level(logging.INFO, logger="fdsl.engine.checkpoint")
     good = tmp_path / "good"
     good.mkdir()
     rng = np.random.default_rng(0)
@@ -65,6 +66,7 @@ def test_fit_uses_the_shipped_head_and_records_the_weight(shipped, tmp_path):
     opts = {k: v for k, v in TINY.items() if k != "few_shot_features"}
     det = Detector.fit(None, good, runtime="cpu", scorer="fused", **opts)
     assert det.info["checkpoint"]["name"] == shipped.name
+    assert "using the head shipped with fdsl" in caplog.text
     assert det.info["model_config"]["fuse_weight"] == 0.8 and det.model.head.fuse_weight == 0.8
 
 
