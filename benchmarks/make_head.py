@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from fdsl.config import ModelConfig
+from fdsl.core.checkpoint_io import load_head, read_checkpoint
 from fdsl.core.model import FDSL, combine_layers
 from fdsl.data.corpus import CORPUS_FILENAME, make_corpus
 from fdsl.data.datasets import AnomalyDataset
 from fdsl.data.meta import load_meta
 from fdsl.data.shots import load_reference_images, sample_k_shot
-from fdsl.engine.checkpoint import load_head, read_checkpoint, save_head_file
+from fdsl.engine.checkpoint import save_head_file
 from fdsl.engine.evaluation import normalised_image_scores
 from fdsl.metrics.metrics import image_metrics, pixel_metrics
 

@@ -45,17 +45,23 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
            "parse_config", "part_of", "settings",
            "ModelConfig", "RuntimeConfig", "JobConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
-           "CalibrateConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides", "model_config_from"]
+           "CalibrateConfig", "BatchConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides",
+           "model_config_from"]
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
 SCORERS = ("fdsl", "nn", "fused")
-LEARNED_SCORERS = ("fdsl", "fused")  # the scorers with a trained head (a checkpoint)
+
+
+def trained_head(scorer: str) -> bool:
+    """Whether `scorer` uses a learned head that a checkpoint supplies (``fdsl``, ``fused``), not only the
+    training-free nearest-neighbour distance (``nn``): the one place that decides (`ModelConfig.trained_head`)."""
+    return scorer != "nn"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
-ENGINES = ("torch", "openvino")
+BACKENDS = ("torch", "openvino")
 DATASETS = ("mvtec", "visa")
 
 log = logging.getLogger(__name__)
@@ -116,6 +122,11 @@ class ModelConfig:
                                             "weight stored with the head, chosen on its training corpus; 0.5 for "
                                             "a head without one)", affects=NUMBERS)
 
+    @property
+    def trained_head(self) -> bool:
+        """The scorer is a learned head from a checkpoint (``--scorer fdsl``), not the training-free ``nn``."""
+        return trained_head(self.scorer)
+
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
         expand_user_paths(self)
@@ -161,16 +172,18 @@ class RuntimeConfig:
     align_chunk_mb: int = option(64, "--align_chunk_mb",
                                  help="bound, in MiB, on the similarity block computed at once during alignment",
                                  affects=NOTHING, resume_neutral=True, group=RUNTIME)
-    engine: str = option("torch", "--engine", choices=ENGINES,
-                         help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
-                              "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
-                              "match torch to 1e-4 except nearest-neighbour near-ties",
-                         affects=NUMBERS, group=RUNTIME)
-    engine_cache: str | None = option(
-        None, "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
-        help="folder where --engine openvino keeps the converted backbone passes (and OpenVINO's compiled "
+    backend: str = option("torch", "--backend", "--engine", choices=BACKENDS,
+                          help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
+                               "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
+                               "match torch to 1e-4 except nearest-neighbour near-ties. --engine is its earlier "
+                               "name, kept as an alias (a config.json that says engine still reads)",
+                          affects=NUMBERS, group=RUNTIME)
+    backend_cache: str | None = option(
+        None, "--backend_cache", "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
+        help="folder where --backend openvino keeps the converted backbone passes (and OpenVINO's compiled "
              "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
-             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache")
+             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache. "
+             "--engine_cache is its earlier name, kept as an alias")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
@@ -228,9 +241,12 @@ class TrainConfig(ModelConfig, RuntimeConfig, JobConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
-        if self.scorer != "fdsl":
+        if not self.trained_head:
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
+        if self.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.scorer}: train.py trains the learned head itself (--scorer fdsl); "
+                              "test with --scorer fused and the checkpoint it writes")
         for name in ("epoch", "save_freq", "k_shot"):
             positive_int(getattr(self, name), f"--{name}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -273,14 +289,14 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
-        if self.scorer == "nn" and self.checkpoint_path:
+        if not self.trained_head and self.checkpoint_path:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")
-        if self.scorer in LEARNED_SCORERS and not self.checkpoint_path:
+        if self.trained_head and not self.checkpoint_path:
             from fdsl.heads import resolve_checkpoint
 
             self.checkpoint_path = resolve_checkpoint(self, self.checkpoint_path)
-        if self.scorer in LEARNED_SCORERS and not self.checkpoint_path:
+        if self.trained_head and not self.checkpoint_path:
             raise ConfigError(f"--checkpoint_path is required for --scorer {self.scorer}: a checkpoint written by "
                               "train.py or the released code (no head ships for this backbone, size and layers; "
                               "or --scorer nn, the training-free scorer)")
@@ -398,6 +414,29 @@ class PredictConfig(ImagesCommand):
 
 
 @dataclass
+class DeployConfig:
+    """`python -m fdsl.deploy`: score images with a folder written by `fdsl export`, without PyTorch (the outputs
+    of `fdsl predict`, through the same folder run)."""
+
+    model: str | None = option(None, "--model", required=True, path=True,
+                               help="folder written by `fdsl export` (fdsl_export.json + model)")
+    images: list | None = _images("--images", "folder(s) (recursive) or image files")
+    out: str | None = option(None, "--out", required=True, path=True, help="output folder")
+    threshold: float | None = option(None, "--threshold", help="image threshold overriding the stored one")
+    overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
+    batch_size: int = option(8, "--batch_size", help="images per batch")
+    threads: int | None = option(None, "--threads", help="CPU threads of the runtime (default: its own)")
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        positive_int(self.batch_size, "--batch_size")
+        if self.threads is not None:
+            positive_int(self.threads, "--threads")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
+
+
+@dataclass
 class CalibrateConfig(ImagesCommand):
     """`fdsl calibrate`: image and pixel thresholds (F1-max, or --max_fpr) from validation images."""
 
@@ -428,10 +467,18 @@ class ServeConfig(ImagesCommand):
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
     max_files: int = option(64, "--max_files", help="images per request")
     max_file_mb: float = option(20.0, "--max_file_mb", help="megabytes per uploaded file")
+    max_request_mp: float = option(100.0, "--max_request_mp",
+                                   help="megapixels per request, all its images together (larger: 413); bounds a "
+                                        "request's work and the size of its answer (docs/workbench.md)")
+    max_fitted: int = option(20, "--max_fitted",
+                             help="detectors fitted on the page kept in <workdir>/fitted/ (the oldest are removed)")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
         positive_int(self.max_files, "--max_files")
+        positive_int(self.max_fitted, "--max_fitted")
+        if not (math.isfinite(self.max_request_mp) and self.max_request_mp > 0):
+            raise ConfigError(f"--max_request_mp must be a positive number, got {self.max_request_mp}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
         if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
@@ -460,6 +507,44 @@ class ExportConfig:
     def validate(self) -> None:
         expand_user_paths(self)
         positive_int(self.chunk_mb, "--chunk_mb")
+
+
+@dataclass
+class BatchConfig:
+    """`fdsl batch`: score an archive of images on Ray Data (local cores or a cluster) into a Parquet table,
+    every input exactly once; a rerun into the same --out scores only what is missing."""
+
+    detector: str | None = _detector("detector file written by `fit` (torch), or a folder written by `export` "
+                                     "(torch-free, CPU workers)")
+    input: str | None = option(None, "--input", required=True,
+                               help="a folder (recursive), a glob ('imgs/**/*.png'), or a .txt/.csv file listing "
+                                    "paths or URIs (s3://, gs://: what pyarrow's file systems read); relative "
+                                    "paths in a list are relative to the list's folder")
+    out: str | None = option(None, "--out", required=True, path=True,
+                             help="output folder: results.parquet, summary.json, masks/ (and overlays/)")
+    address: str | None = option(None, "--address",
+                                 help="Ray cluster to join: auto, or ray://host:10001 (default: start Ray on this "
+                                      "machine only, no dashboard, no usage statistics)")
+    workers: int = option(2, "--workers", help="scoring actors; each loads the detector once")
+    batch_size: int = option(8, "--batch_size", help="images per decode task and per scoring call")
+    device: str = option("cpu", "--device", choices=("cpu", "cuda"), help="where each worker scores")
+    gpus_per_worker: float = option(0.0, "--gpus_per_worker",
+                                    help="GPUs per worker (default 1 with --device cuda; 0.5 packs two per GPU)")
+    cpus_per_worker: int = option(1, "--cpus_per_worker", help="CPUs (threads) per scoring worker")
+    threshold: float | None = option(None, "--threshold", help="image threshold overriding the stored one")
+    pretrained: str | None = option(None, "--pretrained", path=True,
+                                    help="the backbone weights file, when it moved since `fit` (a .fdsl detector)")
+    masks: bool = option(True, "--masks", help="write masks/<name>.png for anomalous images")
+    overlays: bool = option(False, "--overlays", help="write overlays/<name>.png for anomalous images")
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        for name in ("workers", "batch_size", "cpus_per_worker"):
+            positive_int(getattr(self, name), f"--{name}")
+        if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
+            raise ConfigError(f"--gpus_per_worker must be a number >= 0, got {self.gpus_per_worker}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
 
 
 @dataclass

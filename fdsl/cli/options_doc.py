@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from fdsl.config import (
+    BatchConfig,
     CalibrateConfig,
     DemoConfig,
+    DeployConfig,
     ExportConfig,
     FitConfig,
     ImagesCommand,
@@ -46,6 +48,8 @@ SECTIONS = [
     ("`fdsl calibrate`", CalibrateConfig),
     ("`fdsl serve`", ServeConfig),
     ("`fdsl export`", ExportConfig),
+    ("`python -m fdsl.deploy` (no PyTorch)", DeployConfig),
+    ("`fdsl batch` (Ray Data)", BatchConfig),
     ("The demo: `fdsl demo`, `python -m fdsl.cli.demo`", DemoConfig),
     ("The indexers: `python data/mvtec.py`, `python data/visa.py`", IndexConfig),
 ]

@@ -26,7 +26,7 @@ def shipped_heads() -> list[Path]:
 
 def find_shipped_head(cfg: Any) -> Path | None:
     """The shipped head trained for `cfg`'s backbone, image size and layers (None when there is none)."""
-    from fdsl.engine.checkpoint import head_file_info
+    from fdsl.core.checkpoint_io import head_file_info
 
     for path in shipped_heads():
         saved = (head_file_info(path) or {}).get("model_config") or {}

@@ -7,9 +7,10 @@ import torch
 from fdsl.config import ModelConfig
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.core.backbone import register_model_configs
+from fdsl.core.checkpoint_io import load_head, read_checkpoint
 from fdsl.core.head import FusedHead
 from fdsl.core.model import DEFAULT_FUSE_WEIGHT, FDSL
-from fdsl.engine.checkpoint import load_head, read_checkpoint, save_checkpoint, save_head_file
+from fdsl.engine.checkpoint import save_checkpoint, save_head_file
 from fdsl.errors import ConfigError
 
 

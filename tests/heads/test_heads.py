@@ -11,8 +11,9 @@ import fdsl.heads as heads
 from fdsl.config import ModelConfig
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.core.backbone import register_model_configs
+from fdsl.core.checkpoint_io import head_file_info
 from fdsl.core.model import FDSL
-from fdsl.engine.checkpoint import head_file_info, save_checkpoint, save_head_file
+from fdsl.engine.checkpoint import save_checkpoint, save_head_file
 from fdsl.errors import ConfigError
 
 TINY = dict(model="FDSL-Tiny-ViT", pretrained="none", image_size=56, features_list=[1, 2], few_shot_features=[1, 2])
@@ -57,7 +58,7 @@ def test_explicit_checkpoint_wins_and_other_settings_find_none(shipped, tmp_path
 def test_fit_uses_the_shipped_head_and_records_the_weight(shipped, tmp_path, caplog):
     from fdsl.inspect.detector import Detector
 
-    caplog.set_level(logging.INFO, logger="fdsl.engine.checkpoint")
+    caplog.set_level(logging.INFO, logger="fdsl.core.checkpoint_io")
     good = tmp_path / "good"
     good.mkdir()
     rng = np.random.default_rng(0)
