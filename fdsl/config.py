@@ -50,12 +50,12 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
-SCORERS = ("fdsl", "nn")
+SCORERS = ("fdsl", "nn", "fused")
 
 
 def trained_head(scorer: str) -> bool:
-    """Whether `scorer` is a learned head that a checkpoint supplies (``fdsl``), not the training-free nearest-
-    neighbour scorer (``nn``): the one place that decides (`ModelConfig.trained_head` asks it)."""
+    """Whether `scorer` uses a learned head that a checkpoint supplies (``fdsl``, ``fused``), not only the
+    training-free nearest-neighbour distance (``nn``): the one place that decides (`ModelConfig.trained_head`)."""
     return scorer != "nn"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
@@ -116,7 +116,13 @@ class ModelConfig:
     scorer: str = option("fdsl", "--scorer", choices=SCORERS,
                          help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
                               "training-free, the per-layer map is the FD distance to the nearest normal token "
-                              "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
+                              "(1 - cos for mulmax, L2 for diff2), no checkpoint; fused: per layer "
+                              "w*nn + (1-w)*fdsl with w = --fuse_weight (needs a trained checkpoint)",
+                         affects=NUMBERS)
+    fuse_weight: float | None = option(None, "--fuse_weight",
+                                       help="--scorer fused: the weight w of the FD distance map (default: the "
+                                            "weight stored with the head, chosen on its training corpus; 0.5 for "
+                                            "a head without one)", affects=NUMBERS)
 
     @property
     def trained_head(self) -> bool:
@@ -131,6 +137,9 @@ class ModelConfig:
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
         take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        w = self.fuse_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0):
+            raise ConfigError(f"--fuse_weight {w!r}: give a weight in [0, 1] (the share of the FD distance map)")
         if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
             raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
                               "timm backbone: drop them")
@@ -237,6 +246,9 @@ class TrainConfig(ModelConfig, RuntimeConfig, JobConfig):
         if not self.trained_head:
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
+        if self.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.scorer}: train.py trains the learned head itself (--scorer fdsl); "
+                              "test with --scorer fused and the checkpoint it writes")
         for name in ("epoch", "save_freq", "k_shot"):
             positive_int(getattr(self, name), f"--{name}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -283,8 +295,13 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")
         if self.trained_head and not self.checkpoint_path:
-            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
-                              "(or --scorer nn, the training-free scorer)")
+            from fdsl.heads import resolve_checkpoint
+
+            self.checkpoint_path = resolve_checkpoint(self, self.checkpoint_path)
+        if self.trained_head and not self.checkpoint_path:
+            raise ConfigError(f"--checkpoint_path is required for --scorer {self.scorer}: a checkpoint written by "
+                              "train.py or the released code (no head ships for this backbone, size and layers; "
+                              "or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")

@@ -204,9 +204,16 @@ class Detector:
         scorer = model_options.get("scorer") or "fdsl"
         if not trained_head(scorer) and checkpoint is not None:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
+        if trained_head(scorer) and checkpoint is None:  # the head shipped for this backbone, size and layers, if any
+            from fdsl.heads import resolve_checkpoint
+
+            probe = dict(model_options)
+            if "features_list" in probe and "few_shot_features" not in probe:
+                probe["few_shot_features"] = probe["features_list"]
+            checkpoint = resolve_checkpoint(resolve_model_config(None, probe), None, "--checkpoint")
         if trained_head(scorer) and checkpoint is None:
-            raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
-                              "the training-free scorer")
+            raise ConfigError(f"--checkpoint is required for the learned scorer (--scorer {scorer}): no head ships "
+                              "for this backbone, size and layers; or use --scorer nn, the training-free scorer")
         from fdsl.inspect.shot_selection import SELECTIONS
 
         if max_shots is not None:
@@ -225,6 +232,8 @@ class Detector:
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
         meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam) if checkpoint is not None else {}
+        if cfg.scorer == "fused":  # the detector records the weight it scores with (the head's own, or given)
+            cfg.fuse_weight = model.head.fuse_weight
         model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size, model.backbone.preprocess)

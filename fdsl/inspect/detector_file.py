@@ -243,7 +243,8 @@ def _model_config_schema() -> dict:
         elif "bool" in ann:
             spec = _BOOL
         elif "float" in ann:
-            spec = _num(0.0, 1.0) if f.name == "win_weight" else _num()
+            spec = _num(0.0, 1.0) if f.name in ("win_weight", "fuse_weight") else _num()
+            spec = _or_null(spec) if "None" in ann else spec
         elif "int" in ann:
             spec = _int(1)
         else:
