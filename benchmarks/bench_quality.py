@@ -22,12 +22,11 @@ import logging
 from pathlib import Path
 
 from fdsl.config import TestConfig
-from fdsl.core.checkpoint_io import head_file_info
 from fdsl.core.timm_backbone import lite0_package_file
 from fdsl.data.corpus import make_heldout_set
 from fdsl.data.synthetic import HELDOUT_PHOTOS, make_photo_dataset
 from fdsl.engine.evaluation import evaluate
-from fdsl.heads import find_shipped_head
+from fdsl.heads import find_shipped_head, head_file_info
 
 log = logging.getLogger("fdsl.bench_quality")
 

@@ -22,13 +22,13 @@ from torch import nn
 
 from fdsl.config import HEAD, ModelConfig, settings
 from fdsl.errors import CheckpointError
+from fdsl.heads import head_file_info
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fdsl"
 VERSION = 1
-HEAD_FILE_FORMAT = "fdsl-head"  # safetensors metadata "format" of a head file
 _RELEASED_KEY = "trainable_RR"
 _RELEASED_PREFIXES = {"clsList.": "scorers.", "convRes.": "nam."}
 _RELEASED_UNUSED = ("adapterList.", "zeroClsModule.", "rAttn.", "resfus.")
@@ -55,23 +55,6 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ck).__name__}, not a dict")
     return ck
-
-
-def head_file_info(path: PathLike) -> dict[str, Any] | None:
-    """The JSON metadata of a head file (``model_config`` and the rest, decoded), or None for another file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:
-        return None
-    if meta.get("format") != HEAD_FILE_FORMAT:
-        return None
-    try:
-        return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
-    except ValueError as exc:
-        raise CheckpointError(f"head file {path}: its metadata is not valid JSON ({exc})") from exc
 
 
 def read_head_file(path: PathLike) -> dict[str, Any] | None:

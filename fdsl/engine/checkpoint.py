@@ -31,7 +31,7 @@ def save_head_file(path: PathLike, head: nn.Module, model_config: dict[str, Any]
 
     from safetensors.torch import save as st_save
 
-    from fdsl.core.checkpoint_io import HEAD_FILE_FORMAT
+    from fdsl.heads import HEAD_FILE_FORMAT
     from fdsl.io import atomic_open
 
     meta = {"format": HEAD_FILE_FORMAT, "version": str(VERSION), "model_config": json.dumps(model_config)}

@@ -7,16 +7,38 @@ training time and the fuse weight chosen on the training corpus (docs/method.md 
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from fdsl.errors import CheckpointError
+from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
 
 HEADS_DIR = Path(__file__).resolve().parent
 # The settings a shipped head must share with the run (the backbone, its input and the tapped layers, and
 # the head's own architecture switches).
+HEAD_FILE_FORMAT = "fdsl-head"  # safetensors metadata "format" of a head file
 MATCH_FIELDS = ("model", "image_size", "features_list", "use_nam", "align_mode", "use_abs", "use_norm")
+
+
+def head_file_info(path: PathLike) -> dict[str, Any] | None:
+    """The JSON metadata of a head file (``model_config`` and the rest, decoded), or None for another file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+    except Exception:
+        return None
+    if meta.get("format") != HEAD_FILE_FORMAT:
+        return None
+    try:
+        return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+    except ValueError as exc:
+        raise CheckpointError(f"head file {path}: its metadata is not valid JSON ({exc})") from exc
 
 
 def shipped_heads() -> list[Path]:
@@ -26,8 +48,6 @@ def shipped_heads() -> list[Path]:
 
 def find_shipped_head(cfg: Any) -> Path | None:
     """The shipped head trained for `cfg`'s backbone, image size and layers (None when there is none)."""
-    from fdsl.core.checkpoint_io import head_file_info
-
     for path in shipped_heads():
         saved = (head_file_info(path) or {}).get("model_config") or {}
         if all(f not in saved or not hasattr(cfg, f) or _same(saved[f], getattr(cfg, f)) for f in MATCH_FIELDS):

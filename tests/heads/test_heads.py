@@ -11,10 +11,10 @@ import fdsl.heads as heads
 from fdsl.config import ModelConfig
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.core.backbone import register_model_configs
-from fdsl.core.checkpoint_io import head_file_info
 from fdsl.core.model import FDSL
 from fdsl.engine.checkpoint import save_checkpoint, save_head_file
 from fdsl.errors import ConfigError
+from fdsl.heads import head_file_info
 
 TINY = dict(model="FDSL-Tiny-ViT", pretrained="none", image_size=56, features_list=[1, 2], few_shot_features=[1, 2])
 
