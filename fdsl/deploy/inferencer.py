@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from fdsl.data.rgb import load_rgb, to_rgb
-from fdsl.deploy.pixels import preprocess, resize_bilinear
+from fdsl.deploy.pixels import RESAMPLE, preprocess, resize_bilinear
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.inspect.thresholds import defect_region
 from fdsl.inspect.verdicts import Prediction
@@ -116,6 +116,10 @@ class ExportedDetector:
         pre = self.info["preprocessing"]
         self.image_size = int(pre["size"][0])
         self.mean, self.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+        self.resample = str(pre.get("resample", "bicubic"))  # format 1 files before timm backbones: bicubic
+        if self.resample not in RESAMPLE:
+            raise CheckpointError(f"{self.folder / CONTRACT}: preprocessing.resample {self.resample!r} is not one of "
+                                  f"{', '.join(RESAMPLE)}")
 
     @property
     def cal_image_size(self) -> int:
@@ -142,7 +146,7 @@ class ExportedDetector:
         if cal_image_size is not None and int(cal_image_size) != self.cal_image_size:
             raise ConfigError(f"--cal_image_size {cal_image_size}: the exported model's maps are "
                               f"{self.cal_image_size} px (fixed at export); drop the option or re-export")
-        out = self.infer(preprocess(images, self.image_size, self.mean, self.std))
+        out = self.infer(preprocess(images, self.image_size, self.mean, self.std, self.resample))
         thr = self.image_threshold if threshold is None else float(threshold)
         pix = self.pixel_threshold
         preds = []

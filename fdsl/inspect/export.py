@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fdsl import __version__
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
-from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
+from fdsl.data.images import OPENAI_MEAN, OPENAI_STD, Preprocess
 from fdsl.deploy.inferencer import CONTRACT, OUTPUTS
 from fdsl.deploy.inferencer import FORMAT as EXPORT_FORMAT
 from fdsl.deploy.inferencer import FORMAT_VERSION as EXPORT_FORMAT_VERSION
@@ -54,11 +55,13 @@ class _Bank(nn.Module):
 
 
 def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tensor, use_abs: bool,
-                     chunk_mb: int, items_per_image: int) -> list[torch.Tensor]:
+                     chunk_mb: int, items_per_image: int, distance: str | None = None) -> list[torch.Tensor]:
     """FD residuals L × (Q, N, C) of query tokens L × (Q, N, C) against `bank`, traceable with a dynamic Q.
 
     The similarity is computed in static chunks of the token axis, each at most `chunk_mb` MiB per image
-    (`items_per_image` query items per image), so the graph's memory grows with the batch only.
+    (`items_per_image` query items per image), so the graph's memory grows with the batch only. With
+    `distance` (the nn scorer, ``mulmax`` or ``diff2``), the FD distance L × (Q, N, 1) instead, as
+    `fdsl.core.memory.Alignment.residual` computes it: ``1 - cos`` or the L2 norm.
     """
     sel = (embeds @ bank.embeds.T).argmax(dim=-1) if bank.index else None  # (Q,) most similar item
     out = []
@@ -83,16 +86,28 @@ def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tens
                     sim = 2 * sim - sq[sel].unsqueeze(1)
                 idx = sim.argmax(dim=-1)  # (Q, n)
                 parts.append(torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C)))  # (Q, n, C)
-        diff = q - torch.cat(parts, dim=1)  # (Q, N, C)
-        out.append(diff.abs() if use_abs else diff)
+        nearest = torch.cat(parts, dim=1)  # (Q, N, C)
+        if distance == "mulmax":
+            out.append(1.0 - F.cosine_similarity(q, nearest, dim=-1).unsqueeze(-1))  # (Q, N, 1)
+        elif distance == "diff2":
+            out.append((q - nearest).norm(dim=-1, keepdim=True))  # (Q, N, 1)
+        else:
+            diff = q - nearest
+            out.append(diff.abs() if use_abs else diff)
     return out
 
 
 def combine_layers(anomalous: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fdsl.core.model.combine_layers` for equal grids (CLIP), traceable with a dynamic batch.
+    """`fdsl.core.model.combine_layers`, traceable with a dynamic batch (grids are static).
 
-    L × (B, G, G) anomalous maps -> ((B, size, size) mean of the upsampled maps, (B,) mean of the maxima).
+    L × (B, G_l, G_l) anomalous maps -> ((B, size, size) mean of the upsampled maps, (B,) mean of the maxima).
+    Equal grids (CLIP, ViTs) are upsampled in one call, layers of different grids (timm CNN stages) one by one,
+    as the torch path does (the same numbers).
     """
+    if len({tuple(m.shape[1:]) for m in anomalous}) > 1:
+        up = torch.stack([upsample(m.float(), size) for m in anomalous])  # (L, B, size, size)
+        peaks = torch.stack([m.float().flatten(1).amax(dim=-1) for m in anomalous])  # (L, B)
+        return up.mean(dim=0), peaks.mean(dim=0)
     anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
     L, G = anom.shape[0], anom.shape[-1]
     up = upsample(anom.reshape(-1, G, G), size).reshape(L, -1, size, size)  # (L, B, size, size)
@@ -138,37 +153,48 @@ class DetectorGraph(nn.Module):
     def __init__(self, model, memory, out_size: int, chunk_mb: int = 64) -> None:
         super().__init__()
         cfg = model.cfg
-        if not all(hasattr(model.backbone, a) for a in ("encode_images", "encode_patches", "patch_embed")):
-            raise ConfigError(f"fdsl export supports CLIP backbones; this detector's is a "
-                              f"{type(model.backbone).__name__}")
-        if getattr(cfg, "scorer", "fdsl") != "fdsl":
-            raise ConfigError(f"fdsl export supports the learned scorer (--scorer fdsl); this detector uses "
-                              f"--scorer {cfg.scorer}")
-        self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
+        bb = model.backbone
+        if not hasattr(bb, "encode_images"):
+            raise ConfigError(f"fdsl export needs a backbone with a PyTorch pass (encode_images); this detector's "
+                              f"is a {type(bb).__name__}")
+        scorer = getattr(cfg, "scorer", "fdsl")
+        if scorer not in ("fdsl", "nn"):
+            raise ConfigError(f"fdsl export supports --scorer fdsl and nn; this detector uses --scorer {scorer}")
+        self.backbone, self.head, self.cfg = bb, model.head, cfg
+        self.distance = cfg.align_mode if scorer == "nn" else None  # nn: the FD distance is the map
         self.out_size, self.chunk_mb = int(out_size), int(chunk_mb)
         diff2, index = cfg.align_mode == "diff2", cfg.use_img_idx
         self.global_bank = _Bank(memory.global_bank, diff2, index)
         self.use_windows = cfg.winmode != "nan"
+        sides = [bb.grid_size]
         if self.use_windows:
+            if not all(hasattr(bb, a) for a in ("patch_embed", "encode_patches")) or not bb.supports_windows:
+                raise ConfigError(f"winmode {cfg.winmode} needs a ViT backbone with a patch embedding; "
+                                  f"{getattr(bb, 'model_name', type(bb).__name__)} has none")
             if memory.window_bank is None:
                 raise ConfigError(f"winmode {cfg.winmode} needs a window bank; the detector has none")
             self.window_bank = _Bank(memory.window_bank, diff2, index)
-            self.n_windows = n_windows(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
-            self.stitch = _Stitch(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
+            self.n_windows = n_windows(bb.grid_size, cfg.win_size, cfg.win_stride)
+            self.stitch = _Stitch(bb.grid_size, cfg.win_size, cfg.win_stride)
+            sides.append(cfg.win_size)
+        if hasattr(bb, "fix_positional_grids"):  # one fixed positional table per grid: no resampling in the graph
+            bb.fix_positional_grids(sides)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, bb, size = self.cfg, self.backbone, self.out_size
         amap = patch = None
         if cfg.winmode != "onlywin":
             f = bb.encode_images(images)  # L × (B, N, C), (B, D)
-            res = _graph_residuals(self.global_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, 1)
+            res = _graph_residuals(self.global_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, 1,
+                                   self.distance)
             _, refined = self.head(res)  # L × (B, 2, G, G)
             amap, patch = combine_layers([m[:, 1] for m in refined], size)  # (B, cal, cal), (B,)
         if self.use_windows:
             W, s, nw = cfg.win_size, cfg.win_stride, self.n_windows
             crops = split_windows(bb.patch_embed(images), 1, W, s)  # (B·nw, C, W, W)
             f = bb.encode_patches(crops)  # L × (B·nw, W², C)
-            res = _graph_residuals(self.window_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, nw)
+            res = _graph_residuals(self.window_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, nw,
+                                   self.distance)
             raw = self.head.raw(res)  # L × (B·nw, 2, W, W)
             stitched = [self.stitch(x) for x in raw]  # L × (B, 2, G, G)
             wmap, wpatch = combine_layers([m[:, 1] for m in self.head.refine(stitched)], size)
@@ -185,6 +211,9 @@ def contract(det, fmt: str, precision: str, model_file: str) -> dict:
     """The JSON written beside the graph: preprocessing, outputs, thresholds, the detector's identity."""
     info = det.info
     S = int(det.model.cfg.image_size)
+    pre = getattr(det.model.backbone, "preprocess", None) or Preprocess(OPENAI_MEAN, OPENAI_STD, "bicubic")
+    resample = pre.interpolation
+    pil_name = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}[resample]
     return {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fdsl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -192,11 +221,11 @@ def contract(det, fmt: str, precision: str, model_file: str) -> dict:
         "input": {"name": "images", "shape": ["batch", 3, S, S], "dtype": "float32", "layout": "NCHW",
                   "channels": "RGB", "batch": "dynamic"},
         "preprocessing": {
-            "size": [S, S], "resize": "squash",
-            "interpolation": "bicubic on the 8-bit RGB PIL image (PIL Image.resize((S, S), Image.BICUBIC)); "
+            "size": [S, S], "resize": "squash", "resample": resample,
+            "interpolation": f"{resample} on the 8-bit RGB PIL image (PIL Image.resize((S, S), Image.{pil_name})); "
                              "no crop, aspect ratio not kept",
             "to_rgb": "any mode to 8-bit RGB (alpha dropped, palettes expanded, 16-bit grey / 257)",
-            "scale": "x / 255 in float32", "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+            "scale": "x / 255 in float32", "mean": [float(v) for v in pre.mean], "std": [float(v) for v in pre.std],
             "normalize": "(x / 255 - mean) / std per channel, float32",
         },
         "outputs": {
@@ -207,6 +236,7 @@ def contract(det, fmt: str, precision: str, model_file: str) -> dict:
         },
         "mask": "anomaly_map resized bilinearly (half-pixel centres) to the image's own W x H, > thresholds.pixel",
         "cal_image_size": int(det.cal_image_size),
+        "scorer": getattr(det.model.cfg, "scorer", "fdsl"),
         "thresholds": dict(info.get("thresholds", {})),
         "detector": {k: info.get(k) for k in ("fdsl_version", "created", "model_config", "backbone", "checkpoint",
                                               "normal_images")},
