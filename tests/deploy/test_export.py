@@ -257,14 +257,18 @@ def test_graph_equals_predict_for_every_setting(env, settings):
         assert float((a - b).abs().max()) < 1e-5
 
 
-def test_export_refuses_what_the_graph_does_not_compute(env):
-    """The training-free scorer (--scorer nn) is not in the graph: a ConfigError, not a wrong model."""
+def test_export_refuses_what_the_graph_cannot_compute(env):
+    """An LFE detector whose memory has no window bank: a ConfigError naming it, not a wrong model."""
     from fdsl.config import ModelConfig
+    from fdsl.core.memory import FDSLMemory
     from fdsl.core.model import FDSL
     from fdsl.errors import ConfigError
+    from fdsl.inspect.detector import Detector
     from fdsl.inspect.export import DetectorGraph
 
     model = FDSL.from_config(ModelConfig(model="FDSL-Tiny-ViT", pretrained=str(env.weights), image_size=112,
-                                         features_list=[2, 4], few_shot_features=[2, 4], scorer="nn"))
-    with pytest.raises(ConfigError, match="--scorer nn"):
-        DetectorGraph(model, None, 64)
+                                         features_list=[2, 4], few_shot_features=[2, 4], scorer="nn",
+                                         winmode="mul", win_size=4, win_stride=2))
+    bank = Detector.load(env.detectors["global"], runtime="cpu").memory.global_bank
+    with pytest.raises(ConfigError, match="window bank"):
+        DetectorGraph(model, FDSLMemory(bank, None), 64)
