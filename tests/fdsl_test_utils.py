@@ -54,9 +54,8 @@ def liven_head(model, refs, calib):
 
     A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
     The BN statistics are the cumulative average over one global and one window pass of `calib`
-    against a memory of `refs` (both branches, whatever the winmode; the global one for a CNN). For tests and
-    benchmarks
-    on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
+    against a memory of `refs` (both branches, whatever the winmode; the global one for a CNN). For tests
+    and benchmarks on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
     Returns `model`.
     """
     import torch  # torch is imported lazily: the data generators above do not need it

@@ -34,7 +34,7 @@ from fdsl.io import PathLike, atomic_write_json
 log = logging.getLogger(__name__)
 
 FORMATS = ("openvino", "onnx")
-EXPORT_PRECISIONS = ("fp32", "fp16")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 ONNX_EXTRA = "pip install 'fdsl[onnx]' (onnx==1.23.2, onnxruntime==1.31.1, onnxscript==0.7.2)"
 
 
@@ -248,13 +248,16 @@ def save_openvino(model, path: PathLike, precision: str = "fp32") -> None:
     import openvino as ov
 
     ov.save_model(model, str(path), compress_to_fp16=(precision == "fp16"))  # OpenVINO's default would be fp16
+    # (an int8 model's quantised weights are int8 constants already; its other constants stay fp32)
 
 
 def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = "fp32",
-                    chunk_mb: int = 64) -> Path:
+                    chunk_mb: int = 64, int8: dict | None = None) -> Path:
     """Write `det` (a CPU `Detector`) as ``out/model.xml`` (+ .bin) or ``out/model.onnx``, and ``out/fdsl_export.json``.
 
-    `precision` fp16 stores the OpenVINO weights in fp16 (computation stays fp32 on the CPU); ONNX is fp32 only.
+    `precision` fp16 stores the OpenVINO weights in fp16 (computation stays fp32 on the CPU); int8 quantises the
+    OpenVINO model with NNCF and writes it only when it passes the gate of `fdsl.inspect.quantize` (`int8`: the
+    keyword arguments of `quantize_int8`: normal, anomalous, masks, min_corr, max_auroc_drop); ONNX is fp32 only.
     Returns the folder.
     """
     if fmt not in FORMATS:
@@ -262,7 +265,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     if precision not in EXPORT_PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {', '.join(EXPORT_PRECISIONS)}")
     if fmt == "onnx" and precision != "fp32":
-        raise ConfigError("--precision fp16 is OpenVINO weight compression; export ONNX in fp32 "
+        raise ConfigError(f"--precision {precision} is for OpenVINO models; export ONNX in fp32 "
                           "(or use --format openvino)")
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -276,6 +279,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         graph(example)  # once eagerly: fills the backbone's positional-grid cache, so the graph holds constants
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    gate = None
     if fmt == "openvino":
         try:
             import openvino  # noqa: F401
@@ -289,6 +293,11 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         for o, name in zip(model.outputs, OUTPUTS):
             o.get_tensor().set_names({name})
         model_file = "model.xml"
+        if precision == "int8":
+            from fdsl.inspect.quantize import quantize_int8
+
+            stored = {tuple(b.shape) for n, b in graph.named_buffers() if not n.startswith("backbone.")}
+            model, gate = quantize_int8(det, model, **(int8 or {}), stored_shapes=stored)
         save_openvino(model, out / model_file, precision)
     else:
         try:
@@ -302,7 +311,10 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
             prog = torch.onnx.export(graph, (example,), input_names=["images"], output_names=list(OUTPUTS),
                                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
         prog.save(str(out / model_file))
-    atomic_write_json(out / CONTRACT, contract(det, fmt, precision, model_file))
+    info = contract(det, fmt, precision, model_file)
+    if gate is not None:
+        info["int8_gate"] = gate
+    atomic_write_json(out / CONTRACT, info)
     log.info("exported the detector to %s (%s, %s) in %.1f s", out / model_file, fmt, precision,
              time.perf_counter() - t0)
     return out
