@@ -1,7 +1,8 @@
 """`python -m fdsl.deploy`: score a folder with an exported model; the outputs of `fdsl predict`, without torch.
 
 Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv``, ``masks/<name>.png``
-(anomalous images, at their own size), ``overlays/<name>.png`` (Pillow pictures) and ``summary.json``.
+(anomalous images, at their own size), ``overlays/<name>.png``
+(`fdsl predict`'s pictures: `fdsl.inspect.overlay`) and ``summary.json``.
 """
 from __future__ import annotations
 
@@ -48,10 +49,9 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
 def _predict_locked(det, model: PathLike, files, out: Path, threshold: float | None, overlays: bool,
                     batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
-    from fdsl.deploy.pictures import render_overlay
     from fdsl.inspect.gallery import write_gallery
     from fdsl.inspect.outputs import SCORE_COLUMNS, csv_cell, csv_text, inside, output_names, read_images, save_png
-    from fdsl.inspect.verdicts import RECORD_FIELDS, caption, verdict_record
+    from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
 
     thr = threshold if threshold is not None else det.image_threshold
@@ -80,8 +80,7 @@ def _predict_locked(det, model: PathLike, files, out: Path, threshold: float | N
             elif mask_path.exists():
                 mask_path.unlink()  # stale mask of an earlier run
             if overlays:
-                save_png(inside(out, f"overlays/{stem}.png"),
-                          render_overlay(im, pr.anomaly_map, pr.mask, caption(display[p], pr, thr)))
+                save_png(inside(out, f"overlays/{stem}.png"), overlay_array(im, pr, display[p], thr, pix))
             rows[p] = {"path": p, **{k: csv_cell(rec[k]) for k in RECORD_FIELDS},
                        "overlay": f"overlays/{stem}.png" if overlays else "",
                        "mask": f"masks/{stem}.png" if has_mask else ""}
