@@ -160,7 +160,9 @@ class RuntimeConfig:
         None, "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
         help="folder where --engine openvino keeps the converted backbone passes (and OpenVINO's compiled "
              "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
-             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache")
+             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: on for backbones "
+             "under 400 MB of weights (Lite0, ViT-B), in $FDSL_CACHE_DIR/openvino, $XDG_CACHE_HOME/fdsl/openvino "
+             "or ~/.cache/fdsl/openvino; off for larger ones (ViT-L); 'none' turns it off")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""

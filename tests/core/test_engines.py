@@ -186,3 +186,23 @@ def test_timm_backbones_run_on_openvino():
     for ref, got in zip(refs, [vit(x), vit.forward_patches(crops)]):
         for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
             assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
+
+
+def test_engine_cache_is_on_by_default_for_small_backbones_only(monkeypatch, tmp_path):
+    """Lite0-sized backbones get the user cache folder ($FDSL_CACHE_DIR / $XDG_CACHE_HOME / ~/.cache), large ones
+    (over 400 MB of weights) none; --engine_cache none and $FDSL_ENGINE_CACHE=off turn it off."""
+    from torch import nn
+
+    from fdsl.core.engines import resolve_cache
+
+    small, large = nn.Linear(100, 100), nn.Linear(11000, 10000)  # 0.04 MB and 420 MB of fp32 weights
+    monkeypatch.setenv("FDSL_ENGINE_CACHE", "on")
+    monkeypatch.delenv("FDSL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_cache(None, small) == str(tmp_path / "xdg" / "fdsl" / "openvino")
+    assert resolve_cache(None, large) is None
+    monkeypatch.setenv("FDSL_CACHE_DIR", str(tmp_path / "own"))
+    assert resolve_cache(None, small) == str(tmp_path / "own" / "openvino")
+    assert resolve_cache("none", small) is None and resolve_cache(str(tmp_path / "x"), large) == str(tmp_path / "x")
+    monkeypatch.setenv("FDSL_ENGINE_CACHE", "off")
+    assert resolve_cache(None, small) is None
