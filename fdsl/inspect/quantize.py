@@ -60,7 +60,7 @@ def gate_figures(s32: np.ndarray, s8: np.ndarray, m32: np.ndarray, m8: np.ndarra
                  pixel_labels: np.ndarray | None) -> dict:
     """The gate's figures: Pearson correlation of the scores, max |score drift|, and (with labels) the image
     and pixel AUROC of both models in percent and their changes."""
-    from fdsl.engine.metrics import auroc
+    from fdsl.metrics.metrics import auroc
 
     corr = float(np.corrcoef(s32, s8)[0, 1]) if np.std(s32) > 0 and np.std(s8) > 0 else float("nan")
     fig: dict = {"n_images": int(len(s32)), "score_correlation": corr,
@@ -95,7 +95,7 @@ def _pixel_labels(det, anomalous: Sequence, masks: str | None, n_normal: int) ->
     from PIL import Image
 
     from fdsl.data.images import load_mask
-    from fdsl.inspect.files import find_mask
+    from fdsl.outputs.files import find_mask
 
     cal = det.cal_image_size
     out = np.zeros((n_normal + len(anomalous), cal, cal), bool)
@@ -151,7 +151,7 @@ def quantize_int8(det, fp32_model, normal: str | Sequence[str], anomalous: str |
         import nncf
     except ImportError:
         raise ConfigError(f"--precision int8 needs NNCF: {NNCF_EXTRA}") from None
-    from fdsl.inspect.files import list_images
+    from fdsl.outputs.files import list_images
 
     if normal is None:
         raise ConfigError("--precision int8 needs calibration images: --calib_normal DIR (the detector's normal "

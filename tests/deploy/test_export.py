@@ -158,7 +158,7 @@ def test_predict_and_deploy_cli_write_the_same_verdicts(env, exported, tmp_path)
 
 
 def test_deploy_imports_no_torch_open_clip_or_opencv():
-    code = ("import sys, fdsl, fdsl.deploy, fdsl.deploy.run, fdsl.inspect.overlay, fdsl.cli.inspection; "
+    code = ("import sys, fdsl, fdsl.deploy, fdsl.deploy.run, fdsl.outputs.overlay, fdsl.cli.inspection; "
             "bad = [m for m in ('torch', 'open_clip', 'cv2', 'torchvision') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

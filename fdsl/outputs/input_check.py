@@ -28,7 +28,7 @@ def _colour(mode: str) -> str:
 def image_profile(path: PathLike) -> tuple[str, tuple[int, int]] | None:
     """(mode, (W, H) as shown, EXIF orientation applied) from the file's header (nothing is decoded); None
     when it cannot be opened."""
-    from fdsl.data.images import upright_size
+    from fdsl.data.rgb import upright_size
 
     try:
         with Image.open(path) as img:
