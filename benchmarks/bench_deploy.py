@@ -97,27 +97,44 @@ def _fit(work: Path, name: str, n_images: int, size: int, model_fields: dict) ->
 
 
 def _export(work: Path, name: str, path: Path, test: Path, cls: Path) -> tuple[dict, dict]:
-    """Exported folders {precision: folder} and the int8 gate's figures (or the refusal)."""
+    """Exported folders {precision: folder} and the int8 gate's figures (or the refusal).
+
+    One conversion per detector: fp16 is the fp32 model saved with fp16 weights (as `export_detector` saves
+    it), int8 is the fp32 model quantised and gated by `quantize_int8` (as `export_detector` does)."""
+    import openvino as ov
+
+    from fdsl.deploy.inferencer import CONTRACT
     from fdsl.errors import ConfigError
     from fdsl.inspect.detector import Detector
-    from fdsl.inspect.export import export_detector
+    from fdsl.inspect.export import DetectorGraph, export_detector, save_openvino
+    from fdsl.inspect.quantize import quantize_int8
 
     det = Detector.load(path, runtime="cpu")
-    out, gate = {}, {}
-    for prec in ("fp32", "fp16"):
-        t0 = time.perf_counter()
-        out[prec] = export_detector(det, work / f"{name}_{prec}", "openvino", prec)
-        gate[f"{prec}_export_s"] = time.perf_counter() - t0
-    bad = [str(d) for d in test.iterdir() if d.name != "good"]
-    calib = dict(normal=str(cls / "train" / "good"), anomalous=bad)
+    t0 = time.perf_counter()
+    out = {"fp32": export_detector(det, work / f"{name}_fp32", "openvino", "fp32")}
+    gate: dict = {"fp32_export_s": time.perf_counter() - t0}
+    contract = json.loads((out["fp32"] / CONTRACT).read_text())
+    fp32 = ov.Core().read_model(str(out["fp32"] / "model.xml"))
+
+    def write(prec: str, model, extra: dict) -> Path:
+        folder = work / f"{name}_{prec}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_openvino(model, folder / "model.xml", prec)
+        (folder / CONTRACT).write_text(json.dumps({**contract, "precision": prec, **extra}))
+        return folder
+
+    out["fp16"] = write("fp16", fp32, {})
+    graph = DetectorGraph(det.model, det.memory, det.cal_image_size)
+    stored = {tuple(b.shape) for n, b in graph.named_buffers() if not n.startswith("backbone.")}
+    calib = dict(normal=str(cls / "train" / "good"), anomalous=[str(d) for d in test.iterdir() if d.name != "good"],
+                 stored_shapes=stored)
     try:
-        out["int8"] = export_detector(det, work / f"{name}_int8", "openvino", "int8", int8=calib)
-        gate["int8"] = json.loads((out["int8"] / "fdsl_export.json").read_text())["int8_gate"]
+        model, fig = quantize_int8(det, fp32, **calib)
     except ConfigError as exc:
         gate["int8_refused"] = str(exc)
-        out["int8"] = export_detector(det, work / f"{name}_int8_ungated", "openvino", "int8",
-                                      int8=dict(calib, min_corr=-1.0, max_auroc_drop=100.0))
-        gate["int8"] = json.loads((out["int8"] / "fdsl_export.json").read_text())["int8_gate"]
+        model, fig = quantize_int8(det, fp32, **calib, min_corr=-1.0, max_auroc_drop=100.0)
+    gate["int8"] = fig
+    out["int8"] = write("int8", model, {"int8_gate": fig})
     return out, gate
 
 
