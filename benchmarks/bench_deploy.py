@@ -103,11 +103,11 @@ def _export(work: Path, name: str, path: Path, test: Path, cls: Path) -> tuple[d
     it), int8 is the fp32 model quantised and gated by `quantize_int8` (as `export_detector` does)."""
     import openvino as ov
 
-    from fdsl.deploy.inferencer import CONTRACT
     from fdsl.errors import ConfigError
     from fdsl.inspect.detector import Detector
     from fdsl.inspect.export import DetectorGraph, export_detector, save_openvino
     from fdsl.inspect.quantize import quantize_int8
+    from fdsl.outputs.contract import CONTRACT
 
     det = Detector.load(path, runtime="cpu")
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.backbone import BackboneOutput, state_dict_mismatch
+from fdsl.core.features import BackboneOutput, state_dict_mismatch
 from fdsl.data.images import Preprocess
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.taps import take_indices
@@ -162,7 +162,7 @@ def load_timm_weights(model: nn.Module, name: str, path: str) -> None:
 class TimmBackbone(nn.Module):
     """Frozen timm model returning per-layer tokens of chosen feature stages (CNN) or blocks (ViT).
 
-    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.backbone.check_output`):
+    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.features.check_output`):
     ``forward(images (B, 3, S, S))`` -> `BackboneOutput` with ``tokens[l]`` of shape
     (B, grids[l]², widths[l]) and ``image_embeds`` (B, embed_dim), L2-normalised: the global average of
     the deepest tapped layer's tokens (before token normalisation).
@@ -217,7 +217,7 @@ class TimmBackbone(nn.Module):
         net.eval()
         net.requires_grad_(False)
         self.net = net
-        self.engine = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.backends`)
+        self.backend = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.backends`)
         self.model_name = f"{PREFIX}{name}"
         self.pretrained = p
         self.image_size = int(image_size)
@@ -317,8 +317,8 @@ class TimmBackbone(nn.Module):
         """Encode (B, 3, S, S) images: per tapped layer (B, grids[l]², widths[l]) tokens, (B, D) embeddings."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
             raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
-        if self.engine is not None:  # `fdsl.core.backends`: the pass compiled from `encode_images`
-            return self.engine.run("images", self.encode_images, images)
+        if self.backend is not None:  # `fdsl.core.backends`: the pass compiled from `encode_images`
+            return self.backend.run("images", self.encode_images, images)
         if self.is_vit:
             return self.forward_patches(self.patch_embed(images))
         return self.encode_images(images)
@@ -354,8 +354,8 @@ class TimmBackbone(nn.Module):
         rule), the blocks; per tapped block (B, g², C) tokens (prefix tokens dropped, no final norm)."""
         if not self.supports_windows:
             raise ConfigError(f"{self.model_name} is not a plain ViT")
-        if self.engine is not None:  # `fdsl.core.backends`: the pass compiled from `encode_patches`
-            return self.engine.run("patches", self.encode_patches, patches)
+        if self.backend is not None:  # `fdsl.core.backends`: the pass compiled from `encode_patches`
+            return self.backend.run("patches", self.encode_patches, patches)
         return self.encode_patches(patches)
 
     @torch.no_grad()
