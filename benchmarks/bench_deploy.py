@@ -9,9 +9,9 @@ Two detectors, fitted here on generated photographs (`fdsl.data.synthetic.make_p
 Each is exported to OpenVINO fp32, fp16 and int8 (NNCF; the int8 gate's figures are printed, and when the
 default gate refuses, int8 is timed with the gate off and marked so). Then, per detector:
 
-* whole process (wall seconds, peak RSS): ``fdsl predict`` (torch), ``fdsl predict --engine openvino`` (cold:
-  empty engine cache; warm: the default cache filled by the cold run), ``python -m fdsl.deploy`` fp32 / fp16 /
-  int8, each with overlays on and off;
+* whole process (wall seconds, peak RSS): ``fdsl predict`` (torch), ``python -m fdsl.deploy`` fp32 / fp16 /
+  int8, each with overlays on and off, then ``fdsl predict --backend openvino`` (cold: empty cache, overlays
+  on; warm: the default cache filled by the cold run, overlays on and off);
 * warm, in one process per model (``fdsl.deploy`` Python API): p50 / p99 latency of single images
   (`ExportedDetector.predict` on one path: decode, preprocess, model, mask) against the bare model call
   (`ExportedDetector.infer` on the preprocessed image), and throughput at batch 8.
@@ -156,30 +156,41 @@ def run(args: argparse.Namespace) -> None:
         if n <= 0:
             continue
         t0 = time.perf_counter()
-        path, test, cls = _fit(work, name, n, size, fields)
-        folders, gate = _export(work, name, path, test, cls)
+        path = work / f"{name}.fdsl"
+        folders = {prec: work / f"{name}_{prec}" for prec in ("fp32", "fp16", "int8")}
+        test, cls = work / f"data_{name}" / "coffee_photo" / "test", work / f"data_{name}" / "coffee_photo"
+        if args.reuse and path.is_file() and all((f / "fdsl_export.json").is_file() for f in folders.values()):
+            fig = json.loads((folders["int8"] / "fdsl_export.json").read_text())["int8_gate"]
+            gate = {"int8": fig, "reused": True}
+            if fig["score_correlation"] < 0.99:
+                gate["int8_refused"] = (f"score correlation with fp32 {fig['score_correlation']:.4f} < 0.99 "
+                                        "(timed with the gate off)")
+        else:
+            path, test, cls = _fit(work, name, n, size, fields)
+            folders, gate = _export(work, name, path, test, cls)
         print(f"[{name}] fitted and exported in {time.perf_counter() - t0:.0f} s; int8 gate: "
               f"{json.dumps({k: v for k, v in gate.items()})}", flush=True)
         rows = []
         shutil.rmtree(work / "user_cache", ignore_errors=True)
+        shutil.rmtree(work / "out", ignore_errors=True)
         pred = [FDSL, "predict", "--detector", str(path), "--images", str(test), "--device", "cpu",
                 "--batch_size", "8"]
-        ov_engine = ["--engine", "openvino"]
-        for label, extra in (("fdsl predict (torch)", []), ("fdsl predict --engine openvino, cold", ov_engine),
-                             ("fdsl predict --engine openvino, warm cache", ov_engine)):
-            for ov in (1, 0):
-                if "cold" in label:
-                    shutil.rmtree(work / "user_cache", ignore_errors=True)
-                o = work / "out" / f"{name}_{len(rows)}"
-                rows.append((label, ov, *_timed([*pred, *extra, "--out", str(o), "--overlays", str(ov)], env)))
-                print(f"  {rows[-1]}", flush=True)
+
+        def row(label: str, cmd: list[str], ov: int) -> None:
+            o = work / "out" / f"{name}_{len(rows)}"
+            rows.append((label, ov, *_timed([*cmd, "--out", str(o), "--overlays", str(ov)], env)))
+            print(f"  {rows[-1]}", flush=True)
+
+        for ov in (1, 0):
+            row("fdsl predict (torch)", pred, ov)
         for prec, folder in folders.items():
             for ov in (1, 0):
-                o = work / "out" / f"{name}_{len(rows)}"
-                rows.append((f"python -m fdsl.deploy {prec}", ov, *_timed(
-                    [PY, "-m", "fdsl.deploy", "--model", str(folder), "--images", str(test), "--out", str(o),
-                     "--overlays", str(ov), "--threads", str(args.threads)], env)))
-                print(f"  {rows[-1]}", flush=True)
+                row(f"python -m fdsl.deploy {prec}", [PY, "-m", "fdsl.deploy", "--model", str(folder), "--images",
+                                                     str(test), "--threads", str(args.threads)], ov)
+        ov_engine = [*pred, "--backend", "openvino"]
+        row("fdsl predict --backend openvino, cold (converts, fills the default cache)", ov_engine, 1)
+        for ov in (1, 0):
+            row("fdsl predict --backend openvino, warm cache", ov_engine, ov)
         api = {}
         for prec, folder in folders.items():
             cmd = [PY, "-m", "benchmarks.bench_deploy", "--api", str(folder), str(test), str(args.threads)]
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clip_images", type=int, default=24, help="test images of the CLIP ViT-B-16 detector (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads of the child processes")
     p.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    p.add_argument("--reuse", type=int, default=0, help="1: reuse the detectors and exports already in --work")
     run(p.parse_args(argv))
 
 
