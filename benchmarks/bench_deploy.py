@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> None:
         pred = [FDSL, "predict", "--detector", str(path), "--images", str(test), "--device", "cpu",
                 "--batch_size", "8"]
 
-        def row(label: str, cmd: list[str], ov: int) -> None:
+        def row(label: str, cmd: list[str], ov: int, name: str = name, rows: list = rows) -> None:
             o = work / "out" / f"{name}_{len(rows)}"
             rows.append((label, ov, *_timed([*cmd, "--out", str(o), "--overlays", str(ov)], env)))
             print(f"  {rows[-1]}", flush=True)
