@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fdsl.errors import FDSLError
+from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 
 log = logging.getLogger("fdsl.deploy")
@@ -30,7 +30,9 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
     from fdsl.outputs.folder_run import PICTURE_STYLE, FolderRun, inputs
     from fdsl.outputs.verdicts import overlay_array
 
-    files = inputs(images, out, batch_size=batch_size, threshold=threshold)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}")
+    files = inputs(images, out, batch_size=batch_size, threshold=threshold)  # checks --threshold: NaN/inf refused
     det = load_exported(model, threads)
     head = {"model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
             "fdsl_version": det.info.get("fdsl_version")}
