@@ -184,8 +184,10 @@ class RuntimeConfig:
         None, "--backend_cache", "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
         help="folder where --backend openvino keeps the converted backbone passes (and OpenVINO's compiled "
              "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
-             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache. "
-             "--engine_cache is its earlier name, kept as an alias")
+             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: on for backbones "
+             "under 400 MB of weights (Lite0, ViT-B), in $FDSL_CACHE_DIR/openvino, $XDG_CACHE_HOME/fdsl/openvino "
+             "or ~/.cache/fdsl/openvino; off for larger ones (ViT-L); 'none' turns it off. --engine_cache is its "
+             "earlier name, kept as an alias")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
@@ -558,9 +560,22 @@ class ExportConfig:
     format: str = option("openvino", "--format", choices=("openvino", "onnx"),
                          help="openvino (model.xml + model.bin, pip install 'fdsl[openvino]') or onnx (model.onnx, "
                               "pip install 'fdsl[onnx]')")
-    precision: str = option("fp32", "--precision", choices=("fp32", "fp16"),
-                            help="fp16: OpenVINO weights stored in fp16 (compute stays fp32 on the CPU); ONNX is "
-                                 "fp32 only")
+    precision: str = option("fp32", "--precision", choices=("fp32", "fp16", "int8"),
+                            help="fp16: OpenVINO weights stored in fp16 (compute stays fp32 on the CPU); int8: NNCF "
+                                 "post-training quantisation on --calib_normal (+ --calib_anomalous), written only "
+                                 "when it passes the gate (score correlation, AUROC change); ONNX is fp32 only")
+    calib_normal: str | None = option(None, "--calib_normal", path=True,
+                                      help="int8: normal images (folder or file) to quantise on and gate with: the "
+                                           "detector's normal images and held-out ones")
+    calib_anomalous: str | None = option(None, "--calib_anomalous", path=True,
+                                         help="int8: anomalous images; the gate then checks the image AUROC change")
+    calib_masks: str | None = option(None, "--calib_masks", path=True,
+                                     help="int8: masks of --calib_anomalous (as `fdsl calibrate --masks`); the gate "
+                                          "then checks the pixel AUROC change")
+    int8_min_corr: float = option(0.99, "--int8_min_corr",
+                                  help="int8 gate: least per-image score correlation with fp32")
+    int8_max_auroc_drop: float = option(0.5, "--int8_max_auroc_drop",
+                                        help="int8 gate: largest image / pixel AUROC drop, in points")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
     chunk_mb: int = option(64, "--chunk_mb",
@@ -570,6 +585,12 @@ class ExportConfig:
     def validate(self) -> None:
         expand_user_paths(self)
         positive_int(self.chunk_mb, "--chunk_mb")
+        if not -1.0 <= self.int8_min_corr <= 1.0:
+            raise ConfigError(f"--int8_min_corr must lie in [-1, 1], got {self.int8_min_corr}")
+        if self.int8_max_auroc_drop < 0:
+            raise ConfigError(f"--int8_max_auroc_drop must be >= 0 points, got {self.int8_max_auroc_drop}")
+        if self.precision == "int8" and self.calib_normal is None:
+            raise ConfigError("--precision int8 needs --calib_normal DIR (normal images to quantise on and gate with)")
 
 
 @dataclass

@@ -5,6 +5,20 @@ import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _no_default_engine_cache():
+    """Tests convert `--engine openvino` passes themselves: the default user cache folder stays untouched."""
+    import os
+
+    before = os.environ.get("FDSL_ENGINE_CACHE")
+    os.environ["FDSL_ENGINE_CACHE"] = "off"
+    yield
+    if before is None:
+        os.environ.pop("FDSL_ENGINE_CACHE", None)
+    else:
+        os.environ["FDSL_ENGINE_CACHE"] = before
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run faster on one thread than with thread start-up on a busy 2-core machine."""
     before = torch.get_num_threads()

@@ -54,21 +54,23 @@ def liven_head(model, refs, calib):
 
     A freshly initialised scorer outputs ~0.5 everywhere, which would make map comparisons weak.
     The BN statistics are the cumulative average over one global and one window pass of `calib`
-    against a memory of `refs` (both branches, whatever the model's winmode). For tests and benchmarks
-    on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
+    against a memory of `refs` (both branches, whatever the winmode; the global one for a CNN). For tests
+    and benchmarks on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
     Returns `model`.
     """
     import torch  # torch is imported lazily: the data generators above do not need it
 
+    windows = bool(getattr(model.backbone, "supports_windows", True))  # a CNN backbone has the global branch only
     with torch.no_grad():
-        mem = model.make_memory(model.encode_references(refs, windows=True))
+        mem = model.make_memory(model.encode_references(refs, windows=windows))
         bns = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the calibration passes
         model.head.train()
         model.head(model.residuals(mem.global_bank, model.extract(calib)))
-        model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
+        if windows:
+            model.head(model.residuals(mem.window_bank, model.extract_windows(calib)))
         model.head.eval()
         for bn in bns:
             bn.momentum = 0.1

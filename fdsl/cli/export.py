@@ -1,4 +1,4 @@
-"""`fdsl export --detector part.fdsl --format openvino|onnx --out DIR [--precision fp16]`.
+"""`fdsl export --detector part.fdsl --format openvino|onnx --out DIR [--precision fp16|int8 --calib_normal DIR]`.
 
 Writes one graph (preprocessed images -> anomaly map and score; banks inside) and its contract JSON; see
 `fdsl.inspect.export`. `python -m fdsl.deploy --model DIR ...` or `fdsl predict --detector DIR ...` run it.
@@ -32,7 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_run_dir(cfg.out, "--out")  # before loading the detector and building the graph
         det = Detector.load(cfg.detector, runtime=RuntimeConfig(device="cpu", precision="fp32"),
                             pretrained=cfg.pretrained)
-        out = export_detector(det, cfg.out, cfg.format, cfg.precision, cfg.chunk_mb)
+        int8 = dict(normal=cfg.calib_normal, anomalous=cfg.calib_anomalous, masks=cfg.calib_masks,
+                    min_corr=cfg.int8_min_corr, max_auroc_drop=cfg.int8_max_auroc_drop)
+        out = export_detector(det, cfg.out, cfg.format, cfg.precision, cfg.chunk_mb, int8)
     except FDSLError as exc:
         logging.getLogger("fdsl").debug("error details", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

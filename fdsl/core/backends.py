@@ -31,6 +31,29 @@ from fdsl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 OPENVINO_EXTRA = "pip install 'fdsl[openvino]' (openvino==2026.4.1)"
+DEFAULT_CACHE_MAX_MB = 400  # fp32 weights: Lite0 (14 MB) and ViT-B (350 MB) are cached by default, ViT-L is not
+_OFF = ("none", "off", "0", "")
+
+
+def default_cache_dir() -> Path:
+    """The user cache folder of converted passes: $FDSL_CACHE_DIR/openvino, else $XDG_CACHE_HOME/fdsl/openvino,
+    else ~/.cache/fdsl/openvino."""
+    if os.environ.get("FDSL_CACHE_DIR"):
+        return Path(os.environ["FDSL_CACHE_DIR"]).expanduser() / "openvino"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fdsl" / "openvino"
+
+
+def resolve_cache(cache: str | None, backbone: nn.Module) -> str | None:
+    """The engine cache folder: `cache` (``--engine_cache``; 'none' is off); by default the user cache folder
+    for backbones whose fp32 weights are under `DEFAULT_CACHE_MAX_MB` (their converted passes are that size
+    on disk, per input geometry), none for larger ones or when $FDSL_ENGINE_CACHE is 'off'."""
+    if cache is not None:
+        return None if str(cache).strip().lower() in _OFF else str(cache)
+    if os.environ.get("FDSL_ENGINE_CACHE", "on").strip().lower() in _OFF:
+        return None
+    mb = sum(p.numel() * 4 for p in backbone.parameters()) / 2 ** 20
+    return str(default_cache_dir()) if mb <= DEFAULT_CACHE_MAX_MB else None
 
 
 def check_backend(backend: str, device: torch.device, compute_dtype: torch.dtype) -> None:
@@ -177,6 +200,11 @@ class OpenVINOBackend:
                 return self.core.read_model(str(path))
         # an example batch of 2: a batch of 1 would be specialised, not dynamic
         example = x[:1].expand(2, *x.shape[1:]).contiguous().float()
+        log.info("openvino: converting the %s pass of %s for input %s; this usually takes 5-60 s on a CPU "
+                 "(minutes for ViT-L)%s", name, getattr(self.owner, "model_name", type(self.owner).__name__),
+                 tuple(x.shape[1:]), f", kept in {self.cache} for later runs" if self.cache is not None else
+                 "; --backend_cache DIR keeps the converted pass for later runs")
+        t0 = time.perf_counter()
         try:
             model = convert_to_openvino(_Pass(self.owner, fn), example)
         except Exception as exc:  # torch.export or the OpenVINO frontend: an op it cannot take
@@ -185,6 +213,7 @@ class OpenVINOBackend:
             raise ConfigError(f"--backend openvino cannot convert the {name} pass of this "
                               f"{getattr(self.owner, 'model_name', type(self.owner).__name__)} backbone "
                               f"({type(exc).__name__}: {detail[:200]}); use --backend torch") from exc
+        log.info("openvino: converted the %s pass in %.1f s", name, time.perf_counter() - t0)
         if path is not None:
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
             ov.save_model(model, str(tmp), compress_to_fp16=False)
@@ -204,9 +233,9 @@ class OpenVINOBackend:
 
 
 def make_backend(backend: str, backbone: nn.Module, cache: str | None = None):
-    """The backend object for `backbone` (None for PyTorch); `cache` is ``--backend_cache``."""
+    """The backend object for `backbone` (None for PyTorch); `cache` is ``--backend_cache`` (`resolve_cache`)."""
     if backend == "torch":
         return None
     if backend == "openvino":
-        return OpenVINOBackend(backbone, threads=torch.get_num_threads(), cache=cache)
+        return OpenVINOBackend(backbone, threads=torch.get_num_threads(), cache=resolve_cache(cache, backbone))
     raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")

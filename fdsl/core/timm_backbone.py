@@ -11,7 +11,10 @@ Weights (`--pretrained`): a timm / safetensors state dict, the EfficientNet-Lite
 ``weights_only=True`` or as safetensors: no pickled code runs.
 
 Plain timm ViTs (``VisionTransformer``: DINOv2, DeiT, ...) also offer the patch-embedding split LFE needs
-(`patch_embed` + `forward_patches`), with the positional grid resampled by timm for a window's grid.
+(`patch_embed` + `forward_patches`), with the positional grid resampled by timm's rule for a window's grid.
+Each grid's positional table is resampled once, eagerly, and kept (`pos_embed_for`): the passes hold it as a
+constant, so an exported graph (`fdsl export`, ``--engine openvino``) has no resampling op in it (timm
+resamples inside the graph while exporting, with an antialiased bicubic OpenVINO cannot convert).
 """
 from __future__ import annotations
 
@@ -235,6 +238,9 @@ class TimmBackbone(nn.Module):
         # i·(S−1)/(G−1) instead, stretching the map towards the borders by up to half a cell (8 px at stride 16):
         # a defect near an edge spilled onto the border (docs/backbones.md "Borders").
         self.map_align_corners = bool(self.is_vit)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        if self.is_vit:
+            self.pos_embed_for(self.grid_size, self.grid_size)  # the global grid, fixed at build time
 
     @property
     def supports_windows(self) -> bool:
@@ -250,6 +256,57 @@ class TimmBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> TimmBackbone:  # frozen: batch norms stay in eval mode
         return super().train(False)
+
+    # ------------------------------------------------------------------ positional grids
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor | None:
+        """(1, prefix + h·w or h·w, C) positional table of an h×w patch grid, resampled once by timm's rule
+        (``resample_abs_pos_embed``, outside any export) and kept; None when the ViT has no absolute table."""
+        net = self.net
+        if getattr(net, "pos_embed", None) is None:
+            return None
+        key = (int(h), int(w))
+        if key not in self._pos_cache:
+            from timm.layers import resample_abs_pos_embed
+
+            with torch.no_grad():
+                table = resample_abs_pos_embed(net.pos_embed, new_size=key, old_size=net.patch_embed.grid_size,
+                                               num_prefix_tokens=0 if net.no_embed_class else net.num_prefix_tokens)
+            self._pos_cache[key] = table.detach()
+        return self._pos_cache[key]
+
+    def fix_positional_grids(self, sides: Sequence[int]) -> None:
+        """Resample the positional tables of square grids of these sides now (the global grid, each window's)."""
+        if self.is_vit:
+            for g in sides:
+                self.pos_embed_for(int(g), int(g))
+
+    def _apply(self, fn, recurse=True):  # a device or dtype move: tables are resampled again from the new weights
+        out = super()._apply(fn, recurse)
+        if getattr(self, "is_vit", False):
+            sides = sorted({h for h, _ in self._pos_cache})
+            self._pos_cache = {}
+            self.fix_positional_grids(sides)
+        return out
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``VisionTransformer._pos_embed`` with the kept table of x's grid: (B, h, w, C) patch
+        embeddings -> (B, prefix + h·w, C) tokens (prefix tokens, positions added, positional dropout)."""
+        net = self.net
+        B, H, W, C = x.shape
+        pos = self.pos_embed_for(H, W)
+        prefix = [t.expand(B, -1, -1) for t in (net.cls_token, getattr(net, "reg_token", None)) if t is not None]
+        x = x.reshape(B, H * W, C)
+        if pos is None:
+            return torch.cat(prefix + [x], dim=1) if prefix else x
+        if net.no_embed_class:  # the table has no prefix entries: add, then prepend
+            x = x + pos
+            if prefix:
+                x = torch.cat(prefix + [x], dim=1)
+        else:
+            if prefix:
+                x = torch.cat(prefix + [x], dim=1)
+            x = x + pos
+        return net.pos_drop(x)
 
     # ------------------------------------------------------------------ forward
     def _output(self, maps: list[torch.Tensor]) -> BackboneOutput:
@@ -311,7 +368,7 @@ class TimmBackbone(nn.Module):
         """The PyTorch pass of `forward_patches`."""
         net = self.net
         x = patches.permute(0, 2, 3, 1).contiguous()  # (B, g, g, C); crops are strided views
-        x = net._pos_embed(x)  # (B, prefix + g², C)
+        x = self._pos_embed(x)  # (B, prefix + g², C), the kept positional table of this grid
         x = net.patch_drop(x)
         x = net.norm_pre(x)
         inter = []

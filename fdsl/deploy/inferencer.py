@@ -25,7 +25,7 @@ from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and re
     verify_model_files,
 )
 from fdsl.outputs.openvino_core import openvino_core
-from fdsl.outputs.pixels import preprocess, resize_bilinear
+from fdsl.outputs.pixels import RESAMPLE, preprocess, resize_bilinear
 from fdsl.outputs.thresholds import defect_region
 from fdsl.outputs.tiles import Tiling, score_tiled
 from fdsl.outputs.verdicts import Prediction
@@ -124,6 +124,10 @@ class ExportedDetector:
         pre = self.info["preprocessing"]
         self.image_size = int(pre["size"][0])
         self.mean, self.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+        self.resample = str(pre.get("resample", "bicubic"))  # format 1 files before timm backbones: bicubic
+        if self.resample not in RESAMPLE:
+            raise CheckpointError(f"{self.folder / CONTRACT}: preprocessing.resample {self.resample!r} is not one of "
+                                  f"{', '.join(RESAMPLE)}")
 
     @property
     def cal_image_size(self) -> int:
@@ -161,7 +165,7 @@ class ExportedDetector:
         if tiling.enabled:  # the graph scores tiles; they are cut and stitched as `fdsl predict` does
             size = self.info["tiling"].get("normal_size")
             return score_tiled(images, tiling, self._score_tiles, thr, pix, TILE_BATCH, tuple(size) if size else None)
-        out = self.infer(preprocess(images, self.image_size, self.mean, self.std))
+        out = self.infer(preprocess(images, self.image_size, self.mean, self.std, self.resample))
         preds = []
         for im, amap, p, m in zip(images, out["anomaly_map"], out["patch_score"], out["map_max"]):
             score = 0.5 * (float(p) + float(m))  # in float64, as Detector.score_images
@@ -176,7 +180,7 @@ class ExportedDetector:
 
     def _score_tiles(self, tiles: list[Image.Image], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tiles -> ((n, cal, cal) float32 maps, (n,) patch scores) from the graph (a shared tile bank)."""
-        out = self.infer(preprocess(tiles, self.image_size, self.mean, self.std))
+        out = self.infer(preprocess(tiles, self.image_size, self.mean, self.std, self.resample))
         return np.asarray(out["anomaly_map"], np.float32), np.asarray(out["patch_score"], np.float64)
 
     def predict(self, images: PathLike | Image.Image | Sequence[PathLike | Image.Image],

@@ -1,7 +1,7 @@
 """`python -m fdsl.deploy`: score a folder with an exported model; the outputs of `fdsl predict`, without torch.
 
 Writes what `fdsl predict` writes (the same `FolderRun`): ``scores.csv``, ``errors.csv``, ``masks/<name>.png``
-(anomalous images, at their own size), ``overlays/<name>.png`` (Pillow pictures), ``index.html`` and
+(anomalous images, at their own size), ``overlays/<name>.png`` (`fdsl predict`'s pictures), ``index.html`` and
 ``summary.json``; a rerun into the same folder resumes.
 """
 from __future__ import annotations
@@ -11,12 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
-from fdsl.outputs.verdicts import Prediction
 
 log = logging.getLogger("fdsl.deploy")
 
@@ -31,7 +27,8 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
     stale outputs removed. Returns the summary (also written to ``summary.json``).
     """
     from fdsl.deploy.inferencer import load_exported
-    from fdsl.outputs.folder_run import FolderRun, inputs
+    from fdsl.outputs.folder_run import PICTURE_STYLE, FolderRun, inputs
+    from fdsl.outputs.verdicts import overlay_array
 
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}")
@@ -40,17 +37,10 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
     head = {"model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
             "fdsl_version": det.info.get("fdsl_version")}
     return FolderRun(det, files, out, source=model, source_file=det.model_file, threshold=threshold,
-                     overlays=overlays, batch_size=batch_size, picture=pillow_picture, picture_style="pillow",
+                     overlays=overlays, batch_size=batch_size, picture=overlay_array, picture_style=PICTURE_STYLE,
                      head=head, stored_label="model", title="fdsl.deploy", progress=None).run()
 
 
-def pillow_picture(image: Image.Image, pred: Prediction, name: str, threshold: float | None,
-                   pixel_threshold: float | None) -> np.ndarray:
-    """The deploy overlay (Pillow only): heat map, defect outline and a caption line (`FolderRun`'s picture)."""
-    from fdsl.deploy.pictures import render_overlay
-    from fdsl.outputs.verdicts import caption
-
-    return render_overlay(image, pred.anomaly_map, pred.mask, caption(name, pred, threshold))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

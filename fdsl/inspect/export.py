@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fdsl import __version__
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
-from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
+from fdsl.data.images import OPENAI_MEAN, OPENAI_STD, Preprocess
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json, prepare_run_dir
 from fdsl.outputs.contract import CONTRACT, OUTPUTS, validate_contract
@@ -34,7 +35,7 @@ from fdsl.outputs.files import sha256_file
 log = logging.getLogger(__name__)
 
 FORMATS = ("openvino", "onnx")
-EXPORT_PRECISIONS = ("fp32", "fp16")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 ONNX_EXTRA = "pip install 'fdsl[onnx]' (onnx==1.23.2, onnxruntime==1.31.1, onnxscript==0.7.2)"
 
 
@@ -55,11 +56,13 @@ class _Bank(nn.Module):
 
 
 def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tensor, use_abs: bool,
-                     chunk_mb: int, items_per_image: int) -> list[torch.Tensor]:
+                     chunk_mb: int, items_per_image: int, distance: str | None = None) -> list[torch.Tensor]:
     """FD residuals L × (Q, N, C) of query tokens L × (Q, N, C) against `bank`, traceable with a dynamic Q.
 
     The similarity is computed in static chunks of the token axis, each at most `chunk_mb` MiB per image
-    (`items_per_image` query items per image), so the graph's memory grows with the batch only.
+    (`items_per_image` query items per image), so the graph's memory grows with the batch only. With
+    `distance` (the nn scorer, ``mulmax`` or ``diff2``), the FD distance L × (Q, N, 1) instead, as
+    `fdsl.core.memory.Alignment.residual` computes it: ``1 - cos`` or the L2 norm.
     """
     sel = (embeds @ bank.embeds.T).argmax(dim=-1) if bank.index else None  # (Q,) most similar item
     out = []
@@ -84,19 +87,32 @@ def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tens
                     sim = 2 * sim - sq[sel].unsqueeze(1)
                 idx = sim.argmax(dim=-1)  # (Q, n)
                 parts.append(torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C)))  # (Q, n, C)
-        diff = q - torch.cat(parts, dim=1)  # (Q, N, C)
-        out.append(diff.abs() if use_abs else diff)
+        nearest = torch.cat(parts, dim=1)  # (Q, N, C)
+        if distance == "mulmax":
+            out.append(1.0 - F.cosine_similarity(q, nearest, dim=-1).unsqueeze(-1))  # (Q, N, 1)
+        elif distance == "diff2":
+            out.append((q - nearest).norm(dim=-1, keepdim=True))  # (Q, N, 1)
+        else:
+            diff = q - nearest
+            out.append(diff.abs() if use_abs else diff)
     return out
 
 
-def combine_layers(anomalous: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fdsl.core.model.combine_layers` for equal grids (CLIP), traceable with a dynamic batch.
+def combine_layers(anomalous: list[torch.Tensor], size: int,
+                   align_corners: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fdsl.core.model.combine_layers`, traceable with a dynamic batch (grids are static).
 
-    L × (B, G, G) anomalous maps -> ((B, size, size) mean of the upsampled maps, (B,) mean of the maxima).
+    L × (B, G_l, G_l) anomalous maps -> ((B, size, size) mean of the upsampled maps, (B,) mean of the maxima).
+    Equal grids (CLIP, ViTs) are upsampled in one call, layers of different grids (timm CNN stages) one by one,
+    as the torch path does (the same numbers).
     """
+    if len({tuple(m.shape[1:]) for m in anomalous}) > 1:
+        up = torch.stack([upsample(m.float(), size, align_corners) for m in anomalous])  # (L, B, size, size)
+        peaks = torch.stack([m.float().flatten(1).amax(dim=-1) for m in anomalous])  # (L, B)
+        return up.mean(dim=0), peaks.mean(dim=0)
     anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
     L, G = anom.shape[0], anom.shape[-1]
-    up = upsample(anom.reshape(-1, G, G), size).reshape(L, -1, size, size)  # (L, B, size, size)
+    up = upsample(anom.reshape(-1, G, G), size, align_corners).reshape(L, -1, size, size)  # (L, B, size, size)
     return up.mean(dim=0), anom.flatten(2).amax(dim=-1).mean(dim=0)
 
 
@@ -139,40 +155,53 @@ class DetectorGraph(nn.Module):
     def __init__(self, model, memory, out_size: int, chunk_mb: int = 64) -> None:
         super().__init__()
         cfg = model.cfg
-        if not all(hasattr(model.backbone, a) for a in ("encode_images", "encode_patches", "patch_embed")):
-            raise ConfigError(f"fdsl export supports CLIP backbones; this detector's is a "
-                              f"{type(model.backbone).__name__}")
-        if getattr(cfg, "scorer", "fdsl") != "fdsl":
-            raise ConfigError(f"fdsl export supports the learned scorer (--scorer fdsl); this detector uses "
-                              f"--scorer {cfg.scorer}")
-        self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
+        bb = model.backbone
+        if not hasattr(bb, "encode_images"):
+            raise ConfigError(f"fdsl export needs a backbone with a PyTorch pass (encode_images); this detector's "
+                              f"is a {type(bb).__name__}")
+        scorer = getattr(cfg, "scorer", "fdsl")
+        if scorer not in ("fdsl", "nn"):
+            raise ConfigError(f"fdsl export supports --scorer fdsl and nn; this detector uses --scorer {scorer}")
+        self.backbone, self.head, self.cfg = bb, model.head, cfg
+        self.distance = cfg.align_mode if scorer == "nn" else None  # nn: the FD distance is the map
+        self.align_corners = model.align_corners  # how maps are upsampled: the model's own rule (CNNs: half-pixel)
         self.out_size, self.chunk_mb = int(out_size), int(chunk_mb)
         diff2, index = cfg.align_mode == "diff2", cfg.use_img_idx
         self.global_bank = _Bank(memory.global_bank, diff2, index)
         self.use_windows = cfg.winmode != "nan"
+        sides = [bb.grid_size]
         if self.use_windows:
+            if not all(hasattr(bb, a) for a in ("patch_embed", "encode_patches")) or not bb.supports_windows:
+                raise ConfigError(f"winmode {cfg.winmode} needs a ViT backbone with a patch embedding; "
+                                  f"{getattr(bb, 'model_name', type(bb).__name__)} has none")
             if memory.window_bank is None:
                 raise ConfigError(f"winmode {cfg.winmode} needs a window bank; the detector has none")
             self.window_bank = _Bank(memory.window_bank, diff2, index)
-            self.n_windows = n_windows(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
-            self.stitch = _Stitch(model.backbone.grid_size, cfg.win_size, cfg.win_stride)
+            self.n_windows = n_windows(bb.grid_size, cfg.win_size, cfg.win_stride)
+            self.stitch = _Stitch(bb.grid_size, cfg.win_size, cfg.win_stride)
+            sides.append(cfg.win_size)
+        if hasattr(bb, "fix_positional_grids"):  # one fixed positional table per grid: no resampling in the graph
+            bb.fix_positional_grids(sides)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, bb, size = self.cfg, self.backbone, self.out_size
         amap = patch = None
         if cfg.winmode != "onlywin":
             f = bb.encode_images(images)  # L × (B, N, C), (B, D)
-            res = _graph_residuals(self.global_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, 1)
+            res = _graph_residuals(self.global_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, 1,
+                                   self.distance)
             _, refined = self.head(res)  # L × (B, 2, G, G)
-            amap, patch = combine_layers([m[:, 1] for m in refined], size)  # (B, cal, cal), (B,)
+            amap, patch = combine_layers([m[:, 1] for m in refined], size, self.align_corners)  # (B, cal, cal), (B,)
         if self.use_windows:
             W, s, nw = cfg.win_size, cfg.win_stride, self.n_windows
             crops = split_windows(bb.patch_embed(images), 1, W, s)  # (B·nw, C, W, W)
             f = bb.encode_patches(crops)  # L × (B·nw, W², C)
-            res = _graph_residuals(self.window_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, nw)
+            res = _graph_residuals(self.window_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, nw,
+                                   self.distance)
             raw = self.head.raw(res)  # L × (B·nw, 2, W, W)
             stitched = [self.stitch(x) for x in raw]  # L × (B, 2, G, G)
-            wmap, wpatch = combine_layers([m[:, 1] for m in self.head.refine(stitched)], size)
+            wmap, wpatch = combine_layers([m[:, 1] for m in self.head.refine(stitched)], size,
+                                          self.align_corners)
             if amap is None:  # onlywin
                 amap, patch = wmap, wpatch
             else:  # mul
@@ -187,6 +216,9 @@ def contract(det, fmt: str, precision: str, model_file: str, model_sha256: str, 
     detector's identity (`fdsl.outputs.contract.CONTRACT_SCHEMA`)."""
     info = det.info
     S = int(det.model.cfg.image_size)
+    pre = getattr(det.model.backbone, "preprocess", None) or Preprocess(OPENAI_MEAN, OPENAI_STD, "bicubic")
+    resample = pre.interpolation
+    pil_name = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}[resample]
     return {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fdsl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -195,11 +227,11 @@ def contract(det, fmt: str, precision: str, model_file: str, model_sha256: str, 
         "input": {"name": "images", "shape": ["batch", 3, S, S], "dtype": "float32", "layout": "NCHW",
                   "channels": "RGB", "batch": "dynamic"},
         "preprocessing": {
-            "size": [S, S], "resize": "squash",
-            "interpolation": "bicubic on the 8-bit RGB PIL image (PIL Image.resize((S, S), Image.BICUBIC)); "
+            "size": [S, S], "resize": "squash", "resample": resample,
+            "interpolation": f"{resample} on the 8-bit RGB PIL image (PIL Image.resize((S, S), Image.{pil_name})); "
                              "no crop, aspect ratio not kept",
             "to_rgb": "any mode to 8-bit RGB (alpha dropped, palettes expanded, 16-bit grey / 257)",
-            "scale": "x / 255 in float32", "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+            "scale": "x / 255 in float32", "mean": [float(v) for v in pre.mean], "std": [float(v) for v in pre.std],
             "normalize": "(x / 255 - mean) / std per channel, float32",
         },
         "outputs": {
@@ -211,6 +243,7 @@ def contract(det, fmt: str, precision: str, model_file: str, model_sha256: str, 
         "mask": "anomaly_map resized bilinearly (half-pixel centres) to the image's own W x H, > thresholds.pixel",
         "cal_image_size": int(det.cal_image_size),
         **({"tiling": dict(info["tiling"])} if "tiling" in info else {}),  # the graph scores tiles (docs/tiling.md)
+        "scorer": getattr(det.model.cfg, "scorer", "fdsl"),
         "thresholds": dict(info.get("thresholds", {})),
         "detector": {k: info.get(k) for k in ("fdsl_version", "created", "model_config", "backbone", "checkpoint",
                                               "normal_images")},
@@ -222,13 +255,16 @@ def save_openvino(model, path: PathLike, precision: str = "fp32") -> None:
     import openvino as ov
 
     ov.save_model(model, str(path), compress_to_fp16=(precision == "fp16"))  # OpenVINO's default would be fp16
+    # (an int8 model's quantised weights are int8 constants already; its other constants stay fp32)
 
 
 def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = "fp32",
-                    chunk_mb: int = 64) -> Path:
+                    chunk_mb: int = 64, int8: dict | None = None) -> Path:
     """Write `det` (a CPU `Detector`) as ``out/model.xml`` (+ .bin) or ``out/model.onnx``, and ``out/fdsl_export.json``.
 
-    `precision` fp16 stores the OpenVINO weights in fp16 (computation stays fp32 on the CPU); ONNX is fp32 only.
+    `precision` fp16 stores the OpenVINO weights in fp16 (computation stays fp32 on the CPU); int8 quantises the
+    OpenVINO model with NNCF and writes it only when it passes the gate of `fdsl.inspect.quantize` (`int8`: the
+    keyword arguments of `quantize_int8`: normal, anomalous, masks, min_corr, max_auroc_drop); ONNX is fp32 only.
     Returns the folder.
     """
     if fmt not in FORMATS:
@@ -236,7 +272,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     if precision not in EXPORT_PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {', '.join(EXPORT_PRECISIONS)}")
     if fmt == "onnx" and precision != "fp32":
-        raise ConfigError("--precision fp16 is OpenVINO weight compression; export ONNX in fp32 "
+        raise ConfigError(f"--precision {precision} is for OpenVINO models; export ONNX in fp32 "
                           "(or use --format openvino)")
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -254,6 +290,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     with torch.no_grad():
         graph(example)  # once eagerly: fills the backbone's positional-grid cache, so the graph holds constants
     t0 = time.perf_counter()
+    gate = None
     if fmt == "openvino":
         try:
             import openvino  # noqa: F401
@@ -267,6 +304,11 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         for o, name in zip(model.outputs, OUTPUTS):
             o.get_tensor().set_names({name})
         model_file = "model.xml"
+        if precision == "int8":
+            from fdsl.inspect.quantize import quantize_int8
+
+            stored = {tuple(b.shape) for n, b in graph.named_buffers() if not n.startswith("backbone.")}
+            model, gate = quantize_int8(det, model, **(int8 or {}), stored_shapes=stored)
         save_openvino(model, out / model_file, precision)
     else:
         try:
@@ -282,8 +324,10 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         prog.save(str(out / model_file))
     model_path = out / model_file
     weights = sha256_file(model_path.with_suffix(".bin")) if fmt == "openvino" else None
-    info = validate_contract(contract(det, fmt, precision, model_file, sha256_file(model_path), weights),
-                             out / CONTRACT)  # a contract its readers refuse is never written
+    info = contract(det, fmt, precision, model_file, sha256_file(model_path), weights)
+    if gate is not None:
+        info["int8_gate"] = gate
+    info = validate_contract(info, out / CONTRACT)  # a contract its readers refuse is never written
     atomic_write_json(out / CONTRACT, info)
     log.info("exported the detector to %s (%s, %s) in %.1f s", out / model_file, fmt, precision,
              time.perf_counter() - t0)

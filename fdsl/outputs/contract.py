@@ -47,10 +47,13 @@ CONTRACT_SCHEMA: dict = {
     "model_file": (True, STR),
     "model_sha256": (True, SHA256),  # of model_file
     "weights_sha256": (True, or_null(SHA256)),  # of model.bin beside model.xml (OpenVINO); null for ONNX
-    "precision": (True, choice(("fp32", "fp16"))),
+    "precision": (True, choice(("fp32", "fp16", "int8"))),
+    "scorer": (False, choice(("fdsl", "nn"))),
+    "int8_gate": (False, OBJECT),  # `fdsl export --precision int8`: the gate's measured figures
     "input": (False, OBJECT),  # descriptive; the model's own input is checked against preprocessing.size
     "preprocessing": (True, {
         "size": (True, list_of(2, int_spec(1))), "resize": (True, choice(("squash",))),
+        "resample": (False, choice(("bicubic", "bilinear", "nearest"))),
         "interpolation": (False, STR), "to_rgb": (False, STR), "scale": (False, STR),
         "mean": (True, list_of(3, num_spec())), "std": (True, list_of(3, _POSITIVE)), "normalize": (False, STR),
     }),

@@ -135,6 +135,9 @@ def _few(items: Sequence[str]) -> str:
     return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
 
 
+PICTURE_STYLE = "panels-v2"  # the overlays of `fdsl.outputs.overlay` (NumPy/Pillow); a change re-renders on resume
+
+
 class FolderRun:
     """Score `files` with `scorer` into the folder `out` (see the module docstring for the steps).
 
@@ -157,7 +160,7 @@ class FolderRun:
     def __init__(self, scorer: Scorer, files: Sequence[tuple[PathLike, str]], out: PathLike, *,
                  source: PathLike, source_file: PathLike, threshold: float | None = None,
                  cal_image_size: int | None = None, overlays: bool = True, save_maps: bool = False,
-                 batch_size: int = 8, picture: Picture = overlay_array, picture_style: str = "opencv",
+                 batch_size: int = 8, picture: Picture = overlay_array, picture_style: str = PICTURE_STYLE,
                  full_map: FullMap | None = None, head: dict | None = None, stored_label: str = "detector",
                  title: str = "fdsl predict", progress: str | None = "predict") -> None:
         if not isinstance(scorer, Scorer):

@@ -1,39 +1,61 @@
-"""Pictures of anomaly maps: heat-map overlays, evaluation side-by-sides, and inspection panels with a caption."""
+"""Pictures of anomaly maps: heat-map overlays, evaluation side-by-sides, and inspection panels with a caption.
+
+NumPy and Pillow only (no OpenCV, no matplotlib figure): `fdsl predict`, `python -m fdsl.deploy` and the server
+draw the same pictures with this one renderer. Colours are the jet scale; text is Pillow's built-in font.
+"""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from fdsl.io import PathLike, atomic_open
+from fdsl.outputs.pixels import resize_bilinear
 
-_FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX; OpenCV is imported where it draws, so importing the floor stays light
+
+@functools.cache
+def _jet_lut() -> np.ndarray:
+    """(256, 3) uint8 jet colours, dark blue (0) -> cyan -> yellow -> dark red (255)."""
+    v = np.linspace(0.0, 1.0, 256, dtype=np.float32)[:, None] * 4.0
+    return (np.clip(1.5 - np.abs(v - np.array([3.0, 2.0, 1.0], np.float32)), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 RGB jet colours."""
+    return _jet_lut()[(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)]
 
 
 def heatmap_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8 RGB image and (H, W) map in [0, 1] -> (H, W, 3) uint8 overlay (jet colours)."""
-    import cv2
-
-    heat = cv2.applyColorMap((np.clip(amap, 0.0, 1.0) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    return (alpha * heat + (1.0 - alpha) * image).astype(np.uint8)
+    if alpha == 1.0:
+        return jet(amap)
+    return (alpha * jet(amap) + (1.0 - alpha) * image).astype(np.uint8)
 
 
 SIDE_CAPTION_H = 20  # the caption band above test.py's side-by-side pictures
 
 
-def _fit_text(canvas: np.ndarray, text: str, y: int, max_scale: float = 0.45) -> None:
-    """Write `text` at height `y`, shrunk (down to scale 0.25, then cut) to fit the canvas width."""
-    import cv2
+@functools.cache
+def _font():
+    return ImageFont.load_default()
 
+
+def _text(canvas: np.ndarray, text: str, org: tuple, scale: float = 0.5, color: tuple = (0, 0, 0)) -> None:
+    """Write `text` on `canvas` (in place) with its baseline-left corner near `org` (x, y)."""
+    im = Image.fromarray(canvas)
+    ImageDraw.Draw(im).text((org[0], org[1] - 11), text, fill=tuple(int(c) for c in color), font=_font())
+    canvas[...] = np.asarray(im)
+
+
+def _fit_text(canvas: np.ndarray, text: str, y: int, max_scale: float = 0.45) -> None:
+    """Write `text` at height `y`, cut to fit the canvas width."""
     w = canvas.shape[1] - 8
-    scale = max_scale
-    while scale > 0.25 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > w:
-        scale -= 0.05
-    while len(text) > 4 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > w:
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while len(text) > 4 and draw.textlength(text, font=_font()) > w:
         text = text[:-2]
-    cv2.putText(canvas, text, (4, y), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    _text(canvas, text, (4, y))
 
 
 def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap: np.ndarray,
@@ -59,6 +81,17 @@ def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap
         Image.fromarray(canvas).save(fh, format="PNG")
 
 
+def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """(H, W) bool -> (H, W) bool: the mask's boundary pixels thickened to `width` (the red defect contour)."""
+    m = np.pad(mask, 1, mode="edge")
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    edge = mask & ~inner
+    for _ in range(width - 1):
+        e = np.pad(edge, 1)
+        edge = edge | e[:-2, 1:-1] | e[2:, 1:-1] | e[1:-1, :-2] | e[1:-1, 2:]
+    return edge
+
+
 PANEL_HEIGHT = 320  # readable, whatever the input size
 _CAPTION_H = 28
 _TITLE_H = 22
@@ -73,30 +106,32 @@ def _panel_size(size_wh: tuple, height: int) -> tuple:
     return pw, height
 
 
-def _text(canvas: np.ndarray, text: str, org: tuple, scale: float = 0.5, color: tuple = (0, 0, 0)) -> None:
-    import cv2
-
-    cv2.putText(canvas, text, org, _FONT, scale, color, 1, cv2.LINE_AA)
-
-
+@functools.lru_cache(maxsize=64)
 def colour_bar(height: int, pixel_threshold: float | None) -> np.ndarray:
     """(height + title, bar + labels, 3) uint8 colour bar of the heat map's scale 0..1, jet, 1 at the top.
 
-    The pixel threshold, when given, is a black line across the bar labelled with its value.
+    The pixel threshold, when given, is a black line across the bar labelled with its value, placed clear of
+    the 0.0 / 0.5 / 1.0 tick labels (above or below the threshold line, whichever side has room). Cached per
+    (height, threshold): the result is shared, read-only.
     """
     levels = np.linspace(1.0, 0.0, height, dtype=np.float32)[:, None].repeat(_BAR_W, axis=1)  # (h, bar)
     bar = heatmap_overlay(np.zeros((height, _BAR_W, 3), np.uint8), levels, alpha=1.0)
     col = np.full((height, _BAR_W + _BAR_LABEL_W, 3), 255, np.uint8)
     col[:, :_BAR_W] = bar
+    ticks = []
     for v in (1.0, 0.5, 0.0):
         y = int(round((1.0 - v) * (height - 1)))
         col[max(y - 1, 0):y + 1, _BAR_W:_BAR_W + 4] = 0
-        _text(col, f"{v:.1f}", (_BAR_W + 6, min(max(y + 5, 12), height - 3)), 0.4)
+        base = min(max(y + 5, 12), height - 3)
+        ticks.append((base - 11, base))  # the label's rows
+        _text(col, f"{v:.1f}", (_BAR_W + 6, base), 0.4)
     if pixel_threshold is not None:
         y = int(round((1.0 - float(np.clip(pixel_threshold, 0.0, 1.0))) * (height - 1)))
         col[max(y - 1, 0):y + 2, :_BAR_W + 8] = 0
-        _text(col, f"pixel thr {pixel_threshold:.3f}", (_BAR_W + 4, min(max(y - 4, 24), height - 16)), 0.4,
-              (160, 0, 0))
+        # the label's baseline: just above the line, or just below it; the first that overlaps no tick label
+        options = [min(max(y - 3, 24), height - 16), min(y + 14, height - 3), 24, height // 2 + 26]
+        base = next((b for b in options if all(b < t0 - 1 or b - 11 > t1 + 1 for t0, t1 in ticks)), options[0])
+        _text(col, f"pixel thr {pixel_threshold:.3f}", (_BAR_W + 4, base), 0.4, (160, 0, 0))
     title = np.full((_TITLE_H, col.shape[1], 3), 255, np.uint8)
     _text(title, "map", (2, 16), 0.45)
     return np.concatenate([title, col], axis=0)
@@ -113,29 +148,28 @@ def render_overlay(image: Image.Image, amap: np.ndarray, mask: np.ndarray | None
         caption: one line written above the panels (file name, score, verdict).
         pixel_threshold: marked on the colour bar of the heat map's 0..1 scale.
     """
-    import cv2
-
     pw, ph = _panel_size(image.size, height)
     img = np.asarray(image.convert("RGB").resize((pw, ph), Image.BICUBIC))
-    heat_map = cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (pw, ph), interpolation=cv2.INTER_LINEAR)
-    heat = heatmap_overlay(img, heat_map)
-    cont = np.ascontiguousarray(img.copy())
+    heat = heatmap_overlay(img, resize_bilinear(amap, (pw, ph)))
+    cont = img.copy()
     if mask is None:
         region_title = "defect region: no pixel threshold"
     elif mask.any():
-        m = cv2.resize(mask.astype(np.uint8), (pw, ph), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(cont, contours, -1, (255, 0, 0), 2)
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((pw, ph), Image.NEAREST)) > 0
+        cont[_outline(small)] = (255, 0, 0)
         region_title = "defect region (red)"
     else:
         region_title = "defect region: none"
-    gap = np.full((ph + _TITLE_H, 4, 3), 255, np.uint8)
-    panels = []
-    for title, panel in (("image", img), ("anomaly map", heat), (region_title, cont)):
-        head = np.full((_TITLE_H, pw, 3), 255, np.uint8)
-        _text(head, title, (4, 16), 0.45)
-        panels += [np.concatenate([head, panel], axis=0), gap]
-    row = np.concatenate([*panels, colour_bar(ph, pixel_threshold)], axis=1)
-    bar = np.full((_CAPTION_H, row.shape[1], 3), 255, np.uint8)
-    _text(bar, caption, (6, 19))
-    return np.concatenate([bar, row], axis=0)
+    bar = colour_bar(ph, None if pixel_threshold is None else float(pixel_threshold))
+    width = 3 * (pw + 4) + bar.shape[1]
+    canvas = np.full((_CAPTION_H + _TITLE_H + ph, width, 3), 255, np.uint8)  # one buffer, panels pasted in
+    text = Image.new("RGB", (width, _CAPTION_H + _TITLE_H), (255, 255, 255))  # all text drawn in one pass
+    draw = ImageDraw.Draw(text)
+    draw.text((6, 8), caption, fill=(0, 0, 0), font=_font())
+    for i, (title, panel) in enumerate((("image", img), ("anomaly map", heat), (region_title, cont))):
+        x = i * (pw + 4)
+        draw.text((x + 4, _CAPTION_H + 5), title, fill=(0, 0, 0), font=_font())
+        canvas[_CAPTION_H + _TITLE_H:, x:x + pw] = panel
+    canvas[:_CAPTION_H + _TITLE_H] = np.asarray(text)
+    canvas[_CAPTION_H:, 3 * (pw + 4):] = bar
+    return canvas

@@ -7,9 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST}
 
-def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """RGB PIL images -> (B, 3, size, size) float32: PIL bicubic squash resize, x / 255, (x - mean) / std.
+
+def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float],
+               resample: str = "bicubic") -> np.ndarray:
+    """RGB PIL images -> (B, 3, size, size) float32: PIL squash resize (`resample`, the backbone's
+    interpolation), x / 255, (x - mean) / std.
 
     The same float32 operations, in the same order, as torchvision's ``Resize((S, S), BICUBIC)`` on the PIL
     image, ``ToTensor`` and ``Normalize``, so the arrays are bit-identical to the torch path's tensors.
@@ -18,7 +23,8 @@ def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float], 
     s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, im in enumerate(images):
-        arr = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        arr = np.asarray(rgb.resize((size, size), RESAMPLE[resample]), dtype=np.uint8)
         x = arr.transpose(2, 0, 1).astype(np.float32) / np.float32(255)  # (3, S, S)
         out[i] = (x - m) / s
     return out

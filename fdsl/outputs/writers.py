@@ -230,12 +230,16 @@ def read_rows(path: Path) -> dict[str, dict]:
     except (OSError, KeyError, csv.Error):
         return {}
 
+PNG_COMPRESS_LEVEL = 1  # zlib level 1: a 1400x370 overlay encodes ~4x faster than at PIL's default 6, ~18% larger
+
+
 def save_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
-    """Write `arr` as a PNG atomically."""
+    """Write `arr` as a PNG atomically (fast zlib level: encoding must not cost more than the model)."""
     from fdsl.io import atomic_open
 
+    im = Image.fromarray(arr, mode=mode) if mode else Image.fromarray(arr)
     with atomic_open(path, "wb") as fh:
-        Image.fromarray(arr, mode=mode).save(fh, format="PNG") if mode else Image.fromarray(arr).save(fh, format="PNG")
+        im.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 def csv_cell(v: object) -> object:
     """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""

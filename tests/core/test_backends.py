@@ -163,9 +163,9 @@ def test_backend_cache_skips_conversion_in_a_later_run(backbone, tmp_path, monke
             backbone.visual.ln_pre.bias.sub_(1e-3)
 
 
-def test_timm_backbones_run_on_openvino_or_refuse_in_one_line():
-    """A timm CNN (EfficientNet-Lite0) gives torch's tokens on OpenVINO; a timm ViT, whose positional grid is
-    resampled with an op OpenVINO lacks, is a ConfigError naming the pass, not a traceback."""
+def test_timm_backbones_run_on_openvino():
+    """A timm CNN (EfficientNet-Lite0) and a timm ViT (whose positional tables are fixed per grid at build time,
+    so no resampling op reaches OpenVINO) give torch's tokens on OpenVINO: the global and the window pass."""
     from test_backbone_contract import TINY_VIT
 
     from fdsl.core.backends import OpenVINOBackend
@@ -179,9 +179,33 @@ def test_timm_backbones_run_on_openvino_or_refuse_in_one_line():
     for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5
     vit = TimmBackbone("timm:vit_tiny_patch16_224", "none", 96, [1, 3], model_kwargs=TINY_VIT).eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    crops = vit.patch_embed(x)[:, :, 1:4, 2:5]  # a 3x3 window: another positional grid
+    refs = [vit(x), vit.forward_patches(crops)]
     vit.backend = OpenVINOBackend(vit, threads=1)
-    with pytest.raises(ConfigError, match="cannot convert the images pass"):
-        vit(torch.randn(2, 3, 96, 96))
+    for ref, got in zip(refs, [vit(x), vit.forward_patches(crops)]):
+        for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
+            assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
+
+
+def test_engine_cache_is_on_by_default_for_small_backbones_only(monkeypatch, tmp_path):
+    """Lite0-sized backbones get the user cache folder ($FDSL_CACHE_DIR / $XDG_CACHE_HOME / ~/.cache), large ones
+    (over 400 MB of weights) none; --engine_cache none and $FDSL_ENGINE_CACHE=off turn it off."""
+    from torch import nn
+
+    from fdsl.core.backends import resolve_cache
+
+    small, large = nn.Linear(100, 100), nn.Linear(11000, 10000)  # 0.04 MB and 420 MB of fp32 weights
+    monkeypatch.setenv("FDSL_ENGINE_CACHE", "on")
+    monkeypatch.delenv("FDSL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_cache(None, small) == str(tmp_path / "xdg" / "fdsl" / "openvino")
+    assert resolve_cache(None, large) is None
+    monkeypatch.setenv("FDSL_CACHE_DIR", str(tmp_path / "own"))
+    assert resolve_cache(None, small) == str(tmp_path / "own" / "openvino")
+    assert resolve_cache("none", small) is None and resolve_cache(str(tmp_path / "x"), large) == str(tmp_path / "x")
+    monkeypatch.setenv("FDSL_ENGINE_CACHE", "off")
+    assert resolve_cache(None, small) is None
 
 
 def test_engine_cache_keys_on_the_pass_outputs_not_on_a_list_of_attributes(tmp_path):

@@ -54,6 +54,25 @@ def build_detectors(work: Path, branches: tuple[str, ...] = ("global", "lfe")) -
                            test_dir=test_dir)
 
 
+def build_lite0_detector(work: Path, image_size: int = 128) -> SimpleNamespace:
+    """The EfficientNet-Lite0 ``--scorer nn`` detector with its real ImageNet weights (the package file), fitted
+    on two normal photographs of one class and calibrated on its test images: ``lite0.fdsl``."""
+    from fdsl.core.timm_backbone import lite0_package_file
+    from fdsl.data.synthetic import make_photo_dataset
+    from fdsl.inspect.detector import Detector
+
+    root = make_photo_dataset(work / "photos", photos=["coffee"], n_train=2, n_test_good=2, n_test_bad=4,
+                              image_size=image_size, seed=3)
+    cls_dir = root / "coffee_photo"
+    det = Detector.fit(None, cls_dir / "train" / "good", runtime="cpu", cal_image_size=64,
+                       model="timm:tf_efficientnet_lite0", pretrained=lite0_package_file(), image_size=image_size,
+                       features_list=[3, 4], scorer="nn")
+    test_dir = cls_dir / "test"
+    det.calibrate(test_dir / "good", [d for d in test_dir.iterdir() if d.name != "good"])
+    return SimpleNamespace(path=det.save(work / "lite0.fdsl"), test_dir=test_dir,
+                           images=sorted(test_dir.rglob("*.png")))
+
+
 def reseal(folder: Path, **changes) -> dict:
     """Rewrite `folder`'s contract with `changes` and the model files' current sha256 (as an export would);
     returns it. Tests use it to reach the checks after the digest check."""

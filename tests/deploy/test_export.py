@@ -195,7 +195,7 @@ def test_one_image_walks_the_same_rooms_through_predict_and_deploy(env, exported
 
 
 def test_deploy_imports_no_torch_open_clip_or_opencv():
-    code = ("import sys, fdsl, fdsl.deploy, fdsl.deploy.run, fdsl.deploy.pictures, fdsl.cli.inspection; "
+    code = ("import sys, fdsl, fdsl.deploy, fdsl.deploy.run, fdsl.outputs.overlay, fdsl.cli.inspection; "
             "bad = [m for m in ('torch', 'open_clip', 'cv2', 'torchvision') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -294,14 +294,42 @@ def test_graph_equals_predict_for_every_setting(env, settings):
         assert float((a - b).abs().max()) < 1e-5
 
 
-def test_export_refuses_what_the_graph_does_not_compute(env):
-    """The training-free scorer (--scorer nn) is not in the graph: a ConfigError, not a wrong model."""
+def test_export_refuses_what_the_graph_cannot_compute(env):
+    """An LFE detector whose memory has no window bank: a ConfigError naming it, not a wrong model."""
     from fdsl.config import ModelConfig
+    from fdsl.core.memory import FDSLMemory
     from fdsl.core.model import FDSL
     from fdsl.errors import ConfigError
+    from fdsl.inspect.detector import Detector
     from fdsl.inspect.export import DetectorGraph
 
     model = FDSL.from_config(ModelConfig(model="FDSL-Tiny-ViT", pretrained=str(env.weights), image_size=112,
-                                         features_list=[2, 4], few_shot_features=[2, 4], scorer="nn"))
-    with pytest.raises(ConfigError, match="--scorer nn"):
-        DetectorGraph(model, None, 64)
+                                         features_list=[2, 4], few_shot_features=[2, 4], scorer="nn",
+                                         winmode="mul", win_size=4, win_stride=2))
+    bank = Detector.load(env.detectors["global"], runtime="cpu").memory.global_bank
+    with pytest.raises(ConfigError, match="window bank"):
+        DetectorGraph(model, FDSLMemory(bank, None), 64)
+
+
+def test_exported_lite0_nn_detector_runs_in_the_fresh_venv(deploy_venv, tmp_path):
+    """The real-weights EfficientNet-Lite0 --scorer nn detector, exported to OpenVINO, gives `fdsl predict`'s
+    scores and map maxima to 1e-5 and its verdicts with `python -m fdsl.deploy` where torch is not installed."""
+    from deploy_fixtures import build_lite0_detector
+
+    from fdsl.inspect.detector import Detector
+    from fdsl.inspect.export import export_detector
+
+    lite = build_lite0_detector(tmp_path / "lite0")
+    det = Detector.load(lite.path, runtime="cpu")
+    folder = export_detector(det, tmp_path / "lite0_ov", "openvino")
+    ref = {p.name + p.parent.name: pr for p, pr in zip(lite.images, det.predict(lite.images))}
+    out = tmp_path / "verdicts"
+    r = subprocess.run([str(deploy_venv), "-m", "fdsl.deploy", "--model", str(folder), "--images", str(lite.test_dir),
+                        "--out", str(out), "--overlays", "0"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = read_scores(out / "scores.csv")
+    assert got.keys() == ref.keys() and sum(pr.is_anomalous for pr in ref.values()) >= 1
+    for k, pr in ref.items():
+        assert abs(float(got[k]["score"]) - pr.score) < 1e-5 and abs(float(got[k]["map_max"]) - pr.map_max) < 1e-5
+        assert got[k]["is_anomalous"] == str(int(pr.is_anomalous))
