@@ -38,6 +38,7 @@ from fdsl.options import (
     part_of,
     settings,
 )
+from fdsl.presets import HUB, PRESET_HELP, PRESETS, apply_preset
 
 # The generated-parser API, used with these dataclasses (defined in fdsl.options).
 __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "config_warnings",
@@ -70,8 +71,9 @@ class ModelConfig:
     pretrained: str = option(
         "openai", "--pretrained",
         help="backbone weights: a CLIP tag (openai), a local weights file (open_clip / OpenAI CLIP; for timm a "
-             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), or 'none' (random init; "
-             "tests only)", affects=NUMBERS, path=True)
+             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), 'hub' (a timm model's own "
+             "weights, downloaded once into timm's cache), or 'none' (random init; tests only)",
+        affects=NUMBERS, path=True)
     model_config: str | None = option(
         None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building",
         affects=NUMBERS, path=True)
@@ -117,6 +119,13 @@ class ModelConfig:
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
         take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        if str(self.pretrained).lower() == HUB:
+            if not str(self.model).startswith("timm:"):
+                raise ConfigError(f"--pretrained hub fetches a timm model's own weights; --model {self.model} is "
+                                  "open_clip: give a tag (openai) or a weights file")
+            from fdsl.core.timm_backbone import hub_weights_file
+
+            self.pretrained = hub_weights_file(self.model)  # the cached file: runs and detectors pin it
         if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
             raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
                               "timm backbone: drop them")
@@ -251,6 +260,13 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
                                  help="evaluation resolution of anomaly maps and masks", affects=NUMBERS)
     save_images: bool = option(False, "--save_images", help="write a side-by-side PNG per test image", affects=NOTHING)
     aupro: bool = option(True, "--aupro", help="compute AUPRO (exact)", affects=NUMBERS)
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS), affects=NOTHING,
+                                help="a named backbone setting; the model options given explicitly win. "
+                                     + PRESET_HELP)
+    shot_draw: str = option("nested", "--shot_draw", choices=("nested", "separate"), affects=NUMBERS,
+                            help="with several --k_shot values: nested (per seed the k-shot references are the "
+                                 "first k of one draw, the paper protocol's choice) or separate (each k drawn as a "
+                                 "run with --k_shot k alone would, so its numbers match separate runs)")
 
     def __post_init__(self) -> None:
         # One value (the command line gives a list) is today's single-k run: stored as a plain int.
@@ -260,6 +276,7 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
             self.k_shot = list(self.k_shot)
 
     def validate(self) -> None:
+        apply_preset(self, explicit_fields(self))
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
@@ -292,6 +309,14 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
     def run_seeds(self) -> list:
         """The seeds this run evaluates, in order."""
         return list(self.seeds) if self.seeds else [self.seed]
+
+
+def weights_from_preset(cfg: Any) -> None:
+    """A detector command's ``--preset``: its weights file on this machine becomes ``--pretrained`` (unless given)."""
+    if getattr(cfg, "preset", None) and not getattr(cfg, "pretrained", None):
+        from fdsl.presets import preset_weights
+
+        cfg.pretrained = preset_weights(cfg.preset)
 
 
 def model_config_from(cfg: Any) -> ModelConfig:
@@ -348,6 +373,9 @@ class FitConfig(ModelOverrides, ImagesCommand):
     shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
                                  help="how --max_shots chooses: greedy coreset over the image embeddings, or "
                                       "evenly over the sorted file list")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="a named backbone setting instead of a checkpoint (model options given "
+                                     "explicitly win). " + PRESET_HELP)
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
@@ -369,6 +397,9 @@ class PredictConfig(ImagesCommand):
     pretrained: str | None = option(
         None, "--pretrained", path=True,
         help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
     save_maps: bool = option(False, "--save_maps",
                              help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
@@ -376,6 +407,7 @@ class PredictConfig(ImagesCommand):
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
+        weights_from_preset(self)
         if self.cal_image_size is not None:
             positive_int(self.cal_image_size, "--cal_image_size")
         if self.threshold is not None and not math.isfinite(self.threshold):
@@ -397,6 +429,13 @@ class CalibrateConfig(ImagesCommand):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
+
+    def validate(self) -> None:
+        ImagesCommand.validate(self)
+        weights_from_preset(self)
 
 
 @dataclass
@@ -409,6 +448,9 @@ class ServeConfig(ImagesCommand):
     port: int = option(8000, "--port", help="TCP port")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     workdir: str = option("fdsl_serve", "--workdir", path=True,
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
     max_files: int = option(64, "--max_files", help="images per request")
@@ -416,6 +458,7 @@ class ServeConfig(ImagesCommand):
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
+        weights_from_preset(self)
         positive_int(self.max_files, "--max_files")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
@@ -438,12 +481,16 @@ class ExportConfig:
                                  "fp32 only")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     chunk_mb: int = option(64, "--chunk_mb",
                            help="bound per image, in MiB, on each similarity block of the graph's nearest-normal "
                                 "search")
 
     def validate(self) -> None:
         expand_user_paths(self)
+        weights_from_preset(self)
         positive_int(self.chunk_mb, "--chunk_mb")
 
 

@@ -138,7 +138,10 @@ def fetch_failure_message(exc: Exception, model: str, pretrained: str) -> str:
     return "\n".join([
         f"error: could not fetch the {model} '{pretrained}' CLIP weights; this machine seems to be offline.",
         f"  cause: {exc}",
-        "Run the demo with weights you already have, or as a random-weight smoke run:",
+        "Run the demo with real features that need no download, with weights you already have, or as a "
+        "random-weight smoke run:",
+        "  bash demo.sh --real_features 1                     # EfficientNet-Lite0 ImageNet weights from pip (the "
+        "lite0 preset)",
         "  FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh   # a local open_clip or OpenAI CLIP weights file "
         f"for {model}",
         "  FDSL_PRETRAINED=none bash demo.sh                  # random-weight smoke run (tiny model, no download)",
@@ -161,7 +164,6 @@ def choose_setting(model: str | None, pretrained: str, quick: bool) -> DemoSetti
 def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
     """Say loudly what kind of run this is."""
     if pretrained.lower() == "none":
-        log.warning("#" * 78)
         log.warning("RANDOM-WEIGHT SMOKE RUN: %s with --pretrained none. It checks that the whole pipeline runs; "
                     "its numbers say nothing about FDSL.", setting.model)
         if setting.model == TINY_MODEL:
@@ -170,7 +172,6 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
                         FULL_MODEL)
         log.warning("Real features offline: python -m fdsl.cli.demo --real_features 1 (EfficientNet-Lite0 ImageNet "
                     "weights from pip, training-free scorer).")
-        log.warning("#" * 78)
     if setting.model != TINY_MODEL and device == "cpu":
         log.warning("%s at %d px on the CPU is heavy: expect this demo to take a long while "
                     "(a CUDA GPU runs it in minutes; pick one with --device 0).", setting.model,

@@ -49,9 +49,11 @@ def cmd_fit(cfg: FitConfig) -> None:
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; give the detector file name, e.g. part.fdsl")
     check_writable_file(out, "--out")  # before the (slow) fit
+    from fdsl.presets import preset_model_options
+
     det = Detector.fit(cfg.checkpoint, cfg.normal, runtime=cfg.runtime(), batch_size=cfg.batch_size,
                        cal_image_size=cfg.cal_image_size, max_shots=cfg.max_shots,
-                       shot_selection=cfg.shot_selection, **given(cfg, ModelConfig))
+                       shot_selection=cfg.shot_selection, **preset_model_options(cfg.preset, given(cfg, ModelConfig)))
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")

@@ -134,10 +134,24 @@ def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) ->
     try:
         return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as exc:
+        from fdsl.presets import offline_hint
+
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
         raise ConfigError(
-            f"could not fetch the {model_name} '{pretrained}' weights ({type(exc).__name__}: {exc}). "
-            "Offline? Pass a local file with --pretrained /path/to/weights.pt (an open_clip or OpenAI CLIP "
-            "checkpoint), or --pretrained none for a random-weight smoke run") from exc
+            f"could not fetch the {model_name} '{pretrained}' weights ({cause}); {offline_hint()}, or pass a "
+            "local CLIP weights file with --pretrained /path/to/weights.pt (HF_HUB_OFFLINE=1 fails at once "
+            "instead of retrying)") from exc
+
+
+_WARNED_RANDOM: set[str] = set()
+
+
+def warn_random_weights(model: str) -> None:
+    """One warning line per process and model that the backbone has random weights (``--pretrained none``)."""
+    if model not in _WARNED_RANDOM:
+        _WARNED_RANDOM.add(model)
+        log.warning("--pretrained none: the %s backbone has RANDOM weights; results are meaningless except as a "
+                    "smoke test (real features offline: --preset lite0)", model)
 
 
 class _DropMessage(logging.Filter):
@@ -230,10 +244,7 @@ class CLIPBackbone(nn.Module):
             log.info("activation: %s", act)
 
         if weights is None:
-            log.warning("!" * 72)
-            log.warning("--pretrained none: the CLIP backbone has RANDOM weights. Results are meaningless "
-                        "except as a smoke test.")
-            log.warning("!" * 72)
+            warn_random_weights(model_name)
             source_pos = visual.positional_embedding.detach().clone()
         else:
             source_pos = self._load_weights(visual, weights)
