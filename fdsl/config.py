@@ -263,10 +263,11 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
     preset: str | None = option(None, "--preset", choices=tuple(PRESETS), affects=NOTHING,
                                 help="a named backbone setting; the model options given explicitly win. "
                                      + PRESET_HELP)
-    shot_draw: str = option("nested", "--shot_draw", choices=("nested", "separate"), affects=NUMBERS,
+    shot_draw: str = option("nested", "--shot_draw", choices=("nested", "separate"), affects=NOTHING,
                             help="with several --k_shot values: nested (per seed the k-shot references are the "
                                  "first k of one draw, the paper protocol's choice) or separate (each k drawn as a "
-                                 "run with --k_shot k alone would, so its numbers match separate runs)")
+                                 "run with --k_shot k alone would, so its numbers match separate runs). Like --seed, it acts through the "
+                                 "reference images, which a rerun compares by name")
 
     def __post_init__(self) -> None:
         # One value (the command line gives a list) is today's single-k run: stored as a plain int.

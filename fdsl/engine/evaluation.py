@@ -191,14 +191,15 @@ class Evaluator:
         """Reference image paths per k and class for `seed`: ``{k: {cls: paths}}``.
 
         From --k_shot_file (each k takes the first k of the file's last max(k) lines per class), or a
-        seeded draw: one k keeps `sample_k_shot`; several k use `sample_nested_k_shot` (k=1 ⊂ k=2 ⊂ k=4).
+        seeded draw: one k keeps `sample_k_shot`; several k use `sample_nested_k_shot` (k=1 ⊂ k=2 ⊂ k=4), or with
+        ``--shot_draw separate`` `sample_k_shot` per k (the draws of separate single-k runs).
         """
         ks = self.shots
         if self.cfg.k_shot_file:
             full = read_k_shot_file(self.cfg.k_shot_file, self.meta, self.classes, max(ks))
             return {k: {c: full[c][:k] for c in self.classes} for k in ks}
-        if len(ks) == 1:
-            return {ks[0]: {c: sample_k_shot(self.meta, c, ks[0], seed) for c in self.classes}}
+        if len(ks) == 1 or self.cfg.shot_draw == "separate":  # each k as a run with --k_shot k alone draws it
+            return {k: {c: sample_k_shot(self.meta, c, k, seed) for c in self.classes} for k in ks}
         nested = {c: sample_nested_k_shot(self.meta, c, ks, seed) for c in self.classes}
         return {k: {c: nested[c][k] for c in self.classes} for k in ks}
 

@@ -61,11 +61,12 @@ def test_every_setting_states_its_properties() -> None:
 
 def test_derived_lists_are_the_documented_ones() -> None:
     # The lists that used to be written out by hand, now derived from the fields: unchanged.
-    # (plus --config, added since: where a rerun's settings came from changes no number and no resume)
+    # (plus --config, added since: where a rerun's settings came from changes no number and no resume; --preset,
+    # whose values land in the model fields; --shot_draw, which acts like --seed through the references)
     assert set(RESUME_NEUTRAL) == {"epoch", "save_path", "device", "num_workers", "resume", "save_freq", "win_batch",
                                    "align_chunk_mb", "config"}
     assert set(_NEUTRAL) == {"save_path", "num_workers", "batch_size", "classes", "save_images", "seeds", "seed",
-                             "device", "win_batch", "align_chunk_mb", "config", "engine_cache"}
+                             "device", "win_batch", "align_chunk_mb", "config", "engine_cache", "preset", "shot_draw"}
     assert TRAINED_SETTINGS == ("model", "image_size", "features_list", "quick_gelu", "use_norm", "align_mode",
                                 "use_abs", "use_nam")
     assert set(settings(TrainConfig, path=True)) == {"save_path", "train_data_path", "model_config", "pretrained",
