@@ -266,8 +266,8 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
     shot_draw: str = option("nested", "--shot_draw", choices=("nested", "separate"), affects=NOTHING,
                             help="with several --k_shot values: nested (per seed the k-shot references are the "
                                  "first k of one draw, the paper protocol's choice) or separate (each k drawn as a "
-                                 "run with --k_shot k alone would, so its numbers match separate runs). Like --seed, it acts through the "
-                                 "reference images, which a rerun compares by name")
+                                 "run with --k_shot k alone would, so its numbers match separate runs). Like "
+                                 "--seed, it acts through the reference images, which a rerun compares by name")
 
     def __post_init__(self) -> None:
         # One value (the command line gives a list) is today's single-k run: stored as a plain int.

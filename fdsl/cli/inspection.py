@@ -223,6 +223,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | No
     from fdsl.inspect.outputs import input_identity, is_output_stem
     from fdsl.inspect.verdicts import RECORD_FIELDS, overlay_array, verdict_record
     from fdsl.io import atomic_write_json, atomic_write_text
+    from fdsl.progress import progress_lines
 
     thr = threshold if threshold is not None else det.image_threshold
     pix = det.pixel_threshold
@@ -338,8 +339,9 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | No
     if todo:  # an earlier run's gallery and summary would disagree with scores.csv until this run ends
         for name in ("index.html", "summary.json"):
             (out / name).unlink(missing_ok=True)
-    for s in tqdm(range(0, len(todo), batch_size), desc="predict", unit="batch", dynamic_ncols=True,
-                  disable=None):
+    starts = range(0, len(todo), batch_size)
+    for s in tqdm(progress_lines(starts, len(starts), f"predict ({len(todo)} images)"), total=len(starts),
+                  desc="predict", unit="batch", dynamic_ncols=True, disable=None):
         batch, imgs, failed = read_images(todo[s:s + batch_size])
         for p, exc in failed:
             errors.append({"path": p, "error": str(exc).replace("\n", " ")})

@@ -45,6 +45,7 @@ from fdsl.engine.strategy import current as current_strategy
 from fdsl.engine.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
+from fdsl.progress import bars_shown, progress_lines
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,9 @@ class Evaluator:
         species: list[str] = []
         i = 0
         with self.strategy.step(f"scoring the test images of {cls}"):
-            for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
+            lines = progress_lines(interruptible(loader), len(loader), f"scoring {cls}",
+                                   enabled=self.strategy.is_main and not bars_shown())
+            for batch in tqdm(lines, total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
                               disable=self.strategy.tqdm_disable()):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 b = batch["image"].shape[0]
