@@ -231,8 +231,9 @@ def run_demo(args: DemoConfig, quick: bool = False) -> dict[str, dict]:
 
     cls = setting.test_data["classes"][0]
     verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", runtime)
-    print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}'s test images: "
-          f"overlays (image | heat map | defect contour): {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
+    print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}: calibrated on "
+          f"{verdicts.parent / 'validation'}, judged {verdicts.parent / 'incoming'} (other images); "
+          f"gallery: {verdicts / 'index.html'}, verdicts: {verdicts / 'scores.csv'}, overlays: {verdicts / 'overlays'}")
     return results
 
 
@@ -279,35 +280,71 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, d
     cls = next(iter(results["REAL photos"]["classes"]))  # the first photo class
     verdicts = inspect_demo(sets["photos"] / cls, None, run_dir / "predict", runtime,
                             model_options=dict(model_fields, pretrained=real))
-    print(f"inspection (python -m fdsl fit --scorer nn / calibrate / predict, no checkpoint) of {cls}'s test images: "
-          f"overlays: {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
+    print(f"inspection (python -m fdsl fit --preset lite0 / calibrate / predict, no checkpoint) of {cls}: calibrated "
+          f"on {verdicts.parent / 'validation'}, judged {verdicts.parent / 'incoming'} (other images); "
+          f"gallery: {verdicts / 'index.html'}, verdicts: {verdicts / 'scores.csv'}, overlays: {verdicts / 'overlays'}")
     return results
+
+
+def split_for_inspection(cls_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Split one class's test images in two, as a user's parts would be: ``validation/`` (``good/``,
+    ``anomalous/<defect>/`` and their ``masks/<defect>/``) for `calibrate`, ``incoming/`` for `predict`.
+
+    Every other image of each folder (sorted) goes to each side, so the thresholds are never set on the images
+    they then judge. Written once (a rerun keeps it). Returns (validation, incoming).
+    """
+    import shutil
+
+    val, inc = out / "validation", out / "incoming"
+    if (out / "split.json").is_file():
+        return val, inc
+    for sub in sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir()):
+        files = sorted(f for f in sub.iterdir() if f.is_file())
+        for i, f in enumerate(files):
+            if i % 2:
+                dest = inc / sub.name
+            elif sub.name == "good":
+                dest = val / "good"
+            else:
+                dest = val / "anomalous" / sub.name
+                masks = sorted((cls_dir / "ground_truth" / sub.name).glob(f"{f.stem}*"))
+                (val / "masks" / sub.name).mkdir(parents=True, exist_ok=True)
+                for m in masks:
+                    shutil.copy2(m, val / "masks" / sub.name / m.name)
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / f.name)
+    from fdsl.io import atomic_write_json
+
+    atomic_write_json(out / "split.json", {"class": cls_dir.name, "validation": str(val), "incoming": str(inc)})
+    return val, inc
 
 
 def inspect_demo(cls_dir: Path, checkpoint: Path | None, out: Path, runtime: RuntimeConfig,
                  model_options: dict | None = None) -> Path:
-    """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
+    """Fit a detector on one class's normal train images, calibrate it on half of its test images, predict
+    the other half (`split_for_inspection`): thresholds are never judged on the images that set them.
 
-    The thresholds are calibrated (F1-max, with the masks) on the same test images that are then predicted:
-    this only illustrates the commands; calibrate on separate validation images for real parts.
     `checkpoint` is None for the training-free scorer (`model_options` then name it and the backbone).
-    Returns the predict output folder. A detector newer than the checkpoint is reused.
+    Returns the predict output folder. A calibrated detector newer than the checkpoint is reused.
     """
     from fdsl.cli.inspection import predict_folder
     from fdsl.inspect.detector import Detector
+    from fdsl.inspect.detector_file import read_detector_file
     from fdsl.io import setup_logging
 
     setup_logging(out / "log.txt")
+    val, incoming = split_for_inspection(cls_dir, out)
     det_file = out / f"{cls_dir.name}.fdsl"
     reuse = det_file.is_file() and (checkpoint is None or det_file.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns)
+    if reuse:  # a detector calibrated before the split (on the predicted images) is fitted again
+        reuse = bool((read_detector_file(det_file)[0].get("thresholds") or {}).get("calibration_images"))
     if reuse:
         log.info("reusing detector %s", det_file)
     else:
         det = Detector.fit(checkpoint, cls_dir / "train" / "good", runtime=runtime, **(model_options or {}))
-        defects = sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir() and d.name != "good")
-        det.calibrate(cls_dir / "test" / "good", defects, masks=cls_dir / "ground_truth")
+        det.calibrate(val / "good", val / "anomalous", masks=val / "masks")
         det.save(det_file)
-    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", runtime=runtime)
+    predict_folder(det_file, [incoming], out / "verdicts", runtime=runtime)
     return out / "verdicts"
 
 

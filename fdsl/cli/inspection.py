@@ -212,6 +212,22 @@ def _unique_files(files: list[tuple]) -> list[tuple]:
     return out
 
 
+def _warn_known_images(info: dict, paths: list[str]) -> None:
+    """Warn when inputs are the detector's calibration images or its shots (known by their sha256)."""
+    from fdsl.inspect.detector import reused_images
+
+    known = reused_images(info, paths)
+    if known["calibration"]:
+        n, ex = len(known["calibration"]), ", ".join(known["calibration"][:3])
+        log.warning("%d of the %d input image(s) were used by `calibrate` to set the thresholds (%s%s): their "
+                    "verdicts and calibrate's FPR / TPR say nothing about parts it has not seen; judge the "
+                    "thresholds on other images", n, len(paths), ex, " ..." if n > 3 else "")
+    if known["shots"]:
+        n, ex = len(known["shots"]), ", ".join(known["shots"][:3])
+        log.warning("%d of the %d input image(s) are the detector's own normal shots (%s%s): they score near zero "
+                    "by construction", n, len(paths), ex, " ..." if n > 3 else "")
+
+
 def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | None,
                     cal_image_size: int | None, overlays: bool, save_maps: bool, batch_size: int) -> dict:
     """`predict_folder` once `out` is locked."""
@@ -327,6 +343,7 @@ def _predict_locked(det, det_path: Path, files, out: Path, threshold: float | No
         log.info("resuming: %d of %d image(s) already done, skipped", len(rows) - len(others), len(paths))
     errors: list[dict] = []
     warn_unlike_normals(det.info.get("normal_images", []), [(p, display[p]) for p in todo])
+    _warn_known_images(det.info, todo)
 
     def flush() -> None:
         order = paths + others

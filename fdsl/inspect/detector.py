@@ -425,7 +425,9 @@ class Detector:
                                    "image_method": report["image_method"], "pixel_method": report["pixel_method"],
                                    "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
                                    "n_normal": len(normal_files), "n_anomalous": len(bad_files),
-                                   "cal_image_size": self.cal_image_size}
+                                   "cal_image_size": self.cal_image_size,
+                                   # predict warns when its inputs include these (`reused_images`)
+                                   "calibration_images": sorted({sha256_file(p) for p, _ in files})}
         log.info("calibrated: image threshold %.6f (%s, normal FPR %.3f%s), pixel threshold %.6f (%s)", thr,
                  report["image_method"], fpr,
                  f", anomalous TPR {report['image_tpr']:.3f}" if "image_tpr" in report else "", pix,
@@ -434,6 +436,29 @@ class Detector:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def reused_images(info: dict, paths: Sequence[PathLike]) -> dict[str, list[str]]:
+    """Which of `paths` the detector already knows, by sha256: ``{"calibration": [...], "shots": [...]}``.
+
+    Verdicts on calibration images say nothing about unseen parts (the thresholds were set on them); a shot
+    scores near zero by construction. Reads each path once; empty lists when the detector records no digests.
+    """
+    cal = set((info.get("thresholds") or {}).get("calibration_images") or [])
+    shots = {e.get("sha256") for e in info.get("normal_images") or [] if isinstance(e, dict)}
+    out: dict[str, list[str]] = {"calibration": [], "shots": []}
+    if not cal and not shots:
+        return out
+    for p in paths:
+        try:
+            digest = sha256_file(p)
+        except OSError:
+            continue  # unreadable: predict reports it in errors.csv
+        if digest in cal:
+            out["calibration"].append(str(p))
+        if digest in shots:
+            out["shots"].append(str(p))
+    return out
 
 
 def _warn_shared_images(normal: Sequence[tuple[Path, str]], anomalous: Sequence[tuple[Path, str]]) -> None:
