@@ -1,7 +1,7 @@
 # Sourced by trainAndTest.sh and test_few_shot.sh: their nine arguments, the interpreter, the dataset roots, the
 # model and schedule (or, with FDSL_SMOKE=1, the offline smoke setting: fdsl/cli/smoke.py).
 # Sets name device use_nam winmode win_size win_stride win_weight seed kshots, here, PY, MVTEC_ROOT, VISA_ROOT, ckpt,
-# results, model_args, train_shots, epochs_mvtec, epochs_visa, test_epoch.
+# results, model_args, train_shots, epochs_mvtec, epochs_visa, test_epoch, run_args.
 #
 # PYTHON: the interpreter the scripts run (default: the repository's .venv/bin/python when present, else python);
 # it must import fdsl (pip install -e . in this folder) and torch.
@@ -25,7 +25,7 @@ ckpt=$here/checkpoints/$name/nam${use_nam}_seed${seed}
 results=$here/results/$name
 model_args=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
             --features_list 6 12 18 24 --few_shot_features 6 12 18 24)
-train_shots=10; epochs_mvtec=5; epochs_visa=11; test_epoch=5
+train_shots=10; epochs_mvtec=5; epochs_visa=11; test_epoch=5; run_args=()
 
 if [ "${FDSL_SMOKE:-0}" = 1 ]; then
   smoke_dir=${FDSL_SMOKE_DIR:-$here/smoke_runs}
@@ -35,6 +35,7 @@ if [ "${FDSL_SMOKE:-0}" = 1 ]; then
   read -r -a model_args <<< "$SMOKE_MODEL_ARGS"
   train_shots=$SMOKE_TRAIN_SHOTS; epochs_mvtec=$SMOKE_EPOCHS; epochs_visa=$SMOKE_EPOCHS; test_epoch=$SMOKE_EPOCHS
   win_size=$SMOKE_WIN_SIZE; win_stride=$SMOKE_WIN_STRIDE
+  run_args=(--num_workers 0)  # a handful of images: worker processes would only add start-up time
   ckpt=$smoke_dir/checkpoints/$name/nam${use_nam}_seed${seed}
   results=$smoke_dir/results/$name
 fi

@@ -14,7 +14,7 @@
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
 tag="nam${use_nam}_${winmode}_w${win_size}s${win_stride}x${win_weight}_seed${seed}_${kshots}shot"
-common=("${model_args[@]}" --calImage_size 240 --device "$device"
+common=("${model_args[@]}" "${run_args[@]}" --calImage_size 240 --device "$device"
         --precision "${FDSL_PRECISION:-auto}" --align_precision "${FDSL_ALIGN_PRECISION:-fp32}"
         --useNAM "$use_nam" --winmode "$winmode" --winsize "$win_size"
         --winstride "$win_stride" --winwight "$win_weight" --seed "$seed" --k_shot "$kshots")

@@ -17,7 +17,7 @@
 # FDSL_SMOKE_DIR, default smoke_runs/), in a couple of minutes on a CPU; it says what it scales down.
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
-common=("${model_args[@]}" --device "$device" --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam")
+common=("${model_args[@]}" "${run_args[@]}" --device "$device" --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam")
 
 # Model for VisA: trained on the MVTec AD test split, 5 epochs.
 $PY "$here/train.py" --dataset mvtec --train_data_path "$MVTEC_ROOT" --save_path "$ckpt/trained_on_mvtec" \

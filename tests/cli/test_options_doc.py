@@ -109,3 +109,15 @@ def test_readme_prose_lists_of_settings_match_the_metadata() -> None:
             assert flags == set(TRAINED_SETTINGS), row
             found += 1
     assert found >= 2
+
+
+def test_scores_csv_columns_in_the_docs_are_generated_and_current() -> None:
+    from fdsl.cli.options_doc import COLUMN_DOCS, columns_markdown, with_columns
+    from fdsl.inspect.outputs import SCORE_COLUMN_HELP, SCORE_COLUMNS
+
+    assert tuple(SCORE_COLUMN_HELP) == SCORE_COLUMNS  # every column described, in file order
+    block = columns_markdown()
+    assert all(f"| `{c}` |" in block for c in SCORE_COLUMNS)
+    for rel in COLUMN_DOCS:
+        text = (ROOT / rel).read_text(encoding="utf-8")
+        assert with_columns(text, rel) == text, f"{rel}: stale scores.csv columns: run python -m fdsl.cli.options_doc"

@@ -34,10 +34,10 @@ def test_smoke_writes_both_layouts_and_prints_the_assignments(tmp_path, capsys):
     assert (tmp_path / "data" / "visa" / "split_csv" / "1cls.csv").is_file()
 
 
-def _script(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def _script(script: str, tmp_path: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
     full = dict(os.environ, PYTHONPATH=str(REPO), **env)
     return subprocess.run(["bash", str(REPO / script), *ARGS], capture_output=True, text=True, env=full,
-                          timeout=120, cwd=tmp_path)
+                          timeout=timeout, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("script", ["trainAndTest.sh", "test_few_shot.sh"])
@@ -69,3 +69,15 @@ def test_test_py_message_for_a_missing_or_unindexed_dataset(tmp_path):
     (tmp_path / "v" / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
     with pytest.raises(DataError, match=r"holds VisA but is not indexed yet; run `python data/visa.py --root"):
         load_meta(tmp_path / "v", "mvtec")
+
+
+@pytest.mark.skipif(os.environ.get("FDSL_SLOW") != "1", reason="the whole smoke run takes minutes on a loaded "
+                    "2-core CPU (about 4 min measured); FDSL_SLOW=1 runs it")
+def test_smoke_mode_runs_train_and_test_end_to_end(tmp_path):
+    """FDSL_SMOKE=1 bash trainAndTest.sh with the paper's nine arguments: trains twice and tests twice, offline."""
+    proc = _script("trainAndTest.sh", tmp_path, timeout=900, PYTHON=sys.executable, FDSL_SMOKE="1",
+                   FDSL_SMOKE_DIR=str(tmp_path / "smoke"), OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "smoke mode, NOT the paper's setting" in proc.stderr
+    results = sorted((tmp_path / "smoke" / "results" / "fdsl").glob("*/results.json"))
+    assert [p.parent.name.split("_")[0] for p in results] == ["mvtec", "visa"]
