@@ -72,7 +72,7 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: one configuration, torch and openvino interleaved in this process."""
     import torch
 
-    from fdsl.core.engines import OpenVINOEngine
+    from fdsl.core.backends import OpenVINOEngine
     from fdsl.core.windows import n_windows, split_windows
 
     torch.set_num_threads(spec["threads"])

@@ -21,7 +21,7 @@ the weights), it reports:
 * memory: RSS once the model is built, the peak RSS increase during evaluation (VmHWM reset just
   before) and the whole child's peak (ru_maxrss, model build included), the window and global
   bank sizes, and how many ViT modules / weight copies the model holds;
-* ``fdsl.engine.metrics.aupro`` and ``pixel_metrics`` time on ``--metric_maps`` random maps (a child too).
+* ``fdsl.metrics.metrics.aupro`` and ``pixel_metrics`` time on ``--metric_maps`` random maps (a child too).
 
     python -m benchmarks.bench_eval --winmode nan mul --precision fp32 bf16 --batch 1 --json /tmp/eval.json
 """
@@ -312,7 +312,7 @@ def blob_masks(n: int, size: int, rng, anomalous_frac: float = 0.5):
 def child_metrics(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from fdsl.engine.metrics import aupro, pixel_metrics
+    from fdsl.metrics.metrics import aupro, pixel_metrics
 
     rng = np.random.default_rng(0)
     n, size = spec["metric_maps"], spec["metric_size"]

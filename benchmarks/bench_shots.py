@@ -107,8 +107,8 @@ def score(bank: torch.Tensor, test: torch.Tensor, size: int) -> tuple:
 def main() -> None:
     from skimage import data
 
-    from fdsl.engine.metrics import auroc
     from fdsl.inspect.shot_selection import even_indices, greedy_coreset
+    from fdsl.metrics.metrics import auroc
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shots", type=int, nargs="+", default=[2, 4, 8])

@@ -30,9 +30,9 @@ from fdsl.data.datasets import AnomalyDataset
 from fdsl.data.meta import load_meta
 from fdsl.data.shots import load_reference_images, sample_k_shot
 from fdsl.data.synthetic import make_synthetic_dataset
-from fdsl.engine import metrics
 from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.evaluation import normalised_image_scores
+from fdsl.metrics import metrics
 from tests.fdsl_test_utils import liven_head
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fdsl.checks import config_warnings, dedupe_option, positive_int
-from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
 from fdsl.options import (
     AFFECTS,
@@ -39,6 +38,7 @@ from fdsl.options import (
     settings,
 )
 from fdsl.presets import HUB, PRESET_HELP, PRESETS, apply_preset
+from fdsl.taps import take_indices
 
 # The generated-parser API, used with these dataclasses (defined in fdsl.options).
 __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_dict", "config_warnings",

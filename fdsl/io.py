@@ -137,8 +137,10 @@ def clean_stale_temp_files(folder: PathLike) -> int:
     return removed
 
 
-def prepare_run_dir(path: PathLike, flag: str = "--save_path") -> Path:
-    """Create the run folder `path` (parents too), check it is writable, and clean stale temporary files.
+def prepare_run_dir(path: PathLike, flag: str = "--save_path", clean: bool = True) -> Path:
+    """Create the run folder `path` (parents too), check it is writable, and (with `clean`) delete stale
+    temporary files. A folder that runs share under a lock (`fdsl predict`'s --out) is prepared with
+    ``clean=False`` and cleaned once the lock is held: a live run's temporary file is not stale.
 
     Raises ConfigError (one line naming the path) when it is a file or cannot be created or written.
     """
@@ -152,7 +154,8 @@ def prepare_run_dir(path: PathLike, flag: str = "--save_path") -> Path:
     except OSError as exc:
         raise ConfigError(f"{flag} {path} cannot be created or written ({exc.strerror or exc}); "
                           f"choose a writable {flag}") from exc
-    clean_stale_temp_files(path)
+    if clean:
+        clean_stale_temp_files(path)
     return path
 
 

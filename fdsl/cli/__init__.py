@@ -26,7 +26,7 @@ def _commands() -> dict[str, Callable[[list[str]], int]]:
         return lambda rest: inspection.main([cmd, *rest])
 
     def serve(rest: list[str]) -> int:
-        from fdsl.serve.cli import main as serve_main
+        from fdsl.cli.serve import main as serve_main
 
         return serve_main(rest)
 

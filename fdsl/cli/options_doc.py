@@ -124,14 +124,14 @@ def options_markdown() -> str:
     return "\n".join(parts)
 
 
-COLUMNS_BEGIN = "<!-- scores.csv columns: generated from fdsl.inspect.outputs by python -m fdsl.cli.options_doc -->"
+COLUMNS_BEGIN = "<!-- scores.csv columns: generated from fdsl.outputs.writers by python -m fdsl.cli.options_doc -->"
 COLUMNS_END = "<!-- end of the generated scores.csv columns -->"
 COLUMN_DOCS = ("docs/inspect.md", "docs/deploy.md", "docs/workbench.md")  # each holds one generated block
 
 
 def columns_markdown() -> str:
     """The generated block: a table of `predict`'s ``scores.csv`` columns, in file order."""
-    from fdsl.inspect.outputs import SCORE_COLUMN_HELP, SCORE_COLUMNS
+    from fdsl.outputs.writers import SCORE_COLUMN_HELP, SCORE_COLUMNS
 
     rows = ["| `scores.csv` column | holds |", "|---|---|"]
     rows += [f"| `{c}` | {_cell(SCORE_COLUMN_HELP[c])} |" for c in SCORE_COLUMNS]

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.taps import take_indices
 from fdsl.data.images import OPENAI, Preprocess
 from fdsl.errors import CheckpointError, ConfigError
+from fdsl.taps import take_indices
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class CLIPBackbone(nn.Module):
         self.register_buffer("source_pos_embed", source_pos, persistent=False)
         self._pos_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         # Where `forward` and `forward_patches` run: None is PyTorch; otherwise an engine object with
-        # ``run(name, fn, x)`` (`fdsl.core.engines.OpenVINOEngine`), set through `FDSL.runtime`.
+        # ``run(name, fn, x)`` (`fdsl.core.backends.OpenVINOEngine`), set through `FDSL.runtime`.
         self.engine = None
 
     supports_windows = True  # LFE: patch embeddings can be cropped into windows
@@ -327,7 +327,7 @@ class CLIPBackbone(nn.Module):
         """Encode (B, 3, H, W) images, H = W a multiple of the patch size.
 
         Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings. With an engine set
-        (`fdsl.core.engines`), the pass runs there; `encode_images` is the PyTorch pass it compiles.
+        (`fdsl.core.backends`), the pass runs there; `encode_images` is the PyTorch pass it compiles.
         """
         if self.engine is not None:
             self.patch_embed_check(images)

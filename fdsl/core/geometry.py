@@ -1,7 +1,7 @@
 """The model's geometry as one value, validated once: input size, patch grid, tapped blocks, LFE windows.
 
 In the spirit of timm's ``feature_take_indices``: every backbone turns the 1-based ``--features_list`` into
-layer indices through `fdsl.core.taps.take_indices`, every window helper validates its (grid, win, stride)
+layer indices through `fdsl.taps.take_indices`, every window helper validates its (grid, win, stride)
 through `WindowGeometry`, and `Geometry.resolve` checks a whole `ModelConfig` against an architecture's
 patch size and depth before any weights load, with messages naming the options. Pure Python (no torch).
 """
@@ -11,8 +11,8 @@ import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fdsl.core.taps import take_indices
 from fdsl.errors import ConfigError
+from fdsl.taps import take_indices
 
 if TYPE_CHECKING:
     from fdsl.config import ModelConfig

@@ -97,7 +97,7 @@ class FDSL(nn.Module):
 
     @property
     def runtime(self) -> Runtime:
-        """How the model runs; setting it also sets the backbone's engine (`fdsl.core.engines`)."""
+        """How the model runs; setting it also sets the backbone's engine (`fdsl.core.backends`)."""
         return self._runtime
 
     @runtime.setter
@@ -110,7 +110,7 @@ class FDSL(nn.Module):
             return
         current = getattr(self.backbone.engine, "name", "torch")
         if runtime.engine != current:  # a compiled engine is kept while the engine stays the same
-            from fdsl.core.engines import make_engine
+            from fdsl.core.backends import make_engine
 
             self.backbone.engine = make_engine(runtime.engine, self.backbone, runtime.engine_cache)
         self._runtime = runtime

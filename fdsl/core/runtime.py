@@ -128,7 +128,7 @@ def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 24
     forced = _BANK_DTYPES.get(cfg.bank_dtype)
     engine = getattr(cfg, "engine", "torch")
     if engine != "torch":
-        from fdsl.core.engines import check_engine
+        from fdsl.core.backends import check_engine
 
         check_engine(engine, device, dtype)
     return Runtime(compute_dtype=dtype, align_dtype=torch.float32, window_align_dtype=window_align,

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsl.core.backbone import BackboneOutput, state_dict_mismatch, warn_random_weights
-from fdsl.core.taps import take_indices
 from fdsl.data.images import Preprocess
 from fdsl.errors import CheckpointError, ConfigError
+from fdsl.taps import take_indices
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class TimmBackbone(nn.Module):
         net.eval()
         net.requires_grad_(False)
         self.net = net
-        self.engine = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.engines`)
+        self.engine = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.backends`)
         self.model_name = f"{PREFIX}{name}"
         self.pretrained = p
         self.image_size = int(image_size)
@@ -309,7 +309,7 @@ class TimmBackbone(nn.Module):
         """Encode (B, 3, S, S) images: per tapped layer (B, grids[l]², widths[l]) tokens, (B, D) embeddings."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
             raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
-        if self.engine is not None:  # `fdsl.core.engines`: the pass compiled from `encode_images`
+        if self.engine is not None:  # `fdsl.core.backends`: the pass compiled from `encode_images`
             return self.engine.run("images", self.encode_images, images)
         if self.is_vit:
             return self.forward_patches(self.patch_embed(images))
@@ -346,7 +346,7 @@ class TimmBackbone(nn.Module):
         rule), the blocks; per tapped block (B, g², C) tokens (prefix tokens dropped, no final norm)."""
         if not self.supports_windows:
             raise ConfigError(f"{self.model_name} is not a plain ViT")
-        if self.engine is not None:  # `fdsl.core.engines`: the pass compiled from `encode_patches`
+        if self.engine is not None:  # `fdsl.core.backends`: the pass compiled from `encode_patches`
             return self.engine.run("patches", self.encode_patches, patches)
         return self.encode_patches(patches)
 

@@ -15,9 +15,9 @@ from PIL import Image
 from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.deploy.pixels import preprocess, resize_bilinear
 from fdsl.errors import CheckpointError, ConfigError
-from fdsl.inspect.thresholds import defect_region
-from fdsl.inspect.verdicts import Prediction
 from fdsl.io import PathLike
+from fdsl.outputs.thresholds import defect_region
+from fdsl.outputs.verdicts import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,11 @@ class ExportedDetector:
     def pixel_threshold(self) -> float | None:
         return (self.info.get("thresholds") or {}).get("pixel")
 
+    def numerics(self) -> dict[str, str]:
+        """What moves this model's scores beyond its file: the runtime and the exported precision
+        (`fdsl.outputs.scorer.Scorer`)."""
+        return {"exported": f"{self.runtime}/{self.info.get('precision')}"}
+
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(B, 3, S, S) preprocessed float32 batch -> the graph's outputs by name (``anomaly_map`` (B, cal, cal),
         ``score``, ``patch_score``, ``map_max`` (B,))."""
@@ -160,7 +165,7 @@ class ExportedDetector:
     def predict(self, images: PathLike | Image.Image | Sequence[PathLike | Image.Image],
                 batch_size: int = 8, threshold: float | None = None) -> list[Prediction]:
         """Score images (paths, a folder, or PIL images); one `Prediction` per image, in order."""
-        from fdsl.inspect.files import list_images
+        from fdsl.outputs.files import list_images
 
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]

@@ -1,4 +1,4 @@
-"""Overlay pictures with Pillow and NumPy (no OpenCV): the layout of `fdsl.inspect.overlay.render_overlay`.
+"""Overlay pictures with Pillow and NumPy (no OpenCV): the layout of `fdsl.outputs.overlay.render_overlay`.
 
 image | heat map over the image | image with the defect outline in red, under a one-line caption. The colours
 and the caption font are close to, not bit-equal with, the OpenCV pictures of `fdsl predict`.

@@ -1,21 +1,23 @@
 """`python -m fdsl.deploy`: score a folder with an exported model; the outputs of `fdsl predict`, without torch.
 
-Writes ``scores.csv`` (path, score, map_max, is_anomalous, defect_area_px), ``errors.csv``, ``masks/<name>.png``
-(anomalous images, at their own size), ``overlays/<name>.png`` (Pillow pictures) and ``summary.json``.
+Writes what `fdsl predict` writes (the same `FolderRun`): ``scores.csv``, ``errors.csv``, ``masks/<name>.png``
+(anomalous images, at their own size), ``overlays/<name>.png`` (Pillow pictures), ``index.html`` and
+``summary.json``; a rerun into the same folder resumes.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from fdsl.errors import ConfigError, FDSLError
+from fdsl.errors import FDSLError
 from fdsl.io import PathLike
+from fdsl.outputs.verdicts import Prediction
 
 log = logging.getLogger("fdsl.deploy")
 
@@ -25,83 +27,29 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
                    overlays: bool = True, batch_size: int = 8, threads: int | None = None) -> dict:
     """Score `images` (folders or files) with the exported `model` folder and write the outputs to `out`.
 
-    Returns the summary (also written to ``summary.json``).
+    The folder loop is `fdsl.outputs.folder_run.FolderRun`, the one of `fdsl predict`: one run at a time per
+    `out`, resume (an input whose content and outputs are unchanged is skipped), earlier rows kept or their
+    stale outputs removed. Returns the summary (also written to ``summary.json``).
     """
     from fdsl.deploy.inferencer import load_exported
-    from fdsl.inspect.files import list_images
-    from fdsl.inspect.outputs import check_output_folder, folder_lock
-    from fdsl.io import prepare_run_dir
+    from fdsl.outputs.folder_run import FolderRun, inputs
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the verdicts")
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be positive, got {batch_size}")
-    check_output_folder(out, images)
-    files = list_images(images, "input images", exclude=out)
+    files = inputs(images, out, batch_size=batch_size, threshold=threshold)
     det = load_exported(model, threads)
-    prepare_run_dir(out, "--out")
-    with folder_lock(out):
-        return _predict_locked(det, model, files, out, threshold, overlays, batch_size)
+    head = {"model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
+            "fdsl_version": det.info.get("fdsl_version")}
+    return FolderRun(det, files, out, source=model, source_file=det.model_file, threshold=threshold,
+                     overlays=overlays, batch_size=batch_size, picture=pillow_picture, picture_style="pillow",
+                     head=head, stored_label="model", title="fdsl.deploy", progress=None).run()
 
 
-def _predict_locked(det, model: PathLike, files, out: Path, threshold: float | None, overlays: bool,
-                    batch_size: int) -> dict:
-    """`predict_folder` once `out` is locked."""
+def pillow_picture(image: Image.Image, pred: Prediction, name: str, threshold: float | None,
+                   pixel_threshold: float | None) -> np.ndarray:
+    """The deploy overlay (Pillow only): heat map, defect outline and a caption line (`FolderRun`'s picture)."""
     from fdsl.deploy.pictures import render_overlay
-    from fdsl.inspect.gallery import write_gallery
-    from fdsl.inspect.outputs import SCORE_COLUMNS, csv_cell, csv_text, inside, output_names, read_images, save_png
-    from fdsl.inspect.verdicts import RECORD_FIELDS, caption, verdict_record
-    from fdsl.io import atomic_write_json, atomic_write_text
+    from fdsl.outputs.verdicts import caption
 
-    thr = threshold if threshold is not None else det.image_threshold
-    pix = det.pixel_threshold
-    if thr is None:
-        log.warning("the exported model has no image threshold (calibrate the detector before exporting, or pass "
-                    "--threshold): scores and maps are written, no verdict is given")
-    paths = [str(p) for p, _ in files]
-    display = {str(p): n for p, n in files}
-    stem_of = dict(zip(paths, output_names([n for _, n in files], keys=[str(Path(p).resolve()) for p in paths])))
-    rows: dict[str, dict] = {}
-    errors: list[dict] = []
-    t0 = time.time()
-    for s in range(0, len(paths), batch_size):
-        batch, imgs, failed = read_images(paths[s:s + batch_size])
-        for p, exc in failed:
-            errors.append({"path": p, "error": str(exc).replace("\n", " ")})
-            log.warning("skipping unreadable image %s: %s", p, exc)
-        for p, im, pr in zip(batch, imgs, det.score_images(imgs, threshold=thr)):
-            stem = stem_of[p]
-            rec = verdict_record(pr, thr)
-            mask_path = inside(out, f"masks/{stem}.png")
-            has_mask = bool(pr.is_anomalous and pr.mask is not None)
-            if has_mask:
-                save_png(mask_path, pr.mask.astype(np.uint8) * 255)
-            elif mask_path.exists():
-                mask_path.unlink()  # stale mask of an earlier run
-            if overlays:
-                save_png(inside(out, f"overlays/{stem}.png"),
-                          render_overlay(im, pr.anomaly_map, pr.mask, caption(display[p], pr, thr)))
-            rows[p] = {"path": p, **{k: csv_cell(rec[k]) for k in RECORD_FIELDS},
-                       "overlay": f"overlays/{stem}.png" if overlays else "",
-                       "mask": f"masks/{stem}.png" if has_mask else ""}
-        atomic_write_text(out / "scores.csv", csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
-    atomic_write_text(out / "scores.csv", csv_text([rows[p] for p in paths if p in rows], SCORE_COLUMNS))
-    atomic_write_text(out / "errors.csv", csv_text(errors, ("path", "error")))
-    write_gallery(out, [rows[p] for p in paths if p in rows], title=f"fdsl.deploy: {Path(model).name}")
-    n_anom = sum(1 for r in rows.values() if str(r.get("is_anomalous")) == "1")
-    summary = {
-        "model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
-        "fdsl_version": det.info.get("fdsl_version"), "n_images": len(paths), "n_scored": len(rows),
-        "n_errors": len(errors), "n_anomalous": n_anom if thr is not None else None, "image_threshold": thr,
-        "threshold_source": "--threshold" if threshold is not None else "model" if thr is not None else None,
-        "pixel_threshold": pix, "cal_image_size": det.cal_image_size,
-        "outputs": {"scores": "scores.csv", "errors": "errors.csv", "overlays": "overlays/" if overlays else None,
-                    "masks": "masks/", "gallery": "index.html"},
-        "seconds": round(time.time() - t0, 3),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    return render_overlay(image, pred.anomaly_map, pred.mask, caption(name, pred, threshold))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,15 +36,15 @@ from fdsl.data.shots import (
     sample_nested_k_shot,
     write_k_shot_file,
 )
-from fdsl.engine import metrics
 from fdsl.engine.checkpoint import reconcile_with_checkpoint
 from fdsl.engine.context import JobContext
 from fdsl.engine.protocol import ShotSetting
 from fdsl.engine.signals import interruptible, worker_ignore_sigint
 from fdsl.engine.strategy import current as current_strategy
-from fdsl.engine.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
+from fdsl.metrics import metrics
+from fdsl.metrics.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
 from fdsl.progress import bars_shown, progress_lines
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class Evaluator:
     def _save_images(self, run: ShotSetting, cls: str, paths: list[str], species: list[str], masks: np.ndarray,
                      maps: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
         """image | ground truth | overlay per test image, captioned with its file, label and image score."""
-        from fdsl.inspect.overlay import save_side_by_side
+        from fdsl.outputs.overlay import save_side_by_side
 
         out = self.run_dir(run) / "images" / cls
         for p, sp, m, a, sc, lab in zip(paths, species, masks, maps, scores, labels):
@@ -390,7 +390,7 @@ class Evaluator:
 def format_table(classes: dict[str, dict], mean: dict) -> str:
     """Per-class table in percent (pipe format) with a mean row; columns are the paper's labels, in its order.
 
-    `classes` and `mean` hold fractions under the file keys (`fdsl.engine.vocabulary.METRIC_KEYS`).
+    `classes` and `mean` hold fractions under the file keys (`fdsl.metrics.vocabulary.METRIC_KEYS`).
     """
     rows = [[c] + [100 * m[k] for k in METRIC_KEYS] for c, m in classes.items()]
     rows.append(["mean"] + [100 * mean[k] for k in METRIC_KEYS])

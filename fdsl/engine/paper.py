@@ -5,7 +5,7 @@
 
 ``table`` reads the protocol summaries (``summary.json`` of ``test.py --k_shot 1 2 4 --seeds ...``) and writes
 ``paper_table.md`` (percent, ours ± std over seeds, the paper, the difference) plus ``.csv`` / ``.json``
-(fractions, file keys of `fdsl.engine.vocabulary`). ``plan`` counts each dataset's images (from
+(fractions, file keys of `fdsl.metrics.vocabulary`). ``plan`` counts each dataset's images (from
 ``meta.json``, else from the raw layout, else the published sizes) and estimates every step's time from
 the benchmark figures (``benchmarks/README.md``). ``plan`` imports no torch (it runs before any install).
 """
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fdsl.engine.vocabulary import LABELS
+from fdsl.metrics.vocabulary import LABELS
 
 DATASET_NAMES = {"mvtec": "MVTec AD", "visa": "VisA"}
 # The paper's headline table, mean over seeds, percent (image / pixel); it reports no AUPRO there.

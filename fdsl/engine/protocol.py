@@ -6,7 +6,7 @@ hands the per-run, per-class metrics here. This module only summarises them:
 - ``summary.md``: one table per k, a row per class and the mean row, in the paper's column order
   (AUROC, AUROC_p, F1-max, F1_p-max, AP, AP_p, AUPRO), each cell ``mean ± std`` in percent;
 - ``summary.csv``: the same numbers as fractions (full precision), one row per (k, class, metric) with the
-  metric's file key (``image_auroc``, ...; `fdsl.engine.vocabulary`);
+  metric's file key (``image_auroc``, ...; `fdsl.metrics.vocabulary`);
 - ``summary.json``: the same, plus the per-seed class means, the units and the run's provenance;
 - ``summary.png``: per-class image and pixel AUROC by k, the mean over seeds with a ±std band.
 
@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from fdsl.engine.vocabulary import LABELS, METRIC_KEYS, UNITS
 from fdsl.io import atomic_open, atomic_write_json, atomic_write_text
+from fdsl.metrics.vocabulary import LABELS, METRIC_KEYS, UNITS
 
 log = logging.getLogger(__name__)
 
-# (file key, the paper's column name), in the paper's column order (see `fdsl.engine.vocabulary`).
+# (file key, the paper's column name), in the paper's column order (see `fdsl.metrics.vocabulary`).
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = tuple((k, LABELS[k]) for k in METRIC_KEYS)
 SUMMARY_METRICS = METRIC_KEYS
 MEAN_ROW = "mean"
@@ -49,7 +49,7 @@ ShotSetting = tuple[int, int]  # (k, seed): one evaluated setting of the protoco
 
 def _file_identity(path: str) -> dict[str, Any]:
     """``{"path", "sha256"}`` of a file (sha256 None when it cannot be read)."""
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     try:
         digest: str | None = sha256_file(path)

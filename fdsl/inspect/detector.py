@@ -49,10 +49,10 @@ from fdsl.inspect.detector_file import (
     read_detector_file,
     write_detector_file,
 )
-from fdsl.inspect.files import find_mask, list_images, sha256_file
 from fdsl.inspect.shot_selection import choose_shots
-from fdsl.inspect.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
 from fdsl.io import PathLike
+from fdsl.outputs.files import find_mask, list_images, sha256_file
+from fdsl.outputs.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ DEFAULT_CAL_SIZE = 240
 ImageInput = PathLike | Image.Image | np.ndarray
 
 
-# Prediction (fdsl.inspect.verdicts) and defect_region (fdsl.inspect.thresholds) are NumPy only, for the torch-free
+# Prediction (fdsl.outputs.verdicts) and defect_region (fdsl.outputs.thresholds) are NumPy only, for the torch-free
 # fdsl.deploy; re-exported here.
-from fdsl.inspect.thresholds import TOP_REGION_FRACTION, defect_region  # noqa: E402, F401
-from fdsl.inspect.verdicts import Prediction  # noqa: E402, F401
+from fdsl.outputs.thresholds import TOP_REGION_FRACTION, defect_region  # noqa: E402, F401
+from fdsl.outputs.verdicts import Prediction  # noqa: E402, F401
 
 # ----------------------------------------------------------------------------- files and images
 
@@ -91,7 +91,7 @@ def _as_pil(item: ImageInput) -> Image.Image:
 
 def _normal_entry(path: PathLike, name: str) -> dict:
     """A shot's record in the detector file: name, sha256, and its mode and (W, H) for the input check."""
-    from fdsl.inspect.input_check import image_profile
+    from fdsl.outputs.input_check import image_profile
 
     entry: dict = {"name": name, "sha256": sha256_file(path)}
     prof = image_profile(path)
@@ -295,6 +295,13 @@ class Detector:
         model = model.to(dev).eval()
         return cls(model, memory.to(dev), info)
 
+    def numerics(self) -> dict[str, str]:
+        """The resolved runtime dtypes that move scores (--precision, --align_precision, --bank_dtype): a resume
+        does not reuse rows scored with other ones (`fdsl.outputs.scorer.Scorer`)."""
+        rt = self.model.runtime
+        return {k: str(getattr(rt, k)).replace("torch.", "") for k in
+                ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")}
+
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def score_images(self, images: Sequence[Image.Image], threshold: float | None = None,
@@ -436,29 +443,6 @@ class Detector:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def reused_images(info: dict, paths: Sequence[PathLike]) -> dict[str, list[str]]:
-    """Which of `paths` the detector already knows, by sha256: ``{"calibration": [...], "shots": [...]}``.
-
-    Verdicts on calibration images say nothing about unseen parts (the thresholds were set on them); a shot
-    scores near zero by construction. Reads each path once; empty lists when the detector records no digests.
-    """
-    cal = set((info.get("thresholds") or {}).get("calibration_images") or [])
-    shots = {e.get("sha256") for e in info.get("normal_images") or [] if isinstance(e, dict)}
-    out: dict[str, list[str]] = {"calibration": [], "shots": []}
-    if not cal and not shots:
-        return out
-    for p in paths:
-        try:
-            digest = sha256_file(p)
-        except OSError:
-            continue  # unreadable: predict reports it in errors.csv
-        if digest in cal:
-            out["calibration"].append(str(p))
-        if digest in shots:
-            out["shots"].append(str(p))
-    return out
 
 
 def _warn_shared_images(normal: Sequence[tuple[Path, str]], anomalous: Sequence[tuple[Path, str]]) -> None:

@@ -22,8 +22,8 @@ from fdsl.config import SCORERS, ModelConfig
 from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
-from fdsl.inspect.files import sha256_file
 from fdsl.io import PathLike, atomic_path
+from fdsl.outputs.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -252,7 +252,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
         except ImportError:
             raise ConfigError("--format openvino needs OpenVINO: pip install 'fdsl[openvino]' "
                               "(openvino==2026.4.1)") from None
-        from fdsl.core.engines import convert_to_openvino
+        from fdsl.core.backends import convert_to_openvino
 
         model = convert_to_openvino(graph, example)
         model.inputs[0].get_tensor().set_names({"images"})

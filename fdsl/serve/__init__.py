@@ -2,6 +2,6 @@
 
     fdsl serve --detector part.fdsl            # http://127.0.0.1:8000/
 
-`fdsl.serve.app.create_app` builds the application; `fdsl.serve.cli` is the command. Needs the `serve` extra
+`fdsl.serve.app.create_app` builds the application; `fdsl.cli.serve` is the command. Needs the `serve` extra
 (``pip install -e ".[serve]"``).
 """

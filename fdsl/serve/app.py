@@ -37,9 +37,9 @@ from fdsl.config import RuntimeConfig
 from fdsl.data.images import image_transform
 from fdsl.errors import FDSLError
 from fdsl.inspect.detector import Detector
-from fdsl.inspect.input_check import differences, reference_profile
-from fdsl.inspect.verdicts import overlay_array, png_bytes, verdict_record
 from fdsl.io import PathLike
+from fdsl.outputs.input_check import differences, reference_profile
+from fdsl.outputs.verdicts import overlay_array, png_bytes, verdict_record
 from fdsl.serve.uploads import Limits, Part, UploadError, decode_image, display_name, parse_multipart
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Service:
             shutil.rmtree(job, ignore_errors=True)
         keep = ("n_normal", "n_anomalous", "image", "pixel", "image_method", "pixel_method", "image_fpr",
                 "image_tpr", "image_f1")
-        from fdsl.inspect.report import small_set_warnings
+        from fdsl.outputs.report import small_set_warnings
 
         return {"id": fid, "download": f"/api/fitted/{fid}", "n_shots": len(groups["normal"]),
                 "calibration": {k: rep[k] for k in keep if k in rep},

@@ -29,7 +29,7 @@ def test_real_features_demo_labels_its_weights_and_detects(tmp_path, capsys):
     assert (runs / "predict" / "verdicts" / "scores.csv").is_file()  # fit / calibrate / predict, no checkpoint
     # calibrated on other images than it judges, and it says where the gallery is
     from fdsl.inspect.detector_file import read_detector_file
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     pred = runs / "predict"
     cal = set(read_detector_file(next(pred.glob("*.fdsl")))[0]["thresholds"]["calibration_images"])

@@ -113,7 +113,7 @@ def test_readme_prose_lists_of_settings_match_the_metadata() -> None:
 
 def test_scores_csv_columns_in_the_docs_are_generated_and_current() -> None:
     from fdsl.cli.options_doc import COLUMN_DOCS, columns_markdown, with_columns
-    from fdsl.inspect.outputs import SCORE_COLUMN_HELP, SCORE_COLUMNS
+    from fdsl.outputs.writers import SCORE_COLUMN_HELP, SCORE_COLUMNS
 
     assert tuple(SCORE_COLUMN_HELP) == SCORE_COLUMNS  # every column described, in file order
     block = columns_markdown()

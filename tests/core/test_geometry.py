@@ -1,4 +1,4 @@
-"""fdsl.core.geometry: one window geometry value, and a config's geometry checked once (with fdsl.core.taps)."""
+"""fdsl.core.geometry: one window geometry value, and a config's geometry checked once (with fdsl.taps)."""
 from __future__ import annotations
 
 import pytest

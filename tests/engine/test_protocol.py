@@ -41,7 +41,7 @@ from fdsl.engine.protocol import (
     write_summary,
 )
 from fdsl.errors import ConfigError
-from fdsl.inspect.files import sha256_file
+from fdsl.outputs.files import sha256_file
 
 TINY = "FDSL-Tiny-ViT"
 SIZE = 112

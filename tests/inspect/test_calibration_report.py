@@ -51,7 +51,7 @@ def test_calibrate_writes_report_and_warns_on_small_sets(env, tmp_path, capsys, 
 
 
 def test_no_warning_for_large_sets():
-    from fdsl.inspect.report import small_set_warnings
+    from fdsl.outputs.report import small_set_warnings
 
     assert small_set_warnings(20, 10) == [] and small_set_warnings(50, 0) == []
     assert len(small_set_warnings(19, 9)) == 2

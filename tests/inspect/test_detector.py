@@ -106,7 +106,7 @@ def test_predict_scores_equal_test_py(env, tmp_path):
 def test_save_load_restores_everything_without_reencoding(env, tmp_path, monkeypatch):
     from fdsl import __version__
     from fdsl.core.model import FDSL
-    from fdsl.inspect.files import sha256_file
+    from fdsl.outputs.files import sha256_file
 
     path = env.det.save(tmp_path / "part.fdsl")
     images = sorted((env.root / CLS / "test").rglob("*.png"))
@@ -159,7 +159,7 @@ def test_calibrate_max_fpr_gives_requested_rate(env, tmp_path):
 
 
 def test_calibrate_f1_with_masks_is_f1_max(env, tmp_path):
-    from fdsl.engine import metrics
+    from fdsl.metrics import metrics
 
     det = _load_quiet(env.det.save(tmp_path / "part.fdsl"))
     normal = env.root / CLS / "test" / "good"
@@ -244,7 +244,7 @@ def test_newer_format_and_wrong_backbone_are_clear_errors(env, tmp_path):
 
 
 def test_threshold_rules_by_hand():
-    from fdsl.inspect.thresholds import threshold_f1_max, threshold_for_fpr
+    from fdsl.outputs.thresholds import threshold_f1_max, threshold_for_fpr
 
     s = np.array([0.1, 0.2, 0.3, 0.4])
     assert [threshold_for_fpr(s, r) for r in (0.0, 0.25, 0.5, 1.0)] == [0.4, 0.3, 0.2, 0.1]  # rule: score > t
@@ -254,7 +254,7 @@ def test_threshold_rules_by_hand():
 
 
 def test_output_names_stay_inside_and_unique():
-    from fdsl.cli.inspection import output_names
+    from fdsl.outputs.writers import output_names
 
     names = output_names(["a.png", "a.jpg", "sub/x y#.png", "../../etc/passwd.png", "..hidden/.x.png", "sub/x_y_.png"])
     assert len(set(names)) == len(names)

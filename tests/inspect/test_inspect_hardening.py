@@ -380,7 +380,7 @@ def test_disk_full_during_fit_and_test_py(env, tmp_path, capsys, monkeypatch):
 
 def test_folder_named_like_a_file_output_does_not_collide(env, tmp_path):
     """#13: x.png/ (a folder) beside x.jpg: distinct outputs, by construction."""
-    from fdsl.inspect.outputs import output_names
+    from fdsl.outputs.writers import output_names
 
     incoming = tmp_path / "in"
     (incoming / "x.png").mkdir(parents=True)

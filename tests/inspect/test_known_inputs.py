@@ -7,8 +7,8 @@ import shutil
 from fdsl_test_utils import drop_fdsl_log_handlers, small_calibrated_part
 
 from fdsl.cli.inspection import predict_folder
-from fdsl.inspect.detector import reused_images
-from fdsl.inspect.files import sha256_file
+from fdsl.outputs.files import sha256_file
+from fdsl.outputs.input_check import reused_images
 
 
 def test_calibration_digests_are_recorded_and_predict_warns(tmp_path, caplog):

@@ -116,7 +116,7 @@ def test_flagged_image_without_hot_pixels_outlines_its_top_region(env, tmp_path)
 
 
 def test_overlay_has_titles_and_a_colour_bar_marking_the_pixel_threshold():
-    from fdsl.inspect.overlay import _BAR_W, _CAPTION_H, _TITLE_H, PANEL_HEIGHT, render_overlay
+    from fdsl.outputs.overlay import _BAR_W, _CAPTION_H, _TITLE_H, PANEL_HEIGHT, render_overlay
 
     img = Image.fromarray(np.full((50, 50, 3), 128, np.uint8))
     amap = np.zeros((50, 50), np.float32)
@@ -133,7 +133,7 @@ def test_overlay_has_titles_and_a_colour_bar_marking_the_pixel_threshold():
 
 
 def test_side_by_side_carries_a_caption(tmp_path):
-    from fdsl.inspect.overlay import SIDE_CAPTION_H, save_side_by_side
+    from fdsl.outputs.overlay import SIDE_CAPTION_H, save_side_by_side
 
     img = Image.fromarray(np.full((40, 40, 3), 128, np.uint8))
     amap, gt = np.zeros((64, 64), np.float32), np.zeros((64, 64), bool)

@@ -184,7 +184,7 @@ def test_a_file_given_twice_in_one_run_is_one_row(env, tmp_path, caplog):
 def test_long_input_names_get_output_names_that_fit(env, tmp_path):
     """A 254-character input name (legal) and its twin of another extension: output names are shortened
     (with a digest, so they stay unique) instead of failing with 'File name too long'."""
-    from fdsl.inspect.outputs import is_output_stem, output_names
+    from fdsl.outputs.writers import is_output_stem, output_names
 
     inc = tmp_path / "inc"
     inc.mkdir()
@@ -270,8 +270,8 @@ def test_a_garbled_state_entry_is_scored_again(env, tmp_path):
 def test_a_calibration_report_inside_an_input_folder_is_not_an_input(env, tmp_path, caplog):
     """The detector kept in the good-parts folder: calibrate writes <stem>_calibration/calibration.png there;
     listing that folder again (fit, calibrate, predict) skips the report's picture."""
-    from fdsl.inspect.files import list_images
-    from fdsl.inspect.report import write_calibration_report
+    from fdsl.outputs.files import list_images
+    from fdsl.outputs.report import write_calibration_report
 
     good = tmp_path / "good"
     good.mkdir()

@@ -228,7 +228,7 @@ def test_kshot_file_images_and_table(data, evaluated):
     assert {p.parent.name for p in pngs} == set(TEST_CLASSES)
     from PIL import Image
 
-    from fdsl.inspect.overlay import SIDE_CAPTION_H
+    from fdsl.outputs.overlay import SIDE_CAPTION_H
 
     with Image.open(pngs[0]) as im:  # caption band over image | ground truth | overlay at the evaluation size
         assert im.size == (3 * CAL_SIZE, SIDE_CAPTION_H + CAL_SIZE)

@@ -214,7 +214,7 @@ def test_exif_rotated_jpeg_scores_as_predict_does(env, tmp_path):
     for k in ("score", "map_max", "margin"):
         assert rec[k] == float(row[k]), k
     assert rec["defect_area_px"] == int(row["defect_area_px"])
-    from fdsl.inspect.input_check import image_profile
+    from fdsl.outputs.input_check import image_profile
 
     assert image_profile(images / "rot.jpg") == ("RGB", (80, 120))  # the size as shown, as the API sees it
 

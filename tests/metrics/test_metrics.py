@@ -1,4 +1,4 @@
-"""Tests for fdsl.engine.metrics: agreement with scikit-learn, AUPRO cases worked by hand, and
+"""Tests for fdsl.metrics.metrics: agreement with scikit-learn, AUPRO cases worked by hand, and
 AUPRO against a deliberately naive reference written below."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from fdsl.engine.metrics import (
+from fdsl.errors import ConfigError, DataError
+from fdsl.metrics.metrics import (
     aupro,
     auroc,
     average_precision,
@@ -27,7 +28,6 @@ from fdsl.engine.metrics import (
     image_metrics,
     pixel_metrics,
 )
-from fdsl.errors import ConfigError, DataError
 
 TOL = 1e-6
 
@@ -178,7 +178,7 @@ def test_ties_are_not_broken_by_order():
 
 def test_one_class_gives_nan_and_warns(caplog):
     s = np.array([0.1, 0.4, 0.3])
-    with caplog.at_level(logging.WARNING, logger="fdsl.engine.metrics"):
+    with caplog.at_level(logging.WARNING, logger="fdsl.metrics.metrics"):
         assert math.isnan(auroc(np.zeros(3), s))
         assert math.isnan(average_precision(np.zeros(3), s))
         assert math.isnan(f1_max(np.zeros(3), s))
@@ -394,7 +394,7 @@ def test_fpr_limit_one_equals_trapezoid_of_whole_curve():
 
 
 def test_aupro_no_anomalous_pixels_is_nan(caplog):
-    with caplog.at_level(logging.WARNING, logger="fdsl.engine.metrics"):
+    with caplog.at_level(logging.WARNING, logger="fdsl.metrics.metrics"):
         result = aupro(np.zeros((2, 4, 4), dtype=bool), np.random.default_rng(0).random((2, 4, 4)))
     assert math.isnan(result)
     assert "no anomalous pixel" in caplog.text

@@ -45,7 +45,7 @@ def _plot(path: Path, scores: np.ndarray, labels: np.ndarray, thr: float, fpr: f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fdsl.engine.metrics import binary_curve
+    from fdsl.metrics.metrics import binary_curve
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]

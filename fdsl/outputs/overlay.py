@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from fdsl.io import PathLike, atomic_open
 
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX; OpenCV is imported where it draws, so importing the floor stays light
 
 
 def heatmap_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8 RGB image and (H, W) map in [0, 1] -> (H, W, 3) uint8 overlay (jet colours)."""
+    import cv2
+
     heat = cv2.applyColorMap((np.clip(amap, 0.0, 1.0) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     return (alpha * heat + (1.0 - alpha) * image).astype(np.uint8)
@@ -24,6 +25,8 @@ SIDE_CAPTION_H = 20  # the caption band above test.py's side-by-side pictures
 
 def _fit_text(canvas: np.ndarray, text: str, y: int, max_scale: float = 0.45) -> None:
     """Write `text` at height `y`, shrunk (down to scale 0.25, then cut) to fit the canvas width."""
+    import cv2
+
     w = canvas.shape[1] - 8
     scale = max_scale
     while scale > 0.25 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > w:
@@ -71,6 +74,8 @@ def _panel_size(size_wh: tuple, height: int) -> tuple:
 
 
 def _text(canvas: np.ndarray, text: str, org: tuple, scale: float = 0.5, color: tuple = (0, 0, 0)) -> None:
+    import cv2
+
     cv2.putText(canvas, text, org, _FONT, scale, color, 1, cv2.LINE_AA)
 
 
@@ -108,6 +113,8 @@ def render_overlay(image: Image.Image, amap: np.ndarray, mask: np.ndarray | None
         caption: one line written above the panels (file name, score, verdict).
         pixel_threshold: marked on the colour bar of the heat map's 0..1 scale.
     """
+    import cv2
+
     pw, ph = _panel_size(image.size, height)
     img = np.asarray(image.convert("RGB").resize((pw, ph), Image.BICUBIC))
     heat_map = cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (pw, ph), interpolation=cv2.INTER_LINEAR)

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from fdsl.engine.metric_inputs import check_fpr_limit, check_maps, check_pair
 from fdsl.errors import DataError
+from fdsl.metrics.inputs import check_fpr_limit, check_maps, check_pair
 
 log = logging.getLogger(__name__)
 

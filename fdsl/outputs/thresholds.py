@@ -14,7 +14,7 @@ def threshold_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
 
     t is the midpoint between the best cut's lowest flagged score and the next lower distinct score.
     """
-    from fdsl.engine.metrics import binary_curve
+    from fdsl.metrics.metrics import binary_curve
 
     curve = binary_curve(labels, scores)  # positive iff score >= thresholds[i]
     n_pos = float(np.asarray(labels).sum())

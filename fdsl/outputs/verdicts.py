@@ -70,8 +70,8 @@ def caption(name: str, pred: Prediction, threshold: float | None) -> str:
 
 def overlay_array(image: Image.Image, pred: Prediction, name: str, threshold: float | None,
                   pixel_threshold: float | None) -> np.ndarray:
-    """(h, w, 3) uint8 inspection picture of one prediction (see `fdsl.inspect.overlay.render_overlay`)."""
-    from fdsl.inspect.overlay import render_overlay
+    """(h, w, 3) uint8 inspection picture of one prediction (see `fdsl.outputs.overlay.render_overlay`)."""
+    from fdsl.outputs.overlay import render_overlay
 
     return render_overlay(image, pred.anomaly_map, pred.mask, caption(name, pred, threshold),
                           pixel_threshold=pixel_threshold)

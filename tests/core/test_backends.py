@@ -1,4 +1,4 @@
-"""`--engine openvino` (fdsl.core.engines): the backbone's passes compiled by OpenVINO give torch's numbers."""
+"""`--engine openvino` (fdsl.core.backends): the backbone's passes compiled by OpenVINO give torch's numbers."""
 from __future__ import annotations
 
 import csv
@@ -27,7 +27,7 @@ def backbone():
 
 
 def test_openvino_passes_equal_torch_and_compile_once_per_shape(backbone):
-    from fdsl.core.engines import OpenVINOEngine
+    from fdsl.core.backends import OpenVINOEngine
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, 112, 112, generator=g)
@@ -98,7 +98,7 @@ def test_test_py_engine_openvino_gives_torch_scores(tmp_path, lfe):
 
 def test_engine_errors_are_one_line_and_name_the_extra(tmp_path, monkeypatch):
     from fdsl.cli.jobs import test_main
-    from fdsl.core.engines import check_engine
+    from fdsl.core.backends import check_engine
 
     with pytest.raises(ConfigError, match="--device"):
         check_engine("openvino", torch.device("cuda:0"), torch.float32)
@@ -138,7 +138,7 @@ def test_train_py_engine_openvino_trains_the_same_head(tmp_path):
 def test_engine_cache_skips_conversion_in_a_later_run(backbone, tmp_path, monkeypatch):
     """--engine_cache: a second engine (a later run) reads the converted pass instead of exporting it again,
     with the same tokens; other weights get another cache entry."""
-    import fdsl.core.engines as engines
+    import fdsl.core.backends as engines
 
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     ref = backbone(x)
@@ -168,7 +168,7 @@ def test_timm_backbones_run_on_openvino_or_refuse_in_one_line():
     resampled with an op OpenVINO lacks, is a ConfigError naming the pass, not a traceback."""
     from test_backbone_contract import TINY_VIT
 
-    from fdsl.core.engines import OpenVINOEngine
+    from fdsl.core.backends import OpenVINOEngine
     from fdsl.core.timm_backbone import TimmBackbone
 
     cnn = TimmBackbone("timm:tf_efficientnet_lite0", "none", 64, [3, 4]).eval()

@@ -254,7 +254,7 @@ def save_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
 
 def csv_cell(v: object) -> object:
     """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""
-    from fdsl.inspect.verdicts import DIGITS
+    from fdsl.outputs.verdicts import DIGITS
 
     if v is None:
         return ""

@@ -1,0 +1,1 @@
+"""Torch-free outputs floor: verdicts, thresholds, rows, pictures, the folder run, contracts."""
