@@ -36,6 +36,7 @@ from fdsl.io import PathLike, atomic_write_json, atomic_write_text, clean_stale_
 from fdsl.outputs.files import PREDICT_STATE, list_images
 from fdsl.outputs.gallery import write_gallery
 from fdsl.outputs.input_check import warn_known_images, warn_unlike_normals
+from fdsl.outputs.regions import REGIONS_FILE, map_at_size, read_region_records, region_record
 from fdsl.outputs.scorer import Scorer
 from fdsl.outputs.thresholds import check_threshold
 from fdsl.outputs.verdicts import RECORD_FIELDS, Prediction, overlay_array, verdict_record
@@ -174,6 +175,7 @@ class FolderRun:
         self.picture, self.picture_style, self.full_map = picture, picture_style, full_map
         self.head = dict(head or {"detector": str(self.source), "fdsl_version": scorer.info.get("fdsl_version")})
         self.stored_label, self.title, self.progress = stored_label, title, progress
+        self._regions: dict[str, dict] = {}  # this run's regions.jsonl records (`_write_one`)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -346,6 +348,8 @@ class FolderRun:
         has_mask = bool(pr.is_anomalous and pr.mask is not None)
         if has_mask:
             save_png(mask, pr.mask.astype(np.uint8) * 255, "L")
+            full = (self.full_map or map_at_size)(pr.anomaly_map, im.size)  # (H, W): each region's peak score
+            self._regions[p] = region_record(p, pr.score, pr.mask, full)
         elif mask.exists():
             mask.unlink()  # stale mask of an earlier run with other thresholds
         if self.overlays:
@@ -364,6 +368,22 @@ class FolderRun:
                 "overlay": f"overlays/{stem}.png" if self.overlays else "",
                 "mask": f"masks/{stem}.png" if has_mask else ""}
 
+    def _write_regions(self, rows: dict, order: list[str]) -> None:
+        """``regions.jsonl``: per anomalous row (in scores.csv order) its connected regions; rows kept from an
+        earlier run keep their line (or, from an older run without one, get it from their mask, no peak)."""
+        earlier = read_region_records(self.out / REGIONS_FILE)
+        lines = []
+        for p in order:
+            row = rows.get(p)
+            if row is None or str(row.get("is_anomalous")) != "1" or not row.get("mask"):
+                continue
+            rec = self._regions.get(p) or earlier.get(p)
+            if rec is None and (self.out / row["mask"]).is_file():
+                rec = region_record(p, float(row["score"]), np.asarray(Image.open(self.out / row["mask"])) > 0, None)
+            if rec is not None:
+                lines.append(json.dumps(rec))
+        atomic_write_text(self.out / REGIONS_FILE, "".join(f"{line}\n" for line in lines))
+
     def _summary(self, rows: dict, paths: list[str], others: list[str], todo: list[str], errors: list[dict],
                  thr: float | None, pix: float | None, cal: int, seconds: float) -> dict:
         out = self.out
@@ -372,6 +392,7 @@ class FolderRun:
                          key=lambda r: -float(r["score"]))
         n_new = len(todo) - len(errors)
         write_gallery(out, [rows[p] for p in paths + others if p in rows], title=f"{self.title}: {self.source.name}")
+        self._write_regions(rows, paths + others)
         summary = {
             **self.head,
             "n_images": len(paths), "n_scored": len(rows) - len(others), "n_errors": len(errors),
@@ -383,7 +404,7 @@ class FolderRun:
             "flagged": [{"path": r["path"], "score": float(r["score"]), "margin": float(r["margin"]),
                          "defect_area_px": r["defect_area_px"], "overlay": r["overlay"], "mask": r["mask"]}
                         for r in flagged],
-            "outputs": {"scores": "scores.csv", "errors": "errors.csv",
+            "outputs": {"scores": "scores.csv", "regions": REGIONS_FILE, "errors": "errors.csv",
                         "overlays": "overlays/" if self.overlays else None, "masks": "masks/",
                         "maps": "maps/" if self.save_maps else None, "gallery": "index.html"},
             "seconds": round(seconds, 3),
