@@ -75,8 +75,11 @@ def missing_pins(pins: Sequence[str], version: Callable[[str], str | None] = ins
 
 
 def torch_build(version: Callable[[str], str | None] = installed_version,
-                requires: Callable[[str], list[str] | None] | None = None) -> dict:
-    """Which PyTorch build is installed: ``{"version", "kind": cpu|cuda|rocm|none, "detail"}`` (no import)."""
+                requires: Callable[[str], list[str] | None] | None = None, sizes: bool = True) -> dict:
+    """Which PyTorch build is installed: ``{"version", "kind": cpu|cuda|rocm|none, "detail"}`` (no import).
+
+    `sizes` False skips summing the NVIDIA libraries' files (the detail then gives no size)."""
+    cuda_mb = _cuda_mb if sizes else (lambda: "size not summed")
     v = version("torch")
     if v is None:
         return {"version": None, "kind": "none", "detail": "PyTorch is not installed"}
@@ -86,10 +89,10 @@ def torch_build(version: Callable[[str], str | None] = installed_version,
     if local.startswith("rocm"):
         return {"version": v, "kind": "rocm", "detail": f"ROCm build ({local})"}
     if local.startswith("cu"):
-        return {"version": v, "kind": "cuda", "detail": f"CUDA build ({local}, {_cuda_mb()})"}
+        return {"version": v, "kind": "cuda", "detail": f"CUDA build ({local}, {cuda_mb()})"}
     reqs = (requires or _requires)("torch") or []
     if any(_norm(r).startswith("nvidia-") for r in reqs):
-        return {"version": v, "kind": "cuda", "detail": f"CUDA build (the package index's default, {_cuda_mb()})"}
+        return {"version": v, "kind": "cuda", "detail": f"CUDA build (the package index's default, {cuda_mb()})"}
     return {"version": v, "kind": "cpu", "detail": "CPU-only build (no CUDA libraries required)"}
 
 
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.missing not in known:
         print(f"error: no extra {args.missing!r}; known: {', '.join(sorted(known))}", file=sys.stderr)
         return 2
-    tb = torch_build()
+    tb = torch_build(sizes=False)
     if tb["kind"] == "none":
         print(f"error: PyTorch is not installed in {sys.executable}; {switch_advice('none', gpu_visible())}",
               file=sys.stderr)
