@@ -138,3 +138,13 @@ def test_dinov2_preset_offline_from_the_command_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--preset lite0" in lines[0], proc.stderr
     assert "vit_small_patch14_dinov2" in lines[0] and not (tmp_path / "p.fdsl").exists()
+
+
+def test_clip_download_failure_names_the_offline_preset(hub_cache):
+    """The default model without network: one line that names --preset lite0 instead of random weights."""
+    from fdsl.core.backbone import _resolve_weights
+
+    with pytest.raises(ConfigError) as err:
+        _resolve_weights("ViT-L-14-336", "openai", cache_dir=str(hub_cache))
+    msg = str(err.value)
+    assert "\n" not in msg and "--preset lite0" in msg and "--pretrained none" not in msg
