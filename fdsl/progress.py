@@ -38,3 +38,25 @@ def progress_lines(items: Iterable[T], total: int, what: str, unit: str = "batch
         if on and now - last >= every_s and i < total:
             log.info("%s: %d/%d %s, %.0f s", what, i, total, unit, now - start)
             last = now
+
+
+def busy_machine_note(threads: int) -> str | None:
+    """A warning when the CPU is oversubscribed and PyTorch runs several threads (`threads`), else None.
+
+    With more runnable processes than cores, PyTorch's threads wait on each other at every parallel region:
+    measured on 2 shared cores (load average ~18), one training epoch of the tiny demo took ~15 s with one
+    thread and over 5 minutes with two. OMP_NUM_THREADS set by the user silences the note.
+    """
+    import os
+
+    if threads <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores) and PyTorch runs {threads} threads, "
+            "which then wait on each other: OMP_NUM_THREADS=1 can be several times faster here")

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, ServeConfig, given, parse_config
+from fdsl.config import (
+    CalibrateConfig,
+    ExportConfig,
+    FitConfig,
+    ModelConfig,
+    PredictConfig,
+    ServeConfig,
+    given,
+    parse_config,
+)
 from fdsl.config import TestConfig as EvalConfig  # noqa: I001  (aliased: pytest would collect a class named Test*)
 from fdsl.errors import ConfigError
 from fdsl.presets import PRESETS, preset_model_options
@@ -49,10 +58,10 @@ def test_test_py_preset_fills_what_is_not_given():
         parse_config(EvalConfig, ["--preset", "lite1", "--data_path", "d"])
 
 
-@pytest.mark.parametrize("cls", [PredictConfig, CalibrateConfig, ServeConfig])
+@pytest.mark.parametrize("cls", [PredictConfig, CalibrateConfig, ServeConfig, ExportConfig])
 def test_detector_commands_take_the_preset_weights(cls, tmp_path):
     base = {PredictConfig: ["--images", "x", "--out", "o"], CalibrateConfig: ["--normal", "n"],
-            ServeConfig: []}[cls]
+            ServeConfig: [], ExportConfig: ["--out", "o"]}[cls]
     cfg = parse_config(cls, ["--detector", "d.fdsl", "--preset", "lite0", *base])
     assert cfg.pretrained == lite0_file()
     mine = tmp_path / "w.pth"

@@ -26,3 +26,19 @@ def test_no_lines_when_a_bar_is_shown(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="fdsl.progress"):
         list(progress.progress_lines(range(5), 5, "x"))
     assert len(caplog.records) == 4
+
+
+def test_busy_machine_note(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (18.0, 17.0, 15.0))
+    note = progress.busy_machine_note(2)
+    assert note and "load average 18.0 on 2 cores" in note and "OMP_NUM_THREADS=1" in note
+    assert progress.busy_machine_note(1) is None  # one thread: nothing to wait on
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert progress.busy_machine_note(2) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (18.0, 17.0, 15.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert progress.busy_machine_note(2) is None  # the user chose

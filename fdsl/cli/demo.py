@@ -1,7 +1,7 @@
 """End-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps.
 
     python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
-    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run, under a minute on 2 CPU cores
+    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run (41 s on 2 lightly loaded CPU cores; README)
     FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
     python -m fdsl.cli.demo --real_features 1      # REAL features offline: EfficientNet-Lite0 + --scorer nn
 
@@ -161,8 +161,21 @@ def choose_setting(model: str | None, pretrained: str, quick: bool) -> DemoSetti
     return tiny_setting(quick) if model == TINY_MODEL else full_setting(model, quick)
 
 
+def _busy_note(device: str) -> None:
+    """Warn when a CPU run shares an oversubscribed machine with several PyTorch threads."""
+    if device == "cpu":
+        import torch
+
+        from fdsl.progress import busy_machine_note
+
+        note = busy_machine_note(torch.get_num_threads())
+        if note:
+            log.warning(note)
+
+
 def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
     """Say loudly what kind of run this is."""
+    _busy_note(device)
     if pretrained.lower() == "none":
         log.warning("RANDOM-WEIGHT SMOKE RUN: %s with --pretrained none. It checks that the whole pipeline runs; "
                     "its numbers say nothing about FDSL.", setting.model)
@@ -252,6 +265,9 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, d
 
     real = lite0_package_file()
     runtime = config.part_of(args, RuntimeConfig)
+    from fdsl.core.runtime import resolve_device
+
+    _busy_note(resolve_device(args.device).type)
     size = 128 if quick else 256
     n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
     out = Path(args.out)
