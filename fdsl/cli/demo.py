@@ -1,7 +1,7 @@
 """End-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps.
 
     python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
-    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run (41 s on 2 lightly loaded CPU cores; README)
+    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run (times: README)
     FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
     python -m fdsl.cli.demo --real_features 1      # REAL features offline: EfficientNet-Lite0 + --scorer nn
 
