@@ -157,3 +157,14 @@ def test_clip_download_failure_names_the_offline_preset(hub_cache):
         _resolve_weights("ViT-L-14-336", "openai", cache_dir=str(hub_cache))
     msg = str(err.value)
     assert "\n" not in msg and "--preset lite0" in msg and "--pretrained none" not in msg
+
+
+def test_dinov2_preset_settings_build_and_run():
+    """The dinov2 preset's architecture, size and layer are valid (random weights here: no hub offline)."""
+    from fdsl.core.timm_backbone import TimmBackbone
+
+    p = PRESETS["dinov2"]
+    bb = TimmBackbone(p.model, pretrained="none", image_size=p.image_size, layers=p.layers)
+    out = bb(torch.zeros(1, 3, p.image_size, p.image_size))
+    assert [tuple(t.shape) for t in out.tokens] == [(1, (448 // 14) ** 2, 384)]  # ViT-S/14: a 32x32 grid of 384
+    assert bb.preprocess.mean == (0.485, 0.456, 0.406)  # DINOv2's ImageNet normalisation, from timm's config
