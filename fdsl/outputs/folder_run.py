@@ -36,7 +36,6 @@ from fdsl.io import PathLike, atomic_write_json, atomic_write_text, clean_stale_
 from fdsl.outputs.files import PREDICT_STATE, list_images
 from fdsl.outputs.gallery import write_gallery
 from fdsl.outputs.input_check import warn_known_images, warn_unlike_normals
-from fdsl.outputs.regions import REGIONS_FILE, map_at_size, read_region_records, region_record
 from fdsl.outputs.scorer import Scorer
 from fdsl.outputs.thresholds import check_threshold
 from fdsl.outputs.verdicts import RECORD_FIELDS, Prediction, overlay_array, verdict_record
@@ -85,6 +84,23 @@ def inputs(images: Sequence[PathLike], out: PathLike, *, batch_size: int = 8, th
         if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):
             log.info("--out %s lies inside the input folder %s: it is skipped when listing the images", out, raw)
     return unique_files(list_images(images, "input images", exclude=out))
+
+
+REGIONS_FILE = "regions.jsonl"  # fdsl.outputs.regions.REGIONS_FILE, named here so the summary needs no scipy
+_NO_REGIONS_WARNED: list[bool] = []
+
+
+def _regions_module():
+    """`fdsl.outputs.regions` (it needs scipy), or None with one warning: a torch-free deploy install may
+    hold only NumPy and Pillow, and then writes no ``regions.jsonl``."""
+    try:
+        from fdsl.outputs import regions
+    except ImportError as exc:
+        if not _NO_REGIONS_WARNED:
+            _NO_REGIONS_WARNED.append(True)
+            log.warning("no %s: the connected regions need scipy (%s); pip install scipy", REGIONS_FILE, exc)
+        return None
+    return regions
 
 
 def unique_files(files: list[tuple]) -> list[tuple]:
@@ -348,8 +364,10 @@ class FolderRun:
         has_mask = bool(pr.is_anomalous and pr.mask is not None)
         if has_mask:
             save_png(mask, pr.mask.astype(np.uint8) * 255, "L")
-            full = (self.full_map or map_at_size)(pr.anomaly_map, im.size)  # (H, W): each region's peak score
-            self._regions[p] = region_record(p, pr.score, pr.mask, full)
+            regions = _regions_module()
+            if regions is not None:
+                full = (self.full_map or regions.map_at_size)(pr.anomaly_map, im.size)  # (H, W): regions' peaks
+                self._regions[p] = regions.region_record(p, pr.score, pr.mask, full)
         elif mask.exists():
             mask.unlink()  # stale mask of an earlier run with other thresholds
         if self.overlays:
@@ -371,7 +389,10 @@ class FolderRun:
     def _write_regions(self, rows: dict, order: list[str]) -> None:
         """``regions.jsonl``: per anomalous row (in scores.csv order) its connected regions; rows kept from an
         earlier run keep their line (or, from an older run without one, get it from their mask, no peak)."""
-        earlier = read_region_records(self.out / REGIONS_FILE)
+        regions = _regions_module()
+        if regions is None:
+            return
+        earlier = regions.read_region_records(self.out / REGIONS_FILE)
         lines = []
         for p in order:
             row = rows.get(p)
@@ -379,7 +400,8 @@ class FolderRun:
                 continue
             rec = self._regions.get(p) or earlier.get(p)
             if rec is None and (self.out / row["mask"]).is_file():
-                rec = region_record(p, float(row["score"]), np.asarray(Image.open(self.out / row["mask"])) > 0, None)
+                rec = regions.region_record(p, float(row["score"]), np.asarray(Image.open(self.out / row["mask"])) > 0,
+                                            None)
             if rec is not None:
                 lines.append(json.dumps(rec))
         atomic_write_text(self.out / REGIONS_FILE, "".join(f"{line}\n" for line in lines))
@@ -404,7 +426,8 @@ class FolderRun:
             "flagged": [{"path": r["path"], "score": float(r["score"]), "margin": float(r["margin"]),
                          "defect_area_px": r["defect_area_px"], "overlay": r["overlay"], "mask": r["mask"]}
                         for r in flagged],
-            "outputs": {"scores": "scores.csv", "regions": REGIONS_FILE, "errors": "errors.csv",
+            "outputs": {"scores": "scores.csv", "regions": REGIONS_FILE if _regions_module() else None,
+                        "errors": "errors.csv",
                         "overlays": "overlays/" if self.overlays else None, "masks": "masks/",
                         "maps": "maps/" if self.save_maps else None, "gallery": "index.html"},
             "seconds": round(seconds, 3),
