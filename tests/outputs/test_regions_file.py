@@ -39,3 +39,26 @@ def test_regions_file_matches_scores_and_masks(tmp_path):
         assert (out / "regions.jsonl").read_text() == before
     finally:
         drop_fdsl_log_handlers()
+
+
+def test_without_scipy_no_regions_file_and_one_warning(tmp_path, monkeypatch, caplog):
+    """A deploy install of only NumPy and Pillow: predict still works, writes no regions.jsonl, warns once."""
+    import logging
+    import sys
+
+    import fdsl.outputs
+    from fdsl.outputs import folder_run
+
+    part = small_calibrated_part(tmp_path)
+    monkeypatch.delattr(fdsl.outputs, "regions", raising=False)
+    monkeypatch.setitem(sys.modules, "fdsl.outputs.regions", None)  # the import fails, as without scipy
+    monkeypatch.setattr(folder_run, "_NO_REGIONS_WARNED", [])
+    try:
+        with caplog.at_level(logging.WARNING):
+            summary = predict_folder(part.path, part.good + part.bad, tmp_path / "out", runtime="cpu",
+                                     overlays=False)
+    finally:
+        drop_fdsl_log_handlers()
+    assert (tmp_path / "out" / "scores.csv").is_file() and not (tmp_path / "out" / "regions.jsonl").exists()
+    assert summary["outputs"]["regions"] is None
+    assert sum("need scipy" in r.getMessage() for r in caplog.records) == 1
