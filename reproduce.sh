@@ -141,7 +141,7 @@ plan() {
     "$PY" "$here/test.py" --dataset mvtec --data_path "$MVTEC_ROOT" --checkpoint_path "$ck_visa/epoch_$epochs.pth" \
     --save_path "$out/mvtec" --k_shot 1 2 4 --seeds "${seed_list[@]}" "${model[@]}" "${lfe[@]}"
   step "the table: ours beside the paper" "" \
-    env PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m fdsl.engine.paper table \
+    env PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m fdsl.cli.reproduce table \
     --mvtec "$out/mvtec" --visa "$out/visa" --out "$out/paper_table"
 }
 
@@ -159,7 +159,7 @@ if [ "$dry" = 1 ]; then
   rates=()
   if [ -n "${FDSL_CPU_GFLOPS:-}" ]; then rates+=(--cpu_gflops "$FDSL_CPU_GFLOPS"); fi
   if [ -n "${FDSL_GPU_TFLOPS:-}" ]; then rates+=(--gpu_tflops "$FDSL_GPU_TFLOPS"); fi
-  if ! PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m fdsl.engine.paper plan --mvtec_root "$MVTEC_ROOT" \
+  if ! PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m fdsl.cli.reproduce plan --mvtec_root "$MVTEC_ROOT" \
       --visa_root "$VISA_ROOT" --seeds "${seed_list[@]}" --winmode mul --epochs "$epochs" ${rates[@]+"${rates[@]}"}; then
     echo "time estimate: unavailable (the line above says why; if $PY cannot import fdsl, install first: README.md)"
   fi

@@ -1,4 +1,4 @@
-"""`--engine torch` against `--engine openvino`, side by side, and the exported model (fdsl export + fdsl.deploy).
+"""`--backend torch` against `--backend openvino`, side by side, and the exported model (fdsl export + fdsl.deploy).
 
     python -m benchmarks.bench_engine                       # every section (slow on a busy 2-core CPU)
     python -m benchmarks.bench_engine --configs vitb224 --skip_whole
@@ -9,11 +9,11 @@ figures are about speed only):
 1. *Parts, interleaved in one process*: per configuration (ViT-B-16 @224 global; ViT-L-14-336 @518 global;
    ViT-L-14-336 @518 LFE 13/2), the global backbone pass of one image and the window encoding of a chunk of
    `--win_chunk` windows, timed torch, openvino, torch, openvino, ... (`--reps` each; medians), plus one
-   end-to-end `FDSL.predict` per image with each engine (1-shot memory). Compile time is reported apart.
+   end-to-end `FDSL.predict` per image with each backend (1-shot memory). Compile time is reported apart.
    Window encoding per image = the chunk's time × n_windows / chunk (extrapolated, marked so).
 2. *Exported model*: a ViT-B-16 @224 detector exported to OpenVINO; latency per image and peak RSS of
    `fdsl.deploy` (no torch in that process) against `Detector.predict` with torch, each in its own process.
-3. *Whole processes*: `test.py --engine torch` and `--engine openvino` alternately on a small synthetic
+3. *Whole processes*: `test.py --backend torch` and `--backend openvino` alternately on a small synthetic
    held-out set (ViT-B-16 @224, global branch), wall time and per-image score agreement.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ CONFIGS = {
 }
 
 
-def _model(c: dict[str, Any], engine: str = "torch"):
+def _model(c: dict[str, Any], backend: str = "torch"):
     import torch
 
     from fdsl.config import ModelConfig, RuntimeConfig
@@ -57,7 +57,7 @@ def _model(c: dict[str, Any], engine: str = "torch"):
 
     cfg = ModelConfig(model=c["model"], pretrained="none", image_size=c["image_size"], features_list=c["layers"],
                       few_shot_features=c["layers"], winmode=c["winmode"], win_size=13, win_stride=2)
-    rc = RuntimeConfig(device="cpu", precision="fp32", engine=engine, win_batch=c.get("win_batch", 16))
+    rc = RuntimeConfig(device="cpu", precision="fp32", backend=backend, win_batch=c.get("win_batch", 16))
     rt = resolve_runtime(rc, torch.device("cpu"))
     return FDSL.from_config(cfg, rt).eval()
 
@@ -72,14 +72,14 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: one configuration, torch and openvino interleaved in this process."""
     import torch
 
-    from fdsl.core.backends import OpenVINOEngine
+    from fdsl.core.backends import OpenVINOBackend
     from fdsl.core.windows import n_windows, split_windows
 
     torch.set_num_threads(spec["threads"])
     c = dict(CONFIGS[spec["config"]], win_batch=spec["win_chunk"])
     model = _model(c)
     bb = model.backbone
-    ov = OpenVINOEngine(bb, threads=spec["threads"])
+    ov = OpenVINOBackend(bb, threads=spec["threads"])
     g = torch.Generator().manual_seed(0)
     S = c["image_size"]
     x = torch.randn(1, 3, S, S, generator=g)
@@ -92,17 +92,17 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"status": "ok", "config": spec["config"], "threads": spec["threads"]}
     for name, (fn, _) in parts.items():
         ref = fn()
-        bb.engine = ov
+        bb.backend = ov
         res[f"{name}_compile_s"] = _timed(fn)  # export + convert + compile, first call
         got = fn()
-        bb.engine = None
+        bb.backend = None
         res[f"{name}_max_token_diff"] = max(float((a - b).abs().max()) for a, b in zip(ref.tokens, got.tokens))
         t_torch, t_ov = [], []
         for _ in range(spec["reps"]):  # interleaved: the machine's load hits both alike
             t_torch.append(_timed(fn))
-            bb.engine = ov
+            bb.backend = ov
             t_ov.append(_timed(fn))
-            bb.engine = None
+            bb.backend = None
         res[f"{name}_torch_s"], res[f"{name}_openvino_s"] = statistics.median(t_torch), statistics.median(t_ov)
     if lfe:
         nw = n_windows(bb.grid_size, 13, 2)
@@ -115,9 +115,9 @@ def run_parts(spec: dict[str, Any]) -> dict[str, Any]:
         t: dict[str, list[float]] = {"torch": [], "openvino": []}
         for _ in range(spec["reps"]):  # interleaved, as the parts
             for e in ("torch", "openvino"):
-                bb.engine = ov if e == "openvino" else None
+                bb.backend = ov if e == "openvino" else None
                 t[e].append(_timed(lambda: model(x, memory)))
-        bb.engine = None
+        bb.backend = None
         res["e2e_torch_s"], res["e2e_openvino_s"] = statistics.median(t["torch"]), statistics.median(t["openvino"])
     res["peak_rss_mb"] = maxrss_mb()
     return res
@@ -183,7 +183,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def whole_processes(args, work: Path) -> dict[str, Any]:
-    """test.py --engine torch / openvino, alternately, as whole processes."""
+    """test.py --backend torch / openvino, alternately, as whole processes."""
     import csv
 
     import torch
@@ -218,9 +218,9 @@ def whole_processes(args, work: Path) -> dict[str, Any]:
             cmd = [sys.executable, str(ROOT / "test.py"), "--model", c["model"], "--pretrained", "none",
                    "--image_size", "224", "--features_list", *map(str, c["layers"]), "--few_shot_features",
                    *map(str, c["layers"]), "--data_path", str(data), "--checkpoint_path", str(ck), "--save_path",
-                   str(out), "--k_shot", "1", "--device", "cpu", "--engine", e, "--aupro", "0", "--num_workers", "0"]
+                   str(out), "--k_shot", "1", "--device", "cpu", "--backend", e, "--aupro", "0", "--num_workers", "0"]
             if e == "openvino" and args.whole_cache:  # the first openvino run fills the cache, later ones read it
-                cmd += ["--engine_cache", str(work / "engine_cache")]
+                cmd += ["--backend_cache", str(work / "backend_cache")]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
             walls[e].append(time.perf_counter() - t0)
@@ -242,7 +242,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per part and engine")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per part and backend")
     p.add_argument("--win_chunk", type=int, default=8, help="windows encoded at once (timed chunk)")
     p.add_argument("--no_e2e", action="store_true", help="skip the end-to-end predict per image")
     p.add_argument("--skip_export", action="store_true")
@@ -251,7 +251,7 @@ def main() -> int:
     p.add_argument("--n_whole", type=int, default=24, help="held-out images of the whole-process check")
     p.add_argument("--whole_reps", type=int, default=2)
     p.add_argument("--whole_cache", action="store_true",
-                   help="give the openvino runs an --engine_cache (the first run fills it, later runs read it)")
+                   help="give the openvino runs an --backend_cache (the first run fills it, later runs read it)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -298,9 +298,9 @@ def main() -> int:
         if not args.skip_whole:
             w = whole_processes(args, Path(tmp))
             out["whole"] = w
-            cached = " (openvino with --engine_cache: first run cold)" if args.whole_cache else ""
+            cached = " (openvino with --backend_cache: first run cold)" if args.whole_cache else ""
             print(f"\ntest.py as whole processes, ViT-B-16 @224 global, {w['n_images']} images, alternated{cached}:")
-            print(table(["engine", "wall s (each run)"], [[e, ", ".join(fmt(x, 1) for x in w[f"{e}_s"])]
+            print(table(["backend", "wall s (each run)"], [[e, ", ".join(fmt(x, 1) for x in w[f"{e}_s"])]
                                                           for e in ("torch", "openvino")]))
             print(f"speed-up (median walls) {w['speedup']:.2f}x; max per-image score difference "
                   f"{w['max_score_diff']:.2e} (patch-score spread {w['patch_score_std']:.2e})")

@@ -194,7 +194,7 @@ def _synthetic_refs(model, ref):
     import torch
     import torch.nn.functional as F
 
-    from fdsl.core.backbone import BackboneOutput
+    from fdsl.core.features import BackboneOutput
     from fdsl.core.model import RefFeatures
     from fdsl.core.windows import n_windows
 

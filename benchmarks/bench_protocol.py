@@ -107,7 +107,7 @@ def per_image(model: FDSL, shots, seeds, batch: int = 1, repeats: int = 2) -> di
     this measures the test-image side only, cheaply enough for ViT-L on a loaded CPU. Each figure is the
     minimum over `repeats` (the first repeat includes warm-up).
     """
-    from fdsl.core.backbone import BackboneOutput
+    from fdsl.core.features import BackboneOutput
     from fdsl.core.model import RefFeatures, combine_layers
 
     g = torch.Generator().manual_seed(0)

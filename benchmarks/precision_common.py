@@ -22,7 +22,8 @@ import open_clip
 import torch
 
 from fdsl.config import ModelConfig, RuntimeConfig, config_to_dict
-from fdsl.core.backbone import BackboneOutput, register_model_configs
+from fdsl.core.backbone import register_model_configs
+from fdsl.core.features import BackboneOutput
 from fdsl.core.memory import FDSLMemory, MemoryBank, nearest_normal
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_runtime
@@ -109,7 +110,7 @@ def build_set(spec: SetSpec, folder: Path, seed: int = 0, device: torch.device |
 
 def load_model(built: BuiltSet, winmode: str, device: torch.device) -> FDSL:
     """The set's model with its livened head, on `device`."""
-    from fdsl.engine.checkpoint import load_head
+    from fdsl.core.checkpoint_io import load_head
 
     model = FDSL.from_config(built.spec.model_config(built.weights, winmode))
     load_head(model.head, built.checkpoint, len(built.spec.features), True)

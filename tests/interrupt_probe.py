@@ -1,6 +1,6 @@
 """Helper of tests/cli/test_cli.py: interrupt `test.py`'s job at several moments, paying torch's import once.
 
-    python tests/interrupt_probe.py DELAY[,DELAY...] NTH_CLASS -- <test.py arguments>
+    PYTHONPATH=tests python -m interrupt_probe DELAY[,DELAY...] NTH_CLASS -- <test.py arguments>
 
 Imports the evaluation job once, then per delay forks a child in its own session that runs exactly what
 `test.py` runs (`fdsl.cli.jobs.main(TestConfig, "fdsl.engine.evaluation:evaluate", argv)`), waits until the child logs
@@ -13,9 +13,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fdsl.engine.evaluation  # noqa: F401  (the slow import, done once)
 from fdsl.cli.jobs import main

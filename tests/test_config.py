@@ -104,6 +104,8 @@ def test_default_lists_are_not_shared_between_instances() -> None:
         (TrainConfig, ["--epochs", "11"], "epoch", 11),
         (TrainConfig, ["--data_path", "/x/visa"], "train_data_path", "/x/visa"),
         (EvalConfig, ["--data_path", "/x/mvtec"], "data_path", "/x/mvtec"),
+        (EvalConfig, ["--engine", "openvino"], "backend", "openvino"),  # the backend's earlier name
+        (EvalConfig, ["--engine_cache", "/x/c"], "backend_cache", "/x/c"),
     ],
 )
 def test_flag_aliases_map_to_fields(cls, argv, field, expected) -> None:
@@ -284,8 +286,8 @@ def _dests(parser) -> set:
 def test_every_command_parses_through_its_dataclass(capsys) -> None:
     import dataclasses
 
-    from fdsl.cli import demo, indexing, inspection
-    from fdsl.config import DemoConfig
+    from fdsl.cli import indexing, inspection
+    from fdsl.config import DemoConfig, DeployConfig
 
     for cmd, (cls, _) in inspection.COMMANDS.items():
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -293,7 +295,8 @@ def test_every_command_parses_through_its_dataclass(capsys) -> None:
         assert inspection.main([cmd, "--help"]) == 0
         out = capsys.readouterr().out
         assert all(f.metadata["flags"][0] in out for f in dataclasses.fields(cls)), cmd
-    assert _dests(demo.build_parser()) == {f.name for f in dataclasses.fields(DemoConfig)}
+    for cls in (DemoConfig, DeployConfig):
+        assert _dests(build_parser(cls)) == {f.name for f in dataclasses.fields(cls)}
     assert indexing.index_main("visa", ["--help"]) == 0
     out = capsys.readouterr().out
     assert "--root" in out and "--classes" in out
@@ -359,3 +362,12 @@ def test_unreadable_config_file_is_one_error(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         parse_config(EvalConfig, ["--config", str(tmp_path / "bad.json")])
+
+
+def test_a_config_json_that_says_engine_still_reads(tmp_path) -> None:
+    """`engine` / `engine_cache` were renamed `backend` / `backend_cache`: saved runs keep reading."""
+    from fdsl.options import read_config_file
+
+    path = tmp_path / "config.json"
+    path.write_text('{"engine": "openvino", "engine_cache": "c", "win_batch": 4}')
+    assert read_config_file(EvalConfig, str(path)) == {"backend": "openvino", "backend_cache": "c", "win_batch": 4}

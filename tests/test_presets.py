@@ -62,10 +62,14 @@ def test_test_py_preset_fills_what_is_not_given():
 def test_detector_commands_take_the_preset_weights(cls, tmp_path):
     base = {PredictConfig: ["--images", "x", "--out", "o"], CalibrateConfig: ["--normal", "n"],
             ServeConfig: [], ExportConfig: ["--out", "o"]}[cls]
+    from fdsl.cli.inspection import with_preset_weights
+
     cfg = parse_config(cls, ["--detector", "d.fdsl", "--preset", "lite0", *base])
+    with_preset_weights(cfg)
     assert cfg.pretrained == lite0_file()
     mine = tmp_path / "w.pth"
     cfg = parse_config(cls, ["--detector", "d.fdsl", "--preset", "lite0", "--pretrained", str(mine), *base])
+    with_preset_weights(cfg)
     assert cfg.pretrained == str(mine)  # an explicit --pretrained wins
 
 
@@ -128,10 +132,13 @@ def test_hub_weights_come_from_timms_cache_and_load(hub_cache):
     bb = TimmBackbone(TINY_HUB_MODEL, pretrained="hub", image_size=160, layers=(1,))
     got = bb.net.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items() if k in got)
+    from fdsl.inspect.detector_file import backbone_identity
+
     cfg = ModelConfig(model=TINY_HUB_MODEL, pretrained="hub", image_size=160, features_list=[1],
                       few_shot_features=[1], scorer="nn")
-    cfg.validate()  # a run or detector records the cached file (pinned by its sha256), not the word 'hub'
-    assert Path(cfg.pretrained).resolve() == (snap / "model.safetensors").resolve()
+    cfg.validate()
+    bb_id = backbone_identity(cfg)  # a detector records the cached file, pinned by its sha256, not the word 'hub'
+    assert Path(bb_id["path"]).resolve() == (snap / "model.safetensors").resolve() and bb_id["sha256"]
     with pytest.raises(ConfigError, match="open_clip"):
         ModelConfig(pretrained="hub").validate()
 
@@ -140,6 +147,9 @@ def test_dinov2_preset_offline_from_the_command_line(tmp_path):
     """The whole command, offline: exit 2, one line, the offline preset named; nothing written."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(REPO))
     (tmp_path / "good").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "good" / "a.png")
     proc = subprocess.run([sys.executable, "-m", "fdsl", "fit", "--preset", "dinov2", "--normal",
                            str(tmp_path / "good"), "--out", str(tmp_path / "p.fdsl")],
                           capture_output=True, text=True, env=env, timeout=120)

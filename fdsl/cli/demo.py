@@ -20,7 +20,6 @@ missing, training resumes from the newest checkpoint, and finished classes are s
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -146,11 +145,6 @@ def fetch_failure_message(exc: Exception, model: str, pretrained: str) -> str:
         f"for {model}",
         "  FDSL_PRETRAINED=none bash demo.sh                  # random-weight smoke run (tiny model, no download)",
     ])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The demo's parser, generated from `fdsl.config.DemoConfig`."""
-    return config.build_parser(DemoConfig, __doc__.split("\n\n")[0], prog="python -m fdsl.cli.demo")
 
 
 def choose_setting(model: str | None, pretrained: str, quick: bool) -> DemoSetting:

@@ -15,6 +15,7 @@ from typing import Any
 from fdsl.config import (
     CalibrateConfig,
     DemoConfig,
+    DeployConfig,
     ExportConfig,
     FitConfig,
     ImagesCommand,
@@ -46,6 +47,7 @@ SECTIONS = [
     ("`fdsl calibrate`", CalibrateConfig),
     ("`fdsl serve`", ServeConfig),
     ("`fdsl export`", ExportConfig),
+    ("`python -m fdsl.deploy` (no PyTorch)", DeployConfig),
     ("The demo: `fdsl demo`, `python -m fdsl.cli.demo`", DemoConfig),
     ("The indexers: `python data/mvtec.py`, `python data/visa.py`", IndexConfig),
 ]

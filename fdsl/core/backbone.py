@@ -15,12 +15,12 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdsl.core.features import BackboneOutput, state_dict_mismatch, warn_random_weights
 from fdsl.data.images import OPENAI, Preprocess
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.taps import take_indices
@@ -29,62 +29,6 @@ log = logging.getLogger(__name__)
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _RANDOM_INIT_SEED = 20250611  # fixed, so that `--pretrained none` builds the same backbone everywhere
-
-
-class BackboneOutput(NamedTuple):
-    """Tokens of one forward pass.
-
-    tokens: one (B, N_l, C_l) tensor per tapped layer l, CLS dropped, optionally L2-normalised; layers may
-        differ in grid (N_l = grids[l]²) and width (timm CNN stages); a ViT's layers share both.
-    image_embeds: (B, D) pooled (and, for CLIP, projected) global feature, L2-normalised.
-    """
-
-    tokens: list[torch.Tensor]
-    image_embeds: torch.Tensor
-
-
-# The output contract every backbone family honours (CLIPBackbone, fdsl.core.timm_backbone.TimmBackbone):
-#   attributes  model_name, pretrained, image_size, layers (1-based), widths[l], grids[l], embed_dim,
-#               preprocess (Preprocess: mean, std, interpolation), supports_windows, grid_size, patch_size
-#   forward(images (B, 3, S, S)) -> BackboneOutput with tokens[l] (B, grids[l]², widths[l]), embeds (B, D)
-#   with supports_windows: patch_embed(images) -> (B, C, G, G) and forward_patches(crops (n, C, W, W))
-#               -> tokens[l] (n, W², C): the patch grid G = image_size / patch_size is shared by all layers.
-
-
-def check_output(backbone: nn.Module, out: BackboneOutput, batch: int, grid: int | None = None) -> None:
-    """Raise ConfigError unless `out` (of `batch` inputs) honours the backbone output contract above.
-
-    `grid` is the token grid of every layer for window inputs (W); None checks the backbone's own grids.
-    """
-    L = len(backbone.layers)
-    if len(out.tokens) != L or len(backbone.widths) != L or len(backbone.grids) != L:
-        raise ConfigError(f"{backbone.model_name}: {len(out.tokens)} token layers for {L} tapped layers")
-    for i, t in enumerate(out.tokens):
-        g = backbone.grids[i] if grid is None else grid
-        want = (batch, g * g, backbone.widths[i])
-        if tuple(t.shape) != want or t.dtype != torch.float32:
-            raise ConfigError(f"{backbone.model_name} layer {backbone.layers[i]}: tokens {tuple(t.shape)} "
-                              f"{t.dtype}, the contract says {want} float32")
-    if tuple(out.image_embeds.shape) != (batch, backbone.embed_dim):
-        raise ConfigError(f"{backbone.model_name}: image embeddings {tuple(out.image_embeds.shape)}, "
-                          f"the contract says {(batch, backbone.embed_dim)}")
-
-
-def build_backbone(cfg) -> nn.Module:
-    """The backbone a `ModelConfig` names: ``timm:<name>`` -> `TimmBackbone`, else an open_clip `CLIPBackbone`."""
-    from fdsl.core.timm_backbone import TimmBackbone, is_timm_model
-
-    if is_timm_model(cfg.model):
-        return TimmBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list, normalize=cfg.use_norm)
-    return CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
-                        quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
-
-
-def preprocess_for(model: str) -> Preprocess:
-    """Input normalisation of the backbone `model` names, without building it (CLIP: OpenAI's)."""
-    from fdsl.core.timm_backbone import is_timm_model, timm_preprocess
-
-    return timm_preprocess(model) if is_timm_model(model) else OPENAI
 
 
 def register_model_configs(extra: str | None = None) -> None:
@@ -141,17 +85,6 @@ def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) ->
             f"could not fetch the {model_name} '{pretrained}' weights ({cause}); {offline_hint()}, or pass a "
             "local CLIP weights file with --pretrained /path/to/weights.pt (HF_HUB_OFFLINE=1 fails at once "
             "instead of retrying)") from exc
-
-
-_WARNED_RANDOM: set[str] = set()
-
-
-def warn_random_weights(model: str) -> None:
-    """One warning line per process and model that the backbone has random weights (``--pretrained none``)."""
-    if model not in _WARNED_RANDOM:
-        _WARNED_RANDOM.add(model)
-        log.warning("--pretrained none: the %s backbone has RANDOM weights; results are meaningless except as a "
-                    "smoke test (real features offline: --preset lite0)", model)
 
 
 class _DropMessage(logging.Filter):
@@ -271,9 +204,9 @@ class CLIPBackbone(nn.Module):
         # The positional grid as stored in the weights (e.g. 24x24 for OpenAI ViT-L-14-336).
         self.register_buffer("source_pos_embed", source_pos, persistent=False)
         self._pos_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        # Where `forward` and `forward_patches` run: None is PyTorch; otherwise an engine object with
-        # ``run(name, fn, x)`` (`fdsl.core.backends.OpenVINOEngine`), set through `FDSL.runtime`.
-        self.engine = None
+        # Where `forward` and `forward_patches` run: None is PyTorch; otherwise a backend object with
+        # ``run(name, fn, x)`` (`fdsl.core.backends.OpenVINOBackend`), set through `FDSL.runtime`.
+        self.backend = None
 
     supports_windows = True  # LFE: patch embeddings can be cropped into windows
 
@@ -326,18 +259,18 @@ class CLIPBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """Encode (B, 3, H, W) images, H = W a multiple of the patch size.
 
-        Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings. With an engine set
+        Returns per tapped layer (B, (H/p)², C) tokens and (B, D) image embeddings. With a backend set
         (`fdsl.core.backends`), the pass runs there; `encode_images` is the PyTorch pass it compiles.
         """
-        if self.engine is not None:
+        if self.backend is not None:
             self.patch_embed_check(images)
-            return self.engine.run("images", self.encode_images, images)
+            return self.backend.run("images", self.encode_images, images)
         return self.forward_patches(self.patch_embed(images))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> BackboneOutput:
         """The PyTorch global pass: (B, 3, H, H) images -> `BackboneOutput` (what `forward` computes), never
-        through an engine (the pass an engine or `fdsl export` compiles)."""
+        through a backend (the pass a backend or `fdsl export` compiles)."""
         return self.encode_patches(self.patch_embed(images))
 
     def patch_embed_check(self, images: torch.Tensor) -> None:
@@ -364,14 +297,14 @@ class CLIPBackbone(nn.Module):
         """Encode (B, C, g, g) patch embeddings (`patch_embed` of images, or crops of it).
 
         Adds the class token and the g×g positional grid (`pos_embed_for`), then runs ln_pre and the
-        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings. With an engine set,
+        blocks. Returns per tapped layer (B, g², C) tokens and (B, D) image embeddings. With a backend set,
         the pass runs there (the window pass of LFE); `encode_patches` is the PyTorch pass it compiles.
         """
         if patches.ndim != 4 or patches.shape[1] != self.width or patches.shape[2] != patches.shape[3]:
             raise ConfigError(f"expected square (B, {self.width}, g, g) patch embeddings, "
                               f"got shape {tuple(patches.shape)}")
-        if self.engine is not None:
-            return self.engine.run("patches", self.encode_patches, patches)
+        if self.backend is not None:
+            return self.backend.run("patches", self.encode_patches, patches)
         return self.encode_patches(patches)
 
     @torch.no_grad()
@@ -395,16 +328,3 @@ class CLIPBackbone(nn.Module):
         else:
             tokens = [t.float() for t in tokens]
         return BackboneOutput(tokens, F.normalize(pooled.float(), dim=-1))
-
-
-def state_dict_mismatch(own: dict, sd: dict, optional: frozenset = frozenset(), show: int = 5) -> str:
-    """'' when the state dict `sd` fits the model's `own` key for key and shape for shape; otherwise what does not
-    (the first `show` missing keys, unexpected keys and shape mismatches). Keys in `optional` may be missing."""
-    missing = sorted(k for k in set(own) - set(sd) if k not in optional)
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    return "; ".join(filter(None, [
-        f"missing {missing[:show]}" if missing else "",
-        f"unexpected {unexpected[:show]}" if unexpected else "",
-        ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:show]),
-    ]))

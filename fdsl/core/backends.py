@@ -1,14 +1,14 @@
-"""Engines: where the backbone's passes run. ``torch`` (default) or ``openvino`` (docs/method.md §11).
+"""Backends: where the backbone's passes run. ``torch`` (default) or ``openvino`` (docs/method.md §11).
 
-With ``--engine openvino`` the backbone's global pass (`forward`, images -> tokens) and its window pass
+With ``--backend openvino`` the backbone's global pass (`forward`, images -> tokens) and its window pass
 (`forward_patches`, LFE window crops -> tokens) run as OpenVINO models compiled for the CPU in fp32; the
 alignment, scorers, NAM and stitching stay in PyTorch. A pass is exported once per input geometry with
 ``torch.export`` (dynamic batch) and converted by ``openvino.convert_model``; a compiled model is cached per
 input shape for the life of the backbone. (The ``example_input`` tracing path of ``convert_model`` fails on
 open_clip's attention; ``torch.export`` works.)
 
-The engine wraps a backbone's public passes only: any backbone whose ``forward(images)`` and
-``forward_patches(patches)`` dispatch to ``engine.run(name, fn, x)`` with ``fn`` its own PyTorch pass
+The backend wraps a backbone's public passes only: any backbone whose ``forward(images)`` and
+``forward_patches(patches)`` dispatch to ``backend.run(name, fn, x)`` with ``fn`` its own PyTorch pass
 returning a `BackboneOutput` is supported.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fdsl.config import ENGINES
-from fdsl.core.backbone import BackboneOutput
+from fdsl.config import BACKENDS
+from fdsl.core.features import BackboneOutput
 from fdsl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,21 +33,21 @@ log = logging.getLogger(__name__)
 OPENVINO_EXTRA = "pip install 'fdsl[openvino]' (openvino==2026.4.1)"
 
 
-def check_engine(engine: str, device: torch.device, compute_dtype: torch.dtype) -> None:
-    """Raise ConfigError unless `engine` can run on `device` in `compute_dtype` (and its package is there)."""
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
-    if engine == "torch":
+def check_backend(backend: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Raise ConfigError unless `backend` can run on `device` in `compute_dtype` (and its package is there)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "torch":
         return
     if device.type != "cpu":
-        raise ConfigError(f"--engine openvino runs on the CPU, not on --device {device}; use --device cpu "
-                          "or --engine torch")
+        raise ConfigError(f"--backend openvino runs on the CPU, not on --device {device}; use --device cpu "
+                          "or --backend torch")
     if compute_dtype != torch.float32:
-        raise ConfigError("--engine openvino runs in fp32; drop --precision bf16/fp16 or use --engine torch")
+        raise ConfigError("--backend openvino runs in fp32; drop --precision bf16/fp16 or use --backend torch")
     try:
         import openvino  # noqa: F401
     except ImportError:
-        raise ConfigError(f"--engine openvino needs the OpenVINO runtime: {OPENVINO_EXTRA}") from None
+        raise ConfigError(f"--backend openvino needs the OpenVINO runtime: {OPENVINO_EXTRA}") from None
 
 
 class _Pass(nn.Module):
@@ -82,7 +82,7 @@ def convert_to_openvino(module: nn.Module, example: torch.Tensor, dynamic_batch:
     return model
 
 
-class OpenVINOEngine:
+class OpenVINOBackend:
     """Runs named backbone passes as OpenVINO CPU models in fp32, compiled once per input shape.
 
     Args:
@@ -93,7 +93,7 @@ class OpenVINOEngine:
     name = "openvino"
 
     def __init__(self, owner: nn.Module, threads: int | None = None, cache: str | None = None) -> None:
-        from fdsl.deploy.inferencer import openvino_core
+        from fdsl.outputs.openvino_core import openvino_core
 
         self.owner = owner
         self.core = openvino_core()
@@ -164,9 +164,9 @@ class OpenVINOEngine:
         except Exception as exc:  # torch.export or the OpenVINO frontend: an op it cannot take
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             detail = next((ln for ln in lines if "conversion rule" in ln or "aten." in ln), lines[-1] if lines else "")
-            raise ConfigError(f"--engine openvino cannot convert the {name} pass of this "
+            raise ConfigError(f"--backend openvino cannot convert the {name} pass of this "
                               f"{getattr(self.owner, 'model_name', type(self.owner).__name__)} backbone "
-                              f"({type(exc).__name__}: {detail[:200]}); use --engine torch") from exc
+                              f"({type(exc).__name__}: {detail[:200]}); use --backend torch") from exc
         if path is not None:
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
             ov.save_model(model, str(tmp), compress_to_fp16=False)
@@ -178,17 +178,17 @@ class OpenVINOEngine:
     def run(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor) -> BackboneOutput:
         """`fn(x)` computed by the compiled model of pass `name`: L × (B, N, C) tokens, (B, D) embeddings."""
         if x.device.type != "cpu":
-            raise ConfigError(f"--engine openvino runs on the CPU; got an input on {x.device}")
+            raise ConfigError(f"--backend openvino runs on the CPU; got an input on {x.device}")
         req = self.compiled(name, fn, x)
         out = req(np.ascontiguousarray(x.detach().float().numpy()), share_outputs=False)  # copies: req is reused
         arrays: list[torch.Tensor] = [torch.from_numpy(np.asarray(out[o])) for o in req.outputs]
         return BackboneOutput(arrays[:-1], arrays[-1])
 
 
-def make_engine(engine: str, backbone: nn.Module, cache: str | None = None):
-    """The engine object for `backbone` (None for PyTorch); `cache` is ``--engine_cache``."""
-    if engine == "torch":
+def make_backend(backend: str, backbone: nn.Module, cache: str | None = None):
+    """The backend object for `backbone` (None for PyTorch); `cache` is ``--backend_cache``."""
+    if backend == "torch":
         return None
-    if engine == "openvino":
-        return OpenVINOEngine(backbone, threads=torch.get_num_threads(), cache=cache)
-    raise ConfigError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if backend == "openvino":
+        return OpenVINOBackend(backbone, threads=torch.get_num_threads(), cache=cache)
+    raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsl.config import ModelConfig
-from fdsl.core.backbone import BackboneOutput, build_backbone
+from fdsl.core.backbone import CLIPBackbone
+from fdsl.core.features import BackboneOutput
 from fdsl.core.geometry import Geometry, WindowGeometry
 from fdsl.core.head import FDSLHead, NNHead
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, MemorySet
 from fdsl.core.runtime import Runtime, autocast
+from fdsl.core.timm_backbone import TimmBackbone, is_timm_model
 from fdsl.core.windows import split_windows, stitch_windows
 from fdsl.errors import ConfigError
 
@@ -72,13 +74,21 @@ class RefFeatures(NamedTuple):
     window_feats: BackboneOutput | None
 
 
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The backbone a `ModelConfig` names: ``timm:<name>`` -> `TimmBackbone`, else an open_clip `CLIPBackbone`."""
+    if is_timm_model(cfg.model):
+        return TimmBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list, normalize=cfg.use_norm)
+    return CLIPBackbone(cfg.model, cfg.pretrained, cfg.image_size, cfg.features_list,
+                        quick_gelu=cfg.quick_gelu, normalize=cfg.use_norm, model_config=cfg.model_config)
+
+
 class FDSL(nn.Module):
     """Frozen backbone (CLIP, or timm with ``timm:<name>``) + memory banks + trained head -> maps and scores.
 
     Typical use::
 
         model = FDSL.from_config(cfg)
-        fdsl.engine.checkpoint.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
+        fdsl.core.checkpoint_io.load_head(model.head, path, len(cfg.features_list), cfg.use_nam)
         memory = model.make_memory(model.encode_references(reference_images))  # (k, 3, S, S) normal images
         out = model(images, memory)      # FDSLOutput; model.predict(images, memories) scores several at once
     """
@@ -90,29 +100,29 @@ class FDSL(nn.Module):
                               "(use --winmode nan)")
         self.backbone = backbone
         self.cfg = cfg
-        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.scorer == "fdsl"
+        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.trained_head
                                 else NNHead(len(backbone.layers)))
         self._windows: WindowGeometry | None = None
         self.runtime = runtime or Runtime()
 
     @property
     def runtime(self) -> Runtime:
-        """How the model runs; setting it also sets the backbone's engine (`fdsl.core.backends`)."""
+        """How the model runs; setting it also sets the backbone's backend (`fdsl.core.backends`)."""
         return self._runtime
 
     @runtime.setter
     def runtime(self, runtime: Runtime) -> None:
-        if not hasattr(self.backbone, "engine"):
-            if runtime.engine != "torch":
-                raise ConfigError(f"--engine {runtime.engine} is not supported for {type(self.backbone).__name__} "
-                                  "backbones; use --engine torch")
+        if not hasattr(self.backbone, "backend"):
+            if runtime.backend != "torch":
+                raise ConfigError(f"--backend {runtime.backend} is not supported for {type(self.backbone).__name__} "
+                                  "backbones; use --backend torch")
             self._runtime = runtime
             return
-        current = getattr(self.backbone.engine, "name", "torch")
-        if runtime.engine != current:  # a compiled engine is kept while the engine stays the same
-            from fdsl.core.backends import make_engine
+        current = getattr(self.backbone.backend, "name", "torch")
+        if runtime.backend != current:  # a compiled backend is kept while the backend stays the same
+            from fdsl.core.backends import make_backend
 
-            self.backbone.engine = make_engine(runtime.engine, self.backbone, runtime.engine_cache)
+            self.backbone.backend = make_backend(runtime.backend, self.backbone, runtime.backend_cache)
         self._runtime = runtime
 
     @classmethod
@@ -290,7 +300,7 @@ class FDSL(nn.Module):
 
     def training_maps(self, residuals: list[torch.Tensor], size: int) -> list[torch.Tensor]:
         """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
-        if self.cfg.scorer != "fdsl":
+        if not self.cfg.trained_head:
             raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw

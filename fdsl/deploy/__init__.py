@@ -9,6 +9,7 @@
 Needs only NumPy, Pillow and one runtime (``pip install 'fdsl[openvino]'`` or ``'fdsl[onnx]'``); installing
 the package with ``--no-deps`` is enough. Nothing here imports torch.
 """
-from fdsl.deploy.inferencer import CONTRACT, ExportedDetector, Prediction, load_exported
+from fdsl.deploy.inferencer import ExportedDetector, Prediction, load_exported
+from fdsl.outputs.contract import CONTRACT
 
 __all__ = ["CONTRACT", "ExportedDetector", "Prediction", "load_exported"]

@@ -2,7 +2,6 @@
 OpenVINO or onnxruntime, preprocessing with Pillow and NumPy exactly as the torch path does."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,34 +13,19 @@ from PIL import Image
 
 from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.deploy.pixels import preprocess, resize_bilinear
-from fdsl.errors import CheckpointError, ConfigError
+from fdsl.errors import ConfigError
 from fdsl.io import PathLike
+from fdsl.outputs.contract import read_contract
+from fdsl.outputs.openvino_core import openvino_core
 from fdsl.outputs.thresholds import defect_region
 from fdsl.outputs.verdicts import Prediction
 
 log = logging.getLogger(__name__)
 
-CONTRACT = "fdsl_export.json"
-FORMAT = "fdsl-export"
-FORMAT_VERSION = 1
-OUTPUTS = ("anomaly_map", "score", "patch_score", "map_max")
 _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
            "onnx": "pip install 'fdsl[onnx]' (onnxruntime==1.31.1)"}
 
 
-
-
-_CORE: list = []  # the process's one OpenVINO Core, created on first use and never destroyed
-
-
-def openvino_core():
-    """The process-wide `openvino.Core`. Compiled models are freed by Python's garbage collector in any order;
-    with one Core that outlives them all, no compiled model is ever destroyed after the Core that made it."""
-    if not _CORE:
-        import openvino as ov
-
-        _CORE.append(ov.Core())
-    return _CORE[0]
 
 
 class _OpenVINOSession:
@@ -70,29 +54,6 @@ class _ONNXSession:
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(None, {self.input: x})))
-
-
-def read_contract(folder: PathLike) -> dict:
-    """The checked ``fdsl_export.json`` of an exported folder."""
-    folder = Path(folder)
-    path = folder / CONTRACT
-    if not path.is_file():
-        raise CheckpointError(f"{str(folder)!r} is not an exported FDSL model (no {CONTRACT}); write one with "
-                              "`fdsl export --detector part.fdsl --out DIR`")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an FDSL export contract (format {info.get('format')!r})")
-    version = info.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has export format version {version}; this fdsl reads up to "
-                              f"{FORMAT_VERSION}: upgrade fdsl")
-    name = str(info.get("model_file", ""))
-    if not name or Path(name).name != name or not (folder / name).is_file():  # a bare file name inside the folder
-        raise CheckpointError(f"{path}: its model file {name!r} is not in {str(folder)!r}")
-    return info
 
 
 class ExportedDetector:

@@ -6,7 +6,6 @@ Writes what `fdsl predict` writes (the same `FolderRun`): ``scores.csv``, ``erro
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -52,25 +51,19 @@ def pillow_picture(image: Image.Image, pred: Prediction, name: str, threshold: f
     return render_overlay(image, pred.anomaly_map, pred.mask, caption(name, pred, threshold))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fdsl.deploy", allow_abbrev=False,
-                                description="Score images with a model exported by `fdsl export` (no PyTorch).")
-    p.add_argument("--model", required=True, help="folder written by `fdsl export` (fdsl_export.json + model)")
-    p.add_argument("--images", required=True, nargs="+", help="folder(s) (recursive) or image files")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the stored one")
-    p.add_argument("--overlays", type=int, choices=(0, 1), default=1, help="write an overlay PNG per image")
-    p.add_argument("--batch_size", type=int, default=8, help="images per batch")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime (default: its own)")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; 0 on success, 2 on bad input (one line), 130 on Ctrl-C."""
+    from fdsl.config import DeployConfig
+    from fdsl.options import parse_config
+
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_config(DeployConfig, argv, prog="python -m fdsl.deploy",
+                            description="Score images with a model exported by `fdsl export` (no PyTorch).")
     except SystemExit as exc:
         return int(exc.code or 0)
+    except FDSLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = predict_folder(args.model, args.images, args.out, threshold=args.threshold,

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from fdsl.config import ModelConfig, config_to_dict, model_config_from
+from fdsl.core.checkpoint_io import load_head
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import dtype_name, resolve_runtime
 from fdsl.data.meta import Meta, load_meta, select_classes
-from fdsl.engine.checkpoint import load_head
 from fdsl.engine.strategy import current as current_strategy
 from fdsl.io import atomic_write_json
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fdsl.config import NOTHING, TestConfig, config_to_dict, config_warnings, explicit_fields, settings
+from fdsl.core.checkpoint_io import reconcile_with_checkpoint
 from fdsl.core.memory import MemorySet
 from fdsl.core.model import FDSL, image_score
 from fdsl.core.runtime import Runtime
@@ -36,7 +37,6 @@ from fdsl.data.shots import (
     sample_nested_k_shot,
     write_k_shot_file,
 )
-from fdsl.engine.checkpoint import reconcile_with_checkpoint
 from fdsl.engine.context import JobContext
 from fdsl.engine.protocol import ShotSetting
 from fdsl.engine.signals import interruptible, worker_ignore_sigint
@@ -45,6 +45,7 @@ from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup_logging
 from fdsl.metrics import metrics
 from fdsl.metrics.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
+from fdsl.options import RENAMED_SETTINGS
 from fdsl.progress import bars_shown, progress_lines
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,6 @@ def normalised_image_scores(patch_score: np.ndarray, map_max: np.ndarray) -> np.
     the class's test images; `FDSLOutput.pred_score` is the same formula without that step.
     """
     return image_score(patch_score, minmax(map_max))
-
-
-def class_mean(values: list[float]) -> float:
-    """Mean over classes, skipping undefined (NaN) values; NaN when none is defined."""
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else float("nan")
 
 
 def _check_checkpoint_path(cfg: TestConfig) -> None:
@@ -107,10 +101,11 @@ def _fingerprint(cfg: TestConfig, runtime: Runtime) -> str:
     The resolved dtypes are included, not only the ``--precision`` string: what ``auto`` means has
     changed before (it was fp16 on CUDA), and a record computed under other dtypes must not be reused.
     """
-    d = {k: v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
+    earlier = {new: old for old, new in RENAMED_SETTINGS.items()}  # renamed settings keep their digest
+    d = {earlier.get(k, k): v for k, v in config_to_dict(cfg).items() if k not in _NEUTRAL}
     d["_dtypes"] = [str(getattr(runtime, f)) for f in
                     ("compute_dtype", "align_dtype", "window_align_dtype", "bank_dtype", "window_bank_dtype")]
-    if cfg.scorer == "fdsl":  # the training-free scorer has no checkpoint
+    if cfg.trained_head:  # the training-free scorer has no checkpoint
         _check_checkpoint_path(cfg)
         st = os.stat(cfg.checkpoint_path)
         d["_checkpoint"] = [os.path.abspath(cfg.checkpoint_path), st.st_size, int(st.st_mtime)]
@@ -129,7 +124,7 @@ class Evaluator:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
         self.log_tables = True  # log each seed's results table (the demo prints its own)
-        if model is None and cfg.scorer == "fdsl":  # the model depends on the checkpoint's settings: reconcile first
+        if model is None and cfg.trained_head:  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
         self.ctx = JobContext(cfg, cfg.data_path, cfg.cal_image_size, model)
@@ -148,7 +143,7 @@ class Evaluator:
         for s in self.seeds:
             for k, shots in self.references(s).items():
                 self.refs[(k, s)] = shots
-        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.scorer == "fdsl" else None)[0].eval()
+        self.model = self.ctx.build_model(cfg.checkpoint_path if cfg.trained_head else None)[0].eval()
         self._nonbinary_warned: set = set()
         log.info("shots %s, seeds %s: %d run(s)", self.shots, self.seeds, len(self.runs))
 
@@ -369,7 +364,7 @@ class Evaluator:
         k, seed = run
         out = self.run_dir(run)
         classes = {c: recs[c]["metrics"] for c in self.classes}
-        mean = {m: class_mean([classes[c][m] for c in self.classes]) for m in METRIC_KEYS}
+        mean = {m: metrics.class_mean([classes[c][m] for c in self.classes]) for m in METRIC_KEYS}
         results = {"classes": classes, "mean": mean,
                    "memory_bank_bytes": {c: int(recs[c]["memory_bank_bytes"]) for c in self.classes},
                    "units": UNITS, "provenance": self.provenance,

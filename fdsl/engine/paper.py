@@ -1,7 +1,8 @@
-"""The paper's table beside ours, and the time a reproduction takes (used by ``reproduce.sh``).
+"""The paper's table beside ours, and the time a reproduction takes (used by ``reproduce.sh`` through the
+command `fdsl.cli.reproduce`).
 
-    python -m fdsl.engine.paper table --mvtec RESULTS/mvtec --visa RESULTS/visa --out RESULTS/paper_table
-    python -m fdsl.engine.paper plan --mvtec_root D1 --visa_root D2 --seeds 10 11 12 13 14 --winmode mul
+    python -m fdsl.cli.reproduce table --mvtec RESULTS/mvtec --visa RESULTS/visa --out RESULTS/paper_table
+    python -m fdsl.cli.reproduce plan --mvtec_root D1 --visa_root D2 --seeds 10 11 12 13 14 --winmode mul
 
 ``table`` reads the protocol summaries (``summary.json`` of ``test.py --k_shot 1 2 4 --seeds ...``) and writes
 ``paper_table.md`` (percent, ours ± std over seeds, the paper, the difference) plus ``.csv`` / ``.json``
@@ -11,11 +12,9 @@ the benchmark figures (``benchmarks/README.md``). ``plan`` imports no torch (it 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -248,48 +247,3 @@ def plan_lines(roots: dict[str, Path], shots: Sequence[int], seeds: Sequence[int
             total[d] += secs[d]
     out.append(f"  total: CPU {human(total['cpu'])}, GPU {human(total['cuda'])} (indexing and the table: seconds)")
     return out
-
-
-# --------------------------------------------------------------------------- command line
-def main(argv: Sequence[str] | None = None) -> int:
-    """``table`` or ``plan`` (see the module docstring); bad input exits 2 with one line."""
-    from fdsl.errors import FDSLError, user_message
-
-    parser = argparse.ArgumentParser(prog="python -m fdsl.engine.paper", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("table", help="our protocol summaries beside the paper's table")
-    t.add_argument("--mvtec", help="protocol run folder on MVTec AD (holding summary.json)")
-    t.add_argument("--visa", help="protocol run folder on VisA (holding summary.json)")
-    t.add_argument("--out", required=True, help="output path without suffix: writes .md, .csv, .json")
-    p = sub.add_parser("plan", help="image counts and the time estimate of a reproduction")
-    p.add_argument("--mvtec_root", required=True)
-    p.add_argument("--visa_root", required=True)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14])
-    p.add_argument("--winmode", default="mul")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--cpu_gflops", type=float, default=RATE_GFLOPS["cpu"], help="sustained fp32 GFLOP/s of the CPU")
-    p.add_argument("--gpu_tflops", type=float, default=RATE_GFLOPS["cuda"] / 1000,
-                   help="sustained fp32 TFLOP/s of the GPU")
-    args = parser.parse_args(argv)
-    try:
-        if args.cmd == "table":
-            runs = {ds: Path(p) for ds, p in (("mvtec", args.mvtec), ("visa", args.visa)) if p}
-            if not runs:
-                raise FDSLError("give --mvtec and/or --visa: protocol run folders holding summary.json")
-            print(write_table(runs, Path(args.out)))
-        else:
-            roots = {"mvtec": Path(args.mvtec_root), "visa": Path(args.visa_root)}
-            if not (args.cpu_gflops > 0 and args.gpu_tflops > 0):
-                raise FDSLError(f"--cpu_gflops {args.cpu_gflops} and --gpu_tflops {args.gpu_tflops} must be > 0")
-            rates = {"cpu": args.cpu_gflops, "cuda": args.gpu_tflops * 1000}
-            print("\n".join(plan_lines(roots, args.shots, args.seeds, args.winmode, args.epochs, rates)))
-    except FDSLError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fdsl.io import atomic_open, atomic_write_json, atomic_write_text
+from fdsl.metrics.metrics import class_mean
 from fdsl.metrics.vocabulary import LABELS, METRIC_KEYS, UNITS
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return float(arr.mean()), float(arr.std())
 
 
-def _class_mean(values: Sequence[float]) -> float:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else float("nan")
-
-
 def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[ShotSetting, Mapping[str, Mapping[str, float]]],
               provenance: Mapping[str, Any] | None = None) -> dict:
     """Mean ± std over seeds, per k, per class and for the class-mean row.
@@ -138,7 +133,7 @@ def summarize(dataset: str, classes: Sequence[str], per_run: Mapping[ShotSetting
         for c in classes:
             stats = {m: _mean_std([per_run[(k, s)][c][m] for s in ks]) for m in SUMMARY_METRICS}
             cls_stats[c] = {"mean": {m: v[0] for m, v in stats.items()}, "std": {m: v[1] for m, v in stats.items()}}
-        per_seed = {s: {m: _class_mean([per_run[(k, s)][c][m] for c in classes]) for m in SUMMARY_METRICS}
+        per_seed = {s: {m: class_mean([per_run[(k, s)][c][m] for c in classes]) for m in SUMMARY_METRICS}
                     for s in ks}
         stats = {m: _mean_std([per_seed[s][m] for s in ks]) for m in SUMMARY_METRICS}
         by_k[str(k)] = {"seeds": ks, "classes": cls_stats,

@@ -10,18 +10,20 @@ import torch
 from tqdm import tqdm
 
 from fdsl.config import TrainConfig, config_to_dict, config_warnings, settings
+from fdsl.core.checkpoint_io import load_head
 from fdsl.core.losses import fdsl_loss
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import seed_everything
 from fdsl.data.datasets import AnomalyDataset, warn_nonbinary_masks
 from fdsl.data.shots import load_reference_images, sample_k_shot, write_k_shot_file
-from fdsl.engine.checkpoint import load_head, save_checkpoint
+from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.context import JobContext
 from fdsl.engine.signals import interruptible
 from fdsl.engine.strategy import current as current_strategy
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, prepare_run_dir, setup_logging
+from fdsl.options import renamed_settings
 from fdsl.progress import bars_shown, progress_lines
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ class Trainer:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path} ({exc}) to check the run being resumed; fix or delete it, "
                               "or pass --resume 0 to start over") from exc
-        check_resume_config(saved, config_to_dict(self.cfg), path)
+        check_resume_config(renamed_settings(saved) if isinstance(saved, dict) else saved,
+                            config_to_dict(self.cfg), path)
 
     @torch.no_grad()
     def build_banks(self) -> dict[str, MemoryBank]:

@@ -31,12 +31,12 @@ from PIL import Image
 
 from fdsl import __version__
 from fdsl.checks import positive_int
-from fdsl.config import ModelConfig, RuntimeConfig
+from fdsl.config import ModelConfig, RuntimeConfig, trained_head
+from fdsl.core.checkpoint_io import load_head, read_checkpoint, reconcile_with_checkpoint
 from fdsl.core.memory import FDSLMemory
 from fdsl.core.model import FDSL
 from fdsl.core.runtime import resolve_device, resolve_runtime
 from fdsl.data.images import check_size, image_transform, load_mask, load_rgb, mask_transform, to_rgb
-from fdsl.engine.checkpoint import load_head, read_checkpoint, reconcile_with_checkpoint
 from fdsl.errors import CheckpointError, ConfigError, DataError
 from fdsl.inspect.detector_file import (
     FORMAT,
@@ -183,9 +183,9 @@ class Detector:
         positive_int(cal_image_size, "--cal_image_size")
         positive_int(batch_size, "--batch_size")
         scorer = model_options.get("scorer") or "fdsl"
-        if scorer == "nn" and checkpoint is not None:
+        if not trained_head(scorer) and checkpoint is not None:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
-        if scorer != "nn" and checkpoint is None:
+        if trained_head(scorer) and checkpoint is None:
             raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
                               "the training-free scorer")
         from fdsl.inspect.shot_selection import SELECTIONS

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fdsl import __version__
-from fdsl.config import SCORERS, ModelConfig
+from fdsl.config import SCORERS, ModelConfig, trained_head
 from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
@@ -42,7 +42,9 @@ def backbone_identity(cfg: ModelConfig) -> dict:
     An extra open_clip model config (``--model_config``) is recorded by its sha256; it must be one JSON file
     (a folder cannot be pinned by a digest).
     """
-    p = cfg.pretrained
+    from fdsl.core.timm_backbone import resolve_weights
+
+    p = resolve_weights(cfg.model, cfg.pretrained)  # `hub`: the cached file, pinned by its sha256 like any file
     out = {"model": cfg.model, "pretrained": p, "path": None, "sha256": None, "quick_gelu": cfg.quick_gelu,
            "image_size": cfg.image_size}
     if p.lower() != "none" and os.path.isfile(p):
@@ -354,7 +356,7 @@ def validate_metadata(info: Any, path: PathLike) -> dict:
         raise CheckpointError(f"{path}: detector metadata field 'backbone.model' ({info['backbone']['model']!r}) "
                               f"differs from 'model_config.model' ({mc['model']!r}); the file is damaged")
     scorer = mc.get("scorer", "fdsl")
-    if info.get("scorer", scorer) != scorer or (scorer == "nn") != (info.get("checkpoint", {}) is None):
+    if info.get("scorer", scorer) != scorer or trained_head(scorer) == (info.get("checkpoint", {}) is None):
         raise CheckpointError(f"{path}: detector metadata fields 'scorer' ({info.get('scorer')!r}), "
                               f"'model_config.scorer' ({scorer!r}) and 'checkpoint' disagree (the training-free "
                               "scorer has no checkpoint, the learned one has one); the file is damaged")

@@ -24,11 +24,11 @@ from fdsl.core.memory import MemoryBank
 from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
-from fdsl.deploy.inferencer import CONTRACT, OUTPUTS
-from fdsl.deploy.inferencer import FORMAT as EXPORT_FORMAT
-from fdsl.deploy.inferencer import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json
+from fdsl.outputs.contract import CONTRACT, OUTPUTS
+from fdsl.outputs.contract import FORMAT as EXPORT_FORMAT
+from fdsl.outputs.contract import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class DetectorGraph(nn.Module):
     score (B,), patch_score (B,), map_max (B,)), equal to `FDSL.predict` against the detector's memory.
 
     Args:
-        model: the detector's `FDSL` model (its PyTorch backbone passes are used, whatever its engine).
+        model: the detector's `FDSL` model (its PyTorch backbone passes are used, whatever its backend).
         memory: the detector's memory banks (copied into the graph as constants, fp32).
         out_size: the evaluation size cal of the anomaly map.
         chunk_mb: bound, per image, on each similarity block of the nearest-normal search.
@@ -276,11 +276,3 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     log.info("exported the detector to %s (%s, %s) in %.1f s", out / model_file, fmt, precision,
              time.perf_counter() - t0)
     return out
-
-
-def exported_files(out: PathLike) -> list[Path] | None:
-    """The files of an exported folder (contract first), or None when it is not one."""
-    out = Path(out)
-    if not (out / CONTRACT).is_file():
-        return None
-    return [out / CONTRACT, *sorted(p for p in out.iterdir() if p.name.startswith("model."))]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +53,7 @@ __all__ = [
     "aupro",
     "image_metrics",
     "pixel_metrics",
+    "class_mean",
 ]
 
 # 8-connectivity inside each (H, W) image and none across images of an (N, H, W) stack.
@@ -425,3 +427,10 @@ def pixel_metrics(masks: object, maps: object, with_aupro: bool = True) -> dict[
             steps=steps,
         )
     return out
+
+
+def class_mean(values: Sequence[float]) -> float:
+    """Mean over classes, skipping undefined (NaN) values; NaN when none is defined."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")

@@ -145,8 +145,11 @@ def test_ctrl_c_at_many_moments_of_worker_start_up(setup, tmp_path):
     _, data, ck = setup
     delays = [0.0, 0.002, 0.005, 0.01, 0.03, 0.06]
     argv = tiny_test_argv(data, ck, tmp_path / "out", "--num_workers", 2)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "interrupt_probe.py"), ",".join(map(str, delays)),
-                           "2", "--", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    # `-m` from tests/: the probe imports the installed fdsl (no sys.path insert)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "interrupt_probe", ",".join(map(str, delays)), "2", "--", *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [t["delay"] for t in trials] == delays

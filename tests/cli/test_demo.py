@@ -80,8 +80,13 @@ def test_offline_real_weights_explain_fdsl_pretrained(tmp_path):
     assert not (tmp_path / "data").exists(), "nothing should be generated before the weights are there"
 
 
-def test_user_parser_has_no_hidden_options():
-    from fdsl.cli.demo import build_parser
+def demo_parser():
+    """The demo's parser as the command builds it (`parse_config(DemoConfig, ...)`)."""
+    from fdsl.config import DemoConfig, build_parser
 
+    return build_parser(DemoConfig, prog="python -m fdsl.cli.demo")
+
+
+def test_user_parser_has_no_hidden_options():
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--quick"])
+        demo_parser().parse_args(["--quick"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fdsl.cli.options_doc import DOC, options_markdown, own_fields
 from fdsl.config import ModelConfig, TrainConfig, settings
-from fdsl.engine.checkpoint import TRAINED_SETTINGS
+from fdsl.core.checkpoint_io import TRAINED_SETTINGS
 from fdsl.engine.evaluation import _NEUTRAL
 from fdsl.engine.training import RESUME_NEUTRAL
 
@@ -66,11 +66,12 @@ def test_derived_lists_are_the_documented_ones() -> None:
     assert set(RESUME_NEUTRAL) == {"epoch", "save_path", "device", "num_workers", "resume", "save_freq", "win_batch",
                                    "align_chunk_mb", "config"}
     assert set(_NEUTRAL) == {"save_path", "num_workers", "batch_size", "classes", "save_images", "seeds", "seed",
-                             "device", "win_batch", "align_chunk_mb", "config", "engine_cache", "preset", "shot_draw"}
+                             "device", "win_batch", "align_chunk_mb", "config", "backend_cache", "preset",
+                             "shot_draw"}
     assert TRAINED_SETTINGS == ("model", "image_size", "features_list", "quick_gelu", "use_norm", "align_mode",
                                 "use_abs", "use_nam")
     assert set(settings(TrainConfig, path=True)) == {"save_path", "train_data_path", "model_config", "pretrained",
-                                                     "config", "engine_cache"}
+                                                     "config", "backend_cache"}
 
 
 def test_readme_and_docs_tables_name_real_options_with_their_defaults() -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fdsl.config import ModelConfig
-from fdsl.core.backbone import CLIPBackbone, check_output, register_model_configs
+from fdsl.core.backbone import CLIPBackbone, register_model_configs
+from fdsl.core.features import Backbone, check_output
 from fdsl.core.model import FDSL
 from fdsl.core.timm_backbone import TimmBackbone
 from fdsl.errors import ConfigError
@@ -38,6 +39,7 @@ def backbone(request):
 
 
 def test_forward_honours_the_contract(backbone):
+    assert isinstance(backbone, Backbone)  # the attributes and forward of the Protocol
     S = backbone.image_size
     out = backbone(torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0)))
     check_output(backbone, out, 2)

@@ -1,4 +1,4 @@
-"""`--engine openvino` (fdsl.core.backends): the backbone's passes compiled by OpenVINO give torch's numbers."""
+"""`--backend openvino` (fdsl.core.backends): the backbone's passes compiled by OpenVINO give torch's numbers."""
 from __future__ import annotations
 
 import csv
@@ -27,14 +27,14 @@ def backbone():
 
 
 def test_openvino_passes_equal_torch_and_compile_once_per_shape(backbone):
-    from fdsl.core.backends import OpenVINOEngine
+    from fdsl.core.backends import OpenVINOBackend
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, 112, 112, generator=g)
     crops = backbone.patch_embed(images)[:, :, 2:6, 1:5].contiguous()  # (3, C, 4, 4) window patch grids
     ref_g, ref_w = backbone(images), backbone.forward_patches(crops)
     try:
-        backbone.engine = OpenVINOEngine(backbone, threads=1)
+        backbone.backend = OpenVINOBackend(backbone, threads=1)
         got_g, got_w = backbone(images), backbone.forward_patches(crops)
         for ref, got in ((ref_g, got_g), (ref_w, got_w)):
             assert len(got.tokens) == 2 and got.tokens[0].shape == ref.tokens[0].shape
@@ -43,9 +43,9 @@ def test_openvino_passes_equal_torch_and_compile_once_per_shape(backbone):
         assert got_w.tokens[0].shape == (3, 16, 64)  # the 4×4 grid got its own positional embedding
         backbone(images[:1])  # another batch size: compiled again, not converted again
         backbone(images)
-        assert len(backbone.engine._models) == 2 and len(backbone.engine._compiled) == 3
+        assert len(backbone.backend._models) == 2 and len(backbone.backend._compiled) == 3
     finally:
-        backbone.engine = None
+        backbone.backend = None
 
 
 def _lively_checkpoint(path, data):
@@ -78,15 +78,15 @@ def _scores(path):
 
 @pytest.mark.parametrize("lfe", [False, True])
 def test_test_py_engine_openvino_gives_torch_scores(tmp_path, lfe):
-    """test.py with --engine openvino: per-image scores equal --engine torch's to 1e-4 (random weights: a
+    """test.py with --backend openvino: per-image scores equal --backend torch's to 1e-4 (random weights: a
     nearest-neighbour near-tie could flip one; none does here)."""
     from fdsl.cli.jobs import test_main
 
     data = tiny_data(tmp_path / "data", n_test_good=3, n_test_bad=3)
     ck = _lively_checkpoint(tmp_path / "ck.pth", data)
     extra = ["--winmode", "mul", "--win_size", "2", "--win_stride", "1"] if lfe else []
-    for engine in ("torch", "openvino"):
-        argv = tiny_test_argv(data, ck, tmp_path / engine, "--engine", engine, "--aupro", "0", *extra)
+    for backend in ("torch", "openvino"):
+        argv = tiny_test_argv(data, ck, tmp_path / backend, "--backend", backend, "--aupro", "0", *extra)
         assert test_main(argv) == 0
         drop_fdsl_log_handlers()
     ref, got = _scores(tmp_path / "torch" / "scores.csv"), _scores(tmp_path / "openvino" / "scores.csv")
@@ -98,23 +98,23 @@ def test_test_py_engine_openvino_gives_torch_scores(tmp_path, lfe):
 
 def test_engine_errors_are_one_line_and_name_the_extra(tmp_path, monkeypatch):
     from fdsl.cli.jobs import test_main
-    from fdsl.core.backends import check_engine
+    from fdsl.core.backends import check_backend
 
     with pytest.raises(ConfigError, match="--device"):
-        check_engine("openvino", torch.device("cuda:0"), torch.float32)
+        check_backend("openvino", torch.device("cuda:0"), torch.float32)
     with pytest.raises(ConfigError, match="fp32"):
-        check_engine("openvino", torch.device("cpu"), torch.bfloat16)
+        check_backend("openvino", torch.device("cpu"), torch.bfloat16)
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were not installed
     with pytest.raises(ConfigError, match=r"fdsl\[openvino\]"):
-        check_engine("openvino", torch.device("cpu"), torch.float32)
+        check_backend("openvino", torch.device("cpu"), torch.float32)
     data = tiny_data(tmp_path / "data")
     ck = save_tiny_checkpoint(tmp_path / "ck.pth")
-    assert test_main(tiny_test_argv(data, ck, tmp_path / "r", "--engine", "openvino")) == 2
+    assert test_main(tiny_test_argv(data, ck, tmp_path / "r", "--backend", "openvino")) == 2
     drop_fdsl_log_handlers()
 
 
 def test_train_py_engine_openvino_trains_the_same_head(tmp_path):
-    """train.py --engine openvino (frozen backbone through OpenVINO) trains the head torch trains, up to Adam's
+    """train.py --backend openvino (frozen backbone through OpenVINO) trains the head torch trains, up to Adam's
     amplification of ~1e-7 feature differences (its normalised steps move weights by up to ~lr on near-zero
     gradients)."""
     from fdsl_test_utils import TINY_MODEL_ARGS
@@ -125,7 +125,7 @@ def test_train_py_engine_openvino_trains_the_same_head(tmp_path):
     heads = {}
     for e in ("torch", "openvino"):
         argv = [*TINY_MODEL_ARGS, "--train_data_path", str(data), "--save_path", str(tmp_path / e), "--epoch", "1",
-                "--k_shot", "1", "--batch_size", "2", "--num_workers", "0", "--engine", e, "--seed", "0"]
+                "--k_shot", "1", "--batch_size", "2", "--num_workers", "0", "--backend", e, "--seed", "0"]
         assert train_main(argv) == 0
         drop_fdsl_log_handlers()
         heads[e] = torch.load(tmp_path / e / "epoch_1.pth", weights_only=True)["head"]
@@ -135,29 +135,29 @@ def test_train_py_engine_openvino_trains_the_same_head(tmp_path):
     assert max(diffs) < 5e-3
 
 
-def test_engine_cache_skips_conversion_in_a_later_run(backbone, tmp_path, monkeypatch):
-    """--engine_cache: a second engine (a later run) reads the converted pass instead of exporting it again,
+def test_backend_cache_skips_conversion_in_a_later_run(backbone, tmp_path, monkeypatch):
+    """--backend_cache: a second backend (a later run) reads the converted pass instead of exporting it again,
     with the same tokens; other weights get another cache entry."""
-    import fdsl.core.backends as engines
+    import fdsl.core.backends as backends
 
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     ref = backbone(x)
     try:
-        backbone.engine = engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path))
+        backbone.backend = backends.OpenVINOBackend(backbone, threads=1, cache=str(tmp_path))
         first = backbone(x)
         assert len(list(tmp_path.glob("*.xml"))) == 1
-        monkeypatch.setattr(engines, "convert_to_openvino", lambda *a, **k: pytest.fail("converted again"))
-        backbone.engine = engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path))
+        monkeypatch.setattr(backends, "convert_to_openvino", lambda *a, **k: pytest.fail("converted again"))
+        backbone.backend = backends.OpenVINOBackend(backbone, threads=1, cache=str(tmp_path))
         second = backbone(x)
     finally:
-        backbone.engine = None
+        backbone.backend = None
     for a, b, c in zip(ref.tokens, first.tokens, second.tokens):
         assert float((a - b).abs().max()) < 1e-5 and torch.equal(b, c)
-    before = engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path)).identity()
+    before = backends.OpenVINOBackend(backbone, threads=1, cache=str(tmp_path)).identity()
     with torch.no_grad():
         backbone.visual.ln_pre.bias.add_(1e-3)  # other weights: another identity, so another cache entry
     try:
-        assert engines.OpenVINOEngine(backbone, threads=1, cache=str(tmp_path)).identity() != before
+        assert backends.OpenVINOBackend(backbone, threads=1, cache=str(tmp_path)).identity() != before
     finally:
         with torch.no_grad():
             backbone.visual.ln_pre.bias.sub_(1e-3)
@@ -168,17 +168,17 @@ def test_timm_backbones_run_on_openvino_or_refuse_in_one_line():
     resampled with an op OpenVINO lacks, is a ConfigError naming the pass, not a traceback."""
     from test_backbone_contract import TINY_VIT
 
-    from fdsl.core.backends import OpenVINOEngine
+    from fdsl.core.backends import OpenVINOBackend
     from fdsl.core.timm_backbone import TimmBackbone
 
     cnn = TimmBackbone("timm:tf_efficientnet_lite0", "none", 64, [3, 4]).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     ref = cnn(x)
-    cnn.engine = OpenVINOEngine(cnn, threads=1)
+    cnn.backend = OpenVINOBackend(cnn, threads=1)
     got = cnn(x)
     for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5
     vit = TimmBackbone("timm:vit_tiny_patch16_224", "none", 96, [1, 3], model_kwargs=TINY_VIT).eval()
-    vit.engine = OpenVINOEngine(vit, threads=1)
+    vit.backend = OpenVINOBackend(vit, threads=1)
     with pytest.raises(ConfigError, match="cannot convert the images pass"):
         vit(torch.randn(2, 3, 96, 96))

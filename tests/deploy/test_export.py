@@ -157,6 +157,42 @@ def test_predict_and_deploy_cli_write_the_same_verdicts(env, exported, tmp_path)
         assert n_over == len(env.images)
 
 
+def test_one_image_walks_the_same_rooms_through_predict_and_deploy(env, exported, tmp_path, monkeypatch):
+    """One image through `fdsl predict --detector part.fdsl` and through `python -m fdsl.deploy`: below their
+    entry points both walk the same FolderRun, down to decoding the batch (the call stack, fdsl frames only)."""
+    import traceback
+
+    import fdsl.outputs.folder_run as folder_run
+    from fdsl.cli.inspection import main as inspect_main
+    from fdsl.deploy.run import main as deploy_main
+
+    stacks: list[list[str]] = []
+    real = folder_run.read_images
+
+    def spy(paths):
+        frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}fdsl{os.sep}" in f.filename]
+        stacks.append([f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.name}" for f in frames])
+        return real(paths)
+
+    monkeypatch.setattr(folder_run, "read_images", spy)
+    image = str(env.images[0])
+    assert inspect_main(["predict", "--detector", str(env.detectors["lfe"]), "--images", image, "--out",
+                         str(tmp_path / "t"), "--device", "cpu"]) == 0
+    assert deploy_main(["--model", str(exported("lfe", "openvino")), "--images", image, "--out",
+                        str(tmp_path / "d")]) == 0
+    assert len(stacks) == 2
+    walk = ["outputs/folder_run.py:run", "outputs/folder_run.py:_locked"]
+    for stack in stacks:
+        start = stack.index(walk[0])
+        assert stack[start:] == walk, stack
+        assert not any(s.startswith(("outputs/", "deploy/", "cli/")) and "folder_run" not in s
+                       for s in stack[start:])
+    predict_rooms = [s.split(":")[0] for s in stacks[0][:stacks[0].index(walk[0])]]
+    deploy_rooms = [s.split(":")[0] for s in stacks[1][:stacks[1].index(walk[0])]]
+    assert set(predict_rooms) <= {"cli/__init__.py", "cli/inspection.py", "cli/jobs.py"}, predict_rooms
+    assert set(deploy_rooms) == {"deploy/run.py"}, deploy_rooms
+
+
 def test_deploy_imports_no_torch_open_clip_or_opencv():
     code = ("import sys, fdsl, fdsl.deploy, fdsl.deploy.run, fdsl.deploy.pictures, fdsl.cli.inspection; "
             "bad = [m for m in ('torch', 'open_clip', 'cv2', 'torchvision') if m in sys.modules]; "

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fdsl.config import ModelConfig, config_to_dict
+from fdsl.core.checkpoint_io import load_head, read_checkpoint
 from fdsl.core.head import FDSLHead
-from fdsl.engine.checkpoint import load_head, read_checkpoint, save_checkpoint
+from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.errors import CheckpointError
 
 C = 64  # tiny backbone width
@@ -273,7 +274,7 @@ def _own_checkpoint(path: Path, **model_kw) -> Path:
 
 
 def test_reconcile_takes_every_trained_setting_when_not_given(caplog) -> None:
-    from fdsl.engine.checkpoint import TRAINED_SETTINGS, reconcile_model_config
+    from fdsl.core.checkpoint_io import TRAINED_SETTINGS, reconcile_model_config
 
     assert set(TRAINED_SETTINGS) == {"use_nam", "features_list", "model", "image_size", "use_norm",
                                      "align_mode", "use_abs", "quick_gelu"}
@@ -297,7 +298,7 @@ def test_reconcile_takes_every_trained_setting_when_not_given(caplog) -> None:
     ("use_abs", False, True), ("quick_gelu", True, False),
 ])
 def test_reconcile_conflict_names_both_values(flag, value, saved) -> None:
-    from fdsl.engine.checkpoint import reconcile_model_config
+    from fdsl.core.checkpoint_io import reconcile_model_config
 
     cfg = _run_cfg(**{flag: value})
     with pytest.raises(CheckpointError, match=rf"--{flag} .* but this run sets --{flag} "):
@@ -308,7 +309,7 @@ def test_reconcile_conflict_names_both_values(flag, value, saved) -> None:
 
 
 def test_reconcile_with_own_checkpoint_file(tmp_path: Path) -> None:
-    from fdsl.engine.checkpoint import reconcile_with_checkpoint
+    from fdsl.core.checkpoint_io import reconcile_with_checkpoint
 
     path = _own_checkpoint(tmp_path / "e.pth", use_nam=False)
     cfg = _run_cfg()
@@ -319,7 +320,7 @@ def test_reconcile_with_own_checkpoint_file(tmp_path: Path) -> None:
 
 
 def test_released_checkpoint_without_nam_weights_and_nam_on_is_an_error(tmp_path: Path) -> None:
-    from fdsl.engine.checkpoint import reconcile_with_checkpoint
+    from fdsl.core.checkpoint_io import reconcile_with_checkpoint
 
     path = _save_released(tmp_path / "r.pth", _released_state(nam=False))
     with pytest.raises(CheckpointError, match=r"no NAM weights \(convRes\.\*\).*--use_nam 0"):

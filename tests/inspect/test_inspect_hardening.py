@@ -451,7 +451,7 @@ def test_calibrate_warns_on_an_image_given_as_normal_and_anomalous(env, caplog):
 
 def test_test_py_takes_pretrained_from_the_checkpoint():
     from fdsl.config import TestConfig
-    from fdsl.engine.checkpoint import reconcile_model_config
+    from fdsl.core.checkpoint_io import reconcile_model_config
 
     cfg = TestConfig(checkpoint_path="x.pth")
     taken = reconcile_model_config(cfg, {"pretrained": "none"}, explicit=set(), source="x.pth")

@@ -201,7 +201,7 @@ def trained(data: SimpleNamespace) -> SimpleNamespace:
 
 
 def test_training_two_ranks_match_one_process(trained):
-    from fdsl.engine.checkpoint import read_checkpoint
+    from fdsl.core.checkpoint_io import read_checkpoint
 
     log1, log2 = (trained.one / "log.txt").read_text(), (trained.two / "log.txt").read_text()
     l1, l2 = epoch_losses(log1), epoch_losses(log2)

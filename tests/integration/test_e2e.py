@@ -147,7 +147,7 @@ def multi_seed(work: Path, data: SimpleNamespace, trained: SimpleNamespace) -> S
 
 
 def test_train_writes_checkpoints_kshot_config_and_log(data, trained):
-    from fdsl.engine.checkpoint import read_checkpoint
+    from fdsl.core.checkpoint_io import read_checkpoint
 
     names = sorted(p.name for p in trained.dir.glob("epoch_*.pth"))
     assert names == sorted(f"epoch_{e}.pth" for e in range(1, EPOCHS + 1))
@@ -279,7 +279,7 @@ def test_rerun_train_does_no_more_epochs(work, data, trained, evaluated):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(work, data, trained):
-    from fdsl.engine.checkpoint import read_checkpoint
+    from fdsl.core.checkpoint_io import read_checkpoint
 
     out = work / "train_interrupted"
     shutil.copytree(trained.dir, out)

@@ -20,9 +20,10 @@ from fdsl_test_utils import liven_head
 from fdsl.config import ModelConfig, config_to_dict
 from fdsl.config import TestConfig as EvalConfig  # aliased: pytest would try to collect Test*
 from fdsl.core.backbone import register_model_configs
+from fdsl.core.checkpoint_io import read_checkpoint
 from fdsl.core.model import FDSL
 from fdsl.data.synthetic import make_synthetic_dataset
-from fdsl.engine.checkpoint import read_checkpoint, save_checkpoint
+from fdsl.engine.checkpoint import save_checkpoint
 from fdsl.engine.evaluation import Evaluator
 from fdsl.io import atomic_torch_save
 

@@ -417,3 +417,11 @@ def test_aupro_errors():
     for limit in (0.0, -0.1, 1.5, "a"):
         with pytest.raises(ConfigError, match="fpr_limit"):
             aupro(masks, maps, fpr_limit=limit)
+
+
+def test_class_mean_skips_undefined_classes():
+    """The one mean over classes (test.py's per-run mean and the protocol's per-seed mean): NaN classes skipped."""
+    from fdsl.metrics.metrics import class_mean
+
+    assert class_mean([0.5, float("nan"), 1.0]) == 0.75
+    assert math.isnan(class_mean([float("nan")])) and math.isnan(class_mean([]))
