@@ -46,7 +46,8 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
            "expand_user_paths", "explicit_fields", "field_type", "given", "overrides_of", "parse_bool",
            "parse_config", "part_of", "settings",
            "ModelConfig", "RuntimeConfig", "JobConfig", "TrainConfig", "TestConfig", "FitConfig", "PredictConfig",
-           "CalibrateConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides", "model_config_from"]
+           "CalibrateConfig", "BatchConfig", "DemoConfig", "IndexConfig", "ImagesCommand", "ModelOverrides",
+           "model_config_from"]
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
@@ -478,10 +479,18 @@ class ServeConfig(ImagesCommand):
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
     max_files: int = option(64, "--max_files", help="images per request")
     max_file_mb: float = option(20.0, "--max_file_mb", help="megabytes per uploaded file")
+    max_request_mp: float = option(100.0, "--max_request_mp",
+                                   help="megapixels per request, all its images together (larger: 413); bounds a "
+                                        "request's work and the size of its answer (docs/workbench.md)")
+    max_fitted: int = option(20, "--max_fitted",
+                             help="detectors fitted on the page kept in <workdir>/fitted/ (the oldest are removed)")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
         positive_int(self.max_files, "--max_files")
+        positive_int(self.max_fitted, "--max_fitted")
+        if not (math.isfinite(self.max_request_mp) and self.max_request_mp > 0):
+            raise ConfigError(f"--max_request_mp must be a positive number, got {self.max_request_mp}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must lie in 1..65535, got {self.port}")
         if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
@@ -513,6 +522,44 @@ class ExportConfig:
     def validate(self) -> None:
         expand_user_paths(self)
         positive_int(self.chunk_mb, "--chunk_mb")
+
+
+@dataclass
+class BatchConfig:
+    """`fdsl batch`: score an archive of images on Ray Data (local cores or a cluster) into a Parquet table,
+    every input exactly once; a rerun into the same --out scores only what is missing."""
+
+    detector: str | None = _detector("detector file written by `fit` (torch), or a folder written by `export` "
+                                     "(torch-free, CPU workers)")
+    input: str | None = option(None, "--input", required=True,
+                               help="a folder (recursive), a glob ('imgs/**/*.png'), or a .txt/.csv file listing "
+                                    "paths or URIs (s3://, gs://: what pyarrow's file systems read); relative "
+                                    "paths in a list are relative to the list's folder")
+    out: str | None = option(None, "--out", required=True, path=True,
+                             help="output folder: results.parquet, summary.json, masks/ (and overlays/)")
+    address: str | None = option(None, "--address",
+                                 help="Ray cluster to join: auto, or ray://host:10001 (default: start Ray on this "
+                                      "machine only, no dashboard, no usage statistics)")
+    workers: int = option(2, "--workers", help="scoring actors; each loads the detector once")
+    batch_size: int = option(8, "--batch_size", help="images per decode task and per scoring call")
+    device: str = option("cpu", "--device", choices=("cpu", "cuda"), help="where each worker scores")
+    gpus_per_worker: float = option(0.0, "--gpus_per_worker",
+                                    help="GPUs per worker (default 1 with --device cuda; 0.5 packs two per GPU)")
+    cpus_per_worker: int = option(1, "--cpus_per_worker", help="CPUs (threads) per scoring worker")
+    threshold: float | None = option(None, "--threshold", help="image threshold overriding the stored one")
+    pretrained: str | None = option(None, "--pretrained", path=True,
+                                    help="the backbone weights file, when it moved since `fit` (a .fdsl detector)")
+    masks: bool = option(True, "--masks", help="write masks/<name>.png for anomalous images")
+    overlays: bool = option(False, "--overlays", help="write overlays/<name>.png for anomalous images")
+
+    def validate(self) -> None:
+        expand_user_paths(self)
+        for name in ("workers", "batch_size", "cpus_per_worker"):
+            positive_int(getattr(self, name), f"--{name}")
+        if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
+            raise ConfigError(f"--gpus_per_worker must be a number >= 0, got {self.gpus_per_worker}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold}")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_every_module_imports(name) -> None:
 # The house, floor by floor: a module may import its own subpackage and any lower floor, nothing else.
 # Subpackages on one floor (core and metrics; deploy and serve) do not import each other.
 FLOORS = {"fdsl": 0, "fdsl.data": 1, "fdsl.core": 2, "fdsl.metrics": 2, "fdsl.outputs": 3, "fdsl.engine": 4,
-          "fdsl.inspect": 5, "fdsl.deploy": 6, "fdsl.serve": 6, "fdsl.cli": 7}
+          "fdsl.inspect": 5, "fdsl.deploy": 6, "fdsl.serve": 6, "fdsl.batch": 7, "fdsl.cli": 8}
 ENTRY_POINTS = {"fdsl.__main__": "fdsl.cli"}  # `python -m fdsl` is the dispatcher's room
 # The torch-free rooms, by what they may import directly.
 TORCH_FREE = {"fdsl.outputs": {"fdsl", "fdsl.data.rgb", "fdsl.metrics", "fdsl.outputs"},
@@ -120,7 +120,8 @@ GRAPH = {m: _imports(m) for m in MODULES}
 
 def test_no_import_runs_up_a_floor() -> None:
     """Computed from the real imports: base (errors, checks, io, options, config, taps) -> data -> core and
-    metrics -> outputs -> engine -> inspect -> deploy and serve -> cli; outputs and deploy stay torch-free."""
+    metrics -> outputs -> engine -> inspect -> deploy and serve -> batch (it loads both detector kinds) -> cli;
+    outputs and deploy stay torch-free."""
     bad = []
     for m, targets in GRAPH.items():
         here = _room(m)

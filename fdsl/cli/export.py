@@ -30,7 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fdsl.config import RuntimeConfig
         from fdsl.inspect.detector import Detector
         from fdsl.inspect.export import export_detector
+        from fdsl.io import prepare_run_dir
 
+        prepare_run_dir(cfg.out, "--out")  # before loading the detector and building the graph
         det = Detector.load(cfg.detector, runtime=RuntimeConfig(device="cpu", precision="fp32"),
                             pretrained=cfg.pretrained)
         out = export_detector(det, cfg.out, cfg.format, cfg.precision, cfg.chunk_mb)

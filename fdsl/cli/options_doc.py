@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fdsl.config import (
+    BatchConfig,
     CalibrateConfig,
     DemoConfig,
     DeployConfig,
@@ -48,6 +49,7 @@ SECTIONS = [
     ("`fdsl serve`", ServeConfig),
     ("`fdsl export`", ExportConfig),
     ("`python -m fdsl.deploy` (no PyTorch)", DeployConfig),
+    ("`fdsl batch` (Ray Data)", BatchConfig),
     ("The demo: `fdsl demo`, `python -m fdsl.cli.demo`", DemoConfig),
     ("The indexers: `python data/mvtec.py`, `python data/visa.py`", IndexConfig),
 ]

@@ -128,22 +128,40 @@ class OpenVINOBackend:
         return self._compiled[key]
 
     def identity(self) -> str:
-        """A digest of everything the converted passes depend on: the backbone's weights and buffers, its
-        structure and settings, and the torch, OpenVINO and fdsl versions (computed once)."""
+        """A digest of the backbone's weights and buffers, its structure and the torch, OpenVINO and fdsl
+        versions (computed once). Settings that change a pass without changing a weight (which layers are
+        tapped, token normalisation, ...) are in `pass_key`, through the pass's own outputs."""
         if self._identity is None:
             import openvino as ov
 
             from fdsl import __version__
 
             h = hashlib.sha256()
-            for key in (repr(self.owner), repr(getattr(self.owner, "take_indices", None)),
-                        repr(getattr(self.owner, "normalize", None)), torch.__version__, ov.__version__, __version__):
+            for key in (type(self.owner).__qualname__, repr(self.owner), torch.__version__, ov.__version__,
+                        __version__):
                 h.update(key.encode())
             for k, t in sorted({**dict(self.owner.named_parameters()), **dict(self.owner.named_buffers())}.items()):
                 h.update(k.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
-            self._identity = h.hexdigest()[:24]
+            self._identity = h.hexdigest()
         return self._identity
+
+    @torch.no_grad()
+    def pass_key(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor) -> str:
+        """The cache key of pass `name` at x's non-batch shape: `identity`, the input shape, and the pass's own
+        PyTorch outputs on a fixed probe input (their count, shapes, and values rounded to fp16).
+
+        Whatever the pass's output depends on (tapped layers, normalisation, any attribute added later) is in
+        its outputs, so no list of attributes has to be kept current; a rounding that differs by a thread
+        count only costs a conversion, never a wrong model.
+        """
+        h = hashlib.sha256(f"{self.identity()}|{name}|{tuple(x.shape[1:])}".encode())
+        probe = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        out = fn(probe)
+        for t in (*out.tokens, out.image_embeds):
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(t.detach().float().cpu().to(torch.float16).contiguous().numpy().tobytes())
+        return h.hexdigest()[:24]
 
     def _converted(self, name: str, fn: Callable[[torch.Tensor], BackboneOutput], x: torch.Tensor):
         """The `openvino.Model` of pass `name` at x's non-batch shape: read from the cache folder when a run
@@ -153,7 +171,7 @@ class OpenVINOBackend:
         path = None
         if self.cache is not None:
             shape = "x".join(map(str, x.shape[1:]))
-            path = self.cache / f"{type(self.owner).__name__}_{self.identity()}_{name}_{shape}.xml"
+            path = self.cache / f"{type(self.owner).__name__}_{self.pass_key(name, fn, x)}_{name}_{shape}.xml"
             if path.is_file() and path.with_suffix(".bin").is_file():
                 log.info("openvino: the %s pass for %s comes from the cache %s", name, tuple(x.shape[1:]), path)
                 return self.core.read_model(str(path))

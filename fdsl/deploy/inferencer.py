@@ -13,9 +13,18 @@ from PIL import Image
 
 from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.deploy.pixels import preprocess, resize_bilinear
-from fdsl.errors import ConfigError
+from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import PathLike
-from fdsl.outputs.contract import read_contract
+from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and read_contract stay importable here)
+    CONTRACT,
+    FORMAT,
+    FORMAT_VERSION,
+    OUTPUTS,
+    REEXPORT,
+    check_model_io,
+    read_contract,
+    verify_model_files,
+)
 from fdsl.outputs.openvino_core import openvino_core
 from fdsl.outputs.thresholds import defect_region
 from fdsl.outputs.verdicts import Prediction
@@ -25,16 +34,40 @@ log = logging.getLogger(__name__)
 _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
            "onnx": "pip install 'fdsl[onnx]' (onnxruntime==1.31.1)"}
 
-
+def _cannot_load(path: Path, runtime: str, exc: BaseException) -> CheckpointError:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "rror" in ln or "xception" in ln), lines[0] if lines else "")
+    return CheckpointError(f"{path}: the {runtime} runtime cannot load it ({type(exc).__name__}: {detail[:160]}); "
+                           f"the file is damaged or not a model written by fdsl export: {REEXPORT}")
 
 
 class _OpenVINOSession:
-    def __init__(self, path: Path, threads: int | None) -> None:
+    """The model read, its inputs and outputs checked against the contract, then compiled for the CPU."""
+
+    def __init__(self, path: Path, threads: int | None, info: dict) -> None:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = openvino_core().compile_model(str(path), "CPU", config)
-        self.names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
+        core = openvino_core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:  # noqa: BLE001  the runtime's own parse errors: one line
+            raise _cannot_load(path, "OpenVINO", exc) from exc
+
+        def shape(port) -> list[int | None]:
+            ps = port.get_partial_shape()
+            if ps.rank.is_dynamic:
+                return [None]  # rank unknown: refused by the check below
+            return [d.get_length() if d.is_static else None for d in ps]
+
+        check_model_io(info, path, [(next(iter(i.get_names()), "?"), shape(i)) for i in model.inputs],
+                       [(n, shape(o)) for o in model.outputs for n in (o.get_names() or {"?"})])
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # noqa: BLE001
+            raise _cannot_load(path, "OpenVINO", exc) from exc
+        self.names = [next(iter(sorted(set(o.get_names()) & set(OUTPUTS))), str(i))
+                      for i, o in enumerate(self.compiled.outputs)]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         res = self.compiled(x)
@@ -42,13 +75,22 @@ class _OpenVINOSession:
 
 
 class _ONNXSession:
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, info: dict) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001  onnxruntime's own parse errors: one line
+            raise _cannot_load(path, "onnxruntime", exc) from exc
+
+        def shape(arg) -> list[int | None]:
+            return [d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or [None])]
+
+        check_model_io(info, path, [(i.name, shape(i)) for i in self.session.get_inputs()],
+                       [(o.name, shape(o)) for o in self.session.get_outputs()])
         self.input = self.session.get_inputs()[0].name
         self.names = [o.name for o in self.session.get_outputs()]
 
@@ -65,12 +107,15 @@ class ExportedDetector:
 
     def __init__(self, folder: PathLike, threads: int | None = None) -> None:
         self.folder = Path(folder)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads!r}")
         self.info = read_contract(self.folder)
         self.model_file = self.folder / self.info["model_file"]
-        kind = "onnx" if self.model_file.suffix == ".onnx" else "openvino"
+        kind = self.info["runtime"]
+        verify_model_files(self.folder, self.info)
         try:
-            self.session = _ONNXSession(self.model_file, threads) if kind == "onnx" else \
-                _OpenVINOSession(self.model_file, threads)
+            self.session = _ONNXSession(self.model_file, threads, self.info) if kind == "onnx" else \
+                _OpenVINOSession(self.model_file, threads, self.info)
         except ImportError:
             raise ConfigError(f"{self.model_file.name} needs the {kind} runtime: {_EXTRAS[kind]}") from None
         self.runtime = kind

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fdsl.errors import FDSLError
+from fdsl.errors import ConfigError, FDSLError
 from fdsl.io import PathLike
 from fdsl.outputs.verdicts import Prediction
 
@@ -33,7 +33,9 @@ def predict_folder(model: PathLike, images: Sequence[PathLike], out: PathLike, *
     from fdsl.deploy.inferencer import load_exported
     from fdsl.outputs.folder_run import FolderRun, inputs
 
-    files = inputs(images, out, batch_size=batch_size, threshold=threshold)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}")
+    files = inputs(images, out, batch_size=batch_size, threshold=threshold)  # checks --threshold: NaN/inf refused
     det = load_exported(model, threads)
     head = {"model": str(model), "runtime": det.runtime, "precision": det.info.get("precision"),
             "fdsl_version": det.info.get("fdsl_version")}

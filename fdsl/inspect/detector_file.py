@@ -8,10 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,19 @@ from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import PathLike, atomic_path
 from fdsl.outputs.files import sha256_file
+from fdsl.schema import (
+    BOOL,
+    NORMAL_IMAGES,
+    SHA256,
+    STR,
+    Spec,
+    choice,
+    int_spec,
+    is_int,
+    num_spec,
+    or_null,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,43 +218,16 @@ def write_detector_file(path: Path, tensors: dict[str, torch.Tensor], info: dict
 # ----------------------------------------------------------------------------- the metadata schema
 # One schema for the metadata entry: a field is (description, check) or a nested record (a dict of
 # fields); each record maps its keys to (required, field). Unknown keys are refused, numbers must be finite.
-Spec = tuple[str, Callable[[Any], bool]]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(lo: int) -> Spec:
-    return (f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
-
-
-def _num(lo: float = -math.inf, hi: float = math.inf) -> Spec:
-    what = "a finite number" + (f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) or math.isfinite(hi) else "")
-    return (what, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and lo <= v <= hi)
-
-
-def _or_null(spec: Spec) -> Spec:
-    return (spec[0] + " or null", lambda v: v is None or spec[1](v))
-
-
-def _choice(choices: tuple[Any, ...]) -> Spec:
-    return (f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices)
-
-
-_STR: Spec = ("a string", lambda v: isinstance(v, str))
-_BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
-_SHA256: Spec = ("a sha256 hex digest", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+# The field helpers are `fdsl.schema`'s, shared with the export contract (`fdsl.outputs.contract`).
+_is_int = is_int
+_int = int_spec
+_num = num_spec
+_or_null = or_null
+_choice = choice
+_STR, _BOOL, _SHA256 = STR, BOOL, SHA256
 _LAYERS: Spec = ("a non-empty list of integers >= 1", lambda v: isinstance(v, list) and bool(v)
                  and all(_is_int(x) and x >= 1 for x in v))
-_SIZE: Spec = ("a [width, height] pair of integers >= 1", lambda v: isinstance(v, list) and len(v) == 2
-                and all(_is_int(x) and x >= 1 for x in v))
-_NORMAL_IMAGES: Spec = ("a list of {name, sha256[, mode, size]} objects", lambda v: isinstance(v, list) and all(
-    isinstance(x, dict) and {"name", "sha256"} <= set(x) <= {"name", "sha256", "mode", "size"}
-    and _STR[1](x["name"]) and _SHA256[1](x["sha256"])
-    and ("mode" not in x or _STR[1](x["mode"])) and ("size" not in x or _SIZE[1](x["size"]))
-    for x in v))
+_NORMAL_IMAGES = NORMAL_IMAGES
 
 
 def _model_config_schema() -> dict:
@@ -299,9 +283,7 @@ METADATA_SCHEMA: dict = {
 }
 
 
-def _shown(value: Any) -> str:
-    text = json.dumps(value, allow_nan=True, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+_shown = shown
 
 
 _NULLABLE_RECORDS = {"checkpoint"}  # records that may be null

@@ -25,10 +25,11 @@ from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
 from fdsl.data.images import OPENAI_MEAN, OPENAI_STD
 from fdsl.errors import ConfigError
-from fdsl.io import PathLike, atomic_write_json
-from fdsl.outputs.contract import CONTRACT, OUTPUTS
+from fdsl.io import PathLike, atomic_write_json, prepare_run_dir
+from fdsl.outputs.contract import CONTRACT, OUTPUTS, validate_contract
 from fdsl.outputs.contract import FORMAT as EXPORT_FORMAT
 from fdsl.outputs.contract import FORMAT_VERSION as EXPORT_FORMAT_VERSION
+from fdsl.outputs.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,16 @@ class DetectorGraph(nn.Module):
         return amap, image_score(patch, mmax), patch, mmax
 
 
-def contract(det, fmt: str, precision: str, model_file: str) -> dict:
-    """The JSON written beside the graph: preprocessing, outputs, thresholds, the detector's identity."""
+def contract(det, fmt: str, precision: str, model_file: str, model_sha256: str, weights_sha256: str | None) -> dict:
+    """The JSON written beside the graph: the model files' digests, preprocessing, outputs, thresholds, the
+    detector's identity (`fdsl.outputs.contract.CONTRACT_SCHEMA`)."""
     info = det.info
     S = int(det.model.cfg.image_size)
     return {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fdsl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "runtime": fmt, "model_file": model_file, "precision": precision,
+        "runtime": fmt, "model_file": model_file, "model_sha256": model_sha256, "weights_sha256": weights_sha256,
+        "precision": precision,
         "input": {"name": "images", "shape": ["batch", 3, S, S], "dtype": "float32", "layout": "NCHW",
                   "channels": "RGB", "batch": "dynamic"},
         "preprocessing": {
@@ -237,6 +240,7 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the exported model")
+    prepare_run_dir(out, "--out")  # created and writable before the graph is built (seconds to minutes)
     if det.model.device.type != "cpu":
         raise ConfigError("export a detector loaded on the CPU (--device cpu)")
     graph = DetectorGraph(det.model, det.memory, det.cal_image_size, chunk_mb).eval()
@@ -244,7 +248,6 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     example = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))  # batch 2: stays dynamic
     with torch.no_grad():
         graph(example)  # once eagerly: fills the backbone's positional-grid cache, so the graph holds constants
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if fmt == "openvino":
         try:
@@ -272,7 +275,11 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
             prog = torch.onnx.export(graph, (example,), input_names=["images"], output_names=list(OUTPUTS),
                                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
         prog.save(str(out / model_file))
-    atomic_write_json(out / CONTRACT, contract(det, fmt, precision, model_file))
+    model_path = out / model_file
+    weights = sha256_file(model_path.with_suffix(".bin")) if fmt == "openvino" else None
+    info = validate_contract(contract(det, fmt, precision, model_file, sha256_file(model_path), weights),
+                             out / CONTRACT)  # a contract its readers refuse is never written
+    atomic_write_json(out / CONTRACT, info)
     log.info("exported the detector to %s (%s, %s) in %.1f s", out / model_file, fmt, precision,
              time.perf_counter() - t0)
     return out

@@ -15,8 +15,9 @@ One run scores a list of input files with a `Scorer` into one output folder:
 Resume is keyed on a content digest: every input is hashed once per run (sha256, read once; an input that is
 scored is read again to decode it, from the page cache). A file replaced by another of the same size and
 modification time (``cp -p``, tar, zip, camera frames of one size) is scored again; a file only touched keeps
-its row. The cost is reading every input once: next to scoring it (tens to hundreds of milliseconds per image
-on a CPU) hashing it is small (sha256 runs at about a GB/s per core; a 1 MB image takes about a millisecond).
+its row. The cost is reading every input once per run, also on a rerun that skips everything: sha256 ran at
+about 290 MB/s (3.5 ms per MB) on a shared, loaded 2-core AMD EPYC (AVX2, SHA-NI), small next to scoring an
+image on a CPU (0.57 s per image for the tiny test detector on the same machine).
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import base64
 import copy
 import hashlib
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -40,23 +41,45 @@ from fdsl.inspect.detector import Detector
 from fdsl.io import PathLike
 from fdsl.outputs.input_check import differences, reference_profile
 from fdsl.outputs.verdicts import overlay_array, png_bytes, verdict_record
-from fdsl.serve.uploads import Limits, Part, UploadError, decode_image, display_name, parse_multipart
+from fdsl.serve.uploads import (
+    Limits,
+    Part,
+    UploadError,
+    check_request_pixels,
+    decode_image,
+    display_name,
+    parse_multipart,
+    pixel_batches,
+)
 
 log = logging.getLogger(__name__)
 
 _ID_CHARS = set("0123456789abcdef")
 
 
-def detector_metadata(det: Detector, name: str) -> dict:
-    """What `GET /api/detector` returns: file name, thresholds, model, backbone, checkpoint, normal images."""
-    info = det.info
-    return {"name": name, "fdsl_version": info.get("fdsl_version"), "created": info.get("created"),
+def is_exported(det) -> bool:
+    """True for a folder written by `fdsl export` (`fdsl.deploy.ExportedDetector`): it scores, it cannot fit."""
+    return not hasattr(det, "model")
+
+
+def fitted_detector_info(det) -> dict:
+    """The detector's own metadata: the `.fdsl` file's, or the ``detector`` record of an export contract."""
+    return (det.info.get("detector") or {}) if is_exported(det) else det.info
+
+
+def detector_metadata(det, name: str) -> dict:
+    """What `GET /api/detector` returns: file name, thresholds, model, backbone, checkpoint, normal images;
+    ``can_fit`` is false for an exported model (fitting needs the PyTorch detector)."""
+    info = fitted_detector_info(det)
+    return {"name": name, "can_fit": not is_exported(det),
+            "runtime": det.runtime if is_exported(det) else "torch",
+            "fdsl_version": info.get("fdsl_version"), "created": info.get("created"),
             "image_threshold": det.image_threshold, "pixel_threshold": det.pixel_threshold,
-            "thresholds": info.get("thresholds", {}), "cal_image_size": det.cal_image_size,
-            "model_config": info.get("model_config", {}), "backbone": info.get("backbone", {}),
+            "thresholds": det.info.get("thresholds", {}), "cal_image_size": det.cal_image_size,
+            "model_config": info.get("model_config") or {}, "backbone": info.get("backbone") or {},
             "checkpoint": info.get("checkpoint", {}),
-            "n_normal_images": len(info.get("normal_images", [])),
-            "normal_images": [n.get("name") for n in info.get("normal_images", [])]}
+            "n_normal_images": len(info.get("normal_images") or []),
+            "normal_images": [n.get("name") for n in info.get("normal_images") or []]}
 
 
 def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequence[str],
@@ -80,38 +103,80 @@ def fit_from_images(base: Detector, images: Sequence[Image.Image], names: Sequen
     return Detector(model, memory, info)
 
 
-class Service:
-    """The server's state: the detector in use, its lock, the work folder and the upload limits."""
+def release_freed_memory() -> None:
+    """Hand memory freed by a request back to the OS (glibc keeps it in per-thread arenas otherwise, so parallel
+    requests on other worker threads would each keep their own peak). No-op where glibc is absent."""
+    try:
+        import ctypes
 
-    def __init__(self, detector: Detector, name: str, workdir: Path, limits: Limits,
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+FITTED_NAME = re.compile(r"[0-9a-f]{16}\.fdsl")
+
+
+class Service:
+    """The server's state: the detector in use, its lock, the work folder, the upload limits, and the detectors
+    fitted on the page (at most `max_fitted` files in ``<workdir>/fitted/``, the newest kept, found again at
+    restart)."""
+
+    def __init__(self, detector, name: str, workdir: Path, limits: Limits,
                  batch_size: int = 8, runtime: RuntimeConfig | str = "cpu",
-                 pretrained: str | None = None) -> None:
+                 pretrained: str | None = None, max_fitted: int = 20) -> None:
         self.detector, self.name = detector, name
         self.runtime = runtime
         self.pretrained = pretrained
         self.workdir = workdir
         self.limits = limits
         self.batch_size = batch_size
+        self.max_fitted = max_fitted
         self.lock = threading.Lock()
-        self.fitted: dict[str, Path] = {}
+        self.served_path: Path | None = None  # the fitted file in use, never removed while it is
+        folder = workdir / "fitted"
+        found = sorted((p for p in folder.glob("*.fdsl") if FITTED_NAME.fullmatch(p.name) and p.is_file()),
+                       key=lambda p: (p.stat().st_mtime, p.name)) if folder.is_dir() else []
+        self.fitted: dict[str, Path] = {p.stem: p for p in found}  # oldest first
+        self._prune()
+        if self.fitted:
+            log.info("%d detector(s) fitted earlier are in %s", len(self.fitted), folder)
+
+    def _prune(self) -> None:
+        """Remove the oldest fitted detectors beyond `max_fitted` (the one in use is kept)."""
+        for fid in list(self.fitted):
+            if len(self.fitted) <= self.max_fitted:
+                break
+            path = self.fitted[fid]
+            if path == self.served_path:
+                continue
+            del self.fitted[fid]
+            path.unlink(missing_ok=True)
+            log.info("removed the fitted detector %s: at most %d are kept (--max_fitted)", path, self.max_fitted)
 
     # ------------------------------------------------------------------ work (in a worker thread)
     def predict(self, parts: list[Part]) -> list[dict]:
-        """Score the uploaded images in batches as `fdsl predict` does; one record per file, in order."""
+        """Score the uploaded images as `fdsl predict` does; one record per file, in order.
+
+        The request's pixels are counted from the headers first (413 past `max_request_pixels`); then, under
+        the scoring lock, images are decoded and scored in batches of at most `batch_size` images and
+        `batch_pixels` pixels, so one request, or many in parallel, hold one batch of decoded images at a time.
+        """
         files = [p for p in parts if p.filename is not None and p.field == "files"]
         if not files:
             raise UploadError(400, "no images: send one or more files in the multipart field 'files'")
-        decoded = []
-        for p in files:
-            name = display_name(p.filename or "")
-            decoded.append((name, *decode_image(bytes(p.data), name, self.limits)))
+        names = [display_name(p.filename or "") for p in files]
+        sizes = check_request_pixels([(n, p.data) for n, p in zip(names, files)], self.limits)
         with self.lock:
             det = self.detector
             thr, pix = det.image_threshold, det.pixel_threshold
-            profile = reference_profile(det.info.get("normal_images", []))
+            profile = reference_profile(fitted_detector_info(det).get("normal_images") or [])
             out = []
-            for s in range(0, len(decoded), self.batch_size):
-                chunk = decoded[s:s + self.batch_size]
+            for idx in pixel_batches(sizes, self.batch_size, self.limits):
+                chunk = []
+                for i in idx:
+                    chunk.append((names[i], *decode_image(files[i].data, names[i], self.limits)))
+                    files[i].data = bytearray()  # the upload's bytes are no longer needed
                 preds = det.score_images([im for _, im, _ in chunk], threshold=thr)
                 for (name, im, mode), pr in zip(chunk, preds):
                     rec = {"name": name, **verdict_record(pr, thr)}
@@ -119,17 +184,24 @@ class Service:
                         png_bytes(overlay_array(im, pr, name, thr, pix))).decode("ascii")
                     rec["input_warnings"] = differences(profile, mode, im.size) if profile else []
                     out.append(rec)
+                del chunk, preds
+            release_freed_memory()
         return out
 
     def fit(self, parts: list[Part]) -> dict:
-        """Fit and calibrate a detector from uploads; it is written to `<workdir>/fitted/<id>.fdsl`."""
+        """Fit and calibrate a detector from uploads; it is written to `<workdir>/fitted/<id>.fdsl`.
+
+        Validation images are decoded one at a time (under the lock) into the job folder; the shots are held.
+        """
+        if is_exported(self.detector):
+            raise UploadError(400, f"fitting needs the PyTorch detector: this server runs the exported model "
+                                   f"{self.name!r} (fdsl export), which only scores; serve a .fdsl detector file "
+                                   "(fdsl serve --detector part.fdsl) to fit new ones")
         groups: dict[str, list] = {"normal": [], "val_normal": [], "val_anomalous": []}
         fields = {p.field: bytes(p.data).decode("utf-8", "replace").strip() for p in parts if p.filename is None}
         for p in parts:
             if p.filename is not None and p.field in groups:
-                name = display_name(p.filename)
-                im, mode = decode_image(bytes(p.data), name, self.limits)
-                groups[p.field].append((name, im, hashlib.sha256(p.data).hexdigest(), mode))
+                groups[p.field].append((display_name(p.filename), p))
         if not groups["normal"]:
             raise UploadError(400, "no good images: send the shots in the multipart field 'normal'")
         if not groups["val_normal"]:
@@ -143,24 +215,30 @@ class Service:
                 raise UploadError(400, f"max_fpr must be a number, got {fields['max_fpr']!r}") from exc
         if max_fpr is None and not groups["val_anomalous"]:
             raise UploadError(400, "give defect validation images ('val_anomalous') or a max_fpr")
+        check_request_pixels([(n, p.data) for g in groups.values() for n, p in g], self.limits)
         job = self.workdir / "jobs" / secrets.token_hex(8)
         try:
-            folders = {}
-            for key in ("val_normal", "val_anomalous"):  # calibration reads files: generated names only
-                folder = job / key
-                folder.mkdir(parents=True)
-                for i, (_, im, _, _) in enumerate(groups[key]):
-                    im.save(folder / f"{i:04d}.png", format="PNG")
-                folders[key] = folder
             with self.lock:
-                names, ims, digests, modes = zip(*groups["normal"])
+                folders = {}
+                for key in ("val_normal", "val_anomalous"):  # calibration reads files: generated names only
+                    folder = job / key
+                    folder.mkdir(parents=True)
+                    for i, (name, p) in enumerate(groups[key]):
+                        decode_image(p.data, name, self.limits)[0].save(folder / f"{i:04d}.png", format="PNG")
+                        p.data = bytearray()
+                    folders[key] = folder
+                shots = [(name, *decode_image(p.data, name, self.limits), hashlib.sha256(p.data).hexdigest())
+                         for name, p in groups["normal"]]
+                names, ims, modes, digests = zip(*shots)
                 det = fit_from_images(self.detector, ims, names, digests, modes, self.batch_size)
+                del shots, ims
                 rep = det.calibrate(folders["val_normal"],
                                     folders["val_anomalous"] if groups["val_anomalous"] else None,
                                     max_fpr=max_fpr, batch_size=self.batch_size)
             fid = secrets.token_hex(8)
             path = det.save(self.workdir / "fitted" / f"{fid}.fdsl")
             self.fitted[fid] = path
+            self._prune()
         finally:
             shutil.rmtree(job, ignore_errors=True)
         keep = ("n_normal", "n_anomalous", "image", "pixel", "image_method", "pixel_method", "image_fpr",
@@ -169,16 +247,18 @@ class Service:
 
         return {"id": fid, "download": f"/api/fitted/{fid}", "n_shots": len(groups["normal"]),
                 "calibration": {k: rep[k] for k in keep if k in rep},
-                "warnings": small_set_warnings(rep["n_normal"], rep["n_anomalous"])}
+                "warnings": small_set_warnings(rep["n_normal"], rep["n_anomalous"]),
+                "kept": f"the {self.max_fitted} newest fitted detectors are kept in {self.workdir / 'fitted'}"}
 
     def use(self, fid: str) -> dict:
         """Serve the fitted detector `fid` from now on; returns its metadata."""
         path = self.fitted.get(fid)
-        if path is None:
+        if path is None or not path.is_file():
             raise UploadError(404, f"no fitted detector {fid!r} in this session")
         with self.lock:
             self.detector = Detector.load(path, runtime=self.runtime, pretrained=self.pretrained)
             self.name = path.name
+            self.served_path = path
         return detector_metadata(self.detector, self.name)
 
 
@@ -186,17 +266,19 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": message})
 
 
-def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLike = "fdsl_serve",
+def create_app(detector, name: str = "detector.fdsl", workdir: PathLike = "fdsl_serve",
                limits: Limits | None = None, batch_size: int = 8,
                runtime: RuntimeConfig | str = "cpu", allowed_hosts: Sequence[str] | None = None,
-               pretrained: str | None = None) -> FastAPI:
+               pretrained: str | None = None, max_fitted: int = 20) -> FastAPI:
     """The web application around a loaded `detector`; fitted detectors and calibration scratch go to `workdir`.
 
     Args:
-        detector: loaded once here and kept for every request.
+        detector: loaded once here and kept for every request: a `Detector`, or an `ExportedDetector` (a folder
+            written by `fdsl export`; it scores, and the fit tab says fitting needs the PyTorch detector).
         name: the detector's file name, shown on the page.
         workdir: the only folder the server writes to (fitted detectors, temporary validation images).
-        limits: files per request, bytes per file, pixels per image.
+        limits: files per request, bytes per file, pixels per image and per request, pixels decoded at once.
+        max_fitted: detectors fitted on the page kept in ``<workdir>/fitted/`` (the oldest are removed).
         runtime: how a fitted detector is loaded when the page switches to it (a `RuntimeConfig` or a device).
         pretrained: the backbone weights file the served detector was loaded with (``--pretrained``), used
             for the detectors fitted on the page too (they share its backbone).
@@ -204,7 +286,8 @@ def create_app(detector: Detector, name: str = "detector.fdsl", workdir: PathLik
             answers any. Independently, a request whose ``Origin`` is another site than its ``Host`` is refused
             (403): a page elsewhere cannot make the browser post images or fit detectors here.
     """
-    service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, runtime, pretrained)
+    service = Service(detector, name, Path(workdir), limits or Limits(), batch_size, runtime, pretrained,
+                      max_fitted)
     app = FastAPI(title="FDSL inspection", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     page = resources.files("fdsl.serve").joinpath("static/index.html").read_text(encoding="utf-8")

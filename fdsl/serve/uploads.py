@@ -35,11 +35,14 @@ class Part:
 
 @dataclass(frozen=True)
 class Limits:
-    """Upload limits: files per request, bytes per file, pixels per image."""
+    """Upload limits: files per request, bytes per file, pixels per image, pixels per request; and the bound on
+    the pixels decoded at once (a scoring batch holds at most `batch_pixels`, or one image when it is larger)."""
 
     max_files: int = 64
     max_file_bytes: int = 20 * 2 ** 20
     max_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000
+    batch_pixels: int = 16_000_000
 
     @property
     def max_body_bytes(self) -> int:
@@ -117,6 +120,59 @@ async def parse_multipart(content_type: str, stream: AsyncIterator[bytes], limit
     except Exception as exc:  # python_multipart's parse errors
         raise UploadError(400, f"malformed multipart body: {exc}") from exc
     return parts
+
+
+def image_pixels(data: bytes, name: str, limits: Limits) -> int:
+    """W·H of an uploaded image, read from its header only (nothing decoded).
+
+    Raises:
+        UploadError: 400 naming the file when it is empty, not an image, or has more than `max_pixels`.
+    """
+    if not data:
+        raise UploadError(400, f"{name!r} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except UnidentifiedImageError as exc:
+        raise UploadError(400, f"{name!r} is not an image (no format Pillow reads: PNG, JPEG, BMP, TIFF, ...)") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UploadError(400, f"{name!r} is not a readable image ({type(exc).__name__}: {exc}); "
+                               "it is corrupt or truncated") from exc
+    if w * h > limits.max_pixels:
+        raise UploadError(400, f"{name!r} has {w}x{h} pixels, more than {limits.max_pixels}")
+    return w * h
+
+
+def check_request_pixels(items: list[tuple[str, bytes]], limits: Limits) -> list[int]:
+    """Pixels of each (name, bytes) upload, from the headers; the request's total within `max_request_pixels`.
+
+    Raises:
+        UploadError: 400 for an unreadable image, 413 naming the per-request pixel budget.
+    """
+    sizes = [image_pixels(data, name, limits) for name, data in items]
+    total = sum(sizes)
+    if total > limits.max_request_pixels:
+        raise UploadError(413, f"the request's {len(items)} images hold {total / 1e6:.1f} megapixels, more than "
+                               f"the per-request pixel budget of {limits.max_request_pixels / 1e6:g} megapixels "
+                               "(fdsl serve --max_request_mp); send fewer or smaller images per request")
+    return sizes
+
+
+def pixel_batches(sizes: list[int], batch_size: int, limits: Limits) -> list[list[int]]:
+    """Indices of the uploads in scoring batches of at most `batch_size` images and `batch_pixels` pixels
+    (an image larger than `batch_pixels` alone), in order."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    px = 0
+    for i, n in enumerate(sizes):
+        if cur and (len(cur) >= batch_size or px + n > limits.batch_pixels):
+            out.append(cur)
+            cur, px = [], 0
+        cur.append(i)
+        px += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 def decode_image(data: bytes, name: str, limits: Limits) -> tuple:

@@ -182,3 +182,21 @@ def test_timm_backbones_run_on_openvino_or_refuse_in_one_line():
     vit.backend = OpenVINOBackend(vit, threads=1)
     with pytest.raises(ConfigError, match="cannot convert the images pass"):
         vit(torch.randn(2, 3, 96, 96))
+
+
+def test_engine_cache_keys_on_the_pass_outputs_not_on_a_list_of_attributes(tmp_path):
+    """--engine_cache with two layer choices of one timm backbone (same weights, same repr): the second run
+    converts its own pass and gives its own layers' tokens, instead of reading the first run's model."""
+    from fdsl.core.backends import OpenVINOBackend
+    from fdsl.core.timm_backbone import TimmBackbone
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for layers in ([3, 4], [2, 3]):
+        cnn = TimmBackbone("timm:tf_efficientnet_lite0", "none", 64, layers).eval()
+        ref = cnn(x)
+        cnn.backend = OpenVINOBackend(cnn, threads=1, cache=str(tmp_path))
+        got = cnn(x)
+        assert [t.shape for t in got.tokens] == [t.shape for t in ref.tokens], layers
+        for a, b in zip(ref.tokens + [ref.image_embeds], got.tokens + [got.image_embeds]):
+            assert float((a - b).abs().max()) < 1e-5, layers
+    assert len(list(tmp_path.glob("*_images_*.xml"))) == 2  # one converted pass per layer choice

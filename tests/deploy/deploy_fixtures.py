@@ -11,8 +11,9 @@ TINY = "FDSL-Tiny-ViT"
 CLS = "brick_syn"
 
 
-def build_detectors(work: Path) -> SimpleNamespace:
-    """Detector files ``global.fdsl`` (winmode nan) and ``lfe.fdsl`` (mul 4/2) on the tiny CLIP, calibrated."""
+def build_detectors(work: Path, branches: tuple[str, ...] = ("global", "lfe")) -> SimpleNamespace:
+    """Detector files ``global.fdsl`` (winmode nan) and ``lfe.fdsl`` (mul 4/2) on the tiny CLIP, calibrated
+    (those of `branches`)."""
     import open_clip
     from fdsl_test_utils import liven_head
 
@@ -35,6 +36,8 @@ def build_detectors(work: Path) -> SimpleNamespace:
     test = sorted(str(p.relative_to(root)) for p in test_dir.rglob("*.png"))
     dets = {}
     for name, winmode in (("global", "nan"), ("lfe", "mul")):
+        if name not in branches:
+            continue
         mcfg = ModelConfig(model=TINY, pretrained=str(weights), image_size=112, features_list=[2, 4],
                            few_shot_features=[2, 4], winmode=winmode, win_size=4, win_stride=2)
         torch.manual_seed(3)
@@ -49,3 +52,21 @@ def build_detectors(work: Path) -> SimpleNamespace:
     images = sorted(test_dir.rglob("*.png"))
     return SimpleNamespace(work=work, root=root, weights=weights, detectors=dets, images=images,
                            test_dir=test_dir)
+
+
+def reseal(folder: Path, **changes) -> dict:
+    """Rewrite `folder`'s contract with `changes` and the model files' current sha256 (as an export would);
+    returns it. Tests use it to reach the checks after the digest check."""
+    import json
+
+    from fdsl.outputs.files import sha256_file
+
+    path = folder / "fdsl_export.json"
+    info = json.loads(path.read_text())
+    info.update(changes)
+    model = folder / info["model_file"]
+    info["model_sha256"] = sha256_file(model) if model.is_file() else info["model_sha256"]
+    if info.get("weights_sha256") is not None and model.with_suffix(".bin").is_file():
+        info["weights_sha256"] = sha256_file(model.with_suffix(".bin"))
+    path.write_text(json.dumps(info))
+    return info
