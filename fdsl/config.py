@@ -51,15 +51,17 @@ __all__ = ["AFFECTS", "HEAD", "NOTHING", "NUMBERS", "build_parser", "config_to_d
 
 WINMODES = ("nan", "mul", "onlywin")
 ALIGN_MODES = ("mulmax", "diff2")
-SCORERS = ("fdsl", "nn")
+SCORERS = ("fdsl", "nn", "fused")
 
 
 def trained_head(scorer: str) -> bool:
-    """Whether `scorer` is a learned head that a checkpoint supplies (``fdsl``), not the training-free nearest-
-    neighbour scorer (``nn``): the one place that decides (`ModelConfig.trained_head` asks it)."""
+    """Whether `scorer` uses a learned head that a checkpoint supplies (``fdsl``, ``fused``), not only the
+    training-free nearest-neighbour distance (``nn``): the one place that decides (`ModelConfig.trained_head`)."""
     return scorer != "nn"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHOT_SELECTIONS = ("coreset", "even")  # fdsl.inspect.shot_selection
+TILE_BANKS = ("shared", "position")  # fdsl.outputs.tiles
+TILING = "tiling (high-resolution images, docs/tiling.md)"
 ALIGN_PRECISIONS = ("fp32", "fp16", "bf16")
 BANK_DTYPES = ("auto", "fp32", "fp16")
 BACKENDS = ("torch", "openvino")
@@ -116,7 +118,13 @@ class ModelConfig:
     scorer: str = option("fdsl", "--scorer", choices=SCORERS,
                          help="fdsl: the learned per-layer scorers + NAM (needs a trained checkpoint); nn: "
                               "training-free, the per-layer map is the FD distance to the nearest normal token "
-                              "(1 - cos for mulmax, L2 for diff2), no checkpoint", affects=NUMBERS)
+                              "(1 - cos for mulmax, L2 for diff2), no checkpoint; fused: per layer "
+                              "w*nn + (1-w)*fdsl with w = --fuse_weight (needs a trained checkpoint)",
+                         affects=NUMBERS)
+    fuse_weight: float | None = option(None, "--fuse_weight",
+                                       help="--scorer fused: the weight w of the FD distance map (default: the "
+                                            "weight stored with the head, chosen on its training corpus; 0.5 for "
+                                            "a head without one)", affects=NUMBERS)
 
     @property
     def trained_head(self) -> bool:
@@ -134,6 +142,9 @@ class ModelConfig:
         if str(self.pretrained).lower() == HUB and not str(self.model).startswith("timm:"):
             raise ConfigError(f"--pretrained hub fetches a timm model's own weights; --model {self.model} is "
                               "open_clip: give a tag (openai) or a weights file")
+        w = self.fuse_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0):
+            raise ConfigError(f"--fuse_weight {w!r}: give a weight in [0, 1] (the share of the FD distance map)")
         if str(self.model).startswith("timm:") and (self.quick_gelu or self.model_config):
             raise ConfigError(f"--quick_gelu and --model_config are open_clip options; --model {self.model} is a "
                               "timm backbone: drop them")
@@ -240,6 +251,9 @@ class TrainConfig(ModelConfig, RuntimeConfig, JobConfig):
         if not self.trained_head:
             raise ConfigError(f"--scorer {self.scorer} is training-free: train.py trains the learned scorer "
                               "(--scorer fdsl); evaluate --scorer nn with test.py directly")
+        if self.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.scorer}: train.py trains the learned head itself (--scorer fdsl); "
+                              "test with --scorer fused and the checkpoint it writes")
         for name in ("epoch", "save_freq", "k_shot"):
             positive_int(getattr(self, name), f"--{name}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -295,8 +309,13 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint_path "
                               f"{self.checkpoint_path} (or use --scorer fdsl)")
         if self.trained_head and not self.checkpoint_path:
-            raise ConfigError("--checkpoint_path is required: a checkpoint written by train.py or the released code "
-                              "(or --scorer nn, the training-free scorer)")
+            from fdsl.heads import resolve_checkpoint
+
+            self.checkpoint_path = resolve_checkpoint(self, self.checkpoint_path)
+        if self.trained_head and not self.checkpoint_path:
+            raise ConfigError(f"--checkpoint_path is required for --scorer {self.scorer}: a checkpoint written by "
+                              "train.py or the released code (no head ships for this backbone, size and layers; "
+                              "or --scorer nn, the training-free scorer)")
         shots = self.k_shot if isinstance(self.k_shot, list) else [self.k_shot]
         if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
             raise ConfigError(f"--k_shot must be one or more positive integers, got {self.k_shot}")
@@ -357,6 +376,45 @@ class ImagesCommand(RuntimeConfig):
         return part_of(self, RuntimeConfig)
 
 
+def validate_tiling(size: int, overlap: int, bank: str) -> None:
+    """The tiling's own rules (`fdsl.outputs.tiles.Tiling` checks itself with them); ConfigError naming the flag."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ConfigError(f"--tile must be 0 (no tiling) or a tile side in pixels, got {size!r}")
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
+        raise ConfigError(f"--tile_overlap must be a number of pixels >= 0, got {overlap!r}")
+    if size > 0 and overlap >= size:
+        raise ConfigError(f"--tile_overlap {overlap} must be smaller than --tile {size}")
+    if size > 0 and size < 8:
+        raise ConfigError(f"--tile {size} is too small; give at least 8 pixels (or 0 for no tiling)")
+    if not size > 0 and overlap:
+        raise ConfigError(f"--tile_overlap {overlap} needs --tile SIZE (tiling is off)")
+    if bank not in TILE_BANKS:
+        raise ConfigError(f"--tile_bank must be one of {', '.join(TILE_BANKS)}, got {bank!r}")
+
+
+def check_tiling(size: int | None, overlap: int | None, bank: str | None) -> None:
+    """The tiling flags' own rules (given ones only): --tile 0 or >= 8, 0 <= --tile_overlap < --tile."""
+    if size is not None:
+        validate_tiling(size, overlap or 0, bank or "shared")
+    elif overlap is not None and overlap < 0:
+        raise ConfigError(f"--tile_overlap must be a number of pixels >= 0, got {overlap}")
+
+
+def _tile_choice(flag: str):
+    """--tile / --tile_overlap / --tile_bank of a command that uses a fitted detector: fixed at fit time, so
+    given here they must agree with the detector's (default: the detector's)."""
+    helps = {"--tile": "tile side in pixels of the original image (default: the detector's, fixed by `fit`; a "
+                       "different value is an error)",
+             "--tile_overlap": "least overlap of neighbouring tiles in pixels (default: the detector's)",
+             "--tile_bank": "tile memory bank (default: the detector's)"}
+    return option(None, flag, help=helps[flag], group=TILING, choices=TILE_BANKS if flag == "--tile_bank" else None)
+
+
+def tile_flags(cfg: Any) -> dict:
+    """The tiling flags a command was given: {tile, tile_overlap, tile_bank} (None: not given)."""
+    return {"tile": cfg.tile, "tile_overlap": cfg.tile_overlap, "tile_bank": cfg.tile_bank}
+
+
 @dataclass
 class FitConfig(ModelOverrides, ImagesCommand):
     """`fdsl fit`: a detector file from a trained checkpoint (none with --scorer nn); the --normal images (or
@@ -376,6 +434,16 @@ class FitConfig(ModelOverrides, ImagesCommand):
     shot_selection: str = option("coreset", "--shot_selection", choices=SHOT_SELECTIONS,
                                  help="how --max_shots chooses: greedy coreset over the image embeddings, or "
                                       "evenly over the sorted file list")
+    tile: int = option(0, "--tile", group=TILING,
+                       help="tile each image into SIZE x SIZE pixel tiles of the original image, each scored like a "
+                            "whole image and stitched back (0: resize the whole image, as before); stored in the "
+                            "detector, later commands use it")
+    tile_overlap: int = option(0, "--tile_overlap", group=TILING,
+                               help="least overlap of neighbouring tiles in pixels, blended so no seam shows")
+    tile_bank: str = option("shared", "--tile_bank", choices=TILE_BANKS, group=TILING,
+                            help="shared: every tile searches the tokens of every normal tile (--max_shots bounds "
+                                 "it); position: each tile only the same tile +-1 of the normal images (parts held "
+                                 "in a fixture; one image size)")
     preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
                                 help="a named backbone setting instead of a checkpoint (model options given "
                                      "explicitly win). " + PRESET_HELP)
@@ -385,6 +453,7 @@ class FitConfig(ModelOverrides, ImagesCommand):
         positive_int(self.cal_image_size, "--cal_image_size")
         if self.max_shots is not None:
             positive_int(self.max_shots, "--max_shots")
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
 
 
 @dataclass
@@ -407,9 +476,13 @@ class PredictConfig(ImagesCommand):
     save_maps: bool = option(False, "--save_maps",
                              help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
                                   "and maps/full/<name>.npy (the image's own size)")
+    tile: int | None = _tile_choice("--tile")
+    tile_overlap: int | None = _tile_choice("--tile_overlap")
+    tile_bank: str | None = _tile_choice("--tile_bank")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
         if self.cal_image_size is not None:
             positive_int(self.cal_image_size, "--cal_image_size")
         if self.threshold is not None and not math.isfinite(self.threshold):
@@ -457,9 +530,13 @@ class CalibrateConfig(ImagesCommand):
     preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
                                 help="the preset the detector was fitted with: its weights file as found on this "
                                      "machine stands in for --pretrained (the detector's sha256 is checked)")
+    tile: int | None = _tile_choice("--tile")
+    tile_overlap: int | None = _tile_choice("--tile_overlap")
+    tile_bank: str | None = _tile_choice("--tile_bank")
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
+        check_tiling(self.tile, self.tile_overlap, self.tile_bank)
 
 
 @dataclass

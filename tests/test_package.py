@@ -74,9 +74,11 @@ def test_every_module_imports(name) -> None:
 
 # The house, floor by floor: a module may import its own subpackage and any lower floor, nothing else.
 # Subpackages on one floor (core and metrics; deploy and serve) do not import each other.
-FLOORS = {"fdsl": 0, "fdsl.data": 1, "fdsl.core": 2, "fdsl.metrics": 2, "fdsl.outputs": 3, "fdsl.engine": 4,
-          "fdsl.inspect": 5, "fdsl.deploy": 6, "fdsl.serve": 6, "fdsl.batch": 7, "fdsl.cli": 8}
+FLOORS = {"fdsl": 0, "fdsl.data": 1, "fdsl.core": 2, "fdsl.metrics": 2, "fdsl.outputs": 3,
+          "fdsl.engine": 4, "fdsl.inspect": 5, "fdsl.deploy": 6, "fdsl.serve": 6, "fdsl.batch": 7, "fdsl.cli": 8}
 ENTRY_POINTS = {"fdsl.__main__": "fdsl.cli"}  # `python -m fdsl` is the dispatcher's room
+# fdsl.heads is the shipped head files plus their torch-free lookup (config resolves a default head): base floor.
+BASE_PACKAGES = {"fdsl.heads"}
 # The torch-free rooms, by what they may import directly.
 TORCH_FREE = {"fdsl.outputs": {"fdsl", "fdsl.data.rgb", "fdsl.metrics", "fdsl.outputs"},
               "fdsl.deploy": {"fdsl", "fdsl.data.rgb", "fdsl.outputs", "fdsl.deploy"}}
@@ -92,6 +94,8 @@ def _room(module: str) -> str:
     """The subpackage a module lives in ("fdsl" for the base floor's top-level modules)."""
     if module in ENTRY_POINTS:
         return ENTRY_POINTS[module]
+    if module in BASE_PACKAGES or module.rsplit(".", 1)[0] in BASE_PACKAGES:
+        return "fdsl"
     parts = module.split(".")
     return ".".join(parts[:2]) if len(parts) > 2 or (module in PACKAGES) else "fdsl"
 

@@ -197,7 +197,7 @@ class ScoreImages:
         return preds
 
     def _row(self, im: Image.Image, pred, path: str) -> dict:
-        from fdsl.deploy.pixels import resize_bilinear
+        from fdsl.outputs.pixels import resize_bilinear
         from fdsl.outputs.regions import connected_regions
         from fdsl.outputs.verdicts import overlay_array, png_bytes
 

@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fdsl.config import CalibrateConfig, FitConfig, ModelConfig, PredictConfig, RuntimeConfig, given, parse_config
+from fdsl.config import (
+    CalibrateConfig,
+    FitConfig,
+    ModelConfig,
+    PredictConfig,
+    RuntimeConfig,
+    given,
+    parse_config,
+    tile_flags,
+)
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike
 
@@ -50,7 +59,8 @@ def cmd_fit(cfg: FitConfig) -> None:
         options["pretrained"] = resolve_weights(options["model"], options["pretrained"])
     det = Detector.fit(cfg.checkpoint, cfg.normal, runtime=cfg.runtime(), batch_size=cfg.batch_size,
                        cal_image_size=cfg.cal_image_size, max_shots=cfg.max_shots,
-                       shot_selection=cfg.shot_selection, **options)
+                       shot_selection=cfg.shot_selection, tile=cfg.tile, tile_overlap=cfg.tile_overlap,
+                       tile_bank=cfg.tile_bank, **options)
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")
@@ -60,6 +70,7 @@ def cmd_calibrate(cfg: CalibrateConfig) -> None:
     from fdsl.inspect.detector import Detector
 
     det = Detector.load(cfg.detector, runtime=cfg.runtime(), pretrained=cfg.pretrained)
+    det.check_tiling(**tile_flags(cfg))
     writable = _writable_folder(Path(cfg.detector).parent)
     if writable is not None:
         raise ConfigError(f"--detector {cfg.detector!r} cannot be rewritten with the thresholds: its folder is "
@@ -124,7 +135,8 @@ def _save_or_elsewhere(det, path: Path) -> Path:
 def cmd_predict(cfg: PredictConfig) -> None:
     summary = predict_folder(cfg.detector, cfg.images, cfg.out, threshold=cfg.threshold,
                              cal_image_size=cfg.cal_image_size, pretrained=cfg.pretrained, overlays=cfg.overlays,
-                             save_maps=cfg.save_maps, runtime=cfg.runtime(), batch_size=cfg.batch_size)
+                             save_maps=cfg.save_maps, runtime=cfg.runtime(), batch_size=cfg.batch_size,
+                             tiling=tile_flags(cfg))
     out = Path(cfg.out)
     verdict = (f", {summary['n_anomalous']} anomalous" if summary["image_threshold"] is not None
                else ", no verdicts (uncalibrated)")
@@ -137,7 +149,8 @@ def cmd_predict(cfg: PredictConfig) -> None:
 def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike, *,
                    threshold: float | None = None, cal_image_size: int | None = None,
                    pretrained: str | None = None, overlays: bool = True, save_maps: bool = False,
-                   runtime: RuntimeConfig | str = "auto", batch_size: int = 8) -> dict:
+                   runtime: RuntimeConfig | str = "auto", batch_size: int = 8,
+                   tiling: dict | None = None) -> dict:
     """`predict`'s work: score `images` (folders or files) with a detector file, write the outputs to `out`.
 
     Writes ``scores.csv`` (`SCORE_COLUMNS`: scores rounded to 6 decimals, margin = score − threshold, the
@@ -149,6 +162,8 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     the same content (sha256) and its outputs are in place. Rows of earlier runs' other inputs, scored with the
     same settings, are kept. The loop is `fdsl.outputs.folder_run.FolderRun`, shared with `fdsl.deploy`.
     `detector` may also be a folder written by `fdsl export` (scored by `fdsl.deploy`, without PyTorch).
+    `tiling`: the --tile / --tile_overlap / --tile_bank given (None values: not given); they must agree with
+    the detector's tiling.
     """
     from fdsl.inspect.detector import Detector, map_to_image
     from fdsl.outputs.folder_run import FolderRun, inputs
@@ -163,6 +178,9 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
     else:
         det = Detector.load(det_path, runtime=runtime, pretrained=pretrained)
         source_file = det_path
+    from fdsl.outputs.tiles import Tiling, check_tiling_flags
+
+    check_tiling_flags(Tiling.from_info(det.info.get("tiling")), **(tiling or {}))
     return FolderRun(det, files, out, source=det_path, source_file=source_file, threshold=threshold,
                      cal_image_size=cal_image_size, overlays=overlays, save_maps=save_maps, batch_size=batch_size,
                      full_map=map_to_image).run()

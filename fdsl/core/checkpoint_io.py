@@ -4,10 +4,13 @@ program's: `fdsl.engine.checkpoint`.
 
 Our format is ``{"format": "fdsl", "version": 1, "epoch": int, "head": state_dict,
 "model_config": dict, "optimizer": state_dict | None}``. Both are read with
-``torch.load(weights_only=True)``; the format is detected from the keys.
+``torch.load(weights_only=True)``; the format is detected from the keys. A *head file*
+(`fdsl.engine.checkpoint.save_head_file`: safetensors, the head's tensors and JSON metadata, the form heads
+are shipped in, `fdsl.heads`) is read as our format too.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Collection
@@ -19,6 +22,7 @@ from torch import nn
 
 from fdsl.config import HEAD, ModelConfig, settings
 from fdsl.errors import CheckpointError
+from fdsl.heads import head_file_info
 from fdsl.io import PathLike
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,9 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if _is_safetensors(path):
+        head = read_head_file(path)
+        if head is not None:
+            return head
         raise CheckpointError(f"{path} is a safetensors file (an FDSL detector written by `fdsl fit`?), not a "
                               "trained checkpoint; pass the train.py (or released-code) checkpoint it came from")
     try:
@@ -48,6 +55,19 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ck).__name__}, not a dict")
     return ck
+
+
+def read_head_file(path: PathLike) -> dict[str, Any] | None:
+    """A head file as a checkpoint dict of our format (``fuse_weight`` and ``info`` added), or None for another
+    safetensors file."""
+    info = head_file_info(path)
+    if info is None:
+        return None
+    from safetensors.torch import load_file
+
+    return {"format": FORMAT, "version": VERSION, "epoch": info.get("epochs"), "head": load_file(str(path)),
+            "model_config": info.get("model_config"), "optimizer": None, "fuse_weight": info.get("fuse_weight"),
+            "info": info}
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -119,6 +139,13 @@ def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -
     """
     path = Path(path)
     ck = read_checkpoint(path)
+    learned = getattr(head, "learned", None)  # --scorer fused: the learned part holds the weights
+    if learned is not None:
+        weight = ck.get("fuse_weight") if isinstance(ck, dict) else None
+        if weight is not None and not getattr(head, "weight_given", False):
+            head.fuse_weight = float(weight)
+            log.info("--scorer fused: fuse weight %.3g, stored with the head in %s", head.fuse_weight, path)
+        head = learned
     if _RELEASED_KEY in ck:
         state = convert_released(ck[_RELEASED_KEY], num_layers, use_nam)
         fmt, epoch, mcfg = "released", None, None
@@ -127,6 +154,12 @@ def load_head(head: nn.Module, path: PathLike, num_layers: int, use_nam: bool) -
     elif ck.get("format") == FORMAT:
         state, fmt, epoch, mcfg = ck["head"], FORMAT, ck.get("epoch"), ck.get("model_config")
         log.info("checkpoint %s: FDSL format, epoch %s", path, epoch)
+        from fdsl.heads import HEADS_DIR
+
+        if path.resolve().parent == HEADS_DIR:
+            info = ck.get("info") or {}
+            log.info("using the head shipped with fdsl (%s): trained on a %s-image corpus (seed %s), recipe %s",
+                     path.name, info.get("corpus_images"), info.get("corpus_seed"), json.dumps(info.get("recipe")))
     else:
         raise CheckpointError(f"checkpoint {path} is neither an FDSL checkpoint nor a released-code one "
                               f"(top-level keys: {sorted(ck)[:6]})")

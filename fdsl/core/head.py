@@ -119,3 +119,38 @@ class NNHead(nn.Module):
     def forward(self, distances: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         raw = self.raw(distances)
         return raw, raw
+
+
+
+class FusedHead(nn.Module):
+    """``--scorer fused`` (docs/method.md §11b): the learned map merged with the FD distance map, per layer.
+
+    It takes residuals with the FD distance appended (``Alignment(fused=True)``: L × (B, N, C + 1)). Per layer,
+    the learned head's anomalous probability ``p`` (scorer + NAM) and the distance ``d`` (the map of
+    ``--scorer nn``) merge as ``f = w·d + (1 − w)·p``; the output map is ``[1 − f, f]``, so the layers, the
+    image score and the window branch combine exactly as for the other scorers. ``w = fuse_weight``.
+    Parameters (and checkpoints) are the learned head's, under ``learned.``.
+    """
+
+    def __init__(self, learned: FDSLHead, fuse_weight: float) -> None:
+        super().__init__()
+        self.learned = learned
+        self.fuse_weight = float(fuse_weight)
+        self.use_nam = learned.use_nam
+
+    def raw(self, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """L × (B, N, C + 1) -> L × (B, 3, G, G): the learned raw prob maps and the distance as channel 2."""
+        maps = self.learned.raw([r[..., :-1] for r in residuals])  # L × (B, 2, G, G)
+        dists = [to_grid(torch.cat([r[..., -1:].float()] * 2, dim=-1))[:, :1] for r in residuals]  # L × (B, 1, G, G)
+        return [torch.cat([m, d], dim=1) for m, d in zip(maps, dists)]
+
+    def refine(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """NAM on the learned channels (when on), then the merge: L × (B, 3, G, G) -> L × (B, 2, G, G)."""
+        probs = self.learned.refine([m[:, :2] for m in maps])
+        w = self.fuse_weight
+        fused = [w * m[:, 2] + (1.0 - w) * p[:, 1] for m, p in zip(maps, probs)]  # L × (B, G, G)
+        return [torch.stack([1.0 - f, f], dim=1) for f in fused]
+
+    def forward(self, residuals: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        raw = self.raw(residuals)
+        return raw, self.refine(raw)

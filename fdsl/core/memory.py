@@ -31,6 +31,8 @@ class Alignment:
             stored item, chosen by global features.
         distance: return the FD distance (..., 1) instead of the residual (the training-free scorer,
             docs/method.md §11): ``1 - cos(f, f̂)`` for mulmax, ``‖f - f̂‖₂`` for diff2.
+        fused: return both, the residual with the FD distance appended as one more channel, (..., C + 1)
+            (``--scorer fused``: the learned head reads the first C channels, the merge the last).
     """
 
     mode: str = "mulmax"
@@ -39,6 +41,7 @@ class Alignment:
     compute_dtype: torch.dtype | None = None
     use_index: bool = False
     distance: bool = False
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ALIGN_MODES:
@@ -59,12 +62,16 @@ class Alignment:
         With `distance`, the FD distance instead, of shape (..., 1): ``1 - cos`` (mulmax) or the L2 norm (diff2).
         """
         nearest = nearest.to(query.dtype)
-        if self.distance:
+        if self.distance or self.fused:
             if self.mode == "mulmax":
-                return 1.0 - F.cosine_similarity(query.float(), nearest.float(), dim=-1).unsqueeze(-1)  # (..., 1)
-            return (query.float() - nearest.float()).norm(dim=-1, keepdim=True)  # (..., 1)
+                dist = 1.0 - F.cosine_similarity(query.float(), nearest.float(), dim=-1).unsqueeze(-1)  # (..., 1)
+            else:
+                dist = (query.float() - nearest.float()).norm(dim=-1, keepdim=True)  # (..., 1)
+            if not self.fused:
+                return dist
         diff = query - nearest
-        return diff.abs() if self.use_abs else diff
+        diff = diff.abs() if self.use_abs else diff
+        return torch.cat([diff, dist.to(diff.dtype)], dim=-1) if self.fused else diff  # (..., C [+ 1])
 
 
 DENSE = Alignment()

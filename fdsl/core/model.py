@@ -13,7 +13,7 @@ from fdsl.config import ModelConfig
 from fdsl.core.backbone import CLIPBackbone
 from fdsl.core.features import BackboneOutput
 from fdsl.core.geometry import Geometry, WindowGeometry
-from fdsl.core.head import FDSLHead, NNHead
+from fdsl.core.head import FDSLHead, FusedHead, NNHead
 from fdsl.core.memory import Alignment, FDSLMemory, MemoryBank, MemorySet
 from fdsl.core.runtime import Runtime, autocast
 from fdsl.core.timm_backbone import TimmBackbone, is_timm_model
@@ -46,24 +46,27 @@ def image_score(patch_score, map_max):
     return 0.5 * (patch_score + map_max)
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, G, G) -> (B, size, size), bilinear with align_corners=True, as the released code."""
-    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True).squeeze(1)
+def upsample(maps: torch.Tensor, size: int, align_corners: bool = True) -> torch.Tensor:
+    """(B, G, G) -> (B, size, size), bilinear; align_corners=True as the released code (CLIP), False (half-pixel
+    centres, each token at the centre of its cell) for CNN backbones (`TimmBackbone.map_align_corners`)."""
+    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear",
+                         align_corners=align_corners).squeeze(1)
 
 
-def combine_layers(anomalous: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_layers(anomalous: list[torch.Tensor], size: int,
+                   align_corners: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer (B, G_l, G_l) anomalous maps -> ((B, size, size) mean of upsampled maps, (B,) mean of maxima).
 
     Layers may differ in grid (timm CNN stages): each is upsampled on its own then; equal grids are upsampled
     in one call (the same numbers).
     """
     if len({tuple(m.shape) for m in anomalous}) > 1:
-        up = torch.stack([upsample(m.float(), size) for m in anomalous])  # (L, B, size, size)
+        up = torch.stack([upsample(m.float(), size, align_corners) for m in anomalous])  # (L, B, size, size)
         peaks = torch.stack([m.float().flatten(1).amax(dim=-1) for m in anomalous])  # (L, B)
         return up.mean(dim=0), peaks.mean(dim=0)
     anom = torch.stack([m.float() for m in anomalous], dim=0)  # (L, B, G, G)
     L, B, G, _ = anom.shape
-    up = upsample(anom.reshape(L * B, G, G), size).reshape(L, B, size, size)
+    up = upsample(anom.reshape(L * B, G, G), size, align_corners).reshape(L, B, size, size)
     return up.mean(dim=0), anom.flatten(2).amax(dim=-1).mean(dim=0)
 
 
@@ -100,8 +103,7 @@ class FDSL(nn.Module):
                               "(use --winmode nan)")
         self.backbone = backbone
         self.cfg = cfg
-        self.head: nn.Module = (FDSLHead(list(backbone.widths), use_nam=cfg.use_nam) if cfg.trained_head
-                                else NNHead(len(backbone.layers)))
+        self.head: nn.Module = make_head(cfg, list(backbone.widths))
         self._windows: WindowGeometry | None = None
         self.runtime = runtime or Runtime()
 
@@ -138,6 +140,11 @@ class FDSL(nn.Module):
         return next(self.backbone.parameters()).device
 
     @property
+    def align_corners(self) -> bool:
+        """How maps are upsampled: True (the released code's, CLIP) or False (half-pixel centres, CNNs)."""
+        return bool(getattr(self.backbone, "map_align_corners", True))
+
+    @property
     def use_windows(self) -> bool:
         return self.cfg.winmode != "nan"
 
@@ -162,7 +169,7 @@ class FDSL(nn.Module):
         cfg, rt = self.cfg, self.runtime
         dtype = rt.window_align_dtype if window else rt.align_dtype
         return Alignment(cfg.align_mode, cfg.use_abs, rt.align_chunk_mb, dtype, cfg.use_img_idx,
-                         distance=cfg.scorer == "nn")
+                         distance=cfg.scorer == "nn", fused=cfg.scorer == "fused")
 
     # ------------------------------------------------------------------ features
     def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -300,14 +307,15 @@ class FDSL(nn.Module):
 
     def training_maps(self, residuals: list[torch.Tensor], size: int) -> list[torch.Tensor]:
         """Per-layer raw and (with NAM) refined prob maps, each upsampled to (B, 2, size, size) (docs/method.md §8)."""
-        if not self.cfg.trained_head:
-            raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl")
+        if self.cfg.scorer != "fdsl":
+            raise ConfigError(f"--scorer {self.cfg.scorer} has nothing to train; training needs --scorer fdsl "
+                              "(whose head --scorer fused then uses)")
         raw, refined = self.head(residuals)
         maps = raw + refined if self.head.use_nam else raw
         B = maps[0].shape[0]
         if len({tuple(m.shape) for m in maps}) > 1:  # layers of different grids (timm CNN stages)
-            return [upsample(m.flatten(0, 1), size).reshape(B, 2, size, size) for m in maps]
-        up = upsample(torch.cat(maps).flatten(0, 1), size)  # (M·B·2, size, size)
+            return [upsample(m.flatten(0, 1), size, self.align_corners).reshape(B, 2, size, size) for m in maps]
+        up = upsample(torch.cat(maps).flatten(0, 1), size, self.align_corners)  # (M·B·2, size, size)
         return list(up.reshape(len(maps), B, 2, size, size))
 
     def anomalous_maps(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -333,7 +341,8 @@ class FDSL(nn.Module):
         B = images.shape[0]
         nw = self.windows.n_windows
         L = len(self.backbone.layers)
-        probs = [[torch.empty(B * nw, 2, W, W, device=self.device) for _ in range(L)] for _ in memories]
+        ch = 3 if isinstance(self.head, FusedHead) else 2  # the fused head's raw maps carry the distance too
+        probs = [[torch.empty(B * nw, ch, W, W, device=self.device) for _ in range(L)] for _ in memories]
         s = 0
         for feats in self.window_chunks(images, patches):  # chunks of windows bound the memory
             n = feats.image_embeds.shape[0]
@@ -344,7 +353,8 @@ class FDSL(nn.Module):
             s += n
         out = []
         for p in probs:
-            stitched = [stitch_windows(x.reshape(B, nw, 2, W, W), G, W, cfg.win_stride) for x in p]  # L × (B, 2, G, G)
+            stitched = [stitch_windows(x.reshape(B, nw, ch, W, W), G, W, cfg.win_stride)
+                        for x in p]  # L × (B, ch, G, G)
             out.append(self.anomalous_maps(stitched))
         return out
 
@@ -365,13 +375,13 @@ class FDSL(nn.Module):
         glob: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(memories)
         if feats is not None:
             for pos, res in self.iter_residuals(feats, memories):
-                glob[pos] = combine_layers(self.anomalous_maps(self.head.raw(res)), size)
+                glob[pos] = combine_layers(self.anomalous_maps(self.head.raw(res)), size, self.align_corners)
         outs = []
         for g, wmaps in zip(glob, wins):
             if g is not None:
                 amap, patch = g
             if wmaps is not None:
-                wmap, wpatch = combine_layers(wmaps, size)
+                wmap, wpatch = combine_layers(wmaps, size, self.align_corners)
                 if cfg.winmode == "onlywin":
                     amap, patch = wmap, wpatch
                 else:  # mul
@@ -385,6 +395,21 @@ class FDSL(nn.Module):
     def forward(self, images: torch.Tensor, memory: FDSLMemory) -> FDSLOutput:
         """Score (B, 3, S, S) images against one memory (`make_memory`)."""
         return self.predict(images, [memory])[0]
+
+
+DEFAULT_FUSE_WEIGHT = 0.5  # --scorer fused with a head that records no weight of its own (docs/method.md §11b)
+
+
+def make_head(cfg: ModelConfig, widths: list[int]) -> nn.Module:
+    """The head of `cfg.scorer`: `FDSLHead` (fdsl), `NNHead` (nn) or `FusedHead` around an `FDSLHead` (fused)."""
+    if cfg.scorer == "nn":
+        return NNHead(len(widths))
+    learned = FDSLHead(widths, use_nam=cfg.use_nam)
+    if cfg.scorer == "fused":
+        head = FusedHead(learned, DEFAULT_FUSE_WEIGHT if cfg.fuse_weight is None else cfg.fuse_weight)
+        head.weight_given = cfg.fuse_weight is not None  # else a weight stored with the head replaces the default
+        return head
+    return learned
 
 
 def check_geometry(cfg: ModelConfig) -> Geometry | None:

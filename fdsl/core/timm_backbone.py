@@ -282,6 +282,11 @@ class TimmBackbone(nn.Module):
             raise ConfigError(f"--image_size {image_size} is not a multiple of the patch size {self.patch_size}")
         self.grid_size = self.image_size // self.patch_size if self.patch_size else self.grids[0]
         self.preprocess = timm_preprocess(self.model_name)
+        # CNN maps are upsampled with half-pixel centres: token i covers pixels [i·s, (i+1)·s), so its value
+        # belongs at (i + 0.5)·s. align_corners=True (the released code's, kept for CLIP and ViTs) puts it at
+        # i·(S−1)/(G−1) instead, stretching the map towards the borders by up to half a cell (8 px at stride 16):
+        # a defect near an edge spilled onto the border (docs/backbones.md "Borders").
+        self.map_align_corners = bool(self.is_vit)
 
     @property
     def supports_windows(self) -> bool:

@@ -366,6 +366,8 @@ def make_synthetic_dataset(
 
 
 PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image pictures of objects
+# The scikit-image pictures reserved for held-out evaluation: the training corpus (`fdsl.data.corpus`) refuses them.
+HELDOUT_PHOTOS: tuple[str, ...] = ("brick", "gravel", "grass", "hubble_deep_field", "retina")
 _PHOTO_CROP = 0.92  # side of the crop of the whole picture: normals differ by small shifts, as placed parts do
 
 
@@ -379,8 +381,8 @@ def photo_image(photo: str, key: str, size: int, seed: int = 0,
     """
     if defect is not None and defect not in DEFECT_TYPES:
         raise ConfigError(f"unknown defect type {defect!r}; choose one of {', '.join(DEFECT_TYPES)}")
-    if photo not in PHOTOS:
-        raise ConfigError(f"unknown photo {photo!r}; choose one of {', '.join(PHOTOS)}")
+    if photo not in PHOTOS + HELDOUT_PHOTOS:
+        raise ConfigError(f"unknown photo {photo!r}; choose one of {', '.join(PHOTOS + HELDOUT_PHOTOS)}")
     seq = np.random.SeedSequence([_check_seed(seed), zlib.crc32(photo.encode()), zlib.crc32(key.encode())])
     base_seq, defect_seq = seq.spawn(2)
     rng = np.random.default_rng(base_seq)

@@ -12,7 +12,6 @@ import numpy as np
 from PIL import Image
 
 from fdsl.data.rgb import load_rgb, to_rgb
-from fdsl.deploy.pixels import preprocess, resize_bilinear
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import PathLike
 from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and read_contract stay importable here)
@@ -26,11 +25,14 @@ from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and re
     verify_model_files,
 )
 from fdsl.outputs.openvino_core import openvino_core
+from fdsl.outputs.pixels import preprocess, resize_bilinear
 from fdsl.outputs.thresholds import defect_region
+from fdsl.outputs.tiles import Tiling, score_tiled
 from fdsl.outputs.verdicts import Prediction
 
 log = logging.getLogger(__name__)
 
+TILE_BATCH = 16  # tiles per graph call, as fdsl.inspect.detector.TILE_BATCH
 _EXTRAS = {"openvino": "pip install 'fdsl[openvino]' (openvino==2026.4.1)",
            "onnx": "pip install 'fdsl[onnx]' (onnxruntime==1.31.1)"}
 
@@ -153,9 +155,13 @@ class ExportedDetector:
         if cal_image_size is not None and int(cal_image_size) != self.cal_image_size:
             raise ConfigError(f"--cal_image_size {cal_image_size}: the exported model's maps are "
                               f"{self.cal_image_size} px (fixed at export); drop the option or re-export")
-        out = self.infer(preprocess(images, self.image_size, self.mean, self.std))
         thr = self.image_threshold if threshold is None else float(threshold)
         pix = self.pixel_threshold
+        tiling = Tiling.from_info(self.info.get("tiling"))
+        if tiling.enabled:  # the graph scores tiles; they are cut and stitched as `fdsl predict` does
+            size = self.info["tiling"].get("normal_size")
+            return score_tiled(images, tiling, self._score_tiles, thr, pix, TILE_BATCH, tuple(size) if size else None)
+        out = self.infer(preprocess(images, self.image_size, self.mean, self.std))
         preds = []
         for im, amap, p, m in zip(images, out["anomaly_map"], out["patch_score"], out["map_max"]):
             score = 0.5 * (float(p) + float(m))  # in float64, as Detector.score_images
@@ -167,6 +173,11 @@ class ExportedDetector:
             preds.append(Prediction(score, verdict, np.asarray(amap, np.float32), mask, float(p), float(m), area,
                                     tuple(im.size), region))
         return preds
+
+    def _score_tiles(self, tiles: list[Image.Image], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles -> ((n, cal, cal) float32 maps, (n,) patch scores) from the graph (a shared tile bank)."""
+        out = self.infer(preprocess(tiles, self.image_size, self.mean, self.std))
+        return np.asarray(out["anomaly_map"], np.float32), np.asarray(out["patch_score"], np.float64)
 
     def predict(self, images: PathLike | Image.Image | Sequence[PathLike | Image.Image],
                 batch_size: int = 8, threshold: float | None = None) -> list[Prediction]:

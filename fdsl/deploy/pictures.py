@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fdsl.deploy.pixels import resize_bilinear
+from fdsl.outputs.pixels import resize_bilinear
 
 PANEL_HEIGHT = 320
 _CAPTION_H = 28

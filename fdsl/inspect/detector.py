@@ -53,10 +53,12 @@ from fdsl.inspect.shot_selection import choose_shots
 from fdsl.io import PathLike
 from fdsl.outputs.files import find_mask, list_images, sha256_file
 from fdsl.outputs.thresholds import check_threshold, threshold_f1_max, threshold_for_fpr
+from fdsl.outputs.tiles import Tiling, check_tiling_flags, neighbour_positions, score_tiled, tile_boxes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAL_SIZE = 240
+TILE_BATCH = 16  # tiles scored at once by a tiled detector (docs/tiling.md)
 
 ImageInput = PathLike | Image.Image | np.ndarray
 
@@ -141,6 +143,17 @@ class Detector:
         self.model = model
         self.memory = memory
         self.info = info
+        self._position_memories: dict[int, FDSLMemory] = {}  # a position tile bank's per-position views
+
+    @property
+    def tiling(self) -> Tiling:
+        """How the detector tiles images (``Tiling()``, size 0: the whole-image resize, for untiled files)."""
+        return Tiling.from_info(self.info.get("tiling"))
+
+    def check_tiling(self, tile: int | None = None, tile_overlap: int | None = None,
+                     tile_bank: str | None = None) -> None:
+        """A command's --tile / --tile_overlap / --tile_bank must agree with the tiling fixed at fit time."""
+        check_tiling_flags(self.tiling, tile, tile_overlap, tile_bank)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -161,7 +174,8 @@ class Detector:
     def fit(cls, checkpoint: PathLike | None, normal_images: PathLike | Sequence[PathLike], *,
             runtime: RuntimeConfig | str = "auto", batch_size: int = 8,
             cal_image_size: int = DEFAULT_CAL_SIZE, max_shots: int | None = None,
-            shot_selection: str = "coreset", **model_options: Any) -> Detector:
+            shot_selection: str = "coreset", tile: int = 0, tile_overlap: int = 0, tile_bank: str = "shared",
+            **model_options: Any) -> Detector:
         """Fit a detector: load a trained checkpoint and encode the normal images as shots.
 
         Args:
@@ -175,6 +189,10 @@ class Detector:
                 `RuntimeConfig`, or a device name for the default fp32 runtime on that device.
             batch_size: images encoded at once (not stored).
             cal_image_size: the evaluation size of anomaly maps (test.py's --cal_image_size), stored.
+            tile, tile_overlap, tile_bank: tile each image into `tile`-pixel squares overlapping by at least
+                `tile_overlap` pixels (0: the whole-image resize, as before); the bank holds the tokens of every
+                tile of the shots, searched by all tiles (``shared``) or per tile position ± 1 (``position``;
+                the shots must share one size). See docs/tiling.md.
             **model_options: `ModelConfig` fields (model, pretrained, image_size, features_list, winmode, ...)
                 overriding the checkpoint's saved config.
         Returns:
@@ -182,12 +200,20 @@ class Detector:
         """
         positive_int(cal_image_size, "--cal_image_size")
         positive_int(batch_size, "--batch_size")
+        tiling = Tiling(tile, tile_overlap, tile_bank).validate()
         scorer = model_options.get("scorer") or "fdsl"
         if not trained_head(scorer) and checkpoint is not None:
             raise ConfigError(f"--scorer nn is training-free and takes no checkpoint; drop --checkpoint {checkpoint}")
+        if trained_head(scorer) and checkpoint is None:  # the head shipped for this backbone, size and layers, if any
+            from fdsl.heads import resolve_checkpoint
+
+            probe = dict(model_options)
+            if "features_list" in probe and "few_shot_features" not in probe:
+                probe["few_shot_features"] = probe["features_list"]
+            checkpoint = resolve_checkpoint(resolve_model_config(None, probe), None, "--checkpoint")
         if trained_head(scorer) and checkpoint is None:
-            raise ConfigError("--checkpoint is required for the learned scorer (--scorer fdsl); or use --scorer nn, "
-                              "the training-free scorer")
+            raise ConfigError(f"--checkpoint is required for the learned scorer (--scorer {scorer}): no head ships "
+                              "for this backbone, size and layers; or use --scorer nn, the training-free scorer")
         from fdsl.inspect.shot_selection import SELECTIONS
 
         if max_shots is not None:
@@ -206,13 +232,20 @@ class Detector:
         dev = resolve_device(rt.device)
         model = FDSL.from_config(cfg)
         meta = load_head(model.head, checkpoint, len(cfg.features_list), cfg.use_nam) if checkpoint is not None else {}
+        if cfg.scorer == "fused":  # the detector records the weight it scores with (the head's own, or given)
+            cfg.fuse_weight = model.head.fuse_weight
         model.runtime = resolve_runtime(rt, dev, cal_image_size)
         model = model.to(dev).eval()
         tf = image_transform(cfg.image_size, model.backbone.preprocess)
         candidates = len(files)
         files, method = choose_shots(model, tf, files, max_shots, shot_selection, batch_size)
-        images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
-        memory = model.make_memory(model.encode_references(images, batch_size))
+        normal_size = None
+        if tiling.enabled:
+            refs, normal_size = _encode_tiles(model, tf, files, tiling, batch_size)
+            memory = model.make_memory(refs)
+        else:
+            images = torch.stack([tf(load_rgb(p)) for p, _ in files])  # (k, 3, S, S)
+            memory = model.make_memory(model.encode_references(images, batch_size))
         info = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fdsl_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -227,6 +260,12 @@ class Detector:
             "cal_image_size": int(cal_image_size),
             "thresholds": {"image": None, "pixel": None},
         }
+        if tiling.enabled:  # untiled files keep today's metadata exactly (no tiling record)
+            g = memory.global_bank
+            info["tiling"] = tiling.as_info(normal_size)
+            info["bank"] = {"items": g.k, "tokens": g.k * g.tokens_per_item, "bytes": int(memory.nbytes())}
+            log.info("tiled fit: %d tile(s) of %d px (overlap %d) from %d shot(s), %s bank of %d tokens",
+                     g.k, tiling.size, tiling.overlap, len(files), tiling.bank, g.k * g.tokens_per_item)
         log.info("fitted a detector on %d normal image(s): %s, winmode %s, memory %.1f MiB", len(files),
                  cfg.model, cfg.winmode, memory.nbytes() / 2 ** 20)
         return cls(model, memory, info)
@@ -312,6 +351,12 @@ class Detector:
         cal = self.cal_image_size if cal_image_size is None else check_size(cal_image_size, "--cal_image_size")
         threshold = check_threshold(threshold, "threshold")
         tf = image_transform(self.model.cfg.image_size, self.model.backbone.preprocess)
+        tiling = self.tiling
+        if tiling.enabled:
+            size = self.info["tiling"].get("normal_size")
+            return score_tiled(images, tiling, lambda tiles, pos: self._score_tiles(tiles, pos, tf, cal),
+                               self.image_threshold if threshold is None else float(threshold),
+                               self.pixel_threshold, TILE_BATCH, tuple(size) if size else None)
         batch = torch.stack([tf(im) for im in images])  # (B, 3, S, S)
         out = self.model.predict(batch, [self.memory], cal)[0]
         maps = out.anomaly_map.float().cpu().numpy()  # (B, cal, cal)
@@ -330,6 +375,40 @@ class Detector:
                 area = int(mask.sum())
             preds.append(Prediction(score, verdict, amap, mask, float(p), float(m), area, tuple(im.size), region))
         return preds
+
+    def _score_tiles(self, tiles: list[Image.Image], positions: np.ndarray, tf: Any,
+                     cal: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles (PIL) at grid `positions` (n,) -> ((n, cal, cal) float32 maps, (n,) patch scores)."""
+        batch = torch.stack([tf(t) for t in tiles])  # (n, 3, S, S)
+        maps = np.empty((len(tiles), cal, cal), np.float32)
+        patch = np.empty(len(tiles), np.float64)
+        if self.tiling.bank == "shared":
+            groups = [(self.memory, np.arange(len(tiles)))]
+        else:
+            groups = [(self._position_memory(int(p)), np.flatnonzero(positions == p)) for p in np.unique(positions)]
+        for memory, idx in groups:
+            out = self.model.predict(batch[torch.as_tensor(idx)], [memory], cal)[0]
+            maps[idx] = out.anomaly_map.float().cpu().numpy()  # (n_p, cal, cal)
+            patch[idx] = out.patch_score.double().cpu().numpy()
+        return maps, patch
+
+    def _position_memory(self, pos: int) -> FDSLMemory:
+        """A position bank's memory of tile `pos`: the shots' tiles at `pos` ± `NEIGHBOURS` grid steps."""
+        if pos not in self._position_memories:
+            t = self.info["tiling"]
+            w, h = t["normal_size"]
+            _, grid = tile_boxes(w, h, t["size"], t["overlap"])
+            n_pos = grid[0] * grid[1]
+            near = torch.as_tensor(neighbour_positions(grid)[pos])
+            shots, rest = divmod(self.memory.global_bank.k, n_pos)
+            if rest or not shots:
+                raise CheckpointError(f"the detector's position tile bank holds {self.memory.global_bank.k} tiles, "
+                                      f"not a multiple of the {n_pos} tile positions of its {w}x{h} px normal "
+                                      "images; the file is damaged: fit it again")
+            items = (torch.arange(shots)[:, None] * n_pos + near[None, :]).reshape(-1)  # shot-major (k·n_near,)
+            dev = self.memory.global_bank.image_embeds.device
+            self._position_memories[pos] = subset_memory(self.memory, items.to(dev))
+        return self._position_memories[pos]
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 8,
                 threshold: float | None = None, cal_image_size: int | None = None) -> list[Prediction]:
@@ -407,7 +486,23 @@ class Detector:
         report["image_fpr"] = fpr
         if bad_files:
             report["image_tpr"] = float(np.mean(scores[labels] > thr))
-        if masks is not None:
+        if masks is not None and self.tiling.enabled:  # stitched maps at each image's own resolution
+            gts, maps_list = [], []
+            for i, pr in enumerate(preds):
+                h, w = pr.anomaly_map.shape
+                g = np.zeros((h, w), bool)
+                if labels[i]:
+                    p, name = files[i]
+                    m = load_mask(find_mask(Path(masks), name, p), pr.size, image_path=p)
+                    g = np.asarray(m.convert("L").resize((w, h), Image.Resampling.NEAREST)) > 127
+                gts.append(g.ravel())
+                maps_list.append(pr.anomaly_map.ravel())
+            gt_all = np.concatenate(gts)
+            if not gt_all.any():
+                raise DataError(f"the masks under {str(masks)!r} mark no defect pixel; pixel F1-max needs some")
+            pix, pf1 = threshold_f1_max(gt_all, np.concatenate(maps_list))
+            report.update(pixel_method="f1_max_masks", pixel_f1=pf1)
+        elif masks is not None:
             cal = self.cal_image_size
             gt = np.zeros((len(files), cal, cal), bool)
             mtf = mask_transform(cal)
@@ -454,6 +549,45 @@ def _warn_shared_images(normal: Sequence[tuple[Path, str]], anomalous: Sequence[
     if shared:
         log.warning("calibrate: %d image(s) are given as both normal and anomalous (same content), e.g. %s and "
                     "%s; the thresholds cannot separate them", len(shared), shared[0][0], shared[0][1])
+
+
+def _encode_tiles(model: FDSL, tf: Any, files: Sequence[tuple[Path, str]], tiling: Tiling,
+                  batch_size: int) -> tuple[Any, tuple[int, int]]:
+    """Reference features of every tile of the shots, shot-major (item = shot · n_tiles + position), and the
+    first shot's (W, H). A position bank needs every shot at one size (its tiles are matched by position)."""
+    from fdsl.core.model import RefFeatures, _cat_outputs
+
+    glob, wins, first = [], [], None
+    for p, name in files:
+        im = load_rgb(p)
+        if first is None:
+            first = tuple(im.size)
+        elif tiling.bank == "position" and tuple(im.size) != first:
+            raise ConfigError(f"normal image {name!r} is {im.size[0]}x{im.size[1]} px, the first "
+                              f"{first[0]}x{first[1]}: a position tile bank (--tile_bank position) needs one image "
+                              "size; use --tile_bank shared for mixed sizes")
+        boxes, _ = tile_boxes(im.size[0], im.size[1], tiling.size, tiling.overlap)
+        tiles = torch.stack([tf(im.crop(tuple(int(v) for v in b))) for b in boxes])  # (n_tiles, 3, S, S)
+        refs = model.encode_references(tiles, batch_size)
+        glob.append(refs.global_feats)
+        if refs.window_feats is not None:
+            wins.append(refs.window_feats)
+    return RefFeatures(_cat_outputs(glob), _cat_outputs(wins) if wins else None), first
+
+
+def subset_memory(memory: FDSLMemory, items: torch.Tensor) -> FDSLMemory:
+    """The memory of the global-bank items `items` (n,) (and their windows): a copy of those tokens."""
+    from fdsl.core.memory import MemoryBank
+
+    g = memory.global_bank
+    glob = MemoryBank([g.layer(i)[items] for i in range(g.num_layers)], g.image_embeds[items])
+    win = None
+    if memory.window_bank is not None:
+        w = memory.window_bank
+        nw = w.k // g.k
+        widx = (items[:, None] * nw + torch.arange(nw, device=items.device)).reshape(-1)  # (n·nw,)
+        win = MemoryBank([w.layer(i)[widx] for i in range(w.num_layers)], w.image_embeds[widx])
+    return FDSLMemory(glob, win)
 
 
 def map_to_image(amap: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from fdsl import __version__
-from fdsl.config import SCORERS, ModelConfig, trained_head
+from fdsl.config import SCORERS, TILE_BANKS, ModelConfig, trained_head
 from fdsl.core.memory import FDSLMemory, MemoryBank
 from fdsl.core.model import FDSL
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import PathLike, atomic_path
 from fdsl.outputs.files import sha256_file
+from fdsl.outputs.tiles import Tiling
 from fdsl.schema import (
     BOOL,
     NORMAL_IMAGES,
@@ -31,6 +32,7 @@ from fdsl.schema import (
     choice,
     int_spec,
     is_int,
+    list_of,
     num_spec,
     or_null,
     shown,
@@ -228,6 +230,7 @@ _STR, _BOOL, _SHA256 = STR, BOOL, SHA256
 _LAYERS: Spec = ("a non-empty list of integers >= 1", lambda v: isinstance(v, list) and bool(v)
                  and all(_is_int(x) and x >= 1 for x in v))
 _NORMAL_IMAGES = NORMAL_IMAGES
+_SIZE: Spec = list_of(2, int_spec(1))  # [width, height]
 
 
 def _model_config_schema() -> dict:
@@ -242,7 +245,8 @@ def _model_config_schema() -> dict:
         elif "bool" in ann:
             spec = _BOOL
         elif "float" in ann:
-            spec = _num(0.0, 1.0) if f.name == "win_weight" else _num()
+            spec = _num(0.0, 1.0) if f.name in ("win_weight", "fuse_weight") else _num()
+            spec = _or_null(spec) if "None" in ann else spec
         elif "int" in ann:
             spec = _int(1)
         else:
@@ -272,6 +276,12 @@ METADATA_SCHEMA: dict = {
         "selection": (True, _STR), "candidates": (True, _int(0)), "max_shots": (False, _or_null(_int(1))),
     }),
     "cal_image_size": (False, _int(1)),
+    # tiled detectors only (docs/tiling.md); files without it, all those written before tiling, are untiled
+    "tiling": (False, {
+        "size": (True, _int(8)), "overlap": (True, _int(0)), "bank": (True, _choice(TILE_BANKS)),
+        "map_cap": (False, _int(1)), "normal_size": (False, _SIZE),
+    }),
+    "bank": (False, {"items": (True, _int(1)), "tokens": (True, _int(1)), "bytes": (True, _int(0))}),
     "thresholds": (False, {
         "image": (True, _or_null(_num())), "pixel": (True, _or_null(_num())),
         "image_method": (False, _or_null(_STR)), "pixel_method": (False, _or_null(_STR)),
@@ -346,6 +356,15 @@ def validate_metadata(info: Any, path: PathLike) -> dict:
         ModelConfig(**mc).validate()
     except ConfigError as exc:
         raise CheckpointError(f"{path}: detector metadata field 'model_config' is invalid: {exc}") from exc
+    if "tiling" in info:
+        t = info["tiling"]
+        try:
+            Tiling.from_info(t).validate()
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: detector metadata field 'tiling' is invalid: {exc}") from exc
+        if t["bank"] == "position" and "normal_size" not in t:
+            raise CheckpointError(f"{path}: detector metadata field 'tiling' holds a position bank without the "
+                                  "normal images' size ('normal_size'); the file is damaged")
     return info
 
 

@@ -210,6 +210,7 @@ def contract(det, fmt: str, precision: str, model_file: str, model_sha256: str, 
         },
         "mask": "anomaly_map resized bilinearly (half-pixel centres) to the image's own W x H, > thresholds.pixel",
         "cal_image_size": int(det.cal_image_size),
+        **({"tiling": dict(info["tiling"])} if "tiling" in info else {}),  # the graph scores tiles (docs/tiling.md)
         "thresholds": dict(info.get("thresholds", {})),
         "detector": {k: info.get(k) for k in ("fdsl_version", "created", "model_config", "backbone", "checkpoint",
                                               "normal_images")},
@@ -243,6 +244,10 @@ def export_detector(det, out: PathLike, fmt: str = "openvino", precision: str = 
     prepare_run_dir(out, "--out")  # created and writable before the graph is built (seconds to minutes)
     if det.model.device.type != "cpu":
         raise ConfigError("export a detector loaded on the CPU (--device cpu)")
+    if det.info.get("tiling", {}).get("bank") == "position":
+        raise ConfigError("fdsl export supports tiled detectors with the shared tile bank; this one has a position "
+                          "bank (--tile_bank position): score it with `fdsl predict --detector`, or fit it again "
+                          "with --tile_bank shared to export it")
     graph = DetectorGraph(det.model, det.memory, det.cal_image_size, chunk_mb).eval()
     S = int(det.model.cfg.image_size)
     example = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))  # batch 2: stays dynamic

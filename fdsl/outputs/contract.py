@@ -57,6 +57,11 @@ CONTRACT_SCHEMA: dict = {
     "outputs": (False, OBJECT),  # descriptive; the model's own outputs are checked on load
     "mask": (False, STR),
     "cal_image_size": (True, int_spec(1)),
+    # tiled detectors only (docs/tiling.md): the graph scores tiles, the reader cuts and stitches them
+    "tiling": (False, {
+        "size": (True, int_spec(8)), "overlap": (True, int_spec(0)), "bank": (True, choice(("shared",))),
+        "map_cap": (False, int_spec(1)), "normal_size": (False, list_of(2, int_spec(1))),
+    }),
     "thresholds": (True, {
         "image": (False, or_null(num_spec())), "pixel": (False, or_null(num_spec())),
         "image_method": (False, or_null(STR)), "pixel_method": (False, or_null(STR)),
@@ -134,6 +139,17 @@ def read_contract(folder: PathLike) -> dict:
     for file, _ in model_paths(folder, info):
         if not file.is_file():
             raise CheckpointError(f"{path}: the model file {file.name!r} is not in {str(folder)!r}; {REEXPORT}")
+    if "tiling" in info:  # a tiled detector's export (docs/tiling.md): the graph scores tiles
+        from fdsl.errors import ConfigError
+        from fdsl.outputs.tiles import Tiling
+
+        t = info["tiling"]
+        try:
+            if t.get("bank", "shared") != "shared":
+                raise ConfigError(f"expected a shared-bank tiling record, got {t!r}")
+            Tiling.from_info(t).validate()
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its 'tiling' record is invalid ({exc}); {REEXPORT}") from exc
     return info
 
 

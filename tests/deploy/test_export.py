@@ -106,7 +106,7 @@ def test_fp16_export_halves_the_weights_and_drifts_little(env, exported):
 
 def test_preprocessing_is_bit_identical_to_the_torch_path(env):
     from fdsl.data.images import OPENAI_MEAN, OPENAI_STD, image_transform, load_rgb
-    from fdsl.deploy.pixels import preprocess
+    from fdsl.outputs.pixels import preprocess
 
     ims = [load_rgb(p) for p in env.images[:3]] + [Image.new("RGB", (50, 31), (200, 10, 90))]
     ref = np.stack([image_transform(112)(im).numpy() for im in ims])
@@ -116,7 +116,7 @@ def test_preprocessing_is_bit_identical_to_the_torch_path(env):
 def test_bilinear_resize_matches_opencv():
     import cv2
 
-    from fdsl.deploy.pixels import resize_bilinear
+    from fdsl.outputs.pixels import resize_bilinear
 
     rng = np.random.default_rng(0)
     for src, dst in (((64, 64), (97, 31)), ((64, 64), (640, 480)), ((37, 40), (20, 13))):
