@@ -6,6 +6,7 @@
 #   bash reproduce.sh [--device 0|cpu|auto] # run it; rerun the same command to resume after a stop
 #
 # Dataset roots: MVTEC_ROOT (default data/mvtec), VISA_ROOT (default data/visa), as in trainAndTest.sh.
+# PYTHON: the interpreter (default .venv/bin/python when present, else python); it must import fdsl and torch.
 # Settings through the environment: FDSL_PRETRAINED (openai, or a weights file when offline), FDSL_SEEDS
 # (default "10 11 12 13 14"), FDSL_TRAIN_SEED (14), FDSL_PRECISION (auto = fp32), FDSL_REPRO_OUT
 # (results/reproduce); for the dry run's estimate FDSL_CPU_GFLOPS / FDSL_GPU_TFLOPS (your machine's fp32 rates). Every step resumes by itself: indexing is skipped when meta.json exists, train.py
@@ -42,6 +43,12 @@ done
 
 if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then PYTHON=$here/.venv/bin/python; fi
 PY=${PYTHON:-python}
+if ! (cd "$here" && "$PY" -c "import importlib.util as u, sys, fdsl; sys.exit(0 if u.find_spec('torch') else 3)") \
+    2>/dev/null; then
+  echo "error: PYTHON=$PY cannot import fdsl and torch; install them (pip install -e . in $here) or set PYTHON to" \
+       "the interpreter that has them, e.g. PYTHON=$here/.venv/bin/python" >&2
+  exit 2
+fi
 MVTEC_ROOT=${MVTEC_ROOT:-$here/data/mvtec}
 VISA_ROOT=${VISA_ROOT:-$here/data/visa}
 out=${FDSL_REPRO_OUT:-$here/results/reproduce}

@@ -10,18 +10,18 @@
 #   VisA  1-shot: AUROC 90.7  AUROC_p 97.8  F1-max 87.0  F1_p-max 46.5  AP 92.3  AP_p 42.8
 #   VisA  2-shot: AUROC 93.0  AUROC_p 98.1  F1-max 89.5  F1_p-max 47.5  AP 94.1  AP_p 43.6
 #   VisA  4-shot: AUROC 93.8  AUROC_p 98.3  F1-max 90.3  F1_p-max 48.5  AP 94.8  AP_p 44.7
+# Offline smoke mode (FDSL_SMOKE=1, the checkpoints of FDSL_SMOKE=1 bash trainAndTest.sh ...): see trainAndTest.sh.
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
 tag="nam${use_nam}_${winmode}_w${win_size}s${win_stride}x${win_weight}_seed${seed}_${kshots}shot"
-common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
-        --features_list 6 12 18 24 --few_shot_features 6 12 18 24 --calImage_size 240 --device "$device"
+common=("${model_args[@]}" "${run_args[@]}" --calImage_size 240 --device "$device"
         --precision "${FDSL_PRECISION:-auto}" --align_precision "${FDSL_ALIGN_PRECISION:-fp32}"
         --useNAM "$use_nam" --winmode "$winmode" --winsize "$win_size"
         --winstride "$win_stride" --winwight "$win_weight" --seed "$seed" --k_shot "$kshots")
 
 # VisA, model trained on MVTec AD (paper, 1-shot: AUROC 90.7 / AUROC_p 97.8; see the table above).
-$PY "$here/test.py" --dataset visa --data_path "$VISA_ROOT" --checkpoint_path "$ckpt/trained_on_mvtec/epoch_5.pth" \
-    --save_path "$here/results/$name/visa_$tag" "${common[@]}"
+$PY "$here/test.py" --dataset visa --data_path "$VISA_ROOT" \
+    --checkpoint_path "$ckpt/trained_on_mvtec/epoch_$test_epoch.pth" --save_path "$results/visa_$tag" "${common[@]}"
 # MVTec AD, model trained on VisA (paper, 1-shot: AUROC 94.4 / AUROC_p 96.8; see the table above).
-$PY "$here/test.py" --dataset mvtec --data_path "$MVTEC_ROOT" --checkpoint_path "$ckpt/trained_on_visa/epoch_5.pth" \
-    --save_path "$here/results/$name/mvtec_$tag" "${common[@]}"
+$PY "$here/test.py" --dataset mvtec --data_path "$MVTEC_ROOT" \
+    --checkpoint_path "$ckpt/trained_on_visa/epoch_$test_epoch.pth" --save_path "$results/mvtec_$tag" "${common[@]}"

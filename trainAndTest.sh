@@ -9,20 +9,23 @@
 # each indexed once with `python data/mvtec.py --root ...` / `python data/visa.py --root ...`.
 # Extra settings through the environment: FDSL_PRECISION (auto = fp32 on every device | fp32 | bf16 | fp16),
 # FDSL_ALIGN_PRECISION (fp32 | fp16 | bf16: the window branch's similarity, test only), FDSL_PRETRAINED
-# (openai or a weights file), FDSL_MODEL (ViT-L-14-336).
+# (openai or a weights file), FDSL_MODEL (ViT-L-14-336), PYTHON (the interpreter; default .venv/bin/python when
+# present, else python; it must import fdsl).
+#
+# Offline smoke mode: FDSL_SMOKE=1 bash trainAndTest.sh fdsl cpu 1 mul 13 2 0.5 14 1 runs the same steps with the
+# same nine arguments on a tiny random-weight CLIP and small synthetic MVTec/VisA-layout data (under
+# FDSL_SMOKE_DIR, default smoke_runs/), in a couple of minutes on a CPU; it says what it scales down.
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/fdsl_args.sh"
-common=(--model "${FDSL_MODEL:-ViT-L-14-336}" --pretrained "${FDSL_PRETRAINED:-openai}" --image_size 518
-        --features_list 6 12 18 24 --few_shot_features 6 12 18 24 --device "$device"
-        --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam")
+common=("${model_args[@]}" "${run_args[@]}" --device "$device" --precision "${FDSL_PRECISION:-auto}" --useNAM "$use_nam")
 
 # Model for VisA: trained on the MVTec AD test split, 5 epochs.
 $PY "$here/train.py" --dataset mvtec --train_data_path "$MVTEC_ROOT" --save_path "$ckpt/trained_on_mvtec" \
-    --epoch 5 --k_shot 10 --batch_size 8 --learning_rate 0.001 --seed "$seed" "${common[@]}"
+    --epoch "$epochs_mvtec" --k_shot "$train_shots" --batch_size 8 --learning_rate 0.001 --seed "$seed" "${common[@]}"
 # Model for MVTec AD: trained on the VisA test split, 11 epochs as the released script (tests use epoch 5, as the
 # released test_few_shot.sh does). Nothing in training depends on the epoch count, so epoch 5 here equals epoch 5
 # of a 5-epoch run; reproduce.sh trains 5 (see docs/reproduce.md).
 $PY "$here/train.py" --dataset visa --train_data_path "$VISA_ROOT" --save_path "$ckpt/trained_on_visa" \
-    --epoch 11 --k_shot 10 --batch_size 8 --learning_rate 0.001 --seed "$seed" "${common[@]}"
+    --epoch "$epochs_visa" --k_shot "$train_shots" --batch_size 8 --learning_rate 0.001 --seed "$seed" "${common[@]}"
 
 bash "$here/test_few_shot.sh" "$@"

@@ -37,6 +37,7 @@ from fdsl.options import (
     part_of,
     settings,
 )
+from fdsl.presets import HUB, PRESET_HELP, PRESETS, apply_preset
 from fdsl.taps import take_indices
 
 # The generated-parser API, used with these dataclasses (defined in fdsl.options).
@@ -79,8 +80,9 @@ class ModelConfig:
     pretrained: str = option(
         "openai", "--pretrained",
         help="backbone weights: a CLIP tag (openai), a local weights file (open_clip / OpenAI CLIP; for timm a "
-             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), or 'none' (random init; "
-             "tests only)", affects=NUMBERS, path=True)
+             "timm or safetensors state dict, or the EfficientNet-Lite0 package file), 'hub' (a timm model's own "
+             "weights, downloaded once into timm's cache), or 'none' (random init; tests only)",
+        affects=NUMBERS, path=True)
     model_config: str | None = option(
         None, "--model_config", help="extra open_clip model-config JSON (file or folder) to register before building",
         affects=NUMBERS, path=True)
@@ -137,6 +139,9 @@ class ModelConfig:
                 f"--features_list {self.features_list} and --few_shot_features {self.few_shot_features} differ; "
                 "FDSL aligns and scores the same layers, so give both the same list")
         take_indices(self.features_list)  # distinct, increasing, 1-based; the backbone checks the depth
+        if str(self.pretrained).lower() == HUB and not str(self.model).startswith("timm:"):
+            raise ConfigError(f"--pretrained hub fetches a timm model's own weights; --model {self.model} is "
+                              "open_clip: give a tag (openai) or a weights file")
         w = self.fuse_weight
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0):
             raise ConfigError(f"--fuse_weight {w!r}: give a weight in [0, 1] (the share of the FD distance map)")
@@ -281,6 +286,14 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
                                  help="evaluation resolution of anomaly maps and masks", affects=NUMBERS)
     save_images: bool = option(False, "--save_images", help="write a side-by-side PNG per test image", affects=NOTHING)
     aupro: bool = option(True, "--aupro", help="compute AUPRO (exact)", affects=NUMBERS)
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS), affects=NOTHING,
+                                help="a named backbone setting; the model options given explicitly win. "
+                                     + PRESET_HELP)
+    shot_draw: str = option("nested", "--shot_draw", choices=("nested", "separate"), affects=NOTHING,
+                            help="with several --k_shot values: nested (per seed the k-shot references are the "
+                                 "first k of one draw, the paper protocol's choice) or separate (each k drawn as a "
+                                 "run with --k_shot k alone would, so its numbers match separate runs). Like "
+                                 "--seed, it acts through the reference images, which a rerun compares by name")
 
     def __post_init__(self) -> None:
         # One value (the command line gives a list) is today's single-k run: stored as a plain int.
@@ -290,6 +303,7 @@ class TestConfig(ModelConfig, RuntimeConfig, JobConfig):
             self.k_shot = list(self.k_shot)
 
     def validate(self) -> None:
+        apply_preset(self, explicit_fields(self))
         ModelConfig.validate(self)
         RuntimeConfig.validate(self)
         JobConfig.validate(self)
@@ -432,6 +446,9 @@ class FitConfig(ModelOverrides, ImagesCommand):
                             help="shared: every tile searches the tokens of every normal tile (--max_shots bounds "
                                  "it); position: each tile only the same tile +-1 of the normal images (parts held "
                                  "in a fixture; one image size)")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="a named backbone setting instead of a checkpoint (model options given "
+                                     "explicitly win). " + PRESET_HELP)
 
     def validate(self) -> None:
         ImagesCommand.validate(self)
@@ -454,6 +471,9 @@ class PredictConfig(ImagesCommand):
     pretrained: str | None = option(
         None, "--pretrained", path=True,
         help="the backbone weights file, when it moved since `fit` (its sha256 is checked)")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     overlays: bool = option(True, "--overlays", help="write an overlay PNG per image")
     save_maps: bool = option(False, "--save_maps",
                              help="also write each raw float32 anomaly map: maps/eval/<name>.npy (evaluation size) "
@@ -509,6 +529,9 @@ class CalibrateConfig(ImagesCommand):
         help="image threshold with at most this false-positive rate on the normal images (default: F1-max)")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     tile: int | None = _tile_choice("--tile")
     tile_overlap: int | None = _tile_choice("--tile_overlap")
     tile_bank: str | None = _tile_choice("--tile_bank")
@@ -528,6 +551,9 @@ class ServeConfig(ImagesCommand):
     port: int = option(8000, "--port", help="TCP port")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     workdir: str = option("fdsl_serve", "--workdir", path=True,
                           help="the only folder the server writes to (detectors fitted on the page, scratch)")
     max_files: int = option(64, "--max_files", help="images per request")
@@ -578,6 +604,9 @@ class ExportConfig:
                                         help="int8 gate: largest image / pixel AUROC drop, in points")
     pretrained: str | None = option(None, "--pretrained", path=True,
                                        help="the backbone weights file, when it moved since `fit`")
+    preset: str | None = option(None, "--preset", choices=tuple(PRESETS),
+                                help="the preset the detector was fitted with: its weights file as found on this "
+                                     "machine stands in for --pretrained (the detector's sha256 is checked)")
     chunk_mb: int = option(64, "--chunk_mb",
                            help="bound per image, in MiB, on each similarity block of the graph's nearest-normal "
                                 "search")

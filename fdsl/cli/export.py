@@ -24,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
             return int(exc.code or 0)
         setup_logging(None)
+        from fdsl.cli.inspection import with_preset_weights
+
+        with_preset_weights(cfg)
         from fdsl.config import RuntimeConfig
         from fdsl.inspect.detector import Detector
         from fdsl.inspect.export import export_detector

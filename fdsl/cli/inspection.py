@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- fit / calibrate
 
 
+def with_preset_weights(cfg) -> None:
+    """A detector command's ``--preset``: that preset's weights file on this machine becomes ``--pretrained``
+    (unless given; ``hub`` weights are fetched or found in timm's cache). The detector checks its sha256."""
+    if getattr(cfg, "preset", None) and not getattr(cfg, "pretrained", None) and not isinstance(cfg, FitConfig):
+        from fdsl.core.timm_backbone import preset_weights_file
+
+        cfg.pretrained = preset_weights_file(cfg.preset)
+
+
 def cmd_fit(cfg: FitConfig) -> None:
     from fdsl.inspect.detector import Detector
     from fdsl.io import check_writable_file
@@ -41,10 +50,17 @@ def cmd_fit(cfg: FitConfig) -> None:
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; give the detector file name, e.g. part.fdsl")
     check_writable_file(out, "--out")  # before the (slow) fit
+    from fdsl.presets import preset_model_options
+
+    options = preset_model_options(cfg.preset, given(cfg, ModelConfig))
+    if options.get("model") and options.get("pretrained"):  # `hub`: fetched (or found) first, before any work
+        from fdsl.core.timm_backbone import resolve_weights
+
+        options["pretrained"] = resolve_weights(options["model"], options["pretrained"])
     det = Detector.fit(cfg.checkpoint, cfg.normal, runtime=cfg.runtime(), batch_size=cfg.batch_size,
                        cal_image_size=cfg.cal_image_size, max_shots=cfg.max_shots,
                        shot_selection=cfg.shot_selection, tile=cfg.tile, tile_overlap=cfg.tile_overlap,
-                       tile_bank=cfg.tile_bank, **given(cfg, ModelConfig))
+                       tile_bank=cfg.tile_bank, **options)
     det.save(out)
     print(f"detector: {out} ({len(det.info['normal_images'])} normal image(s), {det.info['model_config']['model']}, "
           f"winmode {det.info['model_config']['winmode']}); no thresholds yet: run `python -m fdsl calibrate`")
@@ -191,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def job() -> None:
         cfg = parse_config(cls, argv[1:], prog=f"fdsl {argv[0]}")
         setup_logging(None)
+        with_preset_weights(cfg)
         command(cfg)
 
     return run_command(job, interrupted=INTERRUPTED)

@@ -128,12 +128,39 @@ def options_markdown() -> str:
     return "\n".join(parts)
 
 
+COLUMNS_BEGIN = "<!-- scores.csv columns: generated from fdsl.outputs.writers by python -m fdsl.cli.options_doc -->"
+COLUMNS_END = "<!-- end of the generated scores.csv columns -->"
+COLUMN_DOCS = ("docs/inspect.md", "docs/deploy.md", "docs/workbench.md")  # each holds one generated block
+
+
+def columns_markdown() -> str:
+    """The generated block: a table of `predict`'s ``scores.csv`` columns, in file order."""
+    from fdsl.outputs.writers import SCORE_COLUMN_HELP, SCORE_COLUMNS
+
+    rows = ["| `scores.csv` column | holds |", "|---|---|"]
+    rows += [f"| `{c}` | {_cell(SCORE_COLUMN_HELP[c])} |" for c in SCORE_COLUMNS]
+    return "\n".join([COLUMNS_BEGIN, *rows, COLUMNS_END])
+
+
+def with_columns(text: str, where: str) -> str:
+    """`text` with its generated columns block replaced by the current one."""
+    begin, end = text.find(COLUMNS_BEGIN), text.find(COLUMNS_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{where} has no generated scores.csv columns block ({COLUMNS_BEGIN})")
+    return text[:begin] + columns_markdown() + text[end + len(COLUMNS_END):]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write ``docs/options.md`` (or the path given as the only argument)."""
+    """Write ``docs/options.md`` (or the path given as the only argument) and the scores.csv column blocks."""
     args = list(sys.argv[1:] if argv is None else argv)
     target = Path(args[0]) if args else DOC
     atomic_write_text(target, options_markdown())
     print(f"wrote {target}")
+    if not args:
+        for rel in COLUMN_DOCS:
+            doc = DOC.parents[1] / rel
+            atomic_write_text(doc, with_columns(doc.read_text(encoding="utf-8"), rel))
+            print(f"wrote the scores.csv columns of {doc}")
     return 0
 
 

@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def job() -> None:
         cfg = parse_config(ServeConfig, argv, prog="fdsl serve")
         setup_logging(None)
+        from fdsl.cli.inspection import with_preset_weights
+
+        with_preset_weights(cfg)
         try:
             import uvicorn
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.features import BackboneOutput, state_dict_mismatch
+from fdsl.core.features import BackboneOutput, state_dict_mismatch, warn_random_weights
 from fdsl.data.images import OPENAI, Preprocess
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.taps import take_indices
@@ -78,10 +78,13 @@ def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) ->
     try:
         return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as exc:
+        from fdsl.presets import offline_hint
+
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
         raise ConfigError(
-            f"could not fetch the {model_name} '{pretrained}' weights ({type(exc).__name__}: {exc}). "
-            "Offline? Pass a local file with --pretrained /path/to/weights.pt (an open_clip or OpenAI CLIP "
-            "checkpoint), or --pretrained none for a random-weight smoke run") from exc
+            f"could not fetch the {model_name} '{pretrained}' weights ({cause}); {offline_hint()}, or pass a "
+            "local CLIP weights file with --pretrained /path/to/weights.pt (HF_HUB_OFFLINE=1 fails at once "
+            "instead of retrying)") from exc
 
 
 class _DropMessage(logging.Filter):
@@ -174,10 +177,7 @@ class CLIPBackbone(nn.Module):
             log.info("activation: %s", act)
 
         if weights is None:
-            log.warning("!" * 72)
-            log.warning("--pretrained none: the CLIP backbone has RANDOM weights. Results are meaningless "
-                        "except as a smoke test.")
-            log.warning("!" * 72)
+            warn_random_weights(model_name)
             source_pos = visual.positional_embedding.detach().clone()
         else:
             source_pos = self._load_weights(visual, weights)

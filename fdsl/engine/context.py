@@ -42,7 +42,7 @@ class JobContext:
         self.device = self.strategy.device(cfg.device)  # torchrun: LOCAL_RANK's device
         self.runtime = resolve_runtime(cfg, self.device, out_size)
         self.root = str(data_root)
-        self.meta: Meta = load_meta(self.root)
+        self.meta: Meta = load_meta(self.root, getattr(cfg, "dataset", None))
         self.classes: list[str] = select_classes(self.meta, cfg.classes, self.root)
         self.save_path = Path(cfg.save_path)
         self._model = model

@@ -46,6 +46,7 @@ from fdsl.io import atomic_write_json, atomic_write_text, prepare_run_dir, setup
 from fdsl.metrics import metrics
 from fdsl.metrics.vocabulary import LABELS, METRIC_KEYS, UNITS, percent_line
 from fdsl.options import RENAMED_SETTINGS
+from fdsl.progress import bars_shown, progress_lines
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Evaluator:
     def __init__(self, cfg: TestConfig, model: FDSL | None = None) -> None:
         cfg.validate()
         check_not_training_run(Path(cfg.save_path))
+        self.log_tables = True  # log each seed's results table (the demo prints its own)
         if model is None and cfg.trained_head:  # the model depends on the checkpoint's settings: reconcile first
             _check_checkpoint_path(cfg)
             reconcile_with_checkpoint(cfg, cfg.checkpoint_path, explicit_fields(cfg))
@@ -186,14 +188,15 @@ class Evaluator:
         """Reference image paths per k and class for `seed`: ``{k: {cls: paths}}``.
 
         From --k_shot_file (each k takes the first k of the file's last max(k) lines per class), or a
-        seeded draw: one k keeps `sample_k_shot`; several k use `sample_nested_k_shot` (k=1 ⊂ k=2 ⊂ k=4).
+        seeded draw: one k keeps `sample_k_shot`; several k use `sample_nested_k_shot` (k=1 ⊂ k=2 ⊂ k=4), or with
+        ``--shot_draw separate`` `sample_k_shot` per k (the draws of separate single-k runs).
         """
         ks = self.shots
         if self.cfg.k_shot_file:
             full = read_k_shot_file(self.cfg.k_shot_file, self.meta, self.classes, max(ks))
             return {k: {c: full[c][:k] for c in self.classes} for k in ks}
-        if len(ks) == 1:
-            return {ks[0]: {c: sample_k_shot(self.meta, c, ks[0], seed) for c in self.classes}}
+        if len(ks) == 1 or self.cfg.shot_draw == "separate":  # each k as a run with --k_shot k alone draws it
+            return {k: {c: sample_k_shot(self.meta, c, k, seed) for c in self.classes} for k in ks}
         nested = {c: sample_nested_k_shot(self.meta, c, ks, seed) for c in self.classes}
         return {k: {c: nested[c][k] for c in self.classes} for k in ks}
 
@@ -249,7 +252,9 @@ class Evaluator:
         species: list[str] = []
         i = 0
         with self.strategy.step(f"scoring the test images of {cls}"):
-            for batch in tqdm(interruptible(loader), total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
+            lines = progress_lines(interruptible(loader), len(loader), f"scoring {cls}",
+                                   enabled=self.strategy.is_main and not bars_shown())
+            for batch in tqdm(lines, total=len(loader), desc=cls, leave=False, dynamic_ncols=True,
                               disable=self.strategy.tqdm_disable()):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)
                 b = batch["image"].shape[0]
@@ -372,8 +377,8 @@ class Evaluator:
             for row in recs[c]["scores"]:
                 writer.writerow({key: repr(v) if isinstance(v, float) else v for key, v in row.items()})
         atomic_write_text(out / "scores.csv", buf.getvalue())
-        table = format_table(classes, mean)
-        log.info("results (seed %d, %d-shot, %%):\n%s", seed, k, table)
+        if self.log_tables:
+            log.info("results (seed %d, %d-shot, %%):\n%s", seed, k, format_table(classes, mean))
         return results
 
 
@@ -405,13 +410,16 @@ def _held_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def evaluate(cfg: TestConfig, model: FDSL | None = None) -> dict:
+def evaluate(cfg: TestConfig, model: FDSL | None = None, log_tables: bool = True) -> dict:
     """ShotSetting `test.py`'s job: log to `<save_path>/log.txt`, evaluate, write results.
 
     `model` is an already built model to reuse (its head is loaded from ``cfg.checkpoint_path``).
+    `log_tables` False: the results tables are not logged (a caller that prints them itself, the demo).
     """
     check_not_training_run(Path(cfg.save_path))
     strategy = current_strategy()  # torchrun: rank 0 prepares the folder and logs; the others report errors only
     setup_logging(prepare_run_dir(cfg.save_path) / "log.txt" if strategy.is_main else None,
                   level=strategy.log_level(), replay=config_warnings(cfg))
-    return Evaluator(cfg, model).run()
+    ev = Evaluator(cfg, model)
+    ev.log_tables = log_tables
+    return ev.run()

@@ -24,6 +24,7 @@ from fdsl.engine.strategy import current as current_strategy
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, prepare_run_dir, setup_logging
 from fdsl.options import renamed_settings
+from fdsl.progress import bars_shown, progress_lines
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ class Trainer:
                                            pin_memory=cuda)
             head.train()
             total, count = 0.0, 0
-            bar = tqdm(interruptible(loader), total=len(loader), desc=f"epoch {epoch}/{cfg.epoch}", leave=False,
+            lines = progress_lines(interruptible(loader), len(loader), f"epoch {epoch}/{cfg.epoch}",
+                                   enabled=strategy.is_main and not bars_shown())
+            bar = tqdm(lines, total=len(loader), desc=f"epoch {epoch}/{cfg.epoch}", leave=False,
                        dynamic_ncols=True, disable=strategy.tqdm_disable())
             for batch in strategy.batches(bar, f"loading a training batch (epoch {epoch})"):
                 warn_nonbinary_masks(batch, self._nonbinary_warned)

@@ -527,7 +527,9 @@ class Detector:
                                    "image_method": report["image_method"], "pixel_method": report["pixel_method"],
                                    "image_fpr": fpr, "image_tpr": report.get("image_tpr"),
                                    "n_normal": len(normal_files), "n_anomalous": len(bad_files),
-                                   "cal_image_size": self.cal_image_size}
+                                   "cal_image_size": self.cal_image_size,
+                                   # predict warns when its inputs include these (`reused_images`)
+                                   "calibration_images": sorted({sha256_file(p) for p, _ in files})}
         log.info("calibrated: image threshold %.6f (%s, normal FPR %.3f%s), pixel threshold %.6f (%s)", thr,
                  report["image_method"], fpr,
                  f", anomalous TPR {report['image_tpr']:.3f}" if "image_tpr" in report else "", pix,

@@ -55,7 +55,9 @@ def backbone_identity(cfg: ModelConfig) -> dict:
     An extra open_clip model config (``--model_config``) is recorded by its sha256; it must be one JSON file
     (a folder cannot be pinned by a digest).
     """
-    p = cfg.pretrained
+    from fdsl.core.timm_backbone import resolve_weights
+
+    p = resolve_weights(cfg.model, cfg.pretrained)  # `hub`: the cached file, pinned by its sha256 like any file
     out = {"model": cfg.model, "pretrained": p, "path": None, "sha256": None, "quick_gelu": cfg.quick_gelu,
            "image_size": cfg.image_size}
     if p.lower() != "none" and os.path.isfile(p):
@@ -285,6 +287,8 @@ METADATA_SCHEMA: dict = {
         "image_method": (False, _or_null(_STR)), "pixel_method": (False, _or_null(_STR)),
         "image_fpr": (False, _or_null(_num(0.0, 1.0))), "image_tpr": (False, _or_null(_num(0.0, 1.0))),
         "n_normal": (False, _int(0)), "n_anomalous": (False, _int(0)), "cal_image_size": (False, _int(1)),
+        "calibration_images": (False, ("a list of sha256 hex digests", lambda v: isinstance(v, list) and all(
+            _SHA256[1](x) for x in v))),
     }),
 }
 

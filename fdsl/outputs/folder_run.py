@@ -36,7 +36,7 @@ from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json, atomic_write_text, clean_stale_temp_files, prepare_run_dir
 from fdsl.outputs.files import PREDICT_STATE, list_images
 from fdsl.outputs.gallery import write_gallery
-from fdsl.outputs.input_check import warn_unlike_normals
+from fdsl.outputs.input_check import warn_known_images, warn_unlike_normals
 from fdsl.outputs.scorer import Scorer
 from fdsl.outputs.thresholds import check_threshold
 from fdsl.outputs.verdicts import RECORD_FIELDS, Prediction, overlay_array, verdict_record
@@ -54,6 +54,7 @@ from fdsl.outputs.writers import (
     save_npy,
     save_png,
 )
+from fdsl.progress import progress_lines
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,23 @@ def inputs(images: Sequence[PathLike], out: PathLike, *, batch_size: int = 8, th
         if Path(raw).is_dir() and out.resolve().is_relative_to(Path(raw).resolve()):
             log.info("--out %s lies inside the input folder %s: it is skipped when listing the images", out, raw)
     return unique_files(list_images(images, "input images", exclude=out))
+
+
+REGIONS_FILE = "regions.jsonl"  # fdsl.outputs.regions.REGIONS_FILE, named here so the summary needs no scipy
+_NO_REGIONS_WARNED: list[bool] = []
+
+
+def _regions_module():
+    """`fdsl.outputs.regions` (it needs scipy), or None with one warning: a torch-free deploy install may
+    hold only NumPy and Pillow, and then writes no ``regions.jsonl``."""
+    try:
+        from fdsl.outputs import regions
+    except ImportError as exc:
+        if not _NO_REGIONS_WARNED:
+            _NO_REGIONS_WARNED.append(True)
+            log.warning("no %s: the connected regions need scipy (%s); pip install scipy", REGIONS_FILE, exc)
+        return None
+    return regions
 
 
 def unique_files(files: list[tuple]) -> list[tuple]:
@@ -177,6 +195,7 @@ class FolderRun:
         self.picture, self.picture_style, self.full_map = picture, picture_style, full_map
         self.head = dict(head or {"detector": str(self.source), "fdsl_version": scorer.info.get("fdsl_version")})
         self.stored_label, self.title, self.progress = stored_label, title, progress
+        self._regions: dict[str, dict] = {}  # this run's regions.jsonl records (`_write_one`)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -298,6 +317,7 @@ class FolderRun:
             log.info("resuming: %d of %d image(s) already done, skipped", len(rows) - len(others), len(paths))
         errors: list[dict] = []
         warn_unlike_normals(det.info.get("normal_images", []), [(p, display[p]) for p in todo])
+        warn_known_images(det.info, todo)
 
         def flush() -> None:
             order = paths + others
@@ -333,11 +353,12 @@ class FolderRun:
         starts = range(0, n, self.batch_size)
         if self.progress is None:
             return starts
+        lines = progress_lines(starts, len(starts), f"{self.progress} ({n} images)")  # without a bar: a line / 10 s
         try:
             from tqdm import tqdm
         except ImportError:  # the torch-free install may lack it: no bar then
-            return starts
-        return tqdm(starts, desc=self.progress, unit="batch", dynamic_ncols=True, disable=None)
+            return lines
+        return tqdm(lines, total=len(starts), desc=self.progress, unit="batch", dynamic_ncols=True, disable=None)
 
     def _write_one(self, p: str, im: Image.Image, pr: Prediction, name: str, stem: str, overlay: Path, mask: Path,
                    maps: tuple[Path, Path], thr: float | None, pix: float | None) -> dict:
@@ -347,6 +368,10 @@ class FolderRun:
         has_mask = bool(pr.is_anomalous and pr.mask is not None)
         if has_mask:
             save_png(mask, pr.mask.astype(np.uint8) * 255, "L")
+            regions = _regions_module()
+            if regions is not None:
+                full = (self.full_map or regions.map_at_size)(pr.anomaly_map, im.size)  # (H, W): regions' peaks
+                self._regions[p] = regions.region_record(p, pr.score, pr.mask, full)
         elif mask.exists():
             mask.unlink()  # stale mask of an earlier run with other thresholds
         if self.overlays:
@@ -365,6 +390,26 @@ class FolderRun:
                 "overlay": f"overlays/{stem}.png" if self.overlays else "",
                 "mask": f"masks/{stem}.png" if has_mask else ""}
 
+    def _write_regions(self, rows: dict, order: list[str]) -> None:
+        """``regions.jsonl``: per anomalous row (in scores.csv order) its connected regions; rows kept from an
+        earlier run keep their line (or, from an older run without one, get it from their mask, no peak)."""
+        regions = _regions_module()
+        if regions is None:
+            return
+        earlier = regions.read_region_records(self.out / REGIONS_FILE)
+        lines = []
+        for p in order:
+            row = rows.get(p)
+            if row is None or str(row.get("is_anomalous")) != "1" or not row.get("mask"):
+                continue
+            rec = self._regions.get(p) or earlier.get(p)
+            if rec is None and (self.out / row["mask"]).is_file():
+                rec = regions.region_record(p, float(row["score"]), np.asarray(Image.open(self.out / row["mask"])) > 0,
+                                            None)
+            if rec is not None:
+                lines.append(json.dumps(rec))
+        atomic_write_text(self.out / REGIONS_FILE, "".join(f"{line}\n" for line in lines))
+
     def _summary(self, rows: dict, paths: list[str], others: list[str], todo: list[str], errors: list[dict],
                  thr: float | None, pix: float | None, cal: int, seconds: float) -> dict:
         out = self.out
@@ -373,6 +418,7 @@ class FolderRun:
                          key=lambda r: -float(r["score"]))
         n_new = len(todo) - len(errors)
         write_gallery(out, [rows[p] for p in paths + others if p in rows], title=f"{self.title}: {self.source.name}")
+        self._write_regions(rows, paths + others)
         summary = {
             **self.head,
             "n_images": len(paths), "n_scored": len(rows) - len(others), "n_errors": len(errors),
@@ -384,7 +430,8 @@ class FolderRun:
             "flagged": [{"path": r["path"], "score": float(r["score"]), "margin": float(r["margin"]),
                          "defect_area_px": r["defect_area_px"], "overlay": r["overlay"], "mask": r["mask"]}
                         for r in flagged],
-            "outputs": {"scores": "scores.csv", "errors": "errors.csv",
+            "outputs": {"scores": "scores.csv", "regions": REGIONS_FILE if _regions_module() else None,
+                        "errors": "errors.csv",
                         "overlays": "overlays/" if self.overlays else None, "masks": "masks/",
                         "maps": "maps/" if self.save_maps else None, "gallery": "index.html"},
             "seconds": round(seconds, 3),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from fdsl.io import PathLike
+from fdsl.outputs.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +92,40 @@ def warn_unlike_normals(normal_images: Sequence[dict], inputs: Sequence[tuple[Pa
                     "their scores may reflect the difference rather than a defect: %s%s", len(odd),
                     "/".join(profile["modes"]), *profile["size"], listed, more)
     return odd
+
+
+def reused_images(info: dict, paths: Sequence[PathLike]) -> dict[str, list[str]]:
+    """Which of `paths` the detector already knows, by sha256: ``{"calibration": [...], "shots": [...]}``.
+
+    Verdicts on calibration images say nothing about unseen parts (the thresholds were set on them); a shot
+    scores near zero by construction. Reads each path once; empty lists when the detector records no digests.
+    """
+    cal = set((info.get("thresholds") or {}).get("calibration_images") or [])
+    shots = {e.get("sha256") for e in info.get("normal_images") or [] if isinstance(e, dict)}
+    out: dict[str, list[str]] = {"calibration": [], "shots": []}
+    if not cal and not shots:
+        return out
+    for p in paths:
+        try:
+            digest = sha256_file(p)
+        except OSError:
+            continue  # unreadable: predict reports it in errors.csv
+        if digest in cal:
+            out["calibration"].append(str(p))
+        if digest in shots:
+            out["shots"].append(str(p))
+    return out
+
+
+def warn_known_images(info: dict, paths: Sequence[PathLike]) -> None:
+    """Warn when inputs are the detector's calibration images or its shots (known by their sha256)."""
+    known = reused_images(info, paths)
+    if known["calibration"]:
+        n, ex = len(known["calibration"]), ", ".join(known["calibration"][:3])
+        log.warning("%d of the %d input image(s) were used by `calibrate` to set the thresholds (%s%s): their "
+                    "verdicts and calibrate's FPR / TPR say nothing about parts it has not seen; judge the "
+                    "thresholds on other images", n, len(paths), ex, " ..." if n > 3 else "")
+    if known["shots"]:
+        n, ex = len(known["shots"]), ", ".join(known["shots"][:3])
+        log.warning("%d of the %d input image(s) are the detector's own normal shots (%s%s): they score near zero "
+                    "by construction", n, len(paths), ex, " ..." if n > 3 else "")

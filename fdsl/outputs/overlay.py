@@ -58,9 +58,15 @@ def _fit_text(canvas: np.ndarray, text: str, y: int, max_scale: float = 0.45) ->
     _text(canvas, text, (4, y))
 
 
+def side_by_side_shape(h: int, w: int, caption: bool = True) -> tuple[int, int]:
+    """(height, width) of a `save_side_by_side` picture of an (h, w) map: titles, three panels, the colour bar."""
+    return (SIDE_CAPTION_H if caption else 0) + _TITLE_H + h, 3 * (w + 4) + _BAR_W + _BAR_LABEL_W
+
+
 def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap: np.ndarray,
                       caption: str | None = None) -> None:
-    """Write image | ground truth | overlay at the map's resolution (squash-resized like the model input).
+    """Write titled panels image | ground truth | anomaly map and the map's colour scale (0..1), at the map's
+    resolution (squash-resized like the model input).
 
     Args:
         image: the original RGB image.
@@ -71,7 +77,13 @@ def save_side_by_side(path: PathLike, image: Image.Image, mask: np.ndarray, amap
     h, w = amap.shape
     img = np.asarray(image.convert("RGB").resize((w, h), Image.BICUBIC))
     gt = np.repeat((np.asarray(mask, dtype=np.float32)[..., None] * 255).astype(np.uint8), 3, axis=2)
-    canvas = np.concatenate([img, gt, heatmap_overlay(img, amap)], axis=1)
+    gap = np.full((h + _TITLE_H, 4, 3), 255, np.uint8)
+    panels = []
+    for title, panel in (("image", img), ("ground truth", gt), ("anomaly map", heatmap_overlay(img, amap))):
+        head = np.full((_TITLE_H, w, 3), 255, np.uint8)
+        _fit_text(head, title, 16)
+        panels += [np.concatenate([head, panel], axis=0), gap]
+    canvas = np.concatenate([*panels, colour_bar(h, None)], axis=1)  # titled panels and the map's 0..1 scale
     if caption is not None:
         band = np.full((SIDE_CAPTION_H, canvas.shape[1], 3), 255, np.uint8)
         _fit_text(band, caption, 14)

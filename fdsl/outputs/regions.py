@@ -41,3 +41,39 @@ def connected_regions(mask: np.ndarray, amap: np.ndarray | None = None, limit: i
     return [{"bbox": [int(boxes[i][1].start), int(boxes[i][0].start), int(boxes[i][1].stop), int(boxes[i][0].stop)],
              "area_px": int(areas[i]),
              "peak": None if peaks[i] is None else round(float(peaks[i]), 6)} for i in order]
+
+
+REGIONS_FILE = "regions.jsonl"  # beside scores.csv: one JSON line per anomalous image
+
+
+def map_at_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (h, w) float map resized bilinearly to the image's (W, H) `size`: (H, W) float32 (PIL, torch-free)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.asarray(amap, np.float32), mode="F").resize(size, Image.BILINEAR))
+
+
+def region_record(path: str, score: float | None, mask: np.ndarray, amap: np.ndarray | None) -> dict:
+    """One line of ``regions.jsonl``: the image, its score and its connected regions (largest first)."""
+    regions = connected_regions(mask, amap)
+    return {"path": path, "score": None if score is None else round(float(score), 6), "n_regions": len(regions),
+            "regions": regions}
+
+
+def read_region_records(path) -> dict[str, dict]:
+    """{image path: record} of an earlier ``regions.jsonl`` (unreadable lines are skipped)."""
+    import json
+
+    out: dict[str, dict] = {}
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("path"), str):
+            out[rec["path"]] = rec
+    return out

@@ -56,6 +56,9 @@ def _plot(path: Path, scores: np.ndarray, labels: np.ndarray, thr: float, fpr: f
     ax.axvline(thr, color="black", linestyle="--", label=f"threshold {thr:.4f}")
     ax.set_xlabel("image score")
     ax.set_ylabel("images")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # image counts: no fractional ticks
     ax.set_title("validation scores (anomalous when score > threshold)")
     ax.legend(fontsize=8)
     ax = axes[1]

@@ -205,6 +205,21 @@ __all__ = ["LOCK_NAME", "check_output_folder", "folder_lock", "input_identity", 
 # ----------------------------------------------------------------------------- the files in it
 SCORE_COLUMNS = ("path", "score", "map_max", "threshold", "margin", "is_anomalous", "defect_area_px", "region",
                  "overlay", "mask")
+# What each column holds: the docs' tables are generated from this (python -m fdsl.cli.options_doc).
+SCORE_COLUMN_HELP = {
+    "path": "the input file as given (a folder's files: their path under it)",
+    "score": "the image score, 0.5·(patch_score + map_max), 6 decimals",
+    "map_max": "the maximum of the anomaly map at the evaluation size (`--cal_image_size`, 240)",
+    "threshold": "the image threshold used (the detector's, or `--threshold`); empty when uncalibrated",
+    "margin": "score − threshold: positive means anomalous; empty when uncalibrated",
+    "is_anomalous": "1 or 0 (empty when uncalibrated)",
+    "defect_area_px": "pixels of the defect region at the image's own size (empty for normal rows or without a "
+                      "pixel threshold); see docs/workbench.md on how coarse the maps are",
+    "region": "the rule that made the mask: `pixel_threshold`, `top_region` (image flagged, no pixel above the "
+              "pixel threshold: the map's top region) or `none`",
+    "overlay": "the row's overlay PNG, relative to the output folder",
+    "mask": "the row's binary mask PNG, relative to the output folder (empty for normal rows)",
+}
 
 def inside(root: Path, rel: str) -> Path:
     """`root / rel`, refused when it would leave `root` (an output name never escapes its folder)."""

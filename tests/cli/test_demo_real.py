@@ -27,3 +27,12 @@ def test_real_features_demo_labels_its_weights_and_detects(tmp_path, capsys):
     runs = tmp_path / "runs" / "real_features_lite0_128px"
     assert list((runs / "real_photos" / "images").rglob("*.png"))  # heat maps of the real run
     assert (runs / "predict" / "verdicts" / "scores.csv").is_file()  # fit / calibrate / predict, no checkpoint
+    # calibrated on other images than it judges, and it says where the gallery is
+    from fdsl.inspect.detector_file import read_detector_file
+    from fdsl.outputs.files import sha256_file
+
+    pred = runs / "predict"
+    cal = set(read_detector_file(next(pred.glob("*.fdsl")))[0]["thresholds"]["calibration_images"])
+    judged = {sha256_file(p) for p in (pred / "incoming").rglob("*.png")}
+    assert cal and judged and not cal & judged
+    assert str(pred / "verdicts" / "index.html") in out

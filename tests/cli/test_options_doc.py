@@ -61,11 +61,13 @@ def test_every_setting_states_its_properties() -> None:
 
 def test_derived_lists_are_the_documented_ones() -> None:
     # The lists that used to be written out by hand, now derived from the fields: unchanged.
-    # (plus --config, added since: where a rerun's settings came from changes no number and no resume)
+    # (plus --config, added since: where a rerun's settings came from changes no number and no resume; --preset,
+    # whose values land in the model fields; --shot_draw, which acts like --seed through the references)
     assert set(RESUME_NEUTRAL) == {"epoch", "save_path", "device", "num_workers", "resume", "save_freq", "win_batch",
                                    "align_chunk_mb", "config"}
     assert set(_NEUTRAL) == {"save_path", "num_workers", "batch_size", "classes", "save_images", "seeds", "seed",
-                             "device", "win_batch", "align_chunk_mb", "config", "backend_cache"}
+                             "device", "win_batch", "align_chunk_mb", "config", "backend_cache", "preset",
+                             "shot_draw"}
     assert TRAINED_SETTINGS == ("model", "image_size", "features_list", "quick_gelu", "use_norm", "align_mode",
                                 "use_abs", "use_nam")
     assert set(settings(TrainConfig, path=True)) == {"save_path", "train_data_path", "model_config", "pretrained",
@@ -78,7 +80,7 @@ def test_readme_and_docs_tables_name_real_options_with_their_defaults() -> None:
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for row in _table_rows(doc.read_text(encoding="utf-8")):
             cells = [c.strip() for c in row.strip("|").split(" | ")]
-            flags = re.findall(r"`(--[A-Za-z_]+)", cells[0])
+            flags = re.findall(r"`(--[A-Za-z][A-Za-z0-9_]*)", cells[0])
             for flag in flags:
                 assert flag in by_flag, f"{doc.name}: a table names {flag}, which no command has: {row}"
             # A row "| `--flag` (aliases) | default | ..." of an options table: the default must be a field's.
@@ -108,3 +110,15 @@ def test_readme_prose_lists_of_settings_match_the_metadata() -> None:
             assert flags == set(TRAINED_SETTINGS), row
             found += 1
     assert found >= 2
+
+
+def test_scores_csv_columns_in_the_docs_are_generated_and_current() -> None:
+    from fdsl.cli.options_doc import COLUMN_DOCS, columns_markdown, with_columns
+    from fdsl.outputs.writers import SCORE_COLUMN_HELP, SCORE_COLUMNS
+
+    assert tuple(SCORE_COLUMN_HELP) == SCORE_COLUMNS  # every column described, in file order
+    block = columns_markdown()
+    assert all(f"| `{c}` |" in block for c in SCORE_COLUMNS)
+    for rel in COLUMN_DOCS:
+        text = (ROOT / rel).read_text(encoding="utf-8")
+        assert with_columns(text, rel) == text, f"{rel}: stale scores.csv columns: run python -m fdsl.cli.options_doc"

@@ -142,6 +142,20 @@ def test_nested_draw_is_one_seeded_permutation(setup):
         sample_nested_k_shot(meta, CLASSES[0], [1, 7], 3)
 
 
+def test_separate_shot_draw_matches_single_k_runs(setup, tmp_path):
+    """--shot_draw separate: each k's references are those of a run with --k_shot k alone (same seed)."""
+    meta = load_meta(setup[1])
+    separate = Evaluator(_cfg(setup, tmp_path / "sep", k_shot=list(SHOTS), shot_draw="separate"))
+    nested = Evaluator(_cfg(setup, tmp_path / "nest", k_shot=list(SHOTS)))
+    for seed in SEEDS:
+        got = separate.references(seed)
+        for k in SHOTS:
+            assert got[k] == {c: sample_k_shot(meta, c, k, seed) for c in CLASSES}
+        assert nested.references(seed)[1] == {c: sample_nested_k_shot(meta, c, SHOTS, seed)[1] for c in CLASSES}
+    # On this data the draws differ for at least one (class, seed): the option changes something real.
+    assert any(separate.references(s)[1] != nested.references(s)[1] for s in SEEDS)
+
+
 def test_k_shot_flag_takes_one_or_more_values(setup):
     base = ["--checkpoint_path", "x.pth", "--data_path", "d"]
     assert parse_config(EvalConfig, base + ["--k_shot", "2"]).k_shot == 2  # one value: today's int

@@ -55,3 +55,27 @@ def test_no_warning_for_large_sets():
 
     assert small_set_warnings(20, 10) == [] and small_set_warnings(50, 0) == []
     assert len(small_set_warnings(19, 9)) == 2
+
+
+def test_histogram_counts_have_integer_ticks(tmp_path, monkeypatch):
+    """The histogram's y axis counts images: its ticks are whole numbers, even for 3 images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from fdsl.outputs import report
+
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        seen["ticks"] = fig.axes[0].get_yticks()
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    scores, labels = np.array([0.1, 0.2, 0.8]), np.array([False, False, True])
+    report._plot(tmp_path / "c.png", scores, labels, 0.5, 0.0, 1.0, small=True)
+    ticks = seen["ticks"]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

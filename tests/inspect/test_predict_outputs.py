@@ -132,14 +132,19 @@ def test_overlay_has_titles_and_a_colour_bar_marking_the_pixel_threshold():
     assert (pic[:_CAPTION_H + _TITLE_H] < 128).any(axis=2).sum() > 200  # caption and titles are written
 
 
-def test_side_by_side_carries_a_caption(tmp_path):
-    from fdsl.outputs.overlay import SIDE_CAPTION_H, save_side_by_side
+def test_side_by_side_carries_a_caption_titles_and_a_colour_scale(tmp_path):
+    from fdsl.outputs.overlay import _BAR_W, _TITLE_H, SIDE_CAPTION_H, save_side_by_side, side_by_side_shape
 
     img = Image.fromarray(np.full((40, 40, 3), 128, np.uint8))
     amap, gt = np.zeros((64, 64), np.float32), np.zeros((64, 64), bool)
     save_side_by_side(tmp_path / "a.png", img, gt, amap, caption="scratch/000.png (anomalous) score 0.731")
     save_side_by_side(tmp_path / "b.png", img, gt, amap)
     a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
-    assert a.shape == (SIDE_CAPTION_H + 64, 192, 3) and b.shape == (64, 192, 3)
-    assert (a[:SIDE_CAPTION_H] < 100).any(axis=2).sum() > 50  # the text is there
+    assert a.shape[:2] == side_by_side_shape(64, 64) and b.shape[:2] == side_by_side_shape(64, 64, caption=False)
+    assert a.shape[:2] == (SIDE_CAPTION_H + _TITLE_H + 64, 3 * 68 + _BAR_W + 96)
+    assert (a[:SIDE_CAPTION_H] < 100).any(axis=2).sum() > 50  # the caption's text is there
     np.testing.assert_array_equal(a[SIDE_CAPTION_H:], b)  # the panels are unchanged
+    for x0 in (0, 68, 136):  # each panel is titled (image, ground truth, anomaly map)
+        assert (b[:_TITLE_H, x0:x0 + 64] < 100).any(axis=2).sum() > 20
+    bar = b[_TITLE_H:, 3 * 68:3 * 68 + _BAR_W]
+    assert bar[0, :, 0].mean() > 100 and bar[-1, :, 2].mean() > 100  # the colour scale: red at 1, blue at 0

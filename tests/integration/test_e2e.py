@@ -228,10 +228,10 @@ def test_kshot_file_images_and_table(data, evaluated):
     assert {p.parent.name for p in pngs} == set(TEST_CLASSES)
     from PIL import Image
 
-    from fdsl.outputs.overlay import SIDE_CAPTION_H
+    from fdsl.outputs.overlay import side_by_side_shape
 
-    with Image.open(pngs[0]) as im:  # caption band over image | ground truth | overlay at the evaluation size
-        assert im.size == (3 * CAL_SIZE, SIDE_CAPTION_H + CAL_SIZE)
+    with Image.open(pngs[0]) as im:  # caption, titled image | ground truth | map at the evaluation size, colour bar
+        assert im.size[::-1] == side_by_side_shape(CAL_SIZE, CAL_SIZE)
 
     log = evaluated.dir.joinpath("log.txt").read_text()
     assert re.search(r"^\| objects +\| +AUROC +\| +AUROC_p", log, re.M), "pipe table header missing from log.txt"

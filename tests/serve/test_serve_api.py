@@ -70,6 +70,10 @@ def test_predict_equals_cli_predict(env, tmp_path):
     meta = client.get("/api/detector").json()
     assert meta["name"] == "part.fdsl" and meta["image_threshold"] == env.det.image_threshold
     assert meta["n_normal_images"] == len(env.train) and meta["model_config"]["model"] == "FDSL-Tiny-ViT"
+    # the fit tab names a trained head only for the learned scorer: the page reads model_config.scorer
+    page = client.get("/").text
+    assert meta["model_config"]["scorer"] == "fdsl" and 'model_config.scorer === "nn"' in page
+    assert "training-free scorer (nothing is trained)" in page and "trained head and backbone:" not in page
 
 
 def test_refusals_are_400_or_413_with_a_message(env, tmp_path):
