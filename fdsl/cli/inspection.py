@@ -180,7 +180,8 @@ def predict_folder(detector: PathLike, images: Sequence[PathLike], out: PathLike
         source_file = det_path
     from fdsl.outputs.tiles import Tiling, check_tiling_flags
 
-    check_tiling_flags(Tiling.from_info(det.info.get("tiling")), **(tiling or {}))
+    flags = {"tile": None, "tile_overlap": None, "tile_bank": None, **(tiling or {})}  # None: not given
+    check_tiling_flags(Tiling.from_info(det.info.get("tiling")), **flags)
     return FolderRun(det, files, out, source=det_path, source_file=source_file, threshold=threshold,
                      cal_image_size=cal_image_size, overlays=overlays, save_maps=save_maps, batch_size=batch_size,
                      full_map=map_to_image).run()
