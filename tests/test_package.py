@@ -83,11 +83,7 @@ BASE_PACKAGES = {"fdsl.heads"}
 TORCH_FREE = {"fdsl.outputs": {"fdsl", "fdsl.data.rgb", "fdsl.metrics", "fdsl.outputs"},
               "fdsl.deploy": {"fdsl", "fdsl.data.rgb", "fdsl.outputs", "fdsl.deploy"}}
 # Named exceptions, each with its reason (keep this empty where the code allows).
-EXCEPTIONS = {
-    ("fdsl.core.backends", "fdsl.outputs.openvino_core"):
-        "one OpenVINO Core per process, shared with the torch-free inferencer (a Core freed before its compiled "
-        "models crashes the process); imported where the OpenVINO backend is built",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _room(module: str) -> str:

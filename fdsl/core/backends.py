@@ -116,7 +116,7 @@ class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, owner: nn.Module, threads: int | None = None, cache: str | None = None) -> None:
-        from fdsl.outputs.openvino_core import openvino_core
+        from fdsl.openvino_core import openvino_core
 
         self.owner = owner
         self.core = openvino_core()

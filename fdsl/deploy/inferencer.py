@@ -14,6 +14,7 @@ from PIL import Image
 from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import PathLike
+from fdsl.openvino_core import openvino_core
 from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and read_contract stay importable here)
     CONTRACT,
     FORMAT,
@@ -24,7 +25,6 @@ from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and re
     read_contract,
     verify_model_files,
 )
-from fdsl.outputs.openvino_core import openvino_core
 from fdsl.outputs.pixels import RESAMPLE, preprocess, resize_bilinear
 from fdsl.outputs.thresholds import defect_region
 from fdsl.outputs.tiles import Tiling, score_tiled

@@ -45,7 +45,7 @@ def calibration_batches(det, normal: Sequence, anomalous: Sequence, batch_size: 
 
 def _run(model, batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(n,) scores and (n, cal, cal) maps of an `openvino.Model` compiled for the CPU in fp32 hint."""
-    from fdsl.outputs.openvino_core import openvino_core
+    from fdsl.openvino_core import openvino_core
 
     compiled = openvino_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     maps, scores = [], []

@@ -1,5 +1,5 @@
-"""The process-wide OpenVINO Core, shared by the torch backend (`fdsl.core.backends`) and the torch-free
-inferencer (`fdsl.deploy`)."""
+"""The process-wide OpenVINO Core, shared by the torch backend (`fdsl.core.backends`), int8 export and the
+torch-free inferencer (`fdsl.deploy`). It sits on the base floor so that each of them imports it downwards."""
 from __future__ import annotations
 
 _CORE: list = []  # the process's one OpenVINO Core, created on first use and never destroyed
