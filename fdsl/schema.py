@@ -48,6 +48,7 @@ STR: Spec = ("a string", lambda v: isinstance(v, str))
 BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
 OBJECT: Spec = ("a JSON object", lambda v: isinstance(v, dict))
 SHA256: Spec = ("a sha256 hex digest", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+SHA256_LIST: Spec = ("a list of sha256 hex digests", lambda v: isinstance(v, list) and all(SHA256[1](x) for x in v))
 SIZE: Spec = ("a [width, height] pair of integers >= 1", lambda v: isinstance(v, list) and len(v) == 2
               and all(is_int(x) and x >= 1 for x in v))
 NORMAL_IMAGES: Spec = ("a list of {name, sha256[, mode, size]} objects", lambda v: isinstance(v, list) and all(

@@ -27,6 +27,7 @@ from fdsl.schema import (
     BOOL,
     NORMAL_IMAGES,
     SHA256,
+    SHA256_LIST,
     STR,
     Spec,
     choice,
@@ -287,8 +288,7 @@ METADATA_SCHEMA: dict = {
         "image_method": (False, _or_null(_STR)), "pixel_method": (False, _or_null(_STR)),
         "image_fpr": (False, _or_null(_num(0.0, 1.0))), "image_tpr": (False, _or_null(_num(0.0, 1.0))),
         "n_normal": (False, _int(0)), "n_anomalous": (False, _int(0)), "cal_image_size": (False, _int(1)),
-        "calibration_images": (False, ("a list of sha256 hex digests", lambda v: isinstance(v, list) and all(
-            _SHA256[1](x) for x in v))),
+        "calibration_images": (False, SHA256_LIST),  # `calibrate`'s images: predict warns when it judges them
     }),
 }
 

@@ -16,6 +16,7 @@ from fdsl.schema import (
     NORMAL_IMAGES,
     OBJECT,
     SHA256,
+    SHA256_LIST,
     STR,
     Spec,
     check_record,
@@ -70,6 +71,7 @@ CONTRACT_SCHEMA: dict = {
         "image_method": (False, or_null(STR)), "pixel_method": (False, or_null(STR)),
         "image_fpr": (False, or_null(num_spec(0.0, 1.0))), "image_tpr": (False, or_null(num_spec(0.0, 1.0))),
         "n_normal": (False, int_spec(0)), "n_anomalous": (False, int_spec(0)), "cal_image_size": (False, int_spec(1)),
+        "calibration_images": (False, SHA256_LIST),  # the detector's calibration images: predict warns on them
     }),
     "detector": (False, {  # the exported detector's identity, for display
         "fdsl_version": (False, or_null(STR)), "created": (False, or_null(STR)),
