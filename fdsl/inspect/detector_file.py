@@ -30,6 +30,7 @@ from fdsl.schema import (
     SHA256_LIST,
     STR,
     Spec,
+    check_record,
     choice,
     int_spec,
     is_int,
@@ -299,30 +300,6 @@ _shown = shown
 _NULLABLE_RECORDS = {"checkpoint"}  # records that may be null
 
 
-def _check_record(obj: Any, schema: dict, where: str, path: Path) -> None:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: detector metadata {('field ' + repr(where)) if where else 'entry'} must be "
-                              f"a JSON object, got {_shown(obj)}; the file is damaged or not written by fdsl")
-    unknown = sorted(set(obj) - set(schema))
-    if unknown:
-        raise CheckpointError(f"{path}: detector metadata has an unknown field "
-                              f"{(where + '.' if where else '') + str(unknown[0])!r}; the file is damaged or "
-                              "was written by another fdsl")
-    for key, (required, spec) in schema.items():
-        name = f"{where}.{key}" if where else key
-        if key not in obj:
-            if required:
-                raise CheckpointError(f"{path}: detector metadata lacks the field {name!r}; the file is damaged")
-            continue
-        if isinstance(spec, dict):
-            if obj[key] is None and name in _NULLABLE_RECORDS:
-                continue
-            _check_record(obj[key], spec, name, path)
-        elif not spec[1](obj[key]):
-            raise CheckpointError(f"{path}: detector metadata field {name!r} must be {spec[0]}, got "
-                                  f"{_shown(obj[key])}")
-
-
 def validate_metadata(info: Any, path: PathLike) -> dict:
     """Check a detector file's metadata against `METADATA_SCHEMA`; returns it.
 
@@ -342,7 +319,8 @@ def validate_metadata(info: Any, path: PathLike) -> dict:
         raise CheckpointError(f"{path} has detector format version {version}, written by fdsl "
                               f"{info.get('fdsl_version')}; this fdsl {__version__} reads up to version "
                               f"{FORMAT_VERSION}: upgrade fdsl")
-    _check_record(info, METADATA_SCHEMA, "", path)
+    check_record(info, METADATA_SCHEMA, lambda msg: CheckpointError(
+        f"{path}: detector metadata {msg}; the file is damaged or not written by this fdsl"), "", _NULLABLE_RECORDS)
     mc = info["model_config"]
     if info["backbone"]["model"] != mc["model"]:
         raise CheckpointError(f"{path}: detector metadata field 'backbone.model' ({info['backbone']['model']!r}) "
