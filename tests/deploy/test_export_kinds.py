@@ -121,6 +121,8 @@ def test_lite0_nn_detector_with_real_weights_exports(tmp_path):
     pre = det.model.backbone.preprocess
     assert c["preprocessing"]["mean"] == list(pre.mean) and c["preprocessing"]["resample"] == pre.interpolation
     assert c["scorer"] == "nn" and c["thresholds"]["image"] == det.image_threshold is not None
+    # a calibrated detector's calibration digests travel (and the contract's reader admits them)
+    assert c["thresholds"]["calibration_images"] == det.info["thresholds"]["calibration_images"] != []
     _compare(det, folder, lite.images)
 
 
