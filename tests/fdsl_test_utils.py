@@ -56,7 +56,7 @@ def liven_head(model, refs, calib):
     The BN statistics are the cumulative average over one global and one window pass of `calib`
     against a memory of `refs` (both branches, whatever the winmode; the global one for a CNN). For tests
     and benchmarks on random weights; `model` is an `fdsl.core.model.FDSL`, `refs` and `calib` are (n, 3, S, S) images.
-    Returns `model`.
+    Returns `model`. A fused head (``--scorer fused``) has its learned part livened.
     """
     import torch  # torch is imported lazily: the data generators above do not need it
 
@@ -74,9 +74,10 @@ def liven_head(model, refs, calib):
         model.head.eval()
         for bn in bns:
             bn.momentum = 0.1
-        for scorer in model.head.scorers:
+        learned = getattr(model.head, "learned", model.head)  # --scorer fused: the FDSLHead inside the FusedHead
+        for scorer in learned.scorers:
             scorer.proj[9].weight.mul_(5.0)
-        model.head.nam.conv2.weight.mul_(3.0)
+        learned.nam.conv2.weight.mul_(3.0)
     return model
 
 

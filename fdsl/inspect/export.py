@@ -2,7 +2,8 @@
 
 The graph maps a batch of preprocessed images (B, 3, S, S) to the detector's outputs: the backbone, the
 nearest-normal search against the memory banks (stored in the graph as constants), the FD residuals, the
-per-layer scorers, NAM, the window branch when the detector has one (split, encode, align, stitch), the
+per-layer scorers, NAM (or the FD distance for ``--scorer nn``, or both merged with the detector's fuse
+weight for ``--scorer fused``), the window branch when the detector has one (split, encode, align, stitch), the
 blend and the upsampling to the evaluation size. The batch size is dynamic. Beside the graph,
 ``fdsl_export.json`` holds the preprocessing contract (size, resize rule, mean/std), the thresholds and the
 detector's identity; `fdsl.deploy` reads both without PyTorch.
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdsl import __version__
+from fdsl.core.head import FusedHead
 from fdsl.core.memory import MemoryBank
 from fdsl.core.model import image_score, upsample
 from fdsl.core.windows import coverage, n_windows, split_windows, window_starts
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("openvino", "onnx")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
+EXPORT_SCORERS = ("fdsl", "nn", "fused")  # every scorer (fdsl.config.SCORERS)
 ONNX_EXTRA = "pip install 'fdsl[onnx]' (onnx==1.23.2, onnxruntime==1.31.1, onnxscript==0.7.2)"
 
 
@@ -56,13 +59,16 @@ class _Bank(nn.Module):
 
 
 def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tensor, use_abs: bool,
-                     chunk_mb: int, items_per_image: int, distance: str | None = None) -> list[torch.Tensor]:
+                     chunk_mb: int, items_per_image: int, distance: str | None = None,
+                     fused: bool = False) -> list[torch.Tensor]:
     """FD residuals L × (Q, N, C) of query tokens L × (Q, N, C) against `bank`, traceable with a dynamic Q.
 
     The similarity is computed in static chunks of the token axis, each at most `chunk_mb` MiB per image
     (`items_per_image` query items per image), so the graph's memory grows with the batch only. With
     `distance` (the nn scorer, ``mulmax`` or ``diff2``), the FD distance L × (Q, N, 1) instead, as
-    `fdsl.core.memory.Alignment.residual` computes it: ``1 - cos`` or the L2 norm.
+    `fdsl.core.memory.Alignment.residual` computes it: ``1 - cos`` or the L2 norm. With `fused` as well
+    (``--scorer fused``), the residual with that distance appended as its last channel, L × (Q, N, C + 1), as
+    ``Alignment(fused=True)`` returns it.
     """
     sel = (embeds @ bank.embeds.T).argmax(dim=-1) if bank.index else None  # (Q,) most similar item
     out = []
@@ -88,13 +94,17 @@ def _graph_residuals(bank: _Bank, tokens: list[torch.Tensor], embeds: torch.Tens
                 idx = sim.argmax(dim=-1)  # (Q, n)
                 parts.append(torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, C)))  # (Q, n, C)
         nearest = torch.cat(parts, dim=1)  # (Q, N, C)
+        dist = None
         if distance == "mulmax":
-            out.append(1.0 - F.cosine_similarity(q, nearest, dim=-1).unsqueeze(-1))  # (Q, N, 1)
+            dist = 1.0 - F.cosine_similarity(q.float(), nearest.float(), dim=-1).unsqueeze(-1)  # (Q, N, 1)
         elif distance == "diff2":
-            out.append((q - nearest).norm(dim=-1, keepdim=True))  # (Q, N, 1)
-        else:
-            diff = q - nearest
-            out.append(diff.abs() if use_abs else diff)
+            dist = (q.float() - nearest.float()).norm(dim=-1, keepdim=True)  # (Q, N, 1)
+        if dist is not None and not fused:
+            out.append(dist)
+            continue
+        diff = q - nearest
+        diff = diff.abs() if use_abs else diff
+        out.append(torch.cat([diff, dist.to(diff.dtype)], dim=-1) if fused else diff)  # (Q, N, C [+ 1])
     return out
 
 
@@ -121,7 +131,8 @@ class _Stitch(nn.Module):
 
     Windows are the Cartesian product of row and column starts, so pasting them is ``A · X · Aᵀ``: X the
     windows laid out as a (n·W, n·W) block matrix, A the (G, n·W) 0/1 placement matrix; then the division by
-    the coverage. (B·n², 2, W, W) window maps -> (B, 2, G, G).
+    the coverage. (B·n², ch, W, W) window maps -> (B, ch, G, G); ch is 2, or 3 for the fused head's raw maps
+    (its distance channel is stitched like the probabilities, as `fdsl.core.model.FDSL.window_maps` does).
     """
 
     def __init__(self, grid: int, win: int, stride: int) -> None:
@@ -135,10 +146,10 @@ class _Stitch(nn.Module):
         self.n, self.win = len(starts), win
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        n, W = self.n, self.win
-        x = maps.reshape(-1, n, n, 2, W, W).permute(0, 3, 1, 4, 2, 5)  # (B, 2, n, W, n, W)
-        x = x.reshape(x.shape[0], 2, n * W, n * W)  # (B, 2, n·W, n·W) block matrix
-        return self.place @ x @ self.place.T / self.counts  # (B, 2, G, G)
+        n, W, ch = self.n, self.win, int(maps.shape[1])  # ch: static in the graph
+        x = maps.reshape(-1, n, n, ch, W, W).permute(0, 3, 1, 4, 2, 5)  # (B, ch, n, W, n, W)
+        x = x.reshape(x.shape[0], ch, n * W, n * W)  # (B, ch, n·W, n·W) block matrix
+        return self.place @ x @ self.place.T / self.counts  # (B, ch, G, G)
 
 
 class DetectorGraph(nn.Module):
@@ -160,10 +171,19 @@ class DetectorGraph(nn.Module):
             raise ConfigError(f"fdsl export needs a backbone with a PyTorch pass (encode_images); this detector's "
                               f"is a {type(bb).__name__}")
         scorer = getattr(cfg, "scorer", "fdsl")
-        if scorer not in ("fdsl", "nn"):
-            raise ConfigError(f"fdsl export supports --scorer fdsl and nn; this detector uses --scorer {scorer}")
+        if scorer not in EXPORT_SCORERS:
+            raise ConfigError(f"fdsl export supports --scorer {', '.join(EXPORT_SCORERS)}; this detector uses "
+                              f"--scorer {scorer}")
+        if (scorer == "fused") != isinstance(model.head, FusedHead):
+            raise ConfigError(f"--scorer {scorer} with a {type(model.head).__name__}: the detector's head does not "
+                              "match its scorer")
         self.backbone, self.head, self.cfg = bb, model.head, cfg
-        self.distance = cfg.align_mode if scorer == "nn" else None  # nn: the FD distance is the map
+        # nn: the FD distance is the map; fused: the residual carries it as one more channel, for the merge
+        self.distance = cfg.align_mode if scorer in ("nn", "fused") else None
+        self.fused = scorer == "fused"
+        # fused: the weight the model scores with (its head's, after a checkpoint's or --fuse_weight), a constant
+        # of the graph (FusedHead.refine reads it as a Python float when traced)
+        self.fuse_weight = float(model.head.fuse_weight) if self.fused else None
         self.align_corners = model.align_corners  # how maps are upsampled: the model's own rule (CNNs: half-pixel)
         self.out_size, self.chunk_mb = int(out_size), int(chunk_mb)
         diff2, index = cfg.align_mode == "diff2", cfg.use_img_idx
@@ -189,7 +209,7 @@ class DetectorGraph(nn.Module):
         if cfg.winmode != "onlywin":
             f = bb.encode_images(images)  # L × (B, N, C), (B, D)
             res = _graph_residuals(self.global_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, 1,
-                                   self.distance)
+                                   self.distance, self.fused)
             _, refined = self.head(res)  # L × (B, 2, G, G)
             amap, patch = combine_layers([m[:, 1] for m in refined], size, self.align_corners)  # (B, cal, cal), (B,)
         if self.use_windows:
@@ -197,9 +217,9 @@ class DetectorGraph(nn.Module):
             crops = split_windows(bb.patch_embed(images), 1, W, s)  # (B·nw, C, W, W)
             f = bb.encode_patches(crops)  # L × (B·nw, W², C)
             res = _graph_residuals(self.window_bank, f.tokens, f.image_embeds, cfg.use_abs, self.chunk_mb, nw,
-                                   self.distance)
-            raw = self.head.raw(res)  # L × (B·nw, 2, W, W)
-            stitched = [self.stitch(x) for x in raw]  # L × (B, 2, G, G)
+                                   self.distance, self.fused)
+            raw = self.head.raw(res)  # L × (B·nw, ch, W, W), ch = 3 for fused (the distance channel)
+            stitched = [self.stitch(x) for x in raw]  # L × (B, ch, G, G)
             wmap, wpatch = combine_layers([m[:, 1] for m in self.head.refine(stitched)], size,
                                           self.align_corners)
             if amap is None:  # onlywin
@@ -244,6 +264,8 @@ def contract(det, fmt: str, precision: str, model_file: str, model_sha256: str, 
         "cal_image_size": int(det.cal_image_size),
         **({"tiling": dict(info["tiling"])} if "tiling" in info else {}),  # the graph scores tiles (docs/tiling.md)
         "scorer": getattr(det.model.cfg, "scorer", "fdsl"),
+        # --scorer fused: the weight baked into the graph (f = w·d + (1 − w)·p per layer), for display
+        **({"fuse_weight": float(det.model.head.fuse_weight)} if isinstance(det.model.head, FusedHead) else {}),
         "thresholds": dict(info.get("thresholds", {})),
         "detector": {k: info.get(k) for k in ("fdsl_version", "created", "model_config", "backbone", "checkpoint",
                                               "normal_images")},

@@ -49,7 +49,8 @@ CONTRACT_SCHEMA: dict = {
     "model_sha256": (True, SHA256),  # of model_file
     "weights_sha256": (True, or_null(SHA256)),  # of model.bin beside model.xml (OpenVINO); null for ONNX
     "precision": (True, choice(("fp32", "fp16", "int8"))),
-    "scorer": (False, choice(("fdsl", "nn"))),
+    "scorer": (False, choice(("fdsl", "nn", "fused"))),
+    "fuse_weight": (False, num_spec(0.0, 1.0)),  # --scorer fused: the weight w the graph merges with
     "int8_gate": (False, OBJECT),  # `fdsl export --precision int8`: the gate's measured figures
     "input": (False, OBJECT),  # descriptive; the model's own input is checked against preprocessing.size
     "preprocessing": (True, {
