@@ -448,6 +448,9 @@ def test_scripts_pass_winmode_through_to_test_py(tmp_path) -> None:
     fake = tmp_path / "fakepython"
     fake.write_text('#!/usr/bin/env bash\nprintf "%q " "$@" >> "$FDSL_CALL_LOG"\necho >> "$FDSL_CALL_LOG"\n')
     fake.chmod(0o755)
+    for root in ("mv", "vi"):  # the scripts check each dataset root holds an index before they run anything
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "meta.json").write_text("{}")
     env = dict(os.environ, PYTHON=str(fake), FDSL_CALL_LOG=str(log), MVTEC_ROOT=str(tmp_path / "mv"),
                VISA_ROOT=str(tmp_path / "vi"))
     res = subprocess.run(["bash", str(ROOT / "trainAndTest.sh"), "fdsl", "cpu", "0", "onlywin", "5", "3", "0.25",
@@ -455,6 +458,7 @@ def test_scripts_pass_winmode_through_to_test_py(tmp_path) -> None:
                          check=False)
     assert res.returncode == 0, res.stderr
     calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+    calls = [c for c in calls if c[0] != "-c"]  # the scripts first check that PYTHON imports fdsl and torch
     assert [Path(c[0]).name for c in calls] == ["train.py", "train.py", "test.py", "test.py"]
     for c in calls[2:]:
         cfg = EvalConfig(**vars(build_parser(EvalConfig).parse_args(c[1:])))  # --k_shot is nargs "+"
