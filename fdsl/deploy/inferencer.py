@@ -24,7 +24,7 @@ from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and re
     read_contract,
     verify_model_files,
 )
-from fdsl.outputs.openvino_core import openvino_core
+from fdsl.outputs.openvino_core import compiled_cache_dir, openvino_core
 from fdsl.outputs.pixels import RESAMPLE, preprocess, resize_bilinear
 from fdsl.outputs.thresholds import defect_region
 from fdsl.outputs.tiles import Tiling, score_tiled
@@ -50,6 +50,9 @@ class _OpenVINOSession:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        cache = compiled_cache_dir()
+        if cache is not None:  # OpenVINO's compiled blobs: a later process skips most of the compile
+            config["CACHE_DIR"] = cache
         core = openvino_core()
         try:
             model = core.read_model(str(path))
