@@ -70,6 +70,9 @@ CONTRACT_SCHEMA: dict = {
         "image_method": (False, or_null(STR)), "pixel_method": (False, or_null(STR)),
         "image_fpr": (False, or_null(num_spec(0.0, 1.0))), "image_tpr": (False, or_null(num_spec(0.0, 1.0))),
         "n_normal": (False, int_spec(0)), "n_anomalous": (False, int_spec(0)), "cal_image_size": (False, int_spec(1)),
+        # the calibration images' sha256 (fdsl calibrate), copied from the detector file: warns on scoring them
+        "calibration_images": (False, ("a list of sha256 hex digests", lambda v: isinstance(v, list) and all(
+            SHA256[1](x) for x in v))),
     }),
     "detector": (False, {  # the exported detector's identity, for display
         "fdsl_version": (False, or_null(STR)), "created": (False, or_null(STR)),
