@@ -36,12 +36,10 @@ _OFF = ("none", "off", "0", "")
 
 
 def default_cache_dir() -> Path:
-    """The user cache folder of converted passes: $FDSL_CACHE_DIR/openvino, else $XDG_CACHE_HOME/fdsl/openvino,
-    else ~/.cache/fdsl/openvino."""
-    if os.environ.get("FDSL_CACHE_DIR"):
-        return Path(os.environ["FDSL_CACHE_DIR"]).expanduser() / "openvino"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fdsl" / "openvino"
+    """The user cache folder of converted passes (`fdsl.openvino_core.default_cache_dir`)."""
+    from fdsl.openvino_core import default_cache_dir as user_cache
+
+    return user_cache()
 
 
 def resolve_cache(cache: str | None, backbone: nn.Module) -> str | None:

@@ -14,7 +14,7 @@ from PIL import Image
 from fdsl.data.rgb import load_rgb, to_rgb
 from fdsl.errors import CheckpointError, ConfigError
 from fdsl.io import PathLike
-from fdsl.openvino_core import openvino_core
+from fdsl.openvino_core import compiled_cache_dir, openvino_core
 from fdsl.outputs.contract import (  # noqa: F401  (CONTRACT, FORMAT, ... and read_contract stay importable here)
     CONTRACT,
     FORMAT,
@@ -50,6 +50,9 @@ class _OpenVINOSession:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # fp16-stored weights still compute in fp32
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        cache = compiled_cache_dir()
+        if cache is not None:  # OpenVINO's compiled blobs: a later process skips most of the compile
+            config["CACHE_DIR"] = cache
         core = openvino_core()
         try:
             model = core.read_model(str(path))

@@ -35,7 +35,7 @@ from fdsl.checks import positive_int
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json, atomic_write_text, clean_stale_temp_files, prepare_run_dir
 from fdsl.outputs.files import PREDICT_STATE, list_images
-from fdsl.outputs.gallery import write_gallery
+from fdsl.outputs.gallery import thumbnail_of, write_gallery
 from fdsl.outputs.input_check import warn_known_images, warn_unlike_normals
 from fdsl.outputs.scorer import Scorer
 from fdsl.outputs.thresholds import check_threshold
@@ -196,6 +196,7 @@ class FolderRun:
         self.head = dict(head or {"detector": str(self.source), "fdsl_version": scorer.info.get("fdsl_version")})
         self.stored_label, self.title, self.progress = stored_label, title, progress
         self._regions: dict[str, dict] = {}  # this run's regions.jsonl records (`_write_one`)
+        self._thumbs: dict[str, str] = {}  # this run's gallery thumbnails, made from the drawn overlays
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -375,7 +376,9 @@ class FolderRun:
         elif mask.exists():
             mask.unlink()  # stale mask of an earlier run with other thresholds
         if self.overlays:
-            save_png(overlay, self.picture(im, pr, name, thr, pix))
+            picture = self.picture(im, pr, name, thr, pix)
+            save_png(overlay, picture)
+            self._thumbs[f"overlays/{stem}.png"] = thumbnail_of(picture)
         elif overlay.exists():
             overlay.unlink()  # an earlier run's overlay: this row links none
         if self.save_maps:
@@ -417,7 +420,8 @@ class FolderRun:
         flagged = sorted((r for r in rows.values() if str(r.get("is_anomalous")) == "1"),
                          key=lambda r: -float(r["score"]))
         n_new = len(todo) - len(errors)
-        write_gallery(out, [rows[p] for p in paths + others if p in rows], title=f"{self.title}: {self.source.name}")
+        write_gallery(out, [rows[p] for p in paths + others if p in rows], title=f"{self.title}: {self.source.name}",
+                      thumbs=self._thumbs)
         self._write_regions(rows, paths + others)
         summary = {
             **self.head,

@@ -5,9 +5,10 @@ import base64
 import html
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from fdsl.io import PathLike, atomic_write_text
@@ -24,18 +25,28 @@ th{background:#eef0f3;text-align:left}td.num{text-align:right;font-variant-numer
 td.f{max-width:320px;word-break:break-all}"""
 
 
+def _thumbnail(img: Image.Image, height: int) -> str:
+    """A JPEG data URI of the RGB picture `img` scaled to `height` px (aspect kept)."""
+    w = max(1, round(img.width * height / max(img.height, 1)))
+    buf = io.BytesIO()
+    img.resize((w, height), Image.BILINEAR).save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def thumbnail_uri(path: Path, height: int = THUMB_HEIGHT) -> str | None:
     """A JPEG data URI of the picture at `path` scaled to `height` px; None when it cannot be read."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            w = max(1, round(img.width * height / max(img.height, 1)))
-            buf = io.BytesIO()
-            img.resize((w, height), Image.BILINEAR).save(buf, format="JPEG", quality=80)
+            return _thumbnail(img.convert("RGB"), height)
     except (OSError, ValueError) as exc:
         log.warning("gallery: cannot read %s (%s); shown without a thumbnail", path, exc)
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def thumbnail_of(picture: np.ndarray, height: int = THUMB_HEIGHT) -> str:
+    """The data URI `thumbnail_uri` makes of a PNG of the (h, w, 3) uint8 `picture`, from the array itself (a
+    run that has just drawn an overlay need not decode its file again)."""
+    return _thumbnail(Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8)).convert("RGB"), height)
 
 
 def _float(x: str) -> float:
@@ -45,10 +56,14 @@ def _float(x: str) -> float:
         return float("-inf")
 
 
-def write_gallery(out: PathLike, rows: Sequence[dict], title: str = "fdsl predict") -> Path:
+def write_gallery(out: PathLike, rows: Sequence[dict], title: str = "fdsl predict",
+                  thumbs: Mapping[str, str] | None = None) -> Path:
     """Write ``<out>/index.html``: rows of scores.csv (``path, score, margin, is_anomalous, overlay, ...``)
     sorted by score, highest first, each with a thumbnail of its overlay (inlined), the verdict, score,
-    margin, defect area and a link to the overlay file. Returns the page's path."""
+    margin, defect area and a link to the overlay file. `thumbs` ({overlay path as in the row: data URI},
+    from `thumbnail_of`) spares decoding the overlays this run drew; others are read from their files.
+    Returns the page's path."""
+    thumbs = thumbs or {}
     out = Path(out)
     items = []
     n_anom = 0
@@ -56,7 +71,7 @@ def write_gallery(out: PathLike, rows: Sequence[dict], title: str = "fdsl predic
         verdict = {"1": ("ANOMALOUS", "a"), "0": ("normal", "n")}.get(str(r.get("is_anomalous")), ("no verdict", "u"))
         n_anom += verdict[1] == "a"
         rel = r.get("overlay") or ""
-        thumb = thumbnail_uri(out / rel) if rel else None
+        thumb = (thumbs.get(rel) or thumbnail_uri(out / rel)) if rel else None
         pic = (f'<a href="{html.escape(rel)}"><img src="{thumb}" alt="overlay"></a>' if thumb
                else (f'<a href="{html.escape(rel)}">overlay</a>' if rel else "no overlay"))
         items.append(f"<tr><td class=f>{html.escape(str(r.get('path', '')))}</td>"

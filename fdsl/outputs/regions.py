@@ -31,9 +31,13 @@ def connected_regions(mask: np.ndarray, amap: np.ndarray | None = None, limit: i
     labels, n = ndimage.label(mask, structure=_EIGHT)
     if n == 0:
         return []
-    index = np.arange(1, n + 1)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # (n,)
-    peaks = ndimage.maximum(np.asarray(amap, np.float64), labels, index) if amap is not None else [None] * n
+    peaks: list | np.ndarray = [None] * n
+    if amap is not None:  # per-label maximum over the mask's pixels only (ndimage.maximum sorts every pixel)
+        inside = labels > 0
+        best = np.full(n + 1, -np.inf)
+        np.maximum.at(best, labels[inside], np.asarray(amap, np.float64)[inside])
+        peaks = best[1:]
     boxes = ndimage.find_objects(labels)  # n (slice_y, slice_x)
     order = np.argsort(-areas, kind="stable")
     if limit is not None:

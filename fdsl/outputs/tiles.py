@@ -67,7 +67,8 @@ class Tiling:
         return cls(int(info["size"]), int(info["overlap"]), str(info.get("bank", "shared")))
 
 
-def check_tiling_flags(tiling: Tiling, tile: int | None, tile_overlap: int | None, tile_bank: str | None) -> None:
+def check_tiling_flags(tiling: Tiling, tile: int | None = None, tile_overlap: int | None = None,
+                       tile_bank: str | None = None) -> None:
     """Flags given to a later command (None: not given) must equal the tiling fixed at fit time; one line if not."""
     given = {"--tile": (tile, tiling.size), "--tile_overlap": (tile_overlap, tiling.overlap),
              "--tile_bank": (tile_bank, tiling.bank if tiling.enabled else None)}

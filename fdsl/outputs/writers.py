@@ -19,7 +19,9 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
+import zlib
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
@@ -248,13 +250,50 @@ def read_rows(path: Path) -> dict[str, dict]:
 PNG_COMPRESS_LEVEL = 1  # zlib level 1: a 1400x370 overlay encodes ~4x faster than at PIL's default 6, ~18% larger
 
 
+_PNG_COLOUR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type (grey, RGB, RGBA)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_encode(arr: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """(h, w), (h, w, 3) or (h, w, 4) uint8 array -> PNG bytes (8-bit grey / RGB / RGBA, lossless).
+
+    Every row uses PNG's "Up" filter (row minus the row above, one vectorised subtraction), then zlib at
+    `level`. Pillow tries its filters row by row; on our overlays (flat panels, photographs) "Up" compresses
+    as well (~3% larger) and the whole encode takes about half of Pillow's time at the same zlib level.
+    """
+    a = np.ascontiguousarray(arr)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or 0 in a.shape:
+        raise ValueError(f"png_encode needs a non-empty (h, w[, 3|4]) uint8 array, got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    c = 1 if a.ndim == 2 else a.shape[2]
+    rows = a.reshape(h, w * c)
+    raw = np.empty((h, w * c + 1), np.uint8)
+    raw[:, 0] = 2  # filter type Up on every row (the first row's "above" is zeros: the row itself)
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 wraps modulo 256, as PNG's filter arithmetic
+    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[c], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _png_chunk(b"IEND", b""))
+
+
 def save_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
-    """Write `arr` as a PNG atomically (fast zlib level: encoding must not cost more than the model)."""
+    """Write `arr` as a PNG atomically (`png_encode`, fast zlib level: encoding must not cost more than the
+    model). `mode` ("L", "RGB", "RGBA") only names what the array's shape already says."""
     from fdsl.io import atomic_open
 
-    im = Image.fromarray(arr, mode=mode) if mode else Image.fromarray(arr)
+    a = np.asarray(arr)
+    natural = {2: "L", 3: {3: "RGB", 4: "RGBA"}.get(a.shape[-1])}.get(a.ndim) if a.size else None
+    if a.dtype != np.uint8 or natural is None or mode not in (None, natural):
+        im = Image.fromarray(a, mode=mode) if mode else Image.fromarray(a)  # other modes: Pillow's encoder
+        with atomic_open(path, "wb") as fh:
+            im.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return
+    data = png_encode(a)
     with atomic_open(path, "wb") as fh:
-        im.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        fh.write(data)
 
 def csv_cell(v: object) -> object:
     """A scores.csv cell: '' for None, 1/0 for a verdict, floats with `DIGITS` decimals, the value otherwise."""
