@@ -21,7 +21,6 @@ image on a CPU (0.57 s per image for the tiny test detector on the same machine)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 from fdsl.checks import positive_int
 from fdsl.errors import ConfigError
 from fdsl.io import PathLike, atomic_write_json, atomic_write_text, clean_stale_temp_files, prepare_run_dir
-from fdsl.outputs.files import PREDICT_STATE, list_images
+from fdsl.outputs.files import PREDICT_STATE, list_images, sha256_file
 from fdsl.outputs.gallery import thumbnail_of, write_gallery
 from fdsl.outputs.input_check import warn_known_images, warn_unlike_normals
 from fdsl.outputs.scorer import Scorer
@@ -129,8 +128,7 @@ def input_digest(path: PathLike) -> dict | None:
 
     try:
         st = os.stat(path)
-        with open(path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        digest = sha256_file(path)
     except OSError:
         return None
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "sha256": digest}
